@@ -1,1 +1,44 @@
-fn main(){}
+//! The `lrvault` binary: parse the command line, set up logging, run, map the outcome to
+//! an exit code. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lrvault::cli::{Cli, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lrvault: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(lrvault::cli::run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lrvault: {}", lrvault::error::one_line(&err));
+            ExitCode::from(lrvault::error::exit_code(&err))
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let level = match (cli.verbose, cli.quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    // RUST_LOG wins when set; otherwise -v/-q decide.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("lrvault={level},warn")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

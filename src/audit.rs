@@ -1,0 +1,133 @@
+//! `lrvault audit`: the canned compliance queries, over the stable views of DESIGN §5
+//! (`v_evidence`, `v_custody`) and the quota ledger. Read-only.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::Format;
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::error::UserError;
+use crate::table::Rows;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Archived evidence: who collected what, from which device, when, its SHA-256 and where it is
+    Evidence {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Machine id or computer DNS name
+        #[arg(long)]
+        machine: Option<String>,
+        #[arg(long)]
+        requestor: Option<String>,
+        /// Actions created at or after DATE (YYYY-MM-DD, RFC 3339, or an age like 30d)
+        #[arg(long, value_name = "DATE")]
+        since: Option<String>,
+        /// Actions created before DATE
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// The custody trail of one action or one evidence package
+    Custody {
+        #[command(flatten)]
+        which: CustodyTarget,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// API calls per tenant and endpoint in the quota ledger (last hour), with 429s
+    Quota {
+        #[command(flatten)]
+        format: FormatArg,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct CustodyTarget {
+    /// Machine action id
+    #[arg(long, value_name = "ID")]
+    action: Option<String>,
+    /// Evidence id
+    #[arg(long, value_name = "ID")]
+    evidence: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArg {
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
+}
+
+pub fn run(cfg: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    if !cfg.database.path.exists() {
+        return Err(UserError::new(format!("database {} does not exist yet", cfg.database.path.display())).into());
+    }
+    let conn = Db::open_readonly(&cfg.database.path)?;
+    let (rows, format) = match cmd {
+        AuditCommand::Evidence { tenant, machine, requestor, since, until, format } => {
+            let now = crate::time::now();
+            let since = since.map(|s| crate::time::parse_user_date(&s, now)).transpose()?.map(crate::time::fmt);
+            let until = until.map(|s| crate::time::parse_user_date(&s, now)).transpose()?.map(crate::time::fmt);
+            (evidence(&conn, tenant, machine, requestor, since, until)?, format.format)
+        }
+        AuditCommand::Custody { which, format } => {
+            let rows = if let Some(action) = which.action {
+                Rows::query(&conn, "SELECT * FROM v_custody WHERE action_id = ?1 ORDER BY seq", &[&action])
+            } else {
+                let id = which.evidence.unwrap_or_default();
+                Rows::query(
+                    &conn,
+                    "SELECT c.* FROM v_custody c JOIN evidence e ON e.tenant = c.tenant AND e.action_id = c.action_id
+                     AND (c.command_index = e.command_index OR c.command_index IS NULL)
+                     WHERE e.evidence_id = ?1 ORDER BY c.seq",
+                    &[&id],
+                )
+            }
+            .map_err(DbError::sql("audit custody"))?;
+            (rows, format.format)
+        }
+        AuditCommand::Quota { format } => {
+            let since = crate::time::now_ms() - (cfg.quota.hour_secs * 1000.0) as i64;
+            let rows = Rows::query(
+                &conn,
+                "SELECT tenant, endpoint, count(*) AS calls_last_hour,
+                        sum(CASE WHEN http_status = 429 THEN 1 ELSE 0 END) AS throttled_429,
+                        sum(CASE WHEN http_status >= 500 OR http_status = 0 THEN 1 ELSE 0 END) AS errors,
+                        max(at_ms) AS last_call_ms
+                 FROM api_calls WHERE at_ms > ?1 GROUP BY tenant, endpoint ORDER BY tenant, endpoint",
+                &[&since],
+            )
+            .map_err(DbError::sql("audit quota"))?;
+            (rows, format.format)
+        }
+    };
+    print!("{}", rows.render(format));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rows of `v_evidence` matching the filters, oldest action first.
+pub fn evidence(
+    conn: &rusqlite::Connection,
+    tenant: Option<String>,
+    machine: Option<String>,
+    requestor: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+) -> Result<Rows, DbError> {
+    Rows::query(
+        conn,
+        "SELECT * FROM v_evidence
+         WHERE (?1 IS NULL OR tenant = ?1)
+           AND (?2 IS NULL OR machine_id = ?2 OR computer_dns_name = ?2)
+           AND (?3 IS NULL OR requestor = ?3)
+           AND (?4 IS NULL OR action_created_at >= ?4)
+           AND (?5 IS NULL OR action_created_at < ?5)
+         ORDER BY action_created_at, action_id, command_index",
+        &[&tenant, &machine, &requestor, &since, &until],
+    )
+    .map_err(DbError::sql("audit evidence"))
+}

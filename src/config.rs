@@ -1,0 +1,442 @@
+//! The configuration file (`lrvault.toml`): one serde definition with a default for every
+//! key, validated into values the rest of the crate can trust. `config.example.toml`
+//! documents every key and is parsed by a test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::package::Compression;
+
+/// Every mistake in the configuration, each naming the thing to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (set --config or LRVAULT_CONFIG)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("tenant '{tenant}': {message}")]
+    Secret { tenant: String, message: String },
+    #[error("unknown tenant '{0}' (configured: {1})")]
+    UnknownTenant(String, String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub quota: QuotaConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub download: DownloadConfig,
+    #[serde(default, rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { path: PathBuf::from("/var/lib/lrvault/lrvault.db") }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub root: PathBuf,
+    pub compression: Compression,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { root: PathBuf::from("/var/lib/lrvault/evidence"), compression: Compression::Auto }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    pub per_minute: u32,
+    pub per_hour: u32,
+    pub minute_secs: f64,
+    pub hour_secs: f64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig { per_minute: 95, per_hour: 1450, minute_secs: 60.0, hour_secs: 3600.0 }
+    }
+}
+
+impl QuotaConfig {
+    pub fn minute(&self) -> Duration {
+        Duration::from_secs_f64(self.minute_secs)
+    }
+    pub fn hour(&self) -> Duration {
+        Duration::from_secs_f64(self.hour_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    pub discover: String,
+    pub archive: String,
+    pub verify: String,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig {
+            discover: "0 */5 * * * *".into(),
+            archive: "30 * * * * *".into(),
+            verify: "0 17 3 * * *".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub lookback: Duration,
+    pub statuses: Vec<String>,
+    /// `$top` of each List page (the API allows up to 10,000; one page = one quota call).
+    pub page_size: u32,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            lookback: Duration::from_secs(4 * 86400),
+            statuses: ["Succeeded", "Failed", "TimeOut", "Cancelled"].map(String::from).to_vec(),
+            page_size: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DownloadConfig {
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub read_timeout: Duration,
+    pub max_link_reissues: u32,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        DownloadConfig {
+            concurrency: 2,
+            read_timeout: Duration::from_secs(60),
+            max_link_reissues: 3,
+            max_attempts: 8,
+            retry_base: Duration::from_secs(30),
+            retry_max: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    pub tenant_id: String,
+    pub client_id: String,
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// Only here to refuse it with a clear message: secrets never live in the TOML.
+    #[serde(default)]
+    client_secret: Option<toml::Value>,
+    #[serde(default = "default_api_base")]
+    pub api_base: String,
+    #[serde(default = "default_login_base")]
+    pub login_base: String,
+    #[serde(default = "default_scope")]
+    pub scope: String,
+    #[serde(default = "default_download_hosts")]
+    pub download_hosts: Vec<String>,
+}
+
+fn default_api_base() -> String {
+    "https://api.security.microsoft.com".into()
+}
+fn default_login_base() -> String {
+    "https://login.microsoftonline.com".into()
+}
+fn default_scope() -> String {
+    "https://api.securitycenter.microsoft.com/.default".into()
+}
+fn default_download_hosts() -> Vec<String> {
+    vec!["*.blob.core.windows.net".into()]
+}
+
+/// A client secret. Its Debug output never shows the value.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl TenantConfig {
+    /// Reads the client secret from its file or environment variable.
+    pub fn load_secret(&self) -> Result<Secret, ConfigError> {
+        let err = |message: String| ConfigError::Secret { tenant: self.name.clone(), message };
+        let raw = match (&self.client_secret_file, &self.client_secret_env) {
+            (Some(path), None) => std::fs::read_to_string(path)
+                .map_err(|e| err(format!("cannot read client_secret_file {}: {e}", path.display())))?,
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                err(format!("environment variable {var} (client_secret_env) is not set or not UTF-8"))
+            })?,
+            _ => return Err(err("set exactly one of client_secret_file or client_secret_env".into())),
+        };
+        let secret = raw.trim_end_matches(['\r', '\n']).to_string();
+        if secret.is_empty() {
+            return Err(err("the client secret is empty".into()));
+        }
+        Ok(Secret(secret))
+    }
+}
+
+impl Config {
+    /// Loads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string() + &toml_location(text, e.span()),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let q = &self.quota;
+        if q.per_minute == 0 || q.per_hour == 0 {
+            return invalid("quota.per_minute and quota.per_hour must be at least 1".into());
+        }
+        if !(q.minute_secs > 0.0 && q.hour_secs > 0.0 && q.minute_secs.is_finite() && q.hour_secs.is_finite()) {
+            return invalid("quota.minute_secs and quota.hour_secs must be positive".into());
+        }
+        let d = &self.download;
+        if d.concurrency == 0 || d.concurrency > 64 {
+            return invalid("download.concurrency must be between 1 and 64".into());
+        }
+        if d.max_attempts == 0 {
+            return invalid("download.max_attempts must be at least 1".into());
+        }
+        if d.read_timeout.is_zero() {
+            return invalid("download.read_timeout must be positive".into());
+        }
+        if self.discovery.page_size == 0 || self.discovery.page_size > 10_000 {
+            return invalid("discovery.page_size must be between 1 and 10000".into());
+        }
+        if self.tenants.is_empty() {
+            return invalid("no [[tenant]] is configured".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tenants {
+            let bad = |m: String| Err(ConfigError::Invalid(format!("tenant '{}': {m}", t.name)));
+            if t.name.is_empty() || !t.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                return invalid(format!(
+                    "tenant name '{}' must match [a-z0-9-]+ (it is used in paths and rows)",
+                    t.name
+                ));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return invalid(format!("tenant name '{}' is configured twice", t.name));
+            }
+            if t.client_secret.is_some() {
+                return bad(
+                    "client_secret must not be written in the config file; use client_secret_file or client_secret_env"
+                        .into(),
+                );
+            }
+            match (&t.client_secret_file, &t.client_secret_env) {
+                (Some(_), None) | (None, Some(_)) => {}
+                (None, None) => return bad("set client_secret_file or client_secret_env".into()),
+                (Some(_), Some(_)) => return bad("set only one of client_secret_file and client_secret_env".into()),
+            }
+            if t.tenant_id.trim().is_empty() || t.client_id.trim().is_empty() {
+                return bad("tenant_id and client_id are required".into());
+            }
+            for (key, value) in [("api_base", &t.api_base), ("login_base", &t.login_base)] {
+                if let Err(m) = check_base_url(value) {
+                    return bad(format!("{key} {m}"));
+                }
+            }
+            if t.download_hosts.is_empty() {
+                return bad("download_hosts must list at least one host pattern".into());
+            }
+            if !t.scope.ends_with("/.default") {
+                return bad(format!("scope '{}' must end in /.default for client credentials", t.scope));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tenants a command acts on: all, or the one named by `--tenant`.
+    pub fn select_tenants(&self, name: Option<&str>) -> Result<Vec<&TenantConfig>, ConfigError> {
+        match name {
+            None => Ok(self.tenants.iter().collect()),
+            Some(n) => self.tenants.iter().find(|t| t.name == n).map(|t| vec![t]).ok_or_else(|| {
+                ConfigError::UnknownTenant(
+                    n.into(),
+                    self.tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
+                )
+            }),
+        }
+    }
+}
+
+/// `https` everywhere; plain `http` only to loopback hosts (the simulator and tests).
+fn check_base_url(value: &str) -> Result<(), String> {
+    let url = url::Url::parse(value).map_err(|e| format!("'{value}' is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(&url) => Ok(()),
+        _ => Err(format!("'{value}' must use https (http is allowed only for loopback hosts)")),
+    }
+}
+
+/// True for 127.0.0.0/8, ::1 and localhost.
+pub fn is_loopback_host(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+        .unwrap_or_default()
+}
+
+/// Durations written as "60s", "4d", "30m" (humantime).
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration '{s}': {e} (e.g. \"60s\", \"4d\")")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const TENANT: &str = r#"
+[[tenant]]
+name = "contoso"
+tenant_id = "t"
+client_id = "c"
+client_secret_env = "X"
+"#;
+
+    #[test]
+    fn example_config_parses_with_documented_values() {
+        let text = include_str!("../config.example.toml");
+        let cfg = parse(text).unwrap();
+        assert_eq!(cfg.quota.per_minute, 95);
+        assert_eq!(cfg.quota.per_hour, 1450);
+        assert_eq!(cfg.discovery.lookback, Duration::from_secs(4 * 86400));
+        assert_eq!(cfg.download.retry_max, Duration::from_secs(1800));
+        assert_eq!(cfg.tenants[0].name, "contoso");
+        assert_eq!(cfg.store.compression, Compression::Auto);
+    }
+
+    #[test]
+    fn defaults_fill_every_section() {
+        let cfg = parse(TENANT).unwrap();
+        assert_eq!(cfg.download.concurrency, 2);
+        assert_eq!(cfg.schedule.archive, "30 * * * * *");
+        assert_eq!(cfg.tenants[0].download_hosts, vec!["*.blob.core.windows.net".to_string()]);
+    }
+
+    #[test]
+    fn refuses_inline_secret_bad_names_and_plain_http() {
+        let e = parse(&format!("{TENANT}client_secret = \"hunter2\"\n")).unwrap_err().to_string();
+        assert!(e.contains("client_secret must not be written"), "{e}");
+        assert!(!e.contains("hunter2"));
+        let e = parse(&TENANT.replace("contoso", "Contoso_1")).unwrap_err().to_string();
+        assert!(e.contains("must match [a-z0-9-]+"), "{e}");
+        let e = parse(&format!("{TENANT}api_base = \"http://api.example.com\"\n")).unwrap_err().to_string();
+        assert!(e.contains("must use https"), "{e}");
+        parse(&format!("{TENANT}api_base = \"http://127.0.0.1:8080\"\n")).unwrap();
+        let e = parse(&format!("{TENANT}[store]\nbogus = 1\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `bogus`"), "{e}");
+        let e = parse("[download]\nread_timeout = \"soon\"\n").unwrap_err().to_string();
+        assert!(e.contains("invalid duration 'soon'"), "{e}");
+    }
+
+    #[test]
+    fn secret_errors_name_the_source_and_never_the_value() {
+        let cfg = parse(&TENANT.replace("client_secret_env = \"X\"", "client_secret_file = \"/nonexistent/s\"")).unwrap();
+        let e = cfg.tenants[0].load_secret().unwrap_err().to_string();
+        assert!(e.starts_with("tenant 'contoso': cannot read client_secret_file /nonexistent/s"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "s3cr3t\n").unwrap();
+        let cfg = parse(&TENANT.replace("client_secret_env = \"X\"", &format!("client_secret_file = {:?}", p))).unwrap();
+        let s = cfg.tenants[0].load_secret().unwrap();
+        assert_eq!(s.expose(), "s3cr3t");
+        assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn unknown_tenant_lists_the_configured_ones() {
+        let cfg = parse(TENANT).unwrap();
+        let e = cfg.select_tenants(Some("fabrikam")).unwrap_err().to_string();
+        assert_eq!(e, "unknown tenant 'fabrikam' (configured: contoso)");
+    }
+}

@@ -1,0 +1,218 @@
+//! `lrvault run`: the daemon. Takes the single-instance lock, schedules the discover,
+//! archive and verify jobs (cron, UTC), tells systemd how it is doing (READY, STATUS,
+//! WATCHDOG, STOPPING) and on SIGTERM/SIGINT stops scheduling, lets running downloads end
+//! and waits for them (bounded).
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::sync::Mutex;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::UserError;
+use crate::jobs::{self, Context, archive, discover};
+
+/// How long shutdown waits for running jobs before giving up on them.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(90);
+
+/// Holds the daemon's lock file open (and locked) for its lifetime.
+pub struct InstanceLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+/// Takes `<db>.lock` exclusively; a second daemon on the same DB gets a clear error.
+pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> {
+    let mut path = db_path.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = File::options().create(true).truncate(false).write(true).open(&path)
+        .map_err(|e| UserError::new(format!("cannot open lock file {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(InstanceLock { _file: file, path }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(UserError::new(format!(
+            "another lrvault daemon is already running on {} (lock {} is held)",
+            db_path.display(),
+            path.display()
+        ))
+        .into()),
+        Err(std::fs::TryLockError::Error(e)) => Err(UserError::new(format!("cannot lock {}: {e}", path.display())).into()),
+    }
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    // No-op without NOTIFY_SOCKET (not under systemd).
+    let _ = sd_notify::notify(states);
+}
+
+pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
+    let db = Db::open(&cfg.database.path)?;
+    let _lock = lock_instance(&cfg.database.path)?;
+    let cancel = CancellationToken::new();
+    let ctx = Arc::new(Context::new(cfg.clone(), db, cancel.clone())?);
+    let tenants: Arc<Vec<Arc<jobs::Tenant>>> = Arc::new(ctx.tenants(None)?.into_iter().map(Arc::new).collect());
+    let tracker = TaskTracker::new();
+    let daemon = Arc::new(Daemon { ctx: ctx.clone(), tenants, busy: Default::default(), tracker: tracker.clone() });
+
+    let mut sched = JobScheduler::new().await?;
+    for (name, cron) in [("discover", &cfg.schedule.discover), ("archive", &cfg.schedule.archive), ("verify", &cfg.schedule.verify)] {
+        let d = daemon.clone();
+        let job = Job::new_async(cron.as_str(), move |_, _| {
+            let d = d.clone();
+            Box::pin(async move { d.spawn(name) })
+        })
+        .map_err(|e| UserError::new(format!("invalid cron expression for schedule.{name} '{cron}': {e} (6 fields, seconds first)")))?;
+        sched.add(job).await?;
+    }
+    sched.start().await?;
+    // Work at once rather than waiting for the first tick.
+    daemon.spawn("discover");
+
+    if let Some(every) = watchdog_interval() {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            while !c.is_cancelled() {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+    notify(&[NotifyState::Ready, NotifyState::Status("archiving live-response results")]);
+    tracing::info!(db = %cfg.database.path.display(), tenants = daemon.tenants.len(), "lrvault daemon started");
+
+    wait_for_signal().await;
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: waiting for running downloads")]);
+    tracing::info!("stopping: no new work; waiting for running jobs");
+    cancel.cancel();
+    sched.shutdown().await.ok();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait()).await.is_err() {
+        tracing::warn!("jobs still running after {}s; their results return to pending on the next start", SHUTDOWN_WAIT.as_secs());
+    }
+    tracing::info!("lrvault daemon stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    Some(Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+struct Daemon {
+    ctx: Arc<Context>,
+    tenants: Arc<Vec<Arc<jobs::Tenant>>>,
+    /// One guard per job: a run that is still going makes the next tick a no-op (runs of
+    /// one tokio-cron-scheduler job would otherwise overlap).
+    busy: [Arc<Mutex<()>>; 3],
+    tracker: TaskTracker,
+}
+
+impl Daemon {
+    fn spawn(self: &Arc<Self>, name: &'static str) {
+        if self.ctx.cancel.is_cancelled() {
+            return;
+        }
+        let guard = match name {
+            "discover" => &self.busy[0],
+            "archive" => &self.busy[1],
+            _ => &self.busy[2],
+        };
+        let Ok(lock) = guard.clone().try_lock_owned() else {
+            tracing::debug!(job = name, "previous run still going; skipping this tick");
+            return;
+        };
+        let me = self.clone();
+        self.tracker.spawn(async move {
+            let _lock = lock;
+            match name {
+                "discover" => {
+                    me.discover().await;
+                    // Newly queued results should not wait for the archive tick.
+                    me.spawn("archive");
+                }
+                "archive" => me.archive().await,
+                _ => me.verify().await,
+            }
+        });
+    }
+
+    async fn discover(&self) {
+        let lookback = chrono::Duration::from_std(self.ctx.cfg.discovery.lookback).unwrap_or_default();
+        for tenant in self.tenants.iter() {
+            let started = crate::time::now_str();
+            let window = discover::Window { since: crate::time::now() - lookback, until: None, machine_id: None };
+            let result = tokio::select! {
+                r = discover::discover(&self.ctx, tenant, &window, discover::Source::Discover) => r,
+                _ = self.ctx.cancel.cancelled() => return,
+            };
+            match result {
+                Ok(s) => {
+                    tracing::info!(tenant = %tenant.cfg.name, "discovery: {s}");
+                    jobs::record_job_run(&self.ctx.db, "discover", &tenant.cfg.name, started, true, s.to_string()).await;
+                }
+                Err(e) => {
+                    let line = crate::error::one_line(&e);
+                    tracing::error!(tenant = %tenant.cfg.name, error = %line, "discovery failed");
+                    jobs::record_job_run(&self.ctx.db, "discover", &tenant.cfg.name, started, false, line).await;
+                }
+            }
+        }
+    }
+
+    async fn archive(&self) {
+        let started = crate::time::now_str();
+        match archive::archive(&self.ctx, &self.tenants, None, None).await {
+            Ok(s) => {
+                if s.archived + s.failed + s.unavailable + s.retry_later > 0 {
+                    tracing::info!("archive pass: {s}");
+                }
+                notify(&[NotifyState::Status(&format!("last archive pass: {s}"))]);
+                for t in self.tenants.iter() {
+                    jobs::record_job_run(&self.ctx.db, "archive", &t.cfg.name, started.clone(), s.failed == 0, s.to_string()).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %crate::error::one_line(&e), "archive pass failed"),
+        }
+    }
+
+    async fn verify(&self) {
+        let started = crate::time::now_str();
+        match crate::verify::verify(&self.ctx.cfg, &self.ctx.db, None, None, false).await {
+            Ok(r) => {
+                let line = format!("{} packages checked, {} defects, chain {} rows, {} defects", r.packages_checked, r.package_defects, r.chain_rows, r.chain_defects);
+                if r.ok() {
+                    tracing::info!("verify: {line}");
+                } else {
+                    tracing::error!("verify found defects: {line}");
+                }
+                for t in self.tenants.iter() {
+                    jobs::record_job_run(&self.ctx.db, "verify", &t.cfg.name, started.clone(), r.ok(), line.clone()).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %crate::error::one_line(&e), "verify failed"),
+        }
+    }
+}

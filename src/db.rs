@@ -1,0 +1,184 @@
+//! The SQLite database: opening it (WAL, foreign keys, busy timeout), the embedded
+//! migrations, and the one connection of this process that writes. Every write goes through
+//! [`Db::call`], which runs on a blocking thread; other processes (a daemon beside a
+//! backfill, an auditor's sqlite3) share the file through SQLite's own locking.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use include_dir::{Dir, include_dir};
+use rusqlite::{Connection, OpenFlags};
+use rusqlite_migration::Migrations;
+
+static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
+
+/// How long a writer waits for another process's transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create the database directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot migrate database {path}: {message}")]
+    Migrate { path: PathBuf, message: String },
+    #[error("database {path} has schema version {found}, newer than this lrvault knows ({known}); upgrade lrvault")]
+    TooNew { path: PathBuf, found: usize, known: usize },
+    #[error("database error during {op}: {source}")]
+    Sql {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database task failed: {0}")]
+    Join(String),
+}
+
+impl DbError {
+    pub fn sql(op: &'static str) -> impl FnOnce(rusqlite::Error) -> DbError {
+        move |source| DbError::Sql { op, source }
+    }
+}
+
+/// The process's writing connection, shared by every task.
+#[derive(Clone)]
+pub struct Db {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn migrations() -> Migrations<'static> {
+    // The directory is embedded at build time; a malformed one is a build bug, caught by tests.
+    Migrations::from_directory(&MIGRATIONS_DIR).expect("embedded migrations directory is well-formed")
+}
+
+/// Number of migrations this build knows.
+pub fn schema_version_known() -> usize {
+    MIGRATIONS_DIR.dirs().count()
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+impl Db {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| DbError::CreateDir { path: dir.to_path_buf(), source })?;
+        }
+        let open_err = |source| DbError::Open { path: path.to_path_buf(), source };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        configure(&conn).map_err(open_err)?;
+        // WAL lets auditors read while the daemon writes.
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        Self::migrate_conn(&mut conn, path)?;
+        Ok(Db { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    fn migrate_conn(conn: &mut Connection, path: &Path) -> Result<(), DbError> {
+        let found: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .map_err(|source| DbError::Open { path: path.to_path_buf(), source })? as usize;
+        let known = schema_version_known();
+        if found > known {
+            return Err(DbError::TooNew { path: path.to_path_buf(), found, known });
+        }
+        migrations()
+            .to_latest(conn)
+            .map_err(|e| DbError::Migrate { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// A read-only connection (status, audit): never blocks the writer, never migrates.
+    pub fn open_readonly(path: &Path) -> Result<Connection, DbError> {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(|source| DbError::Open { path: path.to_path_buf(), source })?;
+        configure(&conn).map_err(|source| DbError::Open { path: path.to_path_buf(), source })?;
+        Ok(conn)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the writing connection on a blocking thread.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| DbError::Join(e.to_string()))?
+    }
+
+    /// Runs `f` synchronously (for callers already on a blocking thread, and tests).
+    pub fn call_sync<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, DbError>) -> Result<T, DbError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut guard)
+    }
+}
+
+/// Starts a write transaction that takes the write lock at once, so concurrent processes
+/// serialise instead of failing half-way with SQLITE_BUSY.
+pub fn write_tx(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, DbError> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(DbError::sql("begin write transaction"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_valid() {
+        migrations().validate().unwrap();
+    }
+
+    #[test]
+    fn open_creates_schema_and_refuses_custody_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("sub/lrvault.db")).unwrap();
+        db.call_sync(|c| {
+            let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+            assert_eq!(mode, "wal");
+            c.execute(
+                "INSERT INTO custody_log (at, tenant, action_id, event, actor, detail, prev_hash, row_hash)
+                 VALUES ('t', 'x', 'a', 'QUEUED', 'me', '{}', 'p', 'h')",
+                [],
+            )
+            .unwrap();
+            let e = c.execute("UPDATE custody_log SET event = 'FAILED'", []).unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{e}");
+            let e = c.execute("DELETE FROM custody_log", []).unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{e}");
+            for view in ["v_evidence", "v_custody"] {
+                c.query_row(&format!("SELECT count(*) FROM {view}"), [], |r| r.get::<_, i64>(0)).unwrap();
+            }
+            Ok(())
+        })
+        .unwrap();
+        // Reopening is a no-op migration.
+        drop(db);
+        Db::open(&dir.path().join("sub/lrvault.db")).unwrap();
+    }
+}

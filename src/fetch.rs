@@ -1,0 +1,290 @@
+//! Result downloads from the blob host: the link allowlist (checked before any connection),
+//! a client that sends no Authorization header and follows no redirect, and a streaming
+//! GET that resumes with `Range` from the bytes already received.
+
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderMap};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use url::Url;
+
+use crate::config::is_loopback_host;
+
+/// Why a link was refused before any connection was made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("download link refused: {0}")]
+pub struct Refused(pub String);
+
+/// Host patterns a download link may point at: exact names, or `*.suffix` for any subdomain.
+#[derive(Debug, Clone)]
+pub struct Allowlist(Vec<String>);
+
+impl Allowlist {
+    pub fn new(patterns: &[String]) -> Allowlist {
+        Allowlist(patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect())
+    }
+
+    /// Parses and checks a link: https (or http to loopback), no credentials in the URL, host
+    /// on the allowlist.
+    pub fn check(&self, link: &str) -> Result<Url, Refused> {
+        let url = Url::parse(link).map_err(|e| Refused(format!("not a URL ({e})")))?;
+        let host = url.host_str().unwrap_or("").to_ascii_lowercase();
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        match url.scheme() {
+            "https" => {}
+            "http" if is_loopback_host(&url) => {}
+            s => return Err(Refused(format!("scheme {s} to host {host} (https required)"))),
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(Refused(format!("credentials embedded in the link to host {host}")));
+        }
+        if host.is_empty() || !self.allows(&host) {
+            return Err(Refused(format!("host {host} is not in download_hosts")));
+        }
+        Ok(url)
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        self.0.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(&format!(".{suffix}")),
+            None => host == p,
+        })
+    }
+}
+
+/// Host and path of a link: what may be stored and logged (never the SAS query).
+pub fn link_host_path(url: &Url) -> (String, String) {
+    let host = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or("")),
+        None => url.host_str().unwrap_or("").to_string(),
+    };
+    (host, url.path().to_string())
+}
+
+/// The blob client: no default headers (so no Authorization), no redirects, a per-read timeout.
+pub fn blob_client(read_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(read_timeout)
+        .build()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// 403 from the blob host: the link expired or its signature is refused; mint a new one.
+    #[error("blob host refused the link (HTTP 403{})", code_suffix(.code))]
+    LinkRejected { code: String },
+    #[error("blob host answered HTTP {status}{}", code_suffix(.code))]
+    Http { status: u16, code: String },
+    #[error("blob host redirected (HTTP {status}) to {location}; redirects are not followed")]
+    Redirect { status: u16, location: String },
+    /// The connection broke mid-body; resumable from the bytes received.
+    #[error("transfer interrupted after {received} bytes: {message}")]
+    Interrupted { received: u64, message: String, timeout: bool },
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    /// The package writer stopped (its own error says why).
+    #[error("package writer stopped")]
+    Sink,
+}
+
+fn code_suffix(code: &str) -> String {
+    if code.is_empty() { String::new() } else { format!(" {code}") }
+}
+
+/// Response headers kept in `retrieval.json`.
+pub const RECORDED_HEADERS: [&str; 8] = [
+    "content-length",
+    "content-type",
+    "content-md5",
+    "x-ms-blob-content-md5",
+    "etag",
+    "last-modified",
+    "x-ms-request-id",
+    "date",
+];
+
+/// What one result's transfer has done so far, across resumes and re-issued links.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Transfer {
+    /// Bytes received and handed to the writer.
+    pub received: u64,
+    /// Total blob size, from Content-Length (200) or Content-Range (206).
+    pub total: Option<u64>,
+    pub etag: Option<String>,
+    /// Base64 MD5 the server claims for the whole blob, if any.
+    pub server_md5: Option<String>,
+    /// Status of the first answered request (200, or 206 when resumed).
+    pub http_status: u16,
+    /// Headers of the first answered request.
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    /// Offsets from which the transfer was resumed with Range.
+    pub ranges: Vec<u64>,
+}
+
+impl Transfer {
+    /// True when the server's length and MD5 (if any) agree with what was received.
+    pub fn check_complete(&self, md5: &[u8; 16]) -> Result<&'static str, FetchError> {
+        if let Some(total) = self.total
+            && total != self.received
+        {
+            return Err(FetchError::Integrity(format!(
+                "received {} bytes, server announced {total}",
+                self.received
+            )));
+        }
+        match &self.server_md5 {
+            None => Ok("absent"),
+            Some(b64) => {
+                let claimed = base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap_or_default();
+                if claimed.as_slice() == md5.as_slice() {
+                    Ok("match")
+                } else {
+                    Err(FetchError::Integrity(format!(
+                        "MD5 mismatch: server sent {b64}, received bytes hash to {}",
+                        base64::engine::general_purpose::STANDARD.encode(md5)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Streams the blob at `url` from `transfer.received` on into `sink`. Returns when the body
+/// ended cleanly; integrity (length, MD5) is checked by the caller once the writer has the
+/// digests.
+pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer, sink: &mpsc::Sender<bytes::Bytes>) -> Result<(), FetchError> {
+    let mut request = client.get(url.clone());
+    let resuming = transfer.received > 0;
+    if resuming {
+        request = request.header(header::RANGE, format!("bytes={}-", transfer.received));
+        if let Some(etag) = &transfer.etag {
+            request = request.header(header::IF_MATCH, etag);
+        }
+    }
+    let response = request.send().await.map_err(|e| interrupted(transfer.received, e))?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    if status.is_redirection() {
+        let location = header_str(&headers, "location")
+            .and_then(|l| Url::parse(&l).ok())
+            .map(|u| u.host_str().unwrap_or("").to_string())
+            .unwrap_or_else(|| "an unknown location".into());
+        return Err(FetchError::Redirect { status: status.as_u16(), location: format!("host {location}") });
+    }
+    let code = header_str(&headers, "x-ms-error-code").unwrap_or_default();
+    if status == StatusCode::FORBIDDEN {
+        return Err(FetchError::LinkRejected { code });
+    }
+    let expected_status = if resuming { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    if status != expected_status {
+        return Err(FetchError::Http { status: status.as_u16(), code });
+    }
+    let body_len = header_str(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+    if resuming {
+        // Content-Range: bytes START-END/TOTAL must start where we stopped.
+        let range = header_str(&headers, "content-range").unwrap_or_default();
+        let parsed = range
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(span, total)| Some((span.split_once('-')?.0.parse::<u64>().ok()?, total.parse::<u64>().ok())));
+        match parsed {
+            Some((start, total)) if start == transfer.received => {
+                if let (Some(t), Some(known)) = (total, transfer.total)
+                    && t != known
+                {
+                    return Err(FetchError::Integrity(format!("blob size changed from {known} to {t}")));
+                }
+                transfer.total = transfer.total.or(total);
+            }
+            _ => return Err(FetchError::Integrity(format!("unexpected Content-Range '{range}'"))),
+        }
+        transfer.ranges.push(transfer.received);
+    } else {
+        transfer.total = body_len;
+        transfer.etag = header_str(&headers, "etag");
+    }
+    if transfer.http_status == 0 {
+        transfer.http_status = status.as_u16();
+        for name in RECORDED_HEADERS {
+            if let Some(v) = header_str(&headers, name) {
+                transfer.headers.insert(name.to_string(), serde_json::Value::String(v));
+            }
+        }
+    }
+    // Content-MD5 covers the whole blob only on a full read; x-ms-blob-content-md5 always does.
+    let md5 = header_str(&headers, "x-ms-blob-content-md5")
+        .or_else(|| (!resuming).then(|| header_str(&headers, "content-md5")).flatten());
+    if let Some(m) = md5 {
+        transfer.server_md5 = Some(m);
+    }
+    let start = transfer.received;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| interrupted(transfer.received, e))?;
+        let n = chunk.len() as u64;
+        sink.send(chunk).await.map_err(|_| FetchError::Sink)?;
+        transfer.received += n;
+    }
+    if let Some(len) = body_len {
+        let got = transfer.received - start;
+        if got != len {
+            return Err(FetchError::Integrity(format!("body had {got} bytes, Content-Length said {len}")));
+        }
+    }
+    Ok(())
+}
+
+fn interrupted(received: u64, e: reqwest::Error) -> FetchError {
+    FetchError::Interrupted { received, timeout: e.is_timeout(), message: crate::mde::redact_reqwest(e) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowlist_rules() {
+        let a = Allowlist::new(&["*.blob.core.windows.net".into(), "127.0.0.1".into()]);
+        assert!(a.check("https://acct.blob.core.windows.net/c/x?sig=1").is_ok());
+        assert!(a.check("https://ACCT.Blob.Core.Windows.Net/c/x").is_ok());
+        assert!(a.check("http://127.0.0.1:8080/blob/x?sig=1").is_ok());
+        let refused = |l: &str| a.check(l).unwrap_err().0;
+        assert_eq!(refused("https://blob.core.windows.net/x"), "host blob.core.windows.net is not in download_hosts");
+        assert_eq!(refused("https://evil.example.net/x?sig=1"), "host evil.example.net is not in download_hosts");
+        assert_eq!(refused("https://acct.blob.core.windows.net.evil.net/x"), "host acct.blob.core.windows.net.evil.net is not in download_hosts");
+        assert_eq!(refused("http://acct.blob.core.windows.net/x"), "scheme http to host acct.blob.core.windows.net (https required)");
+        assert_eq!(refused("https://u:p@acct.blob.core.windows.net/x"), "credentials embedded in the link to host acct.blob.core.windows.net");
+        assert!(refused("file:///etc/passwd").contains("scheme file"));
+    }
+
+    #[test]
+    fn host_path_drops_the_query() {
+        let u = Url::parse("https://a.blob.core.windows.net/c/d/e?se=2021&sig=abc%3D").unwrap();
+        assert_eq!(link_host_path(&u), ("a.blob.core.windows.net".into(), "/c/d/e".into()));
+    }
+
+    #[test]
+    fn completeness_checks() {
+        let md5 = [7u8; 16];
+        let mut t = Transfer { received: 10, total: Some(10), ..Default::default() };
+        assert_eq!(t.check_complete(&md5).unwrap(), "absent");
+        t.server_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
+        assert_eq!(t.check_complete(&md5).unwrap(), "match");
+        t.server_md5 = Some(base64::engine::general_purpose::STANDARD.encode([1u8; 16]));
+        assert!(t.check_complete(&md5).unwrap_err().to_string().contains("MD5 mismatch"));
+        t.server_md5 = None;
+        t.total = Some(11);
+        assert!(t.check_complete(&md5).unwrap_err().to_string().contains("received 10 bytes, server announced 11"));
+    }
+}

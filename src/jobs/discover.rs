@@ -1,0 +1,229 @@
+//! Discovery and queueing: finished live-response actions become `actions` rows, each of
+//! their commands a `results` row (`pending` when it has a result to fetch, `skipped` with the
+//! reason otherwise), with DISCOVERED / QUEUED / SKIPPED custody rows. Known actions are
+//! skipped cheaply, so every pass may re-scan the whole lookback window.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, params};
+use serde_json::json;
+
+use super::{Context, Tenant};
+use crate::custody::{self, Event, EventKind};
+use crate::db::{DbError, write_tx};
+use crate::mde::RawAction;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Discover,
+    Enqueue,
+    Backfill,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Discover => "discover",
+            Source::Enqueue => "enqueue",
+            Source::Backfill => "backfill",
+        }
+    }
+}
+
+/// What a discovery pass found.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// Live-response actions the API listed.
+    pub listed: usize,
+    /// Of those, still running (picked up by a later pass).
+    pub unfinished: usize,
+    /// Already known before this pass.
+    pub known: usize,
+    pub new_actions: usize,
+    pub queued: usize,
+    pub skipped: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} actions listed, {} new, {} already known, {} unfinished; {} results queued, {} skipped",
+            self.listed, self.new_actions, self.known, self.unfinished, self.queued, self.skipped
+        )
+    }
+}
+
+/// The creation-time window of a pass.
+#[derive(Debug, Clone)]
+pub struct Window {
+    pub since: DateTime<Utc>,
+    pub until: Option<DateTime<Utc>>,
+    pub machine_id: Option<String>,
+}
+
+/// One pass for one tenant: list the window, record every finished action not yet known.
+pub async fn discover(ctx: &Context, tenant: &Tenant, window: &Window, source: Source) -> anyhow::Result<Summary> {
+    let actions = tenant
+        .client
+        .list_actions(window.since, window.until, window.machine_id.as_deref(), ctx.cfg.discovery.page_size)
+        .await?;
+    record_actions(ctx, tenant, actions, source).await
+}
+
+/// Records the finished ones of `actions` (others are counted as unfinished).
+pub async fn record_actions(ctx: &Context, tenant: &Tenant, actions: Vec<RawAction>, source: Source) -> anyhow::Result<Summary> {
+    let statuses = ctx.cfg.discovery.statuses.clone();
+    let tenant_name = tenant.cfg.name.clone();
+    let actor = tenant.actor.clone();
+    let summary = ctx
+        .db
+        .call(move |conn| {
+            let mut s = Summary::default();
+            for action in actions {
+                // List filters on type server-side; enqueue may name any action.
+                if action.action_type().is_some_and(|t| t != "LiveResponse") {
+                    continue;
+                }
+                s.listed += 1;
+                if !action.status().is_some_and(|st| statuses.iter().any(|x| x == st)) {
+                    s.unfinished += 1;
+                    continue;
+                }
+                match record_action(conn, &tenant_name, &actor, &action, source)? {
+                    None => s.known += 1,
+                    Some((queued, skipped)) => {
+                        s.new_actions += 1;
+                        s.queued += queued;
+                        s.skipped += skipped;
+                    }
+                }
+            }
+            Ok(s)
+        })
+        .await?;
+    Ok(summary)
+}
+
+/// Why a command has nothing to fetch, or None when it has a result.
+pub fn skip_reason(command_type: Option<&str>, status: Option<&str>) -> Option<String> {
+    match (command_type, status) {
+        (Some("PutFile"), _) => Some("PutFile has no result by design".into()),
+        (_, Some("Completed")) => None,
+        (_, Some("Created")) => Some("command never ran (status Created): an earlier command failed or the action ended".into()),
+        (_, Some(other)) => Some(format!("command status {other}")),
+        (_, None) => Some("command has no status".into()),
+    }
+}
+
+/// Inserts one action with its results and custody rows in one transaction. None when the
+/// action was already known.
+fn record_action(
+    conn: &mut rusqlite::Connection,
+    tenant: &str,
+    actor: &str,
+    action: &RawAction,
+    source: Source,
+) -> Result<Option<(usize, usize)>, DbError> {
+    let Some(action_id) = action.id() else {
+        return Ok(None);
+    };
+    let tx = write_tx(conn)?;
+    let known: Option<i64> = tx
+        .query_row("SELECT 1 FROM actions WHERE tenant = ?1 AND action_id = ?2", params![tenant, action_id], |r| r.get(0))
+        .optional()
+        .map_err(DbError::sql("look up action"))?;
+    if known.is_some() {
+        return Ok(None);
+    }
+    let now = crate::time::now_str();
+    // Without a creation time the package date falls back to discovery time.
+    let created = action.created().map(crate::time::fmt).unwrap_or_else(|| now.clone());
+    tx.execute(
+        "INSERT INTO actions (tenant, action_id, machine_id, computer_dns_name, requestor, requestor_comment,
+                              status, created_at, last_update_at, raw_json, discovered_at, source)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            tenant,
+            action_id,
+            action.machine_id(),
+            action.computer_dns_name(),
+            action.requestor(),
+            action.requestor_comment(),
+            action.status(),
+            created,
+            action.last_update().map(crate::time::fmt),
+            action.raw,
+            now,
+            source.as_str()
+        ],
+    )
+    .map_err(DbError::sql("insert action"))?;
+    let commands = action.commands();
+    custody::append(
+        &tx,
+        &Event::new(tenant, action_id, None, EventKind::Discovered, actor).detail(json!({
+            "source": source.as_str(),
+            "status": action.status(),
+            "machine_id": action.machine_id(),
+            "computer_dns_name": action.computer_dns_name(),
+            "requestor": action.requestor(),
+            "created_at": created,
+            "commands": commands.len(),
+        })),
+    )?;
+    let (mut queued, mut skipped) = (0, 0);
+    for cmd in &commands {
+        let reason = skip_reason(cmd.command_type.as_deref(), cmd.status.as_deref());
+        let state = if reason.is_some() { "skipped" } else { "pending" };
+        tx.execute(
+            "INSERT OR IGNORE INTO results (tenant, action_id, command_index, command_type, command_json, command_status,
+                                  state, last_error, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                tenant,
+                action_id,
+                cmd.index,
+                cmd.command_type,
+                cmd.raw.to_string(),
+                cmd.status,
+                state,
+                reason,
+                now
+            ],
+        )
+        .map_err(DbError::sql("insert result"))?;
+        let mut detail = json!({ "command_type": cmd.command_type, "command_status": cmd.status });
+        let kind = match &reason {
+            Some(r) => {
+                detail["reason"] = json!(r);
+                if !cmd.errors.is_null() && cmd.errors.as_array().is_none_or(|a| !a.is_empty()) {
+                    detail["errors"] = cmd.errors.clone();
+                }
+                skipped += 1;
+                EventKind::Skipped
+            }
+            None => {
+                queued += 1;
+                EventKind::Queued
+            }
+        };
+        custody::append(&tx, &Event::new(tenant, action_id, Some(cmd.index), kind, actor).detail(detail))?;
+    }
+    tx.commit().map_err(DbError::sql("commit action"))?;
+    Ok(Some((queued, skipped)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_reasons() {
+        assert_eq!(skip_reason(Some("RunScript"), Some("Completed")), None);
+        assert_eq!(skip_reason(Some("GetFile"), Some("Completed")), None);
+        assert_eq!(skip_reason(Some("PutFile"), Some("Completed")).unwrap(), "PutFile has no result by design");
+        assert_eq!(skip_reason(Some("GetFile"), Some("Failed")).unwrap(), "command status Failed");
+        assert!(skip_reason(Some("GetFile"), Some("Created")).unwrap().starts_with("command never ran"));
+        assert_eq!(skip_reason(None, None).unwrap(), "command has no status");
+    }
+}

@@ -1,0 +1,481 @@
+//! The Defender for Endpoint API client for one tenant: OAuth2 client-credentials token
+//! (cached), List / Get MachineActions and GetLiveResponseResultDownloadLink. Every request
+//! passes through the quota governor first. The bearer token only ever goes to `api_base`;
+//! result downloads use a separate client (see `fetch`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
+use serde_json::Value;
+use url::Url;
+
+use crate::config::{Secret, TenantConfig};
+use crate::db::DbError;
+use crate::quota::{Endpoint, Governor, parse_retry_after};
+
+/// Whole-request timeout for API calls (the quota ledger's in-flight grace is longer).
+const API_TIMEOUT: Duration = Duration::from_secs(100);
+/// A 429 is retried after its Retry-After this many times before the call gives up.
+const MAX_THROTTLE_RETRIES: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MdeError {
+    #[error("{endpoint}: HTTP {status}{}{}", code_part(.code), msg_part(.message))]
+    Http { endpoint: &'static str, status: u16, code: String, message: String },
+    #[error("{endpoint}: {message}")]
+    Transport { endpoint: &'static str, message: String, timeout: bool },
+    #[error("token request refused (HTTP {status}): {error}{}; check tenant_id, client_id and the client secret", codes_part(.codes))]
+    Token { status: u16, error: String, codes: Vec<i64> },
+    #[error("{endpoint}: unexpected response: {message}")]
+    Decode { endpoint: &'static str, message: String },
+    #[error("{endpoint}: still throttled (429) after {MAX_THROTTLE_RETRIES} retries")]
+    Throttled { endpoint: &'static str },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+fn code_part(code: &str) -> String {
+    if code.is_empty() { String::new() } else { format!(" {code}") }
+}
+fn msg_part(message: &str) -> String {
+    if message.is_empty() { String::new() } else { format!(": {message}") }
+}
+fn codes_part(codes: &[i64]) -> String {
+    if codes.is_empty() {
+        String::new()
+    } else {
+        format!(" (AADSTS {})", codes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "))
+    }
+}
+
+impl MdeError {
+    /// Worth another attempt later: server errors, timeouts, connection problems, throttling.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            MdeError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            MdeError::Transport { .. } | MdeError::Throttled { .. } | MdeError::Db(_) => true,
+            MdeError::Token { error, status, .. } => error == "temporarily_unavailable" || *status >= 500,
+            MdeError::Decode { .. } => false,
+        }
+    }
+
+    /// The API says there is no such thing (404, or 400 for a command without a result).
+    pub fn is_no_result(&self) -> bool {
+        matches!(self, MdeError::Http { status: 400 | 404, .. })
+    }
+
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            MdeError::Http { status, .. } | MdeError::Token { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn api_code(&self) -> Option<&str> {
+        match self {
+            MdeError::Http { code, .. } if !code.is_empty() => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A machine action as the API returned it: the exact JSON text (kept as evidence) and a
+/// tolerant view of the fields lrvault uses (every field optional, unknown values kept).
+#[derive(Debug, Clone)]
+pub struct RawAction {
+    pub raw: String,
+    pub value: Value,
+}
+
+/// One entry of `commands[]`.
+#[derive(Debug, Clone)]
+pub struct ActionCommand {
+    pub index: u32,
+    pub command_type: Option<String>,
+    pub status: Option<String>,
+    pub params: Vec<(String, String)>,
+    pub errors: Value,
+    pub raw: Value,
+}
+
+impl RawAction {
+    pub fn parse(raw: String) -> Result<RawAction, String> {
+        let value: Value = serde_json::from_str(&raw).map_err(|e| e.to_string())?;
+        if !value.is_object() {
+            return Err("a machine action is not a JSON object".into());
+        }
+        Ok(RawAction { raw, value })
+    }
+
+    fn str_field(&self, names: &[&str]) -> Option<&str> {
+        names.iter().find_map(|n| self.value.get(*n).and_then(Value::as_str))
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        self.str_field(&["id"])
+    }
+    pub fn action_type(&self) -> Option<&str> {
+        self.str_field(&["type"])
+    }
+    pub fn status(&self) -> Option<&str> {
+        self.str_field(&["status"])
+    }
+    pub fn machine_id(&self) -> Option<&str> {
+        self.str_field(&["machineId"])
+    }
+    pub fn computer_dns_name(&self) -> Option<&str> {
+        self.str_field(&["computerDnsName"])
+    }
+    pub fn requestor(&self) -> Option<&str> {
+        self.str_field(&["requestor"])
+    }
+    pub fn requestor_comment(&self) -> Option<&str> {
+        self.str_field(&["requestorComment"])
+    }
+    pub fn created(&self) -> Option<DateTime<Utc>> {
+        self.str_field(&["creationDateTimeUtc"]).and_then(crate::time::parse_api)
+    }
+    pub fn last_update(&self) -> Option<DateTime<Utc>> {
+        // The docs spell it both ways.
+        self.str_field(&["lastUpdateDateTimeUtc", "lastUpdateTimeUtc"]).and_then(crate::time::parse_api)
+    }
+
+    /// The commands, in index order. Entries without a usable index get their position.
+    pub fn commands(&self) -> Vec<ActionCommand> {
+        let Some(list) = self.value.get("commands").and_then(Value::as_array) else {
+            return vec![];
+        };
+        let mut out: Vec<ActionCommand> = list
+            .iter()
+            .enumerate()
+            .map(|(pos, c)| {
+                let spec = c.get("command");
+                let params = spec
+                    .and_then(|s| s.get("params"))
+                    .and_then(Value::as_array)
+                    .map(|ps| {
+                        ps.iter()
+                            .filter_map(|p| {
+                                let key = p.get("key")?.as_str()?.to_string();
+                                let value = match p.get("value")? {
+                                    Value::String(s) => s.clone(),
+                                    other => other.to_string(),
+                                };
+                                Some((key, value))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ActionCommand {
+                    index: c.get("index").and_then(Value::as_u64).map_or(pos as u32, |i| i as u32),
+                    command_type: spec.and_then(|s| s.get("type")).and_then(Value::as_str).map(str::to_string),
+                    status: c.get("commandStatus").and_then(Value::as_str).map(str::to_string),
+                    params,
+                    errors: c.get("errors").cloned().unwrap_or(Value::Null),
+                    raw: c.clone(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|c| c.index);
+        out
+    }
+}
+
+struct CachedToken {
+    value: String,
+    refresh_at: Instant,
+}
+
+/// API client for one tenant.
+pub struct MdeClient {
+    tenant: Arc<TenantConfig>,
+    secret: Secret,
+    http: reqwest::Client,
+    governor: Governor,
+    api_base: Url,
+    token: tokio::sync::Mutex<Option<CachedToken>>,
+}
+
+impl MdeClient {
+    pub fn new(tenant: Arc<TenantConfig>, secret: Secret, governor: Governor) -> Result<MdeClient, MdeError> {
+        let api_base = Url::parse(tenant.api_base.trim_end_matches('/'))
+            .map_err(|e| MdeError::Decode { endpoint: "config", message: format!("api_base: {e}") })?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
+            // Never follow a redirect with the bearer token attached.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(API_TIMEOUT)
+            .build()
+            .map_err(|e| MdeError::Transport { endpoint: "client", message: e.to_string(), timeout: false })?;
+        Ok(MdeClient { tenant, secret, http, governor, api_base, token: tokio::sync::Mutex::new(None) })
+    }
+
+    pub fn tenant(&self) -> &TenantConfig {
+        &self.tenant
+    }
+
+    /// A valid bearer token, from the cache unless `refresh`.
+    async fn bearer(&self, refresh: bool) -> Result<String, MdeError> {
+        let mut cached = self.token.lock().await;
+        if !refresh && let Some(t) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok(t.value.clone());
+        }
+        let url = format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.tenant.login_base.trim_end_matches('/'),
+            self.tenant.tenant_id
+        );
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.tenant.client_id.as_str()),
+            ("client_secret", self.secret.expose()),
+            ("scope", self.tenant.scope.as_str()),
+        ];
+        let endpoint = Endpoint::Token;
+        let reservation = self.governor.acquire(&self.tenant.name, endpoint).await?;
+        let sent = self.http.post(&url).form(&form).send().await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                self.governor.complete(reservation, 0, None).await?;
+                return Err(transport(endpoint, e));
+            }
+        };
+        let status = response.status();
+        self.governor.complete(reservation, status.as_u16(), None).await?;
+        let body = response.bytes().await.map_err(|e| transport(endpoint, e))?;
+        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err(MdeError::Token {
+                status: status.as_u16(),
+                error: json.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string(),
+                codes: json
+                    .get("error_codes")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                    .unwrap_or_default(),
+            });
+        }
+        let value = json
+            .get("access_token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| MdeError::Decode { endpoint: endpoint.as_str(), message: "no access_token".into() })?
+            .to_string();
+        // v2 sends a number, v1 a string.
+        let expires_in = match json.get("expires_in") {
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::String(s)) => s.parse().ok(),
+            _ => None,
+        }
+        .unwrap_or(3599);
+        // Refresh five minutes early (or at half-life for short-lived tokens).
+        let margin = (expires_in / 2).min(300);
+        let refresh_at = Instant::now() + Duration::from_secs(expires_in.saturating_sub(margin));
+        *cached = Some(CachedToken { value: value.clone(), refresh_at });
+        Ok(value)
+    }
+
+    /// GET an API URL through the quota governor: refreshes the token once on 401 and waits
+    /// out 429s (pausing the bucket for Retry-After).
+    async fn api_get(&self, endpoint: Endpoint, url: Url) -> Result<bytes::Bytes, MdeError> {
+        let mut refreshed = false;
+        let mut throttled = 0;
+        loop {
+            let token = self.bearer(false).await?;
+            let reservation = self.governor.acquire(&self.tenant.name, endpoint).await?;
+            let sent = self.http.get(url.clone()).bearer_auth(&token).send().await;
+            let response = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    self.governor.complete(reservation, 0, None).await?;
+                    return Err(transport(endpoint, e));
+                }
+            };
+            let status = response.status();
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                let pause = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, Utc::now()))
+                    .unwrap_or(Duration::from_secs(5));
+                self.governor.complete(reservation, 429, Some(pause)).await?;
+                throttled += 1;
+                tracing::warn!(tenant = %self.tenant.name, endpoint = endpoint.as_str(), pause_ms = pause.as_millis() as u64, "throttled (429); pausing this endpoint");
+                if throttled > MAX_THROTTLE_RETRIES {
+                    return Err(MdeError::Throttled { endpoint: endpoint.as_str() });
+                }
+                continue;
+            }
+            self.governor.complete(reservation, status.as_u16(), None).await?;
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                refreshed = true;
+                *self.token.lock().await = None;
+                continue;
+            }
+            let body = response.bytes().await.map_err(|e| transport(endpoint, e))?;
+            if status.is_success() {
+                return Ok(body);
+            }
+            return Err(api_error(endpoint, status, &body));
+        }
+    }
+
+    fn url(&self, path_and_query: &str) -> Result<Url, MdeError> {
+        Url::parse(&format!("{}{}", self.api_base.as_str().trim_end_matches('/'), path_and_query))
+            .map_err(|e| MdeError::Decode { endpoint: "url", message: e.to_string() })
+    }
+
+    /// Every live-response action created in `[since, until)`, all pages, deduplicated by id.
+    pub async fn list_actions(
+        &self,
+        since: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+        machine_id: Option<&str>,
+        page_size: u32,
+    ) -> Result<Vec<RawAction>, MdeError> {
+        let mut filter = format!(
+            "type eq 'LiveResponse' and creationDateTimeUtc ge {}",
+            since.format("%Y-%m-%dT%H:%M:%SZ")
+        );
+        if let Some(until) = until {
+            filter += &format!(" and creationDateTimeUtc lt {}", until.format("%Y-%m-%dT%H:%M:%SZ"));
+        }
+        if let Some(m) = machine_id {
+            // Machine ids are hex; anything else could inject OData.
+            if !m.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(MdeError::Decode { endpoint: "list", message: format!("invalid machine id '{m}'") });
+            }
+            filter += &format!(" and machineId eq '{m}'");
+        }
+        let endpoint = Endpoint::List;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut skip: u64 = 0;
+        loop {
+            let mut url = self.url("/api/machineactions")?;
+            url.query_pairs_mut()
+                .append_pair("$filter", &filter)
+                .append_pair("$top", &page_size.to_string())
+                .append_pair("$skip", &skip.to_string());
+            let body = self.api_get(endpoint, url).await?;
+            #[derive(serde::Deserialize)]
+            struct Page<'a> {
+                #[serde(borrow, default)]
+                value: Vec<&'a serde_json::value::RawValue>,
+            }
+            let page: Page<'_> = serde_json::from_slice(&body)
+                .map_err(|e| MdeError::Decode { endpoint: endpoint.as_str(), message: e.to_string() })?;
+            let n = page.value.len() as u64;
+            for raw in page.value {
+                match RawAction::parse(raw.get().to_string()) {
+                    Ok(a) => {
+                        if let Some(id) = a.id().map(str::to_string)
+                            && seen.insert(id)
+                        {
+                            out.push(a);
+                        }
+                    }
+                    Err(e) => tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page"),
+                }
+            }
+            if n < u64::from(page_size) || n == 0 {
+                break;
+            }
+            skip += n;
+        }
+        Ok(out)
+    }
+
+    /// One machine action by id.
+    pub async fn get_action(&self, id: &str) -> Result<RawAction, MdeError> {
+        let endpoint = Endpoint::Get;
+        let url = self.url(&format!("/api/machineactions/{}", encode_segment(id)))?;
+        let body = self.api_get(endpoint, url).await?;
+        let text = String::from_utf8(body.to_vec())
+            .map_err(|e| MdeError::Decode { endpoint: endpoint.as_str(), message: e.to_string() })?;
+        RawAction::parse(text).map_err(|message| MdeError::Decode { endpoint: endpoint.as_str(), message })
+    }
+
+    /// A fresh SAS download link for command `index` of action `id` (valid ~30 minutes).
+    pub async fn result_link(&self, id: &str, index: u32) -> Result<String, MdeError> {
+        let endpoint = Endpoint::Link;
+        let url = self.url(&format!(
+            "/api/machineactions/{}/GetLiveResponseResultDownloadLink(index={index})",
+            encode_segment(id)
+        ))?;
+        let body = self.api_get(endpoint, url).await?;
+        let json: Value = serde_json::from_slice(&body)
+            .map_err(|e| MdeError::Decode { endpoint: endpoint.as_str(), message: e.to_string() })?;
+        json.get("value")
+            .and_then(Value::as_str)
+            // getPackageUri-style answers wrap the URL in literal quotes.
+            .map(|s| s.trim().trim_matches('"').to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| MdeError::Decode { endpoint: endpoint.as_str(), message: "no link in 'value'".into() })
+    }
+}
+
+fn encode_segment(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+}
+
+/// A transport error without its URL (download URLs carry a SAS signature).
+pub fn transport(endpoint: Endpoint, e: reqwest::Error) -> MdeError {
+    MdeError::Transport { endpoint: endpoint.as_str(), timeout: e.is_timeout(), message: redact_reqwest(e) }
+}
+
+/// Display text of a reqwest error with its URL removed and its source chain inlined.
+pub fn redact_reqwest(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        let part = s.to_string();
+        if !msg.contains(&part) {
+            msg += ": ";
+            msg += &part;
+        }
+        src = s.source();
+    }
+    msg
+}
+
+/// The MDE error body `{"error":{"code","message","target"}}`, parsed leniently.
+fn api_error(endpoint: Endpoint, status: StatusCode, body: &[u8]) -> MdeError {
+    let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let err = json.get("error");
+    let field = |k: &str| err.and_then(|e| e.get(k)).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut message = field("message");
+    message.truncate(300);
+    MdeError::Http { endpoint: endpoint.as_str(), status: status.as_u16(), code: field("code"), message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tolerant_action_view() {
+        let a = RawAction::parse(
+            r#"{"id":"x","type":"LiveResponse","status":"Failed","lastUpdateTimeUtc":"2025-03-10T08:19:41.07Z",
+               "creationDateTimeUtc":"2025-03-10T08:14:03.5512346Z","futureField":{"a":1},
+               "commands":[{"index":1,"commandStatus":"Failed","errors":["nope"],"command":{"type":"GetFile","params":[{"key":"Path","value":"C:\\x.txt"}]}},
+                           {"index":0,"commandStatus":"Completed","command":{"type":"RunScript","params":[{"key":"ScriptName","value":"a.ps1"}]}},
+                           {"commandStatus":"Weird","command":{"type":"NewType"}}]}"#
+                .into(),
+        )
+        .unwrap();
+        assert_eq!(crate::time::fmt(a.last_update().unwrap()), "2025-03-10T08:19:41.070Z");
+        assert_eq!(crate::time::fmt(a.created().unwrap()), "2025-03-10T08:14:03.551Z");
+        let cmds = a.commands();
+        assert_eq!(cmds.iter().map(|c| c.index).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(cmds[1].params, vec![("Path".to_string(), "C:\\x.txt".to_string())]);
+        assert_eq!(cmds[2].command_type.as_deref(), Some("NewType"));
+        assert_eq!(cmds[2].status.as_deref(), Some("Weird"));
+        assert!(RawAction::parse("[1]".into()).is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! The quota governor: one sliding-window limiter per (tenant, endpoint) over `per_minute`
+//! and `per_hour`, kept in the `api_calls` ledger so the budget survives restarts and is
+//! shared by every process on the same database.
+//!
+//! A call reserves its ledger row *before* it is sent (in one IMMEDIATE transaction with the
+//! window count, so two processes cannot both take the last slot) and completes it with the
+//! answer. A completed row occupies the window from its completion time, which is never
+//! earlier than the moment the server counted it; an in-flight row counts until it completes
+//! (or, if its process died, until it is older than a window plus `INFLIGHT_GRACE_MS`).
+
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, params};
+
+use crate::config::QuotaConfig;
+use crate::db::{Db, DbError, write_tx};
+
+/// Longest an API request may be in flight (the API client's whole-request timeout is lower).
+pub const INFLIGHT_GRACE_MS: i64 = 120_000;
+/// Longest single sleep before re-reading the ledger (other processes may have freed slots).
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Token,
+    List,
+    Get,
+    Link,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 4] = [Endpoint::Token, Endpoint::List, Endpoint::Get, Endpoint::Link];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Token => "token",
+            Endpoint::List => "machineactions.list",
+            Endpoint::Get => "machineactions.get",
+            Endpoint::Link => "liveresponse.link",
+        }
+    }
+}
+
+/// A reserved slot; complete it with the HTTP status (0 when no answer came).
+#[derive(Debug)]
+pub struct Reservation {
+    pub id: i64,
+}
+
+#[derive(Clone)]
+pub struct Governor {
+    db: Db,
+    limits: QuotaConfig,
+}
+
+/// Calls counted in the current windows of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub last_minute: i64,
+    pub last_hour: i64,
+    pub throttled_last_hour: i64,
+}
+
+impl Governor {
+    pub fn new(db: Db, limits: QuotaConfig) -> Governor {
+        Governor { db, limits }
+    }
+
+    pub fn limits(&self) -> &QuotaConfig {
+        &self.limits
+    }
+
+    /// Waits until the bucket has a free slot in both windows and no 429 pause, then
+    /// reserves it.
+    pub async fn acquire(&self, tenant: &str, endpoint: Endpoint) -> Result<Reservation, DbError> {
+        loop {
+            let tenant_owned = tenant.to_string();
+            let limits = self.limits.clone();
+            let outcome = self
+                .db
+                .call(move |conn| try_reserve(conn, &tenant_owned, endpoint, &limits, crate::time::now_ms()))
+                .await?;
+            match outcome {
+                Ok(reservation) => return Ok(reservation),
+                Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+            }
+        }
+    }
+
+    /// Records the answer. `pause` (from a 429's Retry-After) stops the bucket until then.
+    pub async fn complete(&self, reservation: Reservation, http_status: u16, pause: Option<Duration>) -> Result<(), DbError> {
+        self.db
+            .call(move |conn| {
+                let now = crate::time::now_ms();
+                let pause_until = pause.map(|p| now + p.as_millis() as i64);
+                conn.execute(
+                    "UPDATE api_calls SET http_status = ?1, at_ms = MAX(at_ms, ?2), pause_until_ms = ?3 WHERE id = ?4",
+                    params![http_status, now, pause_until, reservation.id],
+                )
+                .map_err(DbError::sql("complete quota reservation"))?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Deletes ledger rows that no window can see any more.
+    pub async fn prune(&self) -> Result<usize, DbError> {
+        let keep_ms = (self.limits.hour_secs * 1000.0) as i64 + INFLIGHT_GRACE_MS;
+        self.db
+            .call(move |conn| {
+                let cutoff = crate::time::now_ms() - keep_ms;
+                conn.execute(
+                    "DELETE FROM api_calls WHERE at_ms < ?1 AND (pause_until_ms IS NULL OR pause_until_ms < ?1)",
+                    [cutoff],
+                )
+                .map_err(DbError::sql("prune quota ledger"))
+            })
+            .await
+    }
+}
+
+/// Current usage of one bucket (for `status`).
+pub fn usage(conn: &rusqlite::Connection, tenant: &str, endpoint: Endpoint, limits: &QuotaConfig, now_ms: i64) -> Result<Usage, DbError> {
+    let minute_ms = (limits.minute_secs * 1000.0) as i64;
+    let hour_ms = (limits.hour_secs * 1000.0) as i64;
+    let q = |sql: &str, since: i64| -> Result<i64, DbError> {
+        conn.query_row(sql, params![tenant, endpoint.as_str(), since], |r| r.get(0))
+            .map_err(DbError::sql("read quota usage"))
+    };
+    Ok(Usage {
+        last_minute: q("SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3", now_ms - minute_ms)?,
+        last_hour: q("SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3", now_ms - hour_ms)?,
+        throttled_last_hour: q(
+            "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3 AND http_status = 429",
+            now_ms - hour_ms,
+        )?,
+    })
+}
+
+/// One attempt to reserve a slot: `Ok` with the reservation, or `Err(wait)` until the earliest
+/// moment a slot can free up.
+fn try_reserve(
+    conn: &mut rusqlite::Connection,
+    tenant: &str,
+    endpoint: Endpoint,
+    limits: &QuotaConfig,
+    now: i64,
+) -> Result<Result<Reservation, Duration>, DbError> {
+    let tx = write_tx(conn)?;
+    let ep = endpoint.as_str();
+    let pause: Option<i64> = tx
+        .query_row(
+            "SELECT MAX(pause_until_ms) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND pause_until_ms > ?3",
+            params![tenant, ep, now],
+            |r| r.get(0),
+        )
+        .map_err(DbError::sql("read quota pause"))?;
+    if let Some(until) = pause {
+        return Ok(Err(Duration::from_millis((until - now).max(1) as u64)));
+    }
+    let mut wait_ms: i64 = 0;
+    for (window_secs, limit) in [(limits.minute_secs, limits.per_minute), (limits.hour_secs, limits.per_hour)] {
+        let window_ms = (window_secs * 1000.0).ceil() as i64;
+        // A row leaves the window at `expiry`; in-flight rows stay until they complete.
+        let expiry_sql = "at_ms + ?3 + CASE WHEN http_status IS NULL THEN ?4 ELSE 0 END";
+        let count: i64 = tx
+            .query_row(
+                &format!(
+                    "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?5 - ?3 - ?4
+                     AND {expiry_sql} > ?5"
+                ),
+                params![tenant, ep, window_ms, INFLIGHT_GRACE_MS, now],
+                |r| r.get(0),
+            )
+            .map_err(DbError::sql("count quota window"))?;
+        if count >= i64::from(limit) {
+            // The slot frees when the (count - limit + 1)-th earliest expiry passes.
+            let free_at: Option<i64> = tx
+                .query_row(
+                    &format!(
+                        "SELECT {expiry_sql} AS expiry FROM api_calls WHERE tenant = ?1 AND endpoint = ?2
+                         AND at_ms > ?5 - ?3 - ?4 AND {expiry_sql} > ?5 ORDER BY expiry LIMIT 1 OFFSET ?6"
+                    ),
+                    params![tenant, ep, window_ms, INFLIGHT_GRACE_MS, now, count - i64::from(limit)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(DbError::sql("read quota window"))?;
+            wait_ms = wait_ms.max(free_at.map_or(1, |t| t - now + 1));
+        }
+    }
+    if wait_ms > 0 {
+        return Ok(Err(Duration::from_millis(wait_ms as u64)));
+    }
+    tx.execute(
+        "INSERT INTO api_calls (tenant, endpoint, at_ms) VALUES (?1, ?2, ?3)",
+        params![tenant, ep, now],
+    )
+    .map_err(DbError::sql("reserve quota slot"))?;
+    let id = tx.last_insert_rowid();
+    tx.commit().map_err(DbError::sql("commit quota reservation"))?;
+    Ok(Ok(Reservation { id }))
+}
+
+/// Parses `Retry-After`: delta seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = at.with_timezone(&chrono::Utc) - now;
+    Some(delta.to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(86_400)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("q.db")).unwrap();
+        (dir, db)
+    }
+
+    fn limits(per_minute: u32, per_hour: u32) -> QuotaConfig {
+        QuotaConfig { per_minute, per_hour, minute_secs: 60.0, hour_secs: 3600.0 }
+    }
+
+    fn reserve(db: &Db, l: &QuotaConfig, now: i64) -> Result<Reservation, Duration> {
+        db.call_sync(|c| try_reserve(c, "t", Endpoint::Link, l, now)).unwrap()
+    }
+
+    fn complete(db: &Db, r: Reservation, at: i64) {
+        db.call_sync(|c| {
+            c.execute("UPDATE api_calls SET http_status = 200, at_ms = ?1 WHERE id = ?2", params![at, r.id]).unwrap();
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn minute_window_blocks_until_the_oldest_call_ages_out() {
+        let (_d, db) = db();
+        let l = limits(3, 100);
+        for i in 0..3 {
+            let r = reserve(&db, &l, 1_000_000 + i * 10).unwrap();
+            complete(&db, r, 1_000_000 + i * 10);
+        }
+        let wait = reserve(&db, &l, 1_000_100).unwrap_err();
+        // Oldest completed at 1_000_000 → frees at 1_060_000 (+1 ms).
+        assert_eq!(wait, Duration::from_millis(60_000 - 100 + 1));
+        assert!(reserve(&db, &l, 1_060_001).is_ok());
+        // Another endpoint and another tenant have their own buckets.
+        assert!(db.call_sync(|c| try_reserve(c, "t", Endpoint::List, &l, 1_000_100)).unwrap().is_ok());
+        assert!(db.call_sync(|c| try_reserve(c, "u", Endpoint::Link, &l, 1_000_100)).unwrap().is_ok());
+    }
+
+    #[test]
+    fn hour_window_and_inflight_rows_count() {
+        let (_d, db) = db();
+        let l = limits(100, 2);
+        let _inflight = reserve(&db, &l, 0).unwrap();
+        let r = reserve(&db, &l, 10).unwrap();
+        complete(&db, r, 20);
+        let wait = reserve(&db, &l, 30).unwrap_err();
+        // The completed row expires at 20 + 3600 s, the in-flight one later.
+        assert_eq!(wait, Duration::from_millis(3_600_000 + 20 - 30 + 1));
+    }
+
+    #[test]
+    fn pause_blocks_only_its_bucket() {
+        let (_d, db) = db();
+        let l = limits(100, 100);
+        let r = reserve(&db, &l, 0).unwrap();
+        db.call_sync(|c| {
+            c.execute("UPDATE api_calls SET http_status = 429, pause_until_ms = 5000 WHERE id = ?1", [r.id]).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(reserve(&db, &l, 1000).unwrap_err(), Duration::from_millis(4000));
+        assert!(db.call_sync(|c| try_reserve(c, "t", Endpoint::Get, &l, 1000)).unwrap().is_ok());
+        assert!(reserve(&db, &l, 5000).is_ok());
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Fri, 27 Nov 2026 10:00:30 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,70 @@
+//! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
+//! runs and the custody head, read through a read-only connection.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use crate::cli::Format;
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::quota::{self, Endpoint};
+use crate::table::Rows;
+
+pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    if !cfg.database.path.exists() {
+        return Err(crate::error::UserError::new(format!(
+            "database {} does not exist yet; run `lrvault migrate` or start the daemon",
+            cfg.database.path.display()
+        ))
+        .into());
+    }
+    let conn = Db::open_readonly(&cfg.database.path)?;
+    let q = |sql: &str| Rows::query(&conn, sql, &[]).map_err(DbError::sql("status query"));
+    let queue = q("SELECT tenant, state, count(*) AS results FROM results GROUP BY tenant, state ORDER BY tenant, state")?;
+    let failed = q(
+        "SELECT tenant, action_id, command_index, state, attempts, next_attempt_at, last_error FROM results
+         WHERE state = 'failed' OR (state = 'pending' AND attempts > 0) ORDER BY updated_at DESC LIMIT 20",
+    )?;
+    let jobs = q("SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs ORDER BY job, tenant")?;
+    let now = crate::time::now_ms();
+    let mut quota_rows = Vec::new();
+    for t in &cfg.tenants {
+        for ep in Endpoint::ALL {
+            let u = quota::usage(&conn, &t.name, ep, &cfg.quota, now)?;
+            quota_rows.push(vec![
+                json!(t.name),
+                json!(ep.as_str()),
+                json!(format!("{}/{}", u.last_minute, cfg.quota.per_minute)),
+                json!(format!("{}/{}", u.last_hour, cfg.quota.per_hour)),
+                json!(u.throttled_last_hour),
+            ]);
+        }
+    }
+    let quota_table = Rows {
+        columns: ["tenant", "endpoint", "last_minute", "last_hour", "throttled_429_last_hour"].map(String::from).to_vec(),
+        rows: quota_rows,
+    };
+    let (head_seq, head_hash) = crate::custody::head(&conn)?;
+    if as_json {
+        let out = json!({
+            "database": cfg.database.path,
+            "queue": queue.to_json(),
+            "attention": failed.to_json(),
+            "quota": quota_table.to_json(),
+            "jobs": jobs.to_json(),
+            "custody_head": { "seq": head_seq, "row_hash": head_hash },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("database: {}\n", cfg.database.path.display());
+        println!("Queue by state:\n{}", queue.render(Format::Table));
+        if !failed.rows.is_empty() {
+            println!("Failed or retrying results:\n{}", failed.render(Format::Table));
+        }
+        println!("Quota use (limits per tenant and endpoint):\n{}", quota_table.render(Format::Table));
+        println!("Last job runs:\n{}", jobs.render(Format::Table));
+        println!("Custody head: seq {head_seq}, row_hash {head_hash}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
