@@ -412,6 +412,188 @@ fn copy_buffered(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::package::sha256_hex;
+    use zip::write::SimpleFileOptions;
+
+    const BAGIT: &[u8] = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n";
+    const PAYLOAD: &[u8] = b"original evidence bytes";
+
+    fn hand_zip(dir: &Path, entries: &[(&str, Vec<u8>)]) -> PathBuf {
+        let path = dir.join("hand.zip");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        for (name, bytes) in entries {
+            zip.start_file(*name, SimpleFileOptions::default()).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        path
+    }
+
+    /// A valid bag whose payload is `payload` but whose manifest describes `manifest_payload`.
+    fn bag(payload: &[u8], manifest_payload: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+        let bag_info = format!(
+            "Source-Organization: X\nPayload-Oxum: {}.1\n",
+            manifest_payload.len()
+        )
+        .into_bytes();
+        let manifest = format!("{}  data/x.bin\n", sha256_hex(manifest_payload)).into_bytes();
+        let tagmanifest = format!(
+            "{}  bagit.txt\n{}  bag-info.txt\n{}  manifest-sha256.txt\n",
+            sha256_hex(BAGIT),
+            sha256_hex(&bag_info),
+            sha256_hex(&manifest)
+        )
+        .into_bytes();
+        vec![
+            ("B/bagit.txt", BAGIT.to_vec()),
+            ("B/data/x.bin", payload.to_vec()),
+            ("B/bag-info.txt", bag_info),
+            ("B/manifest-sha256.txt", manifest),
+            ("B/tagmanifest-sha256.txt", tagmanifest),
+        ]
+    }
+
+    #[test]
+    fn hand_made_valid_bag_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = hand_zip(dir.path(), &bag(PAYLOAD, PAYLOAD));
+        let check = check_package(&path).unwrap();
+        let file = fs::read(&path).unwrap();
+        assert_eq!(
+            check,
+            PackageCheck {
+                package_size: file.len() as u64,
+                package_sha256: sha256_hex(&file),
+                bag_name: "B".to_string(),
+                payload_name: "x.bin".to_string(),
+                payload_size: PAYLOAD.len() as u64,
+                payload_sha256: sha256_hex(PAYLOAD),
+                problems: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn tampered_payload_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let tampered = b"tampered evidence bytes";
+        assert_eq!(tampered.len(), PAYLOAD.len());
+        let path = hand_zip(dir.path(), &bag(tampered, PAYLOAD));
+        let check = check_package(&path).unwrap();
+        assert_eq!(check.payload_sha256, sha256_hex(tampered));
+        assert_eq!(
+            check.problems,
+            vec![format!(
+                "manifest-sha256.txt: \"data/x.bin\" has sha256 {}, manifest says {}",
+                sha256_hex(tampered),
+                sha256_hex(PAYLOAD)
+            )]
+        );
+    }
+
+    #[test]
+    fn structural_defects_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = bag(PAYLOAD, PAYLOAD);
+        entries.retain(|(name, _)| *name != "B/bagit.txt");
+        entries.push(("B/data/second.bin", b"extra".to_vec()));
+        entries.push(("B/notes.txt", b"unlisted tag file".to_vec()));
+        entries.push(("Other/evil.txt", b"outside".to_vec()));
+        let path = hand_zip(dir.path(), &entries);
+        let check = check_package(&path).unwrap();
+        assert_eq!(
+            check.problems,
+            vec![
+                "entry \"Other/evil.txt\": outside the bag directory \"B\"".to_string(),
+                "bagit.txt is missing".to_string(),
+                "2 payload files under data/, expected exactly one".to_string(),
+                "manifest-sha256.txt: does not list \"data/second.bin\"".to_string(),
+                "tagmanifest-sha256.txt: lists \"bagit.txt\", which is not in the bag".to_string(),
+                "tagmanifest-sha256.txt: does not list \"notes.txt\"".to_string(),
+                format!("Payload-Oxum is {}.1, the payload is 28.2", PAYLOAD.len()),
+            ]
+        );
+    }
+
+    #[test]
+    fn oxum_and_tag_file_tampering_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = bag(PAYLOAD, PAYLOAD);
+        for (name, bytes) in entries.iter_mut() {
+            if *name == "B/bag-info.txt" {
+                *bytes = b"Source-Organization: X\nPayload-Oxum: 1.1\n".to_vec();
+            }
+        }
+        let path = hand_zip(dir.path(), &entries);
+        let check = check_package(&path).unwrap();
+        let bag_info_sha = sha256_hex(b"Source-Organization: X\nPayload-Oxum: 1.1\n");
+        let listed = sha256_hex(
+            format!(
+                "Source-Organization: X\nPayload-Oxum: {}.1\n",
+                PAYLOAD.len()
+            )
+            .as_bytes(),
+        );
+        assert_eq!(
+            check.problems,
+            vec![
+                format!(
+                    "tagmanifest-sha256.txt: \"bag-info.txt\" has sha256 {bag_info_sha}, manifest says {listed}"
+                ),
+                format!("Payload-Oxum is 1.1, the payload is {}.1", PAYLOAD.len()),
+            ]
+        );
+    }
+
+    #[test]
+    fn corrupted_bytes_on_disk_are_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = b"Z".repeat(4096);
+        let entries = bag(&payload, &payload);
+        let path = dir.path().join("stored.zip");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        for (name, bytes) in &entries {
+            let options =
+                SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        let mut file = fs::read(&path).unwrap();
+        let at = file.windows(16).position(|w| w == [b'Z'; 16]).unwrap() + 100;
+        file[at] = b'Y';
+        fs::write(&path, &file).unwrap();
+        let check = check_package(&path).unwrap();
+        assert_eq!(check.problems.len(), 4, "{:?}", check.problems);
+        assert!(check.problems[0].starts_with("entry \"B/data/x.bin\": "));
+        assert_eq!(
+            &check.problems[1..],
+            [
+                "0 payload files under data/, expected exactly one".to_string(),
+                "manifest-sha256.txt: lists \"data/x.bin\", which is not in the bag".to_string(),
+                "Payload-Oxum is 4096.1, the payload is 0.0".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_inputs_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.zip");
+        assert!(matches!(
+            check_package(&missing),
+            Err(PackageError::Io {
+                op: "opening package",
+                ..
+            })
+        ));
+        let not_zip = dir.path().join("not.zip");
+        fs::write(&not_zip, b"definitely not a zip").unwrap();
+        assert!(matches!(
+            check_package(&not_zip),
+            Err(PackageError::Zip { op: "reading", .. })
+        ));
+    }
 
     #[test]
     fn manifest_path_encoding_round_trips() {
