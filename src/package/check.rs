@@ -1,0 +1,606 @@
+//! Re-reads an evidence package and checks it as a BagIt bag: every entry is streamed through
+//! SHA-256 (never held whole in memory), then the manifests, tag manifest and Payload-Oxum are
+//! compared with what was read. Used right after writing and by `lrvault verify`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest;
+use zip::ZipArchive;
+
+use super::{PackageError, Sha256Counter};
+
+/// Tag files whose text we parse; larger ones than this are reported, not read into memory.
+const MAX_PARSED_TAG_FILE: usize = 1024 * 1024;
+const PARSED_TAG_FILES: [&str; 4] = [
+    "bagit.txt",
+    "bag-info.txt",
+    "manifest-sha256.txt",
+    "tagmanifest-sha256.txt",
+];
+const READ_BUFFER: usize = 64 * 1024;
+
+/// The outcome of [`check_package`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackageCheck {
+    pub package_size: u64,
+    /// Lowercase hex SHA-256 of the whole zip file.
+    pub package_sha256: String,
+    pub bag_name: String,
+    /// Name below `data/` (empty when there is no payload).
+    pub payload_name: String,
+    pub payload_size: u64,
+    /// Lowercase hex of the payload as stored (empty when there is no payload).
+    pub payload_sha256: String,
+    /// Empty when the bag is valid: manifests and tag manifest match, Payload-Oxum matches,
+    /// bagit.txt is present and there is exactly one payload file.
+    pub problems: Vec<String>,
+}
+
+struct EntryDigest {
+    sha256: String,
+    size: u64,
+}
+
+/// Checks the package at `path`. Errors only when the file cannot be read or is not a zip at
+/// all; every defect inside a readable zip is reported in [`PackageCheck::problems`].
+pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
+    let io_err = |op: &'static str| {
+        move |source: io::Error| PackageError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    };
+    let mut whole = Sha256Counter::default();
+    let mut file = File::open(path).map_err(io_err("opening package"))?;
+    copy_buffered(&mut file, &mut whole).map_err(io_err("reading package"))?;
+    let package_size = whole.len;
+    let package_sha256 = hex::encode(whole.hasher.finalize());
+
+    let file = File::open(path).map_err(io_err("opening package"))?;
+    let mut archive =
+        ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file)).map_err(|source| {
+            PackageError::Zip {
+                path: path.to_path_buf(),
+                op: "reading",
+                source,
+            }
+        })?;
+
+    let mut problems = Vec::new();
+    let mut bag_name: Option<String> = None;
+    // Keyed by the path inside the bag ("bagit.txt", "data/x").
+    let mut entries: BTreeMap<String, EntryDigest> = BTreeMap::new();
+    let mut texts: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for index in 0..archive.len() {
+        let mut entry = match archive.by_index(index) {
+            Ok(entry) => entry,
+            Err(e) => {
+                problems.push(format!("entry #{index}: cannot be read: {e}"));
+                continue;
+            }
+        };
+        let name = match entry.name() {
+            Ok(name) => name.to_string(),
+            Err(e) => {
+                problems.push(format!("entry #{index}: unreadable name: {e}"));
+                continue;
+            }
+        };
+        if entry.enclosed_name().is_none()
+            || name.contains('\\')
+            || name.split('/').any(|part| part == ".." || part == ".")
+        {
+            problems.push(format!("entry {name:?}: unsafe path"));
+            continue;
+        }
+        let Some((top, rest)) = name.split_once('/') else {
+            problems.push(format!("entry {name:?}: outside the bag directory"));
+            continue;
+        };
+        match &bag_name {
+            None => bag_name = Some(top.to_string()),
+            Some(bag) if bag != top => {
+                problems.push(format!("entry {name:?}: outside the bag directory {bag:?}"));
+                continue;
+            }
+            Some(_) => {}
+        }
+        if entry.is_dir() || rest.is_empty() {
+            continue;
+        }
+        let keep_text = PARSED_TAG_FILES.contains(&rest);
+        let mut sink = TeeSink {
+            counter: Sha256Counter::default(),
+            text: Vec::new(),
+            keep_text,
+        };
+        if let Err(e) = copy_buffered(&mut entry, &mut sink) {
+            problems.push(format!("entry {name:?}: {e}"));
+            continue;
+        }
+        if keep_text {
+            if sink.text.len() > MAX_PARSED_TAG_FILE {
+                problems.push(format!("{rest}: larger than {MAX_PARSED_TAG_FILE} bytes"));
+            } else {
+                texts.insert(rest.to_string(), std::mem::take(&mut sink.text));
+            }
+        }
+        let digest = EntryDigest {
+            sha256: hex::encode(sink.counter.hasher.finalize()),
+            size: sink.counter.len,
+        };
+        if entries.insert(rest.to_string(), digest).is_some() {
+            problems.push(format!("entry {name:?}: appears more than once"));
+        }
+    }
+    let bag_name = bag_name.unwrap_or_default();
+    if entries.is_empty() {
+        problems.push("no files in the archive".to_string());
+    }
+
+    check_bagit_txt(texts.get("bagit.txt"), &mut problems);
+
+    let data: Vec<(&String, &EntryDigest)> = entries
+        .iter()
+        .filter(|(name, _)| name.starts_with("data/"))
+        .collect();
+    if data.len() != 1 {
+        problems.push(format!(
+            "{} payload files under data/, expected exactly one",
+            data.len()
+        ));
+    }
+    let (payload_name, payload_size, payload_sha256) = match data.first() {
+        Some((name, digest)) => (
+            name.trim_start_matches("data/").to_string(),
+            digest.size,
+            digest.sha256.clone(),
+        ),
+        None => (String::new(), 0, String::new()),
+    };
+
+    let payload_names: BTreeSet<&str> = data.iter().map(|(name, _)| name.as_str()).collect();
+    check_manifest(
+        "manifest-sha256.txt",
+        texts.get("manifest-sha256.txt"),
+        &entries,
+        &payload_names,
+        true,
+        &mut problems,
+    );
+    let tag_names: BTreeSet<&str> = entries
+        .keys()
+        .map(String::as_str)
+        .filter(|name| !name.starts_with("data/") && !name.starts_with("tagmanifest-"))
+        .collect();
+    check_manifest(
+        "tagmanifest-sha256.txt",
+        texts.get("tagmanifest-sha256.txt"),
+        &entries,
+        &tag_names,
+        false,
+        &mut problems,
+    );
+
+    let data_octets: u64 = data.iter().map(|(_, digest)| digest.size).sum();
+    check_oxum(
+        texts.get("bag-info.txt"),
+        data_octets,
+        data.len(),
+        &mut problems,
+    );
+
+    Ok(PackageCheck {
+        package_size,
+        package_sha256,
+        bag_name,
+        payload_name,
+        payload_size,
+        payload_sha256,
+        problems,
+    })
+}
+
+/// Walks the store and removes every `*.partial` file left by a crash; returns what it removed.
+/// Symlinks are neither followed nor removed.
+pub fn remove_stale_partials(store_root: &Path) -> Result<Vec<PathBuf>, PackageError> {
+    let mut removed = Vec::new();
+    let mut pending = vec![store_root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let read_dir = match fs::read_dir(&dir) {
+            Ok(read_dir) => read_dir,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dir == store_root => break,
+            Err(source) => {
+                return Err(PackageError::Io {
+                    path: dir,
+                    op: "listing directory",
+                    source,
+                });
+            }
+        };
+        for entry in read_dir {
+            let entry = entry.map_err(|source| PackageError::Io {
+                path: dir.clone(),
+                op: "listing directory",
+                source,
+            })?;
+            let path = entry.path();
+            let file_type = entry.file_type().map_err(|source| PackageError::Io {
+                path: path.clone(),
+                op: "reading file type of",
+                source,
+            })?;
+            if file_type.is_dir() {
+                pending.push(path);
+            } else if file_type.is_file() && path.extension().is_some_and(|ext| ext == "partial") {
+                fs::remove_file(&path).map_err(|source| PackageError::Io {
+                    path: path.clone(),
+                    op: "removing stale partial package",
+                    source,
+                })?;
+                tracing::info!(path = %path.display(), "removed stale partial package");
+                removed.push(path);
+            }
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// RFC 8493 §2.1.3: CR, LF and `%` in manifest paths are percent-encoded.
+pub(crate) fn encode_manifest_path(path: &str) -> String {
+    path.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+fn decode_manifest_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(pos) = rest.find('%') {
+        out.push_str(&rest[..pos]);
+        let code = rest.get(pos + 1..pos + 3).unwrap_or("");
+        let decoded = match code.to_ascii_uppercase().as_str() {
+            "25" => Some('%'),
+            "0D" => Some('\r'),
+            "0A" => Some('\n'),
+            _ => None,
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[pos + 3..];
+            }
+            None => {
+                out.push('%');
+                rest = &rest[pos + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn check_bagit_txt(text: Option<&Vec<u8>>, problems: &mut Vec<String>) {
+    match text {
+        None => problems.push("bagit.txt is missing".to_string()),
+        Some(bytes) => {
+            let text = String::from_utf8_lossy(bytes);
+            if !text.lines().any(|line| line.starts_with("BagIt-Version: ")) {
+                problems.push("bagit.txt has no BagIt-Version line".to_string());
+            }
+        }
+    }
+}
+
+/// Checks that every line of `manifest` matches the entry it names, that it names nothing
+/// outside its scope, and that every file in `must_cover` is listed.
+fn check_manifest(
+    manifest: &str,
+    text: Option<&Vec<u8>>,
+    entries: &BTreeMap<String, EntryDigest>,
+    must_cover: &BTreeSet<&str>,
+    payload_manifest: bool,
+    problems: &mut Vec<String>,
+) {
+    let Some(bytes) = text else {
+        problems.push(format!("{manifest} is missing"));
+        return;
+    };
+    let text = String::from_utf8_lossy(bytes);
+    let mut listed = BTreeSet::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some((hash, file)) = line.split_once([' ', '\t']) else {
+            problems.push(format!("{manifest} line {}: malformed", number + 1));
+            continue;
+        };
+        let file = decode_manifest_path(file.trim_start_matches([' ', '\t']));
+        if file.starts_with("data/") != payload_manifest {
+            problems.push(format!(
+                "{manifest}: lists {file:?}, which it must not cover"
+            ));
+            continue;
+        }
+        match entries.get(&file) {
+            None => problems.push(format!(
+                "{manifest}: lists {file:?}, which is not in the bag"
+            )),
+            Some(digest) if !digest.sha256.eq_ignore_ascii_case(hash) => {
+                problems.push(format!(
+                    "{manifest}: {file:?} has sha256 {}, manifest says {hash}",
+                    digest.sha256
+                ));
+            }
+            Some(_) => {}
+        }
+        listed.insert(file);
+    }
+    for name in must_cover {
+        if !listed.contains(*name) {
+            problems.push(format!("{manifest}: does not list {name:?}"));
+        }
+    }
+}
+
+fn check_oxum(bag_info: Option<&Vec<u8>>, octets: u64, streams: usize, problems: &mut Vec<String>) {
+    let Some(bytes) = bag_info else {
+        problems.push("bag-info.txt is missing".to_string());
+        return;
+    };
+    let text = String::from_utf8_lossy(bytes);
+    let oxum = text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case("Payload-Oxum")
+            .then(|| value.trim().to_string())
+    });
+    let Some(oxum) = oxum else {
+        problems.push("bag-info.txt has no Payload-Oxum".to_string());
+        return;
+    };
+    let expected = format!("{octets}.{streams}");
+    if oxum != expected {
+        problems.push(format!("Payload-Oxum is {oxum}, the payload is {expected}"));
+    }
+}
+
+/// Hashes everything and keeps the text of the few tag files we parse (bounded).
+struct TeeSink {
+    counter: Sha256Counter,
+    text: Vec<u8>,
+    keep_text: bool,
+}
+
+impl Write for TeeSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.counter.write_all(buf)?;
+        if self.keep_text && self.text.len() <= MAX_PARSED_TAG_FILE {
+            let room = MAX_PARSED_TAG_FILE + 1 - self.text.len();
+            self.text.extend_from_slice(&buf[..buf.len().min(room)]);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn copy_buffered(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::package::sha256_hex;
+    use zip::write::SimpleFileOptions;
+
+    const BAGIT: &[u8] = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n";
+    const PAYLOAD: &[u8] = b"original evidence bytes";
+
+    fn hand_zip(dir: &Path, entries: &[(&str, Vec<u8>)]) -> PathBuf {
+        let path = dir.join("hand.zip");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        for (name, bytes) in entries {
+            zip.start_file(*name, SimpleFileOptions::default()).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        path
+    }
+
+    /// A valid bag whose payload is `payload` but whose manifest describes `manifest_payload`.
+    fn bag(payload: &[u8], manifest_payload: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+        let bag_info = format!(
+            "Source-Organization: X\nPayload-Oxum: {}.1\n",
+            manifest_payload.len()
+        )
+        .into_bytes();
+        let manifest = format!("{}  data/x.bin\n", sha256_hex(manifest_payload)).into_bytes();
+        let tagmanifest = format!(
+            "{}  bagit.txt\n{}  bag-info.txt\n{}  manifest-sha256.txt\n",
+            sha256_hex(BAGIT),
+            sha256_hex(&bag_info),
+            sha256_hex(&manifest)
+        )
+        .into_bytes();
+        vec![
+            ("B/bagit.txt", BAGIT.to_vec()),
+            ("B/data/x.bin", payload.to_vec()),
+            ("B/bag-info.txt", bag_info),
+            ("B/manifest-sha256.txt", manifest),
+            ("B/tagmanifest-sha256.txt", tagmanifest),
+        ]
+    }
+
+    #[test]
+    fn hand_made_valid_bag_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = hand_zip(dir.path(), &bag(PAYLOAD, PAYLOAD));
+        let check = check_package(&path).unwrap();
+        let file = fs::read(&path).unwrap();
+        assert_eq!(
+            check,
+            PackageCheck {
+                package_size: file.len() as u64,
+                package_sha256: sha256_hex(&file),
+                bag_name: "B".to_string(),
+                payload_name: "x.bin".to_string(),
+                payload_size: PAYLOAD.len() as u64,
+                payload_sha256: sha256_hex(PAYLOAD),
+                problems: vec![],
+            }
+        );
+    }
+
+    #[test]
+    fn tampered_payload_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let tampered = b"tampered evidence bytes";
+        assert_eq!(tampered.len(), PAYLOAD.len());
+        let path = hand_zip(dir.path(), &bag(tampered, PAYLOAD));
+        let check = check_package(&path).unwrap();
+        assert_eq!(check.payload_sha256, sha256_hex(tampered));
+        assert_eq!(
+            check.problems,
+            vec![format!(
+                "manifest-sha256.txt: \"data/x.bin\" has sha256 {}, manifest says {}",
+                sha256_hex(tampered),
+                sha256_hex(PAYLOAD)
+            )]
+        );
+    }
+
+    #[test]
+    fn structural_defects_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = bag(PAYLOAD, PAYLOAD);
+        entries.retain(|(name, _)| *name != "B/bagit.txt");
+        entries.push(("B/data/second.bin", b"extra".to_vec()));
+        entries.push(("B/notes.txt", b"unlisted tag file".to_vec()));
+        entries.push(("Other/evil.txt", b"outside".to_vec()));
+        let path = hand_zip(dir.path(), &entries);
+        let check = check_package(&path).unwrap();
+        assert_eq!(
+            check.problems,
+            vec![
+                "entry \"Other/evil.txt\": outside the bag directory \"B\"".to_string(),
+                "bagit.txt is missing".to_string(),
+                "2 payload files under data/, expected exactly one".to_string(),
+                "manifest-sha256.txt: does not list \"data/second.bin\"".to_string(),
+                "tagmanifest-sha256.txt: lists \"bagit.txt\", which is not in the bag".to_string(),
+                "tagmanifest-sha256.txt: does not list \"notes.txt\"".to_string(),
+                format!("Payload-Oxum is {}.1, the payload is 28.2", PAYLOAD.len()),
+            ]
+        );
+    }
+
+    #[test]
+    fn oxum_and_tag_file_tampering_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = bag(PAYLOAD, PAYLOAD);
+        for (name, bytes) in entries.iter_mut() {
+            if *name == "B/bag-info.txt" {
+                *bytes = b"Source-Organization: X\nPayload-Oxum: 1.1\n".to_vec();
+            }
+        }
+        let path = hand_zip(dir.path(), &entries);
+        let check = check_package(&path).unwrap();
+        let bag_info_sha = sha256_hex(b"Source-Organization: X\nPayload-Oxum: 1.1\n");
+        let listed = sha256_hex(
+            format!(
+                "Source-Organization: X\nPayload-Oxum: {}.1\n",
+                PAYLOAD.len()
+            )
+            .as_bytes(),
+        );
+        assert_eq!(
+            check.problems,
+            vec![
+                format!(
+                    "tagmanifest-sha256.txt: \"bag-info.txt\" has sha256 {bag_info_sha}, manifest says {listed}"
+                ),
+                format!("Payload-Oxum is 1.1, the payload is {}.1", PAYLOAD.len()),
+            ]
+        );
+    }
+
+    #[test]
+    fn corrupted_bytes_on_disk_are_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = b"Z".repeat(4096);
+        let entries = bag(&payload, &payload);
+        let path = dir.path().join("stored.zip");
+        let mut zip = zip::ZipWriter::new(File::create(&path).unwrap());
+        for (name, bytes) in &entries {
+            let options =
+                SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+            zip.start_file(*name, options).unwrap();
+            zip.write_all(bytes).unwrap();
+        }
+        zip.finish().unwrap();
+        let mut file = fs::read(&path).unwrap();
+        let at = file.windows(16).position(|w| w == [b'Z'; 16]).unwrap() + 100;
+        file[at] = b'Y';
+        fs::write(&path, &file).unwrap();
+        let check = check_package(&path).unwrap();
+        assert_eq!(check.problems.len(), 4, "{:?}", check.problems);
+        assert!(check.problems[0].starts_with("entry \"B/data/x.bin\": "));
+        assert_eq!(
+            &check.problems[1..],
+            [
+                "0 payload files under data/, expected exactly one".to_string(),
+                "manifest-sha256.txt: lists \"data/x.bin\", which is not in the bag".to_string(),
+                "Payload-Oxum is 4096.1, the payload is 0.0".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_inputs_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.zip");
+        assert!(matches!(
+            check_package(&missing),
+            Err(PackageError::Io {
+                op: "opening package",
+                ..
+            })
+        ));
+        let not_zip = dir.path().join("not.zip");
+        fs::write(&not_zip, b"definitely not a zip").unwrap();
+        assert!(matches!(
+            check_package(&not_zip),
+            Err(PackageError::Zip { op: "reading", .. })
+        ));
+    }
+
+    #[test]
+    fn manifest_path_encoding_round_trips() {
+        for raw in ["plain.txt", "100%.txt", "a\nb\rc", "%0A literal", "%", "%2"] {
+            assert_eq!(decode_manifest_path(&encode_manifest_path(raw)), raw);
+        }
+        assert_eq!(encode_manifest_path("100%\n"), "100%25%0A");
+        assert_eq!(decode_manifest_path("a%0ab%25"), "a\nb%");
+    }
+}

@@ -1,0 +1,1128 @@
+//! Streams one command result into a BagIt zip at `<final>.partial`, hashing as the bytes pass,
+//! then verifies the partial and moves it into place without ever overwriting a package.
+//!
+//! Memory stays flat: the payload goes straight into the zip entry (the first few bytes are
+//! held back only until the magic number has been seen), and the gunzipped stream of a gzip
+//! payload is only hashed, never stored.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use flate2::write::MultiGzDecoder;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+use zip::write::SimpleFileOptions;
+use zip::{CompressionMethod, ZipWriter};
+
+use super::check::{check_package, encode_manifest_path};
+use super::names::{MAX_NAME_BYTES, sanitize_with_limit};
+use super::{
+    BagInfo, Compression, PackageError, PackageInfo, PackageSpec, PayloadDigests, PayloadEncoding,
+    Sha256Counter,
+};
+
+/// Enough bytes to recognise every magic number in [`is_already_compressed`].
+const MAGIC_LEN: usize = 6;
+/// Payloads expected at or above this size get a zip64 entry. Kept below 4 GiB so deflate's
+/// worst-case expansion of incompressible data cannot cross the 32-bit limit unnoticed.
+const ZIP64_FROM: u64 = 0xF000_0000;
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const WRITE_BUFFER: usize = 256 * 1024;
+const BAGIT_TXT: &[u8] = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n";
+/// Unix mode recorded for entries inside the zip (what an analyst gets when extracting).
+const ENTRY_MODE: u32 = 0o644;
+const PACKAGE_MODE: u32 = 0o440;
+
+type Zip = ZipWriter<BufWriter<File>>;
+
+/// What the first bytes of the payload told us.
+#[derive(Debug, Clone, Copy)]
+struct Detected {
+    gzip: bool,
+    method: CompressionMethod,
+}
+
+/// Writes one evidence package; see the module docs. Dropping it without [`finish`]
+/// (`PackageWriter::finish`) removes the partial file.
+pub struct PackageWriter {
+    bag_name: String,
+    payload_base_name: String,
+    gz_suffix_if_gzip: bool,
+    bag_info: BagInfo,
+    compression: Compression,
+    large_file: bool,
+    rel_path: PathBuf,
+    final_path: PathBuf,
+    partial_path: PathBuf,
+    zip: Option<Zip>,
+    mtime: zip::DateTime,
+    /// (name inside the bag, sha256 hex) of tag files already written.
+    tag_hashes: Vec<(String, String)>,
+    /// Payload bytes held back until the magic number is known (at most `MAGIC_LEN - 1`).
+    prefix: Vec<u8>,
+    detected: Option<Detected>,
+    entry_started: bool,
+    size: u64,
+    sha256: Sha256,
+    md5: Md5,
+    /// Hashes the gunzipped stream; dropped (None) as soon as the stream turns out corrupt.
+    gunzip: Option<MultiGzDecoder<Sha256Counter>>,
+    digests: Option<PayloadDigests>,
+    /// Set once the partial no longer needs removing on drop.
+    done: bool,
+}
+
+impl PackageWriter {
+    /// Creates the destination directory and opens `<final>.partial` (replacing a stale one).
+    /// Fails with [`PackageError::Exists`] when the package is already there.
+    pub fn create(spec: PackageSpec) -> Result<Self, PackageError> {
+        check_rel_path(&spec.rel_path)?;
+        let final_path = spec.store_root.join(&spec.rel_path);
+        let parent = final_path
+            .parent()
+            .ok_or_else(|| PackageError::InvalidPath {
+                path: spec.rel_path.clone(),
+                reason: "no parent directory",
+            })?
+            .to_path_buf();
+        fs::create_dir_all(&parent).map_err(|source| PackageError::Io {
+            path: parent.clone(),
+            op: "creating directory",
+            source,
+        })?;
+        if fs::symlink_metadata(&final_path).is_ok() {
+            return Err(PackageError::Exists(final_path));
+        }
+        let partial_path = partial_path_for(&final_path);
+        match fs::remove_file(&partial_path) {
+            Ok(()) => {
+                tracing::warn!(path = %partial_path.display(), "removed stale partial package")
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(PackageError::Io {
+                    path: partial_path,
+                    op: "removing stale partial package",
+                    source,
+                });
+            }
+        }
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&partial_path)
+            .map_err(|source| PackageError::Io {
+                path: partial_path.clone(),
+                op: "creating partial package",
+                source,
+            })?;
+        let zip = ZipWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file));
+        let mut writer = PackageWriter {
+            bag_name: spec.bag_name,
+            payload_base_name: spec.payload_base_name,
+            gz_suffix_if_gzip: spec.gz_suffix_if_gzip,
+            bag_info: spec.bag_info,
+            compression: spec.compression,
+            large_file: spec.expected_size.is_none_or(|size| size >= ZIP64_FROM),
+            rel_path: spec.rel_path,
+            final_path,
+            partial_path,
+            zip: Some(zip),
+            mtime: zip_now(),
+            tag_hashes: Vec::new(),
+            prefix: Vec::with_capacity(MAGIC_LEN),
+            detected: None,
+            entry_started: false,
+            size: 0,
+            sha256: Sha256::new(),
+            md5: Md5::new(),
+            gunzip: None,
+            digests: None,
+            done: false,
+        };
+        // Tag files known up front go first, so bagit.txt leads the archive.
+        writer.add_tag_file("bagit.txt", BAGIT_TXT)?;
+        writer.add_tag_file("machine-action.json", &spec.machine_action_json)?;
+        Ok(writer)
+    }
+
+    /// Appends payload bytes as delivered; chunks may be any size, even one byte.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), PackageError> {
+        if self.digests.is_some() {
+            return Err(PackageError::AlreadyFinalized {
+                path: self.partial_path.clone(),
+            });
+        }
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.size += chunk.len() as u64;
+        self.sha256.update(chunk);
+        self.md5.update(chunk);
+        if self.detected.is_none() {
+            if self.prefix.len() + chunk.len() < MAGIC_LEN {
+                self.prefix.extend_from_slice(chunk);
+                return Ok(());
+            }
+            let need = MAGIC_LEN - self.prefix.len();
+            let mut head = self.prefix.clone();
+            head.extend_from_slice(&chunk[..need]);
+            self.detect(&head);
+            self.start_payload_entry()?;
+        }
+        self.feed_gunzip(chunk);
+        let path = &self.partial_path;
+        self.zip
+            .as_mut()
+            .ok_or_else(|| finished_error(path))?
+            .write_all(chunk)
+            .map_err(|source| PackageError::Io {
+                path: path.clone(),
+                op: "writing payload to",
+                source,
+            })
+    }
+
+    /// Payload bytes received so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.size
+    }
+
+    /// The payload's digests; call after the last [`write`](Self::write). Later writes fail.
+    pub fn digests(&mut self) -> PayloadDigests {
+        if let Some(digests) = &self.digests {
+            return digests.clone();
+        }
+        if self.detected.is_none() {
+            // Shorter than MAGIC_LEN: decide on what we have (this also feeds the decoder).
+            let head = self.prefix.clone();
+            self.detect(&head);
+        }
+        let gzip = self.detected.is_some_and(|d| d.gzip);
+        let (original_size, original_sha256) = match self.gunzip.take() {
+            Some(mut decoder) => match decoder.try_finish() {
+                Ok(()) => {
+                    let counter = std::mem::take(decoder.get_mut());
+                    (
+                        Some(counter.len),
+                        Some(hex::encode(counter.hasher.finalize())),
+                    )
+                }
+                Err(_) => (None, None),
+            },
+            None => (None, None),
+        };
+        let digests = PayloadDigests {
+            payload_name: self.payload_name(gzip),
+            size: self.size,
+            sha256: hex::encode(std::mem::take(&mut self.sha256).finalize()),
+            md5: std::mem::take(&mut self.md5).finalize().into(),
+            encoding: if gzip {
+                PayloadEncoding::Gzip
+            } else {
+                PayloadEncoding::None
+            },
+            original_size,
+            original_sha256,
+        };
+        self.digests = Some(digests.clone());
+        digests
+    }
+
+    /// Writes the tag files (with `retrieval_json` verbatim), closes and fsyncs the zip,
+    /// re-checks it, makes it read-only and moves it into place without overwriting.
+    pub fn finish(mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
+        let digests = self.digests();
+        if !self.entry_started {
+            self.start_payload_entry()?;
+        }
+        let bag_info = self.bag_info_txt(&digests);
+        self.add_tag_file("bag-info.txt", bag_info.as_bytes())?;
+        self.add_tag_file("retrieval.json", retrieval_json)?;
+        let manifest = format!(
+            "{}  data/{}\n",
+            digests.sha256,
+            encode_manifest_path(&digests.payload_name)
+        );
+        self.add_tag_file("manifest-sha256.txt", manifest.as_bytes())?;
+        let mut tag_lines = self.tag_hashes.clone();
+        tag_lines.sort();
+        let tagmanifest: String = tag_lines
+            .iter()
+            .map(|(name, sha)| format!("{sha}  {}\n", encode_manifest_path(name)))
+            .collect();
+        self.add_tag_file("tagmanifest-sha256.txt", tagmanifest.as_bytes())?;
+
+        let zip = self
+            .zip
+            .take()
+            .ok_or_else(|| finished_error(&self.partial_path))?;
+        let buffered = zip.finish().map_err(|source| PackageError::Zip {
+            path: self.partial_path.clone(),
+            op: "finishing",
+            source,
+        })?;
+        let file = buffered.into_inner().map_err(|e| PackageError::Io {
+            path: self.partial_path.clone(),
+            op: "flushing",
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(|source| PackageError::Io {
+            path: self.partial_path.clone(),
+            op: "fsyncing",
+            source,
+        })?;
+        drop(file);
+
+        let check = check_package(&self.partial_path)?;
+        let mut mismatches = check.problems.clone();
+        if check.bag_name != self.bag_name {
+            mismatches.push(format!(
+                "bag name {:?}, expected {:?}",
+                check.bag_name, self.bag_name
+            ));
+        }
+        if check.payload_name != digests.payload_name
+            || check.payload_size != digests.size
+            || check.payload_sha256 != digests.sha256
+        {
+            mismatches.push(format!(
+                "payload {:?} ({} bytes, sha256 {}) does not match what was streamed: {:?} ({} bytes, sha256 {})",
+                check.payload_name,
+                check.payload_size,
+                check.payload_sha256,
+                digests.payload_name,
+                digests.size,
+                digests.sha256
+            ));
+        }
+        if !mismatches.is_empty() {
+            // Drop removes the partial.
+            return Err(PackageError::Verify {
+                path: self.partial_path.clone(),
+                reason: mismatches.join("; "),
+            });
+        }
+
+        fs::set_permissions(&self.partial_path, fs::Permissions::from_mode(PACKAGE_MODE)).map_err(
+            |source| PackageError::Io {
+                path: self.partial_path.clone(),
+                op: "making read-only",
+                source,
+            },
+        )?;
+        self.move_into_place()?;
+        self.done = true;
+        Ok(PackageInfo {
+            rel_path: self.rel_path.clone(),
+            package_size: check.package_size,
+            package_sha256: check.package_sha256,
+        })
+    }
+
+    /// Gives up on this package and removes the partial file.
+    pub fn abort(mut self) {
+        self.discard();
+    }
+
+    fn discard(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        // Dropping the zip writer finalises into the doomed file; harmless, and it closes the fd.
+        drop(self.zip.take());
+        match fs::remove_file(&self.partial_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                path = %self.partial_path.display(),
+                error = %e,
+                "could not remove partial package"
+            ),
+        }
+    }
+
+    fn detect(&mut self, head: &[u8]) {
+        let gzip = head.starts_with(&GZIP_MAGIC);
+        let method = match self.compression {
+            Compression::Stored => CompressionMethod::Stored,
+            Compression::Deflate => CompressionMethod::Deflated,
+            Compression::Auto if is_already_compressed(head) => CompressionMethod::Stored,
+            Compression::Auto => CompressionMethod::Deflated,
+        };
+        self.detected = Some(Detected { gzip, method });
+        if gzip {
+            self.gunzip = Some(MultiGzDecoder::new(Sha256Counter::default()));
+            let prefix = std::mem::take(&mut self.prefix);
+            self.feed_gunzip(&prefix);
+            self.prefix = prefix;
+        }
+    }
+
+    fn feed_gunzip(&mut self, bytes: &[u8]) {
+        if let Some(decoder) = self.gunzip.as_mut()
+            && decoder.write_all(bytes).is_err()
+        {
+            // Corrupt gzip only costs us original_*; the payload is archived as delivered.
+            self.gunzip = None;
+        }
+    }
+
+    fn payload_name(&self, gzip: bool) -> String {
+        if gzip && self.gz_suffix_if_gzip {
+            let base = if self.payload_base_name.len() + 3 > MAX_NAME_BYTES {
+                sanitize_with_limit(&self.payload_base_name, MAX_NAME_BYTES - 3)
+            } else {
+                self.payload_base_name.clone()
+            };
+            format!("{base}.gz")
+        } else {
+            self.payload_base_name.clone()
+        }
+    }
+
+    /// Opens the payload entry and writes the held-back prefix into it.
+    fn start_payload_entry(&mut self) -> Result<(), PackageError> {
+        let detected = self.detected.unwrap_or(Detected {
+            gzip: false,
+            method: CompressionMethod::Stored,
+        });
+        let name = format!(
+            "{}/data/{}",
+            self.bag_name,
+            self.payload_name(detected.gzip)
+        );
+        let options = SimpleFileOptions::default()
+            .compression_method(detected.method)
+            .last_modified_time(self.mtime)
+            .unix_permissions(ENTRY_MODE)
+            .large_file(self.large_file);
+        let path = &self.partial_path;
+        let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
+        zip.start_file(name, options)
+            .map_err(|source| PackageError::Zip {
+                path: path.clone(),
+                op: "starting payload entry in",
+                source,
+            })?;
+        zip.write_all(&self.prefix)
+            .map_err(|source| PackageError::Io {
+                path: path.clone(),
+                op: "writing payload to",
+                source,
+            })?;
+        self.prefix = Vec::new();
+        self.entry_started = true;
+        Ok(())
+    }
+
+    fn add_tag_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), PackageError> {
+        let method = match self.compression {
+            Compression::Stored => CompressionMethod::Stored,
+            Compression::Auto | Compression::Deflate => CompressionMethod::Deflated,
+        };
+        let options = SimpleFileOptions::default()
+            .compression_method(method)
+            .last_modified_time(self.mtime)
+            .unix_permissions(ENTRY_MODE);
+        let path = &self.partial_path;
+        let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
+        zip.start_file(format!("{}/{name}", self.bag_name), options)
+            .map_err(|source| PackageError::Zip {
+                path: path.clone(),
+                op: "starting tag file in",
+                source,
+            })?;
+        zip.write_all(bytes).map_err(|source| PackageError::Io {
+            path: path.clone(),
+            op: "writing tag file to",
+            source,
+        })?;
+        self.tag_hashes
+            .push((name.to_string(), hex::encode(Sha256::digest(bytes))));
+        Ok(())
+    }
+
+    fn bag_info_txt(&self, digests: &PayloadDigests) -> String {
+        let info = &self.bag_info;
+        let mut out = String::new();
+        let mut field = |key: &str, value: &str| {
+            out.push_str(key);
+            out.push_str(": ");
+            out.push_str(&one_line(value));
+            out.push('\n');
+        };
+        field("Source-Organization", &info.source_organization);
+        field("External-Identifier", &info.external_identifier);
+        field("Bagging-Date", &info.bagging_date);
+        field("Payload-Oxum", &format!("{}.1", digests.size));
+        if let Some(contact) = &info.contact_name {
+            field("Contact-Name", contact);
+        }
+        field("External-Description", &info.external_description);
+        out
+    }
+
+    /// Links the partial to the final name (fails if it exists), drops the partial name and
+    /// fsyncs the directory so the new entry survives a crash.
+    fn move_into_place(&mut self) -> Result<(), PackageError> {
+        match fs::hard_link(&self.partial_path, &self.final_path) {
+            Ok(()) => {
+                if let Err(e) = fs::remove_file(&self.partial_path) {
+                    // The package is in place; a leftover name is swept by remove_stale_partials.
+                    tracing::warn!(path = %self.partial_path.display(), error = %e,
+                        "package linked into place but partial name not removed");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(PackageError::Exists(self.final_path.clone()));
+            }
+            Err(link_err) => rename_noreplace(&self.partial_path, &self.final_path, link_err)?,
+        }
+        let dir = self.final_path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| PackageError::Io {
+                path: dir.to_path_buf(),
+                op: "fsyncing directory",
+                source,
+            })
+    }
+}
+
+impl Drop for PackageWriter {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// Fallback for filesystems without hard links.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn rename_noreplace(from: &Path, to: &Path, _link_err: io::Error) -> Result<(), PackageError> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EEXIST) => Err(PackageError::Exists(to.to_path_buf())),
+        Err(errno) => Err(PackageError::Io {
+            path: to.to_path_buf(),
+            op: "moving package into place at",
+            source: io::Error::from(errno),
+        }),
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn rename_noreplace(_from: &Path, to: &Path, link_err: io::Error) -> Result<(), PackageError> {
+    Err(PackageError::Io {
+        path: to.to_path_buf(),
+        op: "linking package into place at",
+        source: link_err,
+    })
+}
+
+fn finished_error(path: &Path) -> PackageError {
+    PackageError::Io {
+        path: path.to_path_buf(),
+        op: "writing to already closed",
+        source: io::Error::other("zip writer already finished"),
+    }
+}
+
+/// `rel_path` must stay inside the store: relative, no `..`, `.` or root components.
+fn check_rel_path(rel_path: &Path) -> Result<(), PackageError> {
+    let bad = rel_path.as_os_str().is_empty()
+        || rel_path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)));
+    if bad {
+        return Err(PackageError::InvalidPath {
+            path: rel_path.to_path_buf(),
+            reason: "must be relative to the store root, without '.' or '..' components",
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn partial_path_for(final_path: &Path) -> PathBuf {
+    let mut name = final_path.as_os_str().to_os_string();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Recognises payloads that deflate would only waste time on.
+fn is_already_compressed(head: &[u8]) -> bool {
+    const MAGICS: [&[u8]; 6] = [
+        &[0x1f, 0x8b],                         // gzip
+        &[0x50, 0x4b, 0x03, 0x04],             // zip (also docx, jar, ...)
+        &[0x37, 0x7a, 0xbc, 0xaf, 0x27, 0x1c], // 7z
+        &[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00], // xz
+        &[0x28, 0xb5, 0x2f, 0xfd],             // zstd
+        b"BZh",                                // bzip2
+    ];
+    MAGICS.iter().any(|magic| head.starts_with(magic))
+}
+
+/// Bag-info values must stay on one line.
+fn one_line(value: &str) -> String {
+    value.replace(['\r', '\n'], " ")
+}
+
+fn zip_now() -> zip::DateTime {
+    use chrono::{Datelike, Timelike};
+    let now = chrono::Utc::now();
+    u16::try_from(now.year())
+        .ok()
+        .and_then(|year| {
+            zip::DateTime::from_date_and_time(
+                year,
+                now.month() as u8,
+                now.day() as u8,
+                now.hour() as u8,
+                now.minute() as u8,
+                now.second() as u8,
+            )
+            .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::package::{check_package, remove_stale_partials, sha256_hex};
+    use std::io::Read;
+
+    const BAG: &str = "a1b2c3-002";
+    const RETRIEVAL: &[u8] = br#"{"link_host":"blob.example","bytes":1}"#;
+    const ACTION: &[u8] = b"{\"id\":\"a1b2c3\",\"type\":\"LiveResponse\"}\n";
+
+    fn spec(root: &Path, base: &str, gz_suffix: bool, compression: Compression) -> PackageSpec {
+        PackageSpec {
+            store_root: root.to_path_buf(),
+            rel_path: PathBuf::from("contoso/2026/11/27/a1b2c3/002-RunScript.zip"),
+            bag_name: BAG.to_string(),
+            payload_base_name: base.to_string(),
+            gz_suffix_if_gzip: gz_suffix,
+            machine_action_json: ACTION.to_vec(),
+            bag_info: BagInfo {
+                source_organization: "Contoso SOC".to_string(),
+                external_identifier: "contoso/a1b2c3/2".to_string(),
+                bagging_date: "2026-11-27".to_string(),
+                contact_name: Some("analyst@contoso.com".to_string()),
+                external_description: "RunScript result\r\nfrom device".to_string(),
+            },
+            compression,
+            expected_size: None,
+        }
+    }
+
+    fn final_path(root: &Path) -> PathBuf {
+        root.join("contoso/2026/11/27/a1b2c3/002-RunScript.zip")
+    }
+
+    fn transcript_payload() -> Vec<u8> {
+        let mut out =
+            b"{\"script_name\":\"collect.ps1\",\"exit_code\":0,\"script_output\":\"".to_vec();
+        for i in 0..400 {
+            out.extend_from_slice(format!("line {i}\n\0raw\t").as_bytes());
+        }
+        out.extend_from_slice(b"\",\"script_errors\":\"\"}");
+        out
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn write_package(
+        spec: PackageSpec,
+        payload: &[u8],
+        chunk: usize,
+    ) -> (PayloadDigests, PackageInfo) {
+        let mut writer = PackageWriter::create(spec).unwrap();
+        for piece in payload.chunks(chunk.max(1)) {
+            writer.write(piece).unwrap();
+        }
+        assert_eq!(writer.bytes_written(), payload.len() as u64);
+        let digests = writer.digests();
+        assert_eq!(writer.digests(), digests, "digests() must be idempotent");
+        let info = writer.finish(RETRIEVAL).unwrap();
+        (digests, info)
+    }
+
+    struct Entry {
+        name: String,
+        method: CompressionMethod,
+        bytes: Vec<u8>,
+    }
+
+    fn read_zip(path: &Path) -> Vec<Entry> {
+        let mut archive = zip::ZipArchive::new(File::open(path).unwrap()).unwrap();
+        (0..archive.len())
+            .map(|i| {
+                let mut entry = archive.by_index(i).unwrap();
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                Entry {
+                    name: entry.name().unwrap().to_string(),
+                    method: entry.compression(),
+                    bytes,
+                }
+            })
+            .collect()
+    }
+
+    fn entry<'a>(entries: &'a [Entry], name: &str) -> &'a Entry {
+        entries
+            .iter()
+            .find(|e| e.name == format!("{BAG}/{name}"))
+            .unwrap_or_else(|| panic!("no entry {name}"))
+    }
+
+    fn text(entries: &[Entry], name: &str) -> String {
+        String::from_utf8(entry(entries, name).bytes.clone()).unwrap()
+    }
+
+    fn md5_of(bytes: &[u8]) -> [u8; 16] {
+        Md5::digest(bytes).into()
+    }
+
+    #[test]
+    fn transcript_package_in_several_chunk_sizes() {
+        let payload = transcript_payload();
+        let payload_sha = sha256_hex(&payload);
+        for chunk in [1, 2, 5, 6, 7, 4096, payload.len()] {
+            let dir = tempfile::tempdir().unwrap();
+            let (digests, info) = write_package(
+                spec(
+                    dir.path(),
+                    "collect.ps1.transcript.json",
+                    false,
+                    Compression::Auto,
+                ),
+                &payload,
+                chunk,
+            );
+            assert_eq!(
+                digests,
+                PayloadDigests {
+                    payload_name: "collect.ps1.transcript.json".to_string(),
+                    size: payload.len() as u64,
+                    sha256: payload_sha.clone(),
+                    md5: md5_of(&payload),
+                    encoding: PayloadEncoding::None,
+                    original_size: None,
+                    original_sha256: None,
+                }
+            );
+            let path = final_path(dir.path());
+            let file_bytes = fs::read(&path).unwrap();
+            assert_eq!(
+                info,
+                PackageInfo {
+                    rel_path: PathBuf::from("contoso/2026/11/27/a1b2c3/002-RunScript.zip"),
+                    package_size: file_bytes.len() as u64,
+                    package_sha256: sha256_hex(&file_bytes),
+                }
+            );
+            assert_eq!(
+                fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                0o440
+            );
+            assert!(!partial_path_for(&path).exists());
+            assert_eq!(
+                fs::read_dir(path.parent().unwrap()).unwrap().count(),
+                1,
+                "only the package is left in its directory"
+            );
+
+            let entries = read_zip(&path);
+            let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "a1b2c3-002/bagit.txt",
+                    "a1b2c3-002/machine-action.json",
+                    "a1b2c3-002/data/collect.ps1.transcript.json",
+                    "a1b2c3-002/bag-info.txt",
+                    "a1b2c3-002/retrieval.json",
+                    "a1b2c3-002/manifest-sha256.txt",
+                    "a1b2c3-002/tagmanifest-sha256.txt",
+                ]
+            );
+            let data = entry(&entries, "data/collect.ps1.transcript.json");
+            assert_eq!(data.bytes, payload);
+            assert_eq!(data.method, CompressionMethod::Deflated);
+            assert_eq!(
+                text(&entries, "bagit.txt"),
+                "BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
+            );
+            assert_eq!(entry(&entries, "machine-action.json").bytes, ACTION);
+            assert_eq!(entry(&entries, "retrieval.json").bytes, RETRIEVAL);
+            assert_eq!(
+                text(&entries, "bag-info.txt"),
+                format!(
+                    "Source-Organization: Contoso SOC\n\
+                     External-Identifier: contoso/a1b2c3/2\n\
+                     Bagging-Date: 2026-11-27\n\
+                     Payload-Oxum: {}.1\n\
+                     Contact-Name: analyst@contoso.com\n\
+                     External-Description: RunScript result  from device\n",
+                    payload.len()
+                )
+            );
+            assert_eq!(
+                text(&entries, "manifest-sha256.txt"),
+                format!("{payload_sha}  data/collect.ps1.transcript.json\n")
+            );
+            let expected_tagmanifest: String = [
+                "bag-info.txt",
+                "bagit.txt",
+                "machine-action.json",
+                "manifest-sha256.txt",
+                "retrieval.json",
+            ]
+            .iter()
+            .map(|name| format!("{}  {name}\n", sha256_hex(&entry(&entries, name).bytes)))
+            .collect();
+            assert_eq!(
+                text(&entries, "tagmanifest-sha256.txt"),
+                expected_tagmanifest
+            );
+
+            let check = check_package(&path).unwrap();
+            assert_eq!(check.problems, Vec::<String>::new());
+            assert_eq!(check.bag_name, BAG);
+            assert_eq!(check.payload_name, "collect.ps1.transcript.json");
+            assert_eq!(check.payload_size, payload.len() as u64);
+            assert_eq!(check.payload_sha256, payload_sha);
+            assert_eq!(check.package_sha256, info.package_sha256);
+        }
+    }
+
+    #[test]
+    fn multi_member_gzip_is_stored_and_hashed_decompressed() {
+        let part1 = b"first member: ".repeat(500);
+        let part2 = b"second member".repeat(700);
+        let mut payload = gzip(&part1);
+        payload.extend_from_slice(&gzip(&part2));
+        let original: Vec<u8> = [part1.as_slice(), part2.as_slice()].concat();
+        for chunk in [1, 3, 1000, payload.len()] {
+            let dir = tempfile::tempdir().unwrap();
+            let (digests, _) = write_package(
+                spec(dir.path(), "evil.exe", true, Compression::Auto),
+                &payload,
+                chunk,
+            );
+            assert_eq!(
+                digests,
+                PayloadDigests {
+                    payload_name: "evil.exe.gz".to_string(),
+                    size: payload.len() as u64,
+                    sha256: sha256_hex(&payload),
+                    md5: md5_of(&payload),
+                    encoding: PayloadEncoding::Gzip,
+                    original_size: Some(original.len() as u64),
+                    original_sha256: Some(sha256_hex(&original)),
+                }
+            );
+            let entries = read_zip(&final_path(dir.path()));
+            let data = entry(&entries, "data/evil.exe.gz");
+            assert_eq!(data.method, CompressionMethod::Stored);
+            assert_eq!(data.bytes, payload);
+            assert_eq!(
+                text(&entries, "manifest-sha256.txt"),
+                format!("{}  data/evil.exe.gz\n", sha256_hex(&payload))
+            );
+        }
+    }
+
+    #[test]
+    fn gzip_without_suffix_request_keeps_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = gzip(b"hello");
+        let (digests, _) = write_package(
+            spec(dir.path(), "result.bin", false, Compression::Auto),
+            &payload,
+            4,
+        );
+        assert_eq!(digests.payload_name, "result.bin");
+        assert_eq!(digests.encoding, PayloadEncoding::Gzip);
+        assert_eq!(digests.original_size, Some(5));
+        assert_eq!(digests.original_sha256, Some(sha256_hex(b"hello")));
+    }
+
+    #[test]
+    fn corrupt_gzip_only_loses_original_digests() {
+        let good = gzip(&b"some file content ".repeat(100));
+        let mut flipped = good.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        let mut bad_crc = good.clone();
+        let crc_at = bad_crc.len() - 8;
+        bad_crc[crc_at] ^= 0x01;
+        let truncated = good[..good.len() - 3].to_vec();
+        let mut trailing_garbage = good.clone();
+        trailing_garbage.extend_from_slice(b"garbage");
+        let magic_only = vec![0x1f, 0x8b];
+        for (label, payload) in [
+            ("flipped", flipped),
+            ("bad crc", bad_crc),
+            ("truncated", truncated),
+            ("trailing garbage", trailing_garbage),
+            ("magic only", magic_only),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (digests, _) = write_package(
+                spec(dir.path(), "f.txt", true, Compression::Auto),
+                &payload,
+                7,
+            );
+            assert_eq!(digests.encoding, PayloadEncoding::Gzip, "{label}");
+            assert_eq!(digests.payload_name, "f.txt.gz", "{label}");
+            assert_eq!(digests.original_size, None, "{label}");
+            assert_eq!(digests.original_sha256, None, "{label}");
+            assert_eq!(digests.sha256, sha256_hex(&payload), "{label}");
+            let entries = read_zip(&final_path(dir.path()));
+            assert_eq!(entry(&entries, "data/f.txt.gz").bytes, payload, "{label}");
+        }
+    }
+
+    #[test]
+    fn compression_choice() {
+        let zip_magic = [b"PK\x03\x04".as_slice(), &[7u8; 100]].concat();
+        let xz_magic = [[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00].as_slice(), &[1u8; 50]].concat();
+        let text_payload = b"plain text ".repeat(50);
+        for (compression, payload, expected) in [
+            (
+                Compression::Auto,
+                zip_magic.clone(),
+                CompressionMethod::Stored,
+            ),
+            (Compression::Auto, xz_magic, CompressionMethod::Stored),
+            (
+                Compression::Auto,
+                text_payload.clone(),
+                CompressionMethod::Deflated,
+            ),
+            (Compression::Stored, text_payload, CompressionMethod::Stored),
+            (Compression::Deflate, zip_magic, CompressionMethod::Deflated),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            write_package(spec(dir.path(), "p.bin", true, compression), &payload, 1);
+            let entries = read_zip(&final_path(dir.path()));
+            let data = entry(&entries, "data/p.bin");
+            assert_eq!(data.method, expected, "{compression:?}");
+            assert_eq!(data.bytes, payload);
+            let tag_method = entry(&entries, "bagit.txt").method;
+            let expected_tag = if compression == Compression::Stored {
+                CompressionMethod::Stored
+            } else {
+                CompressionMethod::Deflated
+            };
+            assert_eq!(tag_method, expected_tag, "{compression:?}");
+        }
+    }
+
+    #[test]
+    fn short_and_empty_payloads() {
+        for payload in [&b""[..], b"x", b"\x1f", b"abcde"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (digests, _) = write_package(
+                spec(dir.path(), "result.bin", true, Compression::Auto),
+                payload,
+                1,
+            );
+            assert_eq!(digests.payload_name, "result.bin");
+            assert_eq!(digests.size, payload.len() as u64);
+            assert_eq!(digests.encoding, PayloadEncoding::None);
+            let path = final_path(dir.path());
+            let entries = read_zip(&path);
+            assert_eq!(entry(&entries, "data/result.bin").bytes, payload);
+            assert!(
+                text(&entries, "bag-info.txt")
+                    .contains(&format!("Payload-Oxum: {}.1\n", payload.len()))
+            );
+            assert!(check_package(&path).unwrap().problems.is_empty());
+        }
+    }
+
+    #[test]
+    fn unknown_and_known_sizes_give_readable_zips() {
+        // Memory-flatness is by construction (no payload buffer beyond MAGIC_LEN bytes);
+        // here we prove both entry layouts (zip64 for unknown size, plain for small) read back.
+        let payload = b"0123456789".repeat(10_000);
+        for expected_size in [None, Some(payload.len() as u64)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = spec(dir.path(), "big.bin", true, Compression::Auto);
+            s.expected_size = expected_size;
+            let (digests, _) = write_package(s, &payload, 8192);
+            let path = final_path(dir.path());
+            let entries = read_zip(&path);
+            assert_eq!(entry(&entries, "data/big.bin").bytes, payload);
+            let check = check_package(&path).unwrap();
+            assert!(check.problems.is_empty(), "{:?}", check.problems);
+            assert_eq!(check.payload_sha256, digests.sha256);
+        }
+    }
+
+    #[test]
+    fn long_name_with_gz_suffix_stays_within_200_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = format!("{}.log", "n".repeat(196));
+        let (digests, _) = write_package(
+            spec(dir.path(), &base, true, Compression::Auto),
+            &gzip(b"x"),
+            3,
+        );
+        assert_eq!(digests.payload_name, format!("{}.log.gz", "n".repeat(193)));
+        assert_eq!(digests.payload_name.len(), 200);
+    }
+
+    #[test]
+    fn write_after_digests_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer =
+            PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
+        writer.write(b"abcdefgh").unwrap();
+        let _ = writer.digests();
+        assert!(matches!(
+            writer.write(b"more"),
+            Err(PackageError::AlreadyFinalized { .. })
+        ));
+    }
+
+    #[test]
+    fn create_refuses_an_existing_package() {
+        let dir = tempfile::tempdir().unwrap();
+        write_package(
+            spec(dir.path(), "r.bin", false, Compression::Auto),
+            b"first",
+            2,
+        );
+        let path = final_path(dir.path());
+        let before = fs::read(&path).unwrap();
+        match PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)) {
+            Err(PackageError::Exists(p)) => assert_eq!(p, path),
+            other => panic!("expected Exists, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn finish_refuses_to_overwrite_a_package_that_appeared_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer =
+            PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
+        writer.write(b"second copy").unwrap();
+        let path = final_path(dir.path());
+        fs::write(&path, b"the existing package").unwrap();
+        match writer.finish(RETRIEVAL) {
+            Err(PackageError::Exists(p)) => assert_eq!(p, path),
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        assert_eq!(fs::read(&path).unwrap(), b"the existing package");
+        assert!(!partial_path_for(&path).exists());
+    }
+
+    #[test]
+    fn create_replaces_a_stale_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = final_path(dir.path());
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(partial_path_for(&path), b"crashed half-write").unwrap();
+        write_package(
+            spec(dir.path(), "r.bin", false, Compression::Auto),
+            b"ok",
+            1,
+        );
+        assert!(path.exists());
+        assert!(!partial_path_for(&path).exists());
+    }
+
+    #[test]
+    fn abort_and_drop_remove_the_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = final_path(dir.path());
+        let partial = partial_path_for(&path);
+
+        let mut writer =
+            PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
+        writer.write(b"some bytes here").unwrap();
+        assert!(partial.exists());
+        writer.abort();
+        assert!(!partial.exists());
+        assert!(!path.exists());
+
+        let mut writer =
+            PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
+        writer.write(b"some bytes here").unwrap();
+        drop(writer);
+        assert!(!partial.exists());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn rel_path_must_stay_inside_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        for rel in ["../escape.zip", "/abs.zip", "a/../b.zip", ""] {
+            let mut s = spec(dir.path(), "r.bin", false, Compression::Auto);
+            s.rel_path = PathBuf::from(rel);
+            assert!(
+                matches!(
+                    PackageWriter::create(s),
+                    Err(PackageError::InvalidPath { .. })
+                ),
+                "{rel:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn remove_stale_partials_removes_nested_partials_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (path, bytes) in [
+            ("t/2026/11/27/a/001-GetFile.zip.partial", "x"),
+            ("t/2026/11/28/b/c/deep.partial", "x"),
+            ("top.partial", "x"),
+            ("t/2026/11/27/a/000-RunScript.zip", "keep"),
+            ("t/partial.txt", "keep"),
+            ("t/zip.partial.bak", "keep"),
+            ("t/2026/11/27/a/partial", "keep"),
+        ] {
+            let full = root.join(path);
+            fs::create_dir_all(full.parent().unwrap()).unwrap();
+            fs::write(full, bytes).unwrap();
+        }
+        fs::create_dir_all(root.join("t/dir.partial")).unwrap();
+        let removed = remove_stale_partials(root).unwrap();
+        assert_eq!(
+            removed,
+            vec![
+                root.join("t/2026/11/27/a/001-GetFile.zip.partial"),
+                root.join("t/2026/11/28/b/c/deep.partial"),
+                root.join("top.partial"),
+            ]
+        );
+        for kept in [
+            "t/2026/11/27/a/000-RunScript.zip",
+            "t/partial.txt",
+            "t/zip.partial.bak",
+            "t/2026/11/27/a/partial",
+            "t/dir.partial",
+        ] {
+            assert!(root.join(kept).exists(), "{kept} must be kept");
+        }
+        assert_eq!(remove_stale_partials(root).unwrap(), Vec::<PathBuf>::new());
+        assert_eq!(
+            remove_stale_partials(&root.join("missing")).unwrap(),
+            Vec::<PathBuf>::new()
+        );
+    }
+}
