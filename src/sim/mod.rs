@@ -1,0 +1,401 @@
+//! The built-in MDE + blob simulator: a faithful local stand-in, on one loopback port, for the
+//! Entra token endpoint, List/Get MachineActions, GetLiveResponseResultDownloadLink (with the
+//! documented quota) and the Azure blob host behind the SAS links. Data are synthetic and
+//! deterministic from the seed; `--fault` switches make chosen requests misbehave. Used by
+//! `lrvault simulate`, `lrvault demo` and the tests.
+
+mod blob;
+mod data;
+mod fault;
+mod odata;
+mod quota;
+mod server;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use fault::{FAULT_NAMES, Fault};
+
+use blob::Blob;
+use data::{LinkKind, Rng, TenantData, mix};
+use fault::FaultPlan;
+use quota::Quota;
+
+/// How many requests `requests()` keeps (oldest dropped first); counts stay exact regardless.
+const LOG_CAPACITY: usize = 200_000;
+
+/// One simulated tenant with its app registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimTenant {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl SimTenant {
+    /// The i-th default tenant: deterministic GUIDs and secret `sim-secret-{i}`.
+    pub fn default_for(i: usize) -> SimTenant {
+        let mut rng = Rng::new(mix(0x0051_577E_4A17_u64 ^ i as u64));
+        SimTenant {
+            tenant_id: rng.guid(),
+            client_id: rng.guid(),
+            client_secret: format!("sim-secret-{i}"),
+        }
+    }
+}
+
+/// Everything the simulator is built from.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Live-response actions per tenant (a few non-live-response actions are added).
+    pub actions: usize,
+    pub tenants: Vec<SimTenant>,
+    /// Anchor for creation times.
+    pub now: DateTime<Utc>,
+    /// Creation times spread over `[now - spread, now - 1 min]`.
+    pub spread: Duration,
+    pub per_minute: u32,
+    pub per_hour: u32,
+    pub minute: Duration,
+    pub hour: Duration,
+    pub token_ttl: Duration,
+    pub link_ttl: Duration,
+    /// Size cap for generated GetFile originals.
+    pub max_getfile_size: u64,
+    /// One extra action (first tenant only) with one GetFile of exactly this original size.
+    pub big_getfile: Option<u64>,
+    /// Content-MD5 / x-ms-blob-content-md5 are sent only for blobs up to this size.
+    pub md5_limit: u64,
+    pub faults: Vec<Fault>,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            seed: 42,
+            actions: 20,
+            tenants: vec![SimTenant::default_for(0)],
+            now: Utc::now(),
+            spread: Duration::from_secs(2 * 24 * 3600),
+            per_minute: 100,
+            per_hour: 1500,
+            minute: Duration::from_secs(60),
+            hour: Duration::from_secs(3600),
+            token_ttl: Duration::from_secs(3599),
+            link_ttl: Duration::from_secs(30 * 60),
+            max_getfile_size: 2 * 1024 * 1024,
+            big_getfile: None,
+            md5_limit: 256 * 1024 * 1024,
+            faults: Vec::new(),
+        }
+    }
+}
+
+/// What an archiver should end up with for one command (one per command, results or not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedResult {
+    pub action_id: String,
+    pub index: u32,
+    pub command_type: String,
+    pub command_status: String,
+    pub action_status: String,
+    /// Completed, not PutFile, and not removed by a `gone` fault.
+    pub has_result: bool,
+    pub gone: bool,
+    /// Of the blob bytes as served; 0 / empty strings when the command has no blob.
+    pub size: u64,
+    pub sha256: String,
+    pub md5_base64: String,
+    /// GetFile: of the gunzipped original.
+    pub original_size: Option<u64>,
+    pub original_sha256: Option<String>,
+    /// The raw `ScriptName` (RunScript) or `Path` (GetFile); None for PutFile.
+    pub original_name: Option<String>,
+}
+
+/// One request the simulator answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub at: Instant,
+    pub tenant_id: Option<String>,
+    /// `token` | `list` | `get` | `link` | `blob` | `other`.
+    pub endpoint: &'static str,
+    pub status: u16,
+    /// Whether the request carried an `Authorization` header.
+    pub authorization: bool,
+    /// The path only, never the query (SAS queries are credentials).
+    pub path: String,
+    pub range: Option<String>,
+}
+
+/// The simulator; cheap to clone (shared state inside).
+#[derive(Debug, Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: SimConfig,
+    plan: FaultPlan,
+    tenants: Vec<TenantData>,
+    /// Blobs by their 32-hex name.
+    blobs: HashMap<String, Arc<Blob>>,
+    sas_key: [u8; 32],
+    counters: Counters,
+    state: Mutex<State>,
+}
+
+/// Sequence numbers for the counted faults.
+#[derive(Debug, Default)]
+struct Counters {
+    link: AtomicUsize,
+    list: AtomicUsize,
+    blob: AtomicUsize,
+    bodies: AtomicUsize,
+    md5_headers: AtomicUsize,
+    links_issued: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct State {
+    /// access token -> (tenant id, expiry)
+    tokens: HashMap<String, (String, Instant)>,
+    quota: Quota,
+    log: VecDeque<LoggedRequest>,
+    status_counts: HashMap<u16, usize>,
+    blob_with_authorization: usize,
+}
+
+impl Simulator {
+    /// Generates the synthetic tenants (no payload bytes are held; GetFile bodies are generated
+    /// when served).
+    pub fn new(cfg: SimConfig) -> Simulator {
+        let plan = FaultPlan::new(&cfg.faults);
+        let mut cfg = cfg;
+        if let Some(secs) = plan.link_ttl {
+            cfg.link_ttl = Duration::from_secs(secs);
+        }
+        if let Some(secs) = plan.token_ttl {
+            cfg.token_ttl = Duration::from_secs(secs);
+        }
+        let tenants: Vec<TenantData> = cfg
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| data::generate_tenant(&cfg, &plan, i, t))
+            .collect();
+        let blobs = tenants
+            .iter()
+            .flat_map(|t| t.actions.iter())
+            .flat_map(|a| a.commands.iter())
+            .filter_map(|c| c.blob.clone())
+            .map(|b| (b.name.clone(), b))
+            .collect();
+        let mut key_rng = Rng::new(mix(cfg.seed ^ 0x5A5));
+        let mut sas_key = [0u8; 32];
+        for chunk in sas_key.chunks_mut(8) {
+            chunk.copy_from_slice(&key_rng.next_u64().to_le_bytes());
+        }
+        let quota = Quota::new(cfg.per_minute, cfg.per_hour, cfg.minute, cfg.hour);
+        Simulator {
+            inner: Arc::new(Inner {
+                cfg,
+                plan,
+                tenants,
+                blobs,
+                sas_key,
+                counters: Counters::default(),
+                state: Mutex::new(State {
+                    tokens: HashMap::new(),
+                    quota,
+                    log: VecDeque::new(),
+                    status_counts: HashMap::new(),
+                    blob_with_authorization: 0,
+                }),
+            }),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves (then finishes in-flight requests).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        axum::serve(listener, server::router(self, local))
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    /// Binds `127.0.0.1:0` and serves in a background task.
+    pub async fn start(self) -> std::io::Result<SimHandle> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(self.clone().serve(listener, async move {
+            let _ = rx.await;
+        }));
+        Ok(SimHandle {
+            addr,
+            sim: self,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// The effective configuration (with `link-ttl` / `token-ttl` faults applied).
+    pub fn config(&self) -> &SimConfig {
+        &self.inner.cfg
+    }
+
+    pub fn tenants(&self) -> &[SimTenant] {
+        &self.inner.cfg.tenants
+    }
+
+    fn tenant(&self, tenant_id: &str) -> Option<&TenantData> {
+        self.inner
+            .tenants
+            .iter()
+            .find(|t| t.tenant.tenant_id == tenant_id)
+    }
+
+    /// One entry per command of every action, actions by creation time (oldest first), then
+    /// command index. Hashes are computed by streaming the generator once and cached, so the
+    /// first call for a GiB blob takes a while.
+    pub fn expected_results(&self, tenant_id: &str) -> Vec<ExpectedResult> {
+        let Some(t) = self.tenant(tenant_id) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for a in &t.actions {
+            for c in &a.commands {
+                let gone = c.link == LinkKind::Gone;
+                let digests = c.blob.as_ref().map(|b| (b.len(), b.digests()));
+                out.push(ExpectedResult {
+                    action_id: a.id.clone(),
+                    index: c.index,
+                    command_type: c.command_type.to_string(),
+                    command_status: c.status.to_string(),
+                    action_status: a.status.to_string(),
+                    has_result: c.blob.is_some() && !gone,
+                    gone,
+                    size: digests.map_or(0, |(len, _)| len),
+                    sha256: digests.map_or_else(String::new, |(_, d)| d.sha256.clone()),
+                    md5_base64: digests.map_or_else(String::new, |(_, d)| d.md5_base64()),
+                    original_size: digests.and_then(|(_, d)| d.original_size),
+                    original_sha256: digests.and_then(|(_, d)| d.original_sha256.clone()),
+                    original_name: c.original_name.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The action entities in Get form (`lastUpdateDateTimeUtc`, no `@odata.context`), oldest
+    /// first, including the non-live-response ones.
+    pub fn actions(&self, tenant_id: &str) -> Vec<serde_json::Value> {
+        self.tenant(tenant_id)
+            .map(|t| t.actions.iter().map(|a| a.entity.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The most recent requests (up to 200 000), oldest first.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.inner.state().log.iter().cloned().collect()
+    }
+
+    /// How many responses had this status (exact, not limited by the log capacity).
+    pub fn count_status(&self, status: u16) -> usize {
+        self.inner
+            .state()
+            .status_counts
+            .get(&status)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Blob requests that carried an `Authorization` header (a correct client sends none).
+    pub fn blob_requests_with_authorization(&self) -> usize {
+        self.inner.state().blob_with_authorization
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters for a simulator, so keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record(&self, req: LoggedRequest) {
+        let mut st = self.state();
+        *st.status_counts.entry(req.status).or_default() += 1;
+        if req.endpoint == "blob" && req.authorization {
+            st.blob_with_authorization += 1;
+        }
+        if st.log.len() >= LOG_CAPACITY {
+            st.log.pop_front();
+        }
+        st.log.push_back(req);
+    }
+}
+
+/// A simulator serving on a loopback port; shuts down on `shutdown()` or when dropped.
+#[derive(Debug)]
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    pub sim: Simulator,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl SimHandle {
+    /// `http://127.0.0.1:PORT`, usable as both `login_base` and `api_base`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, waits up to 5 s for in-flight requests, then aborts the rest.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let Some(mut task) = self.task.take() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(Duration::from_secs(5), &mut task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) if join.is_cancelled() => Ok(()),
+            Ok(Err(join)) => Err(std::io::Error::other(join)),
+            Err(_) => {
+                task.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,831 @@
+//! HTTP side of the simulator (axum): routes, the request log, token and bearer checks, quota,
+//! fault injection, SAS links and streamed blob bodies with Range support.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::Stream;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::blob::Blob;
+use super::data::LinkKind;
+use super::odata;
+use super::{LoggedRequest, Simulator};
+
+const CHUNK: u64 = 64 * 1024;
+const SAS_VERSION: &str = "2019-07-07";
+const BLOB_PREFIX: &str = "/blob/investigation-actions-data/";
+const LINK_FUNCTION: &str = "GetLiveResponseResultDownloadLink(";
+
+#[derive(Clone)]
+pub(crate) struct App {
+    sim: Simulator,
+    local: SocketAddr,
+}
+
+/// The tenant a response belongs to, for the request log.
+#[derive(Clone)]
+struct TenantTag(String);
+
+pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
+    let app = App { sim, local };
+    Router::new()
+        .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .route("/api/machineactions", get(list))
+        .route("/api/machineactions/{id}", get(get_action))
+        .route("/api/machineactions/{id}/{op}", get(action_op))
+        .route("/blob/{*rest}", get(blob))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), log_requests))
+        .with_state(app)
+}
+
+fn classify(path: &str) -> &'static str {
+    if path.starts_with("/blob/") {
+        return "blob";
+    }
+    if path.ends_with("/oauth2/v2.0/token") {
+        return "token";
+    }
+    let Some(rest) = path.strip_prefix("/api/machineactions") else {
+        return "other";
+    };
+    let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    match segments.as_slice() {
+        [] => "list",
+        [_] => "get",
+        [_, op] if op.starts_with(LINK_FUNCTION) => "link",
+        _ => "other",
+    }
+}
+
+async fn log_requests(State(app): State<App>, req: Request, next: Next) -> Response {
+    let at = Instant::now();
+    let path = req.uri().path().to_string();
+    let authorization = req.headers().contains_key(header::AUTHORIZATION);
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let resp = next.run(req).await;
+    app.sim.inner.record(LoggedRequest {
+        at,
+        tenant_id: resp.extensions().get::<TenantTag>().map(|t| t.0.clone()),
+        endpoint: classify(&path),
+        status: resp.status().as_u16(),
+        authorization,
+        path,
+        range,
+    });
+    resp
+}
+
+fn tagged(mut resp: Response, tenant: &str) -> Response {
+    resp.extensions_mut().insert(TenantTag(tenant.to_string()));
+    resp
+}
+
+fn request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn now_7() -> String {
+    Utc::now().format("%Y-%m-%dT%H:%M:%S%.7fZ").to_string()
+}
+
+fn http_date(t: DateTime<Utc>) -> String {
+    t.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// Takes the next sequence number of a counted fault.
+fn next(counter: &AtomicUsize) -> usize {
+    counter.fetch_add(1, Ordering::SeqCst)
+}
+
+/// MDE API error body.
+fn mde_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"error": {"code": code, "message": message, "target": request_id()}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// The OData parser's own error shape.
+fn odata_error(err: &odata::QueryError) -> Response {
+    let body = json!({"error": {"code": "", "message": format!(
+        "The query specified in the URI is not valid. {err}."), "details": []}});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
+fn too_many(retry_after: u64) -> Response {
+    let mut resp = mde_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequests",
+        "API calls quota exceeded! Maximum admitted 100 per Minute and 1500 per Hour.",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    resp
+}
+
+fn unauthorized() -> Response {
+    let mut resp = mde_error(
+        StatusCode::UNAUTHORIZED,
+        "Unauthorized",
+        "Authorization has been denied for this request.",
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// Entra ID (AAD) token endpoint error body.
+fn aad_error(status: StatusCode, error: &str, code: u32, message: &str) -> Response {
+    let trace = uuid::Uuid::now_v7();
+    let correlation = uuid::Uuid::now_v7();
+    let stamp = Utc::now().format("%Y-%m-%d %H:%M:%SZ");
+    let body = json!({
+        "error": error,
+        "error_description": format!("AADSTS{code}: {message}\r\nTrace ID: {trace}\r\nCorrelation ID: {correlation}\r\nTimestamp: {stamp}"),
+        "error_codes": [code],
+        "timestamp": stamp.to_string(),
+        "trace_id": trace.to_string(),
+        "correlation_id": correlation.to_string(),
+        "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// Azure Storage XML error body.
+fn blob_error(status: StatusCode, code: &str, message: &str, detail: Option<&str>) -> Response {
+    let rid = request_id();
+    let detail = detail
+        .map(|d| format!("<AuthenticationErrorDetail>{d}</AuthenticationErrorDetail>"))
+        .unwrap_or_default();
+    let body = format!(
+        "\u{feff}<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code><Message>{message}\nRequestId:{rid}\nTime:{}</Message>{detail}</Error>",
+        now_7()
+    );
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/xml"),
+    );
+    insert(h, "x-ms-request-id", &rid);
+    insert(h, "x-ms-version", SAS_VERSION);
+    insert(h, "x-ms-error-code", code);
+    resp
+}
+
+fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// `http://host:port` as the client called it (Host header), else the bound address.
+fn base_url(headers: &HeaderMap, local: SocketAddr) -> String {
+    match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        Some(host) => format!("http://{host}"),
+        None => format!("http://{local}"),
+    }
+}
+
+async fn not_found() -> Response {
+    mde_error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "The requested resource was not found.",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token endpoint
+
+async fn token(
+    State(app): State<App>,
+    Path(tenant_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let resp = issue_token(&app, &tenant_id, &headers, &body);
+    tagged(resp, &tenant_id)
+}
+
+fn issue_token(app: &App, tenant_id: &str, headers: &HeaderMap, body: &[u8]) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body).into_owned().collect();
+    let Some(tenant) = app.sim.tenant(tenant_id).map(|t| t.tenant.clone()) else {
+        return aad_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            90002,
+            &format!(
+                "Tenant '{tenant_id}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+            ),
+        );
+    };
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return aad_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            70003,
+            "The app requested an unsupported grant type.",
+        );
+    }
+    match form.get("scope") {
+        Some(scope) if scope.ends_with("/.default") => {}
+        _ => {
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                1002012,
+                "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.",
+            );
+        }
+    }
+    // The secret may come in the form or as HTTP Basic.
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| BASE64.decode(b.trim()).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            s.split_once(':')
+                .map(|(u, p)| (u.to_string(), p.to_string()))
+        });
+    let client_id = form
+        .get("client_id")
+        .cloned()
+        .or_else(|| basic.as_ref().map(|b| b.0.clone()));
+    let secret = form
+        .get("client_secret")
+        .cloned()
+        .or_else(|| basic.as_ref().map(|b| b.1.clone()));
+    if client_id.as_deref() != Some(tenant.client_id.as_str()) {
+        return aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700016,
+            &format!(
+                "Application with identifier '{}' was not found in the directory '{tenant_id}'.",
+                client_id.unwrap_or_default()
+            ),
+        );
+    }
+    let Some(secret) = secret else {
+        return aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000218,
+            "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+        );
+    };
+    if secret != tenant.client_secret {
+        return aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            &format!(
+                "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
+                tenant.client_id
+            ),
+        );
+    }
+    let mut raw = [0u8; 48];
+    rand::fill(&mut raw[..]);
+    let access_token = URL_SAFE_NO_PAD.encode(raw);
+    let ttl = app.sim.inner.cfg.token_ttl;
+    let now = Instant::now();
+    {
+        let mut st = app.sim.inner.state();
+        st.tokens.retain(|_, (_, exp)| *exp > now);
+        st.tokens
+            .insert(access_token.clone(), (tenant_id.to_string(), now + ttl));
+    }
+    axum::Json(json!({
+        "token_type": "Bearer",
+        "expires_in": ttl.as_secs(),
+        "ext_expires_in": ttl.as_secs(),
+        "access_token": access_token,
+    }))
+    .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// MDE API
+
+impl App {
+    /// The tenant of a valid, unexpired bearer token.
+    fn authenticate(&self, headers: &HeaderMap) -> Option<String> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let token = value
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case("bearer "))
+            .map(|_| value[7..].trim())?;
+        let st = self.sim.inner.state();
+        st.tokens
+            .get(token)
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(tenant, _)| tenant.clone())
+    }
+
+    /// Admits a request to the tenant's bucket or returns the seconds to wait.
+    fn admit(&self, tenant: &str, endpoint: &'static str) -> Result<(), u64> {
+        self.sim
+            .inner
+            .state()
+            .quota
+            .admit(tenant, endpoint, Instant::now())
+    }
+
+    fn action(&self, tenant: &str, id: &str) -> Option<&super::data::Action> {
+        self.sim
+            .tenant(tenant)
+            .and_then(|t| t.actions.iter().find(|a| a.id.eq_ignore_ascii_case(id)))
+    }
+}
+
+async fn list(State(app): State<App>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let Some(tenant) = app.authenticate(&headers) else {
+        return unauthorized();
+    };
+    let resp = list_actions(&app, &tenant, &headers, query.as_deref());
+    tagged(resp, &tenant)
+}
+
+fn list_actions(app: &App, tenant: &str, headers: &HeaderMap, query: Option<&str>) -> Response {
+    if let Err(wait) = app.admit(tenant, "list") {
+        return too_many(wait);
+    }
+    if next(&app.sim.inner.counters.list) < app.sim.inner.plan.list_5xx {
+        return mde_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "");
+    }
+    let q = match odata::parse_query(query) {
+        Ok(q) => q,
+        Err(e) => return odata_error(&e),
+    };
+    let value: Vec<Value> = app
+        .sim
+        .tenant(tenant)
+        .map(|t| {
+            t.actions
+                .iter()
+                .rev()
+                .filter(|a| q.filter.iter().all(|c| c.matches(a)))
+                .skip(q.skip)
+                .take(q.top)
+                .map(|a| a.list_entity.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let base = base_url(headers, app.local);
+    axum::Json(json!({
+        "@odata.context": format!("{base}/api/$metadata#MachineActions"),
+        "value": value,
+    }))
+    .into_response()
+}
+
+async fn get_action(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(tenant) = app.authenticate(&headers) else {
+        return unauthorized();
+    };
+    let resp = match app.admit(&tenant, "get") {
+        Err(wait) => too_many(wait),
+        Ok(()) => match app.action(&tenant, &id) {
+            None => mde_error(
+                StatusCode::NOT_FOUND,
+                "ResourceNotFound",
+                &format!("MachineAction {id} was not found"),
+            ),
+            Some(a) => {
+                let mut entity = a.entity.clone();
+                let base = base_url(&headers, app.local);
+                entity["@odata.context"] =
+                    json!(format!("{base}/api/$metadata#MachineActions/$entity"));
+                axum::Json(entity).into_response()
+            }
+        },
+    };
+    tagged(resp, &tenant)
+}
+
+async fn action_op(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, op)): Path<(String, String)>,
+) -> Response {
+    let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
+        return not_found().await;
+    };
+    let Some(tenant) = app.authenticate(&headers) else {
+        return unauthorized();
+    };
+    let resp = download_link(&app, &tenant, &headers, &id, arg);
+    tagged(resp, &tenant)
+}
+
+fn download_link(app: &App, tenant: &str, headers: &HeaderMap, id: &str, arg: &str) -> Response {
+    let inner = &app.sim.inner;
+    let plan = &inner.plan;
+    let k = next(&inner.counters.link);
+    if k < plan.too_many {
+        return too_many(1);
+    }
+    if let Err(wait) = app.admit(tenant, "link") {
+        return too_many(wait);
+    }
+    if k < plan.too_many + plan.link_5xx {
+        return mde_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "");
+    }
+    let index = arg
+        .strip_suffix(')')
+        .and_then(|a| a.trim().strip_prefix("index="))
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    let Some(index) = index else {
+        return mde_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("Invalid function argument '{arg}': expected index=<integer>)"),
+        );
+    };
+    let Some(action) = app.action(tenant, id) else {
+        return mde_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            &format!("MachineAction {id} was not found"),
+        );
+    };
+    let Some(cmd) = action.commands.get(index) else {
+        return mde_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            &format!("Command index {index} was not found in machine action {id}"),
+        );
+    };
+    let Some(blob) = cmd.blob.as_ref() else {
+        return mde_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!(
+                "Command {index} ({}) of machine action {id} has no result: status {}",
+                cmd.command_type, cmd.status
+            ),
+        );
+    };
+    let host = match cmd.link {
+        LinkKind::Gone => {
+            return mde_error(
+                StatusCode::NOT_FOUND,
+                "ResourceNotFound",
+                &format!("Live response result {index} of machine action {id} was not found"),
+            );
+        }
+        LinkKind::ForeignHost => "https://evil.example.net".to_string(),
+        LinkKind::HttpLink => "http://blob.example.net".to_string(),
+        LinkKind::Blob => format!("{}/blob", base_url(headers, app.local)),
+    };
+    let now = Utc::now();
+    let se = if next(&inner.counters.links_issued) < plan.expired_links {
+        now - chrono::Duration::minutes(10)
+    } else {
+        // Round up to the next whole second so a link never lives shorter than link_ttl.
+        let ttl = inner.cfg.link_ttl + Duration::from_secs(1);
+        now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+    };
+    let se = se.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let path = blob_path(&blob.action_id, &blob.name);
+    let sig = sign(&inner.sas_key, &path, &se);
+    let url = format!(
+        "{host}{}?se={}&sp=r&sv={SAS_VERSION}&sr=b&sig={}",
+        &path["/blob".len()..],
+        enc(&se),
+        enc(&sig)
+    );
+    let base = base_url(headers, app.local);
+    axum::Json(json!({
+        "@odata.context": format!("{base}/api/$metadata#Edm.String"),
+        "value": url,
+    }))
+    .into_response()
+}
+
+fn blob_path(action_id: &str, name: &str) -> String {
+    format!("{BLOB_PREFIX}{action_id}/CustomPlaybookCommandOutput/{name}")
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// HMAC-like signature over the blob path and expiry with the simulator's secret key.
+fn sign(key: &[u8; 32], path: &str, se: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update(format!("r\n{se}\n{path}\n{SAS_VERSION}\nb").as_bytes());
+    h.update(key);
+    BASE64.encode(h.finalize())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blob host
+
+async fn blob(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Response {
+    let blob = uri
+        .path()
+        .strip_prefix(BLOB_PREFIX)
+        .and_then(|rest| rest.split_once("/CustomPlaybookCommandOutput/"))
+        .and_then(|(aid, name)| {
+            app.sim
+                .inner
+                .blobs
+                .get(name)
+                .filter(|b| b.action_id == aid)
+                .cloned()
+        });
+    let resp = serve_blob(&app, &headers, &uri, blob.clone()).await;
+    match blob {
+        Some(b) => tagged(resp, &b.tenant_id),
+        None => resp,
+    }
+}
+
+fn parse_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
+    // x-ms-range wins over Range when both are sent.
+    let raw = headers
+        .get("x-ms-range")
+        .or_else(|| headers.get(header::RANGE))?
+        .to_str()
+        .ok()?;
+    let (from, to) = raw.trim().strip_prefix("bytes=")?.split_once('-')?;
+    let from = from.trim().parse().ok()?;
+    let to = match to.trim() {
+        "" => None,
+        t => Some(t.parse().ok()?),
+    };
+    match to {
+        Some(to) if to < from => None,
+        _ => Some((from, to)),
+    }
+}
+
+async fn serve_blob(
+    app: &App,
+    headers: &HeaderMap,
+    uri: &Uri,
+    blob: Option<Arc<Blob>>,
+) -> Response {
+    let inner = &app.sim.inner;
+    let plan = &inner.plan;
+    let k = next(&inner.counters.blob);
+    if k < plan.redirect {
+        return (
+            StatusCode::FOUND,
+            [(header::LOCATION, "https://evil.example.net/x")],
+        )
+            .into_response();
+    }
+    if k < plan.redirect + plan.blob_5xx {
+        return blob_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServerBusy",
+            "The server is busy.",
+            None,
+        );
+    }
+    let query: HashMap<String, String> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let auth_failed = |detail: &str| {
+        blob_error(
+            StatusCode::FORBIDDEN,
+            "AuthenticationFailed",
+            "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.",
+            Some(detail),
+        )
+    };
+    let (Some(se), Some(sig)) = (query.get("se"), query.get("sig")) else {
+        return auth_failed("Signature fields not well formed.");
+    };
+    let well_formed = query.get("sp").map(String::as_str) == Some("r")
+        && query.get("sr").map(String::as_str) == Some("b")
+        && query.get("sv").map(String::as_str) == Some(SAS_VERSION);
+    if !well_formed || sign(&inner.sas_key, uri.path(), se) != *sig {
+        return auth_failed(&format!(
+            "Signature did not match. String to sign used was r\n{se}\n{}\n{SAS_VERSION}\nb",
+            uri.path()
+        ));
+    }
+    let now = Utc::now();
+    match DateTime::parse_from_rfc3339(se) {
+        Ok(expiry) if expiry.with_timezone(&Utc) >= now => {}
+        _ => {
+            let expiry = DateTime::parse_from_rfc3339(se)
+                .map(|e| http_date(e.with_timezone(&Utc)))
+                .unwrap_or_else(|_| se.clone());
+            return auth_failed(&format!(
+                "Signature not valid in the specified time frame: Start [] - Expiry [{expiry}] - Current [{}]",
+                http_date(now)
+            ));
+        }
+    }
+    let Some(blob) = blob else {
+        return blob_error(
+            StatusCode::NOT_FOUND,
+            "BlobNotFound",
+            "The specified blob does not exist.",
+            None,
+        );
+    };
+    if let Some(tag) = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok())
+        && tag.trim() != "*"
+        && tag.trim() != blob.etag
+    {
+        return blob_error(
+            StatusCode::PRECONDITION_FAILED,
+            "ConditionNotMet",
+            "The condition specified using HTTP conditional header(s) is not met.",
+            None,
+        );
+    }
+    let len = blob.len();
+    let range = parse_range(headers);
+    let (start, end) = match range {
+        None => (0, len),
+        Some((from, _)) if from >= len => {
+            let mut resp = blob_error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "InvalidRange",
+                "The range specified is invalid for the current size of the resource.",
+                None,
+            );
+            insert(
+                resp.headers_mut(),
+                "content-range",
+                &format!("bytes */{len}"),
+            );
+            return resp;
+        }
+        Some((from, to)) => (from, to.map_or(len, |t| (t + 1).min(len))),
+    };
+    let md5 = if len <= inner.cfg.md5_limit {
+        if !blob.digests_ready() {
+            let b = blob.clone();
+            if tokio::task::spawn_blocking(move || b.digests().md5)
+                .await
+                .is_err()
+            {
+                return blob_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "Server encountered an internal error.",
+                    None,
+                );
+            }
+        }
+        let mut md5 = blob.digests().md5;
+        if next(&inner.counters.md5_headers) < plan.bad_md5 {
+            md5[0] ^= 0xff;
+        }
+        Some(BASE64.encode(md5))
+    } else {
+        None
+    };
+    let cut = (next(&inner.counters.bodies) < plan.truncate).then(|| start + (end - start) / 2);
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let body = Body::from_stream(body_stream(blob.clone(), start, end, cut, plan.slow));
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    insert(h, "content-length", &(end - start).to_string());
+    insert(h, "content-type", blob.content_type());
+    match (&md5, range.is_some()) {
+        (Some(m), false) => insert(h, "content-md5", m),
+        (Some(m), true) => insert(h, "x-ms-blob-content-md5", m),
+        (None, _) => {}
+    }
+    if range.is_some() {
+        insert(
+            h,
+            "content-range",
+            &format!("bytes {start}-{}/{len}", end.saturating_sub(1)),
+        );
+    }
+    insert(h, "etag", &blob.etag);
+    insert(h, "last-modified", &http_date(blob.last_modified));
+    insert(h, "accept-ranges", "bytes");
+    insert(h, "x-ms-request-id", &request_id());
+    insert(h, "x-ms-version", SAS_VERSION);
+    insert(h, "x-ms-blob-type", "BlockBlob");
+    insert(h, "x-ms-creation-time", &http_date(blob.last_modified));
+    insert(h, "x-ms-server-encrypted", "true");
+    resp
+}
+
+/// Streams `[start, end)` in 64 KiB chunks generated on the fly; with `cut` the stream fails
+/// at that offset (the connection is then closed short of Content-Length); with `slow` the
+/// chunks are paced to that many bytes per second.
+fn body_stream(
+    blob: Arc<Blob>,
+    start: u64,
+    end: u64,
+    cut: Option<u64>,
+    slow: Option<u64>,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let stop = cut.unwrap_or(end);
+    futures_util::stream::unfold(Some(start), move |pos| {
+        let blob = blob.clone();
+        async move {
+            let pos = pos?;
+            if pos >= stop {
+                return (stop < end).then(|| {
+                    let err = io::Error::other("body cut short by the `truncate` fault");
+                    (Err(err), None)
+                });
+            }
+            let mut n = (stop - pos).min(CHUNK);
+            if let Some(bps) = slow {
+                n = n.min((bps / 10).max(1));
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
+            }
+            // The gzip trailer needs the CRC of the whole original: a blocking pass.
+            let bytes = if blob.needs_crc(pos + n) {
+                let b = blob.clone();
+                match tokio::task::spawn_blocking(move || b.read(pos, n)).await {
+                    Ok(bytes) => bytes,
+                    Err(e) => return Some((Err(io::Error::other(e)), None)),
+                }
+            } else {
+                blob.read(pos, n)
+            };
+            Some((Ok(bytes), Some(pos + n)))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_paths() {
+        assert_eq!(classify("/t/oauth2/v2.0/token"), "token");
+        assert_eq!(classify("/api/machineactions"), "list");
+        assert_eq!(classify("/api/machineactions/abc"), "get");
+        assert_eq!(
+            classify("/api/machineactions/abc/GetLiveResponseResultDownloadLink(index=0)"),
+            "link"
+        );
+        assert_eq!(classify("/api/machineactions/abc/cancel"), "other");
+        assert_eq!(classify("/blob/investigation-actions-data/a/b"), "blob");
+        assert_eq!(classify("/nope"), "other");
+    }
+
+    #[test]
+    fn parses_ranges() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_range(&h), None);
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=10-"));
+        assert_eq!(parse_range(&h), Some((10, None)));
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=10-19"));
+        assert_eq!(parse_range(&h), Some((10, Some(19))));
+        h.insert("x-ms-range", HeaderValue::from_static("bytes=5-6"));
+        assert_eq!(parse_range(&h), Some((5, Some(6))));
+        h.remove("x-ms-range");
+        h.insert(header::RANGE, HeaderValue::from_static("bytes=9-3"));
+        assert_eq!(parse_range(&h), None);
+    }
+
+    #[test]
+    fn signature_depends_on_path_and_expiry() {
+        let key = [7u8; 32];
+        let a = sign(&key, "/blob/x", "2026-01-01T00:00:00Z");
+        assert_eq!(a, sign(&key, "/blob/x", "2026-01-01T00:00:00Z"));
+        assert_ne!(a, sign(&key, "/blob/y", "2026-01-01T00:00:00Z"));
+        assert_ne!(a, sign(&key, "/blob/x", "2026-01-01T00:00:01Z"));
+    }
+}
