@@ -111,7 +111,7 @@ mod tests {
             columns: vec!["a".into(), "bb".into()],
             rows: vec![vec![Value::from(1), Value::from("x,\"y\"")], vec![Value::Null, Value::from("z")]],
         };
-        assert_eq!(rows.render(Format::Table), "a  bb\n-  -------\n1  x,\"y\"\n   z\n");
+        assert_eq!(rows.render(Format::Table), "a  bb\n-  -----\n1  x,\"y\"\n   z\n");
         assert_eq!(rows.render(Format::Csv), "a,bb\n1,\"x,\"\"y\"\"\"\n,z\n");
         assert_eq!(rows.to_json(), serde_json::json!([{"a":1,"bb":"x,\"y\""},{"a":null,"bb":"z"}]));
     }

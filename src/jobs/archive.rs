@@ -423,7 +423,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
     let mut transfer = Transfer::default();
     let mut writer: Option<WriterTask> = None;
     let mut link_issues = 0u32;
-    let mut last_link = (String::new(), String::new());
+    let mut last_link;
     'links: loop {
         if ctx.cancel.is_cancelled() {
             return Err(retry("stopped before the download finished"));
