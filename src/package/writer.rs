@@ -44,8 +44,8 @@ struct Detected {
     method: CompressionMethod,
 }
 
-/// Writes one evidence package; see the module docs. Dropping it without [`finish`]
-/// (`PackageWriter::finish`) removes the partial file.
+/// Writes one evidence package; see the module docs. Dropping it without
+/// [`finish`](Self::finish) removes the partial file.
 pub struct PackageWriter {
     bag_name: String,
     payload_base_name: String,
@@ -500,6 +500,16 @@ impl PackageWriter {
             }
         }
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for PackageWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackageWriter")
+            .field("partial_path", &self.partial_path)
+            .field("bytes_written", &self.size)
+            .field("finalized", &self.digests.is_some())
+            .finish_non_exhaustive()
     }
 }
 
