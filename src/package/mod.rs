@@ -1,10 +1,12 @@
 //! Evidence packages: one BagIt (RFC 8493) bag per command result, zipped and written
 //! atomically into the store (DESIGN.md §7).
 //!
-//! The pieces: [`names`] turns API-supplied strings into safe paths and payload names,
-//! [`writer`] streams a download into `<final>.partial` while hashing it and then moves it into
-//! place without overwriting, [`check`] re-reads a package entry by entry (after writing and for
-//! `lrvault verify`), and [`transcript`] extracts the few fields we record from RunScript output.
+//! The pieces: `names` turns API-supplied strings into safe paths and payload names
+//! ([`package_rel_path`], [`payload_base_name`], [`sanitize_file_name`]), `writer` streams a
+//! download into `<final>.partial` while hashing it and then moves it into place without
+//! overwriting ([`PackageWriter`]), `check` re-reads a package entry by entry after writing and
+//! for `lrvault verify` ([`check_package`]), and `transcript` extracts the few fields we record
+//! from RunScript output ([`parse_transcript`]).
 //! All of it is synchronous std code meant to run on a blocking thread.
 
 mod check;

@@ -44,8 +44,8 @@ struct Detected {
     method: CompressionMethod,
 }
 
-/// Writes one evidence package; see the module docs. Dropping it without [`finish`]
-/// (`PackageWriter::finish`) removes the partial file.
+/// Writes one evidence package; see the module docs. Dropping it without
+/// [`finish`](Self::finish) removes the partial file.
 pub struct PackageWriter {
     bag_name: String,
     payload_base_name: String,
@@ -54,6 +54,8 @@ pub struct PackageWriter {
     compression: Compression,
     large_file: bool,
     rel_path: PathBuf,
+    /// Outermost directory `create` made; its ancestors up to it need an fsync in `finish`.
+    created_from: Option<PathBuf>,
     final_path: PathBuf,
     partial_path: PathBuf,
     zip: Option<Zip>,
@@ -87,6 +89,8 @@ impl PackageWriter {
                 reason: "no parent directory",
             })?
             .to_path_buf();
+        // Remember the first directory we create so finish() can make its entry durable too.
+        let created_from = first_missing_ancestor(&parent, &spec.store_root);
         fs::create_dir_all(&parent).map_err(|source| PackageError::Io {
             path: parent.clone(),
             op: "creating directory",
@@ -127,6 +131,7 @@ impl PackageWriter {
             compression: spec.compression,
             large_file: spec.expected_size.is_none_or(|size| size >= ZIP64_FROM),
             rel_path: spec.rel_path,
+            created_from,
             final_path,
             partial_path,
             zip: Some(zip),
@@ -301,7 +306,7 @@ impl PackageWriter {
         if !mismatches.is_empty() {
             // Drop removes the partial.
             return Err(PackageError::Verify {
-                path: self.partial_path.clone(),
+                path: self.final_path.clone(),
                 reason: mismatches.join("; "),
             });
         }
@@ -483,13 +488,28 @@ impl PackageWriter {
             Err(link_err) => rename_noreplace(&self.partial_path, &self.final_path, link_err)?,
         }
         let dir = self.final_path.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| PackageError::Io {
-                path: dir.to_path_buf(),
-                op: "fsyncing directory",
-                source,
-            })
+        sync_dir(dir)?;
+        // New directories are only durable once their own entries are synced in their parents.
+        if let Some(outermost) = &self.created_from {
+            let stop = outermost.parent();
+            for ancestor in dir.ancestors().skip(1) {
+                sync_dir(ancestor)?;
+                if Some(ancestor) == stop {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for PackageWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackageWriter")
+            .field("partial_path", &self.partial_path)
+            .field("bytes_written", &self.size)
+            .field("finalized", &self.digests.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -521,6 +541,31 @@ fn rename_noreplace(_from: &Path, to: &Path, link_err: io::Error) -> Result<(), 
         op: "linking package into place at",
         source: link_err,
     })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), PackageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| PackageError::Io {
+            path: dir.to_path_buf(),
+            op: "fsyncing directory",
+            source,
+        })
+}
+
+/// The outermost directory between `store_root` (inclusive) and `dir` that does not exist yet.
+fn first_missing_ancestor(dir: &Path, store_root: &Path) -> Option<PathBuf> {
+    let mut missing = None;
+    for ancestor in dir.ancestors() {
+        if ancestor.exists() {
+            break;
+        }
+        missing = Some(ancestor.to_path_buf());
+        if ancestor == store_root {
+            break;
+        }
+    }
+    missing
 }
 
 fn finished_error(path: &Path) -> PackageError {
@@ -982,6 +1027,77 @@ mod tests {
         );
         assert_eq!(digests.payload_name, format!("{}.log.gz", "n".repeat(193)));
         assert_eq!(digests.payload_name.len(), 200);
+    }
+
+    /// Peak RSS of this process in KiB (Linux), to show streaming keeps memory flat.
+    fn peak_rss_kib() -> u64 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Slow in debug builds, and peak RSS is per process, so run it alone:
+    /// `cargo test --lib package::writer::tests::memory_stays_flat -- --ignored`.
+    #[test]
+    #[ignore]
+    fn memory_stays_flat() {
+        const MIB: usize = 1024 * 1024;
+        const TOTAL_MIB: usize = 96;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path(), "big.bin", true, Compression::Stored);
+        s.expected_size = None;
+        let mut writer = PackageWriter::create(s).unwrap();
+        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+        let before = peak_rss_kib();
+        for _ in 0..TOTAL_MIB {
+            writer.write(&chunk).unwrap();
+        }
+        let digests = writer.digests();
+        let info = writer.finish(RETRIEVAL).unwrap();
+        let grown_kib = peak_rss_kib() - before;
+        assert_eq!(digests.size, (TOTAL_MIB * MIB) as u64);
+        assert!(info.package_size > digests.size);
+        assert!(grown_kib < 16 * 1024, "peak RSS grew by {grown_kib} KiB");
+    }
+
+    #[test]
+    fn writer_can_move_to_a_blocking_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<PackageWriter>();
+    }
+
+    #[test]
+    fn non_ascii_payload_name_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let (digests, _) = write_package(
+            spec(dir.path(), "résumé 履歴書.pdf", true, Compression::Auto),
+            b"%PDF-1.7 fake",
+            4,
+        );
+        assert_eq!(digests.payload_name, "résumé 履歴書.pdf");
+        let path = final_path(dir.path());
+        let check = check_package(&path).unwrap();
+        assert_eq!(check.problems, Vec::<String>::new());
+        assert_eq!(check.payload_name, "résumé 履歴書.pdf");
+    }
+
+    #[test]
+    fn first_missing_ancestor_stops_at_the_store_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        assert_eq!(
+            first_missing_ancestor(&root.join("t/2026"), &root),
+            Some(root.clone())
+        );
+        fs::create_dir_all(root.join("t")).unwrap();
+        assert_eq!(
+            first_missing_ancestor(&root.join("t/2026/11"), &root),
+            Some(root.join("t/2026"))
+        );
+        assert_eq!(first_missing_ancestor(&root.join("t"), &root), None);
     }
 
     #[test]
