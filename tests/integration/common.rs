@@ -1,0 +1,149 @@
+//! Fixtures: a simulator, a config written for it, the DB and job context, and independent
+//! checks (BagIt manifests, custody hash chain) written without the crate's own code.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lrvault::config::Config;
+use lrvault::db::Db;
+use lrvault::jobs::{self, Context, archive, discover};
+use lrvault::sim::{SimConfig, SimHandle, Simulator};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub sim: SimHandle,
+    pub config_path: PathBuf,
+    pub cfg: Arc<Config>,
+    pub db: Db,
+    pub ctx: Arc<Context>,
+    pub tenants: Vec<Arc<jobs::Tenant>>,
+}
+
+/// Starts a simulator and builds a context for a config written for it plus `extra` TOML.
+pub async fn env(sim_cfg: SimConfig, extra: &str) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(sim_cfg).start().await.unwrap();
+    let config_path = lrvault::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), extra).unwrap();
+    let cfg = Arc::new(Config::load(&config_path).unwrap());
+    let db = Db::open(&cfg.database.path).unwrap();
+    let ctx = Arc::new(Context::new(cfg.clone(), db.clone(), CancellationToken::new()).unwrap());
+    let tenants = ctx.tenants(None).unwrap().into_iter().map(Arc::new).collect();
+    Env { dir, sim, config_path, cfg, db, ctx, tenants }
+}
+
+impl Env {
+    pub async fn discover(&self) -> discover::Summary {
+        let mut total = discover::Summary::default();
+        for t in &self.tenants {
+            let window = discover::Window {
+                since: chrono::Utc::now() - chrono::Duration::from_std(self.cfg.discovery.lookback).unwrap(),
+                until: None,
+                machine_id: None,
+            };
+            let s = discover::discover(&self.ctx, t, &window, discover::Source::Discover).await.unwrap();
+            total.listed += s.listed;
+            total.new_actions += s.new_actions;
+            total.known += s.known;
+            total.unfinished += s.unfinished;
+            total.queued += s.queued;
+            total.skipped += s.skipped;
+        }
+        total
+    }
+
+    pub async fn archive(&self) -> archive::Summary {
+        archive::archive(&self.ctx, &self.tenants, None, None).await.unwrap()
+    }
+
+    pub fn tenant_id(&self) -> String {
+        self.sim.sim.tenants()[0].tenant_id.clone()
+    }
+
+    pub fn store(&self) -> &Path {
+        &self.cfg.store.root
+    }
+
+    /// A read-only connection, as an auditor would open it.
+    pub fn reader(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(&self.cfg.database.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.reader().query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Every file under `root`, recursively.
+pub fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Checks a BagIt zip from scratch (RFC 8493): bagit.txt, both manifests, Payload-Oxum.
+/// Returns (payload name, payload bytes, retrieval.json).
+pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
+    use std::io::Read;
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut files = std::collections::BTreeMap::new();
+    for i in 0..zip.len() {
+        let mut e = zip.by_index(i).unwrap();
+        let mut buf = Vec::new();
+        e.read_to_end(&mut buf).unwrap();
+        files.insert(e.name().to_string(), buf);
+    }
+    let bag = files.keys().next().unwrap().split('/').next().unwrap().to_string();
+    assert!(files.keys().all(|k| k.starts_with(&format!("{bag}/"))), "{files:?}");
+    let get = |name: &str| files.get(&format!("{bag}/{name}")).unwrap_or_else(|| panic!("{name} missing in {}", path.display()));
+    assert_eq!(get("bagit.txt"), b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n");
+    let data: Vec<(&String, &Vec<u8>)> = files.iter().filter(|(k, _)| k.starts_with(&format!("{bag}/data/"))).collect();
+    assert_eq!(data.len(), 1, "exactly one payload file");
+    let (data_name, payload) = data[0];
+    let rel = data_name.strip_prefix(&format!("{bag}/")).unwrap();
+    let manifest = String::from_utf8(get("manifest-sha256.txt").clone()).unwrap();
+    assert_eq!(manifest, format!("{}  {}\n", sha256_hex(payload), rel));
+    let tagmanifest = String::from_utf8(get("tagmanifest-sha256.txt").clone()).unwrap();
+    let mut tag_lines = 0;
+    for line in tagmanifest.lines() {
+        let (hash, name) = line.split_once("  ").unwrap();
+        assert_eq!(hash, sha256_hex(get(name)), "tag file {name}");
+        tag_lines += 1;
+    }
+    let tag_files = files.keys().filter(|k| !k.contains("/data/") && !k.ends_with("tagmanifest-sha256.txt")).count();
+    assert_eq!(tag_lines, tag_files, "tagmanifest covers every tag file");
+    let info = String::from_utf8(get("bag-info.txt").clone()).unwrap();
+    assert!(info.contains(&format!("Payload-Oxum: {}.1\n", payload.len())), "{info}");
+    let retrieval: serde_json::Value = serde_json::from_slice(get("retrieval.json")).unwrap();
+    (rel.trim_start_matches("data/").to_string(), payload.clone(), retrieval)
+}
+
+/// Polls `f` every 50 ms until it is true or `limit` passes.
+pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
