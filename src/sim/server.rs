@@ -105,8 +105,11 @@ fn request_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Azure's timestamp style, 7 fractional digits (chrono has no `%.7f`).
 fn now_7() -> String {
-    Utc::now().format("%Y-%m-%dT%H:%M:%S%.7fZ").to_string()
+    let now = Utc::now();
+    let secs = now.format("%Y-%m-%dT%H:%M:%S");
+    format!("{secs}.{:07}Z", now.timestamp_subsec_nanos() / 100)
 }
 
 fn http_date(t: DateTime<Utc>) -> String {
@@ -762,10 +765,14 @@ fn body_stream(
         async move {
             let pos = pos?;
             if pos >= stop {
-                return (stop < end).then(|| {
-                    let err = io::Error::other("body cut short by the `truncate` fault");
-                    (Err(err), None)
-                });
+                if stop == end {
+                    return None;
+                }
+                // Let hyper flush what was sent before the connection is torn down, so the
+                // client really sees half the body (and not just a failed request).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let err = io::Error::other("body cut short by the `truncate` fault");
+                return Some((Err(err), None));
             }
             let mut n = (stop - pos).min(CHUNK);
             if let Some(bps) = slow {
@@ -803,6 +810,13 @@ mod tests {
         assert_eq!(classify("/api/machineactions/abc/cancel"), "other");
         assert_eq!(classify("/blob/investigation-actions-data/a/b"), "blob");
         assert_eq!(classify("/nope"), "other");
+    }
+
+    #[test]
+    fn storage_time_has_seven_digits() {
+        let t = now_7();
+        assert_eq!(t.len(), 28);
+        assert!(DateTime::parse_from_rfc3339(&t).is_ok());
     }
 
     #[test]
