@@ -50,7 +50,7 @@ pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
         .route("/api/machineactions/{id}", get(get_action))
         .route("/api/machineactions/{id}/{op}", get(action_op))
         .route("/blob/{*rest}", get(blob))
-        .fallback(not_found)
+        .fallback(fallback)
         .layer(middleware::from_fn_with_state(app.clone(), log_requests))
         .with_state(app)
 }
@@ -209,7 +209,15 @@ fn base_url(headers: &HeaderMap, local: SocketAddr) -> String {
     }
 }
 
-async fn not_found() -> Response {
+/// Unknown routes: `/api/...` still needs a valid token first, like the real service.
+async fn fallback(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") && app.authenticate(&headers).is_none() {
+        return unauthorized();
+    }
+    not_found()
+}
+
+fn not_found() -> Response {
     mde_error(
         StatusCode::NOT_FOUND,
         "NotFound",
@@ -438,11 +446,11 @@ async fn action_op(
     headers: HeaderMap,
     Path((id, op)): Path<(String, String)>,
 ) -> Response {
-    let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
-        return not_found().await;
-    };
     let Some(tenant) = app.authenticate(&headers) else {
         return unauthorized();
+    };
+    let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
+        return tagged(not_found(), &tenant);
     };
     let resp = download_link(&app, &tenant, &headers, &id, arg);
     tagged(resp, &tenant)

@@ -251,7 +251,18 @@ async fn token_is_issued_and_bad_credentials_are_refused() {
         .await
         .unwrap();
     assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(rig.h.sim.count_status(401), 4);
+    let unknown_route = rig
+        .c
+        .get(format!("{base}/api/machines"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_route.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        rig.api("/api/machines").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(rig.h.sim.count_status(401), 5);
     assert_eq!(rig.h.sim.count_status(400), 2);
 }
 
