@@ -6,7 +6,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// One `--fault` switch. Counted faults (`=N`) hit the first N matching requests or commands;
-/// without `=N` they default to 1.
+/// without `=N` they default to 1. Request counts are global to the simulator (all tenants);
+/// command counts (`gone`, `foreign-host`, `http-link`) apply to each tenant's result-bearing
+/// commands in (creation time, index) order, and `gone` wins where they overlap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// `link-5xx=N`: the first N link requests (after any `429` ones) answer 500.

@@ -114,7 +114,8 @@ pub struct ExpectedResult {
     /// Completed, not PutFile, and not removed by a `gone` fault.
     pub has_result: bool,
     pub gone: bool,
-    /// Of the blob bytes as served; 0 / empty strings when the command has no blob.
+    /// Of the blob bytes as served (filled for `gone` results too); 0 and empty strings when
+    /// the command has no blob (PutFile, not Completed).
     pub size: u64,
     pub sha256: String,
     pub md5_base64: String,

@@ -50,7 +50,7 @@ pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
         .route("/api/machineactions/{id}", get(get_action))
         .route("/api/machineactions/{id}/{op}", get(action_op))
         .route("/blob/{*rest}", get(blob))
-        .fallback(not_found)
+        .fallback(fallback)
         .layer(middleware::from_fn_with_state(app.clone(), log_requests))
         .with_state(app)
 }
@@ -105,8 +105,11 @@ fn request_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Azure's timestamp style, 7 fractional digits (chrono has no `%.7f`).
 fn now_7() -> String {
-    Utc::now().format("%Y-%m-%dT%H:%M:%S%.7fZ").to_string()
+    let now = Utc::now();
+    let secs = now.format("%Y-%m-%dT%H:%M:%S");
+    format!("{secs}.{:07}Z", now.timestamp_subsec_nanos() / 100)
 }
 
 fn http_date(t: DateTime<Utc>) -> String {
@@ -206,7 +209,15 @@ fn base_url(headers: &HeaderMap, local: SocketAddr) -> String {
     }
 }
 
-async fn not_found() -> Response {
+/// Unknown routes: `/api/...` still needs a valid token first, like the real service.
+async fn fallback(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Response {
+    if uri.path().starts_with("/api/") && app.authenticate(&headers).is_none() {
+        return unauthorized();
+    }
+    not_found()
+}
+
+fn not_found() -> Response {
     mde_error(
         StatusCode::NOT_FOUND,
         "NotFound",
@@ -435,11 +446,11 @@ async fn action_op(
     headers: HeaderMap,
     Path((id, op)): Path<(String, String)>,
 ) -> Response {
-    let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
-        return not_found().await;
-    };
     let Some(tenant) = app.authenticate(&headers) else {
         return unauthorized();
+    };
+    let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
+        return tagged(not_found(), &tenant);
     };
     let resp = download_link(&app, &tenant, &headers, &id, arg);
     tagged(resp, &tenant)
@@ -762,10 +773,14 @@ fn body_stream(
         async move {
             let pos = pos?;
             if pos >= stop {
-                return (stop < end).then(|| {
-                    let err = io::Error::other("body cut short by the `truncate` fault");
-                    (Err(err), None)
-                });
+                if stop == end {
+                    return None;
+                }
+                // Let hyper flush what was sent before the connection is torn down, so the
+                // client really sees half the body (and not just a failed request).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let err = io::Error::other("body cut short by the `truncate` fault");
+                return Some((Err(err), None));
             }
             let mut n = (stop - pos).min(CHUNK);
             if let Some(bps) = slow {
@@ -803,6 +818,13 @@ mod tests {
         assert_eq!(classify("/api/machineactions/abc/cancel"), "other");
         assert_eq!(classify("/blob/investigation-actions-data/a/b"), "blob");
         assert_eq!(classify("/nope"), "other");
+    }
+
+    #[test]
+    fn storage_time_has_seven_digits() {
+        let t = now_7();
+        assert_eq!(t.len(), 28);
+        assert!(DateTime::parse_from_rfc3339(&t).is_ok());
     }
 
     #[test]
