@@ -109,7 +109,7 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
         let mut e = zip.by_index(i).unwrap();
         let mut buf = Vec::new();
         e.read_to_end(&mut buf).unwrap();
-        files.insert(e.name().to_string(), buf);
+        files.insert(e.name().unwrap().to_string(), buf);
     }
     let bag = files.keys().next().unwrap().split('/').next().unwrap().to_string();
     assert!(files.keys().all(|k| k.starts_with(&format!("{bag}/"))), "{files:?}");
@@ -133,7 +133,7 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
     let info = String::from_utf8(get("bag-info.txt").clone()).unwrap();
     assert!(info.contains(&format!("Payload-Oxum: {}.1\n", payload.len())), "{info}");
     let retrieval: serde_json::Value = serde_json::from_slice(get("retrieval.json")).unwrap();
-    (rel.trim_start_matches("data/").to_string(), payload.clone(), retrieval)
+    (rel.trim_start_matches("data/").to_string(), payload.to_vec(), retrieval)
 }
 
 /// Polls `f` every 50 ms until it is true or `limit` passes.
