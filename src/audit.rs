@@ -64,15 +64,35 @@ pub struct FormatArg {
 
 pub fn run(cfg: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     if !cfg.database.path.exists() {
-        return Err(UserError::new(format!("database {} does not exist yet", cfg.database.path.display())).into());
+        return Err(UserError::new(format!(
+            "database {} does not exist yet",
+            cfg.database.path.display()
+        ))
+        .into());
     }
     let conn = Db::open_readonly(&cfg.database.path)?;
     let (rows, format) = match cmd {
-        AuditCommand::Evidence { tenant, machine, requestor, since, until, format } => {
+        AuditCommand::Evidence {
+            tenant,
+            machine,
+            requestor,
+            since,
+            until,
+            format,
+        } => {
             let now = crate::time::now();
-            let since = since.map(|s| crate::time::parse_user_date(&s, now)).transpose()?.map(crate::time::fmt);
-            let until = until.map(|s| crate::time::parse_user_date(&s, now)).transpose()?.map(crate::time::fmt);
-            (evidence(&conn, tenant, machine, requestor, since, until)?, format.format)
+            let since = since
+                .map(|s| crate::time::parse_user_date(&s, now))
+                .transpose()?
+                .map(crate::time::fmt);
+            let until = until
+                .map(|s| crate::time::parse_user_date(&s, now))
+                .transpose()?
+                .map(crate::time::fmt);
+            (
+                evidence(&conn, tenant, machine, requestor, since, until)?,
+                format.format,
+            )
         }
         AuditCommand::Custody { which, format } => {
             let rows = if let Some(action) = which.action {

@@ -14,10 +14,19 @@ use crate::error::UserError;
 use crate::jobs::{self, Context, archive, discover};
 
 #[derive(Debug, Parser)]
-#[command(name = "lrvault", version, about = "Archive Microsoft Defender for Endpoint live-response results as hashed evidence with a chain of custody")]
+#[command(
+    name = "lrvault",
+    version,
+    about = "Archive Microsoft Defender for Endpoint live-response results as hashed evidence with a chain of custody"
+)]
 pub struct Cli {
     /// Configuration file
-    #[arg(long, global = true, env = "LRVAULT_CONFIG", default_value = "/etc/lrvault/lrvault.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "LRVAULT_CONFIG",
+        default_value = "/etc/lrvault/lrvault.toml"
+    )]
     pub config: PathBuf,
     /// Log format on stderr
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -113,7 +122,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let cfg = Config::load(&cli.config)?;
             let db = Db::open(&cfg.database.path)?;
-            println!("database {} is at schema version {}", db.path().display(), crate::db::schema_version_known());
+            println!(
+                "database {} is at schema version {}",
+                db.path().display(),
+                crate::db::schema_version_known()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { format } => {
@@ -134,24 +147,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for tenant in &tenants {
                 let started = crate::time::now_str();
                 let window = discover::Window {
-                    since: crate::time::now() - chrono::Duration::from_std(ctx.cfg.discovery.lookback)?,
+                    since: crate::time::now()
+                        - chrono::Duration::from_std(ctx.cfg.discovery.lookback)?,
                     until: None,
                     machine_id: None,
                 };
                 match discover::discover(&ctx, tenant, &window, discover::Source::Discover).await {
                     Ok(s) => {
                         println!("{}: {s}", tenant.cfg.name);
-                        jobs::record_job_run(&ctx.db, "discover", &tenant.cfg.name, started, true, s.to_string()).await;
+                        jobs::record_job_run(
+                            &ctx.db,
+                            "discover",
+                            &tenant.cfg.name,
+                            started,
+                            true,
+                            s.to_string(),
+                        )
+                        .await;
                     }
                     Err(e) => {
                         failed = true;
                         let line = crate::error::one_line(&e);
                         eprintln!("lrvault: {}: discovery failed: {line}", tenant.cfg.name);
-                        jobs::record_job_run(&ctx.db, "discover", &tenant.cfg.name, started, false, line).await;
+                        jobs::record_job_run(
+                            &ctx.db,
+                            "discover",
+                            &tenant.cfg.name,
+                            started,
+                            false,
+                            line,
+                        )
+                        .await;
                     }
                 }
             }
-            Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Archive { tenant, max } => {
             let (ctx, tenants) = setup(&cli.config, tenant.tenant.as_deref())?;
@@ -164,30 +198,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cancel = ctx.cancel.clone();
             tokio::spawn(async move {
                 if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("lrvault: stopping after the downloads in progress (Ctrl-C again to abort)");
+                    eprintln!(
+                        "lrvault: stopping after the downloads in progress (Ctrl-C again to abort)"
+                    );
                     cancel.cancel();
                 }
             });
             let started = crate::time::now_str();
-            let summary = archive::archive(&ctx, &tenants, max, Some(Arc::new(move |_, _| p.inc()))).await?;
+            let summary =
+                archive::archive(&ctx, &tenants, max, Some(Arc::new(move |_, _| p.inc()))).await?;
             progress.finish();
             println!("{summary}");
             for name in &names {
-                jobs::record_job_run(&ctx.db, "archive", name, started.clone(), summary.failed == 0, summary.to_string()).await;
+                jobs::record_job_run(
+                    &ctx.db,
+                    "archive",
+                    name,
+                    started.clone(),
+                    summary.failed == 0,
+                    summary.to_string(),
+                )
+                .await;
             }
             let retryable_left = summary.retry_later > 0 || summary.not_started > 0;
-            Ok(if retryable_left { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            Ok(if retryable_left {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Enqueue { tenant, ids } => {
             let (ctx, tenants) = setup(&cli.config, tenant.tenant.as_deref())?;
             let [tenant] = tenants.as_slice() else {
-                return Err(UserError::new("enqueue needs --tenant when several tenants are configured").into());
+                return Err(UserError::new(
+                    "enqueue needs --tenant when several tenants are configured",
+                )
+                .into());
             };
             enqueue(&ctx, tenant, ids).await
         }
-        Command::Verify { tenant, since, chain_only } => {
+        Command::Verify {
+            tenant,
+            since,
+            chain_only,
+        } => {
             let cfg = Arc::new(Config::load(&cli.config)?);
-            let since = since.map(|s| crate::time::parse_user_date(&s, crate::time::now())).transpose()?;
+            let since = since
+                .map(|s| crate::time::parse_user_date(&s, crate::time::now()))
+                .transpose()?;
             let db = Db::open(&cfg.database.path)?;
             crate::verify::run(&cfg, &db, tenant.tenant.as_deref(), since, chain_only).await
         }
@@ -195,7 +253,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Loads config, opens (and migrates) the DB, builds the selected tenants' clients.
-fn setup(config: &std::path::Path, tenant: Option<&str>) -> anyhow::Result<(Context, Vec<jobs::Tenant>)> {
+fn setup(
+    config: &std::path::Path,
+    tenant: Option<&str>,
+) -> anyhow::Result<(Context, Vec<jobs::Tenant>)> {
     let cfg = Arc::new(Config::load(config)?);
     let db = Db::open(&cfg.database.path)?;
     let ctx = Context::new(cfg, db, CancellationToken::new())?;
@@ -203,9 +264,17 @@ fn setup(config: &std::path::Path, tenant: Option<&str>) -> anyhow::Result<(Cont
     Ok((ctx, tenants))
 }
 
-async fn enqueue(ctx: &Context, tenant: &jobs::Tenant, ids: Vec<String>) -> anyhow::Result<ExitCode> {
+async fn enqueue(
+    ctx: &Context,
+    tenant: &jobs::Tenant,
+    ids: Vec<String>,
+) -> anyhow::Result<ExitCode> {
     let ids: Vec<String> = if ids == ["-"] {
-        std::io::read_to_string(std::io::stdin())?.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+        std::io::read_to_string(std::io::stdin())?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
     } else {
         ids
     };
@@ -215,11 +284,15 @@ async fn enqueue(ctx: &Context, tenant: &jobs::Tenant, ids: Vec<String>) -> anyh
             Ok(action) => {
                 let status = action.status().unwrap_or("unknown").to_string();
                 if !ctx.cfg.discovery.statuses.contains(&status) {
-                    eprintln!("lrvault: action {id} is {status}, not finished; discovery will queue it once it is");
+                    eprintln!(
+                        "lrvault: action {id} is {status}, not finished; discovery will queue it once it is"
+                    );
                     ok = false;
                     continue;
                 }
-                let s = discover::record_actions(ctx, tenant, vec![action], discover::Source::Enqueue).await?;
+                let s =
+                    discover::record_actions(ctx, tenant, vec![action], discover::Source::Enqueue)
+                        .await?;
                 if s.known > 0 {
                     println!("{id}: already queued");
                 } else {
@@ -232,5 +305,9 @@ async fn enqueue(ctx: &Context, tenant: &jobs::Tenant, ids: Vec<String>) -> anyh
             }
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

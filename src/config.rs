@@ -55,7 +55,9 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { path: PathBuf::from("/var/lib/lrvault/lrvault.db") }
+        DatabaseConfig {
+            path: PathBuf::from("/var/lib/lrvault/lrvault.db"),
+        }
     }
 }
 
@@ -68,7 +70,10 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { root: PathBuf::from("/var/lib/lrvault/evidence"), compression: Compression::Auto }
+        StoreConfig {
+            root: PathBuf::from("/var/lib/lrvault/evidence"),
+            compression: Compression::Auto,
+        }
     }
 }
 
@@ -83,7 +88,12 @@ pub struct QuotaConfig {
 
 impl Default for QuotaConfig {
     fn default() -> Self {
-        QuotaConfig { per_minute: 95, per_hour: 1450, minute_secs: 60.0, hour_secs: 3600.0 }
+        QuotaConfig {
+            per_minute: 95,
+            per_hour: 1450,
+            minute_secs: 60.0,
+            hour_secs: 3600.0,
+        }
     }
 }
 
@@ -128,7 +138,9 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
             lookback: Duration::from_secs(4 * 86400),
-            statuses: ["Succeeded", "Failed", "TimeOut", "Cancelled"].map(String::from).to_vec(),
+            statuses: ["Succeeded", "Failed", "TimeOut", "Cancelled"]
+                .map(String::from)
+                .to_vec(),
             page_size: 10_000,
         }
     }
@@ -216,14 +228,27 @@ impl std::fmt::Debug for Secret {
 impl TenantConfig {
     /// Reads the client secret from its file or environment variable.
     pub fn load_secret(&self) -> Result<Secret, ConfigError> {
-        let err = |message: String| ConfigError::Secret { tenant: self.name.clone(), message };
+        let err = |message: String| ConfigError::Secret {
+            tenant: self.name.clone(),
+            message,
+        };
         let raw = match (&self.client_secret_file, &self.client_secret_env) {
-            (Some(path), None) => std::fs::read_to_string(path)
-                .map_err(|e| err(format!("cannot read client_secret_file {}: {e}", path.display())))?,
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                err(format!("environment variable {var} (client_secret_env) is not set or not UTF-8"))
+            (Some(path), None) => std::fs::read_to_string(path).map_err(|e| {
+                err(format!(
+                    "cannot read client_secret_file {}: {e}",
+                    path.display()
+                ))
             })?,
-            _ => return Err(err("set exactly one of client_secret_file or client_secret_env".into())),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                err(format!(
+                    "environment variable {var} (client_secret_env) is not set or not UTF-8"
+                ))
+            })?,
+            _ => {
+                return Err(err(
+                    "set exactly one of client_secret_file or client_secret_env".into(),
+                ));
+            }
         };
         let secret = raw.trim_end_matches(['\r', '\n']).to_string();
         if secret.is_empty() {
@@ -236,8 +261,10 @@ impl TenantConfig {
 impl Config {
     /// Loads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
@@ -256,7 +283,11 @@ impl Config {
         if q.per_minute == 0 || q.per_hour == 0 {
             return invalid("quota.per_minute and quota.per_hour must be at least 1".into());
         }
-        if !(q.minute_secs > 0.0 && q.hour_secs > 0.0 && q.minute_secs.is_finite() && q.hour_secs.is_finite()) {
+        if !(q.minute_secs > 0.0
+            && q.hour_secs > 0.0
+            && q.minute_secs.is_finite()
+            && q.hour_secs.is_finite())
+        {
             return invalid("quota.minute_secs and quota.hour_secs must be positive".into());
         }
         let d = &self.download;
@@ -278,7 +309,12 @@ impl Config {
         let mut seen = std::collections::HashSet::new();
         for t in &self.tenants {
             let bad = |m: String| Err(ConfigError::Invalid(format!("tenant '{}': {m}", t.name)));
-            if t.name.is_empty() || !t.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
                 return invalid(format!(
                     "tenant name '{}' must match [a-z0-9-]+ (it is used in paths and rows)",
                     t.name
@@ -296,7 +332,9 @@ impl Config {
             match (&t.client_secret_file, &t.client_secret_env) {
                 (Some(_), None) | (None, Some(_)) => {}
                 (None, None) => return bad("set client_secret_file or client_secret_env".into()),
-                (Some(_), Some(_)) => return bad("set only one of client_secret_file and client_secret_env".into()),
+                (Some(_), Some(_)) => {
+                    return bad("set only one of client_secret_file and client_secret_env".into());
+                }
             }
             if t.tenant_id.trim().is_empty() || t.client_id.trim().is_empty() {
                 return bad("tenant_id and client_id are required".into());
@@ -310,7 +348,10 @@ impl Config {
                 return bad("download_hosts must list at least one host pattern".into());
             }
             if !t.scope.ends_with("/.default") {
-                return bad(format!("scope '{}' must end in /.default for client credentials", t.scope));
+                return bad(format!(
+                    "scope '{}' must end in /.default for client credentials",
+                    t.scope
+                ));
             }
         }
         Ok(())
@@ -320,12 +361,21 @@ impl Config {
     pub fn select_tenants(&self, name: Option<&str>) -> Result<Vec<&TenantConfig>, ConfigError> {
         match name {
             None => Ok(self.tenants.iter().collect()),
-            Some(n) => self.tenants.iter().find(|t| t.name == n).map(|t| vec![t]).ok_or_else(|| {
-                ConfigError::UnknownTenant(
-                    n.into(),
-                    self.tenants.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "),
-                )
-            }),
+            Some(n) => self
+                .tenants
+                .iter()
+                .find(|t| t.name == n)
+                .map(|t| vec![t])
+                .ok_or_else(|| {
+                    ConfigError::UnknownTenant(
+                        n.into(),
+                        self.tenants
+                            .iter()
+                            .map(|t| t.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    )
+                }),
         }
     }
 }
@@ -336,7 +386,9 @@ fn check_base_url(value: &str) -> Result<(), String> {
     match url.scheme() {
         "https" => Ok(()),
         "http" if is_loopback_host(&url) => Ok(()),
-        _ => Err(format!("'{value}' must use https (http is allowed only for loopback hosts)")),
+        _ => Err(format!(
+            "'{value}' must use https (http is allowed only for loopback hosts)"
+        )),
     }
 }
 
@@ -351,8 +403,13 @@ pub fn is_loopback_host(url: &url::Url) -> bool {
 }
 
 fn toml_location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    span.map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
-        .unwrap_or_default()
+    span.map(|s| {
+        format!(
+            " (line {})",
+            text[..s.start.min(text.len())].lines().count().max(1)
+        )
+    })
+    .unwrap_or_default()
 }
 
 /// Durations written as "60s", "4d", "30m" (humantime).
@@ -362,8 +419,11 @@ mod humantime_serde_compat {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration '{s}': {e} (e.g. \"60s\", \"4d\")")))
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration '{s}': {e} (e.g. \"60s\", \"4d\")"
+            ))
+        })
     }
 }
 
@@ -400,34 +460,58 @@ client_secret_env = "X"
         let cfg = parse(TENANT).unwrap();
         assert_eq!(cfg.download.concurrency, 2);
         assert_eq!(cfg.schedule.archive, "30 * * * * *");
-        assert_eq!(cfg.tenants[0].download_hosts, vec!["*.blob.core.windows.net".to_string()]);
+        assert_eq!(
+            cfg.tenants[0].download_hosts,
+            vec!["*.blob.core.windows.net".to_string()]
+        );
     }
 
     #[test]
     fn refuses_inline_secret_bad_names_and_plain_http() {
-        let e = parse(&format!("{TENANT}client_secret = \"hunter2\"\n")).unwrap_err().to_string();
+        let e = parse(&format!("{TENANT}client_secret = \"hunter2\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("client_secret must not be written"), "{e}");
         assert!(!e.contains("hunter2"));
-        let e = parse(&TENANT.replace("contoso", "Contoso_1")).unwrap_err().to_string();
+        let e = parse(&TENANT.replace("contoso", "Contoso_1"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must match [a-z0-9-]+"), "{e}");
-        let e = parse(&format!("{TENANT}api_base = \"http://api.example.com\"\n")).unwrap_err().to_string();
+        let e = parse(&format!("{TENANT}api_base = \"http://api.example.com\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("must use https"), "{e}");
         parse(&format!("{TENANT}api_base = \"http://127.0.0.1:8080\"\n")).unwrap();
-        let e = parse(&format!("{TENANT}[store]\nbogus = 1\n")).unwrap_err().to_string();
+        let e = parse(&format!("{TENANT}[store]\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `bogus`"), "{e}");
-        let e = parse("[download]\nread_timeout = \"soon\"\n").unwrap_err().to_string();
+        let e = parse("[download]\nread_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid duration 'soon'"), "{e}");
     }
 
     #[test]
     fn secret_errors_name_the_source_and_never_the_value() {
-        let cfg = parse(&TENANT.replace("client_secret_env = \"X\"", "client_secret_file = \"/nonexistent/s\"")).unwrap();
+        let cfg = parse(&TENANT.replace(
+            "client_secret_env = \"X\"",
+            "client_secret_file = \"/nonexistent/s\"",
+        ))
+        .unwrap();
         let e = cfg.tenants[0].load_secret().unwrap_err().to_string();
-        assert!(e.starts_with("tenant 'contoso': cannot read client_secret_file /nonexistent/s"), "{e}");
+        assert!(
+            e.starts_with("tenant 'contoso': cannot read client_secret_file /nonexistent/s"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
         std::fs::write(&p, "s3cr3t\n").unwrap();
-        let cfg = parse(&TENANT.replace("client_secret_env = \"X\"", &format!("client_secret_file = {:?}", p))).unwrap();
+        let cfg = parse(&TENANT.replace(
+            "client_secret_env = \"X\"",
+            &format!("client_secret_file = {:?}", p),
+        ))
+        .unwrap();
         let s = cfg.tenants[0].load_secret().unwrap();
         assert_eq!(s.expose(), "s3cr3t");
         assert_eq!(format!("{s:?}"), "Secret(***)");
@@ -436,7 +520,10 @@ client_secret_env = "X"
     #[test]
     fn unknown_tenant_lists_the_configured_ones() {
         let cfg = parse(TENANT).unwrap();
-        let e = cfg.select_tenants(Some("fabrikam")).unwrap_err().to_string();
+        let e = cfg
+            .select_tenants(Some("fabrikam"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "unknown tenant 'fabrikam' (configured: contoso)");
     }
 }

@@ -71,7 +71,13 @@ pub struct Event<'a> {
 }
 
 impl<'a> Event<'a> {
-    pub fn new(tenant: &'a str, action_id: &'a str, command_index: Option<u32>, kind: EventKind, actor: &'a str) -> Self {
+    pub fn new(
+        tenant: &'a str,
+        action_id: &'a str,
+        command_index: Option<u32>,
+        kind: EventKind,
+        actor: &'a str,
+    ) -> Self {
         Event {
             tenant,
             action_id,
@@ -131,9 +137,11 @@ pub fn row_hash(row: &Row) -> String {
 /// The last row's (seq, row_hash), or (0, genesis).
 pub fn head(conn: &rusqlite::Connection) -> Result<(i64, String), DbError> {
     Ok(conn
-        .query_row("SELECT seq, row_hash FROM custody_log ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT seq, row_hash FROM custody_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()
         .map_err(DbError::sql("read custody head"))?
         .unwrap_or((0, GENESIS_HASH.to_string())))
@@ -221,18 +229,31 @@ pub fn verify_chain(conn: &rusqlite::Connection) -> Result<ChainReport, DbError>
             })
         })
         .map_err(DbError::sql("read custody log"))?;
-    let mut report = ChainReport { rows: 0, head_seq: 0, head_hash: GENESIS_HASH.into(), defects: vec![] };
+    let mut report = ChainReport {
+        rows: 0,
+        head_seq: 0,
+        head_hash: GENESIS_HASH.into(),
+        defects: vec![],
+    };
     for row in rows {
         let row = row.map_err(DbError::sql("read custody row"))?;
         let expected_seq = report.head_seq + 1;
         if row.seq != expected_seq {
-            report.defects.push((row.seq, format!("sequence gap: expected seq {expected_seq}")));
+            report.defects.push((
+                row.seq,
+                format!("sequence gap: expected seq {expected_seq}"),
+            ));
         }
         if row.prev_hash != report.head_hash {
-            report.defects.push((row.seq, "prev_hash does not match the previous row's row_hash".into()));
+            report.defects.push((
+                row.seq,
+                "prev_hash does not match the previous row's row_hash".into(),
+            ));
         }
         if row_hash(&row) != row.row_hash {
-            report.defects.push((row.seq, "row_hash does not match the row's contents".into()));
+            report
+                .defects
+                .push((row.seq, "row_hash does not match the row's contents".into()));
         }
         report.rows += 1;
         report.head_seq = row.seq;
@@ -264,6 +285,9 @@ mod tests {
             row_hash: String::new(),
         };
         let expected_json = r#"["0000000000000000000000000000000000000000000000000000000000000000",1,"2026-11-27T13:05:00.123Z","contoso","a1",null,"DISCOVERED","lrvault/0.1.0 app=c host=h uid=0",null,null,"{\"name\":\"Ünïcode \\\"q\\\"\\n\"}"]"#;
-        assert_eq!(hex::encode(Sha256::digest(expected_json.as_bytes())), row_hash(&row));
+        assert_eq!(
+            hex::encode(Sha256::digest(expected_json.as_bytes())),
+            row_hash(&row)
+        );
     }
 }

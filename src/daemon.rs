@@ -34,7 +34,11 @@ pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> 
     let mut path = db_path.as_os_str().to_owned();
     path.push(".lock");
     let path = PathBuf::from(path);
-    let file = File::options().create(true).truncate(false).write(true).open(&path)
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
         .map_err(|e| UserError::new(format!("cannot open lock file {}: {e}", path.display())))?;
     match file.try_lock() {
         Ok(()) => Ok(InstanceLock { _file: file, path }),
@@ -44,7 +48,9 @@ pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> 
             path.display()
         ))
         .into()),
-        Err(std::fs::TryLockError::Error(e)) => Err(UserError::new(format!("cannot lock {}: {e}", path.display())).into()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(UserError::new(format!("cannot lock {}: {e}", path.display())).into())
+        }
     }
 }
 
@@ -58,12 +64,22 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     let _lock = lock_instance(&cfg.database.path)?;
     let cancel = CancellationToken::new();
     let ctx = Arc::new(Context::new(cfg.clone(), db, cancel.clone())?);
-    let tenants: Arc<Vec<Arc<jobs::Tenant>>> = Arc::new(ctx.tenants(None)?.into_iter().map(Arc::new).collect());
+    let tenants: Arc<Vec<Arc<jobs::Tenant>>> =
+        Arc::new(ctx.tenants(None)?.into_iter().map(Arc::new).collect());
     let tracker = TaskTracker::new();
-    let daemon = Arc::new(Daemon { ctx: ctx.clone(), tenants, busy: Default::default(), tracker: tracker.clone() });
+    let daemon = Arc::new(Daemon {
+        ctx: ctx.clone(),
+        tenants,
+        busy: Default::default(),
+        tracker: tracker.clone(),
+    });
 
     let mut sched = JobScheduler::new().await?;
-    for (name, cron) in [("discover", &cfg.schedule.discover), ("archive", &cfg.schedule.archive), ("verify", &cfg.schedule.verify)] {
+    for (name, cron) in [
+        ("discover", &cfg.schedule.discover),
+        ("archive", &cfg.schedule.archive),
+        ("verify", &cfg.schedule.verify),
+    ] {
         let d = daemon.clone();
         let job = Job::new_async(cron.as_str(), move |_, _| {
             let d = d.clone();
@@ -86,17 +102,29 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    notify(&[NotifyState::Ready, NotifyState::Status("archiving live-response results")]);
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("archiving live-response results"),
+    ]);
     tracing::info!(db = %cfg.database.path.display(), tenants = daemon.tenants.len(), "lrvault daemon started");
 
     wait_for_signal().await;
-    notify(&[NotifyState::Stopping, NotifyState::Status("stopping: waiting for running downloads")]);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: waiting for running downloads"),
+    ]);
     tracing::info!("stopping: no new work; waiting for running jobs");
     cancel.cancel();
     sched.shutdown().await.ok();
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait()).await.is_err() {
-        tracing::warn!("jobs still running after {}s; their results return to pending on the next start", SHUTDOWN_WAIT.as_secs());
+    if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "jobs still running after {}s; their results return to pending on the next start",
+            SHUTDOWN_WAIT.as_secs()
+        );
     }
     tracing::info!("lrvault daemon stopped");
     Ok(ExitCode::SUCCESS)
@@ -160,10 +188,15 @@ impl Daemon {
     }
 
     async fn discover(&self) {
-        let lookback = chrono::Duration::from_std(self.ctx.cfg.discovery.lookback).unwrap_or_default();
+        let lookback =
+            chrono::Duration::from_std(self.ctx.cfg.discovery.lookback).unwrap_or_default();
         for tenant in self.tenants.iter() {
             let started = crate::time::now_str();
-            let window = discover::Window { since: crate::time::now() - lookback, until: None, machine_id: None };
+            let window = discover::Window {
+                since: crate::time::now() - lookback,
+                until: None,
+                machine_id: None,
+            };
             let result = tokio::select! {
                 r = discover::discover(&self.ctx, tenant, &window, discover::Source::Discover) => r,
                 _ = self.ctx.cancel.cancelled() => return,
@@ -171,12 +204,28 @@ impl Daemon {
             match result {
                 Ok(s) => {
                     tracing::info!(tenant = %tenant.cfg.name, "discovery: {s}");
-                    jobs::record_job_run(&self.ctx.db, "discover", &tenant.cfg.name, started, true, s.to_string()).await;
+                    jobs::record_job_run(
+                        &self.ctx.db,
+                        "discover",
+                        &tenant.cfg.name,
+                        started,
+                        true,
+                        s.to_string(),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     let line = crate::error::one_line(&e);
                     tracing::error!(tenant = %tenant.cfg.name, error = %line, "discovery failed");
-                    jobs::record_job_run(&self.ctx.db, "discover", &tenant.cfg.name, started, false, line).await;
+                    jobs::record_job_run(
+                        &self.ctx.db,
+                        "discover",
+                        &tenant.cfg.name,
+                        started,
+                        false,
+                        line,
+                    )
+                    .await;
                 }
             }
         }
@@ -191,7 +240,15 @@ impl Daemon {
                 }
                 notify(&[NotifyState::Status(&format!("last archive pass: {s}"))]);
                 for t in self.tenants.iter() {
-                    jobs::record_job_run(&self.ctx.db, "archive", &t.cfg.name, started.clone(), s.failed == 0, s.to_string()).await;
+                    jobs::record_job_run(
+                        &self.ctx.db,
+                        "archive",
+                        &t.cfg.name,
+                        started.clone(),
+                        s.failed == 0,
+                        s.to_string(),
+                    )
+                    .await;
                 }
             }
             Err(e) => tracing::error!(error = %crate::error::one_line(&e), "archive pass failed"),
@@ -202,14 +259,25 @@ impl Daemon {
         let started = crate::time::now_str();
         match crate::verify::verify(&self.ctx.cfg, &self.ctx.db, None, None, false).await {
             Ok(r) => {
-                let line = format!("{} packages checked, {} defects, chain {} rows, {} defects", r.packages_checked, r.package_defects, r.chain_rows, r.chain_defects);
+                let line = format!(
+                    "{} packages checked, {} defects, chain {} rows, {} defects",
+                    r.packages_checked, r.package_defects, r.chain_rows, r.chain_defects
+                );
                 if r.ok() {
                     tracing::info!("verify: {line}");
                 } else {
                     tracing::error!("verify found defects: {line}");
                 }
                 for t in self.tenants.iter() {
-                    jobs::record_job_run(&self.ctx.db, "verify", &t.cfg.name, started.clone(), r.ok(), line.clone()).await;
+                    jobs::record_job_run(
+                        &self.ctx.db,
+                        "verify",
+                        &t.cfg.name,
+                        started.clone(),
+                        r.ok(),
+                        line.clone(),
+                    )
+                    .await;
                 }
             }
             Err(e) => tracing::error!(error = %crate::error::one_line(&e), "verify failed"),

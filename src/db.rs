@@ -32,8 +32,14 @@ pub enum DbError {
     },
     #[error("cannot migrate database {path}: {message}")]
     Migrate { path: PathBuf, message: String },
-    #[error("database {path} has schema version {found}, newer than this lrvault knows ({known}); upgrade lrvault")]
-    TooNew { path: PathBuf, found: usize, known: usize },
+    #[error(
+        "database {path} has schema version {found}, newer than this lrvault knows ({known}); upgrade lrvault"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
     #[error("database error during {op}: {source}")]
     Sql {
         op: &'static str,
@@ -59,7 +65,8 @@ pub struct Db {
 
 fn migrations() -> Migrations<'static> {
     // The directory is embedded at build time; a malformed one is a build bug, caught by tests.
-    Migrations::from_directory(&MIGRATIONS_DIR).expect("embedded migrations directory is well-formed")
+    Migrations::from_directory(&MIGRATIONS_DIR)
+        .expect("embedded migrations directory is well-formed")
 }
 
 /// Number of migrations this build knows.
@@ -77,38 +84,64 @@ impl Db {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub fn open(path: &Path) -> Result<Db, DbError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| DbError::CreateDir { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
-        let open_err = |source| DbError::Open { path: path.to_path_buf(), source };
+        let open_err = |source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut conn = Connection::open(path).map_err(open_err)?;
         configure(&conn).map_err(open_err)?;
         // WAL lets auditors read while the daemon writes.
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
             .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
         Self::migrate_conn(&mut conn, path)?;
-        Ok(Db { path: path.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
+        Ok(Db {
+            path: path.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     fn migrate_conn(conn: &mut Connection, path: &Path) -> Result<(), DbError> {
         let found: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
-            .map_err(|source| DbError::Open { path: path.to_path_buf(), source })? as usize;
+            .map_err(|source| DbError::Open {
+                path: path.to_path_buf(),
+                source,
+            })? as usize;
         let known = schema_version_known();
         if found > known {
-            return Err(DbError::TooNew { path: path.to_path_buf(), found, known });
+            return Err(DbError::TooNew {
+                path: path.to_path_buf(),
+                found,
+                known,
+            });
         }
-        migrations()
-            .to_latest(conn)
-            .map_err(|e| DbError::Migrate { path: path.to_path_buf(), message: e.to_string() })
+        migrations().to_latest(conn).map_err(|e| DbError::Migrate {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// A read-only connection (status, audit): never blocks the writer, never migrates.
     pub fn open_readonly(path: &Path) -> Result<Connection, DbError> {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(|source| DbError::Open { path: path.to_path_buf(), source })?;
-        configure(&conn).map_err(|source| DbError::Open { path: path.to_path_buf(), source })?;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        configure(&conn).map_err(|source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(conn)
     }
 
@@ -132,8 +165,14 @@ impl Db {
     }
 
     /// Runs `f` synchronously (for callers already on a blocking thread, and tests).
-    pub fn call_sync<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, DbError>) -> Result<T, DbError> {
-        let mut guard = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn call_sync<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let mut guard = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard)
     }
 }

@@ -25,7 +25,12 @@ pub struct Allowlist(Vec<String>);
 
 impl Allowlist {
     pub fn new(patterns: &[String]) -> Allowlist {
-        Allowlist(patterns.iter().map(|p| p.trim().to_ascii_lowercase()).collect())
+        Allowlist(
+            patterns
+                .iter()
+                .map(|p| p.trim().to_ascii_lowercase())
+                .collect(),
+        )
     }
 
     /// Parses and checks a link: https (or http to loopback), no credentials in the URL, host
@@ -33,14 +38,23 @@ impl Allowlist {
     pub fn check(&self, link: &str) -> Result<Url, Refused> {
         let url = Url::parse(link).map_err(|e| Refused(format!("not a URL ({e})")))?;
         let host = url.host_str().unwrap_or("").to_ascii_lowercase();
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
         match url.scheme() {
             "https" => {}
             "http" if is_loopback_host(&url) => {}
-            s => return Err(Refused(format!("scheme {s} to host {host} (https required)"))),
+            s => {
+                return Err(Refused(format!(
+                    "scheme {s} to host {host} (https required)"
+                )));
+            }
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(Refused(format!("credentials embedded in the link to host {host}")));
+            return Err(Refused(format!(
+                "credentials embedded in the link to host {host}"
+            )));
         }
         if host.is_empty() || !self.allows(&host) {
             return Err(Refused(format!("host {host} is not in download_hosts")));
@@ -86,7 +100,11 @@ pub enum FetchError {
     Redirect { status: u16, location: String },
     /// The connection broke mid-body; resumable from the bytes received.
     #[error("transfer interrupted after {received} bytes: {message}")]
-    Interrupted { received: u64, message: String, timeout: bool },
+    Interrupted {
+        received: u64,
+        message: String,
+        timeout: bool,
+    },
     #[error("integrity check failed: {0}")]
     Integrity(String),
     /// The package writer stopped (its own error says why).
@@ -95,7 +113,11 @@ pub enum FetchError {
 }
 
 fn code_suffix(code: &str) -> String {
-    if code.is_empty() { String::new() } else { format!(" {code}") }
+    if code.is_empty() {
+        String::new()
+    } else {
+        format!(" {code}")
+    }
 }
 
 /// Response headers kept in `retrieval.json`.
@@ -142,7 +164,9 @@ impl Transfer {
         match &self.server_md5 {
             None => Ok("absent"),
             Some(b64) => {
-                let claimed = base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap_or_default();
+                let claimed = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .unwrap_or_default();
                 if claimed.as_slice() == md5.as_slice() {
                     Ok("match")
                 } else {
@@ -157,13 +181,20 @@ impl Transfer {
 }
 
 fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Streams the blob at `url` from `transfer.received` on into `sink`. Returns when the body
 /// ended cleanly; integrity (length, MD5) is checked by the caller once the writer has the
 /// digests.
-pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer, sink: &mpsc::Sender<bytes::Bytes>) -> Result<(), FetchError> {
+pub async fn fetch(
+    client: &reqwest::Client,
+    url: &Url,
+    transfer: &mut Transfer,
+    sink: &mpsc::Sender<bytes::Bytes>,
+) -> Result<(), FetchError> {
     let mut request = client.get(url.clone());
     let resuming = transfer.received > 0;
     if resuming {
@@ -172,7 +203,10 @@ pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer,
             request = request.header(header::IF_MATCH, etag);
         }
     }
-    let response = request.send().await.map_err(|e| interrupted(transfer.received, e))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| interrupted(transfer.received, e))?;
     let status = response.status();
     let headers = response.headers().clone();
     if status.is_redirection() {
@@ -180,15 +214,25 @@ pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer,
             .and_then(|l| Url::parse(&l).ok())
             .map(|u| u.host_str().unwrap_or("").to_string())
             .unwrap_or_else(|| "an unknown location".into());
-        return Err(FetchError::Redirect { status: status.as_u16(), location: format!("host {location}") });
+        return Err(FetchError::Redirect {
+            status: status.as_u16(),
+            location: format!("host {location}"),
+        });
     }
     let code = header_str(&headers, "x-ms-error-code").unwrap_or_default();
     if status == StatusCode::FORBIDDEN {
         return Err(FetchError::LinkRejected { code });
     }
-    let expected_status = if resuming { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+    let expected_status = if resuming {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
     if status != expected_status {
-        return Err(FetchError::Http { status: status.as_u16(), code });
+        return Err(FetchError::Http {
+            status: status.as_u16(),
+            code,
+        });
     }
     let body_len = header_str(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     if resuming {
@@ -197,17 +241,28 @@ pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer,
         let parsed = range
             .strip_prefix("bytes ")
             .and_then(|r| r.split_once('/'))
-            .and_then(|(span, total)| Some((span.split_once('-')?.0.parse::<u64>().ok()?, total.parse::<u64>().ok())));
+            .and_then(|(span, total)| {
+                Some((
+                    span.split_once('-')?.0.parse::<u64>().ok()?,
+                    total.parse::<u64>().ok(),
+                ))
+            });
         match parsed {
             Some((start, total)) if start == transfer.received => {
                 if let (Some(t), Some(known)) = (total, transfer.total)
                     && t != known
                 {
-                    return Err(FetchError::Integrity(format!("blob size changed from {known} to {t}")));
+                    return Err(FetchError::Integrity(format!(
+                        "blob size changed from {known} to {t}"
+                    )));
                 }
                 transfer.total = transfer.total.or(total);
             }
-            _ => return Err(FetchError::Integrity(format!("unexpected Content-Range '{range}'"))),
+            _ => {
+                return Err(FetchError::Integrity(format!(
+                    "unexpected Content-Range '{range}'"
+                )));
+            }
         }
         transfer.ranges.push(transfer.received);
     } else {
@@ -218,13 +273,18 @@ pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer,
         transfer.http_status = status.as_u16();
         for name in RECORDED_HEADERS {
             if let Some(v) = header_str(&headers, name) {
-                transfer.headers.insert(name.to_string(), serde_json::Value::String(v));
+                transfer
+                    .headers
+                    .insert(name.to_string(), serde_json::Value::String(v));
             }
         }
     }
     // Content-MD5 covers the whole blob only on a full read; x-ms-blob-content-md5 always does.
-    let md5 = header_str(&headers, "x-ms-blob-content-md5")
-        .or_else(|| (!resuming).then(|| header_str(&headers, "content-md5")).flatten());
+    let md5 = header_str(&headers, "x-ms-blob-content-md5").or_else(|| {
+        (!resuming)
+            .then(|| header_str(&headers, "content-md5"))
+            .flatten()
+    });
     if let Some(m) = md5 {
         transfer.server_md5 = Some(m);
     }
@@ -239,14 +299,20 @@ pub async fn fetch(client: &reqwest::Client, url: &Url, transfer: &mut Transfer,
     if let Some(len) = body_len {
         let got = transfer.received - start;
         if got != len {
-            return Err(FetchError::Integrity(format!("body had {got} bytes, Content-Length said {len}")));
+            return Err(FetchError::Integrity(format!(
+                "body had {got} bytes, Content-Length said {len}"
+            )));
         }
     }
     Ok(())
 }
 
 fn interrupted(received: u64, e: reqwest::Error) -> FetchError {
-    FetchError::Interrupted { received, timeout: e.is_timeout(), message: crate::mde::redact_reqwest(e) }
+    FetchError::Interrupted {
+        received,
+        timeout: e.is_timeout(),
+        message: crate::mde::redact_reqwest(e),
+    }
 }
 
 #[cfg(test)]
@@ -256,35 +322,70 @@ mod tests {
     #[test]
     fn allowlist_rules() {
         let a = Allowlist::new(&["*.blob.core.windows.net".into(), "127.0.0.1".into()]);
-        assert!(a.check("https://acct.blob.core.windows.net/c/x?sig=1").is_ok());
+        assert!(
+            a.check("https://acct.blob.core.windows.net/c/x?sig=1")
+                .is_ok()
+        );
         assert!(a.check("https://ACCT.Blob.Core.Windows.Net/c/x").is_ok());
         assert!(a.check("http://127.0.0.1:8080/blob/x?sig=1").is_ok());
         let refused = |l: &str| a.check(l).unwrap_err().0;
-        assert_eq!(refused("https://blob.core.windows.net/x"), "host blob.core.windows.net is not in download_hosts");
-        assert_eq!(refused("https://evil.example.net/x?sig=1"), "host evil.example.net is not in download_hosts");
-        assert_eq!(refused("https://acct.blob.core.windows.net.evil.net/x"), "host acct.blob.core.windows.net.evil.net is not in download_hosts");
-        assert_eq!(refused("http://acct.blob.core.windows.net/x"), "scheme http to host acct.blob.core.windows.net (https required)");
-        assert_eq!(refused("https://u:p@acct.blob.core.windows.net/x"), "credentials embedded in the link to host acct.blob.core.windows.net");
+        assert_eq!(
+            refused("https://blob.core.windows.net/x"),
+            "host blob.core.windows.net is not in download_hosts"
+        );
+        assert_eq!(
+            refused("https://evil.example.net/x?sig=1"),
+            "host evil.example.net is not in download_hosts"
+        );
+        assert_eq!(
+            refused("https://acct.blob.core.windows.net.evil.net/x"),
+            "host acct.blob.core.windows.net.evil.net is not in download_hosts"
+        );
+        assert_eq!(
+            refused("http://acct.blob.core.windows.net/x"),
+            "scheme http to host acct.blob.core.windows.net (https required)"
+        );
+        assert_eq!(
+            refused("https://u:p@acct.blob.core.windows.net/x"),
+            "credentials embedded in the link to host acct.blob.core.windows.net"
+        );
         assert!(refused("file:///etc/passwd").contains("scheme file"));
     }
 
     #[test]
     fn host_path_drops_the_query() {
         let u = Url::parse("https://a.blob.core.windows.net/c/d/e?se=2021&sig=abc%3D").unwrap();
-        assert_eq!(link_host_path(&u), ("a.blob.core.windows.net".into(), "/c/d/e".into()));
+        assert_eq!(
+            link_host_path(&u),
+            ("a.blob.core.windows.net".into(), "/c/d/e".into())
+        );
     }
 
     #[test]
     fn completeness_checks() {
         let md5 = [7u8; 16];
-        let mut t = Transfer { received: 10, total: Some(10), ..Default::default() };
+        let mut t = Transfer {
+            received: 10,
+            total: Some(10),
+            ..Default::default()
+        };
         assert_eq!(t.check_complete(&md5).unwrap(), "absent");
         t.server_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
         assert_eq!(t.check_complete(&md5).unwrap(), "match");
         t.server_md5 = Some(base64::engine::general_purpose::STANDARD.encode([1u8; 16]));
-        assert!(t.check_complete(&md5).unwrap_err().to_string().contains("MD5 mismatch"));
+        assert!(
+            t.check_complete(&md5)
+                .unwrap_err()
+                .to_string()
+                .contains("MD5 mismatch")
+        );
         t.server_md5 = None;
         t.total = Some(11);
-        assert!(t.check_complete(&md5).unwrap_err().to_string().contains("received 10 bytes, server announced 11"));
+        assert!(
+            t.check_complete(&md5)
+                .unwrap_err()
+                .to_string()
+                .contains("received 10 bytes, server announced 11")
+        );
     }
 }

@@ -23,13 +23,29 @@ const MAX_THROTTLE_RETRIES: u32 = 10;
 #[derive(Debug, thiserror::Error)]
 pub enum MdeError {
     #[error("{endpoint}: HTTP {status}{}{}", code_part(.code), msg_part(.message))]
-    Http { endpoint: &'static str, status: u16, code: String, message: String },
+    Http {
+        endpoint: &'static str,
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("{endpoint}: {message}")]
-    Transport { endpoint: &'static str, message: String, timeout: bool },
+    Transport {
+        endpoint: &'static str,
+        message: String,
+        timeout: bool,
+    },
     #[error("token request refused (HTTP {status}): {error}{}; check tenant_id, client_id and the client secret", codes_part(.codes))]
-    Token { status: u16, error: String, codes: Vec<i64> },
+    Token {
+        status: u16,
+        error: String,
+        codes: Vec<i64>,
+    },
     #[error("{endpoint}: unexpected response: {message}")]
-    Decode { endpoint: &'static str, message: String },
+    Decode {
+        endpoint: &'static str,
+        message: String,
+    },
     #[error("{endpoint}: still throttled (429) after {MAX_THROTTLE_RETRIES} retries")]
     Throttled { endpoint: &'static str },
     #[error(transparent)]
@@ -37,16 +53,31 @@ pub enum MdeError {
 }
 
 fn code_part(code: &str) -> String {
-    if code.is_empty() { String::new() } else { format!(" {code}") }
+    if code.is_empty() {
+        String::new()
+    } else {
+        format!(" {code}")
+    }
 }
 fn msg_part(message: &str) -> String {
-    if message.is_empty() { String::new() } else { format!(": {message}") }
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
 }
 fn codes_part(codes: &[i64]) -> String {
     if codes.is_empty() {
         String::new()
     } else {
-        format!(" (AADSTS {})", codes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "))
+        format!(
+            " (AADSTS {})",
+            codes
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }
 
@@ -56,14 +87,22 @@ impl MdeError {
         match self {
             MdeError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 429,
             MdeError::Transport { .. } | MdeError::Throttled { .. } | MdeError::Db(_) => true,
-            MdeError::Token { error, status, .. } => error == "temporarily_unavailable" || *status >= 500,
+            MdeError::Token { error, status, .. } => {
+                error == "temporarily_unavailable" || *status >= 500
+            }
             MdeError::Decode { .. } => false,
         }
     }
 
     /// The API says there is no such thing (404, or 400 for a command without a result).
     pub fn is_no_result(&self) -> bool {
-        matches!(self, MdeError::Http { status: 400 | 404, .. })
+        matches!(
+            self,
+            MdeError::Http {
+                status: 400 | 404,
+                ..
+            }
+        )
     }
 
     pub fn http_status(&self) -> Option<u16> {
@@ -110,7 +149,9 @@ impl RawAction {
     }
 
     fn str_field(&self, names: &[&str]) -> Option<&str> {
-        names.iter().find_map(|n| self.value.get(*n).and_then(Value::as_str))
+        names
+            .iter()
+            .find_map(|n| self.value.get(*n).and_then(Value::as_str))
     }
 
     pub fn id(&self) -> Option<&str> {
@@ -135,11 +176,13 @@ impl RawAction {
         self.str_field(&["requestorComment"])
     }
     pub fn created(&self) -> Option<DateTime<Utc>> {
-        self.str_field(&["creationDateTimeUtc"]).and_then(crate::time::parse_api)
+        self.str_field(&["creationDateTimeUtc"])
+            .and_then(crate::time::parse_api)
     }
     pub fn last_update(&self) -> Option<DateTime<Utc>> {
         // The docs spell it both ways.
-        self.str_field(&["lastUpdateDateTimeUtc", "lastUpdateTimeUtc"]).and_then(crate::time::parse_api)
+        self.str_field(&["lastUpdateDateTimeUtc", "lastUpdateTimeUtc"])
+            .and_then(crate::time::parse_api)
     }
 
     /// The commands, in index order. Entries without a usable index get their position.
@@ -169,9 +212,18 @@ impl RawAction {
                     })
                     .unwrap_or_default();
                 ActionCommand {
-                    index: c.get("index").and_then(Value::as_u64).map_or(pos as u32, |i| i as u32),
-                    command_type: spec.and_then(|s| s.get("type")).and_then(Value::as_str).map(str::to_string),
-                    status: c.get("commandStatus").and_then(Value::as_str).map(str::to_string),
+                    index: c
+                        .get("index")
+                        .and_then(Value::as_u64)
+                        .map_or(pos as u32, |i| i as u32),
+                    command_type: spec
+                        .and_then(|s| s.get("type"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    status: c
+                        .get("commandStatus")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                     params,
                     errors: c.get("errors").cloned().unwrap_or(Value::Null),
                     raw: c.clone(),
@@ -199,9 +251,16 @@ pub struct MdeClient {
 }
 
 impl MdeClient {
-    pub fn new(tenant: Arc<TenantConfig>, secret: Secret, governor: Governor) -> Result<MdeClient, MdeError> {
-        let api_base = Url::parse(tenant.api_base.trim_end_matches('/'))
-            .map_err(|e| MdeError::Decode { endpoint: "config", message: format!("api_base: {e}") })?;
+    pub fn new(
+        tenant: Arc<TenantConfig>,
+        secret: Secret,
+        governor: Governor,
+    ) -> Result<MdeClient, MdeError> {
+        let api_base =
+            Url::parse(tenant.api_base.trim_end_matches('/')).map_err(|e| MdeError::Decode {
+                endpoint: "config",
+                message: format!("api_base: {e}"),
+            })?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
             // Never follow a redirect with the bearer token attached.
@@ -209,8 +268,19 @@ impl MdeClient {
             .connect_timeout(Duration::from_secs(30))
             .timeout(API_TIMEOUT)
             .build()
-            .map_err(|e| MdeError::Transport { endpoint: "client", message: e.to_string(), timeout: false })?;
-        Ok(MdeClient { tenant, secret, http, governor, api_base, token: tokio::sync::Mutex::new(None) })
+            .map_err(|e| MdeError::Transport {
+                endpoint: "client",
+                message: e.to_string(),
+                timeout: false,
+            })?;
+        Ok(MdeClient {
+            tenant,
+            secret,
+            http,
+            governor,
+            api_base,
+            token: tokio::sync::Mutex::new(None),
+        })
     }
 
     pub fn tenant(&self) -> &TenantConfig {
@@ -245,13 +315,19 @@ impl MdeClient {
             }
         };
         let status = response.status();
-        self.governor.complete(reservation, status.as_u16(), None).await?;
+        self.governor
+            .complete(reservation, status.as_u16(), None)
+            .await?;
         let body = response.bytes().await.map_err(|e| transport(endpoint, e))?;
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if !status.is_success() {
             return Err(MdeError::Token {
                 status: status.as_u16(),
-                error: json.get("error").and_then(Value::as_str).unwrap_or("unknown error").to_string(),
+                error: json
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error")
+                    .to_string(),
                 codes: json
                     .get("error_codes")
                     .and_then(Value::as_array)
@@ -262,7 +338,10 @@ impl MdeClient {
         let value = json
             .get("access_token")
             .and_then(Value::as_str)
-            .ok_or_else(|| MdeError::Decode { endpoint: endpoint.as_str(), message: "no access_token".into() })?
+            .ok_or_else(|| MdeError::Decode {
+                endpoint: endpoint.as_str(),
+                message: "no access_token".into(),
+            })?
             .to_string();
         // v2 sends a number, v1 a string.
         let expires_in = match json.get("expires_in") {
@@ -274,7 +353,10 @@ impl MdeClient {
         // Refresh five minutes early (or at half-life for short-lived tokens).
         let margin = (expires_in / 2).min(300);
         let refresh_at = Instant::now() + Duration::from_secs(expires_in.saturating_sub(margin));
-        *cached = Some(CachedToken { value: value.clone(), refresh_at });
+        *cached = Some(CachedToken {
+            value: value.clone(),
+            refresh_at,
+        });
         Ok(value)
     }
 
@@ -302,15 +384,21 @@ impl MdeClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, Utc::now()))
                     .unwrap_or(Duration::from_secs(5));
-                self.governor.complete(reservation, 429, Some(pause)).await?;
+                self.governor
+                    .complete(reservation, 429, Some(pause))
+                    .await?;
                 throttled += 1;
                 tracing::warn!(tenant = %self.tenant.name, endpoint = endpoint.as_str(), pause_ms = pause.as_millis() as u64, "throttled (429); pausing this endpoint");
                 if throttled > MAX_THROTTLE_RETRIES {
-                    return Err(MdeError::Throttled { endpoint: endpoint.as_str() });
+                    return Err(MdeError::Throttled {
+                        endpoint: endpoint.as_str(),
+                    });
                 }
                 continue;
             }
-            self.governor.complete(reservation, status.as_u16(), None).await?;
+            self.governor
+                .complete(reservation, status.as_u16(), None)
+                .await?;
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;
                 *self.token.lock().await = None;
@@ -325,8 +413,15 @@ impl MdeClient {
     }
 
     fn url(&self, path_and_query: &str) -> Result<Url, MdeError> {
-        Url::parse(&format!("{}{}", self.api_base.as_str().trim_end_matches('/'), path_and_query))
-            .map_err(|e| MdeError::Decode { endpoint: "url", message: e.to_string() })
+        Url::parse(&format!(
+            "{}{}",
+            self.api_base.as_str().trim_end_matches('/'),
+            path_and_query
+        ))
+        .map_err(|e| MdeError::Decode {
+            endpoint: "url",
+            message: e.to_string(),
+        })
     }
 
     /// Every live-response action created in `[since, until)`, all pages, deduplicated by id.
@@ -342,12 +437,18 @@ impl MdeClient {
             since.format("%Y-%m-%dT%H:%M:%SZ")
         );
         if let Some(until) = until {
-            filter += &format!(" and creationDateTimeUtc lt {}", until.format("%Y-%m-%dT%H:%M:%SZ"));
+            filter += &format!(
+                " and creationDateTimeUtc lt {}",
+                until.format("%Y-%m-%dT%H:%M:%SZ")
+            );
         }
         if let Some(m) = machine_id {
             // Machine ids are hex; anything else could inject OData.
             if !m.bytes().all(|b| b.is_ascii_alphanumeric()) {
-                return Err(MdeError::Decode { endpoint: "list", message: format!("invalid machine id '{m}'") });
+                return Err(MdeError::Decode {
+                    endpoint: "list",
+                    message: format!("invalid machine id '{m}'"),
+                });
             }
             filter += &format!(" and machineId eq '{m}'");
         }
@@ -367,8 +468,10 @@ impl MdeClient {
                 #[serde(borrow, default)]
                 value: Vec<&'a serde_json::value::RawValue>,
             }
-            let page: Page<'_> = serde_json::from_slice(&body)
-                .map_err(|e| MdeError::Decode { endpoint: endpoint.as_str(), message: e.to_string() })?;
+            let page: Page<'_> = serde_json::from_slice(&body).map_err(|e| MdeError::Decode {
+                endpoint: endpoint.as_str(),
+                message: e.to_string(),
+            })?;
             let n = page.value.len() as u64;
             for raw in page.value {
                 match RawAction::parse(raw.get().to_string()) {
@@ -379,7 +482,9 @@ impl MdeClient {
                             out.push(a);
                         }
                     }
-                    Err(e) => tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page"),
+                    Err(e) => {
+                        tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page")
+                    }
                 }
             }
             if n < u64::from(page_size) || n == 0 {
@@ -395,9 +500,14 @@ impl MdeClient {
         let endpoint = Endpoint::Get;
         let url = self.url(&format!("/api/machineactions/{}", encode_segment(id)))?;
         let body = self.api_get(endpoint, url).await?;
-        let text = String::from_utf8(body.to_vec())
-            .map_err(|e| MdeError::Decode { endpoint: endpoint.as_str(), message: e.to_string() })?;
-        RawAction::parse(text).map_err(|message| MdeError::Decode { endpoint: endpoint.as_str(), message })
+        let text = String::from_utf8(body.to_vec()).map_err(|e| MdeError::Decode {
+            endpoint: endpoint.as_str(),
+            message: e.to_string(),
+        })?;
+        RawAction::parse(text).map_err(|message| MdeError::Decode {
+            endpoint: endpoint.as_str(),
+            message,
+        })
     }
 
     /// A fresh SAS download link for command `index` of action `id` (valid ~30 minutes).
@@ -408,24 +518,35 @@ impl MdeClient {
             encode_segment(id)
         ))?;
         let body = self.api_get(endpoint, url).await?;
-        let json: Value = serde_json::from_slice(&body)
-            .map_err(|e| MdeError::Decode { endpoint: endpoint.as_str(), message: e.to_string() })?;
+        let json: Value = serde_json::from_slice(&body).map_err(|e| MdeError::Decode {
+            endpoint: endpoint.as_str(),
+            message: e.to_string(),
+        })?;
         json.get("value")
             .and_then(Value::as_str)
             // getPackageUri-style answers wrap the URL in literal quotes.
             .map(|s| s.trim().trim_matches('"').to_string())
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| MdeError::Decode { endpoint: endpoint.as_str(), message: "no link in 'value'".into() })
+            .ok_or_else(|| MdeError::Decode {
+                endpoint: endpoint.as_str(),
+                message: "no link in 'value'".into(),
+            })
     }
 }
 
 fn encode_segment(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// A transport error without its URL (download URLs carry a SAS signature).
 pub fn transport(endpoint: Endpoint, e: reqwest::Error) -> MdeError {
-    MdeError::Transport { endpoint: endpoint.as_str(), timeout: e.is_timeout(), message: redact_reqwest(e) }
+    MdeError::Transport {
+        endpoint: endpoint.as_str(),
+        timeout: e.is_timeout(),
+        message: redact_reqwest(e),
+    }
 }
 
 /// Display text of a reqwest error with its URL removed and its source chain inlined.
@@ -448,10 +569,20 @@ pub fn redact_reqwest(e: reqwest::Error) -> String {
 fn api_error(endpoint: Endpoint, status: StatusCode, body: &[u8]) -> MdeError {
     let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let err = json.get("error");
-    let field = |k: &str| err.and_then(|e| e.get(k)).and_then(Value::as_str).unwrap_or("").to_string();
+    let field = |k: &str| {
+        err.and_then(|e| e.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     let mut message = field("message");
     message.truncate(300);
-    MdeError::Http { endpoint: endpoint.as_str(), status: status.as_u16(), code: field("code"), message }
+    MdeError::Http {
+        endpoint: endpoint.as_str(),
+        status: status.as_u16(),
+        code: field("code"),
+        message,
+    }
 }
 
 #[cfg(test)]
@@ -469,11 +600,23 @@ mod tests {
                 .into(),
         )
         .unwrap();
-        assert_eq!(crate::time::fmt(a.last_update().unwrap()), "2025-03-10T08:19:41.070Z");
-        assert_eq!(crate::time::fmt(a.created().unwrap()), "2025-03-10T08:14:03.551Z");
+        assert_eq!(
+            crate::time::fmt(a.last_update().unwrap()),
+            "2025-03-10T08:19:41.070Z"
+        );
+        assert_eq!(
+            crate::time::fmt(a.created().unwrap()),
+            "2025-03-10T08:14:03.551Z"
+        );
         let cmds = a.commands();
-        assert_eq!(cmds.iter().map(|c| c.index).collect::<Vec<_>>(), vec![0, 1, 2]);
-        assert_eq!(cmds[1].params, vec![("Path".to_string(), "C:\\x.txt".to_string())]);
+        assert_eq!(
+            cmds.iter().map(|c| c.index).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            cmds[1].params,
+            vec![("Path".to_string(), "C:\\x.txt".to_string())]
+        );
         assert_eq!(cmds[2].command_type.as_deref(), Some("NewType"));
         assert_eq!(cmds[2].status.as_deref(), Some("Weird"));
         assert!(RawAction::parse("[1]".into()).is_err());

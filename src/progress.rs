@@ -23,14 +23,22 @@ impl Progress {
         let bar = (interactive && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} results  {per_sec}  ETA {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} results  {per_sec}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_message(label.to_string());
             bar
         });
-        Progress { bar, label: label.into(), total, state: Mutex::new((0, Instant::now())), started: Instant::now() }
+        Progress {
+            bar,
+            label: label.into(),
+            total,
+            state: Mutex::new((0, Instant::now())),
+            started: Instant::now(),
+        }
     }
 
     pub fn inc(&self) {
@@ -43,8 +51,19 @@ impl Progress {
         if st.1.elapsed() >= LOG_EVERY || st.0 == self.total {
             st.1 = Instant::now();
             let rate = st.0 as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-            let eta = if rate > 0.0 { (self.total.saturating_sub(st.0)) as f64 / rate } else { 0.0 };
-            tracing::info!(done = st.0, total = self.total, rate_per_min = (rate * 60.0).round(), eta_s = eta.round(), "{}", self.label);
+            let eta = if rate > 0.0 {
+                (self.total.saturating_sub(st.0)) as f64 / rate
+            } else {
+                0.0
+            };
+            tracing::info!(
+                done = st.0,
+                total = self.total,
+                rate_per_min = (rate * 60.0).round(),
+                eta_s = eta.round(),
+                "{}",
+                self.label
+            );
         }
     }
 

@@ -29,7 +29,12 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [Endpoint::Token, Endpoint::List, Endpoint::Get, Endpoint::Link];
+    pub const ALL: [Endpoint; 4] = [
+        Endpoint::Token,
+        Endpoint::List,
+        Endpoint::Get,
+        Endpoint::Link,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -78,7 +83,15 @@ impl Governor {
             let limits = self.limits.clone();
             let outcome = self
                 .db
-                .call(move |conn| try_reserve(conn, &tenant_owned, endpoint, &limits, crate::time::now_ms()))
+                .call(move |conn| {
+                    try_reserve(
+                        conn,
+                        &tenant_owned,
+                        endpoint,
+                        &limits,
+                        crate::time::now_ms(),
+                    )
+                })
                 .await?;
             match outcome {
                 Ok(reservation) => return Ok(reservation),
@@ -88,7 +101,12 @@ impl Governor {
     }
 
     /// Records the answer. `pause` (from a 429's Retry-After) stops the bucket until then.
-    pub async fn complete(&self, reservation: Reservation, http_status: u16, pause: Option<Duration>) -> Result<(), DbError> {
+    pub async fn complete(
+        &self,
+        reservation: Reservation,
+        http_status: u16,
+        pause: Option<Duration>,
+    ) -> Result<(), DbError> {
         self.db
             .call(move |conn| {
                 let now = crate::time::now_ms();
@@ -120,7 +138,13 @@ impl Governor {
 }
 
 /// Current usage of one bucket (for `status`).
-pub fn usage(conn: &rusqlite::Connection, tenant: &str, endpoint: Endpoint, limits: &QuotaConfig, now_ms: i64) -> Result<Usage, DbError> {
+pub fn usage(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    endpoint: Endpoint,
+    limits: &QuotaConfig,
+    now_ms: i64,
+) -> Result<Usage, DbError> {
     let minute_ms = (limits.minute_secs * 1000.0) as i64;
     let hour_ms = (limits.hour_secs * 1000.0) as i64;
     let q = |sql: &str, since: i64| -> Result<i64, DbError> {
@@ -128,8 +152,14 @@ pub fn usage(conn: &rusqlite::Connection, tenant: &str, endpoint: Endpoint, limi
             .map_err(DbError::sql("read quota usage"))
     };
     Ok(Usage {
-        last_minute: q("SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3", now_ms - minute_ms)?,
-        last_hour: q("SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3", now_ms - hour_ms)?,
+        last_minute: q(
+            "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3",
+            now_ms - minute_ms,
+        )?,
+        last_hour: q(
+            "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3",
+            now_ms - hour_ms,
+        )?,
         throttled_last_hour: q(
             "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3 AND http_status = 429",
             now_ms - hour_ms,
@@ -159,7 +189,10 @@ fn try_reserve(
         return Ok(Err(Duration::from_millis((until - now).max(1) as u64)));
     }
     let mut wait_ms: i64 = 0;
-    for (window_secs, limit) in [(limits.minute_secs, limits.per_minute), (limits.hour_secs, limits.per_hour)] {
+    for (window_secs, limit) in [
+        (limits.minute_secs, limits.per_minute),
+        (limits.hour_secs, limits.per_hour),
+    ] {
         let window_ms = (window_secs * 1000.0).ceil() as i64;
         // A row leaves the window at `expiry`; in-flight rows stay until they complete.
         let expiry_sql = "at_ms + ?3 + CASE WHEN http_status IS NULL THEN ?4 ELSE 0 END";
@@ -198,7 +231,8 @@ fn try_reserve(
     )
     .map_err(DbError::sql("reserve quota slot"))?;
     let id = tx.last_insert_rowid();
-    tx.commit().map_err(DbError::sql("commit quota reservation"))?;
+    tx.commit()
+        .map_err(DbError::sql("commit quota reservation"))?;
     Ok(Ok(Reservation { id }))
 }
 
@@ -206,11 +240,17 @@ fn try_reserve(
 pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(86_400.0)));
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let delta = at.with_timezone(&chrono::Utc) - now;
-    Some(delta.to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(86_400)))
+    Some(
+        delta
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+            .min(Duration::from_secs(86_400)),
+    )
 }
 
 #[cfg(test)]
@@ -224,16 +264,26 @@ mod tests {
     }
 
     fn limits(per_minute: u32, per_hour: u32) -> QuotaConfig {
-        QuotaConfig { per_minute, per_hour, minute_secs: 60.0, hour_secs: 3600.0 }
+        QuotaConfig {
+            per_minute,
+            per_hour,
+            minute_secs: 60.0,
+            hour_secs: 3600.0,
+        }
     }
 
     fn reserve(db: &Db, l: &QuotaConfig, now: i64) -> Result<Reservation, Duration> {
-        db.call_sync(|c| try_reserve(c, "t", Endpoint::Link, l, now)).unwrap()
+        db.call_sync(|c| try_reserve(c, "t", Endpoint::Link, l, now))
+            .unwrap()
     }
 
     fn complete(db: &Db, r: Reservation, at: i64) {
         db.call_sync(|c| {
-            c.execute("UPDATE api_calls SET http_status = 200, at_ms = ?1 WHERE id = ?2", params![at, r.id]).unwrap();
+            c.execute(
+                "UPDATE api_calls SET http_status = 200, at_ms = ?1 WHERE id = ?2",
+                params![at, r.id],
+            )
+            .unwrap();
             Ok(())
         })
         .unwrap();
@@ -252,8 +302,16 @@ mod tests {
         assert_eq!(wait, Duration::from_millis(60_000 - 100 + 1));
         assert!(reserve(&db, &l, 1_060_001).is_ok());
         // Another endpoint and another tenant have their own buckets.
-        assert!(db.call_sync(|c| try_reserve(c, "t", Endpoint::List, &l, 1_000_100)).unwrap().is_ok());
-        assert!(db.call_sync(|c| try_reserve(c, "u", Endpoint::Link, &l, 1_000_100)).unwrap().is_ok());
+        assert!(
+            db.call_sync(|c| try_reserve(c, "t", Endpoint::List, &l, 1_000_100))
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            db.call_sync(|c| try_reserve(c, "u", Endpoint::Link, &l, 1_000_100))
+                .unwrap()
+                .is_ok()
+        );
     }
 
     #[test]
@@ -274,20 +332,36 @@ mod tests {
         let l = limits(100, 100);
         let r = reserve(&db, &l, 0).unwrap();
         db.call_sync(|c| {
-            c.execute("UPDATE api_calls SET http_status = 429, pause_until_ms = 5000 WHERE id = ?1", [r.id]).unwrap();
+            c.execute(
+                "UPDATE api_calls SET http_status = 429, pause_until_ms = 5000 WHERE id = ?1",
+                [r.id],
+            )
+            .unwrap();
             Ok(())
         })
         .unwrap();
-        assert_eq!(reserve(&db, &l, 1000).unwrap_err(), Duration::from_millis(4000));
-        assert!(db.call_sync(|c| try_reserve(c, "t", Endpoint::Get, &l, 1000)).unwrap().is_ok());
+        assert_eq!(
+            reserve(&db, &l, 1000).unwrap_err(),
+            Duration::from_millis(4000)
+        );
+        assert!(
+            db.call_sync(|c| try_reserve(c, "t", Endpoint::Get, &l, 1000))
+                .unwrap()
+                .is_ok()
+        );
         assert!(reserve(&db, &l, 5000).is_ok());
     }
 
     #[test]
     fn retry_after_forms() {
-        let now = chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z").unwrap().with_timezone(&chrono::Utc);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
         assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Fri, 27 Nov 2026 10:00:30 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after("Fri, 27 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -21,12 +21,16 @@ pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     }
     let conn = Db::open_readonly(&cfg.database.path)?;
     let q = |sql: &str| Rows::query(&conn, sql, &[]).map_err(DbError::sql("status query"));
-    let queue = q("SELECT tenant, state, count(*) AS results FROM results GROUP BY tenant, state ORDER BY tenant, state")?;
+    let queue = q(
+        "SELECT tenant, state, count(*) AS results FROM results GROUP BY tenant, state ORDER BY tenant, state",
+    )?;
     let failed = q(
         "SELECT tenant, action_id, command_index, state, attempts, next_attempt_at, last_error FROM results
          WHERE state = 'failed' OR (state = 'pending' AND attempts > 0) ORDER BY updated_at DESC LIMIT 20",
     )?;
-    let jobs = q("SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs ORDER BY job, tenant")?;
+    let jobs = q(
+        "SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs ORDER BY job, tenant",
+    )?;
     let now = crate::time::now_ms();
     let mut quota_rows = Vec::new();
     for t in &cfg.tenants {
@@ -42,7 +46,15 @@ pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     let quota_table = Rows {
-        columns: ["tenant", "endpoint", "last_minute", "last_hour", "throttled_429_last_hour"].map(String::from).to_vec(),
+        columns: [
+            "tenant",
+            "endpoint",
+            "last_minute",
+            "last_hour",
+            "throttled_429_last_hour",
+        ]
+        .map(String::from)
+        .to_vec(),
         rows: quota_rows,
     };
     let (head_seq, head_hash) = crate::custody::head(&conn)?;
@@ -60,9 +72,15 @@ pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
         println!("database: {}\n", cfg.database.path.display());
         println!("Queue by state:\n{}", queue.render(Format::Table));
         if !failed.rows.is_empty() {
-            println!("Failed or retrying results:\n{}", failed.render(Format::Table));
+            println!(
+                "Failed or retrying results:\n{}",
+                failed.render(Format::Table)
+            );
         }
-        println!("Quota use (limits per tenant and endpoint):\n{}", quota_table.render(Format::Table));
+        println!(
+            "Quota use (limits per tenant and endpoint):\n{}",
+            quota_table.render(Format::Table)
+        );
         println!("Last job runs:\n{}", jobs.render(Format::Table));
         println!("Custody head: seq {head_seq}, row_hash {head_hash}");
     }

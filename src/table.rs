@@ -12,7 +12,11 @@ pub struct Rows {
 
 impl Rows {
     /// Runs `sql` on `conn` and collects every column as JSON values.
-    pub fn query(conn: &rusqlite::Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Rows> {
+    pub fn query(
+        conn: &rusqlite::Connection,
+        sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> rusqlite::Result<Rows> {
         let mut stmt = conn.prepare(sql)?;
         let columns: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
         let n = columns.len();
@@ -24,7 +28,9 @@ impl Rows {
                             rusqlite::types::ValueRef::Null => Value::Null,
                             rusqlite::types::ValueRef::Integer(v) => Value::from(v),
                             rusqlite::types::ValueRef::Real(v) => Value::from(v),
-                            rusqlite::types::ValueRef::Text(t) => Value::from(String::from_utf8_lossy(t).into_owned()),
+                            rusqlite::types::ValueRef::Text(t) => {
+                                Value::from(String::from_utf8_lossy(t).into_owned())
+                            }
                             rusqlite::types::ValueRef::Blob(b) => Value::from(hex::encode(b)),
                         })
                     })
@@ -38,17 +44,34 @@ impl Rows {
         Value::Array(
             self.rows
                 .iter()
-                .map(|r| Value::Object(self.columns.iter().cloned().zip(r.iter().cloned()).collect()))
+                .map(|r| {
+                    Value::Object(
+                        self.columns
+                            .iter()
+                            .cloned()
+                            .zip(r.iter().cloned())
+                            .collect(),
+                    )
+                })
                 .collect(),
         )
     }
 
     pub fn render(&self, format: Format) -> String {
         match format {
-            Format::Json => serde_json::to_string_pretty(&self.to_json()).unwrap_or_default() + "\n",
+            Format::Json => {
+                serde_json::to_string_pretty(&self.to_json()).unwrap_or_default() + "\n"
+            }
             Format::Csv => {
                 let mut out = String::new();
-                let line = |cells: Vec<String>| cells.iter().map(|c| csv_field(c)).collect::<Vec<_>>().join(",") + "\n";
+                let line = |cells: Vec<String>| {
+                    cells
+                        .iter()
+                        .map(|c| csv_field(c))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                        + "\n"
+                };
                 out += &line(self.columns.clone());
                 for r in &self.rows {
                     out += &line(r.iter().map(cell_text).collect());
@@ -59,9 +82,14 @@ impl Rows {
                 let texts: Vec<Vec<String>> = self
                     .rows
                     .iter()
-                    .map(|r| r.iter().map(|v| cell_text(v).replace(['\n', '\r', '\t'], " ")).collect())
+                    .map(|r| {
+                        r.iter()
+                            .map(|v| cell_text(v).replace(['\n', '\r', '\t'], " "))
+                            .collect()
+                    })
                     .collect();
-                let mut widths: Vec<usize> = self.columns.iter().map(|c| c.chars().count()).collect();
+                let mut widths: Vec<usize> =
+                    self.columns.iter().map(|c| c.chars().count()).collect();
                 for r in &texts {
                     for (w, c) in widths.iter_mut().zip(r) {
                         *w = (*w).max(c.chars().count());
@@ -98,7 +126,11 @@ fn cell_text(v: &Value) -> String {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -109,10 +141,19 @@ mod tests {
     fn renders_all_formats() {
         let rows = Rows {
             columns: vec!["a".into(), "bb".into()],
-            rows: vec![vec![Value::from(1), Value::from("x,\"y\"")], vec![Value::Null, Value::from("z")]],
+            rows: vec![
+                vec![Value::from(1), Value::from("x,\"y\"")],
+                vec![Value::Null, Value::from("z")],
+            ],
         };
-        assert_eq!(rows.render(Format::Table), "a  bb\n-  -----\n1  x,\"y\"\n   z\n");
+        assert_eq!(
+            rows.render(Format::Table),
+            "a  bb\n-  -----\n1  x,\"y\"\n   z\n"
+        );
         assert_eq!(rows.render(Format::Csv), "a,bb\n1,\"x,\"\"y\"\"\"\n,z\n");
-        assert_eq!(rows.to_json(), serde_json::json!([{"a":1,"bb":"x,\"y\""},{"a":null,"bb":"z"}]));
+        assert_eq!(
+            rows.to_json(),
+            serde_json::json!([{"a":1,"bb":"x,\"y\""},{"a":null,"bb":"z"}])
+        );
     }
 }

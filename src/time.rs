@@ -68,15 +68,27 @@ mod tests {
         assert_eq!(fmt(t), "2021-02-04T15:36:52.778Z");
         let t = parse_api("2023-03-18T21:04:01.92Z").unwrap();
         assert_eq!(fmt(t), "2023-03-18T21:04:01.920Z");
-        assert_eq!(fmt(parse_api("2023-03-18T21:04:01").unwrap()), "2023-03-18T21:04:01.000Z");
+        assert_eq!(
+            fmt(parse_api("2023-03-18T21:04:01").unwrap()),
+            "2023-03-18T21:04:01.000Z"
+        );
     }
 
     #[test]
     fn user_dates() {
         let now = parse_api("2026-11-27T12:00:00Z").unwrap();
-        assert_eq!(fmt(parse_user_date("2026-11-01", now).unwrap()), "2026-11-01T00:00:00.000Z");
-        assert_eq!(fmt(parse_user_date("30d", now).unwrap()), "2026-10-28T12:00:00.000Z");
-        assert_eq!(fmt(parse_user_date("12h", now).unwrap()), "2026-11-27T00:00:00.000Z");
+        assert_eq!(
+            fmt(parse_user_date("2026-11-01", now).unwrap()),
+            "2026-11-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            fmt(parse_user_date("30d", now).unwrap()),
+            "2026-10-28T12:00:00.000Z"
+        );
+        assert_eq!(
+            fmt(parse_user_date("12h", now).unwrap()),
+            "2026-11-27T00:00:00.000Z"
+        );
         assert_eq!(
             fmt(parse_user_date("2026-11-02T03:04:05+01:00", now).unwrap()),
             "2026-11-02T02:04:05.000Z"

@@ -27,13 +27,23 @@ impl Report {
     }
 }
 
-pub async fn run(cfg: &Config, db: &Db, tenant: Option<&str>, since: Option<DateTime<Utc>>, chain_only: bool) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    cfg: &Config,
+    db: &Db,
+    tenant: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    chain_only: bool,
+) -> anyhow::Result<ExitCode> {
     let report = verify(cfg, db, tenant, since, chain_only).await?;
     println!(
         "verified {} packages ({} defects); custody chain: {} rows ({} defects)",
         report.packages_checked, report.package_defects, report.chain_rows, report.chain_defects
     );
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 struct EvidenceRow {
@@ -48,7 +58,13 @@ struct EvidenceRow {
 }
 
 /// Runs the checks and writes their results.
-pub async fn verify(cfg: &Config, db: &Db, tenant: Option<&str>, since: Option<DateTime<Utc>>, chain_only: bool) -> anyhow::Result<Report> {
+pub async fn verify(
+    cfg: &Config,
+    db: &Db,
+    tenant: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    chain_only: bool,
+) -> anyhow::Result<Report> {
     let tenants = cfg.select_tenants(tenant)?;
     let root = cfg.store.root.clone();
     let mut report = Report::default();
@@ -98,12 +114,20 @@ pub async fn verify(cfg: &Config, db: &Db, tenant: Option<&str>, since: Option<D
                     Ok(check) => {
                         problems.extend(check.problems);
                         if check.package_sha256 != row.package_sha256 {
-                            problems.push(format!("package SHA-256 is {}, recorded {}", check.package_sha256, row.package_sha256));
+                            problems.push(format!(
+                                "package SHA-256 is {}, recorded {}",
+                                check.package_sha256, row.package_sha256
+                            ));
                         }
-                        if check.payload_sha256 != row.payload_sha256 || check.payload_size != row.payload_size {
+                        if check.payload_sha256 != row.payload_sha256
+                            || check.payload_size != row.payload_size
+                        {
                             problems.push(format!(
                                 "payload SHA-256/size is {}/{}, recorded {}/{}",
-                                check.payload_sha256, check.payload_size, row.payload_sha256, row.payload_size
+                                check.payload_sha256,
+                                check.payload_size,
+                                row.payload_sha256,
+                                row.payload_size
                             ));
                         }
                     }

@@ -76,7 +76,11 @@ pub enum Outcome {
 }
 
 /// Due results of the given tenants, oldest action first, commands in index order.
-pub async fn due_results(ctx: &Context, tenants: &[String], limit: Option<usize>) -> Result<Vec<Key>, DbError> {
+pub async fn due_results(
+    ctx: &Context,
+    tenants: &[String],
+    limit: Option<usize>,
+) -> Result<Vec<Key>, DbError> {
     let tenants = tenants.to_vec();
     ctx.db
         .call(move |c| {
@@ -108,6 +112,17 @@ pub async fn due_results(ctx: &Context, tenants: &[String], limit: Option<usize>
         .await
 }
 
+/// A `downloading` row: tenant, action, index, lease owner, lease end, action creation, command type.
+type InFlight = (
+    String,
+    String,
+    u32,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+);
+
 /// Returns crashed downloads (`downloading` with an expired lease or a dead owner) to
 /// `pending`, removing their partial files. A package already in place is left for the next
 /// attempt to adopt.
@@ -117,7 +132,7 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
     ctx.db
         .call(move |c| {
             let tx = write_tx(c)?;
-            let stale: Vec<(String, String, u32, Option<String>, Option<String>, String, String)> = {
+            let stale: Vec<InFlight> = {
                 let mut stmt = tx
                     .prepare(
                         "SELECT r.tenant, r.action_id, r.command_index, r.lease_owner, r.lease_until, a.created_at,
@@ -170,8 +185,16 @@ pub type OnResult = Arc<dyn Fn(&Key, Outcome) + Send + Sync>;
 
 /// One pass over the due results of `tenants`: at most `max` results, `download.concurrency`
 /// at a time. Stops starting new results when the context is cancelled.
-pub async fn archive(ctx: &Arc<Context>, tenants: &[Arc<Tenant>], max: Option<usize>, on_result: Option<OnResult>) -> anyhow::Result<Summary> {
-    let mut summary = Summary { recovered: recover(ctx).await?, ..Default::default() };
+pub async fn archive(
+    ctx: &Arc<Context>,
+    tenants: &[Arc<Tenant>],
+    max: Option<usize>,
+    on_result: Option<OnResult>,
+) -> anyhow::Result<Summary> {
+    let mut summary = Summary {
+        recovered: recover(ctx).await?,
+        ..Default::default()
+    };
     ctx.governor.prune().await?;
     let names: Vec<String> = tenants.iter().map(|t| t.cfg.name.clone()).collect();
     let due = due_results(ctx, &names, max).await?;
@@ -185,7 +208,9 @@ pub async fn archive(ctx: &Arc<Context>, tenants: &[Arc<Tenant>], max: Option<us
             p = slots.clone().acquire_owned() => p?,
             _ = ctx.cancel.cancelled() => break,
         };
-        let Some(tenant) = tenants.iter().find(|t| t.cfg.name == key.tenant).cloned() else { continue };
+        let Some(tenant) = tenants.iter().find(|t| t.cfg.name == key.tenant).cloned() else {
+            continue;
+        };
         started += 1;
         let ctx = ctx.clone();
         let on_result = on_result.clone();
@@ -263,11 +288,10 @@ pub async fn archive_one(ctx: &Context, tenant: &Tenant, key: &Key) -> Outcome {
     };
     let result = attempt(ctx, tenant, &job).await;
     renewer.abort();
-    let outcome = match result {
+    match result {
         Ok(outcome) => outcome,
         Err(end) => settle(ctx, tenant, &job, end).await,
-    };
-    outcome
+    }
 }
 
 fn lease_until() -> String {
@@ -305,12 +329,20 @@ async fn claim(ctx: &Context, key: &Key) -> Result<Option<Job>, DbError> {
             Ok(row)
         })
         .await?;
-    let Some((raw, created, command_type, command_json, attempts)) = row else { return Ok(None) };
-    let action = RawAction::parse(raw).unwrap_or_else(|e| RawAction { raw: String::new(), value: json!({ "unreadable": e }) });
+    let Some((raw, created, command_type, command_json, attempts)) = row else {
+        return Ok(None);
+    };
+    let action = RawAction::parse(raw).unwrap_or_else(|e| RawAction {
+        raw: String::new(),
+        value: json!({ "unreadable": e }),
+    });
     let params = serde_json::from_str::<Value>(&command_json)
         .ok()
         .and_then(|c| {
-            let wrapper = RawAction { raw: String::new(), value: json!({ "commands": [c] }) };
+            let wrapper = RawAction {
+                raw: String::new(),
+                value: json!({ "commands": [c] }),
+            };
             wrapper.commands().into_iter().next().map(|c| c.params)
         })
         .unwrap_or_default();
@@ -327,7 +359,11 @@ async fn claim(ctx: &Context, key: &Key) -> Result<Option<Job>, DbError> {
 /// Why an attempt did not archive.
 enum End {
     /// The API says there is no result (404/400 on the link call).
-    Unavailable { reason: String, http_status: Option<u16>, code: Option<String> },
+    Unavailable {
+        reason: String,
+        http_status: Option<u16>,
+        code: Option<String>,
+    },
     /// Refused for good (link outside the allowlist, redirect): failed at once.
     Refused { reason: String },
     /// May work later (5xx, timeouts, integrity, disk full...): backoff, then failed after max_attempts.
@@ -335,19 +371,29 @@ enum End {
 }
 
 async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
-    let (tenant, action_id, actor) = (ev.tenant.to_string(), ev.action_id.to_string(), ev.actor.to_string());
+    let (tenant, action_id, actor) = (
+        ev.tenant.to_string(),
+        ev.action_id.to_string(),
+        ev.actor.to_string(),
+    );
     let (idx, kind, detail) = (ev.command_index, ev.kind, ev.detail.clone());
     ctx.db
         .call(move |c| {
             let tx = write_tx(c)?;
-            custody::append(&tx, &Event::new(&tenant, &action_id, idx, kind, &actor).detail(detail))?;
+            custody::append(
+                &tx,
+                &Event::new(&tenant, &action_id, idx, kind, &actor).detail(detail),
+            )?;
             tx.commit().map_err(DbError::sql("commit custody row"))
         })
         .await
 }
 
 /// The package writer on its blocking thread, and what it hands back when the body ends.
-type WriterTask = (mpsc::Sender<bytes::Bytes>, tokio::task::JoinHandle<Result<Written, PackageError>>);
+type WriterTask = (
+    mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<Written, PackageError>>,
+);
 
 struct Written {
     writer: PackageWriter,
@@ -382,7 +428,13 @@ fn spawn_writer(writer: PackageWriter, capture: bool) -> WriterTask {
 async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, End> {
     let key = &job.key;
     let cfg = &ctx.cfg;
-    let rel_path = package::package_rel_path(&key.tenant, job.created, &key.action_id, key.index, &job.command_type);
+    let rel_path = package::package_rel_path(
+        &key.tenant,
+        job.created,
+        &key.action_id,
+        key.index,
+        &job.command_type,
+    );
     let rel_str = rel_path.to_string_lossy().into_owned();
     let final_path = cfg.store.root.join(&rel_path);
 
@@ -403,8 +455,13 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
             job.command_type,
             key.index,
             key.action_id,
-            job.action.computer_dns_name().unwrap_or("an unknown device"),
-            job.action.requestor_comment().map(|c| format!("; comment: {c}")).unwrap_or_default()
+            job.action
+                .computer_dns_name()
+                .unwrap_or("an unknown device"),
+            job.action
+                .requestor_comment()
+                .map(|c| format!("; comment: {c}"))
+                .unwrap_or_default()
         ),
     };
     let spec_for = |expected_size| PackageSpec {
@@ -436,17 +493,27 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         let checked = tenant.allow.check(&link);
         let (host, path) = match &checked {
             Ok(url) => fetch::link_host_path(url),
-            Err(_) => url::Url::parse(&link).map(|u| fetch::link_host_path(&u)).unwrap_or_default(),
+            Err(_) => url::Url::parse(&link)
+                .map(|u| fetch::link_host_path(&u))
+                .unwrap_or_default(),
         };
         last_link = (host.clone(), path.clone());
         custody_event(
             ctx,
-            Event::new(&key.tenant, &key.action_id, Some(key.index), EventKind::LinkIssued, &tenant.actor)
-                .detail(json!({ "link_host": host, "link_path": path, "issue": link_issues })),
+            Event::new(
+                &key.tenant,
+                &key.action_id,
+                Some(key.index),
+                EventKind::LinkIssued,
+                &tenant.actor,
+            )
+            .detail(json!({ "link_host": host, "link_path": path, "issue": link_issues })),
         )
         .await
         .map_err(|e| retry(&e.to_string()))?;
-        let url = checked.map_err(|refused| End::Refused { reason: refused.to_string() })?;
+        let url = checked.map_err(|refused| End::Refused {
+            reason: refused.to_string(),
+        })?;
 
         let mut resumes = 0;
         loop {
@@ -462,7 +529,9 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
                 .map_err(|e| retry(&e.to_string()))?;
                 writer = Some(spawn_writer(w, job.command_type == "RunScript"));
             }
-            let Some((sink, _)) = writer.as_ref() else { unreachable!("writer was just created") };
+            let Some((sink, _)) = writer.as_ref() else {
+                unreachable!("writer was just created")
+            };
             match fetch::fetch(&ctx.blob, &url, &mut transfer, sink).await {
                 Ok(()) => break 'links,
                 Err(FetchError::LinkRejected { code }) => {
@@ -470,7 +539,11 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
                         return Err(End::Refused {
                             reason: format!(
                                 "download link refused (403{}) after {} re-issues",
-                                if code.is_empty() { String::new() } else { format!(" {code}") },
+                                if code.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" {code}")
+                                },
                                 cfg.download.max_link_reissues
                             ),
                         });
@@ -478,14 +551,18 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
                     tracing::info!(tenant = %key.tenant, action = %key.action_id, index = key.index, "download link expired or refused; minting a new one");
                     continue 'links;
                 }
-                Err(FetchError::Interrupted { received, message, .. }) if resumes < MAX_RESUMES_PER_LINK && received > 0 => {
+                Err(FetchError::Interrupted {
+                    received, message, ..
+                }) if resumes < MAX_RESUMES_PER_LINK && received > 0 => {
                     resumes += 1;
                     tracing::info!(tenant = %key.tenant, action = %key.action_id, index = key.index, received, error = %message, "transfer interrupted; resuming with Range");
                     continue;
                 }
                 Err(FetchError::Redirect { status, location }) => {
                     abort_writer(writer).await;
-                    return Err(End::Refused { reason: format!("blob host redirected (HTTP {status}) to {location}") });
+                    return Err(End::Refused {
+                        reason: format!("blob host redirected (HTTP {status}) to {location}"),
+                    });
                 }
                 Err(FetchError::Sink) => {
                     let err = writer_error(writer).await;
@@ -498,9 +575,14 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
             }
         }
     }
-    let Some((sink, handle)) = writer else { return Err(retry("no download happened")) };
+    let Some((sink, handle)) = writer else {
+        return Err(retry("no download happened"));
+    };
     drop(sink);
-    let Written { writer: mut w, head } = match handle.await {
+    let Written {
+        writer: mut w,
+        head,
+    } = match handle.await {
         Ok(Ok(w)) => w,
         Ok(Err(e)) => return Err(retry(&package_error_text(&e))),
         Err(e) => return Err(retry(&e.to_string())),
@@ -518,7 +600,14 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         ctx,
         Event {
             evidence_sha256: Some(&digests.sha256),
-            ..Event::new(&key.tenant, &key.action_id, Some(key.index), EventKind::Downloaded, &tenant.actor).detail(json!({
+            ..Event::new(
+                &key.tenant,
+                &key.action_id,
+                Some(key.index),
+                EventKind::Downloaded,
+                &tenant.actor,
+            )
+            .detail(json!({
                 "bytes": digests.size,
                 "md5_check": md5_check,
                 "http_status": transfer.http_status,
@@ -577,25 +666,37 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         package_sha256: info.package_sha256,
         adopted: false,
     };
-    commit_archived(ctx, tenant, key, record).await.map_err(|e| retry(&e.to_string()))?;
+    commit_archived(ctx, tenant, key, record)
+        .await
+        .map_err(|e| retry(&e.to_string()))?;
     Ok(Outcome::Archived)
 }
 
 /// Map an API error on the link call to how the attempt ends.
 fn link_error(e: MdeError) -> End {
     if e.is_no_result() {
-        End::Unavailable { reason: e.to_string(), http_status: e.http_status(), code: e.api_code().map(str::to_string) }
+        End::Unavailable {
+            reason: e.to_string(),
+            http_status: e.http_status(),
+            code: e.api_code().map(str::to_string),
+        }
     } else {
         retry(&e.to_string())
     }
 }
 
 fn retry(reason: &str) -> End {
-    End::Retry { reason: reason.to_string() }
+    End::Retry {
+        reason: reason.to_string(),
+    }
 }
 
 fn package_error_text(e: &PackageError) -> String {
-    if e.is_disk_full() { format!("evidence store is full: {e}") } else { e.to_string() }
+    if e.is_disk_full() {
+        format!("evidence store is full: {e}")
+    } else {
+        e.to_string()
+    }
 }
 
 async fn abort_writer(writer: Option<WriterTask>) {
@@ -627,7 +728,15 @@ async fn writer_error(writer: Option<WriterTask>) -> String {
 
 /// Action ids come from the API; keep bag directory names to a safe alphabet.
 fn sanitize_component(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 struct EvidenceRecord {
@@ -645,7 +754,12 @@ struct EvidenceRecord {
 }
 
 /// The evidence row, the result state and the ARCHIVED custody row, in one transaction.
-async fn commit_archived(ctx: &Context, tenant: &Tenant, key: &Key, rec: EvidenceRecord) -> Result<(), DbError> {
+async fn commit_archived(
+    ctx: &Context,
+    tenant: &Tenant,
+    key: &Key,
+    rec: EvidenceRecord,
+) -> Result<(), DbError> {
     let k = key.clone();
     let actor = tenant.actor.clone();
     ctx.db
@@ -712,15 +826,31 @@ async fn adopt(ctx: &Context, tenant: &Tenant, job: &Job, rel: &str) -> Result<O
     let check = tokio::task::spawn_blocking(move || package::check_package(&path))
         .await
         .map_err(|e| retry(&e.to_string()))?
-        .map_err(|e| End::Refused { reason: format!("a package is already at {rel} and cannot be read: {e}") })?;
+        .map_err(|e| End::Refused {
+            reason: format!("a package is already at {rel} and cannot be read: {e}"),
+        })?;
     if !check.problems.is_empty() {
         return Err(End::Refused {
-            reason: format!("a package is already at {rel} and does not verify: {}", check.problems.join("; ")),
+            reason: format!(
+                "a package is already at {rel} and does not verify: {}",
+                check.problems.join("; ")
+            ),
         });
     }
     let retrieval = read_retrieval(&ctx.cfg.store.root.join(rel), &check.bag_name);
-    let get_u64 = |k: &str| retrieval.as_ref().and_then(|r| r.get(k)).and_then(Value::as_u64);
-    let get_str = |k: &str| retrieval.as_ref().and_then(|r| r.get(k)).and_then(Value::as_str).map(str::to_string);
+    let get_u64 = |k: &str| {
+        retrieval
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(Value::as_u64)
+    };
+    let get_str = |k: &str| {
+        retrieval
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let record = EvidenceRecord {
         payload_name: check.payload_name.clone(),
         payload_size: check.payload_size,
@@ -734,7 +864,9 @@ async fn adopt(ctx: &Context, tenant: &Tenant, job: &Job, rel: &str) -> Result<O
         package_sha256: check.package_sha256,
         adopted: true,
     };
-    commit_archived(ctx, tenant, &job.key, record).await.map_err(|e| retry(&e.to_string()))?;
+    commit_archived(ctx, tenant, &job.key, record)
+        .await
+        .map_err(|e| retry(&e.to_string()))?;
     tracing::info!(tenant = %job.key.tenant, action = %job.key.action_id, index = job.key.index, package = rel, "adopted a verified package left by an interrupted run");
     Ok(Outcome::Archived)
 }
@@ -751,16 +883,30 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
     let k = job.key.clone();
     let actor = tenant.actor.clone();
     let max_attempts = ctx.cfg.download.max_attempts;
-    let backoff = backoff(job.attempts + 1, ctx.cfg.download.retry_base, ctx.cfg.download.retry_max);
+    let backoff = backoff(
+        job.attempts + 1,
+        ctx.cfg.download.retry_base,
+        ctx.cfg.download.retry_max,
+    );
     let (outcome, state, reason, event, detail) = match end {
-        End::Unavailable { reason, http_status, code } => (
+        End::Unavailable {
+            reason,
+            http_status,
+            code,
+        } => (
             Outcome::Unavailable,
             "unavailable",
             reason.clone(),
             Some(EventKind::Unavailable),
             json!({ "reason": reason, "http_status": http_status, "error_code": code }),
         ),
-        End::Refused { reason } => (Outcome::Failed, "failed", reason.clone(), Some(EventKind::Failed), json!({ "reason": reason })),
+        End::Refused { reason } => (
+            Outcome::Failed,
+            "failed",
+            reason.clone(),
+            Some(EventKind::Failed),
+            json!({ "reason": reason }),
+        ),
         End::Retry { reason } if job.attempts + 1 >= max_attempts => (
             Outcome::Failed,
             "failed",
@@ -792,17 +938,27 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
         .await;
     let key = &job.key;
     match (&res, outcome) {
-        (Err(e), _) => tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, error = %e, "cannot record the result state"),
-        (Ok(()), Outcome::RetryLater) => tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, retry_in_s = backoff.as_secs(), reason = %log_reason, "attempt failed; will retry"),
-        (Ok(()), Outcome::Unavailable) => tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result unavailable"),
-        (Ok(()), _) => tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result failed"),
+        (Err(e), _) => {
+            tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, error = %e, "cannot record the result state")
+        }
+        (Ok(()), Outcome::RetryLater) => {
+            tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, retry_in_s = backoff.as_secs(), reason = %log_reason, "attempt failed; will retry")
+        }
+        (Ok(()), Outcome::Unavailable) => {
+            tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result unavailable")
+        }
+        (Ok(()), _) => {
+            tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result failed")
+        }
     }
     outcome
 }
 
 /// `base · 2^(attempt-1)`, capped at `max`, with jitter in [50%, 100%].
 pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
     let factor: f64 = rand::rng().random_range(0.5..=1.0);
     exp.mul_f64(factor)
 }

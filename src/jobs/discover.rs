@@ -62,16 +62,31 @@ pub struct Window {
 }
 
 /// One pass for one tenant: list the window, record every finished action not yet known.
-pub async fn discover(ctx: &Context, tenant: &Tenant, window: &Window, source: Source) -> anyhow::Result<Summary> {
+pub async fn discover(
+    ctx: &Context,
+    tenant: &Tenant,
+    window: &Window,
+    source: Source,
+) -> anyhow::Result<Summary> {
     let actions = tenant
         .client
-        .list_actions(window.since, window.until, window.machine_id.as_deref(), ctx.cfg.discovery.page_size)
+        .list_actions(
+            window.since,
+            window.until,
+            window.machine_id.as_deref(),
+            ctx.cfg.discovery.page_size,
+        )
         .await?;
     record_actions(ctx, tenant, actions, source).await
 }
 
 /// Records the finished ones of `actions` (others are counted as unfinished).
-pub async fn record_actions(ctx: &Context, tenant: &Tenant, actions: Vec<RawAction>, source: Source) -> anyhow::Result<Summary> {
+pub async fn record_actions(
+    ctx: &Context,
+    tenant: &Tenant,
+    actions: Vec<RawAction>,
+    source: Source,
+) -> anyhow::Result<Summary> {
     let statuses = ctx.cfg.discovery.statuses.clone();
     let tenant_name = tenant.cfg.name.clone();
     let actor = tenant.actor.clone();
@@ -85,7 +100,10 @@ pub async fn record_actions(ctx: &Context, tenant: &Tenant, actions: Vec<RawActi
                     continue;
                 }
                 s.listed += 1;
-                if !action.status().is_some_and(|st| statuses.iter().any(|x| x == st)) {
+                if !action
+                    .status()
+                    .is_some_and(|st| statuses.iter().any(|x| x == st))
+                {
                     s.unfinished += 1;
                     continue;
                 }
@@ -109,7 +127,10 @@ pub fn skip_reason(command_type: Option<&str>, status: Option<&str>) -> Option<S
     match (command_type, status) {
         (Some("PutFile"), _) => Some("PutFile has no result by design".into()),
         (_, Some("Completed")) => None,
-        (_, Some("Created")) => Some("command never ran (status Created): an earlier command failed or the action ended".into()),
+        (_, Some("Created")) => Some(
+            "command never ran (status Created): an earlier command failed or the action ended"
+                .into(),
+        ),
         (_, Some(other)) => Some(format!("command status {other}")),
         (_, None) => Some("command has no status".into()),
     }
@@ -129,7 +150,11 @@ fn record_action(
     };
     let tx = write_tx(conn)?;
     let known: Option<i64> = tx
-        .query_row("SELECT 1 FROM actions WHERE tenant = ?1 AND action_id = ?2", params![tenant, action_id], |r| r.get(0))
+        .query_row(
+            "SELECT 1 FROM actions WHERE tenant = ?1 AND action_id = ?2",
+            params![tenant, action_id],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(DbError::sql("look up action"))?;
     if known.is_some() {
@@ -137,7 +162,10 @@ fn record_action(
     }
     let now = crate::time::now_str();
     // Without a creation time the package date falls back to discovery time.
-    let created = action.created().map(crate::time::fmt).unwrap_or_else(|| now.clone());
+    let created = action
+        .created()
+        .map(crate::time::fmt)
+        .unwrap_or_else(|| now.clone());
     tx.execute(
         "INSERT INTO actions (tenant, action_id, machine_id, computer_dns_name, requestor, requestor_comment,
                               status, created_at, last_update_at, raw_json, discovered_at, source)
@@ -174,7 +202,11 @@ fn record_action(
     let (mut queued, mut skipped) = (0, 0);
     for cmd in &commands {
         let reason = skip_reason(cmd.command_type.as_deref(), cmd.status.as_deref());
-        let state = if reason.is_some() { "skipped" } else { "pending" };
+        let state = if reason.is_some() {
+            "skipped"
+        } else {
+            "pending"
+        };
         tx.execute(
             "INSERT OR IGNORE INTO results (tenant, action_id, command_index, command_type, command_json, command_status,
                                   state, last_error, updated_at)
@@ -207,7 +239,10 @@ fn record_action(
                 EventKind::Queued
             }
         };
-        custody::append(&tx, &Event::new(tenant, action_id, Some(cmd.index), kind, actor).detail(detail))?;
+        custody::append(
+            &tx,
+            &Event::new(tenant, action_id, Some(cmd.index), kind, actor).detail(detail),
+        )?;
     }
     tx.commit().map_err(DbError::sql("commit action"))?;
     Ok(Some((queued, skipped)))
@@ -221,9 +256,19 @@ mod tests {
     fn skip_reasons() {
         assert_eq!(skip_reason(Some("RunScript"), Some("Completed")), None);
         assert_eq!(skip_reason(Some("GetFile"), Some("Completed")), None);
-        assert_eq!(skip_reason(Some("PutFile"), Some("Completed")).unwrap(), "PutFile has no result by design");
-        assert_eq!(skip_reason(Some("GetFile"), Some("Failed")).unwrap(), "command status Failed");
-        assert!(skip_reason(Some("GetFile"), Some("Created")).unwrap().starts_with("command never ran"));
+        assert_eq!(
+            skip_reason(Some("PutFile"), Some("Completed")).unwrap(),
+            "PutFile has no result by design"
+        );
+        assert_eq!(
+            skip_reason(Some("GetFile"), Some("Failed")).unwrap(),
+            "command status Failed"
+        );
+        assert!(
+            skip_reason(Some("GetFile"), Some("Created"))
+                .unwrap()
+                .starts_with("command never ran")
+        );
         assert_eq!(skip_reason(None, None).unwrap(), "command has no status");
     }
 }

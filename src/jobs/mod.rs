@@ -39,7 +39,14 @@ impl Context {
     pub fn new(cfg: Arc<Config>, db: Db, cancel: CancellationToken) -> anyhow::Result<Context> {
         let governor = Governor::new(db.clone(), cfg.quota.clone());
         let blob = crate::fetch::blob_client(cfg.download.read_timeout)?;
-        Ok(Context { cfg, db, governor, blob, cancel, owner: process_owner() })
+        Ok(Context {
+            cfg,
+            db,
+            governor,
+            blob,
+            cancel,
+            owner: process_owner(),
+        })
     }
 
     /// Builds the clients of the selected tenants (reading their secrets).
@@ -61,7 +68,10 @@ impl Context {
 
 /// `host:pid:start-ms`, unique per process start even when pids are reused.
 fn process_owner() -> String {
-    let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
     format!("{host}:{}:{}", std::process::id(), crate::time::now_ms())
 }
 
@@ -69,7 +79,8 @@ fn process_owner() -> String {
 /// either our own pid with another start token, or a pid that no longer exists.
 pub fn owner_is_dead(owner: &str, me: &str) -> bool {
     let mut theirs = owner.rsplitn(3, ':');
-    let (Some(t_start), Some(t_pid), Some(t_host)) = (theirs.next(), theirs.next(), theirs.next()) else {
+    let (Some(t_start), Some(t_pid), Some(t_host)) = (theirs.next(), theirs.next(), theirs.next())
+    else {
         return true;
     };
     let mut mine = me.rsplitn(3, ':');
@@ -92,7 +103,14 @@ pub fn owner_is_dead(owner: &str, me: &str) -> bool {
 }
 
 /// Records the start / end of a job run for `status`.
-pub async fn record_job_run(db: &Db, job: &'static str, tenant: &str, started_at: String, ok: bool, summary: String) {
+pub async fn record_job_run(
+    db: &Db,
+    job: &'static str,
+    tenant: &str,
+    started_at: String,
+    ok: bool,
+    summary: String,
+) {
     let tenant = tenant.to_string();
     let res = db
         .call(move |c| {

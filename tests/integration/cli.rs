@@ -11,7 +11,11 @@ fn lrvault() -> Command {
 
 fn run(c: &mut Command) -> (i32, String, String) {
     let out = c.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -51,9 +55,16 @@ fn one_line_error(c: &mut Command) -> String {
 #[test]
 fn wrong_config_path_is_one_clear_line() {
     let line = one_line_error(lrvault().args(["--config", "/nonexistent/lrvault.toml", "status"]));
-    assert!(line.starts_with("lrvault: cannot read config file /nonexistent/lrvault.toml"), "{line}");
+    assert!(
+        line.starts_with("lrvault: cannot read config file /nonexistent/lrvault.toml"),
+        "{line}"
+    );
     // The env var works the same way.
-    let line = one_line_error(lrvault().env("LRVAULT_CONFIG", "/nope.toml").arg("discover"));
+    let line = one_line_error(
+        lrvault()
+            .env("LRVAULT_CONFIG", "/nope.toml")
+            .arg("discover"),
+    );
     assert!(line.contains("/nope.toml"), "{line}");
 }
 
@@ -61,7 +72,11 @@ fn config_with(dir: &std::path::Path, tenant_block: &str) -> std::path::PathBuf 
     let path = dir.join("c.toml");
     std::fs::write(
         &path,
-        format!("[database]\npath = \"{}/db.sqlite\"\n[store]\nroot = \"{}/ev\"\n{tenant_block}", dir.display(), dir.display()),
+        format!(
+            "[database]\npath = \"{}/db.sqlite\"\n[store]\nroot = \"{}/ev\"\n{tenant_block}",
+            dir.display(),
+            dir.display()
+        ),
     )
     .unwrap();
     path
@@ -75,53 +90,101 @@ fn bad_tenant_name_and_missing_secret_are_one_clear_line() {
         "[[tenant]]\nname = \"Contoso Ltd\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"X\"\n",
     );
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("discover"));
-    assert!(line.contains("tenant name 'Contoso Ltd' must match [a-z0-9-]+"), "{line}");
+    assert!(
+        line.contains("tenant name 'Contoso Ltd' must match [a-z0-9-]+"),
+        "{line}"
+    );
 
     let cfg = config_with(
         dir.path(),
         "[[tenant]]\nname = \"contoso\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = \"/nonexistent/secret\"\n",
     );
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("discover"));
-    assert!(line.contains("tenant 'contoso': cannot read client_secret_file /nonexistent/secret"), "{line}");
+    assert!(
+        line.contains("tenant 'contoso': cannot read client_secret_file /nonexistent/secret"),
+        "{line}"
+    );
 
     let cfg = config_with(
         dir.path(),
         "[[tenant]]\nname = \"contoso\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_env = \"LRVAULT_TEST_UNSET_SECRET\"\n",
     );
-    let line = one_line_error(lrvault().arg("--config").arg(&cfg).env_remove("LRVAULT_TEST_UNSET_SECRET").arg("archive"));
-    assert!(line.contains("environment variable LRVAULT_TEST_UNSET_SECRET"), "{line}");
+    let line = one_line_error(
+        lrvault()
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("LRVAULT_TEST_UNSET_SECRET")
+            .arg("archive"),
+    );
+    assert!(
+        line.contains("environment variable LRVAULT_TEST_UNSET_SECRET"),
+        "{line}"
+    );
 
-    let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(["discover", "--tenant", "fabrikam"]));
-    assert!(line.contains("unknown tenant 'fabrikam' (configured: contoso)"), "{line}");
+    let line = one_line_error(
+        lrvault()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["discover", "--tenant", "fabrikam"]),
+    );
+    assert!(
+        line.contains("unknown tenant 'fabrikam' (configured: contoso)"),
+        "{line}"
+    );
 
     let cfg = config_with(
         dir.path(),
         "[[tenant]]\nname = \"contoso\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"hunter2\"\n",
     );
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("status"));
-    assert!(line.contains("client_secret must not be written in the config file"), "{line}");
+    assert!(
+        line.contains("client_secret must not be written in the config file"),
+        "{line}"
+    );
     assert!(!line.contains("hunter2"));
 
-    let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(["verify", "--since", "yesterday-ish"]));
-    assert!(line.contains("client_secret must not be written") || line.contains("invalid date"), "{line}");
+    let line = one_line_error(lrvault().arg("--config").arg(&cfg).args([
+        "verify",
+        "--since",
+        "yesterday-ish",
+    ]));
+    assert!(
+        line.contains("client_secret must not be written") || line.contains("invalid date"),
+        "{line}"
+    );
 }
 
 #[test]
 fn example_config_loads_through_the_binary() {
     // `migrate` on the shipped example (with the DB moved to a temp dir) succeeds.
     let dir = tempfile::tempdir().unwrap();
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml"))
+            .unwrap();
     let text = example
-        .replace("/var/lib/lrvault/lrvault.db", &format!("{}/l.db", dir.path().display()))
-        .replace("/var/lib/lrvault/evidence", &format!("{}/ev", dir.path().display()));
+        .replace(
+            "/var/lib/lrvault/lrvault.db",
+            &format!("{}/l.db", dir.path().display()),
+        )
+        .replace(
+            "/var/lib/lrvault/evidence",
+            &format!("{}/ev", dir.path().display()),
+        );
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run(lrvault().arg("--config").arg(&cfg).arg("migrate"));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("schema version 1"), "{out}");
-    let (code, out, err) = run(lrvault().arg("--config").arg(&cfg).args(["status", "--format", "json"]));
+    let (code, out, err) = run(lrvault()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["status", "--format", "json"]));
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["custody_head"]["seq"], 0);
-    assert_eq!(status["quota"].as_array().unwrap().len(), 4, "one row per endpoint of the one tenant");
+    assert_eq!(
+        status["quota"].as_array().unwrap().len(),
+        4,
+        "one row per endpoint of the one tenant"
+    );
 }

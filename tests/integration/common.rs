@@ -26,12 +26,26 @@ pub struct Env {
 pub async fn env(sim_cfg: SimConfig, extra: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let sim = Simulator::new(sim_cfg).start().await.unwrap();
-    let config_path = lrvault::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), extra).unwrap();
+    let config_path =
+        lrvault::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), extra).unwrap();
     let cfg = Arc::new(Config::load(&config_path).unwrap());
     let db = Db::open(&cfg.database.path).unwrap();
     let ctx = Arc::new(Context::new(cfg.clone(), db.clone(), CancellationToken::new()).unwrap());
-    let tenants = ctx.tenants(None).unwrap().into_iter().map(Arc::new).collect();
-    Env { dir, sim, config_path, cfg, db, ctx, tenants }
+    let tenants = ctx
+        .tenants(None)
+        .unwrap()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    Env {
+        dir,
+        sim,
+        config_path,
+        cfg,
+        db,
+        ctx,
+        tenants,
+    }
 }
 
 impl Env {
@@ -39,11 +53,14 @@ impl Env {
         let mut total = discover::Summary::default();
         for t in &self.tenants {
             let window = discover::Window {
-                since: chrono::Utc::now() - chrono::Duration::from_std(self.cfg.discovery.lookback).unwrap(),
+                since: chrono::Utc::now()
+                    - chrono::Duration::from_std(self.cfg.discovery.lookback).unwrap(),
                 until: None,
                 machine_id: None,
             };
-            let s = discover::discover(&self.ctx, t, &window, discover::Source::Discover).await.unwrap();
+            let s = discover::discover(&self.ctx, t, &window, discover::Source::Discover)
+                .await
+                .unwrap();
             total.listed += s.listed;
             total.new_actions += s.new_actions;
             total.known += s.known;
@@ -55,7 +72,9 @@ impl Env {
     }
 
     pub async fn archive(&self) -> archive::Summary {
-        archive::archive(&self.ctx, &self.tenants, None, None).await.unwrap()
+        archive::archive(&self.ctx, &self.tenants, None, None)
+            .await
+            .unwrap()
     }
 
     pub fn tenant_id(&self) -> String {
@@ -68,7 +87,11 @@ impl Env {
 
     /// A read-only connection, as an auditor would open it.
     pub fn reader(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(&self.cfg.database.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+        rusqlite::Connection::open_with_flags(
+            &self.cfg.database.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap()
     }
 
     pub fn count(&self, sql: &str) -> i64 {
@@ -85,7 +108,9 @@ pub fn files_under(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -111,11 +136,31 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
         e.read_to_end(&mut buf).unwrap();
         files.insert(e.name().unwrap().to_string(), buf);
     }
-    let bag = files.keys().next().unwrap().split('/').next().unwrap().to_string();
-    assert!(files.keys().all(|k| k.starts_with(&format!("{bag}/"))), "{files:?}");
-    let get = |name: &str| files.get(&format!("{bag}/{name}")).unwrap_or_else(|| panic!("{name} missing in {}", path.display()));
-    assert_eq!(get("bagit.txt"), b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n");
-    let data: Vec<(&String, &Vec<u8>)> = files.iter().filter(|(k, _)| k.starts_with(&format!("{bag}/data/"))).collect();
+    let bag = files
+        .keys()
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        files.keys().all(|k| k.starts_with(&format!("{bag}/"))),
+        "{files:?}"
+    );
+    let get = |name: &str| {
+        files
+            .get(&format!("{bag}/{name}"))
+            .unwrap_or_else(|| panic!("{name} missing in {}", path.display()))
+    };
+    assert_eq!(
+        get("bagit.txt"),
+        b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n"
+    );
+    let data: Vec<(&String, &Vec<u8>)> = files
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{bag}/data/")))
+        .collect();
     assert_eq!(data.len(), 1, "exactly one payload file");
     let (data_name, payload) = data[0];
     let rel = data_name.strip_prefix(&format!("{bag}/")).unwrap();
@@ -128,12 +173,22 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
         assert_eq!(hash, sha256_hex(get(name)), "tag file {name}");
         tag_lines += 1;
     }
-    let tag_files = files.keys().filter(|k| !k.contains("/data/") && !k.ends_with("tagmanifest-sha256.txt")).count();
+    let tag_files = files
+        .keys()
+        .filter(|k| !k.contains("/data/") && !k.ends_with("tagmanifest-sha256.txt"))
+        .count();
     assert_eq!(tag_lines, tag_files, "tagmanifest covers every tag file");
     let info = String::from_utf8(get("bag-info.txt").clone()).unwrap();
-    assert!(info.contains(&format!("Payload-Oxum: {}.1\n", payload.len())), "{info}");
+    assert!(
+        info.contains(&format!("Payload-Oxum: {}.1\n", payload.len())),
+        "{info}"
+    );
     let retrieval: serde_json::Value = serde_json::from_slice(get("retrieval.json")).unwrap();
-    (rel.trim_start_matches("data/").to_string(), payload.to_vec(), retrieval)
+    (
+        rel.trim_start_matches("data/").to_string(),
+        payload.to_vec(),
+        retrieval,
+    )
 }
 
 /// Polls `f` every 50 ms until it is true or `limit` passes.

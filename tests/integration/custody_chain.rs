@@ -60,7 +60,11 @@ pub fn recheck(conn: &rusqlite::Connection) -> i64 {
             json_str(&detail),
         );
         let row_hash: String = r.get(11).unwrap();
-        assert_eq!(hex::encode(Sha256::digest(text.as_bytes())), row_hash, "row {seq} hash");
+        assert_eq!(
+            hex::encode(Sha256::digest(text.as_bytes())),
+            row_hash,
+            "row {seq} hash"
+        );
         prev = row_hash;
         expected_seq += 1;
     }

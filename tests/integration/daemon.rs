@@ -12,8 +12,22 @@ use crate::custody_chain;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     let schedule = "[schedule]\ndiscover = \"*/2 * * * * *\"\narchive = \"* * * * * *\"\nverify = \"0 0 3 * * *\"\n";
-    let e = env(SimConfig { seed: 3, actions: 8, ..SimConfig::default() }, schedule).await;
-    let expected = e.sim.sim.expected_results(&e.tenant_id()).iter().filter(|x| x.has_result).count() as i64;
+    let e = env(
+        SimConfig {
+            seed: 3,
+            actions: 8,
+            ..SimConfig::default()
+        },
+        schedule,
+    )
+    .await;
+    let expected = e
+        .sim
+        .sim
+        .expected_results(&e.tenant_id())
+        .iter()
+        .filter(|x| x.has_result)
+        .count() as i64;
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_lrvault"))
         .arg("--config")
         .arg(&e.config_path)
@@ -25,22 +39,42 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     let db_path = e.cfg.database.path.clone();
     let archived = || {
         rusqlite::Connection::open_with_flags(&db_path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| c.query_row("SELECT count(*) FROM v_evidence", [], |r| r.get::<_, i64>(0)))
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM v_evidence", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
             .unwrap_or(0)
     };
     let done = wait_until(Duration::from_secs(60), || archived() == expected).await;
 
     // A second daemon on the same DB is refused at once.
-    let second = Command::new(env!("CARGO_BIN_EXE_lrvault")).arg("--config").arg(&e.config_path).arg("run").output().unwrap();
+    let second = Command::new(env!("CARGO_BIN_EXE_lrvault"))
+        .arg("--config")
+        .arg(&e.config_path)
+        .arg("run")
+        .output()
+        .unwrap();
     assert_eq!(second.status.code(), Some(2));
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(err.contains("another lrvault daemon is already running on"), "{err}");
+    assert!(
+        err.contains("another lrvault daemon is already running on"),
+        "{err}"
+    );
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = daemon.wait().unwrap();
     let mut log = String::new();
     std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut log).unwrap();
-    assert!(done, "daemon archived {} of {expected}; log:\n{log}", archived());
+    assert!(
+        done,
+        "daemon archived {} of {expected}; log:\n{log}",
+        archived()
+    );
     assert_eq!(status.code(), Some(0), "clean shutdown; log:\n{log}");
     assert!(log.contains("lrvault daemon stopped"), "{log}");
     assert!(!log.contains("sig="), "no SAS signature in logs");

@@ -10,7 +10,11 @@ use crate::common::{check_bag, env, files_under, sha256_hex};
 use crate::custody_chain;
 
 fn sim(actions: usize, seed: u64) -> SimConfig {
-    SimConfig { seed, actions, ..SimConfig::default() }
+    SimConfig {
+        seed,
+        actions,
+        ..SimConfig::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,14 +22,24 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
     let e = env(sim(25, 11), "").await;
     let expected = e.sim.sim.expected_results(&e.tenant_id());
     let with_result: Vec<_> = expected.iter().filter(|x| x.has_result).collect();
-    assert!(with_result.len() >= 20, "the seed yields a meaningful sample: {}", with_result.len());
-    assert!(expected.iter().any(|x| x.command_type == "GetFile" && x.has_result));
+    assert!(
+        with_result.len() >= 20,
+        "the seed yields a meaningful sample: {}",
+        with_result.len()
+    );
+    assert!(
+        expected
+            .iter()
+            .any(|x| x.command_type == "GetFile" && x.has_result)
+    );
     assert!(expected.iter().any(|x| x.command_status == "Failed"));
 
     let d = e.discover().await;
     let finished: std::collections::HashSet<&str> = expected
         .iter()
-        .filter(|x| ["Succeeded", "Failed", "TimeOut", "Cancelled"].contains(&x.action_status.as_str()))
+        .filter(|x| {
+            ["Succeeded", "Failed", "TimeOut", "Cancelled"].contains(&x.action_status.as_str())
+        })
         .map(|x| x.action_id.as_str())
         .collect();
     assert_eq!(d.new_actions, finished.len());
@@ -36,8 +50,13 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
     let conn = e.reader();
     // Results of finished actions: archived exactly when the simulator has a result.
     let mut states: HashMap<(String, u32), String> = HashMap::new();
-    let mut stmt = conn.prepare("SELECT action_id, command_index, state FROM results").unwrap();
-    for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap() {
+    let mut stmt = conn
+        .prepare("SELECT action_id, command_index, state FROM results")
+        .unwrap();
+    for row in stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+    {
         let (a, i, s): (String, u32, String) = row.unwrap();
         states.insert((a, i), s);
     }
@@ -75,33 +94,72 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
         assert_eq!(orig_sha, x.original_sha256);
         assert_eq!(orig_name, x.original_name);
         let full = e.store().join(&path);
-        assert_eq!(std::fs::metadata(&full).unwrap().permissions().mode() & 0o777, 0o440);
+        assert_eq!(
+            std::fs::metadata(&full).unwrap().permissions().mode() & 0o777,
+            0o440
+        );
         assert_eq!(sha256_hex(&std::fs::read(&full).unwrap()), pkg_sha);
         let (payload_name, payload, retrieval) = check_bag(&full);
         assert_eq!(sha256_hex(&payload), x.sha256);
         assert_eq!(retrieval["sha256"], x.sha256.as_str());
         assert_eq!(retrieval["md5_check"], "match");
-        assert!(!retrieval.to_string().contains("sig="), "no SAS query in retrieval.json");
+        assert!(
+            !retrieval.to_string().contains("sig="),
+            "no SAS query in retrieval.json"
+        );
         if x.command_type == "GetFile" {
             assert!(payload_name.ends_with(".gz"), "{payload_name}");
             assert_eq!(retrieval["encoding"], "gzip");
-            assert_eq!(retrieval["original_sha256"], x.original_sha256.clone().unwrap().as_str());
+            assert_eq!(
+                retrieval["original_sha256"],
+                x.original_sha256.clone().unwrap().as_str()
+            );
         } else {
-            assert_eq!(payload_name, format!("{}.transcript.json", x.original_name.clone().unwrap()));
-            assert_eq!(retrieval["transcript"]["script_name"], x.original_name.clone().unwrap().as_str());
+            assert_eq!(
+                payload_name,
+                format!("{}.transcript.json", x.original_name.clone().unwrap())
+            );
+            assert_eq!(
+                retrieval["transcript"]["script_name"],
+                x.original_name.clone().unwrap().as_str()
+            );
         }
         // Path layout: tenant/YYYY/MM/DD/action/NNN-Type.zip
-        assert!(path.starts_with("sim0/") && path.ends_with(&format!("/{}/{:03}-{}.zip", x.action_id, x.index, x.command_type)), "{path}");
+        assert!(
+            path.starts_with("sim0/")
+                && path.ends_with(&format!(
+                    "/{}/{:03}-{}.zip",
+                    x.action_id, x.index, x.command_type
+                )),
+            "{path}"
+        );
     }
     let evidence_rows = e.count("SELECT count(*) FROM evidence");
     assert_eq!(evidence_rows as usize, with_result.len());
-    assert_eq!(e.count("SELECT count(DISTINCT action_id || '/' || command_index) FROM evidence"), evidence_rows);
+    assert_eq!(
+        e.count("SELECT count(DISTINCT action_id || '/' || command_index) FROM evidence"),
+        evidence_rows
+    );
     for kind in ["ARCHIVED", "DOWNLOADED"] {
-        assert_eq!(e.count(&format!("SELECT count(*) FROM custody_log WHERE event = '{kind}'")), evidence_rows, "{kind}");
+        assert_eq!(
+            e.count(&format!(
+                "SELECT count(*) FROM custody_log WHERE event = '{kind}'"
+            )),
+            evidence_rows,
+            "{kind}"
+        );
     }
     let store_files = files_under(e.store());
-    assert_eq!(store_files.len() as i64, evidence_rows, "only packages in the store: {store_files:?}");
-    assert!(store_files.iter().all(|p| p.extension().is_some_and(|x| x == "zip")));
+    assert_eq!(
+        store_files.len() as i64,
+        evidence_rows,
+        "only packages in the store: {store_files:?}"
+    );
+    assert!(
+        store_files
+            .iter()
+            .all(|p| p.extension().is_some_and(|x| x == "zip"))
+    );
 
     // The custody chain recomputes with an independent implementation.
     let rows = custody_chain::recheck(&conn);
@@ -118,7 +176,13 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
     // The simulator never throttled, and no blob request carried an Authorization header.
     assert_eq!(e.sim.sim.count_status(429), 0);
     assert_eq!(e.sim.sim.blob_requests_with_authorization(), 0);
-    let blob_requests = e.sim.sim.requests().iter().filter(|r| r.endpoint == "blob").count();
+    let blob_requests = e
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == "blob")
+        .count();
     assert_eq!(blob_requests, with_result.len(), "one download per result");
 }
 
@@ -129,10 +193,20 @@ async fn custody_log_refuses_update_and_delete() {
     let before = e.count("SELECT count(*) FROM custody_log");
     assert!(before > 0);
     let rw = rusqlite::Connection::open(&e.cfg.database.path).unwrap();
-    let err = rw.execute("UPDATE custody_log SET detail = '{}' WHERE seq = 1", []).unwrap_err();
-    assert!(err.to_string().contains("custody_log is append-only"), "{err}");
-    let err = rw.execute("DELETE FROM custody_log WHERE seq = 1", []).unwrap_err();
-    assert!(err.to_string().contains("custody_log is append-only"), "{err}");
+    let err = rw
+        .execute("UPDATE custody_log SET detail = '{}' WHERE seq = 1", [])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("custody_log is append-only"),
+        "{err}"
+    );
+    let err = rw
+        .execute("DELETE FROM custody_log WHERE seq = 1", [])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("custody_log is append-only"),
+        "{err}"
+    );
     assert_eq!(e.count("SELECT count(*) FROM custody_log"), before);
     custody_chain::recheck(&e.reader());
 }
@@ -144,10 +218,20 @@ async fn views_are_readable_while_an_archive_pass_runs() {
     cfg.faults = vec!["slow=400000".parse().unwrap()];
     let e = env(cfg, "").await;
     e.discover().await;
-    let total = e.sim.sim.expected_results(&e.tenant_id()).iter().filter(|x| x.has_result).count() as i64;
+    let total = e
+        .sim
+        .sim
+        .expected_results(&e.tenant_id())
+        .iter()
+        .filter(|x| x.has_result)
+        .count() as i64;
     let ctx = e.ctx.clone();
     let tenants = e.tenants.clone();
-    let pass = tokio::spawn(async move { lrvault::jobs::archive::archive(&ctx, &tenants, None, None).await.unwrap() });
+    let pass = tokio::spawn(async move {
+        lrvault::jobs::archive::archive(&ctx, &tenants, None, None)
+            .await
+            .unwrap()
+    });
     let mut reads = 0;
     let mut seen_partial = false;
     while !pass.is_finished() {
@@ -161,8 +245,18 @@ async fn views_are_readable_while_an_archive_pass_runs() {
     }
     let summary = pass.await.unwrap();
     assert_eq!(summary.archived as i64, total);
-    assert!(reads > 3 && seen_partial, "reads {reads}, saw a partly archived state: {seen_partial}");
-    if let Ok(out) = std::process::Command::new("sqlite3").arg(&e.cfg.database.path).arg("select count(*) from v_evidence").output() {
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), total.to_string());
+    assert!(
+        reads > 3 && seen_partial,
+        "reads {reads}, saw a partly archived state: {seen_partial}"
+    );
+    if let Ok(out) = std::process::Command::new("sqlite3")
+        .arg(&e.cfg.database.path)
+        .arg("select count(*) from v_evidence")
+        .output()
+    {
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            total.to_string()
+        );
     }
 }
