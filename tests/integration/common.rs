@@ -13,11 +13,11 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub struct Env {
-    pub dir: tempfile::TempDir,
+    /// Kept so the directory lives as long as the test.
+    pub _dir: tempfile::TempDir,
     pub sim: SimHandle,
     pub config_path: PathBuf,
     pub cfg: Arc<Config>,
-    pub db: Db,
     pub ctx: Arc<Context>,
     pub tenants: Vec<Arc<jobs::Tenant>>,
 }
