@@ -38,11 +38,10 @@ pub async fn env(sim_cfg: SimConfig, extra: &str) -> Env {
         .map(Arc::new)
         .collect();
     Env {
-        dir,
+        _dir: dir,
         sim,
         config_path,
         cfg,
-        db,
         ctx,
         tenants,
     }
