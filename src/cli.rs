@@ -192,7 +192,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ctx = Arc::new(ctx);
             let tenants: Vec<_> = tenants.into_iter().map(Arc::new).collect();
             let names: Vec<String> = tenants.iter().map(|t| t.cfg.name.clone()).collect();
-            let due = archive::due_results(&ctx, &names, max).await?.len() as u64;
+            let scope = archive::Scope {
+                max,
+                ..Default::default()
+            };
+            let due = archive::due_count(&ctx, &tenants, &scope).await? as u64;
             let progress = Arc::new(crate::progress::Progress::new("archiving", due, true));
             let p = progress.clone();
             let cancel = ctx.cancel.clone();
@@ -206,7 +210,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             let started = crate::time::now_str();
             let summary =
-                archive::archive(&ctx, &tenants, max, Some(Arc::new(move |_, _| p.inc()))).await?;
+                archive::archive(&ctx, &tenants, &scope, Some(Arc::new(move |_, _| p.inc())))
+                    .await?;
             progress.finish();
             println!("{summary}");
             for name in &names {

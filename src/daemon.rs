@@ -233,7 +233,7 @@ impl Daemon {
 
     async fn archive(&self) {
         let started = crate::time::now_str();
-        match archive::archive(&self.ctx, &self.tenants, None, None).await {
+        match archive::archive(&self.ctx, &self.tenants, &archive::Scope::default(), None).await {
             Ok(s) => {
                 if s.archived + s.failed + s.unavailable + s.retry_later > 0 {
                     tracing::info!("archive pass: {s}");

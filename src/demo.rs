@@ -205,12 +205,12 @@ pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         let s = discover::discover(&ctx, t, &window, discover::Source::Discover).await?;
         println!("discover:  {s}");
     }
-    let names: Vec<String> = tenants.iter().map(|t| t.cfg.name.clone()).collect();
-    let due = archive::due_results(&ctx, &names, None).await?.len() as u64;
+    let scope = archive::Scope::default();
+    let due = archive::due_count(&ctx, &tenants, &scope).await? as u64;
     let progress = Arc::new(crate::progress::Progress::new("archiving", due, true));
     let p = progress.clone();
     let summary =
-        archive::archive(&ctx, &tenants, None, Some(Arc::new(move |_, _| p.inc()))).await?;
+        archive::archive(&ctx, &tenants, &scope, Some(Arc::new(move |_, _| p.inc()))).await?;
     progress.finish();
     println!("archive:   {summary}");
     let report = crate::verify::verify(&cfg, &db, None, None, false).await?;

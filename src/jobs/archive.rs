@@ -75,39 +75,48 @@ pub enum Outcome {
     ClaimedElsewhere,
 }
 
-/// Due results of the given tenants, oldest action first, commands in index order.
-pub async fn due_results(
-    ctx: &Context,
-    tenants: &[String],
-    limit: Option<usize>,
-) -> Result<Vec<Key>, DbError> {
-    let tenants = tenants.to_vec();
+/// Which results a pass works on.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// At most this many results (per pass, across tenants).
+    pub max: Option<usize>,
+    /// Only actions created in `[since, until)` (backfill windows).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+    pub machine_id: Option<String>,
+}
+
+/// Due results of one tenant in `scope`, oldest action first, commands in index order.
+pub async fn due_results(ctx: &Context, tenant: &str, scope: &Scope) -> Result<Vec<Key>, DbError> {
+    let tenant = tenant.to_string();
+    let scope = scope.clone();
     ctx.db
         .call(move |c| {
             let mut stmt = c
                 .prepare(
                     "SELECT r.tenant, r.action_id, r.command_index FROM results r
                      JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= ?1)
-                     ORDER BY a.created_at, r.action_id, r.command_index",
+                     WHERE r.tenant = ?1 AND r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= ?2)
+                       AND (?3 IS NULL OR a.created_at >= ?3) AND (?4 IS NULL OR a.created_at < ?4)
+                       AND (?5 IS NULL OR a.machine_id = ?5)
+                     ORDER BY a.created_at, r.action_id, r.command_index
+                     LIMIT ?6",
                 )
                 .map_err(DbError::sql("select due results"))?;
             let rows = stmt
-                .query_map([crate::time::now_str()], |r| {
-                    Ok(Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? })
-                })
+                .query_map(
+                    params![
+                        tenant,
+                        crate::time::now_str(),
+                        scope.since.map(crate::time::fmt),
+                        scope.until.map(crate::time::fmt),
+                        scope.machine_id,
+                        scope.max.map_or(-1, |m| m as i64)
+                    ],
+                    |r| Ok(Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? }),
+                )
                 .map_err(DbError::sql("select due results"))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let key = row.map_err(DbError::sql("select due results"))?;
-                if tenants.contains(&key.tenant) {
-                    out.push(key);
-                    if limit.is_some_and(|l| out.len() >= l) {
-                        break;
-                    }
-                }
-            }
-            Ok(out)
+            rows.collect::<Result<Vec<_>, _>>().map_err(DbError::sql("select due results"))
         })
         .await
 }
@@ -122,6 +131,19 @@ type InFlight = (
     String,
     String,
 );
+
+/// Due results of several tenants (for progress totals).
+pub async fn due_count(
+    ctx: &Context,
+    tenants: &[Arc<Tenant>],
+    scope: &Scope,
+) -> Result<usize, DbError> {
+    let mut n = 0;
+    for t in tenants {
+        n += due_results(ctx, &t.cfg.name, scope).await?.len();
+    }
+    Ok(scope.max.map_or(n, |m| n.min(m)))
+}
 
 /// Returns crashed downloads (`downloading` with an expired lease or a dead owner) to
 /// `pending`, removing their partial files. A package already in place is left for the next
@@ -183,12 +205,13 @@ fn partial_path(final_path: &std::path::Path) -> PathBuf {
 /// Callback for progress: called once per finished result.
 pub type OnResult = Arc<dyn Fn(&Key, Outcome) + Send + Sync>;
 
-/// One pass over the due results of `tenants`: at most `max` results, `download.concurrency`
-/// at a time. Stops starting new results when the context is cancelled.
+/// One pass over the due results of `tenants` in `scope`. Each tenant has its own loop and
+/// `download.concurrency` download slots, so a tenant waiting on its quota never holds up
+/// another. New results stop starting when the context is cancelled.
 pub async fn archive(
     ctx: &Arc<Context>,
     tenants: &[Arc<Tenant>],
-    max: Option<usize>,
+    scope: &Scope,
     on_result: Option<OnResult>,
 ) -> anyhow::Result<Summary> {
     let mut summary = Summary {
@@ -196,8 +219,43 @@ pub async fn archive(
         ..Default::default()
     };
     ctx.governor.prune().await?;
-    let names: Vec<String> = tenants.iter().map(|t| t.cfg.name.clone()).collect();
-    let due = due_results(ctx, &names, max).await?;
+    // `max` is shared by all tenants: hand out the budget as results start.
+    let budget = Arc::new(std::sync::atomic::AtomicUsize::new(
+        scope.max.unwrap_or(usize::MAX),
+    ));
+    let mut loops = tokio::task::JoinSet::new();
+    for tenant in tenants {
+        let (ctx, tenant, scope, on_result, budget) = (
+            ctx.clone(),
+            tenant.clone(),
+            scope.clone(),
+            on_result.clone(),
+            budget.clone(),
+        );
+        loops.spawn(async move { archive_tenant(&ctx, &tenant, &scope, on_result, &budget).await });
+    }
+    while let Some(done) = loops.join_next().await {
+        let s = done??;
+        summary.archived += s.archived;
+        summary.unavailable += s.unavailable;
+        summary.failed += s.failed;
+        summary.retry_later += s.retry_later;
+        summary.claimed_elsewhere += s.claimed_elsewhere;
+        summary.not_started += s.not_started;
+    }
+    Ok(summary)
+}
+
+async fn archive_tenant(
+    ctx: &Arc<Context>,
+    tenant: &Arc<Tenant>,
+    scope: &Scope,
+    on_result: Option<OnResult>,
+    budget: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<Summary> {
+    use std::sync::atomic::Ordering;
+    let mut summary = Summary::default();
+    let due = due_results(ctx, &tenant.cfg.name, scope).await?;
     let due_count = due.len();
     let slots = Arc::new(Semaphore::new(ctx.cfg.download.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
@@ -208,12 +266,14 @@ pub async fn archive(
             p = slots.clone().acquire_owned() => p?,
             _ = ctx.cancel.cancelled() => break,
         };
-        let Some(tenant) = tenants.iter().find(|t| t.cfg.name == key.tenant).cloned() else {
-            continue;
-        };
+        if budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+            .is_err()
+        {
+            break;
+        }
         started += 1;
-        let ctx = ctx.clone();
-        let on_result = on_result.clone();
+        let (ctx, tenant, on_result) = (ctx.clone(), tenant.clone(), on_result.clone());
         tasks.spawn(async move {
             let outcome = archive_one(&ctx, &tenant, &key).await;
             drop(permit);

@@ -71,7 +71,7 @@ impl Env {
     }
 
     pub async fn archive(&self) -> archive::Summary {
-        archive::archive(&self.ctx, &self.tenants, None, None)
+        archive::archive(&self.ctx, &self.tenants, &archive::Scope::default(), None)
             .await
             .unwrap()
     }

@@ -228,7 +228,7 @@ async fn views_are_readable_while_an_archive_pass_runs() {
     let ctx = e.ctx.clone();
     let tenants = e.tenants.clone();
     let pass = tokio::spawn(async move {
-        lrvault::jobs::archive::archive(&ctx, &tenants, None, None)
+        lrvault::jobs::archive::archive(&ctx, &tenants, &Default::default(), None)
             .await
             .unwrap()
     });
