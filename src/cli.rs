@@ -68,6 +68,25 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         max: Option<usize>,
     },
+    /// Harvest a past window: list, queue and archive every result of the live-response
+    /// actions created in it; exits when every result is terminal (run again to resume)
+    Backfill {
+        /// Start of the window: YYYY-MM-DD (UTC midnight), RFC 3339, or an age like 30d / 12h
+        #[arg(long, value_name = "DATE")]
+        since: String,
+        /// End of the window (exclusive; default: now)
+        #[arg(long, value_name = "DATE")]
+        until: Option<String>,
+        #[command(flatten)]
+        tenant: TenantArg,
+        /// Only actions on this machine (machine id)
+        #[arg(long, value_name = "ID")]
+        machine: Option<String>,
+        /// Print the number of actions and results, the API calls needed and the ETA; change
+        /// nothing (its List calls are real, so they are in the quota ledger)
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Fetch the given machine actions (Get MachineAction) and queue their commands
     Enqueue {
         #[command(flatten)]
@@ -232,6 +251,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Backfill {
+            since,
+            until,
+            tenant,
+            machine,
+            dry_run,
+        } => {
+            let now = crate::time::now();
+            let since = crate::time::parse_user_date(&since, now)?;
+            let until = until
+                .map(|u| crate::time::parse_user_date(&u, now))
+                .transpose()?;
+            if until.is_some_and(|u| u <= since) {
+                return Err(UserError::new("--until must be later than --since").into());
+            }
+            if let Some(m) = &machine
+                && !m.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                return Err(UserError::new(format!(
+                    "invalid machine id '{m}' (expected 40 hex characters)"
+                ))
+                .into());
+            }
+            // The API filters on whole seconds.
+            let since = chrono::DurationRound::duration_trunc(since, chrono::Duration::seconds(1))
+                .unwrap_or(since);
+            let window = discover::Window {
+                since,
+                until,
+                machine_id: machine,
+            };
+            let (ctx, tenants) = setup(&cli.config, tenant.tenant.as_deref())?;
+            backfill(Arc::new(ctx), tenants, window, dry_run).await
+        }
         Command::Enqueue { tenant, ids } => {
             let (ctx, tenants) = setup(&cli.config, tenant.tenant.as_deref())?;
             let [tenant] = tenants.as_slice() else {
@@ -267,6 +320,129 @@ fn setup(
     let ctx = Context::new(cfg, db, CancellationToken::new())?;
     let tenants = ctx.tenants(tenant)?;
     Ok((ctx, tenants))
+}
+
+async fn backfill(
+    ctx: Arc<Context>,
+    tenants: Vec<jobs::Tenant>,
+    window: discover::Window,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    use jobs::backfill::{self, fmt_duration};
+    let span = format!(
+        "{} .. {}",
+        crate::time::fmt(window.since),
+        window.until.map_or("now".to_string(), crate::time::fmt)
+    );
+    let q = &ctx.cfg.quota;
+    if dry_run {
+        for t in &tenants {
+            let p = backfill::plan(&ctx, t, &window).await?;
+            let eta = backfill::quota_eta(&ctx, &t.cfg.name, p.to_fetch).await?;
+            println!(
+                "{}: window {span}: {} live-response actions ({} unfinished); {} results to fetch, {} already done, {} without a result",
+                t.cfg.name, p.actions, p.unfinished, p.to_fetch, p.already_done, p.without_result
+            );
+            println!(
+                "{}: calls needed: {} result links (+ {} List call{} made for this count); at {}/min and {}/h per endpoint: ETA {}",
+                t.cfg.name,
+                p.to_fetch,
+                p.list_calls,
+                if p.list_calls == 1 { "" } else { "s" },
+                q.per_minute,
+                q.per_hour,
+                fmt_duration(eta)
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cancel = ctx.cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!(
+                "lrvault: stopping after the downloads in progress; run the same backfill again to resume"
+            );
+            cancel.cancel();
+        }
+    });
+    let mut complete = true;
+    for t in tenants {
+        let t = Arc::new(t);
+        let progress = Arc::new(crate::progress::Progress::new(
+            &format!("backfill {}", t.cfg.name),
+            0,
+            true,
+        ));
+        let every = Arc::new(backfill::Every::new(std::time::Duration::from_secs(2)));
+        let (p, c, name, e) = (
+            progress.clone(),
+            ctx.clone(),
+            t.cfg.name.clone(),
+            every.clone(),
+        );
+        // The ETA comes from the quota ledger, not from the rate so far: a backlog drains in
+        // bursts of per_minute until the hour window is full.
+        let handle = tokio::runtime::Handle::current();
+        let on_result: archive::OnResult = Arc::new(move |_, _| {
+            p.inc();
+            if e.due() {
+                let (p, c, name) = (p.clone(), c.clone(), name.clone());
+                handle.spawn(async move {
+                    let left = p_left(&p);
+                    if let Ok(eta) = backfill::quota_eta(&c, &name, left).await {
+                        p.set_note(format!("ETA {} (quota)", fmt_duration(eta)));
+                    }
+                });
+            }
+        });
+        let (p2, c2, name2) = (progress.clone(), ctx.clone(), t.cfg.name.clone());
+        let started = crate::time::now_str();
+        let outcome = backfill::run(
+            &ctx,
+            &t,
+            &window,
+            move |total| {
+                p2.set_total(total);
+                let (p, c, name) = (p2.clone(), c2.clone(), name2.clone());
+                tokio::spawn(async move {
+                    if let Ok(eta) = backfill::quota_eta(&c, &name, total).await {
+                        p.set_note(format!("ETA {} (quota)", fmt_duration(eta)));
+                    }
+                });
+            },
+            Some(on_result),
+        )
+        .await?;
+        progress.finish();
+        println!(
+            "{}: window {span}: {} archived, {} unavailable, {} skipped (no result), {} failed, {} not finished",
+            t.cfg.name,
+            outcome.archived,
+            outcome.unavailable,
+            outcome.skipped,
+            outcome.failed,
+            outcome.unfinished
+        );
+        jobs::record_job_run(
+            &ctx.db,
+            "backfill",
+            &t.cfg.name,
+            started,
+            outcome.complete(),
+            format!("window {span}: {outcome:?}"),
+        )
+        .await;
+        complete &= outcome.complete();
+    }
+    Ok(if complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn p_left(p: &crate::progress::Progress) -> u64 {
+    p.total().saturating_sub(p.done())
 }
 
 async fn enqueue(

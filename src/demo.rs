@@ -56,6 +56,10 @@ pub struct SimulateArgs {
     /// foreign-host=N, http-link=N, redirect=N, gone=N
     #[arg(long = "fault", value_name = "FAULT")]
     pub faults: Vec<Fault>,
+    /// On exit, write every request the simulator answered to this file (JSON lines:
+    /// t_ms since start, endpoint, tenant_id, status, authorization, range); for benchmarks
+    #[arg(long, value_name = "PATH")]
+    pub request_log: Option<PathBuf>,
 }
 
 impl SimulateArgs {
@@ -105,11 +109,33 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             )
         );
     }
-    println!("\nCtrl-C stops it.");
-    sim.serve(listener, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    println!("\nCtrl-C (or SIGTERM) stops it.");
+    let t0 = std::time::Instant::now();
+    sim.clone()
+        .serve(listener, async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        })
+        .await?;
+    if let Some(path) = args.request_log {
+        let mut out = String::new();
+        for r in sim.requests() {
+            out += &serde_json::json!({
+                "t_ms": r.at.saturating_duration_since(t0).as_secs_f64() * 1000.0,
+                "endpoint": r.endpoint,
+                "tenant_id": r.tenant_id,
+                "status": r.status,
+                "authorization": r.authorization,
+                "range": r.range,
+            })
+            .to_string();
+            out.push('\n');
+        }
+        std::fs::write(&path, out)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

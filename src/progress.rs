@@ -1,8 +1,10 @@
-//! Progress of long work: an indicatif bar with rate and ETA on a terminal, plain log lines
-//! (at most every few seconds) otherwise — never a bar in the daemon's log stream.
+//! Progress of long work: an indicatif bar with rate and a note (the ETA from the quota) on
+//! a terminal, plain log lines (at most every few seconds) otherwise — never a bar in the
+//! daemon's log stream.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,7 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Progress {
     bar: Option<ProgressBar>,
     label: String,
-    total: u64,
+    total: AtomicU64,
+    note: Mutex<String>,
+    /// Results done and when the last log line was written.
     state: Mutex<(u64, Instant)>,
     started: Instant,
 }
@@ -24,44 +28,65 @@ impl Progress {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} results  {per_sec}  ETA {eta}",
+                    "{prefix} [{bar:30}] {pos}/{len} results  {per_sec}  {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            bar.set_message(label.to_string());
+            bar.set_prefix(label.to_string());
+            bar.enable_steady_tick(Duration::from_millis(250));
             bar
         });
         Progress {
             bar,
             label: label.into(),
-            total,
+            total: AtomicU64::new(total),
+            note: Mutex::new(String::new()),
             state: Mutex::new((0, Instant::now())),
             started: Instant::now(),
         }
     }
 
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.set_length(total);
+        }
+    }
+
+    /// A short note shown beside the bar and in the log lines (e.g. the ETA from the quota).
+    pub fn set_note(&self, note: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(note.clone());
+        }
+        *self.note.lock().unwrap_or_else(|p| p.into_inner()) = note;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn done(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
     pub fn inc(&self) {
+        let total = self.total.load(Ordering::Relaxed);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 += 1;
         if let Some(bar) = &self.bar {
             bar.inc(1);
             return;
         }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 += 1;
-        if st.1.elapsed() >= LOG_EVERY || st.0 == self.total {
+        if st.1.elapsed() >= LOG_EVERY || st.0 == total {
             st.1 = Instant::now();
             let rate = st.0 as f64 / self.started.elapsed().as_secs_f64().max(0.001);
-            let eta = if rate > 0.0 {
-                (self.total.saturating_sub(st.0)) as f64 / rate
-            } else {
-                0.0
-            };
+            let note = self.note.lock().unwrap_or_else(|p| p.into_inner()).clone();
             tracing::info!(
                 done = st.0,
-                total = self.total,
+                total,
                 rate_per_min = (rate * 60.0).round(),
-                eta_s = eta.round(),
-                "{}",
+                "{} {note}",
                 self.label
             );
         }

@@ -17,6 +17,9 @@ use crate::db::{Db, DbError, write_tx};
 
 /// Longest an API request may be in flight (the API client's whole-request timeout is lower).
 pub const INFLIGHT_GRACE_MS: i64 = 120_000;
+/// Added to each window: ledger times are whole milliseconds of the wall clock, the server
+/// counts with its own clock; the margin keeps a rounding from ever letting one call too many in.
+const WINDOW_MARGIN_MS: i64 = 2;
 /// Longest single sleep before re-reading the ledger (other processes may have freed slots).
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
@@ -193,7 +196,7 @@ fn try_reserve(
         (limits.minute_secs, limits.per_minute),
         (limits.hour_secs, limits.per_hour),
     ] {
-        let window_ms = (window_secs * 1000.0).ceil() as i64;
+        let window_ms = (window_secs * 1000.0).ceil() as i64 + WINDOW_MARGIN_MS;
         // A row leaves the window at `expiry`; in-flight rows stay until they complete.
         let expiry_sql = "at_ms + ?3 + CASE WHEN http_status IS NULL THEN ?4 ELSE 0 END";
         let count: i64 = tx
@@ -234,6 +237,74 @@ fn try_reserve(
     tx.commit()
         .map_err(DbError::sql("commit quota reservation"))?;
     Ok(Ok(Reservation { id }))
+}
+
+/// When `n` more calls to one bucket can be done at the earliest, given the calls already in
+/// the ledger (`past_ms`, any order): each call is placed greedily at the first moment both
+/// windows have room, exactly as the governor would admit it.
+pub fn eta(past_ms: &[i64], n: u64, limits: &QuotaConfig, now_ms: i64) -> Duration {
+    use std::collections::VecDeque;
+    let minute = (limits.minute_secs * 1000.0).ceil() as i64;
+    let hour = (limits.hour_secs * 1000.0).ceil() as i64;
+    let (per_min, per_hour) = (limits.per_minute as usize, limits.per_hour as usize);
+    let mut past: Vec<i64> = past_ms
+        .iter()
+        .copied()
+        .filter(|t| *t > now_ms - hour)
+        .collect();
+    past.sort_unstable();
+    let mut in_hour: VecDeque<i64> = past.iter().copied().collect();
+    let mut in_minute: VecDeque<i64> = past
+        .iter()
+        .copied()
+        .filter(|t| *t > now_ms - minute)
+        .collect();
+    let mut t = now_ms;
+    for _ in 0..n {
+        loop {
+            while in_hour.front().is_some_and(|&x| x + hour <= t) {
+                in_hour.pop_front();
+            }
+            while in_minute.front().is_some_and(|&x| x + minute <= t) {
+                in_minute.pop_front();
+            }
+            let mut next = t;
+            if in_minute.len() >= per_min {
+                next = next.max(in_minute[in_minute.len() - per_min] + minute);
+            }
+            if in_hour.len() >= per_hour {
+                next = next.max(in_hour[in_hour.len() - per_hour] + hour);
+            }
+            if next == t {
+                break;
+            }
+            t = next;
+        }
+        in_hour.push_back(t);
+        in_minute.push_back(t);
+    }
+    Duration::from_millis((t - now_ms).max(0) as u64)
+}
+
+/// Ledger times of one bucket within the last hour window (for ETAs).
+pub fn recent_calls(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    endpoint: Endpoint,
+    limits: &QuotaConfig,
+    now_ms: i64,
+) -> Result<Vec<i64>, DbError> {
+    let hour_ms = (limits.hour_secs * 1000.0).ceil() as i64;
+    let mut stmt = conn
+        .prepare("SELECT at_ms FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3")
+        .map_err(DbError::sql("read quota ledger"))?;
+    let rows = stmt
+        .query_map(params![tenant, endpoint.as_str(), now_ms - hour_ms], |r| {
+            r.get(0)
+        })
+        .map_err(DbError::sql("read quota ledger"))?;
+    rows.collect::<Result<Vec<i64>, _>>()
+        .map_err(DbError::sql("read quota ledger"))
 }
 
 /// Parses `Retry-After`: delta seconds or an HTTP date.
@@ -298,9 +369,13 @@ mod tests {
             complete(&db, r, 1_000_000 + i * 10);
         }
         let wait = reserve(&db, &l, 1_000_100).unwrap_err();
-        // Oldest completed at 1_000_000 → frees at 1_060_000 (+1 ms).
-        assert_eq!(wait, Duration::from_millis(60_000 - 100 + 1));
-        assert!(reserve(&db, &l, 1_060_001).is_ok());
+        // Oldest completed at 1_000_000 → frees at 1_060_000 + margin (+1 ms).
+        assert_eq!(
+            wait,
+            Duration::from_millis(60_000 + WINDOW_MARGIN_MS as u64 - 100 + 1)
+        );
+        assert!(reserve(&db, &l, 1_060_000).is_err());
+        assert!(reserve(&db, &l, 1_060_000 + WINDOW_MARGIN_MS).is_ok());
         // Another endpoint and another tenant have their own buckets.
         assert!(
             db.call_sync(|c| try_reserve(c, "t", Endpoint::List, &l, 1_000_100))
@@ -323,7 +398,10 @@ mod tests {
         complete(&db, r, 20);
         let wait = reserve(&db, &l, 30).unwrap_err();
         // The completed row expires at 20 + 3600 s, the in-flight one later.
-        assert_eq!(wait, Duration::from_millis(3_600_000 + 20 - 30 + 1));
+        assert_eq!(
+            wait,
+            Duration::from_millis(3_600_000 + WINDOW_MARGIN_MS as u64 + 20 - 30 + 1)
+        );
     }
 
     #[test]
@@ -350,6 +428,29 @@ mod tests {
                 .is_ok()
         );
         assert!(reserve(&db, &l, 5000).is_ok());
+    }
+
+    #[test]
+    fn eta_follows_both_windows() {
+        let l = QuotaConfig {
+            per_minute: 95,
+            per_hour: 1450,
+            minute_secs: 60.0,
+            hour_secs: 3600.0,
+        };
+        // 95 calls fit now... the 96th waits a minute.
+        assert_eq!(eta(&[], 95, &l, 0), Duration::ZERO);
+        assert_eq!(eta(&[], 96, &l, 0), Duration::from_secs(60));
+        // 1450 calls: 15 full minutes of 95, then 25 more in minute 16 → the last at 15 min.
+        assert_eq!(eta(&[], 1450, &l, 0), Duration::from_secs(15 * 60));
+        // The 1451st waits for the first call to leave the hour.
+        assert_eq!(eta(&[], 1451, &l, 0), Duration::from_secs(3600));
+        // 10,000 results ≈ 6.9 hours at the limit.
+        let t = eta(&[], 10_000, &l, 0).as_secs_f64() / 3600.0;
+        assert!((6.0..7.0).contains(&t), "{t}");
+        // Calls already in the ledger count.
+        let past: Vec<i64> = (0..1450).map(|i| -3_000_000 + i).collect();
+        assert_eq!(eta(&past, 1, &l, 0), Duration::from_millis(600_000));
     }
 
     #[test]

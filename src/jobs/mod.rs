@@ -3,6 +3,7 @@
 //! evidence packages).
 
 pub mod archive;
+pub mod backfill;
 pub mod discover;
 
 use std::collections::BTreeMap;

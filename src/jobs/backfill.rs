@@ -1,0 +1,298 @@
+//! `lrvault backfill`: a one-shot harvest of a past window. Lists the live-response actions
+//! created in the window (paging List MachineActions), queues them, and drains their results
+//! within the quota until every one is terminal — resumable: the queue is in the database,
+//! so a stopped backfill continues where it stopped when run again. `--dry-run` lists and
+//! counts only.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::params;
+
+use super::archive::{self, Scope};
+use super::discover::{self, Source, Window};
+use super::{Context, Tenant};
+use crate::db::DbError;
+use crate::quota::{self, Endpoint};
+
+/// Counts for one tenant's window.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Plan {
+    pub actions: usize,
+    pub unfinished: usize,
+    /// Results that still need a link call (not yet archived or terminal).
+    pub to_fetch: u64,
+    /// Results already archived, unavailable or failed from earlier runs.
+    pub already_done: u64,
+    /// Commands without a result (PutFile, failed, never ran).
+    pub without_result: u64,
+    /// List calls this run made.
+    pub list_calls: u64,
+}
+
+/// Lists the window and counts what a backfill would do, changing nothing but the ledger.
+pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Result<Plan> {
+    let before = list_calls(ctx, &tenant.cfg.name).await?;
+    let actions = tenant
+        .client
+        .list_actions(
+            window.since,
+            window.until,
+            window.machine_id.as_deref(),
+            ctx.cfg.discovery.page_size,
+        )
+        .await?;
+    let mut p = Plan {
+        list_calls: list_calls(ctx, &tenant.cfg.name).await? - before,
+        ..Default::default()
+    };
+    let name = tenant.cfg.name.clone();
+    let statuses = ctx.cfg.discovery.statuses.clone();
+    let known: Vec<(String, u32, String)> = {
+        let name = name.clone();
+        ctx.db
+            .call(move |c| {
+                let mut stmt = c
+                    .prepare(
+                        "SELECT action_id, command_index, state FROM results WHERE tenant = ?1",
+                    )
+                    .map_err(DbError::sql("read results"))?;
+                let rows = stmt
+                    .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(DbError::sql("read results"))?;
+                rows.collect::<Result<Vec<_>, _>>()
+                    .map_err(DbError::sql("read results"))
+            })
+            .await?
+    };
+    let known: std::collections::HashMap<(String, u32), String> =
+        known.into_iter().map(|(a, i, s)| ((a, i), s)).collect();
+    for action in &actions {
+        p.actions += 1;
+        if !action
+            .status()
+            .is_some_and(|s| statuses.iter().any(|x| x == s))
+        {
+            p.unfinished += 1;
+            continue;
+        }
+        let id = action.id().unwrap_or_default().to_string();
+        for cmd in action.commands() {
+            match known.get(&(id.clone(), cmd.index)).map(String::as_str) {
+                Some("archived" | "unavailable" | "failed") => p.already_done += 1,
+                Some("skipped") => p.without_result += 1,
+                Some(_) => p.to_fetch += 1,
+                None if discover::skip_reason(
+                    cmd.command_type.as_deref(),
+                    cmd.status.as_deref(),
+                )
+                .is_some() =>
+                {
+                    p.without_result += 1
+                }
+                None => p.to_fetch += 1,
+            }
+        }
+    }
+    Ok(p)
+}
+
+async fn list_calls(ctx: &Context, tenant: &str) -> Result<u64, DbError> {
+    let tenant = tenant.to_string();
+    ctx.db
+        .call(move |c| {
+            c.query_row(
+                "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2",
+                params![tenant, Endpoint::List.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(DbError::sql("count list calls"))
+        })
+        .await
+}
+
+/// Earliest time `n` more link calls can be made for `tenant` (from the quota ledger).
+pub async fn quota_eta(ctx: &Context, tenant: &str, n: u64) -> Result<Duration, DbError> {
+    let tenant = tenant.to_string();
+    let limits = ctx.cfg.quota.clone();
+    ctx.db
+        .call(move |c| {
+            let now = crate::time::now_ms();
+            let past = quota::recent_calls(c, &tenant, Endpoint::Link, &limits, now)?;
+            Ok(quota::eta(&past, n, &limits, now))
+        })
+        .await
+}
+
+/// Results of `tenant` in the window by state.
+async fn states_in_scope(
+    ctx: &Context,
+    tenant: &str,
+    scope: &Scope,
+) -> Result<super::StateCounts, DbError> {
+    let (tenant, scope) = (tenant.to_string(), scope.clone());
+    ctx.db
+        .call(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT r.state, count(*) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                     WHERE r.tenant = ?1 AND (?2 IS NULL OR a.created_at >= ?2) AND (?3 IS NULL OR a.created_at < ?3)
+                       AND (?4 IS NULL OR a.machine_id = ?4) GROUP BY r.state",
+                )
+                .map_err(DbError::sql("count results"))?;
+            let rows = stmt
+                .query_map(
+                    params![tenant, scope.since.map(crate::time::fmt), scope.until.map(crate::time::fmt), scope.machine_id],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .map_err(DbError::sql("count results"))?;
+            rows.collect::<Result<_, _>>().map_err(DbError::sql("count results"))
+        })
+        .await
+}
+
+/// Earliest `next_attempt_at` of a pending result in scope (backoff), if any.
+async fn next_retry(
+    ctx: &Context,
+    tenant: &str,
+    scope: &Scope,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, DbError> {
+    let (tenant, scope) = (tenant.to_string(), scope.clone());
+    ctx.db
+        .call(move |c| {
+            c.query_row(
+                "SELECT min(r.next_attempt_at) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                 WHERE r.tenant = ?1 AND r.state = 'pending' AND (?2 IS NULL OR a.created_at >= ?2)
+                   AND (?3 IS NULL OR a.created_at < ?3) AND (?4 IS NULL OR a.machine_id = ?4)",
+                params![tenant, scope.since.map(crate::time::fmt), scope.until.map(crate::time::fmt), scope.machine_id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .map(|t| t.and_then(|t| crate::time::parse_api(&t)))
+            .map_err(DbError::sql("read next retry"))
+        })
+        .await
+}
+
+/// What a backfill run ended with, per tenant.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Outcome {
+    pub archived: i64,
+    pub unavailable: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    /// Still pending or downloading (stopped early).
+    pub unfinished: i64,
+}
+
+impl Outcome {
+    pub fn complete(&self) -> bool {
+        self.failed == 0 && self.unfinished == 0
+    }
+}
+
+/// Queues the window and drains it until every result in it is terminal (or cancelled).
+/// `progress` is told the number of results to go and called once per finished result.
+pub async fn run(
+    ctx: &Arc<Context>,
+    tenant: &Arc<Tenant>,
+    window: &Window,
+    on_total: impl Fn(u64),
+    on_result: Option<archive::OnResult>,
+) -> anyhow::Result<Outcome> {
+    let s = discover::discover(ctx, tenant, window, Source::Backfill).await?;
+    tracing::info!(tenant = %tenant.cfg.name, "backfill window: {s}");
+    let scope = Scope {
+        max: None,
+        since: Some(window.since),
+        until: window.until,
+        machine_id: window.machine_id.clone(),
+    };
+    let counts = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
+    on_total(
+        counts.get("pending").copied().unwrap_or(0) as u64
+            + counts.get("downloading").copied().unwrap_or(0) as u64,
+    );
+    let tenants = [tenant.clone()];
+    loop {
+        if ctx.cancel.is_cancelled() {
+            break;
+        }
+        archive::archive(ctx, &tenants, &scope, on_result.clone()).await?;
+        let counts = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
+        let open = counts.get("pending").copied().unwrap_or(0)
+            + counts.get("downloading").copied().unwrap_or(0);
+        if open == 0 {
+            break;
+        }
+        // Wait for the earliest retry (backoff) or for results another process holds.
+        let wait = match next_retry(ctx, &tenant.cfg.name, &scope).await? {
+            Some(at) => (at - crate::time::now()).to_std().unwrap_or(Duration::ZERO),
+            None => Duration::from_millis(500),
+        }
+        .clamp(Duration::from_millis(50), Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctx.cancel.cancelled() => break,
+        }
+    }
+    let c = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
+    let get = |k: &str| c.get(k).copied().unwrap_or(0);
+    Ok(Outcome {
+        archived: get("archived"),
+        unavailable: get("unavailable"),
+        skipped: get("skipped"),
+        failed: get("failed"),
+        unfinished: get("pending") + get("downloading"),
+    })
+}
+
+/// Human duration: `3h 12m`, `4m 05s`, `12s`.
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
+        _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// Rate limiter for progress ETA recomputation.
+pub struct Every {
+    last: std::sync::Mutex<Option<Instant>>,
+    every: Duration,
+}
+
+impl Every {
+    pub fn new(every: Duration) -> Every {
+        Every {
+            last: std::sync::Mutex::new(None),
+            every,
+        }
+    }
+
+    /// True at most once per interval.
+    pub fn due(&self) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|l| l.elapsed() < self.every) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(fmt_duration(Duration::from_secs(12)), "12s");
+        assert_eq!(fmt_duration(Duration::from_secs(245)), "4m 05s");
+        assert_eq!(
+            fmt_duration(Duration::from_secs(3 * 3600 + 12 * 60 + 5)),
+            "3h 12m"
+        );
+    }
+}
