@@ -201,3 +201,19 @@ pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Results lrvault should archive: the simulator has a result and the action has finished
+/// (running actions are picked up by a later pass).
+pub fn archivable(
+    sim: &lrvault::sim::Simulator,
+    tenant_id: &str,
+) -> Vec<lrvault::sim::ExpectedResult> {
+    sim.expected_results(tenant_id)
+        .into_iter()
+        .filter(|x| {
+            x.has_result
+                && ["Succeeded", "Failed", "TimeOut", "Cancelled"]
+                    .contains(&x.action_status.as_str())
+        })
+        .collect()
+}

@@ -21,13 +21,7 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
         schedule,
     )
     .await;
-    let expected = e
-        .sim
-        .sim
-        .expected_results(&e.tenant_id())
-        .iter()
-        .filter(|x| x.has_result)
-        .count() as i64;
+    let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_lrvault"))
         .arg("--config")
         .arg(&e.config_path)

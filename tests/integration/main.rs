@@ -6,3 +6,4 @@ mod common;
 mod custody_chain;
 mod daemon;
 mod pipeline;
+mod quota;

@@ -21,7 +21,8 @@ fn sim(actions: usize, seed: u64) -> SimConfig {
 async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
     let e = env(sim(25, 11), "").await;
     let expected = e.sim.sim.expected_results(&e.tenant_id());
-    let with_result: Vec<_> = expected.iter().filter(|x| x.has_result).collect();
+    let archivable = crate::common::archivable(&e.sim.sim, &e.tenant_id());
+    let with_result: Vec<_> = archivable.iter().collect();
     assert!(
         with_result.len() >= 20,
         "the seed yields a meaningful sample: {}",
@@ -218,13 +219,7 @@ async fn views_are_readable_while_an_archive_pass_runs() {
     cfg.faults = vec!["slow=400000".parse().unwrap()];
     let e = env(cfg, "").await;
     e.discover().await;
-    let total = e
-        .sim
-        .sim
-        .expected_results(&e.tenant_id())
-        .iter()
-        .filter(|x| x.has_result)
-        .count() as i64;
+    let total = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
     let ctx = e.ctx.clone();
     let tenants = e.tenants.clone();
     let pass = tokio::spawn(async move {
