@@ -233,6 +233,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await?;
             progress.finish();
             println!("{summary}");
+            for e in &summary.tenant_errors {
+                eprintln!("lrvault: {e}");
+            }
             for name in &names {
                 jobs::record_job_run(
                     &ctx.db,
@@ -244,7 +247,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await;
             }
-            let retryable_left = summary.retry_later > 0 || summary.not_started > 0;
+            let retryable_left = summary.retry_later > 0
+                || summary.not_started > 0
+                || !summary.tenant_errors.is_empty();
             Ok(if retryable_left {
                 ExitCode::from(1)
             } else {

@@ -235,6 +235,9 @@ impl Daemon {
         let started = crate::time::now_str();
         match archive::archive(&self.ctx, &self.tenants, &archive::Scope::default(), None).await {
             Ok(s) => {
+                for e in &s.tenant_errors {
+                    tracing::error!(error = %e, "archive pass failed for a tenant");
+                }
                 if s.archived + s.failed + s.unavailable + s.retry_later > 0 {
                     tracing::info!("archive pass: {s}");
                 }

@@ -360,6 +360,11 @@ impl MdeClient {
         Ok(value)
     }
 
+    /// Gets (or reuses) a token: fails fast on refused credentials.
+    pub async fn check_auth(&self) -> Result<(), MdeError> {
+        self.bearer(false).await.map(|_| ())
+    }
+
     /// GET an API URL through the quota governor: refreshes the token once on 401 and waits
     /// out 429s (pausing the bucket for Retry-After).
     async fn api_get(&self, endpoint: Endpoint, url: Url) -> Result<bytes::Bytes, MdeError> {

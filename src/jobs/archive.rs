@@ -45,6 +45,8 @@ pub struct Summary {
     pub not_started: usize,
     /// Crashed downloads returned to pending before the pass.
     pub recovered: usize,
+    /// Tenants whose pass could not run (e.g. the token request was refused), one line each.
+    pub tenant_errors: Vec<String>,
 }
 
 impl std::fmt::Display for Summary {
@@ -235,7 +237,14 @@ pub async fn archive(
         loops.spawn(async move { archive_tenant(&ctx, &tenant, &scope, on_result, &budget).await });
     }
     while let Some(done) = loops.join_next().await {
-        let s = done??;
+        // One tenant's failure (bad credentials, DB error) must not stop the others.
+        let s = match done? {
+            Ok(s) => s,
+            Err(e) => {
+                summary.tenant_errors.push(crate::error::one_line(&e));
+                continue;
+            }
+        };
         summary.archived += s.archived;
         summary.unavailable += s.unavailable;
         summary.failed += s.failed;
@@ -257,6 +266,15 @@ async fn archive_tenant(
     let mut summary = Summary::default();
     let due = due_results(ctx, &tenant.cfg.name, scope).await?;
     let due_count = due.len();
+    if due_count > 0 {
+        // Bad credentials are a configuration problem, not a property of any result: stop
+        // here rather than spending every result's attempts on them.
+        tenant
+            .client
+            .check_auth()
+            .await
+            .map_err(|e| anyhow::anyhow!("tenant '{}': {e}", tenant.cfg.name))?;
+    }
     let slots = Arc::new(Semaphore::new(ctx.cfg.download.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     let mut started = 0;
@@ -428,6 +446,9 @@ enum End {
     Refused { reason: String },
     /// May work later (5xx, timeouts, integrity, disk full...): backoff, then failed after max_attempts.
     Retry { reason: String },
+    /// Not this result's fault (credentials refused, shutting down): back to pending, no
+    /// attempt counted.
+    Deferred { reason: String },
 }
 
 async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
@@ -734,7 +755,11 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
 
 /// Map an API error on the link call to how the attempt ends.
 fn link_error(e: MdeError) -> End {
-    if e.is_no_result() {
+    if matches!(e, MdeError::Token { .. }) && !e.is_retryable() {
+        End::Deferred {
+            reason: e.to_string(),
+        }
+    } else if e.is_no_result() {
         End::Unavailable {
             reason: e.to_string(),
             http_status: e.http_status(),
@@ -975,6 +1000,12 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
             json!({ "reason": reason, "attempts": job.attempts + 1 }),
         ),
         End::Retry { reason } => (Outcome::RetryLater, "pending", reason, None, Value::Null),
+        End::Deferred { reason } => (Outcome::RetryLater, "deferred", reason, None, Value::Null),
+    };
+    // A deferred result goes back to the queue as it was: no attempt, no backoff.
+    let (state, attempt, backoff) = match state {
+        "deferred" => ("pending", 0, Duration::ZERO),
+        s => (s, 1, backoff),
     };
     let log_reason = reason.clone();
     let res = ctx
@@ -984,10 +1015,10 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
             let next = (state == "pending")
                 .then(|| crate::time::fmt(crate::time::now() + chrono::Duration::from_std(backoff).unwrap_or_default()));
             tx.execute(
-                "UPDATE results SET state = ?4, attempts = attempts + 1, last_error = ?5, next_attempt_at = ?6,
+                "UPDATE results SET state = ?4, attempts = attempts + ?8, last_error = ?5, next_attempt_at = ?6,
                         lease_owner = NULL, lease_until = NULL, updated_at = ?7
                  WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3",
-                params![k.tenant, k.action_id, k.index, state, reason, next, crate::time::now_str()],
+                params![k.tenant, k.action_id, k.index, state, reason, next, crate::time::now_str(), attempt],
             )
             .map_err(DbError::sql("settle result"))?;
             if let Some(kind) = event {

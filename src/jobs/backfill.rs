@@ -218,7 +218,10 @@ pub async fn run(
         if ctx.cancel.is_cancelled() {
             break;
         }
-        archive::archive(ctx, &tenants, &scope, on_result.clone()).await?;
+        let pass = archive::archive(ctx, &tenants, &scope, on_result.clone()).await?;
+        if let Some(e) = pass.tenant_errors.first() {
+            anyhow::bail!("{e}");
+        }
         let counts = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
         let open = counts.get("pending").copied().unwrap_or(0)
             + counts.get("downloading").copied().unwrap_or(0);

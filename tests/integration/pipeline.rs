@@ -255,3 +255,35 @@ async fn views_are_readable_while_an_archive_pass_runs() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_stop_the_pass_without_spending_attempts() {
+    let e = env(sim(5, 12), "").await;
+    let queued = e.discover().await.queued as i64;
+    assert!(queued > 0);
+    // The secret is rotated on the app but not in lrvault's secret file.
+    std::fs::write(e._dir.path().join("sim-secret-0"), "stale-secret\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lrvault"))
+        .arg("--config")
+        .arg(&e.config_path)
+        .arg("archive")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "tenant 'sim0': token request refused (HTTP 401): invalid_client (AADSTS 7000215)"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("stale-secret"));
+    assert_eq!(
+        e.count("SELECT count(*) FROM results WHERE state = 'pending' AND attempts = 0"),
+        queued
+    );
+    assert_eq!(
+        e.count("SELECT count(*) FROM custody_log WHERE event IN ('FAILED', 'LINK_ISSUED')"),
+        0
+    );
+}
