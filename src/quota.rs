@@ -453,6 +453,36 @@ mod tests {
         assert_eq!(eta(&past, 1, &l, 0), Duration::from_millis(600_000));
     }
 
+    #[tokio::test]
+    async fn prune_keeps_only_what_a_window_can_see() {
+        let (_d, db) = db();
+        let l = limits(100, 100);
+        let now = crate::time::now_ms();
+        let gov = Governor::new(db.clone(), l);
+        for at in [
+            now - 3_600_000 - INFLIGHT_GRACE_MS - 10,
+            now - 3_000_000,
+            now - 10,
+        ] {
+            db.call_sync(|c| {
+                c.execute("INSERT INTO api_calls (tenant, endpoint, at_ms, http_status) VALUES ('t', 'x', ?1, 200)", [at])
+                    .unwrap();
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(gov.prune().await.unwrap(), 1);
+        let left: i64 = db
+            .call_sync(|c| {
+                Ok(
+                    c.query_row("SELECT count(*) FROM api_calls", [], |r| r.get(0))
+                        .unwrap(),
+                )
+            })
+            .unwrap();
+        assert_eq!(left, 2);
+    }
+
     #[test]
     fn retry_after_forms() {
         let now = chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")

@@ -365,3 +365,54 @@ async fn backfill_dry_run_counts_and_changes_nothing_then_backfill_drains() {
             .contains(&format!("0 results to fetch, {to_fetch} already done"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tenant_uses_its_own_budget_at_the_same_time() {
+    let mut cfg = sim(14, 31);
+    cfg.tenants = (0..2).map(lrvault::sim::SimTenant::default_for).collect();
+    let e = env(cfg, &quota_toml()).await;
+    e.discover().await;
+    let summary = e.archive().await;
+    let ids: Vec<String> = e
+        .sim
+        .sim
+        .tenants()
+        .iter()
+        .map(|t| t.tenant_id.clone())
+        .collect();
+    let expected: usize = ids
+        .iter()
+        .map(|id| crate::common::archivable(&e.sim.sim, id).len())
+        .sum();
+    assert_eq!(summary.archived, expected);
+    let links_of = |id: &str| {
+        let mut t: Vec<Instant> = e
+            .sim
+            .sim
+            .requests()
+            .iter()
+            .filter(|r| r.endpoint == "link" && r.tenant_id.as_deref() == Some(id))
+            .map(|r| r.at)
+            .collect();
+        t.sort();
+        t
+    };
+    let (a, b) = (links_of(&ids[0]), links_of(&ids[1]));
+    assert!(
+        a.len() > PER_HOUR as usize && b.len() > PER_HOUR as usize,
+        "{} {}",
+        a.len(),
+        b.len()
+    );
+    for t in [&a, &b] {
+        assert!(max_in_window(t, HOUR) <= PER_HOUR as usize);
+        assert!(max_in_window(t, MINUTE) <= PER_MINUTE as usize);
+    }
+    // Neither tenant waited for the other: each spent a full hour's budget in the first window.
+    let first_window =
+        |t: &[Instant], start: Instant| t.iter().filter(|x| x.duration_since(start) < HOUR).count();
+    let start = a[0].min(b[0]);
+    assert_eq!(first_window(&a, start), PER_HOUR as usize);
+    assert_eq!(first_window(&b, start), PER_HOUR as usize);
+    assert_eq!(e.sim.sim.count_status(429), 0);
+}
