@@ -233,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .await?;
             progress.finish();
             println!("{summary}");
+            tracing::debug!(peak_rss_kib = peak_rss_kib(), "archive pass finished");
             for e in &summary.tenant_errors {
                 eprintln!("lrvault: {e}");
             }
@@ -444,6 +445,13 @@ async fn backfill(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// This process's peak resident memory (VmHWM), for the memory-flatness check.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn p_left(p: &crate::progress::Progress) -> u64 {

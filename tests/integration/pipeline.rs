@@ -287,3 +287,40 @@ async fn refused_credentials_stop_the_pass_without_spending_attempts() {
         0
     );
 }
+
+/// Runs `lrvault -v archive` on a fresh simulator and returns (peak RSS in KiB, archived).
+async fn archive_peak_rss(cfg: SimConfig) -> (u64, i64) {
+    let e = env(cfg, "").await;
+    e.discover().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lrvault"))
+        .arg("--config")
+        .arg(&e.config_path)
+        .args(["-v", "archive"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let peak = err
+        .lines()
+        .find_map(|l| l.split("peak_rss_kib=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no peak_rss_kib in {err}"));
+    (peak, e.count("SELECT count(*) FROM evidence"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_flat_whatever_the_payload_size() {
+    const BIG: u64 = 96 << 20;
+    let small = SimConfig { seed: 13, actions: 2, max_getfile_size: 4096, ..SimConfig::default() };
+    let big = SimConfig { big_getfile: Some(BIG), ..small.clone() };
+    let (small_peak, small_n) = archive_peak_rss(small).await;
+    let (big_peak, big_n) = archive_peak_rss(big).await;
+    assert_eq!(big_n, small_n + 1, "the big GetFile was archived too");
+    // A 96 MiB payload costs no more than a few MiB of extra memory: it is streamed.
+    assert!(
+        big_peak < small_peak + 16 * 1024,
+        "peak RSS {big_peak} KiB with a {} MiB payload vs {small_peak} KiB without",
+        BIG >> 20
+    );
+}
