@@ -5,4 +5,5 @@ mod cli;
 mod common;
 mod custody_chain;
 mod daemon;
+mod faults;
 mod pipeline;
