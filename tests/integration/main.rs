@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod crash;
 mod custody_chain;
 mod daemon;
 mod faults;
