@@ -815,11 +815,21 @@ fn retry(reason: &str) -> End {
     }
 }
 
+/// The error with its sources on one line (the OS error is what tells "disk full" apart).
 fn package_error_text(e: &PackageError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
     if e.is_disk_full() {
-        format!("evidence store is full: {e}")
+        format!("evidence store is full: {text}")
     } else {
-        e.to_string()
+        text
     }
 }
 
@@ -830,7 +840,7 @@ fn package_end(e: &PackageError) -> End {
             reason: package_error_text(e),
         }
     } else {
-        retry(&e.to_string())
+        retry(&package_error_text(e))
     }
 }
 

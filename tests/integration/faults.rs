@@ -515,3 +515,112 @@ async fn no_secret_reaches_logs_db_or_packages() {
     assert_eq!(e.sim.sim.blob_requests_with_authorization(), 0);
     invariants(&e);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_keeps_the_result_pending_and_the_rest_going() {
+    // The store is a 200 KiB tmpfs in a private mount namespace (the host stays clean); one
+    // GetFile is twice that size, the others are small.
+    let cfg = SimConfig {
+        seed: 32,
+        actions: 3,
+        max_getfile_size: 4_000,
+        big_getfile: Some(400_000),
+        ..SimConfig::default()
+    };
+    let e = env(cfg, FAST).await;
+    e.discover().await;
+    let big = e
+        .sim
+        .sim
+        .expected_results(&e.tenant_id())
+        .into_iter()
+        .find(|x| x.original_size == Some(400_000))
+        .unwrap();
+    assert!(big.size > 400_000);
+    let queued = e.queued();
+    std::fs::create_dir_all(e.store()).unwrap();
+    let script = "mount -t tmpfs -o size=200k tmpfs \"$1\" || exit 99; \"$2\" --config \"$3\" archive; rc=$?; \
+                  echo; echo STORE:; find \"$1\" -type f | sort; exit $rc";
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(e.store())
+        .arg(env!("CARGO_BIN_EXE_lrvault"))
+        .arg(&e.config_path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "cannot mount a tmpfs: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "results left to retry\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("{} archived", queued.len() - 1)),
+        "{stdout}"
+    );
+
+    // One clear error line naming the full store, for the big result only.
+    let full: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("evidence store is full"))
+        .collect();
+    assert_eq!(full.len(), 1, "{stderr}");
+    assert!(!stderr.contains("ZipWriter"), "{stderr}");
+    assert!(
+        full[0].contains("ERROR") && full[0].contains(&big.action_id),
+        "{}",
+        full[0]
+    );
+    assert!(full[0].contains("No space left on device"), "{}", full[0]);
+
+    let rows = e.queued();
+    let row = rows
+        .iter()
+        .find(|r| r.action_id == big.action_id && r.index == big.index)
+        .unwrap();
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 1));
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("evidence store is full: "),
+        "{row:?}"
+    );
+    assert!(
+        row.last_error
+            .as_deref()
+            .unwrap()
+            .ends_with("No space left on device (os error 28)"),
+        "{row:?}"
+    );
+    assert_eq!(e.events(&row.action_id, row.index), ["LINK_ISSUED"]);
+    assert_eq!(
+        e.count(&format!(
+            "SELECT count(*) FROM evidence WHERE action_id = '{}'",
+            big.action_id
+        )),
+        0
+    );
+    // The other results went on and were archived in the small store; no partial was left.
+    for r in rows.iter().filter(|r| r.action_id != big.action_id) {
+        assert_eq!(r.state, "archived", "{r:?}");
+    }
+    let store_listing = stdout.split("STORE:").nth(1).unwrap();
+    assert!(!store_listing.contains(".partial"), "{store_listing}");
+    assert_eq!(
+        store_listing
+            .lines()
+            .filter(|l| l.ends_with(".zip"))
+            .count(),
+        queued.len() - 1,
+        "{store_listing}"
+    );
+    assert!(!store_listing.contains(&big.action_id), "{store_listing}");
+}
