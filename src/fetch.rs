@@ -420,6 +420,61 @@ mod tests {
         assert_eq!(t.received, 0);
     }
 
+    /// Serves one raw HTTP response on loopback and returns its URL.
+    async fn one_response(raw: &'static [u8]) -> Url {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            sock.write_all(raw).await.unwrap();
+            let _ = sock.shutdown().await;
+        });
+        Url::parse(&format!("http://{addr}/blob/x")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_announced_is_refused_before_the_writer_sees_it() {
+        // A resumed transfer of a 10-byte blob from byte 5: the chunked body brings 8 bytes.
+        let url = one_response(
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 5-9/10\r\n\
+              Transfer-Encoding: chunked\r\n\r\n8\r\nABCDEFGH\r\n0\r\n\r\n",
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut t = Transfer {
+            received: 5,
+            total: Some(10),
+            ..Default::default()
+        };
+        let client = blob_client(Duration::from_secs(5)).unwrap();
+        match fetch(&client, &url, &mut t, &tx).await {
+            Err(FetchError::Integrity(m)) => {
+                assert_eq!(m, "body runs past the announced 10 bytes")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((t.received, t.ranges.clone()), (5, vec![5]));
+        assert!(rx.try_recv().is_err(), "no byte reached the writer");
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_than_content_length_is_interrupted() {
+        let url = one_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nABCD").await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut t = Transfer::default();
+        let client = blob_client(Duration::from_secs(5)).unwrap();
+        match fetch(&client, &url, &mut t, &tx).await {
+            Err(FetchError::Interrupted { received, .. }) => assert_eq!(received, 4),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.total, Some(10));
+        assert_eq!(rx.try_recv().unwrap(), bytes::Bytes::from_static(b"ABCD"));
+        assert!(t.check_complete(&[0; 16]).is_err());
+    }
+
     #[test]
     fn host_path_drops_the_query() {
         let u = Url::parse("https://a.blob.core.windows.net/c/d/e?se=2021&sig=abc%3D").unwrap();
