@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
@@ -79,6 +80,22 @@ pub fn link_host_path(url: &Url) -> (String, String) {
     (host, url.path().to_string())
 }
 
+/// The signed expiry (`se`) of a SAS link, when it has one that parses (RFC 3339, or a bare
+/// `YYYY-MM-DD`, which Azure reads as UTC midnight).
+pub fn link_expiry(url: &Url) -> Option<DateTime<Utc>> {
+    let se = url
+        .query_pairs()
+        .find(|(k, _)| k == "se")
+        .map(|(_, v)| v.into_owned())?;
+    if let Ok(t) = DateTime::parse_from_rfc3339(&se) {
+        return Some(t.with_timezone(&Utc));
+    }
+    chrono::NaiveDate::parse_from_str(&se, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+}
+
 /// The blob client: no default headers (so no Authorization), no redirects, a per-read timeout.
 pub fn blob_client(read_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
@@ -94,6 +111,9 @@ pub enum FetchError {
     /// 403 from the blob host: the link expired or its signature is refused; mint a new one.
     #[error("blob host refused the link (HTTP 403{})", code_suffix(.code))]
     LinkRejected { code: String },
+    /// The link's own `se` (signed expiry) is already past: refused without connecting.
+    #[error("download link expired at {expiry} before it was used")]
+    LinkExpired { expiry: String },
     #[error("blob host answered HTTP {status}{}", code_suffix(.code))]
     Http { status: u16, code: String },
     #[error("blob host redirected (HTTP {status}) to {location}; redirects are not followed")]
@@ -195,6 +215,15 @@ pub async fn fetch(
     transfer: &mut Transfer,
     sink: &mpsc::Sender<bytes::Bytes>,
 ) -> Result<(), FetchError> {
+    // A link already past its signed expiry would only earn a 403: mint a new one instead of
+    // connecting with it.
+    if let Some(expiry) = link_expiry(url)
+        && expiry <= Utc::now()
+    {
+        return Err(FetchError::LinkExpired {
+            expiry: crate::time::fmt(expiry),
+        });
+    }
     let mut request = client.get(url.clone());
     let resuming = transfer.received > 0;
     if resuming {
@@ -293,6 +322,14 @@ pub async fn fetch(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| interrupted(transfer.received, e))?;
         let n = chunk.len() as u64;
+        // Never hand the writer a byte beyond the announced size (a chunked or lying body).
+        if let Some(total) = transfer.total
+            && transfer.received + n > total
+        {
+            return Err(FetchError::Integrity(format!(
+                "body runs past the announced {total} bytes"
+            )));
+        }
         sink.send(chunk).await.map_err(|_| FetchError::Sink)?;
         transfer.received += n;
     }
@@ -350,6 +387,92 @@ mod tests {
             "credentials embedded in the link to host acct.blob.core.windows.net"
         );
         assert!(refused("file:///etc/passwd").contains("scheme file"));
+    }
+
+    #[test]
+    fn link_expiry_reads_se_only() {
+        let at = |l: &str| link_expiry(&Url::parse(l).unwrap()).map(crate::time::fmt);
+        assert_eq!(
+            at("https://a.blob.core.windows.net/c?sv=1&se=2026-11-27T13%3A05%3A00Z&sig=x"),
+            Some("2026-11-27T13:05:00.000Z".into())
+        );
+        assert_eq!(
+            at("https://a.blob.core.windows.net/c?se=2026-11-27&sig=x"),
+            Some("2026-11-27T00:00:00.000Z".into())
+        );
+        assert_eq!(at("https://a.blob.core.windows.net/c?se=soon&sig=x"), None);
+        assert_eq!(at("https://a.blob.core.windows.net/c?sig=x"), None);
+    }
+
+    #[tokio::test]
+    async fn an_expired_link_is_refused_without_connecting() {
+        // Port 9 on loopback: nothing listens, so a connection attempt would be Interrupted.
+        let url = Url::parse("http://127.0.0.1:9/c?se=2001-01-01T00%3A00%3A00Z&sig=x").unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let mut t = Transfer::default();
+        let client = blob_client(Duration::from_secs(1)).unwrap();
+        match fetch(&client, &url, &mut t, &tx).await {
+            Err(FetchError::LinkExpired { expiry }) => {
+                assert_eq!(expiry, "2001-01-01T00:00:00.000Z")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.received, 0);
+    }
+
+    /// Serves one raw HTTP response on loopback and returns its URL.
+    async fn one_response(raw: &'static [u8]) -> Url {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            sock.write_all(raw).await.unwrap();
+            let _ = sock.shutdown().await;
+        });
+        Url::parse(&format!("http://{addr}/blob/x")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_announced_is_refused_before_the_writer_sees_it() {
+        // A resumed transfer of a 10-byte blob from byte 5: the chunked body brings 8 bytes.
+        let url = one_response(
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 5-9/10\r\n\
+              Transfer-Encoding: chunked\r\n\r\n8\r\nABCDEFGH\r\n0\r\n\r\n",
+        )
+        .await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut t = Transfer {
+            received: 5,
+            total: Some(10),
+            ..Default::default()
+        };
+        let client = blob_client(Duration::from_secs(5)).unwrap();
+        match fetch(&client, &url, &mut t, &tx).await {
+            Err(FetchError::Integrity(m)) => {
+                assert_eq!(m, "body runs past the announced 10 bytes")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((t.received, t.ranges.clone()), (5, vec![5]));
+        assert!(rx.try_recv().is_err(), "no byte reached the writer");
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_than_content_length_is_interrupted() {
+        let url = one_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nABCD").await;
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut t = Transfer::default();
+        let client = blob_client(Duration::from_secs(5)).unwrap();
+        match fetch(&client, &url, &mut t, &tx).await {
+            Err(FetchError::Interrupted { received, .. }) => assert_eq!(received, 4),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.total, Some(10));
+        assert_eq!(rx.try_recv().unwrap(), bytes::Bytes::from_static(b"ABCD"));
+        assert!(t.check_complete(&[0; 16]).is_err());
     }
 
     #[test]

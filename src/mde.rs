@@ -468,28 +468,19 @@ impl MdeClient {
                 .append_pair("$top", &page_size.to_string())
                 .append_pair("$skip", &skip.to_string());
             let body = self.api_get(endpoint, url).await?;
-            #[derive(serde::Deserialize)]
-            struct Page<'a> {
-                #[serde(borrow, default)]
-                value: Vec<&'a serde_json::value::RawValue>,
-            }
-            let page: Page<'_> = serde_json::from_slice(&body).map_err(|e| MdeError::Decode {
+            let page = parse_list_page(&body).map_err(|message| MdeError::Decode {
                 endpoint: endpoint.as_str(),
-                message: e.to_string(),
+                message,
             })?;
-            let n = page.value.len() as u64;
-            for raw in page.value {
-                match RawAction::parse(raw.get().to_string()) {
-                    Ok(a) => {
-                        if let Some(id) = a.id().map(str::to_string)
-                            && seen.insert(id)
-                        {
-                            out.push(a);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page")
-                    }
+            let n = page.entries;
+            for e in page.unreadable {
+                tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page");
+            }
+            for a in page.actions {
+                if let Some(id) = a.id().map(str::to_string)
+                    && seen.insert(id)
+                {
+                    out.push(a);
                 }
             }
             if n < u64::from(page_size) || n == 0 {
@@ -537,6 +528,41 @@ impl MdeClient {
                 message: "no link in 'value'".into(),
             })
     }
+}
+
+/// One page of a List answer, read tolerantly.
+#[derive(Debug)]
+struct ListPage {
+    /// Entries in `value` (readable or not), for paging.
+    entries: u64,
+    actions: Vec<RawAction>,
+    /// Why each unreadable entry was skipped.
+    unreadable: Vec<String>,
+}
+
+/// Parses a List page: unknown top-level fields are ignored, a missing or `null` `value` is an
+/// empty page, and an entry that is not a JSON object is skipped (not the whole page). Only a
+/// body that is not JSON, or a `value` that is not an array, is an error.
+fn parse_list_page(body: &[u8]) -> Result<ListPage, String> {
+    #[derive(serde::Deserialize)]
+    struct Page<'a> {
+        #[serde(borrow, default)]
+        value: Option<Vec<&'a serde_json::value::RawValue>>,
+    }
+    let page: Page<'_> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let value = page.value.unwrap_or_default();
+    let mut out = ListPage {
+        entries: value.len() as u64,
+        actions: Vec::new(),
+        unreadable: Vec::new(),
+    };
+    for raw in value {
+        match RawAction::parse(raw.get().to_string()) {
+            Ok(a) => out.actions.push(a),
+            Err(e) => out.unreadable.push(e),
+        }
+    }
+    Ok(out)
 }
 
 fn encode_segment(s: &str) -> String {
@@ -593,6 +619,66 @@ fn api_error(endpoint: Endpoint, status: StatusCode, body: &[u8]) -> MdeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_pages_with_odd_fields_still_parse() {
+        let page = parse_list_page(
+            br#"{"@odata.context":"x","@odata.nextLink":7,"surprise":[1,2],
+                 "value":[{"id":"a","type":"LiveResponse","newField":{"x":null}},
+                          {"id":"b"},
+                          "not an object",
+                          {"type":"LiveResponse","status":null,"commands":"not a list"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(page.entries, 4);
+        let ids: Vec<Option<&str>> = page.actions.iter().map(RawAction::id).collect();
+        assert_eq!(ids, vec![Some("a"), Some("b"), None]);
+        assert_eq!(
+            page.unreadable,
+            vec!["a machine action is not a JSON object"]
+        );
+        // Missing fields read as None, never as a failure.
+        let b = &page.actions[1];
+        assert_eq!(
+            (b.status(), b.machine_id(), b.requestor(), b.created()),
+            (None, None, None, None)
+        );
+        assert!(b.commands().is_empty());
+        assert!(page.actions[2].commands().is_empty());
+        assert_eq!(page.actions[2].status(), None);
+
+        for empty in [&br#"{}"#[..], br#"{"value":null}"#, br#"{"value":[]}"#] {
+            let p = parse_list_page(empty).unwrap();
+            assert_eq!((p.entries, p.actions.len()), (0, 0));
+        }
+        assert!(parse_list_page(br#"{"value":{"id":"a"}}"#).is_err());
+        assert!(parse_list_page(b"<html>oops</html>").is_err());
+    }
+
+    #[test]
+    fn get_answers_with_odd_fields_still_parse() {
+        let a = RawAction::parse(
+            r#"{"@odata.context":"x","id":"c","type":7,"status":"SomethingNew","creationDateTimeUtc":"not a date",
+                "commands":[{"index":"0","command":{"type":"GetFile","params":[{"key":"Path","value":5},{"value":"no key"}]}},
+                            {"index":1,"commandStatus":"Completed","command":null}]}"#
+                .into(),
+        )
+        .unwrap();
+        assert_eq!(a.id(), Some("c"));
+        assert_eq!(a.action_type(), None, "a number is not a type name");
+        assert_eq!(a.status(), Some("SomethingNew"));
+        assert_eq!(a.created(), None);
+        let cmds = a.commands();
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(
+            (cmds[0].index, cmds[0].command_type.as_deref()),
+            (0, Some("GetFile"))
+        );
+        assert_eq!(cmds[0].params, vec![("Path".to_string(), "5".to_string())]);
+        assert_eq!(cmds[0].status, None);
+        assert_eq!((cmds[1].index, cmds[1].command_type.as_deref()), (1, None));
+        assert_eq!(cmds[1].status.as_deref(), Some("Completed"));
+    }
 
     #[test]
     fn tolerant_action_view() {

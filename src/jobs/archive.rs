@@ -148,15 +148,17 @@ pub async fn due_count(
 }
 
 /// Returns crashed downloads (`downloading` with an expired lease or a dead owner) to
-/// `pending`, removing their partial files. A package already in place is left for the next
-/// attempt to adopt.
+/// `pending`, removing their partial files. A package already in place (a crash between the
+/// rename and the DB commit) is left for the next attempt to adopt after re-verifying it.
+/// The first call of a process also sweeps the store for partial files no lease explains.
 pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
     let me = ctx.owner.clone();
     let root = ctx.cfg.store.root.clone();
-    ctx.db
+    let (n, live) = ctx
+        .db
         .call(move |c| {
             let tx = write_tx(c)?;
-            let stale: Vec<InFlight> = {
+            let rows: Vec<InFlight> = {
                 let mut stmt = tx
                     .prepare(
                         "SELECT r.tenant, r.action_id, r.command_index, r.lease_owner, r.lease_until, a.created_at,
@@ -172,10 +174,17 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
             };
             let now = crate::time::now_str();
             let mut n = 0;
-            for (tenant, action_id, index, owner, until, created, ctype) in stale {
+            let mut stale_partials = Vec::new();
+            let mut live = std::collections::HashSet::new();
+            for (tenant, action_id, index, owner, until, created, ctype) in rows {
+                let partial = crate::time::parse_api(&created).map(|created| {
+                    let rel = package::package_rel_path(&tenant, created, &action_id, index, &ctype);
+                    partial_path(&root.join(rel))
+                });
                 let expired = until.as_deref().is_none_or(|u| u < now.as_str());
                 let dead = owner.as_deref().is_none_or(|o| super::owner_is_dead(o, &me));
                 if !(expired || dead) {
+                    live.extend(partial);
                     continue;
                 }
                 tx.execute(
@@ -185,17 +194,57 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
                     params![tenant, action_id, index, now],
                 )
                 .map_err(DbError::sql("recover result"))?;
-                if let Some(created) = crate::time::parse_api(&created) {
-                    let rel = package::package_rel_path(&tenant, created, &action_id, index, &ctype);
-                    let partial = partial_path(&root.join(rel));
-                    let _ = std::fs::remove_file(partial);
-                }
+                stale_partials.extend(partial);
+                tracing::info!(tenant = %tenant, action = %action_id, index, "returned an interrupted download to the queue");
                 n += 1;
             }
             tx.commit().map_err(DbError::sql("commit recovery"))?;
-            Ok(n)
+            // Only once the rows are pending again: a crash here leaves them for the next run.
+            for p in stale_partials {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => tracing::info!(path = %p.display(), "removed the partial package of an interrupted download"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(path = %p.display(), error = %e, "could not remove a partial package"),
+                }
+            }
+            Ok((n, live))
         })
-        .await
+        .await?;
+    sweep_orphan_partials(ctx, live).await;
+    Ok(n)
+}
+
+/// Removes partial files that no `downloading` row accounts for (once per process and store),
+/// sparing those a live lease covers and any written to in the last lease period.
+async fn sweep_orphan_partials(ctx: &Context, live: std::collections::HashSet<PathBuf>) {
+    static SWEPT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let root = ctx.cfg.store.root.clone();
+    {
+        let mut swept = SWEPT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if swept.contains(&root) {
+            return;
+        }
+        swept.push(root.clone());
+    }
+    let res = tokio::task::spawn_blocking(move || {
+        let now = std::time::SystemTime::now();
+        package::remove_stale_partials_except(&root, |path, meta| {
+            let recent = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_none_or(|age| age < LEASE);
+            live.contains(path) || recent
+        })
+    })
+    .await;
+    match res {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not sweep the store for partial packages"),
+        Err(e) => tracing::warn!(error = %e, "could not sweep the store for partial packages"),
+    }
 }
 
 fn partial_path(final_path: &std::path::Path) -> PathBuf {
@@ -444,11 +493,13 @@ enum End {
     },
     /// Refused for good (link outside the allowlist, redirect): failed at once.
     Refused { reason: String },
-    /// May work later (5xx, timeouts, integrity, disk full...): backoff, then failed after max_attempts.
+    /// May work later (5xx, timeouts, integrity...): backoff, then failed after max_attempts.
     Retry { reason: String },
-    /// Not this result's fault (credentials refused, shutting down): back to pending, no
-    /// attempt counted.
+    /// Not this result's fault (credentials refused): back to pending, no attempt counted.
     Deferred { reason: String },
+    /// The evidence store ran out of space: not the result's fault either, so no attempt is
+    /// counted, but it backs off and is logged as an error an operator must act on.
+    StoreFull { reason: String },
 }
 
 async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
@@ -561,100 +612,104 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
     let mut transfer = Transfer::default();
     let mut writer: Option<WriterTask> = None;
     let mut link_issues = 0u32;
-    let mut last_link;
-    'links: loop {
-        if ctx.cancel.is_cancelled() {
-            return Err(retry("stopped before the download finished"));
-        }
-        let link = match tenant.client.result_link(&key.action_id, key.index).await {
-            Ok(link) => link,
-            Err(e) => return Err(link_error(e)),
-        };
-        link_issues += 1;
-        let checked = tenant.allow.check(&link);
-        let (host, path) = match &checked {
-            Ok(url) => fetch::link_host_path(url),
-            Err(_) => url::Url::parse(&link)
-                .map(|u| fetch::link_host_path(&u))
-                .unwrap_or_default(),
-        };
-        last_link = (host.clone(), path.clone());
-        custody_event(
-            ctx,
-            Event::new(
-                &key.tenant,
-                &key.action_id,
-                Some(key.index),
-                EventKind::LinkIssued,
-                &tenant.actor,
-            )
-            .detail(json!({ "link_host": host, "link_path": path, "issue": link_issues })),
-        )
-        .await
-        .map_err(|e| retry(&e.to_string()))?;
-        let url = checked.map_err(|refused| End::Refused {
-            reason: refused.to_string(),
-        })?;
-
-        let mut resumes = 0;
-        loop {
-            if writer.is_none() {
-                // The size is known only once a response arrives; zip64 is chosen from it, so
-                // the writer is created lazily on the first body.
-                let w = tokio::task::spawn_blocking({
-                    let spec = spec_for(None);
-                    move || PackageWriter::create(spec)
-                })
-                .await
-                .map_err(|e| retry(&e.to_string()))?
-                .map_err(|e| retry(&e.to_string()))?;
-                writer = Some(spawn_writer(w, job.command_type == "RunScript"));
+    let mut last_link = (String::new(), String::new());
+    // Every way out of the download loop that is not a finished body must remove the
+    // partial package: the writer is aborted below when the block ends in an error.
+    let downloaded: Result<(), End> = async {
+        'links: loop {
+            if ctx.cancel.is_cancelled() {
+                return Err(retry("stopped before the download finished"));
             }
-            let Some((sink, _)) = writer.as_ref() else {
-                unreachable!("writer was just created")
+            let link = tenant
+                .client
+                .result_link(&key.action_id, key.index)
+                .await
+                .map_err(link_error)?;
+            link_issues += 1;
+            let checked = tenant.allow.check(&link);
+            let (host, path) = match &checked {
+                Ok(url) => fetch::link_host_path(url),
+                Err(_) => url::Url::parse(&link)
+                    .map(|u| fetch::link_host_path(&u))
+                    .unwrap_or_default(),
             };
-            match fetch::fetch(&ctx.blob, &url, &mut transfer, sink).await {
-                Ok(()) => break 'links,
-                Err(FetchError::LinkRejected { code }) => {
-                    if link_issues > cfg.download.max_link_reissues {
+            last_link = (host.clone(), path.clone());
+            custody_event(
+                ctx,
+                Event::new(
+                    &key.tenant,
+                    &key.action_id,
+                    Some(key.index),
+                    EventKind::LinkIssued,
+                    &tenant.actor,
+                )
+                .detail(json!({ "link_host": host, "link_path": path, "issue": link_issues })),
+            )
+            .await
+            .map_err(|e| retry(&e.to_string()))?;
+            let url = checked.map_err(|refused| End::Refused {
+                reason: refused.to_string(),
+            })?;
+
+            let mut resumes = 0;
+            loop {
+                if writer.is_none() {
+                    // The size is known only once a response arrives; zip64 is chosen from it,
+                    // so the writer is created lazily on the first body.
+                    let w = tokio::task::spawn_blocking({
+                        let spec = spec_for(None);
+                        move || PackageWriter::create(spec)
+                    })
+                    .await
+                    .map_err(|e| retry(&e.to_string()))?
+                    .map_err(|e| package_end(&e))?;
+                    writer = Some(spawn_writer(w, job.command_type == "RunScript"));
+                }
+                let Some((sink, _)) = writer.as_ref() else {
+                    unreachable!("writer was just created")
+                };
+                let rejected = match fetch::fetch(&ctx.blob, &url, &mut transfer, sink).await {
+                    Ok(()) => return Ok(()),
+                    Err(FetchError::LinkRejected { code }) => {
+                        format!("download link refused (403{})", code_suffix(&code))
+                    }
+                    Err(FetchError::LinkExpired { expiry }) => {
+                        format!("download link expired at {expiry} before use")
+                    }
+                    Err(FetchError::Interrupted {
+                        received, message, ..
+                    }) if resumes < MAX_RESUMES_PER_LINK && received > 0 => {
+                        resumes += 1;
+                        tracing::info!(tenant = %key.tenant, action = %key.action_id, index = key.index, received, error = %message, "transfer interrupted; resuming with Range");
+                        continue;
+                    }
+                    Err(FetchError::Redirect { status, location }) => {
                         return Err(End::Refused {
-                            reason: format!(
-                                "download link refused (403{}) after {} re-issues",
-                                if code.is_empty() {
-                                    String::new()
-                                } else {
-                                    format!(" {code}")
-                                },
-                                cfg.download.max_link_reissues
-                            ),
+                            reason: format!("blob host redirected (HTTP {status}) to {location}"),
                         });
                     }
-                    tracing::info!(tenant = %key.tenant, action = %key.action_id, index = key.index, "download link expired or refused; minting a new one");
-                    continue 'links;
-                }
-                Err(FetchError::Interrupted {
-                    received, message, ..
-                }) if resumes < MAX_RESUMES_PER_LINK && received > 0 => {
-                    resumes += 1;
-                    tracing::info!(tenant = %key.tenant, action = %key.action_id, index = key.index, received, error = %message, "transfer interrupted; resuming with Range");
-                    continue;
-                }
-                Err(FetchError::Redirect { status, location }) => {
-                    abort_writer(writer).await;
+                    Err(FetchError::Sink) => {
+                        return Err(writer_error(writer.take()).await);
+                    }
+                    Err(e) => return Err(retry(&e.to_string())),
+                };
+                if link_issues > cfg.download.max_link_reissues {
                     return Err(End::Refused {
-                        reason: format!("blob host redirected (HTTP {status}) to {location}"),
+                        reason: format!(
+                            "{rejected} after {} re-issues",
+                            cfg.download.max_link_reissues
+                        ),
                     });
                 }
-                Err(FetchError::Sink) => {
-                    let err = writer_error(writer).await;
-                    return Err(retry(&err));
-                }
-                Err(e) => {
-                    abort_writer(writer).await;
-                    return Err(retry(&e.to_string()));
-                }
+                tracing::info!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %rejected, "minting a new download link");
+                continue 'links;
             }
         }
+    }
+    .await;
+    if let Err(end) = downloaded {
+        abort_writer(writer.take()).await;
+        return Err(end);
     }
     let Some((sink, handle)) = writer else {
         return Err(retry("no download happened"));
@@ -665,7 +720,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         head,
     } = match handle.await {
         Ok(Ok(w)) => w,
-        Ok(Err(e)) => return Err(retry(&package_error_text(&e))),
+        Ok(Err(e)) => return Err(package_end(&e)),
         Err(e) => return Err(retry(&e.to_string())),
     };
     let digests = w.digests();
@@ -732,7 +787,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         tokio::task::spawn_blocking(move || w.finish(&retrieval_bytes))
             .await
             .map_err(|e| retry(&e.to_string()))?
-            .map_err(|e| retry(&package_error_text(&e)))?
+            .map_err(|e| package_end(&e))?
     };
     let record = EvidenceRecord {
         payload_name: digests.payload_name.clone(),
@@ -747,10 +802,18 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         package_sha256: info.package_sha256,
         adopted: false,
     };
-    commit_archived(ctx, tenant, key, record)
-        .await
-        .map_err(|e| retry(&e.to_string()))?;
-    Ok(Outcome::Archived)
+    archived_or_lost(commit_archived(ctx, tenant, key, record).await)
+}
+
+/// Outcome of the final commit. A lost lease means another process recovered the result
+/// while this one was still working: the package stays where it is and that process adopts
+/// it, so nothing is recorded twice.
+fn archived_or_lost(committed: Result<bool, DbError>) -> Result<Outcome, End> {
+    match committed {
+        Ok(true) => Ok(Outcome::Archived),
+        Ok(false) => Ok(Outcome::ClaimedElsewhere),
+        Err(e) => Err(retry(&e.to_string())),
+    }
 }
 
 /// Map an API error on the link call to how the attempt ends.
@@ -776,11 +839,40 @@ fn retry(reason: &str) -> End {
     }
 }
 
+/// The error with its sources on one line (the OS error is what tells "disk full" apart).
 fn package_error_text(e: &PackageError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
     if e.is_disk_full() {
-        format!("evidence store is full: {e}")
+        format!("evidence store is full: {text}")
     } else {
-        e.to_string()
+        text
+    }
+}
+
+/// A package error ends the attempt; a full store is told apart so it is logged as such.
+fn package_end(e: &PackageError) -> End {
+    if e.is_disk_full() {
+        End::StoreFull {
+            reason: package_error_text(e),
+        }
+    } else {
+        retry(&package_error_text(e))
+    }
+}
+
+fn code_suffix(code: &str) -> String {
+    if code.is_empty() {
+        String::new()
+    } else {
+        format!(" {code}")
     }
 }
 
@@ -793,21 +885,22 @@ async fn abort_writer(writer: Option<WriterTask>) {
     }
 }
 
-/// The writer's own error after it stopped consuming (e.g. disk full).
-async fn writer_error(writer: Option<WriterTask>) -> String {
+/// The writer's own error after it stopped consuming (e.g. disk full). The writer removed
+/// its partial when it dropped out with the error.
+async fn writer_error(writer: Option<WriterTask>) -> End {
     match writer {
         Some((sink, handle)) => {
             drop(sink);
             match handle.await {
-                Ok(Err(e)) => package_error_text(&e),
+                Ok(Err(e)) => package_end(&e),
                 Ok(Ok(w)) => {
                     let _ = tokio::task::spawn_blocking(move || w.writer.abort()).await;
-                    "package writer stopped".into()
+                    retry("package writer stopped")
                 }
-                Err(e) => e.to_string(),
+                Err(e) => retry(&e.to_string()),
             }
         }
-        None => "package writer stopped".into(),
+        None => retry("package writer stopped"),
     }
 }
 
@@ -839,17 +932,31 @@ struct EvidenceRecord {
 }
 
 /// The evidence row, the result state and the ARCHIVED custody row, in one transaction.
+/// `Ok(false)` (nothing written) when this process no longer holds the result's lease.
 async fn commit_archived(
     ctx: &Context,
     tenant: &Tenant,
     key: &Key,
     rec: EvidenceRecord,
-) -> Result<(), DbError> {
+) -> Result<bool, DbError> {
     let k = key.clone();
     let actor = tenant.actor.clone();
+    let owner = ctx.owner.clone();
     ctx.db
         .call(move |c| {
             let tx = write_tx(c)?;
+            let held: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM results WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
+                       AND state = 'downloading' AND lease_owner = ?4",
+                    params![k.tenant, k.action_id, k.index, owner],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(DbError::sql("check result lease"))?;
+            if held.is_none() {
+                return Ok(false);
+            }
             let evidence_id = uuid::Uuid::now_v7().to_string();
             let now = crate::time::now_str();
             tx.execute(
@@ -900,7 +1007,8 @@ async fn commit_archived(
                     ..Event::new(&k.tenant, &k.action_id, Some(k.index), EventKind::Archived, &actor).detail(detail)
                 },
             )?;
-            tx.commit().map_err(DbError::sql("commit archived result"))
+            tx.commit().map_err(DbError::sql("commit archived result"))?;
+            Ok(true)
         })
         .await
 }
@@ -949,9 +1057,11 @@ async fn adopt(ctx: &Context, tenant: &Tenant, job: &Job, rel: &str) -> Result<O
         package_sha256: check.package_sha256,
         adopted: true,
     };
-    commit_archived(ctx, tenant, &job.key, record)
-        .await
-        .map_err(|e| retry(&e.to_string()))?;
+    if archived_or_lost(commit_archived(ctx, tenant, &job.key, record).await)?
+        == Outcome::ClaimedElsewhere
+    {
+        return Ok(Outcome::ClaimedElsewhere);
+    }
     tracing::info!(tenant = %job.key.tenant, action = %job.key.action_id, index = job.key.index, package = rel, "adopted a verified package left by an interrupted run");
     Ok(Outcome::Archived)
 }
@@ -963,16 +1073,20 @@ fn read_retrieval(path: &std::path::Path, bag: &str) -> Option<Value> {
     serde_json::from_reader(std::io::Read::take(entry, 1 << 20)).ok()
 }
 
-/// Puts the attempt's end into the result row (and custody for terminal states).
+/// Puts the attempt's end into the result row (and custody for terminal states), provided
+/// this process still holds the result's lease.
 async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome {
     let k = job.key.clone();
     let actor = tenant.actor.clone();
+    let owner = ctx.owner.clone();
     let max_attempts = ctx.cfg.download.max_attempts;
     let backoff = backoff(
         job.attempts + 1,
         ctx.cfg.download.retry_base,
         ctx.cfg.download.retry_max,
     );
+    let last_attempt = job.attempts + 1 >= max_attempts;
+    let store_full = matches!(end, End::StoreFull { .. });
     let (outcome, state, reason, event, detail) = match end {
         End::Unavailable {
             reason,
@@ -990,9 +1104,9 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
             "failed",
             reason.clone(),
             Some(EventKind::Failed),
-            json!({ "reason": reason }),
+            json!({ "reason": reason, "attempts": job.attempts + 1 }),
         ),
-        End::Retry { reason } if job.attempts + 1 >= max_attempts => (
+        End::Retry { reason } if last_attempt => (
             Outcome::Failed,
             "failed",
             reason.clone(),
@@ -1001,10 +1115,14 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
         ),
         End::Retry { reason } => (Outcome::RetryLater, "pending", reason, None, Value::Null),
         End::Deferred { reason } => (Outcome::RetryLater, "deferred", reason, None, Value::Null),
+        End::StoreFull { reason } => (Outcome::RetryLater, "store-full", reason, None, Value::Null),
     };
-    // A deferred result goes back to the queue as it was: no attempt, no backoff.
+    // Deferred results go back to the queue as they were (no attempt, no backoff); a full
+    // store backs off at the base delay without spending the result's attempts.
+    let base = ctx.cfg.download.retry_base;
     let (state, attempt, backoff) = match state {
         "deferred" => ("pending", 0, Duration::ZERO),
+        "store-full" => ("pending", 0, base),
         s => (s, 1, backoff),
     };
     let log_reason = reason.clone();
@@ -1014,17 +1132,22 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
             let tx = write_tx(c)?;
             let next = (state == "pending")
                 .then(|| crate::time::fmt(crate::time::now() + chrono::Duration::from_std(backoff).unwrap_or_default()));
-            tx.execute(
-                "UPDATE results SET state = ?4, attempts = attempts + ?8, last_error = ?5, next_attempt_at = ?6,
+            let n = tx.execute(
+                "UPDATE results SET state = ?4, attempts = attempts + ?9, last_error = ?5, next_attempt_at = ?6,
                         lease_owner = NULL, lease_until = NULL, updated_at = ?7
-                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3",
-                params![k.tenant, k.action_id, k.index, state, reason, next, crate::time::now_str(), attempt],
+                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
+                   AND state = 'downloading' AND lease_owner = ?8",
+                params![k.tenant, k.action_id, k.index, state, reason, next, crate::time::now_str(), owner, attempt],
             )
             .map_err(DbError::sql("settle result"))?;
+            if n == 0 {
+                return Ok(false);
+            }
             if let Some(kind) = event {
                 custody::append(&tx, &Event::new(&k.tenant, &k.action_id, Some(k.index), kind, &actor).detail(detail))?;
             }
-            tx.commit().map_err(DbError::sql("commit result state"))
+            tx.commit().map_err(DbError::sql("commit result state"))?;
+            Ok(true)
         })
         .await;
     let key = &job.key;
@@ -1032,13 +1155,20 @@ async fn settle(ctx: &Context, tenant: &Tenant, job: &Job, end: End) -> Outcome 
         (Err(e), _) => {
             tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, error = %e, "cannot record the result state")
         }
-        (Ok(()), Outcome::RetryLater) => {
+        (Ok(false), _) => {
+            tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result was recovered by another process while this attempt ran; leaving it to that process");
+            return Outcome::ClaimedElsewhere;
+        }
+        (Ok(true), Outcome::RetryLater) if store_full => {
+            tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, retry_in_s = backoff.as_secs(), reason = %log_reason, "evidence store is full; the result stays pending and is retried later")
+        }
+        (Ok(true), Outcome::RetryLater) => {
             tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, retry_in_s = backoff.as_secs(), reason = %log_reason, "attempt failed; will retry")
         }
-        (Ok(()), Outcome::Unavailable) => {
+        (Ok(true), Outcome::Unavailable) => {
             tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result unavailable")
         }
-        (Ok(()), _) => {
+        (Ok(true), _) => {
             tracing::error!(tenant = %key.tenant, action = %key.action_id, index = key.index, reason = %log_reason, "result failed")
         }
     }

@@ -208,6 +208,15 @@ pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
 /// Walks the store and removes every `*.partial` file left by a crash; returns what it removed.
 /// Symlinks are neither followed nor removed.
 pub fn remove_stale_partials(store_root: &Path) -> Result<Vec<PathBuf>, PackageError> {
+    remove_stale_partials_except(store_root, |_, _| false)
+}
+
+/// Like [`remove_stale_partials`], but leaves every partial for which `keep(path, metadata)`
+/// is true (e.g. one another live process is still writing).
+pub fn remove_stale_partials_except(
+    store_root: &Path,
+    keep: impl Fn(&Path, &fs::Metadata) -> bool,
+) -> Result<Vec<PathBuf>, PackageError> {
     let mut removed = Vec::new();
     let mut pending = vec![store_root.to_path_buf()];
     while let Some(dir) = pending.pop() {
@@ -237,7 +246,20 @@ pub fn remove_stale_partials(store_root: &Path) -> Result<Vec<PathBuf>, PackageE
             if file_type.is_dir() {
                 pending.push(path);
             } else if file_type.is_file() && path.extension().is_some_and(|ext| ext == "partial") {
-                fs::remove_file(&path).map_err(|source| PackageError::Io {
+                let meta = entry.metadata().map_err(|source| PackageError::Io {
+                    path: path.clone(),
+                    op: "reading metadata of",
+                    source,
+                })?;
+                if keep(&path, &meta) {
+                    continue;
+                }
+                match fs::remove_file(&path) {
+                    // Another process finished or aborted it meanwhile.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    other => other,
+                }
+                .map_err(|source| PackageError::Io {
                     path: path.clone(),
                     op: "removing stale partial package",
                     source,

@@ -17,7 +17,7 @@ mod writer;
 use std::io;
 use std::path::PathBuf;
 
-pub use check::{PackageCheck, check_package, remove_stale_partials};
+pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
 pub use names::{package_rel_path, payload_base_name, sanitize_file_name};
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::PackageWriter;

@@ -35,7 +35,55 @@ const BAGIT_TXT: &[u8] = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-
 const ENTRY_MODE: u32 = 0o644;
 const PACKAGE_MODE: u32 = 0o440;
 
-type Zip = ZipWriter<BufWriter<File>>;
+type Zip = ZipWriter<BufWriter<PartialFile>>;
+
+/// The partial file under the zip writer. Once the package is abandoned (or a write to it
+/// failed, which dooms it) further writes are discarded: the zip crate finalises an archive
+/// when its writer is dropped, and on a full disk that would fail again (and print to stderr)
+/// for a file that is about to be removed anyway. The first error still reaches the caller.
+struct PartialFile {
+    file: File,
+    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PartialFile {
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn doom<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.abandoned
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl Write for PartialFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.is_abandoned() {
+            return Ok(buf.len());
+        }
+        let r = self.file.write(buf);
+        self.doom(r)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.is_abandoned() {
+            return Ok(());
+        }
+        let r = self.file.flush();
+        self.doom(r)
+    }
+}
+
+impl io::Seek for PartialFile {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let r = self.file.seek(pos);
+        self.doom(r)
+    }
+}
 
 /// What the first bytes of the payload told us.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +107,8 @@ pub struct PackageWriter {
     final_path: PathBuf,
     partial_path: PathBuf,
     zip: Option<Zip>,
+    /// Set before an abandoned zip writer is dropped, so its final writes go nowhere.
+    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
     mtime: zip::DateTime,
     /// (name inside the bag, sha256 hex) of tag files already written.
     tag_hashes: Vec<(String, String)>,
@@ -122,6 +172,11 @@ impl PackageWriter {
                 op: "creating partial package",
                 source,
             })?;
+        let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = PartialFile {
+            file,
+            abandoned: abandoned.clone(),
+        };
         let zip = ZipWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file));
         let mut writer = PackageWriter {
             bag_name: spec.bag_name,
@@ -135,6 +190,7 @@ impl PackageWriter {
             final_path,
             partial_path,
             zip: Some(zip),
+            abandoned,
             mtime: zip_now(),
             tag_hashes: Vec::new(),
             prefix: Vec::with_capacity(MAGIC_LEN),
@@ -269,7 +325,7 @@ impl PackageWriter {
             op: "finishing",
             source,
         })?;
-        let file = buffered.into_inner().map_err(|e| PackageError::Io {
+        let PartialFile { file, .. } = buffered.into_inner().map_err(|e| PackageError::Io {
             path: self.partial_path.clone(),
             op: "flushing",
             source: e.into_error(),
@@ -337,7 +393,10 @@ impl PackageWriter {
             return;
         }
         self.done = true;
-        // Dropping the zip writer finalises into the doomed file; harmless, and it closes the fd.
+        // Dropping the zip writer finalises the archive; those writes are discarded (the
+        // file is doomed, and on a full disk they would fail), and the fd is closed.
+        self.abandoned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         drop(self.zip.take());
         match fs::remove_file(&self.partial_path) {
             Ok(()) => {}

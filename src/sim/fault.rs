@@ -17,8 +17,14 @@ pub enum Fault {
     List5xx(usize),
     /// `blob-5xx=N`: the first N blob requests (after any `redirect` ones) answer 503 ServerBusy.
     Blob5xx(usize),
+    /// `blob-403=N`: the first N blob requests (after any `redirect` and `blob-5xx` ones) answer
+    /// 403 AuthenticationFailed, as for a link whose signature is refused.
+    Blob403(usize),
     /// `429=N`: the first N link requests answer 429 with `Retry-After: 1`.
     TooManyRequests(usize),
+    /// `unauthorized=N`: the first N API requests (List, Get, link) that carry a valid token
+    /// revoke it and answer 401, as when a token is invalidated before its expiry.
+    Unauthorized(usize),
     /// `slow=BYTES_PER_SEC`: blob bodies are throttled to this rate.
     Slow(u64),
     /// `truncate=N`: the first N blob bodies stop at half their Content-Length and the
@@ -45,8 +51,8 @@ pub enum Fault {
 }
 
 /// Every switch name, as accepted by `FromStr` and printed by `Display`.
-pub const FAULT_NAMES: &str = "link-5xx=N, list-5xx=N, blob-5xx=N, 429=N, slow=BYTES_PER_SEC, \
-     truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names, \
+pub const FAULT_NAMES: &str = "link-5xx=N, list-5xx=N, blob-5xx=N, blob-403=N, 429=N, \
+     unauthorized=N, slow=BYTES_PER_SEC, truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names, \
      foreign-host=N, http-link=N, redirect=N, gone=N";
 
 impl FromStr for Fault {
@@ -70,7 +76,9 @@ impl FromStr for Fault {
             "link-5xx" => Fault::Link5xx(count()?),
             "list-5xx" => Fault::List5xx(count()?),
             "blob-5xx" => Fault::Blob5xx(count()?),
+            "blob-403" => Fault::Blob403(count()?),
             "429" => Fault::TooManyRequests(count()?),
+            "unauthorized" => Fault::Unauthorized(count()?),
             "slow" => match number(None)? {
                 0 => return Err("fault `slow` needs a rate above 0 bytes per second".into()),
                 n => Fault::Slow(n),
@@ -104,7 +112,9 @@ impl fmt::Display for Fault {
             Fault::Link5xx(n) => write!(f, "link-5xx={n}"),
             Fault::List5xx(n) => write!(f, "list-5xx={n}"),
             Fault::Blob5xx(n) => write!(f, "blob-5xx={n}"),
+            Fault::Blob403(n) => write!(f, "blob-403={n}"),
             Fault::TooManyRequests(n) => write!(f, "429={n}"),
+            Fault::Unauthorized(n) => write!(f, "unauthorized={n}"),
             Fault::Slow(n) => write!(f, "slow={n}"),
             Fault::Truncate(n) => write!(f, "truncate={n}"),
             Fault::BadMd5(n) => write!(f, "bad-md5={n}"),
@@ -126,7 +136,9 @@ pub(crate) struct FaultPlan {
     pub link_5xx: usize,
     pub list_5xx: usize,
     pub blob_5xx: usize,
+    pub blob_403: usize,
     pub too_many: usize,
+    pub unauthorized: usize,
     pub slow: Option<u64>,
     pub truncate: usize,
     pub bad_md5: usize,
@@ -148,7 +160,9 @@ impl FaultPlan {
                 Fault::Link5xx(n) => plan.link_5xx = n,
                 Fault::List5xx(n) => plan.list_5xx = n,
                 Fault::Blob5xx(n) => plan.blob_5xx = n,
+                Fault::Blob403(n) => plan.blob_403 = n,
                 Fault::TooManyRequests(n) => plan.too_many = n,
+                Fault::Unauthorized(n) => plan.unauthorized = n,
                 Fault::Slow(n) => plan.slow = Some(n),
                 Fault::Truncate(n) => plan.truncate = n,
                 Fault::BadMd5(n) => plan.bad_md5 = n,
@@ -176,7 +190,9 @@ mod tests {
             "link-5xx=3",
             "list-5xx=1",
             "blob-5xx=2",
+            "blob-403=3",
             "429=4",
+            "unauthorized=1",
             "slow=1024",
             "truncate=1",
             "bad-md5=2",

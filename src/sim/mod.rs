@@ -168,6 +168,7 @@ struct Counters {
     bodies: AtomicUsize,
     md5_headers: AtomicUsize,
     links_issued: AtomicUsize,
+    authenticated: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -178,6 +179,8 @@ struct State {
     log: VecDeque<LoggedRequest>,
     status_counts: HashMap<u16, usize>,
     blob_with_authorization: usize,
+    /// Every access token ever issued, in order.
+    issued: Vec<String>,
 }
 
 impl Simulator {
@@ -225,6 +228,7 @@ impl Simulator {
                     log: VecDeque::new(),
                     status_counts: HashMap::new(),
                     blob_with_authorization: 0,
+                    issued: Vec::new(),
                 }),
             }),
         }
@@ -332,6 +336,12 @@ impl Simulator {
     /// Blob requests that carried an `Authorization` header (a correct client sends none).
     pub fn blob_requests_with_authorization(&self) -> usize {
         self.inner.state().blob_with_authorization
+    }
+
+    /// Every access token issued so far (still valid or not), so tests can prove that none of
+    /// them leaked into logs, the DB or packages.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.state().issued.clone()
     }
 }
 

@@ -328,6 +328,7 @@ fn issue_token(app: &App, tenant_id: &str, headers: &HeaderMap, body: &[u8]) -> 
         st.tokens.retain(|_, (_, exp)| *exp > now);
         st.tokens
             .insert(access_token.clone(), (tenant_id.to_string(), now + ttl));
+        st.issued.push(access_token.clone());
     }
     axum::Json(json!({
         "token_type": "Bearer",
@@ -349,11 +350,19 @@ impl App {
             .get(..7)
             .filter(|p| p.eq_ignore_ascii_case("bearer "))
             .map(|_| value[7..].trim())?;
-        let st = self.sim.inner.state();
-        st.tokens
+        let inner = &self.sim.inner;
+        let mut st = inner.state();
+        let tenant = st
+            .tokens
             .get(token)
             .filter(|(_, exp)| *exp > Instant::now())
-            .map(|(tenant, _)| tenant.clone())
+            .map(|(tenant, _)| tenant.clone())?;
+        // `unauthorized=N`: the token is revoked under the client's feet.
+        if next(&inner.counters.authenticated) < inner.plan.unauthorized {
+            st.tokens.remove(token);
+            return None;
+        }
+        Some(tenant)
     }
 
     /// Admits a request to the tenant's bucket or returns the seconds to wait.
@@ -622,6 +631,14 @@ async fn serve_blob(
             "ServerBusy",
             "The server is busy.",
             None,
+        );
+    }
+    if k < plan.redirect + plan.blob_5xx + plan.blob_403 {
+        return blob_error(
+            StatusCode::FORBIDDEN,
+            "AuthenticationFailed",
+            "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.",
+            Some("Signature did not match (the `blob-403` fault)."),
         );
     }
     let query: HashMap<String, String> =

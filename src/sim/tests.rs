@@ -819,3 +819,53 @@ async fn shutdown_stops_serving() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn fault_blob_403_and_unauthorized() {
+    let rig = Rig::new(with_faults(4, "blob-5xx=1,blob-403=2,unauthorized=1")).await;
+    // The first authenticated API request revokes the rig's token: 401, and it stays revoked.
+    assert_eq!(
+        rig.api("/api/machineactions").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        rig.api("/api/machineactions").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let fresh = token_request(&rig.c, &rig.base(), &rig.tenant, &rig.tenant.client_secret).await;
+    let fresh: Value = fresh.json().await.unwrap();
+    let fresh = fresh["access_token"].as_str().unwrap().to_string();
+    assert_eq!(
+        rig.h.sim.issued_tokens(),
+        vec![rig.token.clone(), fresh.clone()]
+    );
+    let e = rig.largest_result("RunScript");
+    let link = rig
+        .c
+        .get(format!(
+            "{}/api/machineactions/{}/GetLiveResponseResultDownloadLink(index={})",
+            rig.base(),
+            e.action_id,
+            e.index
+        ))
+        .bearer_auth(&fresh)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(link.status(), StatusCode::OK);
+    let body: Value = link.json().await.unwrap();
+    let url = body["value"].as_str().unwrap().to_string();
+    // blob-5xx comes first, then the 403s, then the blob.
+    assert_eq!(rig.c.get(&url).send().await.unwrap().status(), 503);
+    for _ in 0..2 {
+        let r = rig.c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            header(&r, "x-ms-error-code").as_deref(),
+            Some("AuthenticationFailed")
+        );
+    }
+    let ok = rig.c.get(&url).send().await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(sha(&ok.bytes().await.unwrap()), e.sha256);
+}

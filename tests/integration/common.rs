@@ -217,3 +217,137 @@ pub fn archivable(
         })
         .collect()
 }
+
+/// One `results` row as the fault tests look at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultRow {
+    pub action_id: String,
+    pub index: u32,
+    pub command_type: String,
+    pub state: String,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+impl Env {
+    /// An archive pass over at most `max` results.
+    pub async fn archive_max(&self, max: usize) -> archive::Summary {
+        let scope = archive::Scope {
+            max: Some(max),
+            ..Default::default()
+        };
+        archive::archive(&self.ctx, &self.tenants, &scope, None)
+            .await
+            .unwrap()
+    }
+
+    /// Every result of a finished action, in the order the archive pass takes them.
+    pub fn results(&self) -> Vec<ResultRow> {
+        let conn = self.reader();
+        let mut stmt = conn
+            .prepare(
+                "SELECT r.action_id, r.command_index, coalesce(r.command_type, ''), r.state, r.attempts, r.last_error
+                 FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                 ORDER BY a.created_at, r.action_id, r.command_index",
+            )
+            .unwrap();
+        stmt.query_map([], |r| {
+            Ok(ResultRow {
+                action_id: r.get(0)?,
+                index: r.get(1)?,
+                command_type: r.get(2)?,
+                state: r.get(3)?,
+                attempts: r.get(4)?,
+                last_error: r.get(5)?,
+            })
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    /// Results that were queued for download (everything but `skipped`).
+    pub fn queued(&self) -> Vec<ResultRow> {
+        self.results()
+            .into_iter()
+            .filter(|r| r.state != "skipped")
+            .collect()
+    }
+
+    /// Custody rows of one result: (event, detail as JSON), in order.
+    pub fn custody(&self, action_id: &str, index: u32) -> Vec<(String, serde_json::Value)> {
+        let conn = self.reader();
+        let mut stmt = conn
+            .prepare(
+                "SELECT event, detail FROM custody_log WHERE action_id = ?1 AND command_index = ?2 ORDER BY seq",
+            )
+            .unwrap();
+        stmt.query_map(rusqlite::params![action_id, index], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .unwrap()
+        .map(|row| {
+            let (event, detail) = row.unwrap();
+            (event, serde_json::from_str(&detail).unwrap())
+        })
+        .collect()
+    }
+
+    /// Custody events of one result after DISCOVERED / QUEUED.
+    pub fn events(&self, action_id: &str, index: u32) -> Vec<String> {
+        self.custody(action_id, index)
+            .into_iter()
+            .map(|(e, _)| e)
+            .filter(|e| e != "QUEUED" && e != "DISCOVERED")
+            .collect()
+    }
+
+    /// Quota ledger rows of one endpoint.
+    pub fn api_calls(&self, endpoint: &str) -> i64 {
+        self.reader()
+            .query_row(
+                "SELECT count(*) FROM api_calls WHERE endpoint = ?1",
+                [endpoint],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    /// Requests the simulator answered for one endpoint (`blob`, `link`, `token`, ...).
+    pub fn sim_requests(&self, endpoint: &str) -> Vec<lrvault::sim::LoggedRequest> {
+        self.sim
+            .sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.endpoint == endpoint)
+            .collect()
+    }
+
+    /// `*.partial` files anywhere under the store.
+    pub fn partials(&self) -> Vec<PathBuf> {
+        files_under(self.store())
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "partial"))
+            .collect()
+    }
+
+    /// Waits until every pending result is due again (tiny `retry_base` in the test config).
+    pub async fn wait_due(&self) {
+        let path = self.cfg.database.path.clone();
+        let due = || {
+            let c = rusqlite::Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            c.query_row(
+                "SELECT count(*) FROM results WHERE state = 'pending' AND next_attempt_at > ?1",
+                [lrvault::time::now_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+                == 0
+        };
+        assert!(wait_until(Duration::from_secs(10), due).await);
+    }
+}

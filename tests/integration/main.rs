@@ -3,7 +3,9 @@
 
 mod cli;
 mod common;
+mod crash;
 mod custody_chain;
 mod daemon;
+mod faults;
 mod pipeline;
 mod quota;

@@ -312,8 +312,16 @@ async fn archive_peak_rss(cfg: SimConfig) -> (u64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_whatever_the_payload_size() {
     const BIG: u64 = 96 << 20;
-    let small = SimConfig { seed: 13, actions: 2, max_getfile_size: 4096, ..SimConfig::default() };
-    let big = SimConfig { big_getfile: Some(BIG), ..small.clone() };
+    let small = SimConfig {
+        seed: 13,
+        actions: 2,
+        max_getfile_size: 4096,
+        ..SimConfig::default()
+    };
+    let big = SimConfig {
+        big_getfile: Some(BIG),
+        ..small.clone()
+    };
     let (small_peak, small_n) = archive_peak_rss(small).await;
     let (big_peak, big_n) = archive_peak_rss(big).await;
     assert_eq!(big_n, small_n + 1, "the big GetFile was archived too");
