@@ -54,6 +54,12 @@ pub enum Format {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum StatusFormat {
+    Table,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: scheduled discover, archive and verify jobs until SIGTERM/SIGINT
@@ -111,8 +117,8 @@ pub enum Command {
     Audit(crate::audit::AuditCommand),
     /// Queue depth by state, quota use, last job runs and the custody head
     Status {
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
+        format: StatusFormat,
     },
     /// Apply pending database migrations
     Migrate,
@@ -150,7 +156,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { format } => {
             let cfg = Config::load(&cli.config)?;
-            crate::status::status(&cfg, format == Format::Json)
+            crate::status::status(&cfg, format == StatusFormat::Json)
         }
         Command::Audit(cmd) => {
             let cfg = Config::load(&cli.config)?;

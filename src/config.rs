@@ -233,12 +233,15 @@ impl TenantConfig {
             message,
         };
         let raw = match (&self.client_secret_file, &self.client_secret_env) {
-            (Some(path), None) => std::fs::read_to_string(path).map_err(|e| {
-                err(format!(
-                    "cannot read client_secret_file {}: {e}",
-                    path.display()
-                ))
-            })?,
+            (Some(path), None) => {
+                let path = resolve_credential(path);
+                std::fs::read_to_string(&path).map_err(|e| {
+                    err(format!(
+                        "cannot read client_secret_file {}: {e}",
+                        path.display()
+                    ))
+                })?
+            }
             (None, Some(var)) => std::env::var(var).map_err(|_| {
                 err(format!(
                     "environment variable {var} (client_secret_env) is not set or not UTF-8"
@@ -255,6 +258,16 @@ impl TenantConfig {
             return Err(err("the client secret is empty".into()));
         }
         Ok(Secret(secret))
+    }
+}
+
+/// A relative `client_secret_file` names a systemd credential when the service runs with
+/// `LoadCredential=` (`$CREDENTIALS_DIRECTORY` is set), so one config serves the daemon and
+/// `systemd-run` one-shots alike; otherwise it is relative to the working directory.
+fn resolve_credential(path: &Path) -> PathBuf {
+    match std::env::var_os("CREDENTIALS_DIRECTORY") {
+        Some(dir) if path.is_relative() => Path::new(&dir).join(path),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -515,6 +528,23 @@ client_secret_env = "X"
         let s = cfg.tenants[0].load_secret().unwrap();
         assert_eq!(s.expose(), "s3cr3t");
         assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+
+    #[test]
+    fn relative_secret_files_resolve_in_the_credentials_directory() {
+        // Only this test sets CREDENTIALS_DIRECTORY (tests share the environment).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("contoso"), "from-systemd\n").unwrap();
+        let cfg = parse(&TENANT.replace(
+            "client_secret_env = \"X\"",
+            "client_secret_file = \"contoso\"",
+        ))
+        .unwrap();
+        // SAFETY: no other test reads or writes this variable.
+        unsafe { std::env::set_var("CREDENTIALS_DIRECTORY", dir.path()) };
+        let secret = cfg.tenants[0].load_secret();
+        unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
+        assert_eq!(secret.unwrap().expose(), "from-systemd");
     }
 
     #[test]

@@ -206,15 +206,30 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Streams the blob at `url` from `transfer.received` on into `sink`. Returns when the body
-/// ended cleanly; integrity (length, MD5) is checked by the caller once the writer has the
-/// digests.
+/// Streams the blob at `url` from `transfer.received` on into `sink`: [`open`] then [`stream`].
 pub async fn fetch(
     client: &reqwest::Client,
     url: &Url,
     transfer: &mut Transfer,
     sink: &mpsc::Sender<bytes::Bytes>,
 ) -> Result<(), FetchError> {
+    let opened = open(client, url, transfer).await?;
+    stream(opened, transfer, sink).await
+}
+
+/// A blob response whose status and headers were accepted; its body is not read yet.
+pub struct Opened {
+    response: reqwest::Response,
+    body_len: Option<u64>,
+}
+
+/// Requests the blob from `transfer.received` on (a Range request when resuming) and checks
+/// status and headers, recording them in `transfer` (size, ETag, MD5 claims, resume offset).
+pub async fn open(
+    client: &reqwest::Client,
+    url: &Url,
+    transfer: &mut Transfer,
+) -> Result<Opened, FetchError> {
     // A link already past its signed expiry would only earn a 403: mint a new one instead of
     // connecting with it.
     if let Some(expiry) = link_expiry(url)
@@ -309,14 +324,35 @@ pub async fn fetch(
         }
     }
     // Content-MD5 covers the whole blob only on a full read; x-ms-blob-content-md5 always does.
-    let md5 = header_str(&headers, "x-ms-blob-content-md5").or_else(|| {
-        (!resuming)
-            .then(|| header_str(&headers, "content-md5"))
-            .flatten()
-    });
-    if let Some(m) = md5 {
-        transfer.server_md5 = Some(m);
+    let mut md5_claims: Vec<String> = header_str(&headers, "x-ms-blob-content-md5")
+        .into_iter()
+        .collect();
+    if !resuming {
+        md5_claims.extend(header_str(&headers, "content-md5"));
     }
+    for claim in md5_claims {
+        match &transfer.server_md5 {
+            None => transfer.server_md5 = Some(claim),
+            // Every claim must agree: a wrong one must not be replaced by a later right one.
+            Some(first) if first.trim() != claim.trim() => {
+                return Err(FetchError::Integrity(format!(
+                    "the server's MD5 claims disagree ({first} vs {claim})"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(Opened { response, body_len })
+}
+
+/// Streams an opened body into `sink`. Returns when the body ended cleanly; integrity
+/// (length, MD5) is checked by the caller once the writer has the digests.
+pub async fn stream(
+    opened: Opened,
+    transfer: &mut Transfer,
+    sink: &mpsc::Sender<bytes::Bytes>,
+) -> Result<(), FetchError> {
+    let Opened { response, body_len } = opened;
     let start = transfer.received;
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {

@@ -8,6 +8,14 @@ use lrvault::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // `lrvault status | head` should end quietly like any Unix tool, not panic on EPIPE.
+    // SAFETY: resetting a signal disposition to its default before any thread starts.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
     let cli = Cli::parse();
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -305,19 +305,10 @@ impl MdeClient {
             ("scope", self.tenant.scope.as_str()),
         ];
         let endpoint = Endpoint::Token;
-        let reservation = self.governor.acquire(&self.tenant.name, endpoint).await?;
-        let sent = self.http.post(&url).form(&form).send().await;
-        let response = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                self.governor.complete(reservation, 0, None).await?;
-                return Err(transport(endpoint, e));
-            }
-        };
-        let status = response.status();
-        self.governor
-            .complete(reservation, status.as_u16(), None)
+        let response = self
+            .send_counted(endpoint, || self.http.post(&url).form(&form))
             .await?;
+        let status = response.status();
         let body = response.bytes().await.map_err(|e| transport(endpoint, e))?;
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if !status.is_success() {
@@ -369,41 +360,12 @@ impl MdeClient {
     /// out 429s (pausing the bucket for Retry-After).
     async fn api_get(&self, endpoint: Endpoint, url: Url) -> Result<bytes::Bytes, MdeError> {
         let mut refreshed = false;
-        let mut throttled = 0;
         loop {
             let token = self.bearer(false).await?;
-            let reservation = self.governor.acquire(&self.tenant.name, endpoint).await?;
-            let sent = self.http.get(url.clone()).bearer_auth(&token).send().await;
-            let response = match sent {
-                Ok(r) => r,
-                Err(e) => {
-                    self.governor.complete(reservation, 0, None).await?;
-                    return Err(transport(endpoint, e));
-                }
-            };
-            let status = response.status();
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                let pause = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, Utc::now()))
-                    .unwrap_or(Duration::from_secs(5));
-                self.governor
-                    .complete(reservation, 429, Some(pause))
-                    .await?;
-                throttled += 1;
-                tracing::warn!(tenant = %self.tenant.name, endpoint = endpoint.as_str(), pause_ms = pause.as_millis() as u64, "throttled (429); pausing this endpoint");
-                if throttled > MAX_THROTTLE_RETRIES {
-                    return Err(MdeError::Throttled {
-                        endpoint: endpoint.as_str(),
-                    });
-                }
-                continue;
-            }
-            self.governor
-                .complete(reservation, status.as_u16(), None)
+            let response = self
+                .send_counted(endpoint, || self.http.get(url.clone()).bearer_auth(&token))
                 .await?;
+            let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !refreshed {
                 refreshed = true;
                 *self.token.lock().await = None;
@@ -414,6 +376,50 @@ impl MdeClient {
                 return Ok(body);
             }
             return Err(api_error(endpoint, status, &body));
+        }
+    }
+
+    /// Sends one request through the quota governor: a slot is reserved first and completed
+    /// with the answer; a 429 pauses the bucket for Retry-After and the request is sent again
+    /// (a bounded number of times).
+    async fn send_counted(
+        &self,
+        endpoint: Endpoint,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, MdeError> {
+        let mut throttled = 0;
+        loop {
+            let reservation = self.governor.acquire(&self.tenant.name, endpoint).await?;
+            let response = match build().send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.governor.complete(reservation, 0, None).await?;
+                    return Err(transport(endpoint, e));
+                }
+            };
+            let status = response.status();
+            if status != StatusCode::TOO_MANY_REQUESTS {
+                self.governor
+                    .complete(reservation, status.as_u16(), None)
+                    .await?;
+                return Ok(response);
+            }
+            let pause = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, Utc::now()))
+                .unwrap_or(Duration::from_secs(5));
+            self.governor
+                .complete(reservation, 429, Some(pause))
+                .await?;
+            throttled += 1;
+            tracing::warn!(tenant = %self.tenant.name, endpoint = endpoint.as_str(), pause_ms = pause.as_millis() as u64, "throttled (429); pausing this endpoint");
+            if throttled > MAX_THROTTLE_RETRIES {
+                return Err(MdeError::Throttled {
+                    endpoint: endpoint.as_str(),
+                });
+            }
         }
     }
 

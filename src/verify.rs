@@ -68,7 +68,7 @@ pub async fn verify(
     let tenants = cfg.select_tenants(tenant)?;
     let root = cfg.store.root.clone();
     let mut report = Report::default();
-    for t in tenants {
+    for t in tenants.iter().copied() {
         let actor = custody::actor(&t.client_id);
         let name = t.name.clone();
         let since_s = since.map(crate::time::fmt);
@@ -164,40 +164,48 @@ pub async fn verify(
             .await?;
         }
         report.packages_checked += checked;
-        // The chain is global; check it once per tenant row so each tenant's VERIFIED row
-        // names the head it saw.
-        let scope = json!({
-            "tenant": name,
-            "since": since.map(crate::time::fmt),
-            "chain_only": chain_only,
-        });
-        let chain = db
-            .call(move |c| {
-                let tx = write_tx(c)?;
-                let chain = custody::verify_chain(&tx)?;
-                for (seq, problem) in &chain.defects {
-                    custody::append(
-                        &tx,
-                        &Event::new(&name, "*", None, EventKind::VerifyFailed, &actor)
-                            .detail(json!({ "chain_seq": seq, "problem": problem })),
-                    )?;
-                }
+    }
+    // The chain is one for the whole database: checked once per run, one VERIFIED row.
+    let (run_tenant, run_actor) = match tenants.as_slice() {
+        [only] => (only.name.clone(), custody::actor(&only.client_id)),
+        _ => ("*".to_string(), custody::actor("*")),
+    };
+    let scope = json!({
+        "tenant": tenant,
+        "since": since.map(crate::time::fmt),
+        "chain_only": chain_only,
+    });
+    let checked = report.packages_checked;
+    let package_defects = report.package_defects;
+    let chain = db
+        .call(move |c| {
+            let tx = write_tx(c)?;
+            let chain = custody::verify_chain(&tx)?;
+            for (seq, problem) in &chain.defects {
                 custody::append(
                     &tx,
-                    &Event::new(&name, "*", None, EventKind::Verified, &actor).detail(json!({
+                    &Event::new(&run_tenant, "*", None, EventKind::VerifyFailed, &run_actor)
+                        .detail(json!({ "chain_seq": seq, "problem": problem })),
+                )?;
+            }
+            custody::append(
+                &tx,
+                &Event::new(&run_tenant, "*", None, EventKind::Verified, &run_actor).detail(
+                    json!({
                         "scope": scope,
                         "packages_checked": checked,
+                        "package_defects": package_defects,
                         "chain_rows": chain.rows,
                         "chain_head": { "seq": chain.head_seq, "row_hash": chain.head_hash },
                         "chain_defects": chain.defects.len(),
-                    })),
-                )?;
-                tx.commit().map_err(DbError::sql("commit verify run"))?;
-                Ok(chain)
-            })
-            .await?;
-        report.chain_rows = chain.rows;
-        report.chain_defects = report.chain_defects.max(chain.defects.len());
-    }
+                    }),
+                ),
+            )?;
+            tx.commit().map_err(DbError::sql("commit verify run"))?;
+            Ok(chain)
+        })
+        .await?;
+    report.chain_rows = chain.rows;
+    report.chain_defects = chain.defects.len();
     Ok(report)
 }

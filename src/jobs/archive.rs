@@ -508,17 +508,54 @@ async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
         ev.action_id.to_string(),
         ev.actor.to_string(),
     );
+    let (evidence_sha256, package_path) = (
+        ev.evidence_sha256.map(str::to_string),
+        ev.package_path.map(str::to_string),
+    );
     let (idx, kind, detail) = (ev.command_index, ev.kind, ev.detail.clone());
     ctx.db
         .call(move |c| {
             let tx = write_tx(c)?;
             custody::append(
                 &tx,
-                &Event::new(&tenant, &action_id, idx, kind, &actor).detail(detail),
+                &Event {
+                    evidence_sha256: evidence_sha256.as_deref(),
+                    package_path: package_path.as_deref(),
+                    ..Event::new(&tenant, &action_id, idx, kind, &actor).detail(detail)
+                },
             )?;
             tx.commit().map_err(DbError::sql("commit custody row"))
         })
         .await
+}
+
+/// Opens the blob (status and headers checked), creates the package writer on the first
+/// response — when the size is known, so zip64 is used only for payloads that need it — and
+/// streams the body into it. The outer error is a writer that could not be created.
+async fn open_and_stream(
+    ctx: &Context,
+    url: &url::Url,
+    transfer: &mut Transfer,
+    writer: &mut Option<WriterTask>,
+    spec_for: &impl Fn(Option<u64>) -> PackageSpec,
+    job: &Job,
+) -> Result<Result<(), FetchError>, End> {
+    let opened = match fetch::open(&ctx.blob, url, transfer).await {
+        Ok(o) => o,
+        Err(e) => return Ok(Err(e)),
+    };
+    if writer.is_none() {
+        let spec = spec_for(transfer.total);
+        let w = tokio::task::spawn_blocking(move || PackageWriter::create(spec))
+            .await
+            .map_err(|e| retry(&e.to_string()))?
+            .map_err(|e| package_end(&e))?;
+        *writer = Some(spawn_writer(w, job.command_type == "RunScript"));
+    }
+    let Some((sink, _)) = writer.as_ref() else {
+        return Ok(Err(FetchError::Sink));
+    };
+    Ok(fetch::stream(opened, transfer, sink).await)
 }
 
 /// The package writer on its blocking thread, and what it hands back when the body ends.
@@ -653,22 +690,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
 
             let mut resumes = 0;
             loop {
-                if writer.is_none() {
-                    // The size is known only once a response arrives; zip64 is chosen from it,
-                    // so the writer is created lazily on the first body.
-                    let w = tokio::task::spawn_blocking({
-                        let spec = spec_for(None);
-                        move || PackageWriter::create(spec)
-                    })
-                    .await
-                    .map_err(|e| retry(&e.to_string()))?
-                    .map_err(|e| package_end(&e))?;
-                    writer = Some(spawn_writer(w, job.command_type == "RunScript"));
-                }
-                let Some((sink, _)) = writer.as_ref() else {
-                    unreachable!("writer was just created")
-                };
-                let rejected = match fetch::fetch(&ctx.blob, &url, &mut transfer, sink).await {
+                let rejected = match open_and_stream(ctx, &url, &mut transfer, &mut writer, &spec_for, job).await? {
                     Ok(()) => return Ok(()),
                     Err(FetchError::LinkRejected { code }) => {
                         format!("download link refused (403{})", code_suffix(&code))

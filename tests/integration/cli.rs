@@ -187,4 +187,23 @@ fn example_config_loads_through_the_binary() {
         4,
         "one row per endpoint of the one tenant"
     );
+    // status has no CSV form.
+    let (code, _, err) = run(lrvault()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["status", "--format", "csv"]));
+    assert_eq!(code, 2, "{err}");
+    // A reader that stops early (`| head -1`) ends lrvault quietly, without a panic.
+    let mut child = lrvault()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -149,6 +149,20 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
             evidence_rows,
             "{kind}"
         );
+        // Both rows carry the payload's SHA-256, equal to the evidence row's.
+        assert_eq!(
+            e.count(&format!(
+                "SELECT count(*) FROM custody_log c JOIN evidence v ON v.action_id = c.action_id
+                 AND v.command_index = c.command_index AND v.payload_sha256 = c.evidence_sha256
+                 WHERE c.event = '{kind}'"
+            )),
+            evidence_rows,
+            "{kind} rows carry evidence_sha256"
+        );
+    }
+    // Only a payload that needs it is written as zip64 (none here: all are small).
+    for p in &store_files_before_second_pass(e.store()) {
+        assert!(!data_entry_is_zip64(p), "{} uses zip64", p.display());
     }
     let store_files = files_under(e.store());
     assert_eq!(
@@ -185,6 +199,37 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
         .filter(|r| r.endpoint == "blob")
         .count();
     assert_eq!(blob_requests, with_result.len(), "one download per result");
+}
+
+fn store_files_before_second_pass(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    files_under(root)
+}
+
+/// True when the payload's local file header carries a zip64 extra field (tag 0x0001).
+fn data_entry_is_zip64(path: &std::path::Path) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    let mut i = 0;
+    while i + 30 <= bytes.len() {
+        if bytes[i..i + 4] == *b"PK\x03\x04" {
+            let name_len = u16::from_le_bytes([bytes[i + 26], bytes[i + 27]]) as usize;
+            let extra_len = u16::from_le_bytes([bytes[i + 28], bytes[i + 29]]) as usize;
+            let name = String::from_utf8_lossy(&bytes[i + 30..i + 30 + name_len]);
+            if name.contains("/data/") {
+                let mut extra = &bytes[i + 30 + name_len..i + 30 + name_len + extra_len];
+                while extra.len() >= 4 {
+                    let tag = u16::from_le_bytes([extra[0], extra[1]]);
+                    let len = u16::from_le_bytes([extra[2], extra[3]]) as usize;
+                    if tag == 1 {
+                        return true;
+                    }
+                    extra = &extra[(4 + len).min(extra.len())..];
+                }
+                return false;
+            }
+        }
+        i += 1;
+    }
+    panic!("no payload entry in {}", path.display())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,6 +370,10 @@ async fn memory_stays_flat_whatever_the_payload_size() {
     let (small_peak, small_n) = archive_peak_rss(small).await;
     let (big_peak, big_n) = archive_peak_rss(big).await;
     assert_eq!(big_n, small_n + 1, "the big GetFile was archived too");
+    eprintln!(
+        "peak RSS: {small_peak} KiB (small payloads), {big_peak} KiB (with a {} MiB payload)",
+        BIG >> 20
+    );
     // A 96 MiB payload costs no more than a few MiB of extra memory: it is streamed.
     assert!(
         big_peak < small_peak + 16 * 1024,

@@ -415,4 +415,18 @@ async fn each_tenant_uses_its_own_budget_at_the_same_time() {
     assert_eq!(first_window(&a, start), PER_HOUR as usize);
     assert_eq!(first_window(&b, start), PER_HOUR as usize);
     assert_eq!(e.sim.sim.count_status(429), 0);
+    // One verify run over both tenants: one VERIFIED row, every package checked.
+    let report = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false)
+        .await
+        .unwrap();
+    assert_eq!(report.packages_checked, expected);
+    assert!(report.ok());
+    assert_eq!(
+        e.count("SELECT count(*) FROM custody_log WHERE event = 'VERIFIED'"),
+        1
+    );
+    assert_eq!(
+        e.count("SELECT count(*) FROM evidence WHERE last_verify_ok = 1"),
+        expected as i64
+    );
 }
