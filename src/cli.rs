@@ -170,39 +170,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let (ctx, tenants) = setup(&cli.config, t.tenant.as_deref())?;
             let mut failed = false;
             for tenant in &tenants {
-                let started = crate::time::now_str();
-                let window = discover::Window {
-                    since: crate::time::now()
-                        - chrono::Duration::from_std(ctx.cfg.discovery.lookback)?,
-                    until: None,
-                    machine_id: None,
-                };
-                match discover::discover(&ctx, tenant, &window, discover::Source::Discover).await {
-                    Ok(s) => {
-                        println!("{}: {s}", tenant.cfg.name);
-                        jobs::record_job_run(
-                            &ctx.db,
-                            "discover",
-                            &tenant.cfg.name,
-                            started,
-                            true,
-                            s.to_string(),
-                        )
-                        .await;
-                    }
+                match discover::lookback_pass(&ctx, tenant).await {
+                    Ok(s) => println!("{}: {s}", tenant.cfg.name),
                     Err(e) => {
                         failed = true;
-                        let line = crate::error::one_line(&e);
-                        eprintln!("lrvault: {}: discovery failed: {line}", tenant.cfg.name);
-                        jobs::record_job_run(
-                            &ctx.db,
-                            "discover",
-                            &tenant.cfg.name,
-                            started,
-                            false,
-                            line,
-                        )
-                        .await;
+                        eprintln!(
+                            "lrvault: {}: discovery failed: {}",
+                            tenant.cfg.name,
+                            crate::error::one_line(&e)
+                        );
                     }
                 }
             }

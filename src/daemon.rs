@@ -188,44 +188,15 @@ impl Daemon {
     }
 
     async fn discover(&self) {
-        let lookback =
-            chrono::Duration::from_std(self.ctx.cfg.discovery.lookback).unwrap_or_default();
         for tenant in self.tenants.iter() {
-            let started = crate::time::now_str();
-            let window = discover::Window {
-                since: crate::time::now() - lookback,
-                until: None,
-                machine_id: None,
-            };
             let result = tokio::select! {
-                r = discover::discover(&self.ctx, tenant, &window, discover::Source::Discover) => r,
+                r = discover::lookback_pass(&self.ctx, tenant) => r,
                 _ = self.ctx.cancel.cancelled() => return,
             };
             match result {
-                Ok(s) => {
-                    tracing::info!(tenant = %tenant.cfg.name, "discovery: {s}");
-                    jobs::record_job_run(
-                        &self.ctx.db,
-                        "discover",
-                        &tenant.cfg.name,
-                        started,
-                        true,
-                        s.to_string(),
-                    )
-                    .await;
-                }
+                Ok(s) => tracing::info!(tenant = %tenant.cfg.name, "discovery: {s}"),
                 Err(e) => {
-                    let line = crate::error::one_line(&e);
-                    tracing::error!(tenant = %tenant.cfg.name, error = %line, "discovery failed");
-                    jobs::record_job_run(
-                        &self.ctx.db,
-                        "discover",
-                        &tenant.cfg.name,
-                        started,
-                        false,
-                        line,
-                    )
-                    .await;
+                    tracing::error!(tenant = %tenant.cfg.name, error = %crate::error::one_line(&e), "discovery failed")
                 }
             }
         }

@@ -223,12 +223,7 @@ pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     )?);
     let tenants: Vec<Arc<jobs::Tenant>> = ctx.tenants(None)?.into_iter().map(Arc::new).collect();
     for t in &tenants {
-        let window = discover::Window {
-            since: crate::time::now() - chrono::Duration::from_std(cfg.discovery.lookback)?,
-            until: None,
-            machine_id: None,
-        };
-        let s = discover::discover(&ctx, t, &window, discover::Source::Discover).await?;
+        let s = discover::lookback_pass(&ctx, t).await?;
         println!("discover:  {s}");
     }
     let scope = archive::Scope::default();

@@ -33,15 +33,7 @@ pub struct Plan {
 /// Lists the window and counts what a backfill would do, changing nothing but the ledger.
 pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Result<Plan> {
     let before = list_calls(ctx, &tenant.cfg.name).await?;
-    let actions = tenant
-        .client
-        .list_actions(
-            window.since,
-            window.until,
-            window.machine_id.as_deref(),
-            ctx.cfg.discovery.page_size,
-        )
-        .await?;
+    let actions = discover::list_window(ctx, tenant, window).await?;
     let mut p = Plan {
         list_calls: list_calls(ctx, &tenant.cfg.name).await? - before,
         ..Default::default()

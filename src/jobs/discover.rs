@@ -68,7 +68,17 @@ pub async fn discover(
     window: &Window,
     source: Source,
 ) -> anyhow::Result<Summary> {
-    let actions = tenant
+    let actions = list_window(ctx, tenant, window).await?;
+    record_actions(ctx, tenant, actions, source).await
+}
+
+/// Every live-response action of `tenant` created in `window` (all pages).
+pub async fn list_window(
+    ctx: &Context,
+    tenant: &Tenant,
+    window: &Window,
+) -> Result<Vec<RawAction>, crate::mde::MdeError> {
+    tenant
         .client
         .list_actions(
             window.since,
@@ -76,8 +86,25 @@ pub async fn discover(
             window.machine_id.as_deref(),
             ctx.cfg.discovery.page_size,
         )
-        .await?;
-    record_actions(ctx, tenant, actions, source).await
+        .await
+}
+
+/// The scheduled discovery pass: the configured lookback window up to now, recorded in
+/// `job_runs` (for `status`) whether it succeeds or not.
+pub async fn lookback_pass(ctx: &Context, tenant: &Tenant) -> anyhow::Result<Summary> {
+    let started = crate::time::now_str();
+    let window = Window {
+        since: crate::time::now() - chrono::Duration::from_std(ctx.cfg.discovery.lookback)?,
+        until: None,
+        machine_id: None,
+    };
+    let result = discover(ctx, tenant, &window, Source::Discover).await;
+    let (ok, summary) = match &result {
+        Ok(s) => (true, s.to_string()),
+        Err(e) => (false, crate::error::one_line(e)),
+    };
+    super::record_job_run(&ctx.db, "discover", &tenant.cfg.name, started, ok, summary).await;
+    result
 }
 
 /// Records the finished ones of `actions` (others are counted as unfinished).

@@ -51,15 +51,7 @@ impl Env {
     pub async fn discover(&self) -> discover::Summary {
         let mut total = discover::Summary::default();
         for t in &self.tenants {
-            let window = discover::Window {
-                since: chrono::Utc::now()
-                    - chrono::Duration::from_std(self.cfg.discovery.lookback).unwrap(),
-                until: None,
-                machine_id: None,
-            };
-            let s = discover::discover(&self.ctx, t, &window, discover::Source::Discover)
-                .await
-                .unwrap();
+            let s = discover::lookback_pass(&self.ctx, t).await.unwrap();
             total.listed += s.listed;
             total.new_actions += s.new_actions;
             total.known += s.known;
