@@ -431,3 +431,81 @@ async fn each_tenant_uses_its_own_budget_at_the_same_time() {
         expected as i64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_a_backfill_cleanly_and_a_rerun_resumes() {
+    let mut cfg = SimConfig {
+        seed: 17,
+        actions: 30,
+        max_getfile_size: 64 << 10,
+        ..SimConfig::default()
+    };
+    cfg.faults = vec!["slow=300000".parse().unwrap()];
+    let e = env(cfg, "").await;
+    let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
+    let bin = env!("CARGO_BIN_EXE_lrvault");
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&e.config_path)
+        .args(["backfill", "--since", "3d"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || e
+            .count("SELECT count(*) FROM evidence")
+            >= 3)
+        .await
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "stopped with results left: {err}"
+    );
+    assert!(
+        err.contains("run the same backfill again to resume"),
+        "{err}"
+    );
+    let after_stop = e.count("SELECT count(*) FROM evidence");
+    assert!(
+        after_stop < expected,
+        "stopped early: {after_stop} of {expected}"
+    );
+    // Downloads in flight finished or went back to the queue; nothing is left half-done.
+    assert_eq!(
+        e.count("SELECT count(*) FROM results WHERE state = 'downloading'"),
+        0
+    );
+    assert!(
+        crate::common::files_under(e.store())
+            .iter()
+            .all(|p| !p.to_string_lossy().ends_with(".partial"))
+    );
+
+    let out = Command::new(bin)
+        .arg("--config")
+        .arg(&e.config_path)
+        .args(["backfill", "--since", "3d"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(e.count("SELECT count(*) FROM evidence"), expected);
+    assert_eq!(
+        e.count("SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED'"),
+        expected
+    );
+    custody_chain::recheck(&e.reader());
+}
