@@ -253,9 +253,13 @@ pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     );
     println!("Database:  {}", cfg.database.path.display());
     println!("Evidence:  {}", cfg.store.root.display());
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "lrvault".into());
     println!(
-        "Try:       sqlite3 {} 'select * from v_custody limit 5'\n           lrvault --config {} status",
+        "Try:       sqlite3 {} 'select * from v_custody limit 5'\n           {exe} --config {} status\n           {exe} --config {} audit evidence --format csv",
         cfg.database.path.display(),
+        config_path.display(),
         config_path.display()
     );
     println!("Done in {:.1}s.", started.elapsed().as_secs_f64());
