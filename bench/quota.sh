@@ -17,45 +17,19 @@ mkdir -p "$OUT"
 cargo build --locked --release -q
 BIN=target/release/lrvault
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-start_sim() { # $1 = name; MDE's real limits (100/min, 1500/h) with shrunk windows
-  local port; port=$(free_port)
-  "$BIN" simulate --listen "127.0.0.1:$port" --actions "$ACTIONS" --seed 5 --spread 2d \
-    --per-minute 100 --per-hour 1500 --minute-secs "$MINUTE" --hour-secs "$HOUR" \
-    --max-getfile-size 2048 --request-log "$OUT/$1.requests.jsonl" >"$OUT/$1.sim.out" 2>&1 &
-  SIM_PID=$!
-  for _ in $(seq 50); do grep -q listening "$OUT/$1.sim.out" 2>/dev/null && break; sleep 0.1; done
-  BASE="http://127.0.0.1:$port"
-  TENANT_ID=$(sed -n 's/^tenant_id = "\(.*\)"/\1/p' "$OUT/$1.sim.out")
-  CLIENT_ID=$(sed -n 's/^client_id = "\(.*\)"/\1/p' "$OUT/$1.sim.out")
-}
-stop_sim() { kill -TERM "$SIM_PID"; wait "$SIM_PID" || true; }
+. bench/lib.sh
+SIM_FLAGS=(--actions "$ACTIONS" --seed 5 --spread 2d --per-minute 100 --per-hour 1500
+  --minute-secs "$MINUTE" --hour-secs "$HOUR" --max-getfile-size 2048)
 
 # --- lrvault -----------------------------------------------------------------------------
-start_sim lrvault
-echo sim-secret-0 >"$OUT/secret"
-cat >"$OUT/lrvault.toml" <<TOML
-[database]
-path = "$OUT/lrvault.db"
-[store]
-root = "$OUT/evidence"
-[quota]
+start_sim lrvault "${SIM_FLAGS[@]}" --request-log "$OUT/lrvault.requests.jsonl"
+write_config "$OUT/lrvault.toml" "[quota]
 per_minute = 95
 per_hour = 1450
 minute_secs = $MINUTE
 hour_secs = $HOUR
 [download]
-concurrency = 4
-[[tenant]]
-name = "bench"
-tenant_id = "$TENANT_ID"
-client_id = "$CLIENT_ID"
-client_secret_file = "$OUT/secret"
-api_base = "$BASE"
-login_base = "$BASE"
-download_hosts = ["127.0.0.1"]
-TOML
+concurrency = 4"
 echo "lrvault: draining (windows: minute ${MINUTE}s, hour ${HOUR}s; limits 95/1450, server 100/1500)"
 START=$(date +%s.%N)
 /usr/bin/time -f "%M" -o "$OUT/lrvault.maxrss" "$BIN" --config "$OUT/lrvault.toml" -q backfill --since 3d >"$OUT/lrvault.out"
@@ -64,7 +38,7 @@ stop_sim
 ARCHIVED=$(sqlite3 "$OUT/lrvault.db" "select count(*) from evidence")
 
 # --- reference client ------------------------------------------------------------------
-start_sim reference
+start_sim reference "${SIM_FLAGS[@]}" --request-log "$OUT/reference.requests.jsonl"
 echo "reference: draining the same backlog (greedy, sleeps Retry-After on 429)"
 RSTART=$(date +%s.%N)
 python3 bench/reference_client.py "$BASE" "$TENANT_ID" "$CLIENT_ID" sim-secret-0 "$OUT/reference-files" >"$OUT/reference.out"

@@ -13,30 +13,11 @@ OUT=bench/out/throughput-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 cargo build --locked --release -q
 BIN=$PWD/target/release/lrvault
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+. bench/lib.sh
 # One action with a normal small result set plus the big GetFile.
-"$BIN" simulate --listen "127.0.0.1:$PORT" --actions 1 --seed 3 --big-getfile "$SIZE" >"$OUT/sim.out" 2>&1 &
-SIM=$!
-trap 'kill $SIM 2>/dev/null || true' EXIT
-for _ in $(seq 50); do grep -q listening "$OUT/sim.out" 2>/dev/null && break; sleep 0.1; done
-BASE="http://127.0.0.1:$PORT"
-TENANT_ID=$(sed -n 's/^tenant_id = "\(.*\)"/\1/p' "$OUT/sim.out")
-CLIENT_ID=$(sed -n 's/^client_id = "\(.*\)"/\1/p' "$OUT/sim.out")
-echo sim-secret-0 >"$OUT/secret"
-cat >"$OUT/lrvault.toml" <<TOML
-[database]
-path = "$OUT/lrvault.db"
-[store]
-root = "$OUT/evidence"
-[[tenant]]
-name = "bench"
-tenant_id = "$TENANT_ID"
-client_id = "$CLIENT_ID"
-client_secret_file = "$OUT/secret"
-api_base = "$BASE"
-login_base = "$BASE"
-download_hosts = ["127.0.0.1"]
-TOML
+start_sim throughput --actions 1 --seed 3 --big-getfile "$SIZE"
+trap 'kill $SIM_PID 2>/dev/null || true' EXIT
+write_config "$OUT/lrvault.toml"
 "$BIN" --config "$OUT/lrvault.toml" -q discover >/dev/null
 # The pass holds the big result plus at most four small ones (a few KiB): timed as a whole.
 /usr/bin/time -f "%e %M" -o "$OUT/lrvault.time" "$BIN" --config "$OUT/lrvault.toml" -q archive >/dev/null

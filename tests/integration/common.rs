@@ -68,6 +68,30 @@ impl Env {
             .unwrap()
     }
 
+    /// The real binary, with this environment's config.
+    pub fn lrvault(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lrvault"));
+        c.arg("--config")
+            .arg(&self.config_path)
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs the binary with `args` and asserts it exits 0; returns (stdout, stderr).
+    pub fn run_ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.lrvault().args(args).output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "lrvault {args:?}\n{stdout}\n{stderr}"
+        );
+        (stdout, stderr)
+    }
+
     pub fn tenant_id(&self) -> String {
         self.sim.sim.tenants()[0].tenant_id.clone()
     }

@@ -1,7 +1,7 @@
 //! The daemon binary: `lrvault run` archives on its schedule, the DB stays readable by a
 //! separate reader meanwhile, a second daemon is refused, and SIGTERM stops it cleanly.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use lrvault::sim::SimConfig;
@@ -22,9 +22,8 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     )
     .await;
     let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_lrvault"))
-        .arg("--config")
-        .arg(&e.config_path)
+    let mut daemon = e
+        .lrvault()
         .arg("run")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -43,12 +42,7 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     let done = wait_until(Duration::from_secs(60), || archived() == expected).await;
 
     // A second daemon on the same DB is refused at once.
-    let second = Command::new(env!("CARGO_BIN_EXE_lrvault"))
-        .arg("--config")
-        .arg(&e.config_path)
-        .arg("run")
-        .output()
-        .unwrap();
+    let second = e.lrvault().arg("run").output().unwrap();
     assert_eq!(second.status.code(), Some(2));
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(

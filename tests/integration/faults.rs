@@ -221,9 +221,8 @@ async fn max_attempts_ends_in_failed_and_status_shows_it() {
     assert_eq!(e.archive_max(1).await.failed, 0);
     assert_eq!(e.queued()[0].attempts, 3);
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lrvault"))
-        .arg("--config")
-        .arg(&e.config_path)
+    let out = e
+        .lrvault()
         .args(["status", "--format", "json"])
         .output()
         .unwrap();

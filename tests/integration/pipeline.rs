@@ -308,12 +308,7 @@ async fn refused_credentials_stop_the_pass_without_spending_attempts() {
     assert!(queued > 0);
     // The secret is rotated on the app but not in lrvault's secret file.
     std::fs::write(e._dir.path().join("sim-secret-0"), "stale-secret\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lrvault"))
-        .arg("--config")
-        .arg(&e.config_path)
-        .arg("archive")
-        .output()
-        .unwrap();
+    let out = e.lrvault().arg("archive").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -337,12 +332,7 @@ async fn refused_credentials_stop_the_pass_without_spending_attempts() {
 async fn archive_peak_rss(cfg: SimConfig) -> (u64, i64) {
     let e = env(cfg, "").await;
     e.discover().await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lrvault"))
-        .arg("--config")
-        .arg(&e.config_path)
-        .args(["-v", "archive"])
-        .output()
-        .unwrap();
+    let out = e.lrvault().args(["-v", "archive"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let peak = err

@@ -2,7 +2,7 @@
 //! calls than its limit — across a restart, and with a daemon and a backfill sharing one DB —
 //! and a 429 pauses only its own bucket for Retry-After. Windows are shrunk (1.5 s "hours").
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -237,18 +237,15 @@ async fn daemon_and_backfill_share_one_budget() {
     );
     let e = env(sim(24, 8), &extra).await;
     let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
-    let bin = env!("CARGO_BIN_EXE_lrvault");
-    let mut daemon = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
+    let mut daemon = e
+        .lrvault()
         .arg("run")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let backfill = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
+    let backfill = e
+        .lrvault()
         .args(["backfill", "--since", "3d"])
         .output()
         .unwrap();
@@ -299,20 +296,7 @@ async fn backfill_dry_run_counts_and_changes_nothing_then_backfill_drains() {
     let expected = e.sim.sim.expected_results(&e.tenant_id());
     let to_fetch = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len();
     assert!(expected.len() > to_fetch);
-    let bin = env!("CARGO_BIN_EXE_lrvault");
-    let out = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
-        .args(["backfill", "--since", "30d", "--dry-run"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (text, _) = e.run_ok(&["backfill", "--since", "30d", "--dry-run"]);
     assert!(
         text.contains(&format!("{to_fetch} results to fetch")),
         "{text}"
@@ -337,32 +321,16 @@ async fn backfill_dry_run_counts_and_changes_nothing_then_backfill_drains() {
         "its List calls are in the ledger"
     );
 
-    let out = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
-        .args(["backfill", "--since", "30d"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.run_ok(&["backfill", "--since", "30d"]);
     assert_eq!(e.count("SELECT count(*) FROM evidence") as usize, to_fetch);
     assert_eq!(
         e.count("SELECT count(*) FROM actions WHERE source = 'backfill'"),
         e.count("SELECT count(*) FROM actions")
     );
-    let out = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
-        .args(["backfill", "--since", "30d", "--dry-run"])
-        .output()
-        .unwrap();
+    let (text, _) = e.run_ok(&["backfill", "--since", "30d", "--dry-run"]);
     assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains(&format!("0 results to fetch, {to_fetch} already done"))
+        text.contains(&format!("0 results to fetch, {to_fetch} already done")),
+        "{text}"
     );
 }
 
@@ -443,10 +411,8 @@ async fn ctrl_c_stops_a_backfill_cleanly_and_a_rerun_resumes() {
     cfg.faults = vec!["slow=300000".parse().unwrap()];
     let e = env(cfg, "").await;
     let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
-    let bin = env!("CARGO_BIN_EXE_lrvault");
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
+    let child = e
+        .lrvault()
         .args(["backfill", "--since", "3d"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -490,18 +456,7 @@ async fn ctrl_c_stops_a_backfill_cleanly_and_a_rerun_resumes() {
             .all(|p| !p.to_string_lossy().ends_with(".partial"))
     );
 
-    let out = Command::new(bin)
-        .arg("--config")
-        .arg(&e.config_path)
-        .args(["backfill", "--since", "3d"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    e.run_ok(&["backfill", "--since", "3d"]);
     assert_eq!(e.count("SELECT count(*) FROM evidence"), expected);
     assert_eq!(
         e.count("SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED'"),

@@ -1,0 +1,39 @@
+# Shared by the bench scripts: start the simulator from the release binary, and write a
+# config for it. Expects BIN and OUT to be set.
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_sim NAME [simulate flags...]: sets SIM_PID, BASE, TENANT_ID, CLIENT_ID.
+start_sim() {
+  local name=$1 port
+  shift
+  port=$(free_port)
+  "$BIN" simulate --listen "127.0.0.1:$port" "$@" >"$OUT/$name.sim.out" 2>&1 &
+  SIM_PID=$!
+  for _ in $(seq 50); do grep -q listening "$OUT/$name.sim.out" 2>/dev/null && break; sleep 0.1; done
+  BASE="http://127.0.0.1:$port"
+  TENANT_ID=$(sed -n 's/^tenant_id = "\(.*\)"/\1/p' "$OUT/$name.sim.out")
+  CLIENT_ID=$(sed -n 's/^client_id = "\(.*\)"/\1/p' "$OUT/$name.sim.out")
+}
+
+stop_sim() { kill -TERM "$SIM_PID"; wait "$SIM_PID" || true; }
+
+# write_config PATH [extra TOML]: database and store under $OUT, one tenant for the simulator.
+write_config() {
+  echo sim-secret-0 >"$OUT/secret"
+  cat >"$1" <<TOML
+[database]
+path = "$OUT/lrvault.db"
+[store]
+root = "$OUT/evidence"
+${2:-}
+[[tenant]]
+name = "bench"
+tenant_id = "$TENANT_ID"
+client_id = "$CLIENT_ID"
+client_secret_file = "$OUT/secret"
+api_base = "$BASE"
+login_base = "$BASE"
+download_hosts = ["127.0.0.1"]
+TOML
+}
