@@ -630,3 +630,28 @@ async fn a_full_store_keeps_the_result_pending_and_the_rest_going() {
     );
     assert!(!store_listing.contains(&big.action_id), "{store_listing}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_transfer_times_out_and_is_retried_later() {
+    // 10 bytes per second, one byte every 100 ms: each read waits longer than read_timeout.
+    let e = faulty(2, 23, &["slow=10"], "[download]\nconcurrency = 1\nread_timeout = \"40ms\"\nretry_base = \"50ms\"\nretry_max = \"100ms\"\n").await;
+    let queued = e.queued();
+    let s = e.archive().await;
+    assert_eq!((s.archived, s.retry_later), (0, queued.len()), "{s:?}");
+    for r in e.queued() {
+        assert_eq!((r.state.as_str(), r.attempts), ("pending", 1), "{r:?}");
+        let err = r.last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains("timed out") || err.contains("timeout"),
+            "{err}"
+        );
+        assert!(!err.contains("sig="), "{err}");
+    }
+    assert_eq!(
+        e.count(
+            "SELECT count(*) FROM custody_log WHERE event IN ('DOWNLOADED', 'ARCHIVED', 'FAILED')"
+        ),
+        0
+    );
+    invariants(&e);
+}
