@@ -88,35 +88,70 @@ pub struct Scope {
     pub machine_id: Option<String>,
 }
 
+impl Scope {
+    /// The SQL condition selecting a tenant's results in this scope, over `results r JOIN
+    /// actions a`; bind it with [`Scope::bind`].
+    pub const FILTER: &'static str = "r.tenant = :tenant
+        AND (:since IS NULL OR a.created_at >= :since) AND (:until IS NULL OR a.created_at < :until)
+        AND (:machine IS NULL OR a.machine_id = :machine)";
+
+    /// Values for [`Scope::FILTER`]'s named parameters.
+    pub fn bind(&self, tenant: &str) -> ScopeParams {
+        ScopeParams {
+            tenant: tenant.to_string(),
+            since: self.since.map(crate::time::fmt),
+            until: self.until.map(crate::time::fmt),
+            machine: self.machine_id.clone(),
+        }
+    }
+}
+
+/// Owned values of a scope's SQL parameters (movable onto the DB thread).
+pub struct ScopeParams {
+    tenant: String,
+    since: Option<String>,
+    until: Option<String>,
+    machine: Option<String>,
+}
+
+impl ScopeParams {
+    /// The named parameters, plus `extra` ones a query adds.
+    pub fn named<'a>(
+        &'a self,
+        extra: &[(&'a str, &'a dyn rusqlite::ToSql)],
+    ) -> Vec<(&'a str, &'a dyn rusqlite::ToSql)> {
+        let mut p: Vec<(&str, &dyn rusqlite::ToSql)> = vec![
+            (":tenant", &self.tenant),
+            (":since", &self.since),
+            (":until", &self.until),
+            (":machine", &self.machine),
+        ];
+        p.extend_from_slice(extra);
+        p
+    }
+}
+
 /// Due results of one tenant in `scope`, oldest action first, commands in index order.
 pub async fn due_results(ctx: &Context, tenant: &str, scope: &Scope) -> Result<Vec<Key>, DbError> {
-    let tenant = tenant.to_string();
-    let scope = scope.clone();
+    let bound = scope.bind(tenant);
+    let limit = scope.max.map_or(-1, |m| m as i64);
     ctx.db
         .call(move |c| {
+            let now = crate::time::now_str();
             let mut stmt = c
-                .prepare(
+                .prepare(&format!(
                     "SELECT r.tenant, r.action_id, r.command_index FROM results r
                      JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE r.tenant = ?1 AND r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= ?2)
-                       AND (?3 IS NULL OR a.created_at >= ?3) AND (?4 IS NULL OR a.created_at < ?4)
-                       AND (?5 IS NULL OR a.machine_id = ?5)
+                     WHERE {} AND r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)
                      ORDER BY a.created_at, r.action_id, r.command_index
-                     LIMIT ?6",
-                )
+                     LIMIT :limit",
+                    Scope::FILTER
+                ))
                 .map_err(DbError::sql("select due results"))?;
             let rows = stmt
-                .query_map(
-                    params![
-                        tenant,
-                        crate::time::now_str(),
-                        scope.since.map(crate::time::fmt),
-                        scope.until.map(crate::time::fmt),
-                        scope.machine_id,
-                        scope.max.map_or(-1, |m| m as i64)
-                    ],
-                    |r| Ok(Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? }),
-                )
+                .query_map(bound.named(&[(":now", &now), (":limit", &limit)]).as_slice(), |r| {
+                    Ok(Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? })
+                })
                 .map_err(DbError::sql("select due results"))?;
             rows.collect::<Result<Vec<_>, _>>().map_err(DbError::sql("select due results"))
         })
@@ -134,7 +169,7 @@ type InFlight = (
     String,
 );
 
-/// Due results of several tenants (for progress totals).
+/// How many results of `tenants` in `scope` are due now (for progress totals).
 pub async fn due_count(
     ctx: &Context,
     tenants: &[Arc<Tenant>],
@@ -142,7 +177,23 @@ pub async fn due_count(
 ) -> Result<usize, DbError> {
     let mut n = 0;
     for t in tenants {
-        n += due_results(ctx, &t.cfg.name, scope).await?.len();
+        let bound = scope.bind(&t.cfg.name);
+        n += ctx
+            .db
+            .call(move |c| {
+                let now = crate::time::now_str();
+                c.query_row(
+                    &format!(
+                        "SELECT count(*) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                         WHERE {} AND r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)",
+                        Scope::FILTER
+                    ),
+                    bound.named(&[(":now", &now)]).as_slice(),
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(DbError::sql("count due results"))
+            })
+            .await? as usize;
     }
     Ok(scope.max.map_or(n, |m| n.min(m)))
 }

@@ -123,21 +123,18 @@ async fn states_in_scope(
     tenant: &str,
     scope: &Scope,
 ) -> Result<super::StateCounts, DbError> {
-    let (tenant, scope) = (tenant.to_string(), scope.clone());
+    let bound = scope.bind(tenant);
     ctx.db
         .call(move |c| {
             let mut stmt = c
-                .prepare(
+                .prepare(&format!(
                     "SELECT r.state, count(*) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE r.tenant = ?1 AND (?2 IS NULL OR a.created_at >= ?2) AND (?3 IS NULL OR a.created_at < ?3)
-                       AND (?4 IS NULL OR a.machine_id = ?4) GROUP BY r.state",
-                )
+                     WHERE {} GROUP BY r.state",
+                    Scope::FILTER
+                ))
                 .map_err(DbError::sql("count results"))?;
             let rows = stmt
-                .query_map(
-                    params![tenant, scope.since.map(crate::time::fmt), scope.until.map(crate::time::fmt), scope.machine_id],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
-                )
+                .query_map(bound.named(&[]).as_slice(), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
                 .map_err(DbError::sql("count results"))?;
             rows.collect::<Result<_, _>>().map_err(DbError::sql("count results"))
         })
@@ -150,14 +147,16 @@ async fn next_retry(
     tenant: &str,
     scope: &Scope,
 ) -> Result<Option<chrono::DateTime<chrono::Utc>>, DbError> {
-    let (tenant, scope) = (tenant.to_string(), scope.clone());
+    let bound = scope.bind(tenant);
     ctx.db
         .call(move |c| {
             c.query_row(
-                "SELECT min(r.next_attempt_at) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                 WHERE r.tenant = ?1 AND r.state = 'pending' AND (?2 IS NULL OR a.created_at >= ?2)
-                   AND (?3 IS NULL OR a.created_at < ?3) AND (?4 IS NULL OR a.machine_id = ?4)",
-                params![tenant, scope.since.map(crate::time::fmt), scope.until.map(crate::time::fmt), scope.machine_id],
+                &format!(
+                    "SELECT min(r.next_attempt_at) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                     WHERE {} AND r.state = 'pending'",
+                    Scope::FILTER
+                ),
+                bound.named(&[]).as_slice(),
                 |r| r.get::<_, Option<String>>(0),
             )
             .map(|t| t.and_then(|t| crate::time::parse_api(&t)))
