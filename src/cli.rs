@@ -198,17 +198,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             let due = archive::due_count(&ctx, &tenants, &scope).await? as u64;
-            let progress = Arc::new(crate::progress::Progress::new("archiving", due, true));
+            let progress = Arc::new(crate::progress::Progress::new("archiving", due));
             let p = progress.clone();
-            let cancel = ctx.cancel.clone();
-            tokio::spawn(async move {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!(
-                        "lrvault: stopping after the downloads in progress (Ctrl-C again to abort)"
-                    );
-                    cancel.cancel();
-                }
-            });
+            cancel_on_ctrl_c(
+                ctx.cancel.clone(),
+                "stopping after the downloads in progress",
+            );
             let started = crate::time::now_str();
             let summary =
                 archive::archive(&ctx, &tenants, &scope, Some(Arc::new(move |_, _| p.inc())))
@@ -344,63 +339,34 @@ async fn backfill(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let cancel = ctx.cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!(
-                "lrvault: stopping after the downloads in progress; run the same backfill again to resume"
-            );
-            cancel.cancel();
-        }
-    });
+    cancel_on_ctrl_c(
+        ctx.cancel.clone(),
+        "stopping after the downloads in progress; run the same backfill again to resume",
+    );
     let mut complete = true;
     for t in tenants {
         let t = Arc::new(t);
         let progress = Arc::new(crate::progress::Progress::new(
             &format!("backfill {}", t.cfg.name),
             0,
-            true,
         ));
-        let every = Arc::new(backfill::Every::new(std::time::Duration::from_secs(2)));
-        let (p, c, name, e) = (
+        let ticker = tokio::spawn(show_quota_eta(
             progress.clone(),
             ctx.clone(),
             t.cfg.name.clone(),
-            every.clone(),
-        );
-        // The ETA comes from the quota ledger, not from the rate so far: a backlog drains in
-        // bursts of per_minute until the hour window is full.
-        let handle = tokio::runtime::Handle::current();
-        let on_result: archive::OnResult = Arc::new(move |_, _| {
-            p.inc();
-            if e.due() {
-                let (p, c, name) = (p.clone(), c.clone(), name.clone());
-                handle.spawn(async move {
-                    let left = p_left(&p);
-                    if let Ok(eta) = backfill::quota_eta(&c, &name, left).await {
-                        p.set_note(format!("ETA {} (quota)", fmt_duration(eta)));
-                    }
-                });
-            }
-        });
-        let (p2, c2, name2) = (progress.clone(), ctx.clone(), t.cfg.name.clone());
+        ));
+        let (p_total, p_done) = (progress.clone(), progress.clone());
         let started = crate::time::now_str();
         let outcome = backfill::run(
             &ctx,
             &t,
             &window,
-            move |total| {
-                p2.set_total(total);
-                let (p, c, name) = (p2.clone(), c2.clone(), name2.clone());
-                tokio::spawn(async move {
-                    if let Ok(eta) = backfill::quota_eta(&c, &name, total).await {
-                        p.set_note(format!("ETA {} (quota)", fmt_duration(eta)));
-                    }
-                });
-            },
-            Some(on_result),
+            move |total| p_total.set_total(total),
+            Some(Arc::new(move |_, _| p_done.inc())),
         )
-        .await?;
+        .await;
+        ticker.abort();
+        let outcome = outcome?;
         progress.finish();
         println!(
             "{}: window {span}: {} archived, {} unavailable, {} skipped (no result), {} failed, {} not finished",
@@ -436,8 +402,35 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn p_left(p: &crate::progress::Progress) -> u64 {
-    p.total().saturating_sub(p.done())
+/// Keeps the progress note on the ETA from the quota ledger (not from the rate so far: a
+/// backlog drains in bursts of per_minute until the hour window is full).
+async fn show_quota_eta(
+    progress: Arc<crate::progress::Progress>,
+    ctx: Arc<Context>,
+    tenant: String,
+) {
+    loop {
+        let left = progress.total().saturating_sub(progress.done());
+        if let Ok(eta) = jobs::backfill::quota_eta(&ctx, &tenant, left).await {
+            progress.set_note(format!("ETA {} (quota)", jobs::backfill::fmt_duration(eta)));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// Ctrl-C once stops starting new work (`cancel`); a second Ctrl-C exits at once (the next
+/// run's recovery returns interrupted downloads to the queue).
+fn cancel_on_ctrl_c(cancel: CancellationToken, message: &'static str) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        eprintln!("lrvault: {message} (Ctrl-C again to stop at once)");
+        cancel.cancel();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
 }
 
 async fn enqueue(

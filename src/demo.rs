@@ -228,7 +228,7 @@ pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     }
     let scope = archive::Scope::default();
     let due = archive::due_count(&ctx, &tenants, &scope).await? as u64;
-    let progress = Arc::new(crate::progress::Progress::new("archiving", due, true));
+    let progress = Arc::new(crate::progress::Progress::new("archiving", due));
     let p = progress.clone();
     let summary =
         archive::archive(&ctx, &tenants, &scope, Some(Arc::new(move |_, _| p.inc()))).await?;

@@ -206,17 +206,6 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Streams the blob at `url` from `transfer.received` on into `sink`: [`open`] then [`stream`].
-pub async fn fetch(
-    client: &reqwest::Client,
-    url: &Url,
-    transfer: &mut Transfer,
-    sink: &mpsc::Sender<bytes::Bytes>,
-) -> Result<(), FetchError> {
-    let opened = open(client, url, transfer).await?;
-    stream(opened, transfer, sink).await
-}
-
 /// A blob response whose status and headers were accepted; its body is not read yet.
 pub struct Opened {
     response: reqwest::Response,
@@ -391,6 +380,17 @@ fn interrupted(received: u64, e: reqwest::Error) -> FetchError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole transfer as the archive job does it: open, then stream.
+    async fn fetch(
+        client: &reqwest::Client,
+        url: &Url,
+        transfer: &mut Transfer,
+        sink: &mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), FetchError> {
+        let opened = open(client, url, transfer).await?;
+        stream(opened, transfer, sink).await
+    }
 
     #[test]
     fn allowlist_rules() {

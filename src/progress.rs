@@ -22,9 +22,9 @@ pub struct Progress {
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 impl Progress {
-    /// A bar when stderr is a terminal and `interactive`, log lines otherwise.
-    pub fn new(label: &str, total: u64, interactive: bool) -> Progress {
-        let bar = (interactive && std::io::stderr().is_terminal()).then(|| {
+    /// A bar when stderr is a terminal, log lines otherwise.
+    pub fn new(label: &str, total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 ProgressStyle::with_template(

@@ -5,7 +5,7 @@
 //! counts only.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rusqlite::params;
 
@@ -248,31 +248,6 @@ pub fn fmt_duration(d: Duration) -> String {
         0..=59 => format!("{s}s"),
         60..=3599 => format!("{}m {:02}s", s / 60, s % 60),
         _ => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-/// Rate limiter for progress ETA recomputation.
-pub struct Every {
-    last: std::sync::Mutex<Option<Instant>>,
-    every: Duration,
-}
-
-impl Every {
-    pub fn new(every: Duration) -> Every {
-        Every {
-            last: std::sync::Mutex::new(None),
-            every,
-        }
-    }
-
-    /// True at most once per interval.
-    pub fn due(&self) -> bool {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|l| l.elapsed() < self.every) {
-            return false;
-        }
-        *last = Some(Instant::now());
-        true
     }
 }
 
