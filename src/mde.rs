@@ -128,6 +128,13 @@ pub struct RawAction {
     pub value: Value,
 }
 
+/// The actions of a List window, and how many pages (List calls) it took.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub actions: Vec<RawAction>,
+    pub pages: u64,
+}
+
 /// One entry of `commands[]`.
 #[derive(Debug, Clone)]
 pub struct ActionCommand {
@@ -442,7 +449,7 @@ impl MdeClient {
         until: Option<DateTime<Utc>>,
         machine_id: Option<&str>,
         page_size: u32,
-    ) -> Result<Vec<RawAction>, MdeError> {
+    ) -> Result<Listing, MdeError> {
         let mut filter = format!(
             "type eq 'LiveResponse' and creationDateTimeUtc ge {}",
             since.format("%Y-%m-%dT%H:%M:%SZ")
@@ -465,7 +472,7 @@ impl MdeClient {
         }
         let endpoint = Endpoint::List;
         let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
+        let mut out = Listing::default();
         let mut skip: u64 = 0;
         loop {
             let mut url = self.url("/api/machineactions")?;
@@ -479,6 +486,7 @@ impl MdeClient {
                 message,
             })?;
             let n = page.entries;
+            out.pages += 1;
             for e in page.unreadable {
                 tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page");
             }
@@ -486,7 +494,7 @@ impl MdeClient {
                 if let Some(id) = a.id().map(str::to_string)
                     && seen.insert(id)
                 {
-                    out.push(a);
+                    out.actions.push(a);
                 }
             }
             if n < u64::from(page_size) || n == 0 {

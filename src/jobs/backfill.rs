@@ -7,8 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::params;
-
 use super::archive::{self, Scope};
 use super::discover::{self, Source, Window};
 use super::{Context, Tenant};
@@ -26,16 +24,16 @@ pub struct Plan {
     pub already_done: u64,
     /// Commands without a result (PutFile, failed, never ran).
     pub without_result: u64,
-    /// List calls this run made.
+    /// List pages (one quota call each) this count took.
     pub list_calls: u64,
 }
 
 /// Lists the window and counts what a backfill would do, changing nothing but the ledger.
 pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Result<Plan> {
-    let before = list_calls(ctx, &tenant.cfg.name).await?;
-    let actions = discover::list_window(ctx, tenant, window).await?;
+    let listing = discover::list_window(ctx, tenant, window).await?;
+    let actions = listing.actions;
     let mut p = Plan {
-        list_calls: list_calls(ctx, &tenant.cfg.name).await? - before,
+        list_calls: listing.pages,
         ..Default::default()
     };
     let name = tenant.cfg.name.clone();
@@ -87,21 +85,6 @@ pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Re
         }
     }
     Ok(p)
-}
-
-async fn list_calls(ctx: &Context, tenant: &str) -> Result<u64, DbError> {
-    let tenant = tenant.to_string();
-    ctx.db
-        .call(move |c| {
-            c.query_row(
-                "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2",
-                params![tenant, Endpoint::List.as_str()],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(DbError::sql("count list calls"))
-        })
-        .await
 }
 
 /// Earliest time `n` more link calls can be made for `tenant` (from the quota ledger).

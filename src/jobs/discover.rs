@@ -68,8 +68,8 @@ pub async fn discover(
     window: &Window,
     source: Source,
 ) -> anyhow::Result<Summary> {
-    let actions = list_window(ctx, tenant, window).await?;
-    record_actions(ctx, tenant, actions, source).await
+    let listing = list_window(ctx, tenant, window).await?;
+    record_actions(ctx, tenant, listing.actions, source).await
 }
 
 /// Every live-response action of `tenant` created in `window` (all pages).
@@ -77,7 +77,7 @@ pub async fn list_window(
     ctx: &Context,
     tenant: &Tenant,
     window: &Window,
-) -> Result<Vec<RawAction>, crate::mde::MdeError> {
+) -> Result<crate::mde::Listing, crate::mde::MdeError> {
     tenant
         .client
         .list_actions(

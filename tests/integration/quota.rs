@@ -298,6 +298,10 @@ async fn backfill_dry_run_counts_and_changes_nothing_then_backfill_drains() {
     assert!(expected.len() > to_fetch);
     let (text, _) = e.run_ok(&["backfill", "--since", "30d", "--dry-run"]);
     assert!(
+        text.contains("(+ 1 List call made for this count)"),
+        "{text}"
+    );
+    assert!(
         text.contains(&format!("{to_fetch} results to fetch")),
         "{text}"
     );
