@@ -8,7 +8,6 @@ use clap::{Args, Subcommand};
 use crate::cli::Format;
 use crate::config::Config;
 use crate::db::{Db, DbError};
-use crate::error::UserError;
 use crate::table::Rows;
 
 #[derive(Debug, Subcommand)]
@@ -63,14 +62,7 @@ pub struct FormatArg {
 }
 
 pub fn run(cfg: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
-    if !cfg.database.path.exists() {
-        return Err(UserError::new(format!(
-            "database {} does not exist yet",
-            cfg.database.path.display()
-        ))
-        .into());
-    }
-    let conn = Db::open_readonly(&cfg.database.path)?;
+    let conn = Db::open_for_reading(&cfg.database.path)?;
     let (rows, format) = match cmd {
         AuditCommand::Evidence {
             tenant,

@@ -145,6 +145,19 @@ impl Db {
         Ok(conn)
     }
 
+    /// A read-only connection for the reporting commands; a database that does not exist
+    /// yet is the user's to create (exit code 2), not an error to create it here.
+    pub fn open_for_reading(path: &Path) -> anyhow::Result<Connection> {
+        if !path.exists() {
+            return Err(crate::error::UserError::new(format!(
+                "database {} does not exist yet; run `lrvault migrate` or start the daemon",
+                path.display()
+            ))
+            .into());
+        }
+        Ok(Self::open_readonly(path)?)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

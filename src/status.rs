@@ -12,14 +12,7 @@ use crate::quota::{self, Endpoint};
 use crate::table::Rows;
 
 pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
-    if !cfg.database.path.exists() {
-        return Err(crate::error::UserError::new(format!(
-            "database {} does not exist yet; run `lrvault migrate` or start the daemon",
-            cfg.database.path.display()
-        ))
-        .into());
-    }
-    let conn = Db::open_readonly(&cfg.database.path)?;
+    let conn = Db::open_for_reading(&cfg.database.path)?;
     let q = |sql: &str| Rows::query(&conn, sql, &[]).map_err(DbError::sql("status query"));
     let queue = q(
         "SELECT tenant, state, count(*) AS results FROM results GROUP BY tenant, state ORDER BY tenant, state",

@@ -99,6 +99,14 @@ fn bad_tenant_name_and_missing_secret_are_one_clear_line() {
         dir.path(),
         "[[tenant]]\nname = \"contoso\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret_file = \"/nonexistent/secret\"\n",
     );
+    // The reporting commands never create a database; they say where it should be.
+    for cmd in [vec!["status"], vec!["audit", "quota"]] {
+        let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(&cmd));
+        assert!(
+            line.contains("db.sqlite does not exist yet; run `lrvault migrate`"),
+            "{line}"
+        );
+    }
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("discover"));
     assert!(
         line.contains("tenant 'contoso': cannot read client_secret_file /nonexistent/secret"),
