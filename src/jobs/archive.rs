@@ -49,6 +49,19 @@ pub struct Summary {
     pub tenant_errors: Vec<String>,
 }
 
+impl std::ops::AddAssign for Summary {
+    fn add_assign(&mut self, o: Summary) {
+        self.archived += o.archived;
+        self.unavailable += o.unavailable;
+        self.failed += o.failed;
+        self.retry_later += o.retry_later;
+        self.claimed_elsewhere += o.claimed_elsewhere;
+        self.not_started += o.not_started;
+        self.recovered += o.recovered;
+        self.tenant_errors.extend(o.tenant_errors);
+    }
+}
+
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -345,12 +358,7 @@ pub async fn archive(
                 continue;
             }
         };
-        summary.archived += s.archived;
-        summary.unavailable += s.unavailable;
-        summary.failed += s.failed;
-        summary.retry_later += s.retry_later;
-        summary.claimed_elsewhere += s.claimed_elsewhere;
-        summary.not_started += s.not_started;
+        summary += s;
     }
     Ok(summary)
 }

@@ -43,6 +43,17 @@ pub struct Summary {
     pub skipped: usize,
 }
 
+impl std::ops::AddAssign for Summary {
+    fn add_assign(&mut self, o: Summary) {
+        self.listed += o.listed;
+        self.unfinished += o.unfinished;
+        self.known += o.known;
+        self.new_actions += o.new_actions;
+        self.queued += o.queued;
+        self.skipped += o.skipped;
+    }
+}
+
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

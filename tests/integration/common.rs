@@ -51,13 +51,7 @@ impl Env {
     pub async fn discover(&self) -> discover::Summary {
         let mut total = discover::Summary::default();
         for t in &self.tenants {
-            let s = discover::lookback_pass(&self.ctx, t).await.unwrap();
-            total.listed += s.listed;
-            total.new_actions += s.new_actions;
-            total.known += s.known;
-            total.unfinished += s.unfinished;
-            total.queued += s.queued;
-            total.skipped += s.skipped;
+            total += discover::lookback_pass(&self.ctx, t).await.unwrap();
         }
         total
     }
