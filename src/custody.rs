@@ -284,10 +284,15 @@ mod tests {
             prev_hash: GENESIS_HASH.into(),
             row_hash: String::new(),
         };
+        // The exact text json.dumps prints, and the digest Python computed from it.
         let expected_json = r#"["0000000000000000000000000000000000000000000000000000000000000000",1,"2026-11-27T13:05:00.123Z","contoso","a1",null,"DISCOVERED","lrvault/0.1.0 app=c host=h uid=0",null,null,"{\"name\":\"Ünïcode \\\"q\\\"\\n\"}"]"#;
         assert_eq!(
             hex::encode(Sha256::digest(expected_json.as_bytes())),
             row_hash(&row)
+        );
+        assert_eq!(
+            row_hash(&row),
+            "b8f98bcb1a35d9a9c9d7cb5dd5b19606c32cfd50aaaf74460e13fd517428501e"
         );
     }
 }
