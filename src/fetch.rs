@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use crate::config::is_loopback_host;
+use crate::mde::code_suffix;
 
 /// Why a link was refused before any connection was made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -130,14 +131,6 @@ pub enum FetchError {
     /// The package writer stopped (its own error says why).
     #[error("package writer stopped")]
     Sink,
-}
-
-fn code_suffix(code: &str) -> String {
-    if code.is_empty() {
-        String::new()
-    } else {
-        format!(" {code}")
-    }
 }
 
 /// Response headers kept in `retrieval.json`.

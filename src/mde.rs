@@ -22,7 +22,7 @@ const MAX_THROTTLE_RETRIES: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MdeError {
-    #[error("{endpoint}: HTTP {status}{}{}", code_part(.code), msg_part(.message))]
+    #[error("{endpoint}: HTTP {status}{}{}", code_suffix(.code), msg_part(.message))]
     Http {
         endpoint: &'static str,
         status: u16,
@@ -52,7 +52,8 @@ pub enum MdeError {
     Db(#[from] DbError),
 }
 
-fn code_part(code: &str) -> String {
+/// ` CODE` after an HTTP status in error messages, or nothing when there is no code.
+pub(crate) fn code_suffix(code: &str) -> String {
     if code.is_empty() {
         String::new()
     } else {

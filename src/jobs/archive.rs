@@ -695,7 +695,11 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
     let spec_for = |expected_size| PackageSpec {
         store_root: cfg.store.root.clone(),
         rel_path: rel_path.clone(),
-        bag_name: format!("{}-{:03}", sanitize_component(&key.action_id), key.index),
+        bag_name: format!(
+            "{}-{:03}",
+            package::path_component(&key.action_id),
+            key.index
+        ),
         payload_base_name: base_name.clone(),
         gz_suffix_if_gzip: job.command_type == "GetFile",
         machine_action_json: job.action.raw.as_bytes().to_vec(),
@@ -752,7 +756,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
                 let rejected = match open_and_stream(ctx, &url, &mut transfer, &mut writer, &spec_for, job).await? {
                     Ok(()) => return Ok(()),
                     Err(FetchError::LinkRejected { code }) => {
-                        format!("download link refused (403{})", code_suffix(&code))
+                        format!("download link refused (403{})", crate::mde::code_suffix(&code))
                     }
                     Err(FetchError::LinkExpired { expiry }) => {
                         format!("download link expired at {expiry} before use")
@@ -949,14 +953,6 @@ fn package_end(e: &PackageError) -> End {
     }
 }
 
-fn code_suffix(code: &str) -> String {
-    if code.is_empty() {
-        String::new()
-    } else {
-        format!(" {code}")
-    }
-}
-
 async fn abort_writer(writer: Option<WriterTask>) {
     if let Some((sink, handle)) = writer {
         drop(sink);
@@ -983,19 +979,6 @@ async fn writer_error(writer: Option<WriterTask>) -> End {
         }
         None => retry("package writer stopped"),
     }
-}
-
-/// Action ids come from the API; keep bag directory names to a safe alphabet.
-fn sanitize_component(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 struct EvidenceRecord {

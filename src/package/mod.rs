@@ -18,7 +18,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
-pub use names::{package_rel_path, payload_base_name, sanitize_file_name};
+pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::PackageWriter;
 

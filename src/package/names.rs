@@ -36,7 +36,7 @@ pub fn package_rel_path(
 }
 
 /// Maps one API-supplied string to a single safe path component.
-fn path_component(raw: &str) -> String {
+pub fn path_component(raw: &str) -> String {
     let mut out: String = raw
         .chars()
         .map(|c| {
