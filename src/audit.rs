@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::Format;
 use crate::config::Config;
 use crate::db::{Db, DbError};
-use crate::table::Rows;
+use crate::render::Format;
+use crate::render::Rows;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

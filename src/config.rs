@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::package::Compression;
-
 /// Every mistake in the configuration, each naming the thing to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,6 +73,17 @@ impl Default for StoreConfig {
             compression: Compression::Auto,
         }
     }
+}
+
+/// How payload entries are compressed inside the zip (config key `store.compression`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Store payloads that are already compressed (gzip, zip, 7z, xz, zstd, bzip2), deflate the rest.
+    #[default]
+    Auto,
+    Deflate,
+    Stored,
 }
 
 #[derive(Debug, Clone, Deserialize)]

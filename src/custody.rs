@@ -41,12 +41,16 @@ impl EventKind {
     }
 }
 
-/// `lrvault/<version> app=<client_id> host=<hostname> uid=<uid>`: who did it.
-pub fn actor(client_id: &str) -> String {
-    let host = nix::unistd::gethostname()
+/// This machine's host name, as recorded in custody actors, packages and leases.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "unknown".into());
+}
+
+/// `lrvault/<version> app=<client_id> host=<hostname> uid=<uid>`: who did it.
+pub fn actor(client_id: &str) -> String {
+    let host = hostname().unwrap_or_else(|| "unknown".into());
     format!(
         "lrvault/{} app={} host={} uid={}",
         env!("CARGO_PKG_VERSION"),

@@ -10,10 +10,10 @@ use std::time::Duration;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Format;
 use crate::config::Config;
 use crate::db::Db;
 use crate::jobs::{self, Context, archive, discover};
+use crate::render::Format;
 use crate::sim::{Fault, SimConfig, Simulator};
 
 #[derive(Debug, Args)]
@@ -240,7 +240,7 @@ pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         report.packages_checked, report.package_defects, report.chain_rows, report.chain_defects
     );
     let conn = Db::open_readonly(&cfg.database.path)?;
-    let rows = crate::table::Rows::query(
+    let rows = crate::render::Rows::query(
         &conn,
         "SELECT tenant, action_id, command_index AS idx, command_type, computer_dns_name, payload_name, payload_size,
                 substr(payload_sha256, 1, 16) || '…' AS payload_sha256, package_path

@@ -8,13 +8,13 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use reqwest::header::{self, HeaderMap};
+use reqwest::header;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use url::Url;
 
 use crate::config::is_loopback_host;
-use crate::mde::code_suffix;
+use crate::http::{code_suffix, header_str};
 
 /// Why a link was refused before any connection was made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -193,12 +193,6 @@ impl Transfer {
     }
 }
 
-fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
 /// A blob response whose status and headers were accepted; its body is not read yet.
 pub struct Opened {
     response: reqwest::Response,
@@ -366,7 +360,7 @@ fn interrupted(received: u64, e: reqwest::Error) -> FetchError {
     FetchError::Interrupted {
         received,
         timeout: e.is_timeout(),
-        message: crate::mde::redact_reqwest(e),
+        message: crate::http::redact_reqwest(e),
     }
 }
 

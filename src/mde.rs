@@ -13,6 +13,7 @@ use url::Url;
 
 use crate::config::{Secret, TenantConfig};
 use crate::db::DbError;
+use crate::http::{code_suffix, redact_reqwest};
 use crate::quota::{Endpoint, Governor, parse_retry_after};
 
 /// Whole-request timeout for API calls (the quota ledger's in-flight grace is longer).
@@ -52,14 +53,6 @@ pub enum MdeError {
     Db(#[from] DbError),
 }
 
-/// ` CODE` after an HTTP status in error messages, or nothing when there is no code.
-pub(crate) fn code_suffix(code: &str) -> String {
-    if code.is_empty() {
-        String::new()
-    } else {
-        format!(" {code}")
-    }
-}
 fn msg_part(message: &str) -> String {
     if message.is_empty() {
         String::new()
@@ -593,22 +586,6 @@ pub fn transport(endpoint: Endpoint, e: reqwest::Error) -> MdeError {
         timeout: e.is_timeout(),
         message: redact_reqwest(e),
     }
-}
-
-/// Display text of a reqwest error with its URL removed and its source chain inlined.
-pub fn redact_reqwest(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        let part = s.to_string();
-        if !msg.contains(&part) {
-            msg += ": ";
-            msg += &part;
-        }
-        src = s.source();
-    }
-    msg
 }
 
 /// The MDE error body `{"error":{"code","message","target"}}`, parsed leniently.

@@ -5,11 +5,11 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use crate::cli::Format;
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::quota::{self, Endpoint};
-use crate::table::Rows;
+use crate::render::Format;
+use crate::render::Rows;
 
 pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let conn = Db::open_for_reading(&cfg.database.path)?;

@@ -13,14 +13,14 @@ use std::time::Duration;
 use rand::Rng;
 use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 
 use super::{Context, Tenant};
 use crate::custody::{self, Event, EventKind};
 use crate::db::{DbError, write_tx};
 use crate::fetch::{self, FetchError, Transfer};
 use crate::mde::{MdeError, RawAction};
-use crate::package::{self, BagInfo, PackageError, PackageSpec, PackageWriter};
+use crate::package::{self, BagInfo, PackageError, PackageSink, PackageSpec};
 
 /// How long a claim on a result lasts without renewal.
 const LEASE: Duration = Duration::from_secs(600);
@@ -28,8 +28,6 @@ const LEASE: Duration = Duration::from_secs(600);
 const LEASE_RENEW: Duration = Duration::from_secs(60);
 /// Mid-body interruptions resumed with Range on the same link before the attempt fails.
 const MAX_RESUMES_PER_LINK: u32 = 3;
-/// Chunks buffered between the download and the package writer (memory stays flat).
-const CHANNEL_CHUNKS: usize = 16;
 
 /// What a pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -595,7 +593,7 @@ async fn open_and_stream(
     ctx: &Context,
     url: &url::Url,
     transfer: &mut Transfer,
-    writer: &mut Option<WriterTask>,
+    sink: &mut Option<PackageSink>,
     spec_for: &impl Fn(Option<u64>) -> PackageSpec,
     job: &Job,
 ) -> Result<Result<(), FetchError>, End> {
@@ -603,54 +601,17 @@ async fn open_and_stream(
         Ok(o) => o,
         Err(e) => return Ok(Err(e)),
     };
-    if writer.is_none() {
-        let spec = spec_for(transfer.total);
-        let w = tokio::task::spawn_blocking(move || PackageWriter::create(spec))
-            .await
-            .map_err(|e| retry(&e.to_string()))?
-            .map_err(|e| package_end(&e))?;
-        *writer = Some(spawn_writer(w, job.command_type == "RunScript"));
+    if sink.is_none() {
+        let created =
+            PackageSink::create(spec_for(transfer.total), job.command_type == "RunScript")
+                .await
+                .map_err(|e| package_end(&e))?;
+        *sink = Some(created);
     }
-    let Some((sink, _)) = writer.as_ref() else {
+    let Some(sink) = sink.as_ref() else {
         return Ok(Err(FetchError::Sink));
     };
-    Ok(fetch::stream(opened, transfer, sink).await)
-}
-
-/// The package writer on its blocking thread, and what it hands back when the body ends.
-type WriterTask = (
-    mpsc::Sender<bytes::Bytes>,
-    tokio::task::JoinHandle<Result<Written, PackageError>>,
-);
-
-struct Written {
-    writer: PackageWriter,
-    /// The first bytes of a small payload (RunScript transcripts), for best-effort parsing.
-    head: Option<Vec<u8>>,
-}
-
-/// Transcripts larger than this are archived but not parsed.
-const TRANSCRIPT_PARSE_LIMIT: usize = 4 << 20;
-
-/// Runs the writer on a blocking thread fed by a bounded channel.
-fn spawn_writer(writer: PackageWriter, capture: bool) -> WriterTask {
-    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(CHANNEL_CHUNKS);
-    let handle = tokio::task::spawn_blocking(move || {
-        let mut writer = writer;
-        let mut head = capture.then(Vec::new);
-        while let Some(chunk) = rx.blocking_recv() {
-            writer.write(&chunk)?;
-            if let Some(h) = head.as_mut() {
-                if h.len() + chunk.len() <= TRANSCRIPT_PARSE_LIMIT {
-                    h.extend_from_slice(&chunk);
-                } else {
-                    head = None;
-                }
-            }
-        }
-        Ok(Written { writer, head })
-    });
-    (tx, handle)
+    Ok(fetch::stream(opened, transfer, sink.sender()).await)
 }
 
 async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, End> {
@@ -710,7 +671,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
 
     let started_at = crate::time::now_str();
     let mut transfer = Transfer::default();
-    let mut writer: Option<WriterTask> = None;
+    let mut writer: Option<PackageSink> = None;
     let mut link_issues = 0u32;
     let mut last_link = (String::new(), String::new());
     // Every way out of the download loop that is not a finished body must remove the
@@ -756,7 +717,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
                 let rejected = match open_and_stream(ctx, &url, &mut transfer, &mut writer, &spec_for, job).await? {
                     Ok(()) => return Ok(()),
                     Err(FetchError::LinkRejected { code }) => {
-                        format!("download link refused (403{})", crate::mde::code_suffix(&code))
+                        format!("download link refused (403{})", crate::http::code_suffix(&code))
                     }
                     Err(FetchError::LinkExpired { expiry }) => {
                         format!("download link expired at {expiry} before use")
@@ -793,26 +754,20 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
     }
     .await;
     if let Err(end) = downloaded {
-        abort_writer(writer.take()).await;
+        if let Some(sink) = writer.take() {
+            sink.abort().await;
+        }
         return Err(end);
     }
-    let Some((sink, handle)) = writer else {
+    let Some(sink) = writer else {
         return Err(retry("no download happened"));
     };
-    drop(sink);
-    let Written {
-        writer: mut w,
-        head,
-    } = match handle.await {
-        Ok(Ok(w)) => w,
-        Ok(Err(e)) => return Err(package_end(&e)),
-        Err(e) => return Err(retry(&e.to_string())),
-    };
-    let digests = w.digests();
+    let streamed = sink.close().await.map_err(|e| package_end(&e))?;
+    let digests = streamed.digests.clone();
     let md5_check = match transfer.check_complete(&digests.md5) {
         Ok(check) => check,
         Err(e) => {
-            tokio::task::spawn_blocking(move || w.abort()).await.ok();
+            streamed.abort().await;
             return Err(retry(&e.to_string()));
         }
     };
@@ -842,7 +797,8 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
     .await
     .map_err(|e| retry(&e.to_string()))?;
 
-    let transcript = head
+    let transcript = streamed
+        .head
         .as_deref()
         .and_then(package::parse_transcript)
         .map(|t| json!({ "script_name": t.script_name, "exit_code": t.exit_code }));
@@ -865,15 +821,13 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         "attempts": job.attempts + 1,
         "ranges": transfer.ranges,
         "lrvault_version": env!("CARGO_PKG_VERSION"),
-        "host": nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()),
+        "host": crate::custody::hostname(),
     });
-    let info = {
-        let retrieval_bytes = serde_json::to_vec_pretty(&retrieval).unwrap_or_default();
-        tokio::task::spawn_blocking(move || w.finish(&retrieval_bytes))
-            .await
-            .map_err(|e| retry(&e.to_string()))?
-            .map_err(|e| package_end(&e))?
-    };
+    let retrieval_bytes = serde_json::to_vec_pretty(&retrieval).unwrap_or_default();
+    let info = streamed
+        .finish(retrieval_bytes)
+        .await
+        .map_err(|e| package_end(&e))?;
     let record = EvidenceRecord {
         payload_name: digests.payload_name.clone(),
         payload_size: digests.size,
@@ -953,30 +907,17 @@ fn package_end(e: &PackageError) -> End {
     }
 }
 
-async fn abort_writer(writer: Option<WriterTask>) {
-    if let Some((sink, handle)) = writer {
-        drop(sink);
-        if let Ok(Ok(w)) = handle.await {
-            let _ = tokio::task::spawn_blocking(move || w.writer.abort()).await;
-        }
-    }
-}
-
 /// The writer's own error after it stopped consuming (e.g. disk full). The writer removed
 /// its partial when it dropped out with the error.
-async fn writer_error(writer: Option<WriterTask>) -> End {
-    match writer {
-        Some((sink, handle)) => {
-            drop(sink);
-            match handle.await {
-                Ok(Err(e)) => package_end(&e),
-                Ok(Ok(w)) => {
-                    let _ = tokio::task::spawn_blocking(move || w.writer.abort()).await;
-                    retry("package writer stopped")
-                }
-                Err(e) => retry(&e.to_string()),
+async fn writer_error(sink: Option<PackageSink>) -> End {
+    match sink {
+        Some(sink) => match sink.close().await {
+            Err(e) => package_end(&e),
+            Ok(streamed) => {
+                streamed.abort().await;
+                retry("package writer stopped")
             }
-        }
+        },
         None => retry("package writer stopped"),
     }
 }

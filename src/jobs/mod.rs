@@ -69,10 +69,7 @@ impl Context {
 
 /// `host:pid:start-ms`, unique per process start even when pids are reused.
 fn process_owner() -> String {
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default();
+    let host = crate::custody::hostname().unwrap_or_default();
     format!("{host}:{}:{}", std::process::id(), crate::time::now_ms())
 }
 

@@ -11,6 +11,7 @@
 
 mod check;
 mod names;
+mod sink;
 mod transcript;
 mod writer;
 
@@ -19,19 +20,11 @@ use std::path::PathBuf;
 
 pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
+pub use sink::{PackageSink, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::PackageWriter;
 
-/// How payload entries are compressed inside the zip (config key `store.compression`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Compression {
-    /// Store payloads that are already compressed (gzip, zip, 7z, xz, zstd, bzip2), deflate the rest.
-    #[default]
-    Auto,
-    Deflate,
-    Stored,
-}
+pub use crate::config::Compression;
 
 /// Whether the delivered payload bytes are gzip-wrapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -124,6 +117,8 @@ pub enum PackageError {
     InvalidPath { path: PathBuf, reason: &'static str },
     #[error("payload bytes written to {} after its digests were taken", path.display())]
     AlreadyFinalized { path: PathBuf },
+    #[error("package writer task failed: {0}")]
+    Task(String),
 }
 
 impl PackageError {

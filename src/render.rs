@@ -2,7 +2,13 @@
 
 use serde_json::Value;
 
-use crate::cli::Format;
+/// How a report is printed (`--format`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Json,
+}
 
 /// Column names and rows of a query, each cell a JSON value.
 pub struct Rows {
