@@ -151,9 +151,17 @@ pub fn head(conn: &rusqlite::Connection) -> Result<(i64, String), DbError> {
         .unwrap_or((0, GENESIS_HASH.to_string())))
 }
 
+/// A row of the chain that pins every row up to it: `{"seq": N, "row_hash": "…"}` in a
+/// package's `retrieval.json` (DESIGN §7a).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Head {
+    pub seq: i64,
+    pub row_hash: String,
+}
+
 /// Appends `ev` inside the caller's write transaction (which serialises appends, so `seq`
-/// has no gaps). Returns the new row's seq.
-pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<i64, DbError> {
+/// has no gaps). Returns the new row, now the chain's head.
+pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {
     let (last_seq, prev_hash) = head(tx)?;
     let detail = match &ev.detail {
         Value::Null => "{}".to_string(),
@@ -194,7 +202,10 @@ pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<i64, DbError> {
         ],
     )
     .map_err(DbError::sql("append custody row"))?;
-    Ok(row.seq)
+    Ok(Head {
+        seq: row.seq,
+        row_hash: row.row_hash,
+    })
 }
 
 /// Result of re-checking the whole chain.

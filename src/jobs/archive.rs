@@ -559,7 +559,8 @@ enum End {
     StoreFull { reason: String },
 }
 
-async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
+/// Appends one custody row in its own transaction; returns it (the chain's new head).
+async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<custody::Head, DbError> {
     let (tenant, action_id, actor) = (
         ev.tenant.to_string(),
         ev.action_id.to_string(),
@@ -573,7 +574,7 @@ async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
     ctx.db
         .call(move |c| {
             let tx = write_tx(c)?;
-            custody::append(
+            let head = custody::append(
                 &tx,
                 &Event {
                     evidence_sha256: evidence_sha256.as_deref(),
@@ -581,7 +582,8 @@ async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<(), DbError> {
                     ..Event::new(&tenant, &action_id, idx, kind, &actor).detail(detail)
                 },
             )?;
-            tx.commit().map_err(DbError::sql("commit custody row"))
+            tx.commit().map_err(DbError::sql("commit custody row"))?;
+            Ok(head)
         })
         .await
 }
@@ -772,7 +774,9 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         }
     };
     let finished_at = crate::time::now_str();
-    custody_event(
+    // The DOWNLOADED row is the newest committed row when the package is finished: the
+    // package pins the chain up to it (DESIGN §7a).
+    let custody_head = custody_event(
         ctx,
         Event {
             evidence_sha256: Some(&digests.sha256),
@@ -803,6 +807,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         .and_then(package::parse_transcript)
         .map(|t| json!({ "script_name": t.script_name, "exit_code": t.exit_code }));
     let retrieval = json!({
+        "custody_head": custody_head,
         "link_host": last_link.0,
         "link_path": last_link.1,
         "http_status": transfer.http_status,
