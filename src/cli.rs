@@ -190,7 +190,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max,
                 ..Default::default()
             };
-            let due = archive::due_count(&ctx, &tenants, &scope).await? as u64;
+            let due = crate::queue::due_count(
+                &ctx.db,
+                &tenants
+                    .iter()
+                    .map(|t| t.cfg.name.clone())
+                    .collect::<Vec<_>>(),
+                &scope,
+            )
+            .await? as u64;
             let progress = Arc::new(crate::progress::Progress::new("archiving", due));
             let p = progress.clone();
             cancel_on_ctrl_c(

@@ -100,6 +100,49 @@ impl<'a> Event<'a> {
     }
 }
 
+/// An [`Event`] that owns its fields, to move onto the database thread.
+#[derive(Debug, Clone)]
+pub struct OwnedEvent {
+    tenant: String,
+    action_id: String,
+    command_index: Option<u32>,
+    kind: EventKind,
+    actor: String,
+    evidence_sha256: Option<String>,
+    package_path: Option<String>,
+    detail: Value,
+}
+
+impl Event<'_> {
+    pub fn to_owned_event(&self) -> OwnedEvent {
+        OwnedEvent {
+            tenant: self.tenant.to_string(),
+            action_id: self.action_id.to_string(),
+            command_index: self.command_index,
+            kind: self.kind,
+            actor: self.actor.to_string(),
+            evidence_sha256: self.evidence_sha256.map(str::to_string),
+            package_path: self.package_path.map(str::to_string),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+impl OwnedEvent {
+    pub fn as_event(&self) -> Event<'_> {
+        Event {
+            tenant: &self.tenant,
+            action_id: &self.action_id,
+            command_index: self.command_index,
+            kind: self.kind,
+            actor: &self.actor,
+            evidence_sha256: self.evidence_sha256.as_deref(),
+            package_path: self.package_path.as_deref(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
 /// The stored fields of one custody row, as hashed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {

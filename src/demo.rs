@@ -227,7 +227,15 @@ pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         println!("discover:  {s}");
     }
     let scope = archive::Scope::default();
-    let due = archive::due_count(&ctx, &tenants, &scope).await? as u64;
+    let due = crate::queue::due_count(
+        &ctx.db,
+        &tenants
+            .iter()
+            .map(|t| t.cfg.name.clone())
+            .collect::<Vec<_>>(),
+        &scope,
+    )
+    .await? as u64;
     let progress = Arc::new(crate::progress::Progress::new("archiving", due));
     let p = progress.clone();
     let summary =

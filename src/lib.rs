@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod mde;
 pub mod package;
 pub mod progress;
+pub mod queue;
 pub mod quota;
 pub mod render;
 pub mod sim;

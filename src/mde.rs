@@ -186,53 +186,126 @@ impl RawAction {
             .and_then(crate::time::parse_api)
     }
 
-    /// The commands, in index order. Entries without a usable index get their position.
+    /// The parameters of one command, from its stored `commands[]` entry.
+    pub fn command_params(command_json: &str) -> Vec<(String, String)> {
+        let Ok(command) = serde_json::from_str::<Value>(command_json) else {
+            return Vec::new();
+        };
+        let wrapper = RawAction {
+            raw: String::new(),
+            value: serde_json::json!({ "commands": [command] }),
+        };
+        wrapper
+            .commands()
+            .into_iter()
+            .next()
+            .map(|c| c.params)
+            .unwrap_or_default()
+    }
+
+    /// The commands, in index order, each under an index of its own. The API's `index` is
+    /// the link call's index and is kept where it is usable. A command without a numeric
+    /// index, or repeating an earlier command's (see
+    /// [`index_discrepancy`](Self::index_discrepancy)), takes its position in the list if no
+    /// other command claims it, else the next index past the list; so every command is still
+    /// a result of its own, and the link call tells whether it has one.
     pub fn commands(&self) -> Vec<ActionCommand> {
         let Some(list) = self.value.get("commands").and_then(Value::as_array) else {
             return vec![];
         };
+        let mut claimed = std::collections::HashSet::new();
+        let declared: Vec<Option<u32>> = list
+            .iter()
+            .map(|c| declared_index(c).filter(|i| claimed.insert(*i)))
+            .collect();
+        let mut next_free = list.len() as u32;
         let mut out: Vec<ActionCommand> = list
             .iter()
+            .zip(declared)
             .enumerate()
-            .map(|(pos, c)| {
-                let spec = c.get("command");
-                let params = spec
-                    .and_then(|s| s.get("params"))
-                    .and_then(Value::as_array)
-                    .map(|ps| {
-                        ps.iter()
-                            .filter_map(|p| {
-                                let key = p.get("key")?.as_str()?.to_string();
-                                let value = match p.get("value")? {
-                                    Value::String(s) => s.clone(),
-                                    other => other.to_string(),
-                                };
-                                Some((key, value))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                ActionCommand {
-                    index: c
-                        .get("index")
-                        .and_then(Value::as_u64)
-                        .map_or(pos as u32, |i| i as u32),
-                    command_type: spec
-                        .and_then(|s| s.get("type"))
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    status: c
-                        .get("commandStatus")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    params,
-                    errors: c.get("errors").cloned().unwrap_or(Value::Null),
-                    raw: c.clone(),
-                }
+            .map(|(pos, (c, declared))| {
+                let index = declared.unwrap_or_else(|| {
+                    if claimed.insert(pos as u32) {
+                        return pos as u32;
+                    }
+                    while !claimed.insert(next_free) {
+                        next_free += 1;
+                    }
+                    next_free
+                });
+                ActionCommand::from_json(index, c)
             })
             .collect();
         out.sort_by_key(|c| c.index);
         out
+    }
+
+    /// Why the commands' indexes cannot be trusted, if they cannot: a command without a
+    /// numeric `index`, or two commands with the same one.
+    pub fn index_discrepancy(&self) -> Option<String> {
+        let list = self.value.get("commands").and_then(Value::as_array)?;
+        let mut seen = std::collections::HashSet::new();
+        for (pos, c) in list.iter().enumerate() {
+            match declared_index(c) {
+                None => {
+                    let raw = c
+                        .get("index")
+                        .map_or("missing".to_string(), Value::to_string);
+                    return Some(format!(
+                        "command at position {pos} has no usable index ({raw})"
+                    ));
+                }
+                Some(i) if !seen.insert(i) => {
+                    return Some(format!("two commands have index {i}"));
+                }
+                Some(_) => {}
+            }
+        }
+        None
+    }
+}
+
+/// A command's `index` when it is a whole number that fits.
+fn declared_index(command: &Value) -> Option<u32> {
+    command
+        .get("index")
+        .and_then(Value::as_u64)
+        .and_then(|i| u32::try_from(i).ok())
+}
+
+impl ActionCommand {
+    fn from_json(index: u32, c: &Value) -> ActionCommand {
+        let spec = c.get("command");
+        let params = spec
+            .and_then(|s| s.get("params"))
+            .and_then(Value::as_array)
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| {
+                        let key = p.get("key")?.as_str()?.to_string();
+                        let value = match p.get("value")? {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        Some((key, value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ActionCommand {
+            index,
+            command_type: spec
+                .and_then(|s| s.get("type"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            status: c
+                .get("commandStatus")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            params,
+            errors: c.get("errors").cloned().unwrap_or(Value::Null),
+            raw: c.clone(),
+        }
     }
 }
 
@@ -670,6 +743,44 @@ mod tests {
         assert_eq!(cmds[0].status, None);
         assert_eq!((cmds[1].index, cmds[1].command_type.as_deref()), (1, None));
         assert_eq!(cmds[1].status.as_deref(), Some("Completed"));
+    }
+
+    #[test]
+    fn inconsistent_command_indexes_still_give_every_command_its_own_result() {
+        let a = RawAction::parse(
+            r#"{"id":"d","commands":[
+                {"index":0,"command":{"type":"RunScript"}},
+                {"index":0,"command":{"type":"GetFile"}},
+                {"index":"2","command":{"type":"PutFile"}},
+                {"command":{"type":"GetFile"}},
+                {"index":1,"command":{"type":"RunScript"}}]}"#
+                .into(),
+        )
+        .unwrap();
+        assert_eq!(
+            a.index_discrepancy().as_deref(),
+            Some("two commands have index 0")
+        );
+        let got: Vec<(u32, String)> = a
+            .commands()
+            .into_iter()
+            .map(|c| (c.index, c.command_type.unwrap_or_default()))
+            .collect();
+        let want = |i: u32, t: &str| (i, t.to_string());
+        // Declared 0 and 1 kept; the repeated 0 takes no free position (1 is claimed) -> 5;
+        // "2" (a string) takes its position 2; the missing one its position 3.
+        assert_eq!(
+            got,
+            vec![
+                want(0, "RunScript"),
+                want(1, "RunScript"),
+                want(2, "PutFile"),
+                want(3, "GetFile"),
+                want(5, "GetFile")
+            ]
+        );
+        let ok = RawAction::parse(r#"{"commands":[{"index":1},{"index":0}]}"#.into()).unwrap();
+        assert_eq!(ok.index_discrepancy(), None);
     }
 
     #[test]

@@ -7,10 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::archive::{self, Scope};
+use super::archive;
 use super::discover::{self, Source, Window};
 use super::{Context, Tenant};
 use crate::db::DbError;
+use crate::queue::{self, ResultState, Scope};
 use crate::quota::{self, Endpoint};
 
 /// Counts for one tenant's window.
@@ -38,7 +39,7 @@ pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Re
     };
     let name = tenant.cfg.name.clone();
     let statuses = ctx.cfg.discovery.statuses.clone();
-    let known: Vec<(String, u32, String)> = {
+    let known: Vec<(String, u32, ResultState)> = {
         let name = name.clone();
         ctx.db
             .call(move |c| {
@@ -55,7 +56,7 @@ pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Re
             })
             .await?
     };
-    let known: std::collections::HashMap<(String, u32), String> =
+    let known: std::collections::HashMap<(String, u32), ResultState> =
         known.into_iter().map(|(a, i, s)| ((a, i), s)).collect();
     for action in &actions {
         p.actions += 1;
@@ -68,10 +69,12 @@ pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Re
         }
         let id = action.id().unwrap_or_default().to_string();
         for cmd in action.commands() {
-            match known.get(&(id.clone(), cmd.index)).map(String::as_str) {
-                Some("archived" | "unavailable" | "failed") => p.already_done += 1,
-                Some("skipped") => p.without_result += 1,
-                Some(_) => p.to_fetch += 1,
+            match known.get(&(id.clone(), cmd.index)) {
+                Some(ResultState::Archived | ResultState::Unavailable | ResultState::Failed) => {
+                    p.already_done += 1
+                }
+                Some(ResultState::Skipped) => p.without_result += 1,
+                Some(ResultState::Pending | ResultState::Downloading) => p.to_fetch += 1,
                 None if discover::skip_reason(
                     cmd.command_type.as_deref(),
                     cmd.status.as_deref(),
@@ -100,57 +103,9 @@ pub async fn quota_eta(ctx: &Context, tenant: &str, n: u64) -> Result<Duration, 
         .await
 }
 
-/// Results of `tenant` in the window by state.
-async fn states_in_scope(
-    ctx: &Context,
-    tenant: &str,
-    scope: &Scope,
-) -> Result<super::StateCounts, DbError> {
-    let bound = scope.bind(tenant);
-    ctx.db
-        .call(move |c| {
-            let mut stmt = c
-                .prepare(&format!(
-                    "SELECT r.state, count(*) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE {} GROUP BY r.state",
-                    Scope::FILTER
-                ))
-                .map_err(DbError::sql("count results"))?;
-            let rows = stmt
-                .query_map(bound.named(&[]).as_slice(), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .map_err(DbError::sql("count results"))?;
-            rows.collect::<Result<_, _>>().map_err(DbError::sql("count results"))
-        })
-        .await
-}
-
-/// Earliest `next_attempt_at` of a pending result in scope (backoff), if any.
-async fn next_retry(
-    ctx: &Context,
-    tenant: &str,
-    scope: &Scope,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, DbError> {
-    let bound = scope.bind(tenant);
-    ctx.db
-        .call(move |c| {
-            c.query_row(
-                &format!(
-                    "SELECT min(r.next_attempt_at) FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE {} AND r.state = 'pending'",
-                    Scope::FILTER
-                ),
-                bound.named(&[]).as_slice(),
-                |r| r.get::<_, Option<String>>(0),
-            )
-            .map(|t| t.and_then(|t| crate::time::parse_api(&t)))
-            .map_err(DbError::sql("read next retry"))
-        })
-        .await
-}
-
-/// What a backfill run ended with, per tenant.
+/// The states of a window's results when a backfill run ends, per tenant.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Outcome {
+pub struct Totals {
     pub archived: i64,
     pub unavailable: i64,
     pub skipped: i64,
@@ -159,7 +114,7 @@ pub struct Outcome {
     pub unfinished: i64,
 }
 
-impl Outcome {
+impl Totals {
     pub fn complete(&self) -> bool {
         self.failed == 0 && self.unfinished == 0
     }
@@ -173,7 +128,7 @@ pub async fn run(
     window: &Window,
     on_total: impl Fn(u64),
     on_result: Option<archive::OnResult>,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<Totals> {
     let s = discover::discover(ctx, tenant, window, Source::Backfill).await?;
     tracing::info!(tenant = %tenant.cfg.name, "backfill window: {s}");
     let scope = Scope {
@@ -182,11 +137,15 @@ pub async fn run(
         until: window.until,
         machine_id: window.machine_id.clone(),
     };
-    let counts = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
-    on_total(
-        counts.get("pending").copied().unwrap_or(0) as u64
-            + counts.get("downloading").copied().unwrap_or(0) as u64,
-    );
+    let open = |counts: &queue::StateCounts| -> i64 {
+        counts
+            .iter()
+            .filter(|(st, _)| st.is_open())
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let counts = queue::counts(&ctx.db, &tenant.cfg.name, &scope).await?;
+    on_total(open(&counts) as u64);
     let tenants = [tenant.clone()];
     loop {
         if ctx.cancel.is_cancelled() {
@@ -196,14 +155,12 @@ pub async fn run(
         if let Some(e) = pass.tenant_errors.first() {
             anyhow::bail!("{e}");
         }
-        let counts = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
-        let open = counts.get("pending").copied().unwrap_or(0)
-            + counts.get("downloading").copied().unwrap_or(0);
-        if open == 0 {
+        let counts = queue::counts(&ctx.db, &tenant.cfg.name, &scope).await?;
+        if open(&counts) == 0 {
             break;
         }
         // Wait for the earliest retry (backoff) or for results another process holds.
-        let wait = match next_retry(ctx, &tenant.cfg.name, &scope).await? {
+        let wait = match queue::next_retry(&ctx.db, &tenant.cfg.name, &scope).await? {
             Some(at) => (at - crate::time::now()).to_std().unwrap_or(Duration::ZERO),
             None => Duration::from_millis(500),
         }
@@ -213,14 +170,14 @@ pub async fn run(
             _ = ctx.cancel.cancelled() => break,
         }
     }
-    let c = states_in_scope(ctx, &tenant.cfg.name, &scope).await?;
-    let get = |k: &str| c.get(k).copied().unwrap_or(0);
-    Ok(Outcome {
-        archived: get("archived"),
-        unavailable: get("unavailable"),
-        skipped: get("skipped"),
-        failed: get("failed"),
-        unfinished: get("pending") + get("downloading"),
+    let c = queue::counts(&ctx.db, &tenant.cfg.name, &scope).await?;
+    let get = |st: ResultState| c.get(&st).copied().unwrap_or(0);
+    Ok(Totals {
+        archived: get(ResultState::Archived),
+        unavailable: get(ResultState::Unavailable),
+        skipped: get(ResultState::Skipped),
+        failed: get(ResultState::Failed),
+        unfinished: open(&c),
     })
 }
 

@@ -11,6 +11,7 @@ use super::{Context, Tenant};
 use crate::custody::{self, Event, EventKind};
 use crate::db::{DbError, write_tx};
 use crate::mde::RawAction;
+use crate::queue::{self, NewResult, ResultState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -225,62 +226,44 @@ fn record_action(
     )
     .map_err(DbError::sql("insert action"))?;
     let commands = action.commands();
+    let mut detail = json!({
+        "source": source.as_str(),
+        "status": action.status(),
+        "machine_id": action.machine_id(),
+        "computer_dns_name": action.computer_dns_name(),
+        "requestor": action.requestor(),
+        "created_at": created,
+        "commands": commands.len(),
+    });
+    // Indexes that contradict each other are recorded; the commands are keyed by position.
+    if let Some(problem) = action.index_discrepancy() {
+        tracing::warn!(
+            tenant,
+            action = action_id,
+            problem,
+            "command indexes are inconsistent; results are keyed by position"
+        );
+        detail["index_discrepancy"] = json!(problem);
+        detail["indexed_by"] = json!("position");
+    }
     custody::append(
         &tx,
-        &Event::new(tenant, action_id, None, EventKind::Discovered, actor).detail(json!({
-            "source": source.as_str(),
-            "status": action.status(),
-            "machine_id": action.machine_id(),
-            "computer_dns_name": action.computer_dns_name(),
-            "requestor": action.requestor(),
-            "created_at": created,
-            "commands": commands.len(),
-        })),
+        &Event::new(tenant, action_id, None, EventKind::Discovered, actor).detail(detail),
     )?;
     let (mut queued, mut skipped) = (0, 0);
     for cmd in &commands {
-        let reason = skip_reason(cmd.command_type.as_deref(), cmd.status.as_deref());
-        let state = if reason.is_some() {
-            "skipped"
-        } else {
-            "pending"
+        let new = NewResult {
+            index: cmd.index,
+            command_type: cmd.command_type.as_deref(),
+            command_json: cmd.raw.to_string(),
+            command_status: cmd.status.as_deref(),
+            skip_reason: skip_reason(cmd.command_type.as_deref(), cmd.status.as_deref()),
+            errors: &cmd.errors,
         };
-        tx.execute(
-            "INSERT OR IGNORE INTO results (tenant, action_id, command_index, command_type, command_json, command_status,
-                                  state, last_error, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                tenant,
-                action_id,
-                cmd.index,
-                cmd.command_type,
-                cmd.raw.to_string(),
-                cmd.status,
-                state,
-                reason,
-                now
-            ],
-        )
-        .map_err(DbError::sql("insert result"))?;
-        let mut detail = json!({ "command_type": cmd.command_type, "command_status": cmd.status });
-        let kind = match &reason {
-            Some(r) => {
-                detail["reason"] = json!(r);
-                if !cmd.errors.is_null() && cmd.errors.as_array().is_none_or(|a| !a.is_empty()) {
-                    detail["errors"] = cmd.errors.clone();
-                }
-                skipped += 1;
-                EventKind::Skipped
-            }
-            None => {
-                queued += 1;
-                EventKind::Queued
-            }
-        };
-        custody::append(
-            &tx,
-            &Event::new(tenant, action_id, Some(cmd.index), kind, actor).detail(detail),
-        )?;
+        match queue::insert(&tx, tenant, action_id, actor, &new)? {
+            ResultState::Skipped => skipped += 1,
+            _ => queued += 1,
+        }
     }
     tx.commit().map_err(DbError::sql("commit action"))?;
     Ok(Some((queued, skipped)))

@@ -1,13 +1,15 @@
 //! The work lrvault does, each usable from the CLI, the daemon and the tests: `discover`
-//! (find finished actions and queue their commands) and `archive` (turn queued results into
-//! evidence packages).
+//! (find finished actions and queue their commands), `archive` (turn queued results into
+//! evidence packages) and `backfill` (a past window, to the end); `failure` decides who pays
+//! for what went wrong. [`Context`] is what they share within one process.
 
 pub mod archive;
 pub mod backfill;
 pub mod discover;
+pub mod failure;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +28,8 @@ pub struct Context {
     pub cancel: CancellationToken,
     /// Identifies this process in result leases: host, pid and a per-start token.
     pub owner: String,
+    /// Set once this process has swept the store for orphaned partial files.
+    pub partials_swept: AtomicBool,
 }
 
 /// One tenant's client and identity.
@@ -46,7 +50,8 @@ impl Context {
             governor,
             blob,
             cancel,
-            owner: process_owner(),
+            owner: crate::queue::process_owner(),
+            partials_swept: AtomicBool::new(false),
         })
     }
 
@@ -64,39 +69,6 @@ impl Context {
             });
         }
         Ok(out)
-    }
-}
-
-/// `host:pid:start-ms`, unique per process start even when pids are reused.
-fn process_owner() -> String {
-    let host = crate::custody::hostname().unwrap_or_default();
-    format!("{host}:{}:{}", std::process::id(), crate::time::now_ms())
-}
-
-/// True when a lease owner string names a process that is certainly gone: same host, and
-/// either our own pid with another start token, or a pid that no longer exists.
-pub fn owner_is_dead(owner: &str, me: &str) -> bool {
-    let mut theirs = owner.rsplitn(3, ':');
-    let (Some(t_start), Some(t_pid), Some(t_host)) = (theirs.next(), theirs.next(), theirs.next())
-    else {
-        return true;
-    };
-    let mut mine = me.rsplitn(3, ':');
-    let (Some(m_start), Some(m_pid), Some(m_host)) = (mine.next(), mine.next(), mine.next()) else {
-        return false;
-    };
-    if t_host != m_host {
-        return false;
-    }
-    if t_pid == m_pid {
-        return t_start != m_start;
-    }
-    match t_pid.parse::<i32>() {
-        Ok(pid) => matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        ),
-        Err(_) => true,
     }
 }
 
@@ -124,24 +96,5 @@ pub async fn record_job_run(
         .await;
     if let Err(e) = res {
         tracing::warn!(job, error = %e, "could not record the job run");
-    }
-}
-
-/// Counts of results by state, for summaries.
-pub type StateCounts = BTreeMap<String, i64>;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dead_owner_detection() {
-        let me = format!("h:{}:200", std::process::id());
-        assert!(owner_is_dead(&format!("h:{}:100", std::process::id()), &me));
-        assert!(!owner_is_dead(&me, &me));
-        assert!(!owner_is_dead("other-host:1:5", &me));
-        assert!(owner_is_dead("h:999999999:5", &me));
-        assert!(!owner_is_dead("h:1:5", &me), "pid 1 exists");
-        assert!(owner_is_dead("garbage", &me));
     }
 }

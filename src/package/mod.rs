@@ -22,7 +22,7 @@ pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
 pub use sink::{PackageSink, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
-pub use writer::PackageWriter;
+pub use writer::{PackageWriter, partial_path_for};
 
 pub use crate::config::Compression;
 

@@ -650,7 +650,8 @@ fn check_rel_path(rel_path: &Path) -> Result<(), PackageError> {
     Ok(())
 }
 
-pub(crate) fn partial_path_for(final_path: &Path) -> PathBuf {
+/// `<final>.partial`: where a package is written before it is moved into place.
+pub fn partial_path_for(final_path: &Path) -> PathBuf {
     let mut name = final_path.as_os_str().to_os_string();
     name.push(".partial");
     PathBuf::from(name)

@@ -1,0 +1,62 @@
+//! Adoption: a package found at its final path without an evidence row was left by a crash
+//! after the move and before the commit. It is re-checked from scratch and recorded as it
+//! is, never downloaded again and never overwritten.
+
+use serde_json::Value;
+
+use super::Outcome;
+use super::attempt::{Job, archived_or_lost, read_retrieval};
+use crate::jobs::failure::Failure;
+use crate::jobs::{Context, Tenant};
+use crate::package;
+use crate::queue::{self, EvidenceRecord};
+
+/// Re-verifies the package at `job`'s path and commits it as archived.
+pub(super) async fn adopt(
+    ctx: &Context,
+    tenant: &Tenant,
+    job: &Job<'_>,
+) -> Result<Outcome, Failure> {
+    let rel = job.rel_str();
+    let path = ctx.cfg.store.root.join(&rel);
+    let check = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || package::check_package(&path))
+            .await
+            .map_err(|e| Failure::retry(e.to_string()))?
+            .map_err(|e| {
+                Failure::refused(format!(
+                    "a package is already at {rel} and cannot be read: {e}"
+                ))
+            })?
+    };
+    if !check.problems.is_empty() {
+        return Err(Failure::refused(format!(
+            "a package is already at {rel} and does not verify: {}",
+            check.problems.join("; ")
+        )));
+    }
+    let retrieval = read_retrieval(&path, &check.bag_name);
+    let get = |k: &str| retrieval.as_ref().and_then(|r| r.get(k)).cloned();
+    let text = |k: &str| get(k).as_ref().and_then(Value::as_str).map(str::to_string);
+    let record = EvidenceRecord {
+        payload_name: check.payload_name.clone(),
+        payload_size: check.payload_size,
+        payload_sha256: check.payload_sha256.clone(),
+        payload_md5: None,
+        original_name: text("original_name"),
+        original_size: get("original_size").as_ref().and_then(Value::as_u64),
+        original_sha256: text("original_sha256"),
+        package_path: rel.clone(),
+        package_size: check.package_size,
+        package_sha256: check.package_sha256,
+        adopted: true,
+    };
+    let k = &job.claimed.key;
+    let committed = queue::commit_archived(&ctx.db, k, &ctx.owner, &tenant.actor, record).await;
+    let outcome = archived_or_lost(committed)?;
+    if outcome == Outcome::Archived {
+        tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, package = rel, "adopted a verified package left by an interrupted run");
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,443 @@
+//! One attempt at one claimed result, as a sequence of named steps:
+//!
+//! 1. [`download`]: mint a link ([`mint_link`]: quota, allowlist, LINK_ISSUED) and stream the
+//!    blob into the package writer ([`stream_link`]), resuming cut transfers with `Range` and
+//!    minting a fresh link when the blob host refuses an old one;
+//! 2. [`check_download`]: the server's length and MD5 claims against what arrived, and the
+//!    DOWNLOADED custody row;
+//! 3. [`finish_package`]: `retrieval.json`, tag files, re-check, move into place;
+//! 4. [`record`]: the evidence row, the result `archived` and the ARCHIVED custody row.
+//!
+//! Any step's failure ends the attempt with a [`Failure`] that says who pays.
+
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+
+use super::Outcome;
+use crate::custody::{self, Event, EventKind};
+use crate::db::{DbError, write_tx};
+use crate::fetch::{self, FetchError, Transfer};
+use crate::jobs::failure::Failure;
+use crate::jobs::{Context, Tenant};
+use crate::mde::RawAction;
+use crate::package::{self, BagInfo, PackageSink, PackageSpec, StreamedPackage};
+use crate::queue::{self, Claimed, EvidenceRecord};
+
+/// Mid-body interruptions resumed with Range on the same link before the attempt fails.
+const MAX_RESUMES_PER_LINK: u32 = 3;
+
+/// A claimed result with what the download needs to know about it.
+pub(super) struct Job<'a> {
+    pub claimed: &'a Claimed,
+    pub action: RawAction,
+    /// The command's parameters (GetFile `Path`, RunScript `ScriptName`, ...).
+    pub params: Vec<(String, String)>,
+    /// The package's path relative to the store root.
+    pub rel_path: PathBuf,
+}
+
+impl<'a> Job<'a> {
+    fn new(claimed: &'a Claimed) -> Job<'a> {
+        let action = RawAction::parse(claimed.action_json.clone()).unwrap_or_else(|e| RawAction {
+            raw: String::new(),
+            value: json!({ "unreadable": e }),
+        });
+        let params = RawAction::command_params(&claimed.command_json);
+        let k = &claimed.key;
+        let rel_path = package::package_rel_path(
+            &k.tenant,
+            claimed.created,
+            &k.action_id,
+            k.index,
+            &claimed.command_type,
+        );
+        Job {
+            claimed,
+            action,
+            params,
+            rel_path,
+        }
+    }
+
+    fn key(&self) -> &queue::Key {
+        &self.claimed.key
+    }
+
+    pub fn rel_str(&self) -> String {
+        self.rel_path.to_string_lossy().into_owned()
+    }
+
+    /// Everything the package writer needs before the first byte, for a payload of
+    /// `expected_size` bytes (when the server announced it).
+    fn spec(&self, ctx: &Context, expected_size: Option<u64>) -> PackageSpec {
+        let k = self.key();
+        let (base_name, _) = package::payload_base_name(&self.claimed.command_type, &self.params);
+        PackageSpec {
+            store_root: ctx.cfg.store.root.clone(),
+            rel_path: self.rel_path.clone(),
+            bag_name: format!("{}-{:03}", package::path_component(&k.action_id), k.index),
+            payload_base_name: base_name,
+            gz_suffix_if_gzip: self.claimed.command_type == "GetFile",
+            machine_action_json: self.action.raw.as_bytes().to_vec(),
+            bag_info: self.bag_info(),
+            compression: ctx.cfg.store.compression,
+            expected_size,
+        }
+    }
+
+    fn bag_info(&self) -> BagInfo {
+        let k = self.key();
+        BagInfo {
+            source_organization: format!("lrvault tenant {}", k.tenant),
+            external_identifier: format!("{}/{}/{}", k.tenant, k.action_id, k.index),
+            bagging_date: crate::time::now().format("%Y-%m-%d").to_string(),
+            contact_name: self.action.requestor().map(str::to_string),
+            external_description: format!(
+                "MDE live response {} result, command {} of action {} on {}{}",
+                self.claimed.command_type,
+                k.index,
+                k.action_id,
+                self.action
+                    .computer_dns_name()
+                    .unwrap_or("an unknown device"),
+                self.action
+                    .requestor_comment()
+                    .map(|c| format!("; comment: {c}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
+/// A download in progress, across links and resumes.
+struct Download {
+    started_at: String,
+    transfer: Transfer,
+    /// Created on the first answered request, when the size is known.
+    sink: Option<PackageSink>,
+    link_issues: u32,
+    /// Host and path of the last link (never its query).
+    link: (String, String),
+}
+
+/// Runs the steps; see the module docs.
+pub(super) async fn attempt(
+    ctx: &Context,
+    tenant: &Tenant,
+    claimed: &Claimed,
+) -> Result<Outcome, Failure> {
+    let job = Job::new(claimed);
+    // A package already in place (a crash after the rename, before the DB commit) is adopted
+    // once it re-verifies; nothing is downloaded twice.
+    if ctx.cfg.store.root.join(&job.rel_path).exists() {
+        return super::adopt::adopt(ctx, tenant, &job).await;
+    }
+    let mut dl = Download {
+        started_at: crate::time::now_str(),
+        transfer: Transfer::default(),
+        sink: None,
+        link_issues: 0,
+        link: Default::default(),
+    };
+    // Every way out that is not a finished body removes the partial package.
+    let downloaded = download(ctx, tenant, &job, &mut dl).await;
+    let sink = dl.sink.take();
+    let streamed = match (downloaded, sink) {
+        (Ok(()), Some(sink)) => sink.close().await.map_err(|e| Failure::from_package(&e))?,
+        (Ok(()), None) => return Err(Failure::retry("no download happened")),
+        (Err(failure), sink) => {
+            if let Some(sink) = sink {
+                sink.abort().await;
+            }
+            return Err(failure);
+        }
+    };
+    let md5_check = match dl.transfer.check_complete(&streamed.digests.md5) {
+        Ok(check) => check,
+        Err(e) => {
+            streamed.abort().await;
+            return Err(Failure::retry(e.to_string()));
+        }
+    };
+    let head = record_downloaded(ctx, tenant, &job, &dl, &streamed, md5_check).await?;
+    let record = finish_package(&job, &dl, streamed, md5_check, head).await?;
+    let committed =
+        queue::commit_archived(&ctx.db, job.key(), &ctx.owner, &tenant.actor, record).await;
+    archived_or_lost(committed)
+}
+
+/// Mints links and streams the blob until the body is complete.
+async fn download(
+    ctx: &Context,
+    tenant: &Tenant,
+    job: &Job<'_>,
+    dl: &mut Download,
+) -> Result<(), Failure> {
+    let k = job.key();
+    loop {
+        if ctx.cancel.is_cancelled() {
+            return Err(Failure::retry("stopped before the download finished"));
+        }
+        let url = mint_link(ctx, tenant, job, dl).await?;
+        let Some(rejected) = stream_link(ctx, job, dl, &url).await? else {
+            return Ok(());
+        };
+        let max = ctx.cfg.download.max_link_reissues;
+        if dl.link_issues > max {
+            return Err(Failure::refused(format!(
+                "{rejected} after {max} re-issues"
+            )));
+        }
+        tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, reason = %rejected, "minting a new download link");
+    }
+}
+
+/// Asks the API for a link (a quota call), records LINK_ISSUED with its host and path, and
+/// checks it against the allowlist before any connection.
+async fn mint_link(
+    ctx: &Context,
+    tenant: &Tenant,
+    job: &Job<'_>,
+    dl: &mut Download,
+) -> Result<url::Url, Failure> {
+    let k = job.key();
+    let link = tenant
+        .client
+        .result_link(&k.action_id, k.index)
+        .await
+        .map_err(Failure::from_link)?;
+    dl.link_issues += 1;
+    let checked = tenant.allow.check(&link);
+    dl.link = match &checked {
+        Ok(url) => fetch::link_host_path(url),
+        Err(_) => url::Url::parse(&link)
+            .map(|u| fetch::link_host_path(&u))
+            .unwrap_or_default(),
+    };
+    let detail = json!({ "link_host": dl.link.0, "link_path": dl.link.1, "issue": dl.link_issues });
+    let event = Event::new(
+        &k.tenant,
+        &k.action_id,
+        Some(k.index),
+        EventKind::LinkIssued,
+        &tenant.actor,
+    )
+    .detail(detail);
+    custody_event(ctx, event)
+        .await
+        .map_err(|e| Failure::retry(e.to_string()))?;
+    checked.map_err(|refused| Failure::refused(refused.to_string()))
+}
+
+/// Streams the blob behind `url` into the package, resuming cut transfers with `Range`.
+/// `Ok(None)` when the body is complete; `Ok(Some(reason))` when the link must be re-issued.
+async fn stream_link(
+    ctx: &Context,
+    job: &Job<'_>,
+    dl: &mut Download,
+    url: &url::Url,
+) -> Result<Option<String>, Failure> {
+    let k = job.key();
+    let mut resumes = 0;
+    loop {
+        let failed = match open_and_stream(ctx, job, dl, url).await? {
+            Ok(()) => return Ok(None),
+            Err(e) => e,
+        };
+        match failed {
+            FetchError::LinkRejected { code } => {
+                return Ok(Some(format!(
+                    "download link refused (403{})",
+                    crate::http::code_suffix(&code)
+                )));
+            }
+            FetchError::LinkExpired { expiry } => {
+                return Ok(Some(format!(
+                    "download link expired at {expiry} before use"
+                )));
+            }
+            FetchError::Interrupted {
+                received, message, ..
+            } if resumes < MAX_RESUMES_PER_LINK && received > 0 => {
+                resumes += 1;
+                tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, received, error = %message, "transfer interrupted; resuming with Range");
+            }
+            FetchError::Redirect { status, location } => {
+                return Err(Failure::refused(format!(
+                    "blob host redirected (HTTP {status}) to {location}"
+                )));
+            }
+            FetchError::Sink => return Err(writer_failure(dl.sink.take()).await),
+            e => return Err(Failure::retry(e.to_string())),
+        }
+    }
+}
+
+/// Opens the blob (status and headers checked), creates the package writer on the first
+/// response — when the size is known, so zip64 is used only for payloads that need it — and
+/// streams the body into it. The outer error is a writer that could not be created.
+async fn open_and_stream(
+    ctx: &Context,
+    job: &Job<'_>,
+    dl: &mut Download,
+    url: &url::Url,
+) -> Result<Result<(), FetchError>, Failure> {
+    let opened = match fetch::open(&ctx.blob, url, &mut dl.transfer).await {
+        Ok(o) => o,
+        Err(e) => return Ok(Err(e)),
+    };
+    if dl.sink.is_none() {
+        let spec = job.spec(ctx, dl.transfer.total);
+        let capture = job.claimed.command_type == "RunScript";
+        let sink = PackageSink::create(spec, capture)
+            .await
+            .map_err(|e| Failure::from_package(&e))?;
+        dl.sink = Some(sink);
+    }
+    let Some(sink) = dl.sink.as_ref() else {
+        return Ok(Err(FetchError::Sink));
+    };
+    Ok(fetch::stream(opened, &mut dl.transfer, sink.sender()).await)
+}
+
+/// The writer's own error after it stopped consuming (e.g. disk full). The writer removed
+/// its partial when it dropped out with the error.
+async fn writer_failure(sink: Option<PackageSink>) -> Failure {
+    let Some(sink) = sink else {
+        return Failure::retry("package writer stopped");
+    };
+    match sink.close().await {
+        Err(e) => Failure::from_package(&e),
+        Ok(streamed) => {
+            streamed.abort().await;
+            Failure::retry("package writer stopped")
+        }
+    }
+}
+
+/// Appends the DOWNLOADED row; it is the newest committed row when the package is finished,
+/// so the package pins the chain up to it (DESIGN §7a).
+async fn record_downloaded(
+    ctx: &Context,
+    tenant: &Tenant,
+    job: &Job<'_>,
+    dl: &Download,
+    streamed: &StreamedPackage,
+    md5_check: &str,
+) -> Result<custody::Head, Failure> {
+    let k = job.key();
+    let d = &streamed.digests;
+    let detail = json!({
+        "bytes": d.size,
+        "md5_check": md5_check,
+        "http_status": dl.transfer.http_status,
+        "link_host": dl.link.0,
+        "link_path": dl.link.1,
+        "link_issues": dl.link_issues,
+        "ranges": dl.transfer.ranges,
+    });
+    let event = Event {
+        evidence_sha256: Some(&d.sha256),
+        ..Event::new(
+            &k.tenant,
+            &k.action_id,
+            Some(k.index),
+            EventKind::Downloaded,
+            &tenant.actor,
+        )
+        .detail(detail)
+    };
+    custody_event(ctx, event)
+        .await
+        .map_err(|e| Failure::retry(e.to_string()))
+}
+
+/// Writes `retrieval.json` and the tag files, re-checks the package and moves it into place.
+async fn finish_package(
+    job: &Job<'_>,
+    dl: &Download,
+    streamed: StreamedPackage,
+    md5_check: &str,
+    custody_head: custody::Head,
+) -> Result<EvidenceRecord, Failure> {
+    let (_, original_name) = package::payload_base_name(&job.claimed.command_type, &job.params);
+    let d = streamed.digests.clone();
+    let transcript = streamed
+        .head
+        .as_deref()
+        .and_then(package::parse_transcript)
+        .map(|t| json!({ "script_name": t.script_name, "exit_code": t.exit_code }));
+    let retrieval = json!({
+        "custody_head": custody_head,
+        "link_host": dl.link.0,
+        "link_path": dl.link.1,
+        "http_status": dl.transfer.http_status,
+        "headers": dl.transfer.headers,
+        "started_at": dl.started_at,
+        "finished_at": crate::time::now_str(),
+        "bytes": d.size,
+        "sha256": d.sha256,
+        "md5_check": md5_check,
+        "encoding": d.encoding,
+        "original_name": original_name,
+        "original_size": d.original_size,
+        "original_sha256": d.original_sha256,
+        "transcript": transcript,
+        "link_issues": dl.link_issues,
+        "attempts": job.claimed.attempts + 1,
+        "ranges": dl.transfer.ranges,
+        "lrvault_version": env!("CARGO_PKG_VERSION"),
+        "host": custody::hostname(),
+    });
+    let bytes = serde_json::to_vec_pretty(&retrieval).unwrap_or_default();
+    let info = streamed
+        .finish(bytes)
+        .await
+        .map_err(|e| Failure::from_package(&e))?;
+    Ok(EvidenceRecord {
+        payload_name: d.payload_name,
+        payload_size: d.size,
+        payload_sha256: d.sha256,
+        payload_md5: (md5_check == "match").then(|| hex::encode(d.md5)),
+        original_name,
+        original_size: d.original_size,
+        original_sha256: d.original_sha256,
+        package_path: job.rel_str(),
+        package_size: info.package_size,
+        package_sha256: info.package_sha256,
+        adopted: false,
+    })
+}
+
+/// Outcome of the final commit. A lost lease means another process recovered the result
+/// while this one was still working: the package stays where it is and that process adopts
+/// it, so nothing is recorded twice.
+pub(super) fn archived_or_lost(committed: Result<bool, DbError>) -> Result<Outcome, Failure> {
+    match committed {
+        Ok(true) => Ok(Outcome::Archived),
+        Ok(false) => Ok(Outcome::ClaimedElsewhere),
+        Err(e) => Err(Failure::retry(e.to_string())),
+    }
+}
+
+/// Appends one custody row in its own transaction; returns it (the chain's new head).
+async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<custody::Head, DbError> {
+    let owned = ev.to_owned_event();
+    ctx.db
+        .call(move |c| {
+            let tx = write_tx(c)?;
+            let head = custody::append(&tx, &owned.as_event())?;
+            tx.commit().map_err(DbError::sql("commit custody row"))?;
+            Ok(head)
+        })
+        .await
+}
+
+/// The `retrieval.json` of a package, when it can be read.
+pub(super) fn read_retrieval(path: &std::path::Path, bag: &str) -> Option<Value> {
+    let file = std::fs::File::open(path).ok()?;
+    let mut zip = zip::ZipArchive::new(file).ok()?;
+    let entry = zip.by_name(&format!("{bag}/retrieval.json")).ok()?;
+    serde_json::from_reader(std::io::Read::take(entry, 1 << 20)).ok()
+}

@@ -1,0 +1,698 @@
+//! The queue of command results, and the one owner of a result's life. Every change of
+//! `results.state` is a typed transition here, and each appends its custody row in the same
+//! transaction, so the custody log never contradicts the table:
+//!
+//! - [`insert`] (discovery): a new result, `pending` (QUEUED) or `skipped` (SKIPPED);
+//! - [`claim`]: `pending` and due → `downloading`, under a lease this process renews;
+//! - [`settle`]: `downloading` → `pending` (retry later, charged or not), `unavailable`
+//!   (UNAVAILABLE) or `failed` (FAILED);
+//! - [`commit_archived`]: `downloading` → `archived` with its `evidence` row (ARCHIVED);
+//! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone.
+//!
+//! The due queries share one scope filter ([`Scope`]). The state diagram is in
+//! `docs/architecture.md`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde_json::{Value, json};
+
+use crate::custody::{self, Event, EventKind};
+use crate::db::{Db, DbError, write_tx};
+
+/// How long a claim on a result lasts without renewal.
+pub const LEASE: Duration = Duration::from_secs(600);
+
+/// The state of a result (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultState {
+    Pending,
+    Downloading,
+    Archived,
+    Unavailable,
+    Skipped,
+    Failed,
+}
+
+impl ResultState {
+    pub const ALL: [ResultState; 6] = [
+        ResultState::Pending,
+        ResultState::Downloading,
+        ResultState::Archived,
+        ResultState::Unavailable,
+        ResultState::Skipped,
+        ResultState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultState::Pending => "pending",
+            ResultState::Downloading => "downloading",
+            ResultState::Archived => "archived",
+            ResultState::Unavailable => "unavailable",
+            ResultState::Skipped => "skipped",
+            ResultState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ResultState> {
+        ResultState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Still to be fetched (or being fetched).
+    pub fn is_open(self) -> bool {
+        matches!(self, ResultState::Pending | ResultState::Downloading)
+    }
+}
+
+impl std::fmt::Display for ResultState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ToSql for ResultState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.as_str()))
+    }
+}
+
+impl FromSql for ResultState {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let s = value.as_str()?;
+        ResultState::parse(s)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown result state '{s}'").into()))
+    }
+}
+
+/// Number of results in each state.
+pub type StateCounts = BTreeMap<ResultState, i64>;
+
+/// One result: a command of a machine action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub tenant: String,
+    pub action_id: String,
+    pub index: u32,
+}
+
+/// Which results a pass works on.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// At most this many results (per pass, across tenants).
+    pub max: Option<usize>,
+    /// Only actions created in `[since, until)` (backfill windows).
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub machine_id: Option<String>,
+}
+
+/// The SQL condition selecting a tenant's results in a scope, over `results r JOIN actions
+/// a`, with named parameters `:tenant`, `:since`, `:until`, `:machine`.
+const SCOPE_FILTER: &str = "r.tenant = :tenant
+    AND (:since IS NULL OR a.created_at >= :since) AND (:until IS NULL OR a.created_at < :until)
+    AND (:machine IS NULL OR a.machine_id = :machine)";
+
+/// `results r JOIN actions a` restricted to a scope: prefix `{select}` with the columns.
+const SCOPED_RESULTS: &str =
+    "FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id";
+
+/// Pending and due (its backoff has passed) at `:now`.
+const DUE: &str =
+    "r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)";
+
+/// Owned values of a scope's SQL parameters (movable onto the DB thread).
+struct ScopeParams {
+    tenant: String,
+    since: Option<String>,
+    until: Option<String>,
+    machine: Option<String>,
+    now: String,
+}
+
+impl Scope {
+    fn bind(&self, tenant: &str) -> ScopeParams {
+        ScopeParams {
+            tenant: tenant.to_string(),
+            since: self.since.map(crate::time::fmt),
+            until: self.until.map(crate::time::fmt),
+            machine: self.machine_id.clone(),
+            now: crate::time::now_str(),
+        }
+    }
+}
+
+impl ScopeParams {
+    /// Runs `SELECT {columns} FROM … WHERE scope [AND {and}] {tail}` and maps each row.
+    fn query<T>(
+        &self,
+        conn: &Connection,
+        columns: &str,
+        and: Option<&str>,
+        tail: &str,
+        limit: Option<i64>,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, DbError> {
+        let and = and.map(|c| format!(" AND {c}")).unwrap_or_default();
+        let sql = format!(
+            "SELECT {columns} {SCOPED_RESULTS} WHERE {SCOPE_FILTER}{and} {tail} LIMIT :limit"
+        );
+        let limit = limit.unwrap_or(-1);
+        let mut stmt = conn
+            .prepare_cached(&sql)
+            .map_err(DbError::sql("query the result queue"))?;
+        let named: [(&str, &dyn ToSql); 6] = [
+            (":tenant", &self.tenant),
+            (":since", &self.since),
+            (":until", &self.until),
+            (":machine", &self.machine),
+            (":now", &self.now),
+            (":limit", &limit),
+        ];
+        // Only the parameters the statement uses may be bound.
+        let used: Vec<(&str, &dyn ToSql)> =
+            named.into_iter().filter(|(n, _)| sql.contains(n)).collect();
+        stmt.query_map(used.as_slice(), map)
+            .map_err(DbError::sql("query the result queue"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(DbError::sql("read the result queue"))
+    }
+}
+
+/// Due results of one tenant in `scope`, oldest action first, commands in index order.
+pub async fn due(db: &Db, tenant: &str, scope: &Scope) -> Result<Vec<Key>, DbError> {
+    let bound = scope.bind(tenant);
+    let limit = scope.max.map(|m| m as i64);
+    db.call(move |c| {
+        bound.query(
+            c,
+            "r.tenant, r.action_id, r.command_index",
+            Some(DUE),
+            "ORDER BY a.created_at, r.action_id, r.command_index",
+            limit,
+            |r| {
+                Ok(Key {
+                    tenant: r.get(0)?,
+                    action_id: r.get(1)?,
+                    index: r.get(2)?,
+                })
+            },
+        )
+    })
+    .await
+}
+
+/// How many results of `tenants` in `scope` are due now (for progress totals).
+pub async fn due_count(db: &Db, tenants: &[String], scope: &Scope) -> Result<usize, DbError> {
+    let mut n = 0;
+    for t in tenants {
+        let bound = scope.bind(t);
+        n += db
+            .call(move |c| bound.query(c, "count(*)", Some(DUE), "", None, |r| r.get::<_, i64>(0)))
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0) as usize;
+    }
+    Ok(scope.max.map_or(n, |m| n.min(m)))
+}
+
+/// Results of `tenant` in `scope` by state.
+pub async fn counts(db: &Db, tenant: &str, scope: &Scope) -> Result<StateCounts, DbError> {
+    let bound = scope.bind(tenant);
+    let rows = db
+        .call(move |c| {
+            bound.query(
+                c,
+                "r.state, count(*)",
+                None,
+                "GROUP BY r.state",
+                None,
+                |r| Ok((r.get::<_, ResultState>(0)?, r.get::<_, i64>(1)?)),
+            )
+        })
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Earliest `next_attempt_at` of a pending result of `tenant` in `scope` (backoff), if any.
+pub async fn next_retry(
+    db: &Db,
+    tenant: &str,
+    scope: &Scope,
+) -> Result<Option<DateTime<Utc>>, DbError> {
+    let bound = scope.bind(tenant);
+    let rows = db
+        .call(move |c| {
+            bound.query(
+                c,
+                "min(r.next_attempt_at)",
+                Some("r.state = 'pending'"),
+                "",
+                None,
+                |r| r.get::<_, Option<String>>(0),
+            )
+        })
+        .await?;
+    Ok(rows
+        .into_iter()
+        .flatten()
+        .next()
+        .and_then(|t| crate::time::parse_api(&t)))
+}
+
+/// A command of a newly discovered action, to be queued or skipped.
+pub struct NewResult<'a> {
+    pub index: u32,
+    pub command_type: Option<&'a str>,
+    pub command_json: String,
+    pub command_status: Option<&'a str>,
+    /// Why there is nothing to fetch (`skipped`), or None (`pending`).
+    pub skip_reason: Option<String>,
+    /// The command's `errors`, recorded with a skip when not empty.
+    pub errors: &'a Value,
+}
+
+/// Inserts a result with its QUEUED or SKIPPED custody row, inside the caller's transaction
+/// (which also records the action). Returns the state it was given.
+pub fn insert(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    action_id: &str,
+    actor: &str,
+    new: &NewResult<'_>,
+) -> Result<ResultState, DbError> {
+    let state = if new.skip_reason.is_some() {
+        ResultState::Skipped
+    } else {
+        ResultState::Pending
+    };
+    tx.execute(
+        "INSERT INTO results (tenant, action_id, command_index, command_type, command_json, command_status,
+                              state, last_error, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            tenant,
+            action_id,
+            new.index,
+            new.command_type,
+            new.command_json,
+            new.command_status,
+            state,
+            new.skip_reason,
+            crate::time::now_str()
+        ],
+    )
+    .map_err(DbError::sql("insert result"))?;
+    let mut detail =
+        json!({ "command_type": new.command_type, "command_status": new.command_status });
+    let kind = match &new.skip_reason {
+        Some(r) => {
+            detail["reason"] = json!(r);
+            if !new.errors.is_null() && new.errors.as_array().is_none_or(|a| !a.is_empty()) {
+                detail["errors"] = new.errors.clone();
+            }
+            EventKind::Skipped
+        }
+        None => EventKind::Queued,
+    };
+    custody::append(
+        tx,
+        &Event::new(tenant, action_id, Some(new.index), kind, actor).detail(detail),
+    )?;
+    Ok(state)
+}
+
+/// A result this process holds (state `downloading`, lease ours).
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub key: Key,
+    /// The action exactly as the API returned it.
+    pub action_json: String,
+    /// The action's creation time (package date).
+    pub created: DateTime<Utc>,
+    pub command_type: String,
+    pub command_json: String,
+    /// Attempts spent before this one.
+    pub attempts: u32,
+}
+
+fn lease_until() -> String {
+    crate::time::fmt(crate::time::now() + chrono::Duration::from_std(LEASE).unwrap_or_default())
+}
+
+/// `pending` → `downloading` for `owner`, only while the result is due: a result another
+/// process has just put into backoff is not taken. None when it is not (or no longer) ours.
+pub async fn claim(db: &Db, key: &Key, owner: &str) -> Result<Option<Claimed>, DbError> {
+    let (k, owner) = (key.clone(), owner.to_string());
+    db.call(move |c| {
+        let tx = write_tx(c)?;
+        let now = crate::time::now_str();
+        let n = tx
+            .execute(
+                "UPDATE results SET state = 'downloading', lease_owner = ?4, lease_until = ?5, updated_at = ?6
+                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'pending'
+                   AND (next_attempt_at IS NULL OR next_attempt_at <= ?6)",
+                params![k.tenant, k.action_id, k.index, owner, lease_until(), now],
+            )
+            .map_err(DbError::sql("claim result"))?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let row = tx
+            .query_row(
+                "SELECT a.raw_json, a.created_at, coalesce(r.command_type, ''), r.command_json, r.attempts
+                 FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                 WHERE r.tenant = ?1 AND r.action_id = ?2 AND r.command_index = ?3",
+                params![k.tenant, k.action_id, k.index],
+                |r| {
+                    Ok(Claimed {
+                        key: k.clone(),
+                        action_json: r.get(0)?,
+                        created: crate::time::parse_api(&r.get::<_, String>(1)?).unwrap_or_else(crate::time::now),
+                        command_type: r.get(2)?,
+                        command_json: r.get(3)?,
+                        attempts: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(DbError::sql("load claimed result"))?;
+        tx.commit().map_err(DbError::sql("commit claim"))?;
+        Ok(row)
+    })
+    .await
+}
+
+/// Extends `owner`'s lease on a result it is working on.
+pub async fn renew(db: &Db, key: &Key, owner: &str) -> Result<(), DbError> {
+    let (k, owner) = (key.clone(), owner.to_string());
+    db.call(move |c| {
+        c.execute(
+            "UPDATE results SET lease_until = ?5 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
+             AND lease_owner = ?4 AND state = 'downloading'",
+            params![k.tenant, k.action_id, k.index, owner, lease_until()],
+        )
+        .map(|_| ())
+        .map_err(DbError::sql("renew lease"))
+    })
+    .await
+}
+
+/// How an attempt that did not archive ends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settlement {
+    /// Terminal: the API has no result (custody UNAVAILABLE with `detail`).
+    Unavailable { reason: String, detail: Value },
+    /// Terminal: `failed` (custody FAILED with the reason and the attempts spent).
+    Failed { reason: String },
+    /// Back to `pending`, due again after `backoff`; `charge` spends one attempt.
+    Retry {
+        reason: String,
+        backoff: Duration,
+        charge: bool,
+    },
+}
+
+/// Records the end of `claimed`'s attempt, provided `owner` still holds its lease. `Ok(false)`
+/// (nothing written) when another process recovered the result meanwhile.
+pub async fn settle(
+    db: &Db,
+    claimed: &Claimed,
+    owner: &str,
+    actor: &str,
+    settlement: Settlement,
+) -> Result<bool, DbError> {
+    let (k, owner, actor) = (claimed.key.clone(), owner.to_string(), actor.to_string());
+    let attempts = claimed.attempts + 1;
+    db.call(move |c| {
+        let tx = write_tx(c)?;
+        let now = crate::time::now();
+        let (state, reason, charge, next, event) = match settlement {
+            Settlement::Unavailable { reason, detail } => {
+                (ResultState::Unavailable, reason, true, None, Some((EventKind::Unavailable, detail)))
+            }
+            Settlement::Failed { reason } => {
+                let detail = json!({ "reason": reason, "attempts": attempts });
+                (ResultState::Failed, reason, true, None, Some((EventKind::Failed, detail)))
+            }
+            Settlement::Retry { reason, backoff, charge } => {
+                let at = now + chrono::Duration::from_std(backoff).unwrap_or_default();
+                (ResultState::Pending, reason, charge, Some(crate::time::fmt(at)), None)
+            }
+        };
+        let n = tx
+            .execute(
+                "UPDATE results SET state = ?4, attempts = attempts + ?5, last_error = ?6, next_attempt_at = ?7,
+                        lease_owner = NULL, lease_until = NULL, updated_at = ?8
+                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
+                   AND state = 'downloading' AND lease_owner = ?9",
+                params![k.tenant, k.action_id, k.index, state, i64::from(charge), reason, next, crate::time::fmt(now), owner],
+            )
+            .map_err(DbError::sql("settle result"))?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if let Some((kind, detail)) = event {
+            custody::append(&tx, &Event::new(&k.tenant, &k.action_id, Some(k.index), kind, &actor).detail(detail))?;
+        }
+        tx.commit().map_err(DbError::sql("commit result state"))?;
+        Ok(true)
+    })
+    .await
+}
+
+/// What an archived result's `evidence` row holds (DESIGN §5).
+#[derive(Debug, Clone)]
+pub struct EvidenceRecord {
+    pub payload_name: String,
+    pub payload_size: u64,
+    pub payload_sha256: String,
+    pub payload_md5: Option<String>,
+    pub original_name: Option<String>,
+    pub original_size: Option<u64>,
+    pub original_sha256: Option<String>,
+    /// Relative to the store root.
+    pub package_path: String,
+    pub package_size: u64,
+    pub package_sha256: String,
+    /// Set when the package was found in place after a crash and re-verified.
+    pub adopted: bool,
+}
+
+/// `downloading` → `archived`: the evidence row, the result and the ARCHIVED custody row in
+/// one transaction. `Ok(false)` (nothing written) when `owner` no longer holds the lease.
+pub async fn commit_archived(
+    db: &Db,
+    key: &Key,
+    owner: &str,
+    actor: &str,
+    rec: EvidenceRecord,
+) -> Result<bool, DbError> {
+    let (k, owner, actor) = (key.clone(), owner.to_string(), actor.to_string());
+    db.call(move |c| {
+        let tx = write_tx(c)?;
+        let held: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM results WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
+                   AND state = 'downloading' AND lease_owner = ?4",
+                params![k.tenant, k.action_id, k.index, owner],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(DbError::sql("check result lease"))?;
+        if held.is_none() {
+            return Ok(false);
+        }
+        let evidence_id = uuid::Uuid::now_v7().to_string();
+        let now = crate::time::now_str();
+        tx.execute(
+            "INSERT INTO evidence (evidence_id, tenant, action_id, command_index, payload_name, payload_size,
+                 payload_sha256, payload_md5, original_name, original_size, original_sha256, package_path,
+                 package_size, package_sha256, archived_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                evidence_id,
+                k.tenant,
+                k.action_id,
+                k.index,
+                rec.payload_name,
+                rec.payload_size as i64,
+                rec.payload_sha256,
+                rec.payload_md5,
+                rec.original_name,
+                rec.original_size.map(|s| s as i64),
+                rec.original_sha256,
+                rec.package_path,
+                rec.package_size as i64,
+                rec.package_sha256,
+                now
+            ],
+        )
+        .map_err(DbError::sql("insert evidence"))?;
+        tx.execute(
+            "UPDATE results SET state = 'archived', evidence_id = ?4, attempts = attempts + 1, last_error = NULL,
+                    next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = ?5
+             WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3",
+            params![k.tenant, k.action_id, k.index, evidence_id, now],
+        )
+        .map_err(DbError::sql("mark result archived"))?;
+        let mut detail = json!({
+            "evidence_id": evidence_id,
+            "package_sha256": rec.package_sha256,
+            "payload_size": rec.payload_size,
+            "payload_name": rec.payload_name,
+        });
+        if rec.adopted {
+            detail["adopted"] = json!(true);
+        }
+        custody::append(
+            &tx,
+            &Event {
+                evidence_sha256: Some(&rec.payload_sha256),
+                package_path: Some(&rec.package_path),
+                ..Event::new(&k.tenant, &k.action_id, Some(k.index), EventKind::Archived, &actor).detail(detail)
+            },
+        )?;
+        tx.commit().map_err(DbError::sql("commit archived result"))?;
+        Ok(true)
+    })
+    .await
+}
+
+/// A `downloading` result as recovery sees it.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub key: Key,
+    pub created: Option<DateTime<Utc>>,
+    pub command_type: String,
+}
+
+/// What [`recover`] found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Returned to `pending` (their process is gone or their lease expired).
+    pub returned: Vec<InFlight>,
+    /// Still held by a live process.
+    pub live: Vec<InFlight>,
+}
+
+/// Returns crashed downloads to `pending` (attempts unchanged): a `downloading` row whose
+/// lease expired, or whose owner [`owner_is_dead`] as seen from `me`.
+pub async fn recover(db: &Db, me: &str) -> Result<Recovered, DbError> {
+    let me = me.to_string();
+    db.call(move |c| {
+        let tx = write_tx(c)?;
+        let rows: Vec<(InFlight, Option<String>, Option<String>)> = {
+            let mut stmt = tx
+                .prepare(
+                    "SELECT r.tenant, r.action_id, r.command_index, r.lease_owner, r.lease_until, a.created_at,
+                            coalesce(r.command_type, '')
+                     FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                     WHERE r.state = 'downloading'",
+                )
+                .map_err(DbError::sql("select downloading results"))?;
+            stmt.query_map([], |r| {
+                let key = Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? };
+                let created = crate::time::parse_api(&r.get::<_, String>(5)?);
+                Ok((InFlight { key, created, command_type: r.get(6)? }, r.get(3)?, r.get(4)?))
+            })
+            .map_err(DbError::sql("select downloading results"))?
+            .collect::<Result<_, _>>()
+            .map_err(DbError::sql("select downloading results"))?
+        };
+        let now = crate::time::now_str();
+        let mut out = Recovered::default();
+        for (flight, owner, until) in rows {
+            let expired = until.as_deref().is_none_or(|u| u < now.as_str());
+            let dead = owner.as_deref().is_none_or(|o| owner_is_dead(o, &me));
+            if !(expired || dead) {
+                out.live.push(flight);
+                continue;
+            }
+            let k = &flight.key;
+            tx.execute(
+                "UPDATE results SET state = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = ?4,
+                        last_error = 'interrupted download (process stopped); retrying'
+                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'downloading'",
+                params![k.tenant, k.action_id, k.index, now],
+            )
+            .map_err(DbError::sql("recover result"))?;
+            out.returned.push(flight);
+        }
+        tx.commit().map_err(DbError::sql("commit recovery"))?;
+        Ok(out)
+    })
+    .await
+}
+
+/// `host:pid:start-ms`: names this process in leases, unique per start even when pids are
+/// reused.
+pub fn process_owner() -> String {
+    let host = crate::custody::hostname().unwrap_or_default();
+    format!("{host}:{}:{}", std::process::id(), crate::time::now_ms())
+}
+
+/// True when a lease owner string names a process that is certainly gone: same host, and
+/// either our own pid with another start token, or a pid that no longer exists.
+pub fn owner_is_dead(owner: &str, me: &str) -> bool {
+    let mut theirs = owner.rsplitn(3, ':');
+    let (Some(t_start), Some(t_pid), Some(t_host)) = (theirs.next(), theirs.next(), theirs.next())
+    else {
+        return true;
+    };
+    let mut mine = me.rsplitn(3, ':');
+    let (Some(m_start), Some(m_pid), Some(m_host)) = (mine.next(), mine.next(), mine.next()) else {
+        return false;
+    };
+    if t_host != m_host {
+        return false;
+    }
+    if t_pid == m_pid {
+        return t_start != m_start;
+    }
+    match t_pid.parse::<i32>() {
+        Ok(pid) => matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        ),
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_owner_detection() {
+        let me = format!("h:{}:200", std::process::id());
+        assert!(owner_is_dead(&format!("h:{}:100", std::process::id()), &me));
+        assert!(!owner_is_dead(&me, &me));
+        assert!(!owner_is_dead("other-host:1:5", &me));
+        assert!(owner_is_dead("h:999999999:5", &me));
+        assert!(!owner_is_dead("h:1:5", &me), "pid 1 exists");
+        assert!(owner_is_dead("garbage", &me));
+    }
+
+    #[test]
+    fn states_map_to_and_from_sql() {
+        let conn = Connection::open_in_memory().unwrap();
+        for st in ResultState::ALL {
+            let back: ResultState = conn.query_row("SELECT ?1", [st], |r| r.get(0)).unwrap();
+            assert_eq!(back, st);
+            assert_eq!(ResultState::parse(st.as_str()), Some(st));
+        }
+        let e = conn
+            .query_row("SELECT 'deferred'", [], |r| r.get::<_, ResultState>(0))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("unknown result state 'deferred'"),
+            "{e}"
+        );
+    }
+}
