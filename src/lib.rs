@@ -1,17 +1,18 @@
 //! lrvault: archives Microsoft Defender for Endpoint live-response results as hashed,
 //! self-describing evidence packages with a hash-chained chain-of-custody log.
 //!
-//! The pipeline reads one way: `config` → `db` → `mde` (remote client) → `quota` → `fetch`
-//! → `package` (BagIt zip) → `custody` → `jobs` (discover, archive) → `verify` → `daemon`;
-//! plus `sim` (the simulator), `cli`, `status`, `audit` and `demo`.
+//! The pipeline reads one way: `config` → `db` → `http`, `mde` (remote client), `quota` →
+//! `fetch` → `package` (BagIt zip) → `custody` → `queue` (a result's life) → `jobs` (discover,
+//! archive, backfill) → `verify` → `daemon`; then the command layer: `commands` (one module
+//! per command, with `render` and `progress`) and `cli`. `sim` (the simulator) stands apart.
+//! Arrows point one way: nothing below the command layer imports `commands` or `cli`.
 
-pub mod audit;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod custody;
 pub mod daemon;
 pub mod db;
-pub mod demo;
 pub mod error;
 pub mod fetch;
 pub mod http;
@@ -23,6 +24,5 @@ pub mod queue;
 pub mod quota;
 pub mod render;
 pub mod sim;
-pub mod status;
 pub mod time;
 pub mod verify;

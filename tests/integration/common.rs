@@ -27,7 +27,8 @@ pub async fn env(sim_cfg: SimConfig, extra: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let sim = Simulator::new(sim_cfg).start().await.unwrap();
     let config_path =
-        lrvault::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), extra).unwrap();
+        lrvault::commands::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), extra)
+            .unwrap();
     let cfg = Arc::new(Config::load(&config_path).unwrap());
     let db = Db::open(&cfg.database.path).unwrap();
     let ctx = Arc::new(Context::new(cfg.clone(), db.clone(), CancellationToken::new()).unwrap());

@@ -5,19 +5,19 @@
 use serde_json::Value;
 
 use super::Outcome;
-use super::attempt::{Job, archived_or_lost, read_retrieval};
+use super::attempt::{Plan, archived_or_lost, read_retrieval};
 use crate::jobs::failure::Failure;
 use crate::jobs::{Context, Tenant};
 use crate::package;
 use crate::queue::{self, EvidenceRecord};
 
-/// Re-verifies the package at `job`'s path and commits it as archived.
+/// Re-verifies the package at `plan`'s path and commits it as archived.
 pub(super) async fn adopt(
     ctx: &Context,
     tenant: &Tenant,
-    job: &Job<'_>,
+    plan: &Plan<'_>,
 ) -> Result<Outcome, Failure> {
-    let rel = job.rel_str();
+    let rel = plan.rel_str();
     let path = ctx.cfg.store.root.join(&rel);
     let check = {
         let path = path.clone();
@@ -52,7 +52,7 @@ pub(super) async fn adopt(
         package_sha256: check.package_sha256,
         adopted: true,
     };
-    let k = &job.claimed.key;
+    let k = &plan.claimed.key;
     let committed = queue::commit_archived(&ctx.db, k, &ctx.owner, &tenant.actor, record).await;
     let outcome = archived_or_lost(committed)?;
     if outcome == Outcome::Archived {

@@ -28,7 +28,7 @@ use crate::queue::{self, Claimed, EvidenceRecord};
 const MAX_RESUMES_PER_LINK: u32 = 3;
 
 /// A claimed result with what the download needs to know about it.
-pub(super) struct Job<'a> {
+pub(super) struct Plan<'a> {
     pub claimed: &'a Claimed,
     pub action: RawAction,
     /// The command's parameters (GetFile `Path`, RunScript `ScriptName`, ...).
@@ -37,8 +37,8 @@ pub(super) struct Job<'a> {
     pub rel_path: PathBuf,
 }
 
-impl<'a> Job<'a> {
-    fn new(claimed: &'a Claimed) -> Job<'a> {
+impl<'a> Plan<'a> {
+    fn new(claimed: &'a Claimed) -> Plan<'a> {
         let action = RawAction::parse(claimed.action_json.clone()).unwrap_or_else(|e| RawAction {
             raw: String::new(),
             value: json!({ "unreadable": e }),
@@ -52,7 +52,7 @@ impl<'a> Job<'a> {
             k.index,
             &claimed.command_type,
         );
-        Job {
+        Plan {
             claimed,
             action,
             params,
@@ -127,11 +127,11 @@ pub(super) async fn attempt(
     tenant: &Tenant,
     claimed: &Claimed,
 ) -> Result<Outcome, Failure> {
-    let job = Job::new(claimed);
+    let plan = Plan::new(claimed);
     // A package already in place (a crash after the rename, before the DB commit) is adopted
     // once it re-verifies; nothing is downloaded twice.
-    if ctx.cfg.store.root.join(&job.rel_path).exists() {
-        return super::adopt::adopt(ctx, tenant, &job).await;
+    if ctx.cfg.store.root.join(&plan.rel_path).exists() {
+        return super::adopt::adopt(ctx, tenant, &plan).await;
     }
     let mut dl = Download {
         started_at: crate::time::now_str(),
@@ -141,7 +141,7 @@ pub(super) async fn attempt(
         link: Default::default(),
     };
     // Every way out that is not a finished body removes the partial package.
-    let downloaded = download(ctx, tenant, &job, &mut dl).await;
+    let downloaded = download(ctx, tenant, &plan, &mut dl).await;
     let sink = dl.sink.take();
     let streamed = match (downloaded, sink) {
         (Ok(()), Some(sink)) => sink.close().await.map_err(|e| Failure::from_package(&e))?,
@@ -160,10 +160,10 @@ pub(super) async fn attempt(
             return Err(Failure::retry(e.to_string()));
         }
     };
-    let head = record_downloaded(ctx, tenant, &job, &dl, &streamed, md5_check).await?;
-    let record = finish_package(&job, &dl, streamed, md5_check, head).await?;
+    let head = record_downloaded(ctx, tenant, &plan, &dl, &streamed, md5_check).await?;
+    let record = finish_package(&plan, &dl, streamed, md5_check, head).await?;
     let committed =
-        queue::commit_archived(&ctx.db, job.key(), &ctx.owner, &tenant.actor, record).await;
+        queue::commit_archived(&ctx.db, plan.key(), &ctx.owner, &tenant.actor, record).await;
     archived_or_lost(committed)
 }
 
@@ -171,16 +171,16 @@ pub(super) async fn attempt(
 async fn download(
     ctx: &Context,
     tenant: &Tenant,
-    job: &Job<'_>,
+    plan: &Plan<'_>,
     dl: &mut Download,
 ) -> Result<(), Failure> {
-    let k = job.key();
+    let k = plan.key();
     loop {
         if ctx.cancel.is_cancelled() {
             return Err(Failure::retry("stopped before the download finished"));
         }
-        let url = mint_link(ctx, tenant, job, dl).await?;
-        let Some(rejected) = stream_link(ctx, job, dl, &url).await? else {
+        let url = mint_link(ctx, tenant, plan, dl).await?;
+        let Some(rejected) = stream_link(ctx, plan, dl, &url).await? else {
             return Ok(());
         };
         let max = ctx.cfg.download.max_link_reissues;
@@ -198,10 +198,10 @@ async fn download(
 async fn mint_link(
     ctx: &Context,
     tenant: &Tenant,
-    job: &Job<'_>,
+    plan: &Plan<'_>,
     dl: &mut Download,
 ) -> Result<url::Url, Failure> {
-    let k = job.key();
+    let k = plan.key();
     let link = tenant
         .client
         .result_link(&k.action_id, k.index)
@@ -234,14 +234,14 @@ async fn mint_link(
 /// `Ok(None)` when the body is complete; `Ok(Some(reason))` when the link must be re-issued.
 async fn stream_link(
     ctx: &Context,
-    job: &Job<'_>,
+    plan: &Plan<'_>,
     dl: &mut Download,
     url: &url::Url,
 ) -> Result<Option<String>, Failure> {
-    let k = job.key();
+    let k = plan.key();
     let mut resumes = 0;
     loop {
-        let failed = match open_and_stream(ctx, job, dl, url).await? {
+        let failed = match open_and_stream(ctx, plan, dl, url).await? {
             Ok(()) => return Ok(None),
             Err(e) => e,
         };
@@ -279,7 +279,7 @@ async fn stream_link(
 /// streams the body into it. The outer error is a writer that could not be created.
 async fn open_and_stream(
     ctx: &Context,
-    job: &Job<'_>,
+    plan: &Plan<'_>,
     dl: &mut Download,
     url: &url::Url,
 ) -> Result<Result<(), FetchError>, Failure> {
@@ -288,8 +288,8 @@ async fn open_and_stream(
         Err(e) => return Ok(Err(e)),
     };
     if dl.sink.is_none() {
-        let spec = job.spec(ctx, dl.transfer.total);
-        let capture = job.claimed.command_type == "RunScript";
+        let spec = plan.spec(ctx, dl.transfer.total);
+        let capture = plan.claimed.command_type == "RunScript";
         let sink = PackageSink::create(spec, capture)
             .await
             .map_err(|e| Failure::from_package(&e))?;
@@ -321,12 +321,12 @@ async fn writer_failure(sink: Option<PackageSink>) -> Failure {
 async fn record_downloaded(
     ctx: &Context,
     tenant: &Tenant,
-    job: &Job<'_>,
+    plan: &Plan<'_>,
     dl: &Download,
     streamed: &StreamedPackage,
     md5_check: &str,
 ) -> Result<custody::Head, Failure> {
-    let k = job.key();
+    let k = plan.key();
     let d = &streamed.digests;
     let detail = json!({
         "bytes": d.size,
@@ -355,13 +355,13 @@ async fn record_downloaded(
 
 /// Writes `retrieval.json` and the tag files, re-checks the package and moves it into place.
 async fn finish_package(
-    job: &Job<'_>,
+    plan: &Plan<'_>,
     dl: &Download,
     streamed: StreamedPackage,
     md5_check: &str,
     custody_head: custody::Head,
 ) -> Result<EvidenceRecord, Failure> {
-    let (_, original_name) = package::payload_base_name(&job.claimed.command_type, &job.params);
+    let (_, original_name) = package::payload_base_name(&plan.claimed.command_type, &plan.params);
     let d = streamed.digests.clone();
     let transcript = streamed
         .head
@@ -385,7 +385,7 @@ async fn finish_package(
         "original_sha256": d.original_sha256,
         "transcript": transcript,
         "link_issues": dl.link_issues,
-        "attempts": job.claimed.attempts + 1,
+        "attempts": plan.claimed.attempts + 1,
         "ranges": dl.transfer.ranges,
         "lrvault_version": env!("CARGO_PKG_VERSION"),
         "host": custody::hostname(),
@@ -403,7 +403,7 @@ async fn finish_package(
         original_name,
         original_size: d.original_size,
         original_sha256: d.original_sha256,
-        package_path: job.rel_str(),
+        package_path: plan.rel_str(),
         package_size: info.package_size,
         package_sha256: info.package_sha256,
         adopted: false,

@@ -1,14 +1,14 @@
 //! `lrvault audit`: the canned compliance queries, over the stable views of DESIGN §5
 //! (`v_evidence`, `v_custody`) and the quota ledger. Read-only.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
 use crate::config::Config;
 use crate::db::{Db, DbError};
-use crate::render::Format;
-use crate::render::Rows;
+use crate::render::{Format, Rows};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -61,7 +61,8 @@ pub struct FormatArg {
     format: Format,
 }
 
-pub fn run(cfg: &Config, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(config)?;
     let conn = Db::open_for_reading(&cfg.database.path)?;
     let (rows, format) = match cmd {
         AuditCommand::Evidence {

@@ -1,17 +1,32 @@
 //! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
 //! runs and the custody head, read through a read-only connection.
 
+use std::path::Path;
 use std::process::ExitCode;
 
+use clap::{Args as ClapArgs, ValueEnum};
 use serde_json::json;
 
 use crate::config::Config;
 use crate::db::{Db, DbError};
 use crate::quota::{self, Endpoint};
-use crate::render::Format;
-use crate::render::Rows;
+use crate::render::{Format, Rows};
 
-pub fn status(cfg: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
+    pub format: StatusFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum StatusFormat {
+    Table,
+    Json,
+}
+
+pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let as_json = args.format == StatusFormat::Json;
     let conn = Db::open_for_reading(&cfg.database.path)?;
     let q = |sql: &str| Rows::query(&conn, sql, &[]).map_err(DbError::sql("status query"));
     let queue = q(

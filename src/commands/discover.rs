@@ -1,0 +1,26 @@
+//! `lrvault discover`: one discovery pass now.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use super::{TenantArg, exit_code, setup};
+use crate::jobs::discover;
+
+pub async fn run(config: &Path, args: TenantArg) -> anyhow::Result<ExitCode> {
+    let (ctx, tenants) = setup(config, args.tenant.as_deref())?;
+    let mut ok = true;
+    for tenant in &tenants {
+        match discover::lookback_pass(&ctx, tenant).await {
+            Ok(s) => println!("{}: {s}", tenant.cfg.name),
+            Err(e) => {
+                ok = false;
+                eprintln!(
+                    "lrvault: {}: discovery failed: {}",
+                    tenant.cfg.name,
+                    crate::error::one_line(&e)
+                );
+            }
+        }
+    }
+    Ok(exit_code(ok))
+}

@@ -1,0 +1,73 @@
+//! One module per command, each with its clap `Args` and its `run()`: it validates its flags
+//! into the objects that do the work, prints what the user asked for and returns the exit
+//! code. `cli` only parses and dispatches; errors become one line in `main`.
+
+pub mod archive;
+pub mod audit;
+pub mod backfill;
+pub mod demo;
+pub mod discover;
+pub mod enqueue;
+pub mod migrate;
+pub mod run;
+pub mod simulate;
+pub mod status;
+pub mod verify;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::jobs::{Context, Tenant};
+
+/// `--tenant T`, shared by the commands that act on tenants.
+#[derive(Debug, Args)]
+pub struct TenantArg {
+    /// Act on this tenant only (default: every configured tenant)
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
+}
+
+/// Loads the config, opens (and migrates) the database and builds the selected tenants'
+/// clients (reading their secrets).
+fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
+    let cfg = Arc::new(Config::load(config)?);
+    let db = Db::open(&cfg.database.path)?;
+    let ctx = Context::new(cfg, db, CancellationToken::new())?;
+    let tenants = ctx.tenants(tenant)?.into_iter().map(Arc::new).collect();
+    Ok((Arc::new(ctx), tenants))
+}
+
+/// 0 when everything worked, 1 when work is left or failed.
+fn exit_code(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Ctrl-C once stops starting new work (`cancel`); a second Ctrl-C exits at once (the next
+/// run's recovery returns interrupted downloads to the queue).
+fn cancel_on_ctrl_c(cancel: CancellationToken, message: &'static str) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        eprintln!("lrvault: {message} (Ctrl-C again to stop at once)");
+        cancel.cancel();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+}
+
+/// The names of `tenants`, for the queries that take them.
+fn names(tenants: &[Arc<Tenant>]) -> Vec<String> {
+    tenants.iter().map(|t| t.cfg.name.clone()).collect()
+}

@@ -1,0 +1,134 @@
+//! `lrvault simulate`: the built-in MDE API + blob simulator on its own (see [`crate::sim`]),
+//! printing the config sections a user needs to point lrvault at it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args as ClapArgs;
+
+use crate::sim::{Fault, SimConfig, Simulator};
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// Address to listen on, e.g. 127.0.0.1:8080
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Live-response actions per tenant
+    #[arg(long, default_value_t = 40)]
+    pub actions: usize,
+    /// Seed of the synthetic data (same seed, same data)
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Simulated tenants
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
+    /// Creation times are spread over this long before now (e.g. 2d, 30d)
+    #[arg(long, default_value = "2d", value_parser = humantime::parse_duration)]
+    pub spread: Duration,
+    /// Calls allowed per minute window and endpoint (MDE: 100)
+    #[arg(long, default_value_t = 100)]
+    pub per_minute: u32,
+    /// Calls allowed per hour window and endpoint (MDE: 1500)
+    #[arg(long, default_value_t = 1500)]
+    pub per_hour: u32,
+    /// Length of the "minute" window in seconds (shrink for tests and benchmarks)
+    #[arg(long, default_value_t = 60.0)]
+    pub minute_secs: f64,
+    /// Length of the "hour" window in seconds
+    #[arg(long, default_value_t = 3600.0)]
+    pub hour_secs: f64,
+    /// Largest generated GetFile file, in bytes
+    #[arg(long, default_value_t = 2 << 20)]
+    pub max_getfile_size: u64,
+    /// Add one GetFile result of exactly this many bytes (GiB sizes are generated on the fly)
+    #[arg(long, value_name = "BYTES")]
+    pub big_getfile: Option<u64>,
+    /// Fault switch, repeatable: link-5xx=N, list-5xx=N, blob-5xx=N, 429=N, slow=BYTES_PER_SEC,
+    /// truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names,
+    /// foreign-host=N, http-link=N, redirect=N, gone=N
+    #[arg(long = "fault", value_name = "FAULT")]
+    pub faults: Vec<Fault>,
+    /// On exit, write every request the simulator answered to this file (JSON lines:
+    /// t_ms since start, endpoint, tenant_id, status, authorization, range); for benchmarks
+    #[arg(long, value_name = "PATH")]
+    pub request_log: Option<PathBuf>,
+}
+
+impl Args {
+    fn sim_config(&self) -> SimConfig {
+        SimConfig {
+            seed: self.seed,
+            actions: self.actions,
+            tenants: (0..self.tenants.max(1))
+                .map(crate::sim::SimTenant::default_for)
+                .collect(),
+            spread: self.spread,
+            per_minute: self.per_minute,
+            per_hour: self.per_hour,
+            minute: Duration::from_secs_f64(self.minute_secs),
+            hour: Duration::from_secs_f64(self.hour_secs),
+            max_getfile_size: self.max_getfile_size,
+            big_getfile: self.big_getfile,
+            faults: self.faults.clone(),
+            ..SimConfig::default()
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            crate::error::UserError::new(format!("cannot listen on {}: {e}", args.listen))
+        })?;
+    let addr = listener.local_addr()?;
+    let sim = Simulator::new(args.sim_config());
+    let base = format!("http://{addr}");
+    println!("MDE simulator listening on {base}");
+    for (i, t) in sim.tenants().iter().enumerate() {
+        println!(
+            "\n# tenant {i}: put the secret in a file (e.g. echo '{}' > sim-secret-{i}) and add to your config:",
+            t.client_secret
+        );
+        print!(
+            "{}",
+            super::demo::tenant_toml(
+                &format!("sim{i}"),
+                &t.tenant_id,
+                &t.client_id,
+                Path::new(&format!("sim-secret-{i}")),
+                &base
+            )
+        );
+    }
+    println!("\nCtrl-C (or SIGTERM) stops it.");
+    let t0 = std::time::Instant::now();
+    sim.clone()
+        .serve(listener, async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        })
+        .await?;
+    if let Some(path) = args.request_log {
+        let mut out = String::new();
+        for r in sim.requests() {
+            out += &serde_json::json!({
+                "t_ms": r.at.saturating_duration_since(t0).as_secs_f64() * 1000.0,
+                "endpoint": r.endpoint,
+                "tenant_id": r.tenant_id,
+                "status": r.status,
+                "authorization": r.authorization,
+                "range": r.range,
+            })
+            .to_string();
+            out.push('\n');
+        }
+        std::fs::write(&path, out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
