@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::sync::Mutex;
-use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -75,22 +75,27 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     });
 
     let mut sched = JobScheduler::new().await?;
-    for (name, cron) in [
-        ("discover", &cfg.schedule.discover),
-        ("archive", &cfg.schedule.archive),
-        ("verify", &cfg.schedule.verify),
+    for (kind, cron) in [
+        (JobKind::Discover, &cfg.schedule.discover),
+        (JobKind::Archive, &cfg.schedule.archive),
+        (JobKind::Verify, &cfg.schedule.verify),
     ] {
         let d = daemon.clone();
-        let job = Job::new_async(cron.as_str(), move |_, _| {
+        let job = CronJob::new_async(cron.as_str(), move |_, _| {
             let d = d.clone();
-            Box::pin(async move { d.spawn(name) })
+            Box::pin(async move { d.spawn(kind) })
         })
-        .map_err(|e| UserError::new(format!("invalid cron expression for schedule.{name} '{cron}': {e} (6 fields, seconds first)")))?;
+        .map_err(|e| {
+            UserError::new(format!(
+                "invalid cron expression for schedule.{} '{cron}': {e} (6 fields, seconds first)",
+                kind.name()
+            ))
+        })?;
         sched.add(job).await?;
     }
     sched.start().await?;
     // Work at once rather than waiting for the first tick.
-    daemon.spawn("discover");
+    daemon.spawn(JobKind::Discover);
 
     if let Some(every) = watchdog_interval() {
         let c = cancel.clone();
@@ -149,40 +154,56 @@ async fn wait_for_signal() {
     }
 }
 
+/// The daemon's scheduled jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    Discover,
+    Archive,
+    Verify,
+}
+
+impl JobKind {
+    fn name(self) -> &'static str {
+        match self {
+            JobKind::Discover => "discover",
+            JobKind::Archive => "archive",
+            JobKind::Verify => "verify",
+        }
+    }
+}
+
 struct Daemon {
     ctx: Arc<Context>,
     tenants: Arc<Vec<Arc<jobs::Tenant>>>,
-    /// One guard per job: a run that is still going makes the next tick a no-op (runs of
-    /// one tokio-cron-scheduler job would otherwise overlap).
+    /// One guard per job (indexed by `JobKind as usize`): a run that is still going makes
+    /// the next tick a no-op (runs of one tokio-cron-scheduler job would otherwise overlap).
     busy: [Arc<Mutex<()>>; 3],
     tracker: TaskTracker,
 }
 
 impl Daemon {
-    fn spawn(self: &Arc<Self>, name: &'static str) {
+    fn spawn(self: &Arc<Self>, kind: JobKind) {
         if self.ctx.cancel.is_cancelled() {
             return;
         }
-        let guard = match name {
-            "discover" => &self.busy[0],
-            "archive" => &self.busy[1],
-            _ => &self.busy[2],
-        };
-        let Ok(lock) = guard.clone().try_lock_owned() else {
-            tracing::debug!(job = name, "previous run still going; skipping this tick");
+        let Ok(lock) = self.busy[kind as usize].clone().try_lock_owned() else {
+            tracing::debug!(
+                job = kind.name(),
+                "previous run still going; skipping this tick"
+            );
             return;
         };
         let me = self.clone();
         self.tracker.spawn(async move {
             let _lock = lock;
-            match name {
-                "discover" => {
+            match kind {
+                JobKind::Discover => {
                     me.discover().await;
                     // Newly queued results should not wait for the archive tick.
-                    me.spawn("archive");
+                    me.spawn(JobKind::Archive);
                 }
-                "archive" => me.archive().await,
-                _ => me.verify().await,
+                JobKind::Archive => me.archive().await,
+                JobKind::Verify => me.verify().await,
             }
         });
     }

@@ -12,9 +12,8 @@ use serde_json::Value;
 use url::Url;
 
 use crate::config::{Secret, TenantConfig};
-use crate::db::DbError;
 use crate::http::{code_suffix, redact_reqwest};
-use crate::quota::{Endpoint, Governor, parse_retry_after};
+use crate::quota::{Endpoint, Governor, LedgerError, parse_retry_after};
 
 /// Whole-request timeout for API calls (the quota ledger's in-flight grace is longer).
 const API_TIMEOUT: Duration = Duration::from_secs(100);
@@ -50,7 +49,7 @@ pub enum MdeError {
     #[error("{endpoint}: still throttled (429) after {MAX_THROTTLE_RETRIES} retries")]
     Throttled { endpoint: &'static str },
     #[error(transparent)]
-    Db(#[from] DbError),
+    Ledger(#[from] LedgerError),
 }
 
 fn msg_part(message: &str) -> String {
@@ -80,7 +79,7 @@ impl MdeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             MdeError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 429,
-            MdeError::Transport { .. } | MdeError::Throttled { .. } | MdeError::Db(_) => true,
+            MdeError::Transport { .. } | MdeError::Throttled { .. } | MdeError::Ledger(_) => true,
             MdeError::Token { error, status, .. } => {
                 error == "temporarily_unavailable" || *status >= 500
             }

@@ -61,6 +61,12 @@ pub struct Governor {
     limits: QuotaConfig,
 }
 
+/// The quota ledger (kept in the database) could not be read or written: the call was not
+/// made, since it could not be counted.
+#[derive(Debug, thiserror::Error)]
+#[error("quota ledger: {0}")]
+pub struct LedgerError(#[from] pub DbError);
+
 /// Calls counted in the current windows of one bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
@@ -80,7 +86,11 @@ impl Governor {
 
     /// Waits until the bucket has a free slot in both windows and no 429 pause, then
     /// reserves it.
-    pub async fn acquire(&self, tenant: &str, endpoint: Endpoint) -> Result<Reservation, DbError> {
+    pub async fn acquire(
+        &self,
+        tenant: &str,
+        endpoint: Endpoint,
+    ) -> Result<Reservation, LedgerError> {
         loop {
             let tenant_owned = tenant.to_string();
             let limits = self.limits.clone();
@@ -109,8 +119,9 @@ impl Governor {
         reservation: Reservation,
         http_status: u16,
         pause: Option<Duration>,
-    ) -> Result<(), DbError> {
-        self.db
+    ) -> Result<(), LedgerError> {
+        Ok(self
+            .db
             .call(move |conn| {
                 let now = crate::time::now_ms();
                 let pause_until = pause.map(|p| now + p.as_millis() as i64);
@@ -121,7 +132,7 @@ impl Governor {
                 .map_err(DbError::sql("complete quota reservation"))?;
                 Ok(())
             })
-            .await
+            .await?)
     }
 
     /// Deletes ledger rows that no window can see any more.
