@@ -235,6 +235,15 @@ impl std::fmt::Debug for Secret {
 }
 
 impl TenantConfig {
+    /// Where the secret comes from, for messages (never its value).
+    pub fn secret_source(&self) -> String {
+        match (&self.client_secret_file, &self.client_secret_env) {
+            (Some(path), _) => format!("client_secret_file {}", resolve_credential(path).display()),
+            (None, Some(var)) => format!("client_secret_env {var}"),
+            (None, None) => "no client secret configured".into(),
+        }
+    }
+
     /// Reads the client secret from its file or environment variable.
     pub fn load_secret(&self) -> Result<Secret, ConfigError> {
         let err = |message: String| ConfigError::Secret {

@@ -233,21 +233,31 @@ impl Daemon {
                 if s.archived + s.failed + s.unavailable + s.retry_later > 0 {
                     tracing::info!("archive pass: {s}");
                 }
-                notify(&[NotifyState::Status(&format!("last archive pass: {s}"))]);
-                for t in self.tenants.iter() {
-                    jobs::record_job_run(
-                        &self.ctx.db,
-                        "archive",
-                        &t.cfg.name,
-                        started.clone(),
-                        s.failed == 0,
-                        s.to_string(),
-                    )
-                    .await;
+                notify(&[NotifyState::Status(&self.status_line(&s))]);
+                for (name, ok) in &s.tenants {
+                    let line = s.to_string();
+                    jobs::record_job_run(&self.ctx.db, "archive", name, started.clone(), *ok, line)
+                        .await;
                 }
             }
             Err(e) => tracing::error!(error = %crate::error::one_line(&e), "archive pass failed"),
         }
+    }
+
+    /// What systemd shows (`STATUS=`): the last pass, and every open breaker.
+    fn status_line(&self, last: &archive::Summary) -> String {
+        let mut line = format!("last archive pass: {last}");
+        for t in self.tenants.iter() {
+            if let Some(o) = t.breaker.open() {
+                line += &format!(
+                    "; tenant {} breaker open ({}), next probe at {}",
+                    t.cfg.name,
+                    o.kind.as_str(),
+                    o.next_probe_at
+                );
+            }
+        }
+        line
     }
 
     async fn verify(&self) {

@@ -1,10 +1,12 @@
 //! The SQLite database: opening it (WAL, foreign keys, busy timeout), the embedded
-//! migrations, and the one connection of this process that writes. Every write goes through
-//! [`Db::call`], which runs on a blocking thread; other processes (a daemon beside a
-//! backfill, an auditor's sqlite3) share the file through SQLite's own locking.
+//! migrations, and the one connection of this process that writes. That connection lives on
+//! its own thread: every write is a closure sent to it through [`Db::call`], so writes are
+//! serialised without a lock anyone could hold too long. Reads that may take a while go to
+//! read-only connections ([`Db::read`]) and never hold the writer. Other processes (a daemon
+//! beside a backfill, an auditor's sqlite3) share the file through SQLite's own locking.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use include_dir::{Dir, include_dir};
@@ -56,12 +58,20 @@ impl DbError {
     }
 }
 
-/// The process's writing connection, shared by every task.
+/// A unit of work for the writer thread.
+type WriterJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The process's database: the writer thread's mailbox and a small pool of read-only
+/// connections. Cheap to clone; the writer thread ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct Db {
     path: PathBuf,
-    conn: Arc<Mutex<Connection>>,
+    writer: mpsc::Sender<WriterJob>,
+    readers: Arc<Mutex<Vec<Connection>>>,
 }
+
+/// Read-only connections kept for reuse.
+const READER_POOL: usize = 4;
 
 fn migrations() -> Migrations<'static> {
     // The directory is embedded at build time; a malformed one is a build bug, caught by tests.
@@ -101,9 +111,25 @@ impl Db {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
         Self::migrate_conn(&mut conn, path)?;
+        let (writer, jobs) = mpsc::channel::<WriterJob>();
+        std::thread::Builder::new()
+            .name("lrvault-db-writer".into())
+            .spawn(move || {
+                while let Ok(job) = jobs.recv() {
+                    // A panicking job must not take the writer down with it; its caller sees
+                    // the panic as a dropped reply.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                }
+            })
+            .map_err(|source| DbError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(source)),
+            })?;
         Ok(Db {
             path: path.to_path_buf(),
-            conn: Arc::new(Mutex::new(conn)),
+            writer,
+            readers: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -162,32 +188,65 @@ impl Db {
         &self.path
     }
 
-    /// Runs `f` with the writing connection on a blocking thread.
+    /// Runs `f` on the writer thread, with the writing connection, and waits for its answer.
     pub async fn call<T, F>(&self, f: F) -> Result<T, DbError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Box::new(move |c| {
+            let _ = reply.send(f(c));
+        }))?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Runs `f` on the writer thread and blocks until it is done (for callers already on a
+    /// blocking thread, and tests; never from the writer thread itself).
+    pub fn call_sync<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(Box::new(move |c| {
+            let _ = reply.send(f(c));
+        }))?;
+        answer.recv().map_err(|_| writer_gone())?
+    }
+
+    fn send(&self, job: WriterJob) -> Result<(), DbError> {
+        self.writer.send(job).map_err(|_| writer_gone())
+    }
+
+    /// Runs `f` on a read-only connection on a blocking thread: long reads (reports, plans,
+    /// verification) never hold the writer. It sees what was committed when it starts.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let (path, readers) = (self.path.clone(), self.readers.clone());
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut guard)
+            let pooled = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => Db::open_readonly(&path)?,
+            };
+            let out = f(&conn);
+            let mut pool = readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < READER_POOL {
+                pool.push(conn);
+            }
+            out
         })
         .await
         .map_err(|e| DbError::Join(e.to_string()))?
     }
+}
 
-    /// Runs `f` synchronously (for callers already on a blocking thread, and tests).
-    pub fn call_sync<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, DbError>,
-    ) -> Result<T, DbError> {
-        let mut guard = self
-            .conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut guard)
-    }
+fn writer_gone() -> DbError {
+    DbError::Join("the database writer thread stopped (a write panicked)".into())
 }
 
 /// Starts a write transaction that takes the write lock at once, so concurrent processes

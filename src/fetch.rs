@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use crate::config::is_loopback_host;
-use crate::http::{code_suffix, header_str};
+use crate::http::{RemoteClock, code_suffix, header_str};
 
 /// Why a link was refused before any connection was made.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -119,6 +119,9 @@ pub enum FetchError {
     Http { status: u16, code: String },
     #[error("blob host redirected (HTTP {status}) to {location}; redirects are not followed")]
     Redirect { status: u16, location: String },
+    /// No connection could be made to the blob host at all.
+    #[error("blob host unreachable: {message}")]
+    Unreachable { message: String },
     /// The connection broke mid-body; resumable from the bytes received.
     #[error("transfer interrupted after {received} bytes: {message}")]
     Interrupted {
@@ -203,13 +206,14 @@ pub struct Opened {
 /// status and headers, recording them in `transfer` (size, ETag, MD5 claims, resume offset).
 pub async fn open(
     client: &reqwest::Client,
+    clock: &RemoteClock,
     url: &Url,
     transfer: &mut Transfer,
 ) -> Result<Opened, FetchError> {
     // A link already past its signed expiry would only earn a 403: mint a new one instead of
     // connecting with it.
     if let Some(expiry) = link_expiry(url)
-        && expiry <= Utc::now()
+        && expiry <= clock.now()
     {
         return Err(FetchError::LinkExpired {
             expiry: crate::time::fmt(expiry),
@@ -229,6 +233,7 @@ pub async fn open(
         .map_err(|e| interrupted(transfer.received, e))?;
     let status = response.status();
     let headers = response.headers().clone();
+    clock.observe(&headers);
     if status.is_redirection() {
         let location = header_str(&headers, "location")
             .and_then(|l| Url::parse(&l).ok())
@@ -357,6 +362,11 @@ pub async fn stream(
 }
 
 fn interrupted(received: u64, e: reqwest::Error) -> FetchError {
+    if e.is_connect() {
+        return FetchError::Unreachable {
+            message: crate::http::redact_reqwest(e),
+        };
+    }
     FetchError::Interrupted {
         received,
         timeout: e.is_timeout(),
@@ -375,7 +385,7 @@ mod tests {
         transfer: &mut Transfer,
         sink: &mpsc::Sender<bytes::Bytes>,
     ) -> Result<(), FetchError> {
-        let opened = open(client, url, transfer).await?;
+        let opened = open(client, &RemoteClock::new(), url, transfer).await?;
         stream(opened, transfer, sink).await
     }
 

@@ -2,6 +2,10 @@
 //! error text that never carries a URL (SAS signatures live in query strings), header
 //! access, and the suffixes that put an error code after an HTTP status.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use chrono::{DateTime, Utc};
 use reqwest::header::HeaderMap;
 
 /// ` CODE` after an HTTP status in error messages, or nothing when there is no code.
@@ -34,4 +38,74 @@ pub fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
+}
+
+/// Why a capped body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge,
+    Transport(reqwest::Error),
+}
+
+/// Reads a response body of at most `cap` bytes, chunk by chunk: a longer one is refused
+/// without being buffered (API answers are small; a huge one is a fault).
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Transport)? {
+        if body.len() + chunk.len() > cap {
+            return Err(BodyError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The remote side's clock as seen from here: the offset of the servers' `Date` headers from
+/// our clock, learned on every response. Link expiry (`se`) is judged by it, so a host whose
+/// clock is off by an hour still uses its links. Cheap to clone (shared).
+#[derive(Debug, Clone, Default)]
+pub struct RemoteClock {
+    /// Server time minus local time, in ms; `i64::MIN` until a `Date` header was seen.
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl RemoteClock {
+    pub fn new() -> RemoteClock {
+        RemoteClock {
+            offset_ms: Arc::new(AtomicI64::new(i64::MIN)),
+        }
+    }
+
+    /// Learns the offset from a response's `Date` header (whole seconds, so the estimate is
+    /// good to about a second).
+    pub fn observe(&self, headers: &HeaderMap) {
+        let Some(date) = header_str(headers, "date") else {
+            return;
+        };
+        let Ok(server) = DateTime::parse_from_rfc2822(&date) else {
+            return;
+        };
+        let offset = server.with_timezone(&Utc) - Utc::now();
+        self.offset_ms
+            .store(offset.num_milliseconds(), Ordering::Relaxed);
+    }
+
+    /// The offset learned so far (zero before any response).
+    pub fn offset(&self) -> chrono::Duration {
+        match self.offset_ms.load(Ordering::Relaxed) {
+            i64::MIN => chrono::Duration::zero(),
+            ms => chrono::Duration::milliseconds(ms),
+        }
+    }
+
+    /// Now, on the servers' clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.offset()
+    }
 }

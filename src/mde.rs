@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use url::Url;
 
-use crate::config::{Secret, TenantConfig};
-use crate::http::{code_suffix, redact_reqwest};
+use crate::config::TenantConfig;
+use crate::http::{RemoteClock, code_suffix, redact_reqwest};
 use crate::quota::{Endpoint, Governor, LedgerError, parse_retry_after};
 
 /// Whole-request timeout for API calls (the quota ledger's in-flight grace is longer).
@@ -35,12 +35,20 @@ pub enum MdeError {
         message: String,
         timeout: bool,
     },
-    #[error("token request refused (HTTP {status}): {error}{}; check tenant_id, client_id and the client secret", codes_part(.codes))]
-    Token {
+    /// The identity provider refused our credentials: the operator's to fix.
+    #[error("token request refused (HTTP {status}): {error}{}; check tenant_id, client_id and the client secret ({secret})", codes_part(.codes))]
+    TokenRefused {
         status: u16,
         error: String,
         codes: Vec<i64>,
+        /// Where the secret came from (never its value).
+        secret: String,
     },
+    /// The token endpoint is down or overloaded: an outage, not a configuration problem.
+    #[error(
+        "token endpoint unavailable (HTTP {status}): {error}; an outage at the identity provider, not a configuration problem"
+    )]
+    TokenUnavailable { status: u16, error: String },
     #[error("{endpoint}: unexpected response: {message}")]
     Decode {
         endpoint: &'static str,
@@ -50,6 +58,64 @@ pub enum MdeError {
     Throttled { endpoint: &'static str },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// The client secret could not be read when a token was needed.
+    #[error(transparent)]
+    Secret(crate::config::ConfigError),
+    #[error("{endpoint}: the answer is larger than {cap} bytes; refusing to read it")]
+    TooLarge { endpoint: &'static str, cap: usize },
+}
+
+/// Largest answer read from an endpoint (they are small JSON documents; a List page of
+/// 10,000 actions is a few tens of MB). Bodies are never buffered beyond this.
+fn body_cap(endpoint: Endpoint) -> usize {
+    match endpoint {
+        Endpoint::List => 128 << 20,
+        Endpoint::Token | Endpoint::Get | Endpoint::Link => 4 << 20,
+    }
+}
+
+/// Reads an answer's body within [`body_cap`].
+async fn read_body(
+    endpoint: Endpoint,
+    response: reqwest::Response,
+) -> Result<bytes::Bytes, MdeError> {
+    let cap = body_cap(endpoint);
+    crate::http::read_capped(response, cap)
+        .await
+        .map_err(|e| match e {
+            crate::http::BodyError::TooLarge => MdeError::TooLarge {
+                endpoint: endpoint.as_str(),
+                cap,
+            },
+            crate::http::BodyError::Transport(e) => transport(endpoint, e),
+        })
+}
+
+/// A token request that did not succeed: an outage (5xx, 408, 429, `temporarily_unavailable`)
+/// or a refusal of our credentials (400/401 with AAD error codes).
+fn token_error(status: StatusCode, json: &Value, tenant: &TenantConfig) -> MdeError {
+    let error = json
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown error")
+        .to_string();
+    let code = status.as_u16();
+    if code >= 500 || code == 408 || code == 429 || error == "temporarily_unavailable" {
+        return MdeError::TokenUnavailable {
+            status: code,
+            error,
+        };
+    }
+    MdeError::TokenRefused {
+        status: code,
+        error,
+        codes: json
+            .get("error_codes")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+            .unwrap_or_default(),
+        secret: tenant.secret_source(),
+    }
 }
 
 fn msg_part(message: &str) -> String {
@@ -75,18 +141,6 @@ fn codes_part(codes: &[i64]) -> String {
 }
 
 impl MdeError {
-    /// Worth another attempt later: server errors, timeouts, connection problems, throttling.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            MdeError::Http { status, .. } => *status >= 500 || *status == 408 || *status == 429,
-            MdeError::Transport { .. } | MdeError::Throttled { .. } | MdeError::Ledger(_) => true,
-            MdeError::Token { error, status, .. } => {
-                error == "temporarily_unavailable" || *status >= 500
-            }
-            MdeError::Decode { .. } => false,
-        }
-    }
-
     /// The API says there is no such thing (404, or 400 for a command without a result).
     pub fn is_no_result(&self) -> bool {
         matches!(
@@ -100,7 +154,9 @@ impl MdeError {
 
     pub fn http_status(&self) -> Option<u16> {
         match self {
-            MdeError::Http { status, .. } | MdeError::Token { status, .. } => Some(*status),
+            MdeError::Http { status, .. }
+            | MdeError::TokenRefused { status, .. }
+            | MdeError::TokenUnavailable { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -121,11 +177,51 @@ pub struct RawAction {
     pub value: Value,
 }
 
-/// The actions of a List window, and how many pages (List calls) it took.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub actions: Vec<RawAction>,
+/// A List window being read page by page (`$top` / `$skip`, one quota call per page);
+/// actions are deduplicated by id across pages (paging shifts when actions are added).
+pub struct ListPager<'a> {
+    client: &'a MdeClient,
+    filter: String,
+    page_size: u32,
+    skip: u64,
+    done: bool,
+    /// Ids seen so far (ids only, for deduplication).
+    seen: std::collections::HashSet<String>,
+    /// Pages (List calls) read so far.
     pub pages: u64,
+}
+
+impl ListPager<'_> {
+    /// The next page's actions, or None after the last page.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<RawAction>>, MdeError> {
+        if self.done {
+            return Ok(None);
+        }
+        let endpoint = Endpoint::List;
+        let mut url = self.client.url("/api/machineactions")?;
+        url.query_pairs_mut()
+            .append_pair("$filter", &self.filter)
+            .append_pair("$top", &self.page_size.to_string())
+            .append_pair("$skip", &self.skip.to_string());
+        let body = self.client.api_get(endpoint, url).await?;
+        let page = parse_list_page(&body).map_err(|message| MdeError::Decode {
+            endpoint: endpoint.as_str(),
+            message,
+        })?;
+        self.pages += 1;
+        let n = page.entries;
+        for e in page.unreadable {
+            tracing::warn!(tenant = %self.client.tenant.name, error = %e, "skipping an unreadable machine action in a List page");
+        }
+        let actions = page
+            .actions
+            .into_iter()
+            .filter(|a| a.id().is_some_and(|id| self.seen.insert(id.to_string())))
+            .collect();
+        self.done = n < u64::from(self.page_size) || n == 0;
+        self.skip += n;
+        Ok(Some(actions))
+    }
 }
 
 /// One entry of `commands[]`.
@@ -316,9 +412,10 @@ struct CachedToken {
 /// API client for one tenant.
 pub struct MdeClient {
     tenant: Arc<TenantConfig>,
-    secret: Secret,
     http: reqwest::Client,
     governor: Governor,
+    /// Learns the servers' clock from every answer (see [`RemoteClock`]).
+    clock: RemoteClock,
     api_base: Url,
     token: tokio::sync::Mutex<Option<CachedToken>>,
 }
@@ -326,8 +423,8 @@ pub struct MdeClient {
 impl MdeClient {
     pub fn new(
         tenant: Arc<TenantConfig>,
-        secret: Secret,
         governor: Governor,
+        clock: RemoteClock,
     ) -> Result<MdeClient, MdeError> {
         let api_base =
             Url::parse(tenant.api_base.trim_end_matches('/')).map_err(|e| MdeError::Decode {
@@ -348,9 +445,9 @@ impl MdeClient {
             })?;
         Ok(MdeClient {
             tenant,
-            secret,
             http,
             governor,
+            clock,
             api_base,
             token: tokio::sync::Mutex::new(None),
         })
@@ -371,10 +468,12 @@ impl MdeClient {
             self.tenant.login_base.trim_end_matches('/'),
             self.tenant.tenant_id
         );
+        // Read at every refresh, so a rotated secret is picked up without a restart.
+        let secret = self.tenant.load_secret().map_err(MdeError::Secret)?;
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.tenant.client_id.as_str()),
-            ("client_secret", self.secret.expose()),
+            ("client_secret", secret.expose()),
             ("scope", self.tenant.scope.as_str()),
         ];
         let endpoint = Endpoint::Token;
@@ -382,22 +481,10 @@ impl MdeClient {
             .send_counted(endpoint, || self.http.post(&url).form(&form))
             .await?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| transport(endpoint, e))?;
+        let body = read_body(endpoint, response).await?;
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if !status.is_success() {
-            return Err(MdeError::Token {
-                status: status.as_u16(),
-                error: json
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error")
-                    .to_string(),
-                codes: json
-                    .get("error_codes")
-                    .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_i64).collect())
-                    .unwrap_or_default(),
-            });
+            return Err(token_error(status, &json, &self.tenant));
         }
         let value = json
             .get("access_token")
@@ -444,7 +531,7 @@ impl MdeClient {
                 *self.token.lock().await = None;
                 continue;
             }
-            let body = response.bytes().await.map_err(|e| transport(endpoint, e))?;
+            let body = read_body(endpoint, response).await?;
             if status.is_success() {
                 return Ok(body);
             }
@@ -470,6 +557,7 @@ impl MdeClient {
                     return Err(transport(endpoint, e));
                 }
             };
+            self.clock.observe(response.headers());
             let status = response.status();
             if status != StatusCode::TOO_MANY_REQUESTS {
                 self.governor
@@ -508,14 +596,15 @@ impl MdeClient {
         })
     }
 
-    /// Every live-response action created in `[since, until)`, all pages, deduplicated by id.
-    pub async fn list_actions(
+    /// The live-response actions created in `[since, until)`, to be read page by page with
+    /// [`ListPager::next_page`] (memory holds one page, never the whole window).
+    pub fn list_window(
         &self,
         since: DateTime<Utc>,
         until: Option<DateTime<Utc>>,
         machine_id: Option<&str>,
         page_size: u32,
-    ) -> Result<Listing, MdeError> {
+    ) -> Result<ListPager<'_>, MdeError> {
         let mut filter = format!(
             "type eq 'LiveResponse' and creationDateTimeUtc ge {}",
             since.format("%Y-%m-%dT%H:%M:%SZ")
@@ -536,39 +625,15 @@ impl MdeClient {
             }
             filter += &format!(" and machineId eq '{m}'");
         }
-        let endpoint = Endpoint::List;
-        let mut seen = std::collections::HashSet::new();
-        let mut out = Listing::default();
-        let mut skip: u64 = 0;
-        loop {
-            let mut url = self.url("/api/machineactions")?;
-            url.query_pairs_mut()
-                .append_pair("$filter", &filter)
-                .append_pair("$top", &page_size.to_string())
-                .append_pair("$skip", &skip.to_string());
-            let body = self.api_get(endpoint, url).await?;
-            let page = parse_list_page(&body).map_err(|message| MdeError::Decode {
-                endpoint: endpoint.as_str(),
-                message,
-            })?;
-            let n = page.entries;
-            out.pages += 1;
-            for e in page.unreadable {
-                tracing::warn!(tenant = %self.tenant.name, error = %e, "skipping an unreadable machine action in a List page");
-            }
-            for a in page.actions {
-                if let Some(id) = a.id().map(str::to_string)
-                    && seen.insert(id)
-                {
-                    out.actions.push(a);
-                }
-            }
-            if n < u64::from(page_size) || n == 0 {
-                break;
-            }
-            skip += n;
-        }
-        Ok(out)
+        Ok(ListPager {
+            client: self,
+            filter,
+            page_size,
+            skip: 0,
+            done: false,
+            seen: std::collections::HashSet::new(),
+            pages: 0,
+        })
     }
 
     /// One machine action by id.

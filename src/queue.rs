@@ -187,7 +187,7 @@ impl ScopeParams {
 pub async fn due(db: &Db, tenant: &str, scope: &Scope) -> Result<Vec<Key>, DbError> {
     let bound = scope.bind(tenant);
     let limit = scope.max.map(|m| m as i64);
-    db.call(move |c| {
+    db.read(move |c| {
         bound.query(
             c,
             "r.tenant, r.action_id, r.command_index",
@@ -212,7 +212,7 @@ pub async fn due_count(db: &Db, tenants: &[String], scope: &Scope) -> Result<usi
     for t in tenants {
         let bound = scope.bind(t);
         n += db
-            .call(move |c| bound.query(c, "count(*)", Some(DUE), "", None, |r| r.get::<_, i64>(0)))
+            .read(move |c| bound.query(c, "count(*)", Some(DUE), "", None, |r| r.get::<_, i64>(0)))
             .await?
             .first()
             .copied()
@@ -225,7 +225,7 @@ pub async fn due_count(db: &Db, tenants: &[String], scope: &Scope) -> Result<usi
 pub async fn counts(db: &Db, tenant: &str, scope: &Scope) -> Result<StateCounts, DbError> {
     let bound = scope.bind(tenant);
     let rows = db
-        .call(move |c| {
+        .read(move |c| {
             bound.query(
                 c,
                 "r.state, count(*)",
@@ -247,7 +247,7 @@ pub async fn next_retry(
 ) -> Result<Option<DateTime<Utc>>, DbError> {
     let bound = scope.bind(tenant);
     let rows = db
-        .call(move |c| {
+        .read(move |c| {
             bound.query(
                 c,
                 "min(r.next_attempt_at)",

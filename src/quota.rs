@@ -355,12 +355,23 @@ mod tests {
     }
 
     fn reserve(db: &Db, l: &QuotaConfig, now: i64) -> Result<Reservation, Duration> {
-        db.call_sync(|c| try_reserve(c, "t", Endpoint::Link, l, now))
+        reserve_in(db, "t", Endpoint::Link, l, now)
+    }
+
+    fn reserve_in(
+        db: &Db,
+        tenant: &'static str,
+        ep: Endpoint,
+        l: &QuotaConfig,
+        now: i64,
+    ) -> Result<Reservation, Duration> {
+        let l = l.clone();
+        db.call_sync(move |c| try_reserve(c, tenant, ep, &l, now))
             .unwrap()
     }
 
     fn complete(db: &Db, r: Reservation, at: i64) {
-        db.call_sync(|c| {
+        db.call_sync(move |c| {
             c.execute(
                 "UPDATE api_calls SET http_status = 200, at_ms = ?1 WHERE id = ?2",
                 params![at, r.id],
@@ -388,16 +399,8 @@ mod tests {
         assert!(reserve(&db, &l, 1_060_000).is_err());
         assert!(reserve(&db, &l, 1_060_000 + WINDOW_MARGIN_MS).is_ok());
         // Another endpoint and another tenant have their own buckets.
-        assert!(
-            db.call_sync(|c| try_reserve(c, "t", Endpoint::List, &l, 1_000_100))
-                .unwrap()
-                .is_ok()
-        );
-        assert!(
-            db.call_sync(|c| try_reserve(c, "u", Endpoint::Link, &l, 1_000_100))
-                .unwrap()
-                .is_ok()
-        );
+        assert!(reserve_in(&db, "t", Endpoint::List, &l, 1_000_100).is_ok());
+        assert!(reserve_in(&db, "u", Endpoint::Link, &l, 1_000_100).is_ok());
     }
 
     #[test]
@@ -420,7 +423,7 @@ mod tests {
         let (_d, db) = db();
         let l = limits(100, 100);
         let r = reserve(&db, &l, 0).unwrap();
-        db.call_sync(|c| {
+        db.call_sync(move |c| {
             c.execute(
                 "UPDATE api_calls SET http_status = 429, pause_until_ms = 5000 WHERE id = ?1",
                 [r.id],
@@ -433,11 +436,7 @@ mod tests {
             reserve(&db, &l, 1000).unwrap_err(),
             Duration::from_millis(4000)
         );
-        assert!(
-            db.call_sync(|c| try_reserve(c, "t", Endpoint::Get, &l, 1000))
-                .unwrap()
-                .is_ok()
-        );
+        assert!(reserve_in(&db, "t", Endpoint::Get, &l, 1000).is_ok());
         assert!(reserve(&db, &l, 5000).is_ok());
     }
 
@@ -475,7 +474,7 @@ mod tests {
             now - 3_000_000,
             now - 10,
         ] {
-            db.call_sync(|c| {
+            db.call_sync(move |c| {
                 c.execute("INSERT INTO api_calls (tenant, endpoint, at_ms, http_status) VALUES ('t', 'x', ?1, 200)", [at])
                     .unwrap();
                 Ok(())
@@ -484,7 +483,7 @@ mod tests {
         }
         assert_eq!(gov.prune().await.unwrap(), 1);
         let left: i64 = db
-            .call_sync(|c| {
+            .call_sync(move |c| {
                 Ok(
                     c.query_row("SELECT count(*) FROM api_calls", [], |r| r.get(0))
                         .unwrap(),

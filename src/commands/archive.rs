@@ -38,24 +38,14 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     progress.finish();
     println!("{summary}");
     tracing::debug!(peak_rss_kib = peak_rss_kib(), "archive pass finished");
-    for e in &summary.tenant_errors {
+    for e in summary.tenant_errors.iter().chain(&summary.breakers) {
         eprintln!("lrvault: {e}");
     }
-    for name in names(&tenants) {
-        let ok = summary.failed == 0;
-        jobs::record_job_run(
-            &ctx.db,
-            "archive",
-            &name,
-            started.clone(),
-            ok,
-            summary.to_string(),
-        )
-        .await;
+    for (name, ok) in &summary.tenants {
+        let line = summary.to_string();
+        jobs::record_job_run(&ctx.db, "archive", name, started.clone(), *ok, line).await;
     }
-    let retryable_left =
-        summary.retry_later > 0 || summary.not_started > 0 || !summary.tenant_errors.is_empty();
-    Ok(exit_code(!retryable_left))
+    Ok(exit_code(!summary.work_left()))
 }
 
 /// This process's peak resident memory (VmHWM), for the memory-flatness check.

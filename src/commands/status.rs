@@ -39,6 +39,12 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let jobs = q(
         "SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs ORDER BY job, tenant",
     )?;
+    // Open breakers (a database not yet migrated to v2 has none to show).
+    let breakers = q(
+        "SELECT tenant, trouble, reason, since, next_probe_at, interval_ms FROM tenant_health
+         ORDER BY tenant",
+    )
+    .or_else(|_| q("SELECT NULL AS tenant WHERE 0"))?;
     let now = crate::time::now_ms();
     let mut quota_rows = Vec::new();
     for t in &cfg.tenants {
@@ -73,11 +79,18 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
             "attention": failed.to_json(),
             "quota": quota_table.to_json(),
             "jobs": jobs.to_json(),
+            "breakers": breakers.to_json(),
             "custody_head": { "seq": head_seq, "row_hash": head_hash },
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("database: {}\n", cfg.database.path.display());
+        if !breakers.rows.is_empty() {
+            println!(
+                "Open breakers (the tenant's API is down or refuses us; one probe per interval):\n{}",
+                breakers.render(Format::Table)
+            );
+        }
         println!("Queue by state:\n{}", queue.render(Format::Table));
         if !failed.rows.is_empty() {
             println!(

@@ -11,6 +11,7 @@ use super::archive;
 use super::discover::{self, Source, Window};
 use super::{Context, Tenant};
 use crate::db::DbError;
+use crate::mde::RawAction;
 use crate::queue::{self, ResultState, Scope};
 use crate::quota::{self, Endpoint};
 
@@ -30,64 +31,90 @@ pub struct Plan {
 }
 
 /// Lists the window and counts what a backfill would do, changing nothing but the ledger.
+/// Page by page: only the listed actions' results are looked up, a page at a time.
 pub async fn plan(ctx: &Context, tenant: &Tenant, window: &Window) -> anyhow::Result<Plan> {
-    let listing = discover::list_window(ctx, tenant, window).await?;
-    let actions = listing.actions;
-    let mut p = Plan {
-        list_calls: listing.pages,
-        ..Default::default()
-    };
-    let name = tenant.cfg.name.clone();
-    let statuses = ctx.cfg.discovery.statuses.clone();
-    let known: Vec<(String, u32, ResultState)> = {
-        let name = name.clone();
-        ctx.db
-            .call(move |c| {
-                let mut stmt = c
-                    .prepare(
-                        "SELECT action_id, command_index, state FROM results WHERE tenant = ?1",
-                    )
-                    .map_err(DbError::sql("read results"))?;
-                let rows = stmt
-                    .query_map([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    .map_err(DbError::sql("read results"))?;
-                rows.collect::<Result<Vec<_>, _>>()
-                    .map_err(DbError::sql("read results"))
-            })
-            .await?
-    };
-    let known: std::collections::HashMap<(String, u32), ResultState> =
-        known.into_iter().map(|(a, i, s)| ((a, i), s)).collect();
-    for action in &actions {
-        p.actions += 1;
+    let mut p = Plan::default();
+    let statuses = &ctx.cfg.discovery.statuses;
+    let mut pages = discover::Pages::new(ctx, tenant, window)?;
+    while let Some(actions) = pages.next().await? {
+        let ids = actions
+            .iter()
+            .filter_map(|a| a.id().map(str::to_string))
+            .collect();
+        let known = known_states(ctx, &tenant.cfg.name, ids).await?;
+        for action in &actions {
+            p.count(action, statuses, &known);
+        }
+    }
+    p.list_calls = pages.calls();
+    Ok(p)
+}
+
+impl Plan {
+    /// Adds one listed action, given the states of results already queued.
+    fn count(&mut self, action: &RawAction, statuses: &[String], known: &KnownStates) {
+        self.actions += 1;
         if !action
             .status()
             .is_some_and(|s| statuses.iter().any(|x| x == s))
         {
-            p.unfinished += 1;
-            continue;
+            self.unfinished += 1;
+            return;
         }
-        let id = action.id().unwrap_or_default().to_string();
+        let id = action.id().unwrap_or_default();
         for cmd in action.commands() {
-            match known.get(&(id.clone(), cmd.index)) {
+            match known.get(&(id.to_string(), cmd.index)) {
                 Some(ResultState::Archived | ResultState::Unavailable | ResultState::Failed) => {
-                    p.already_done += 1
+                    self.already_done += 1
                 }
-                Some(ResultState::Skipped) => p.without_result += 1,
-                Some(ResultState::Pending | ResultState::Downloading) => p.to_fetch += 1,
+                Some(ResultState::Skipped) => self.without_result += 1,
+                Some(ResultState::Pending | ResultState::Downloading) => self.to_fetch += 1,
                 None if discover::skip_reason(
                     cmd.command_type.as_deref(),
                     cmd.status.as_deref(),
                 )
                 .is_some() =>
                 {
-                    p.without_result += 1
+                    self.without_result += 1
                 }
-                None => p.to_fetch += 1,
+                None => self.to_fetch += 1,
             }
         }
     }
-    Ok(p)
+}
+
+/// States of the results of some actions, by (action id, command index).
+type KnownStates = std::collections::HashMap<(String, u32), ResultState>;
+
+/// The states of `tenant`'s results of the actions `ids` (one page's worth).
+async fn known_states(
+    ctx: &Context,
+    tenant: &str,
+    ids: Vec<String>,
+) -> Result<KnownStates, DbError> {
+    let tenant = tenant.to_string();
+    ctx.db
+        .read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT command_index, state FROM results WHERE tenant = ?1 AND action_id = ?2",
+                )
+                .map_err(DbError::sql("read results"))?;
+            let mut out = KnownStates::new();
+            for id in ids {
+                let rows = stmt
+                    .query_map(rusqlite::params![tenant, id], |r| {
+                        Ok((r.get::<_, u32>(0)?, r.get(1)?))
+                    })
+                    .map_err(DbError::sql("read results"))?;
+                for row in rows {
+                    let (index, state) = row.map_err(DbError::sql("read results"))?;
+                    out.insert((id.clone(), index), state);
+                }
+            }
+            Ok(out)
+        })
+        .await
 }
 
 /// Earliest time `n` more link calls can be made for `tenant` (from the quota ledger).
@@ -95,7 +122,7 @@ pub async fn quota_eta(ctx: &Context, tenant: &str, n: u64) -> Result<Duration, 
     let tenant = tenant.to_string();
     let limits = ctx.cfg.quota.clone();
     ctx.db
-        .call(move |c| {
+        .read(move |c| {
             let now = crate::time::now_ms();
             let past = quota::recent_calls(c, &tenant, Endpoint::Link, &limits, now)?;
             Ok(quota::eta(&past, n, &limits, now))
@@ -155,6 +182,13 @@ pub async fn run(
         if let Some(e) = pass.tenant_errors.first() {
             anyhow::bail!("{e}");
         }
+        // Refused credentials are the operator's to fix; an outage is waited out (the
+        // breaker paces the probes, and Ctrl-C stops the wait).
+        if let (Some(line), Some(open)) = (pass.breakers.first(), tenant.breaker.open())
+            && open.kind == super::failure::TenantTrouble::Refused
+        {
+            anyhow::bail!("{line}");
+        }
         let counts = queue::counts(&ctx.db, &tenant.cfg.name, &scope).await?;
         if open(&counts) == 0 {
             break;
@@ -164,6 +198,7 @@ pub async fn run(
             Some(at) => (at - crate::time::now()).to_std().unwrap_or(Duration::ZERO),
             None => Duration::from_millis(500),
         }
+        .max(tenant.breaker.until_probe().unwrap_or_default())
         .clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

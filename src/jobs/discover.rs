@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use serde_json::json;
 
+use super::breaker::{self, Admission};
+use super::failure::Failure;
 use super::{Context, Tenant};
 use crate::custody::{self, Event, EventKind};
 use crate::db::{DbError, write_tx};
@@ -73,32 +75,68 @@ pub struct Window {
     pub machine_id: Option<String>,
 }
 
-/// One pass for one tenant: list the window, record every finished action not yet known.
+/// One pass for one tenant: list the window page by page, recording every finished action
+/// not yet known as its page arrives.
 pub async fn discover(
     ctx: &Context,
     tenant: &Tenant,
     window: &Window,
     source: Source,
 ) -> anyhow::Result<Summary> {
-    let listing = list_window(ctx, tenant, window).await?;
-    record_actions(ctx, tenant, listing.actions, source).await
+    let mut total = Summary::default();
+    let mut pages = Pages::new(ctx, tenant, window)?;
+    while let Some(actions) = pages.next().await? {
+        total += record_actions(ctx, tenant, actions, source).await?;
+    }
+    Ok(total)
 }
 
-/// Every live-response action of `tenant` created in `window` (all pages).
-pub async fn list_window(
-    ctx: &Context,
-    tenant: &Tenant,
-    window: &Window,
-) -> Result<crate::mde::Listing, crate::mde::MdeError> {
-    tenant
-        .client
-        .list_actions(
+/// A tenant's List window, page by page, behind its breaker: while the breaker is open only a
+/// due probe calls the API, and a tenant-scope failure opens it.
+pub struct Pages<'a> {
+    ctx: &'a Context,
+    tenant: &'a Tenant,
+    pager: crate::mde::ListPager<'a>,
+}
+
+impl<'a> Pages<'a> {
+    pub fn new(ctx: &'a Context, tenant: &'a Tenant, window: &Window) -> anyhow::Result<Pages<'a>> {
+        if let Admission::Wait { .. } = tenant.breaker.admit() {
+            let line = breaker::open_line(tenant).unwrap_or_default();
+            anyhow::bail!("{line}");
+        }
+        let pager = tenant.client.list_window(
             window.since,
             window.until,
             window.machine_id.as_deref(),
             ctx.cfg.discovery.page_size,
-        )
-        .await
+        )?;
+        Ok(Pages { ctx, tenant, pager })
+    }
+
+    /// The next page's actions, or None after the last one.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Vec<RawAction>>> {
+        match self.pager.next_page().await {
+            Ok(page) => {
+                breaker::answered(&self.ctx.db, self.tenant).await;
+                Ok(page)
+            }
+            Err(e) => {
+                let failure = Failure::from_api(e);
+                if let Failure::Tenant(t) = &failure {
+                    breaker::trouble(&self.ctx.db, self.tenant, t).await;
+                } else {
+                    self.tenant.breaker.release_probe();
+                }
+                anyhow::bail!("tenant '{}': {}", self.tenant.cfg.name, failure.reason())
+            }
+        }
+    }
+
+    /// List calls made so far.
+    pub fn calls(&self) -> u64 {
+        self.pager.pages
+    }
 }
 
 /// The scheduled discovery pass: the configured lookback window up to now, recorded in

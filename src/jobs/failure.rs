@@ -1,19 +1,20 @@
-//! Why an attempt did not archive, and who pays for it (DESIGN §4, "failure scope"). Every
-//! failure of the archive path is classified here, once:
+//! Why something did not work, and who pays for it (DESIGN §4, "failure scope"). Every
+//! failure of discovery and of the archive path is classified here, once:
 //!
 //! - **result** scope: belongs to this one result (a bad body, an MD5 or length mismatch, a
 //!   403 on its blob, a 404/400 on its link) and spends one of its attempts;
 //! - **tenant** scope: the tenant's side is down or refuses us (token endpoint or API 5xx,
-//!   timeouts, transport errors; refused credentials): the tenant's pass stops, the result
-//!   goes back uncharged;
-//! - **process** scope: this host (a full evidence store, the database, a shutdown): the pass
-//!   pauses, nothing is charged.
+//!   timeouts, transport errors, 401 after a refresh, refused credentials): the tenant's pass
+//!   stops, the result in hand goes back uncharged, and the tenant's breaker opens;
+//! - **process** scope: this host (a full evidence store, the database, a shutdown): nothing
+//!   is charged.
 
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::config::DownloadConfig;
+use crate::fetch::FetchError;
 use crate::mde::MdeError;
 use crate::package::PackageError;
 use crate::queue::Settlement;
@@ -43,9 +44,28 @@ pub enum ResultFailure {
 
 /// A failure that says the tenant's side is down or refuses us.
 #[derive(Debug, Clone, PartialEq)]
-pub enum TenantFailure {
-    /// The token request was refused: the operator's to fix.
-    Credentials { reason: String },
+pub struct TenantFailure {
+    pub kind: TenantTrouble,
+    pub reason: String,
+}
+
+/// What is wrong on the tenant's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantTrouble {
+    /// The API, the token endpoint or the blob host is down, overloaded or unreachable.
+    Outage,
+    /// Our credentials or permissions are refused: the operator's to fix.
+    Refused,
+}
+
+impl TenantTrouble {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantTrouble::Outage => "outage",
+            TenantTrouble::Refused => "refused",
+        }
+    }
 }
 
 /// A failure of this host.
@@ -53,6 +73,10 @@ pub enum TenantFailure {
 pub enum ProcessFailure {
     /// The evidence store ran out of space.
     StoreFull { reason: String },
+    /// The database could not record the attempt (busy, locked, read-only).
+    Database { reason: String },
+    /// The process is shutting down.
+    Stopping,
 }
 
 impl Failure {
@@ -70,6 +94,10 @@ impl Failure {
         })
     }
 
+    fn tenant(kind: TenantTrouble, reason: String) -> Failure {
+        Failure::Tenant(TenantFailure { kind, reason })
+    }
+
     /// The one-line reason, as stored in `results.last_error`.
     pub fn reason(&self) -> &str {
         match self {
@@ -78,25 +106,56 @@ impl Failure {
                 | ResultFailure::Refused { reason }
                 | ResultFailure::Retry { reason },
             )
-            | Failure::Tenant(TenantFailure::Credentials { reason })
-            | Failure::Process(ProcessFailure::StoreFull { reason }) => reason,
+            | Failure::Tenant(TenantFailure { reason, .. })
+            | Failure::Process(
+                ProcessFailure::StoreFull { reason } | ProcessFailure::Database { reason },
+            ) => reason,
+            Failure::Process(ProcessFailure::Stopping) => "stopped before the download finished",
         }
     }
 
-    /// An API error of the link call.
+    /// An API error on a tenant-wide call (token, List, Get): it is never one result's fault.
+    pub fn from_api(e: MdeError) -> Failure {
+        match api_trouble(&e) {
+            Some(kind) => Failure::tenant(kind, e.to_string()),
+            None => Failure::Process(ProcessFailure::Database {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// An API error of one result's link call.
     pub fn from_link(e: MdeError) -> Failure {
-        if matches!(e, MdeError::Token { .. }) && !e.is_retryable() {
-            Failure::Tenant(TenantFailure::Credentials {
-                reason: e.to_string(),
-            })
-        } else if e.is_no_result() {
-            Failure::Result(ResultFailure::Unavailable {
-                reason: e.to_string(),
+        match &e {
+            MdeError::Http {
+                status: 400 | 404,
+                code,
+                ..
+            } => Failure::Result(ResultFailure::Unavailable {
                 http_status: e.http_status(),
-                code: e.api_code().map(str::to_string),
-            })
-        } else {
-            Failure::retry(e.to_string())
+                code: (!code.is_empty()).then(|| code.clone()),
+                reason: e.to_string(),
+            }),
+            // Another 4xx, or an answer without a link, is about this call.
+            MdeError::Http { status, .. }
+                if *status < 500 && !matches!(status, 401 | 403 | 408 | 429) =>
+            {
+                Failure::retry(e.to_string())
+            }
+            MdeError::Decode { .. } | MdeError::TooLarge { .. } => Failure::retry(e.to_string()),
+            _ => Failure::from_api(e),
+        }
+    }
+
+    /// A failure of the blob host that is not a refused or expired link (those are re-issued).
+    pub fn from_blob(e: FetchError) -> Failure {
+        match e {
+            // No connection at all: the blob host is down for every result of the tenant.
+            FetchError::Unreachable { .. } => Failure::tenant(TenantTrouble::Outage, e.to_string()),
+            FetchError::Redirect { status, location } => Failure::refused(format!(
+                "blob host redirected (HTTP {status}) to {location}"
+            )),
+            _ => Failure::retry(e.to_string()),
         }
     }
 
@@ -112,9 +171,21 @@ impl Failure {
         }
     }
 
+    /// The database could not record a step of the attempt.
+    pub fn database(e: impl std::fmt::Display) -> Failure {
+        Failure::Process(ProcessFailure::Database {
+            reason: e.to_string(),
+        })
+    }
+
     /// How the queue records this failure for a result that had spent `attempts` before.
     pub fn settlement(&self, attempts: u32, cfg: &DownloadConfig) -> Settlement {
         let reason = self.reason().to_string();
+        let uncharged = |backoff| Settlement::Retry {
+            reason: reason.clone(),
+            backoff,
+            charge: false,
+        };
         match self {
             Failure::Result(ResultFailure::Unavailable {
                 http_status, code, ..
@@ -127,24 +198,31 @@ impl Failure {
                 Settlement::Failed { reason }
             }
             Failure::Result(ResultFailure::Retry { .. }) => Settlement::Retry {
-                reason,
                 backoff: backoff(attempts + 1, cfg.retry_base, cfg.retry_max),
+                reason,
                 charge: true,
             },
-            // Not the result's fault: back to the queue as it was.
-            Failure::Tenant(_) => Settlement::Retry {
-                reason,
-                backoff: Duration::ZERO,
-                charge: false,
-            },
-            // Waits at the base delay without spending the result's attempts.
-            Failure::Process(ProcessFailure::StoreFull { .. }) => Settlement::Retry {
-                reason,
-                backoff: cfg.retry_base,
-                charge: false,
-            },
+            // Not the result's fault: back to the queue as it was; the breaker paces retries.
+            Failure::Tenant(_) | Failure::Process(ProcessFailure::Stopping) => {
+                uncharged(Duration::ZERO)
+            }
+            // This host's trouble: wait at the base delay, spend nothing.
+            Failure::Process(_) => uncharged(cfg.retry_base),
         }
     }
+}
+
+/// The tenant-side trouble an API error shows, or None when it is our own database's.
+fn api_trouble(e: &MdeError) -> Option<TenantTrouble> {
+    Some(match e {
+        MdeError::TokenRefused { .. } | MdeError::Secret(_) => TenantTrouble::Refused,
+        // 401 after a refresh, 403: the app's permissions are refused.
+        MdeError::Http {
+            status: 401 | 403, ..
+        } => TenantTrouble::Refused,
+        MdeError::Ledger(_) => return None,
+        _ => TenantTrouble::Outage,
+    })
 }
 
 /// The error with its sources on one line (the OS error is what tells "disk full" apart).
@@ -188,6 +266,78 @@ mod tests {
         }
     }
 
+    fn http(status: u16) -> MdeError {
+        MdeError::Http {
+            endpoint: "liveresponse.link",
+            status,
+            code: String::new(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn classification_follows_the_design() {
+        let scope = |f: Failure| match f {
+            Failure::Result(_) => "result",
+            Failure::Tenant(_) => "tenant",
+            Failure::Process(_) => "process",
+        };
+        // The link call: 404/400 and other 4xx belong to the result; 5xx, 401, 403 and the
+        // transport to the tenant.
+        for (status, want) in [(404, "result"), (400, "result"), (409, "result")] {
+            assert_eq!(scope(Failure::from_link(http(status))), want, "{status}");
+        }
+        for status in [500, 503, 401, 403, 408, 429] {
+            assert_eq!(
+                scope(Failure::from_link(http(status))),
+                "tenant",
+                "{status}"
+            );
+        }
+        let down = MdeError::Transport {
+            endpoint: "token",
+            message: "connection refused".into(),
+            timeout: false,
+        };
+        assert_eq!(scope(Failure::from_link(down)), "tenant");
+        let outage = MdeError::TokenUnavailable {
+            status: 503,
+            error: "temporarily_unavailable".into(),
+        };
+        let text = outage.to_string();
+        assert!(!text.contains("secret"), "{text}");
+        assert_eq!(
+            Failure::from_api(outage),
+            Failure::Tenant(TenantFailure {
+                kind: TenantTrouble::Outage,
+                reason: text
+            })
+        );
+        let refused = MdeError::TokenRefused {
+            status: 401,
+            error: "invalid_client".into(),
+            codes: vec![7000215],
+            secret: "client_secret_file /s".into(),
+        };
+        assert!(matches!(
+            Failure::from_api(refused),
+            Failure::Tenant(TenantFailure {
+                kind: TenantTrouble::Refused,
+                ..
+            })
+        ));
+        // The blob host: no connection at all is the tenant's outage; anything else the result's.
+        let unreachable = FetchError::Unreachable {
+            message: "connection refused".into(),
+        };
+        assert_eq!(scope(Failure::from_blob(unreachable)), "tenant");
+        let busy = FetchError::Http {
+            status: 503,
+            code: "ServerBusy".into(),
+        };
+        assert_eq!(scope(Failure::from_blob(busy)), "result");
+    }
+
     #[test]
     fn only_result_failures_are_charged() {
         let cfg = DownloadConfig::default();
@@ -197,12 +347,15 @@ mod tests {
         };
         assert!(charged(&Failure::retry("x")));
         assert!(charged(&Failure::refused("x")));
-        assert!(!charged(&Failure::Tenant(TenantFailure::Credentials {
-            reason: "x".into()
-        })));
+        assert!(!charged(&Failure::tenant(
+            TenantTrouble::Outage,
+            "x".into()
+        )));
         assert!(!charged(&Failure::Process(ProcessFailure::StoreFull {
             reason: "x".into()
         })));
+        assert!(!charged(&Failure::Process(ProcessFailure::Stopping)));
+        assert!(!charged(&Failure::database("locked")));
         // The last attempt of a retryable failure ends in `failed`.
         assert_eq!(
             Failure::retry("x").settlement(cfg.max_attempts - 1, &cfg),

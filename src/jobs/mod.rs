@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod backfill;
+pub mod breaker;
 pub mod discover;
 pub mod failure;
 
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, TenantConfig};
 use crate::db::Db;
 use crate::fetch::Allowlist;
+use crate::http::RemoteClock;
 use crate::mde::MdeClient;
 use crate::quota::Governor;
 
@@ -25,6 +27,8 @@ pub struct Context {
     pub db: Db,
     pub governor: Governor,
     pub blob: reqwest::Client,
+    /// The servers' clock, learned from every answer (link expiry is judged by it).
+    pub clock: RemoteClock,
     pub cancel: CancellationToken,
     /// Identifies this process in result leases: host, pid and a per-start token.
     pub owner: String,
@@ -32,12 +36,14 @@ pub struct Context {
     pub partials_swept: AtomicBool,
 }
 
-/// One tenant's client and identity.
+/// One tenant's client, identity and breaker.
 pub struct Tenant {
     pub cfg: Arc<TenantConfig>,
     pub client: MdeClient,
     pub actor: String,
     pub allow: Allowlist,
+    /// Opens on a tenant-scope failure; paces the probes while the tenant's side is down.
+    pub breaker: breaker::Breaker,
 }
 
 impl Context {
@@ -49,6 +55,7 @@ impl Context {
             db,
             governor,
             blob,
+            clock: RemoteClock::new(),
             cancel,
             owner: crate::queue::process_owner(),
             partials_swept: AtomicBool::new(false),
@@ -59,12 +66,18 @@ impl Context {
     pub fn tenants(&self, name: Option<&str>) -> anyhow::Result<Vec<Tenant>> {
         let mut out = Vec::new();
         for t in self.cfg.select_tenants(name)? {
-            let secret = t.load_secret()?;
+            // Read now so a missing or unreadable secret stops the command at once (exit 2);
+            // the client reads it again at every token refresh (rotation needs no restart).
+            t.load_secret()?;
             let cfg = Arc::new(t.clone());
             out.push(Tenant {
-                client: MdeClient::new(cfg.clone(), secret, self.governor.clone())?,
+                client: MdeClient::new(cfg.clone(), self.governor.clone(), self.clock.clone())?,
                 actor: crate::custody::actor(&t.client_id),
                 allow: Allowlist::new(&t.download_hosts),
+                breaker: breaker::Breaker::new(
+                    self.cfg.download.retry_base,
+                    self.cfg.download.retry_max,
+                ),
                 cfg,
             });
         }

@@ -182,7 +182,13 @@ fn example_config_loads_through_the_binary() {
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run(lrvault().arg("--config").arg(&cfg).arg("migrate"));
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("schema version 1"), "{out}");
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
+    assert!(
+        out.contains(&format!("schema version {migrations}")),
+        "{out}"
+    );
     let (code, out, err) = run(lrvault()
         .arg("--config")
         .arg(&cfg)

@@ -18,7 +18,7 @@ use super::Outcome;
 use crate::custody::{self, Event, EventKind};
 use crate::db::{DbError, write_tx};
 use crate::fetch::{self, FetchError, Transfer};
-use crate::jobs::failure::Failure;
+use crate::jobs::failure::{Failure, ProcessFailure};
 use crate::jobs::{Context, Tenant};
 use crate::mde::RawAction;
 use crate::package::{self, BagInfo, PackageSink, PackageSpec, StreamedPackage};
@@ -177,17 +177,16 @@ async fn download(
     let k = plan.key();
     loop {
         if ctx.cancel.is_cancelled() {
-            return Err(Failure::retry("stopped before the download finished"));
+            return Err(Failure::Process(ProcessFailure::Stopping));
         }
         let url = mint_link(ctx, tenant, plan, dl).await?;
         let Some(rejected) = stream_link(ctx, plan, dl, &url).await? else {
             return Ok(());
         };
         let max = ctx.cfg.download.max_link_reissues;
+        // Out of re-issues: this result's links keep failing; a later attempt may do better.
         if dl.link_issues > max {
-            return Err(Failure::refused(format!(
-                "{rejected} after {max} re-issues"
-            )));
+            return Err(Failure::retry(format!("{rejected} after {max} re-issues")));
         }
         tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, reason = %rejected, "minting a new download link");
     }
@@ -224,9 +223,7 @@ async fn mint_link(
         &tenant.actor,
     )
     .detail(detail);
-    custody_event(ctx, event)
-        .await
-        .map_err(|e| Failure::retry(e.to_string()))?;
+    custody_event(ctx, event).await.map_err(Failure::database)?;
     checked.map_err(|refused| Failure::refused(refused.to_string()))
 }
 
@@ -263,13 +260,8 @@ async fn stream_link(
                 resumes += 1;
                 tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, received, error = %message, "transfer interrupted; resuming with Range");
             }
-            FetchError::Redirect { status, location } => {
-                return Err(Failure::refused(format!(
-                    "blob host redirected (HTTP {status}) to {location}"
-                )));
-            }
             FetchError::Sink => return Err(writer_failure(dl.sink.take()).await),
-            e => return Err(Failure::retry(e.to_string())),
+            e => return Err(Failure::from_blob(e)),
         }
     }
 }
@@ -283,7 +275,7 @@ async fn open_and_stream(
     dl: &mut Download,
     url: &url::Url,
 ) -> Result<Result<(), FetchError>, Failure> {
-    let opened = match fetch::open(&ctx.blob, url, &mut dl.transfer).await {
+    let opened = match fetch::open(&ctx.blob, &ctx.clock, url, &mut dl.transfer).await {
         Ok(o) => o,
         Err(e) => return Ok(Err(e)),
     };
@@ -348,9 +340,7 @@ async fn record_downloaded(
         )
         .detail(detail)
     };
-    custody_event(ctx, event)
-        .await
-        .map_err(|e| Failure::retry(e.to_string()))
+    custody_event(ctx, event).await.map_err(Failure::database)
 }
 
 /// Writes `retrieval.json` and the tag files, re-checks the package and moves it into place.
@@ -417,7 +407,7 @@ pub(super) fn archived_or_lost(committed: Result<bool, DbError>) -> Result<Outco
     match committed {
         Ok(true) => Ok(Outcome::Archived),
         Ok(false) => Ok(Outcome::ClaimedElsewhere),
-        Err(e) => Err(Failure::retry(e.to_string())),
+        Err(e) => Err(Failure::database(e)),
     }
 }
 

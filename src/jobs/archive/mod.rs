@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use super::failure::Failure;
+use super::breaker::{self, Admission};
+use super::failure::{Failure, ProcessFailure};
 use super::{Context, Tenant};
 use crate::db::DbError;
 use crate::package;
@@ -39,8 +40,15 @@ pub struct Summary {
     pub not_started: usize,
     /// Crashed downloads returned to pending before the pass.
     pub recovered: usize,
-    /// Tenants whose pass could not run (e.g. the token request was refused), one line each.
+    /// Results handed back uncharged (the tenant's side or this host was in trouble).
+    pub deferred: usize,
+    /// Tenants whose pass could not run (e.g. a database error), one line each.
     pub tenant_errors: Vec<String>,
+    /// Tenants whose pass stopped or did not start because their breaker is open, one line
+    /// each (the breaker logs its own changes).
+    pub breakers: Vec<String>,
+    /// Each tenant's own outcome: did its pass go well (for `job_runs`).
+    pub tenants: std::collections::BTreeMap<String, bool>,
 }
 
 impl std::ops::AddAssign for Summary {
@@ -52,7 +60,10 @@ impl std::ops::AddAssign for Summary {
         self.claimed_elsewhere += o.claimed_elsewhere;
         self.not_started += o.not_started;
         self.recovered += o.recovered;
+        self.deferred += o.deferred;
         self.tenant_errors.extend(o.tenant_errors);
+        self.breakers.extend(o.breakers);
+        self.tenants.extend(o.tenants);
     }
 }
 
@@ -62,7 +73,11 @@ impl std::fmt::Display for Summary {
             f,
             "{} archived, {} unavailable, {} failed, {} to retry later",
             self.archived, self.unavailable, self.failed, self.retry_later
-        )
+        )?;
+        if self.deferred > 0 {
+            write!(f, ", {} handed back (attempts unchanged)", self.deferred)?;
+        }
+        Ok(())
     }
 }
 
@@ -73,8 +88,30 @@ impl Summary {
             Outcome::Unavailable => self.unavailable += 1,
             Outcome::Failed => self.failed += 1,
             Outcome::RetryLater => self.retry_later += 1,
+            Outcome::Deferred => self.deferred += 1,
             Outcome::ClaimedElsewhere => self.claimed_elsewhere += 1,
         }
+    }
+
+    /// Work is left that a later pass will do (retries, deferred or unstarted results, a
+    /// tenant that could not be served).
+    pub fn work_left(&self) -> bool {
+        self.retry_later > 0
+            || self.deferred > 0
+            || self.not_started > 0
+            || !self.tenant_errors.is_empty()
+            || !self.breakers.is_empty()
+    }
+}
+
+impl Summary {
+    /// Closes a tenant's part of the pass: its own outcome, and its open breaker if any.
+    fn with_breaker(mut self, tenant: &Tenant) -> Summary {
+        let line = breaker::open_line(tenant);
+        let ok = self.failed == 0 && line.is_none();
+        self.breakers.extend(line);
+        self.tenants.insert(tenant.cfg.name.clone(), ok);
+        self
     }
 }
 
@@ -84,7 +121,10 @@ pub enum Outcome {
     Archived,
     Unavailable,
     Failed,
+    /// Failed; a later attempt (charged) will retry it.
     RetryLater,
+    /// Handed back uncharged: the tenant's side or this host was in trouble.
+    Deferred,
     ClaimedElsewhere,
 }
 
@@ -116,13 +156,21 @@ pub async fn archive(
             on_result.clone(),
             budget.clone(),
         );
-        loops.spawn(async move { archive_tenant(&ctx, &tenant, &scope, on_result, &budget).await });
+        loops.spawn(async move {
+            let result = archive_tenant(&ctx, &tenant, &scope, on_result, &budget).await;
+            (tenant.cfg.name.clone(), result)
+        });
     }
     while let Some(done) = loops.join_next().await {
-        // One tenant's failure (bad credentials, DB error) must not stop the others.
-        match done? {
+        // One tenant's failure (an outage, bad credentials, a DB error) must not stop the
+        // others.
+        let (name, result) = done?;
+        match result {
             Ok(s) => summary += s,
-            Err(e) => summary.tenant_errors.push(crate::error::one_line(&e)),
+            Err(e) => {
+                summary.tenant_errors.push(crate::error::one_line(&e));
+                summary.tenants.insert(name, false);
+            }
         }
     }
     Ok(summary)
@@ -136,26 +184,63 @@ async fn archive_tenant(
     budget: &AtomicUsize,
 ) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
-    let due = queue::due(&ctx.db, &tenant.cfg.name, scope).await?;
+    let probing = match tenant.breaker.admit() {
+        Admission::Go => false,
+        Admission::Probe => true,
+        Admission::Wait { .. } => return Ok(summary.with_breaker(tenant)),
+    };
+    let mut due = queue::due(&ctx.db, &tenant.cfg.name, scope)
+        .await?
+        .into_iter();
     let due_count = due.len();
-    if due_count > 0 {
-        // Bad credentials are a configuration problem, not a property of any result: stop
-        // here rather than spending every result's attempts on them.
-        tenant
-            .client
-            .check_auth()
-            .await
-            .map_err(|e| anyhow::anyhow!("tenant '{}': {e}", tenant.cfg.name))?;
+    if due_count == 0 {
+        tenant.breaker.release_probe();
+        return Ok(summary.with_breaker(tenant));
+    }
+    // A token first: refused credentials or a down token endpoint are the tenant's trouble,
+    // not any result's, so stop here rather than charging results for them.
+    if let Err(e) = tenant.client.check_auth().await {
+        if let Failure::Tenant(t) = Failure::from_api(e) {
+            breaker::trouble(&ctx.db, tenant, &t).await;
+            summary.not_started = due_count;
+            return Ok(summary.with_breaker(tenant));
+        }
+        tenant.breaker.release_probe();
+        anyhow::bail!(
+            "tenant '{}': cannot count the token call in the quota ledger",
+            tenant.cfg.name
+        );
+    }
+    let mut started = 0;
+    if probing {
+        // While the breaker is open, one result goes alone: its calls are the probe.
+        let Some(key) = due.next() else {
+            unreachable!("due_count > 0")
+        };
+        started += 1;
+        let outcome = archive_one(ctx, tenant, &key).await;
+        summary.count(outcome);
+        if let Some(cb) = &on_result {
+            cb(&key, outcome);
+        }
+        if tenant.breaker.open().is_some() && outcome == Outcome::Deferred {
+            summary.not_started = due_count - started;
+            return Ok(summary.with_breaker(tenant));
+        }
+        breaker::answered(&ctx.db, tenant).await;
     }
     let slots = Arc::new(Semaphore::new(ctx.cfg.download.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut started = 0;
     for key in due {
         // A download slot first: links are only minted when they can be used at once.
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p?,
             _ = ctx.cancel.cancelled() => break,
         };
+        // The tenant's side went down, or this host stopped: start nothing more.
+        if tenant.breaker.open().is_some() || ctx.cancel.is_cancelled() {
+            break;
+        }
         if budget
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
             .is_err()
@@ -181,7 +266,7 @@ async fn archive_tenant(
         summary.count(done?);
     }
     summary.not_started = due_count - started;
-    Ok(summary)
+    Ok(summary.with_breaker(tenant))
 }
 
 /// Archives one result; never returns an error: every failure ends in a state.
@@ -196,7 +281,12 @@ pub async fn archive_one(ctx: &Context, tenant: &Tenant, key: &Key) -> Outcome {
     };
     match with_lease(ctx, key, attempt::attempt(ctx, tenant, &claimed)).await {
         Ok(outcome) => outcome,
-        Err(failure) => settle(ctx, tenant, &claimed, failure).await,
+        Err(failure) => {
+            if let Failure::Tenant(t) = &failure {
+                breaker::trouble(&ctx.db, tenant, t).await;
+            }
+            settle(ctx, tenant, &claimed, failure).await
+        }
     }
 }
 
@@ -224,7 +314,8 @@ async fn settle(ctx: &Context, tenant: &Tenant, claimed: &Claimed, failure: Fail
     let outcome = match &settlement {
         Settlement::Unavailable { .. } => Outcome::Unavailable,
         Settlement::Failed { .. } => Outcome::Failed,
-        Settlement::Retry { .. } => Outcome::RetryLater,
+        Settlement::Retry { charge: true, .. } => Outcome::RetryLater,
+        Settlement::Retry { charge: false, .. } => Outcome::Deferred,
     };
     let retry_in_s = match &settlement {
         Settlement::Retry { backoff, .. } => backoff.as_secs(),
@@ -241,13 +332,11 @@ async fn settle(ctx: &Context, tenant: &Tenant, claimed: &Claimed, failure: Fail
             tracing::warn!(tenant = %k.tenant, action = %k.action_id, index = k.index, reason, "result was recovered by another process while this attempt ran; leaving it to that process");
             return Outcome::ClaimedElsewhere;
         }
-        (Ok(true), Outcome::RetryLater)
-            if matches!(
-                failure,
-                Failure::Process(super::failure::ProcessFailure::StoreFull { .. })
-            ) =>
-        {
+        (Ok(true), _) if matches!(failure, Failure::Process(ProcessFailure::StoreFull { .. })) => {
             tracing::error!(tenant = %k.tenant, action = %k.action_id, index = k.index, retry_in_s, reason, "evidence store is full; the result stays pending and is retried later")
+        }
+        (Ok(true), Outcome::Deferred) => {
+            tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, reason, "result handed back to the queue, attempts unchanged")
         }
         (Ok(true), Outcome::RetryLater) => {
             tracing::warn!(tenant = %k.tenant, action = %k.action_id, index = k.index, retry_in_s, reason, "attempt failed; will retry")

@@ -1,0 +1,239 @@
+//! The per-tenant circuit breaker (DESIGN §4). A tenant-scope failure opens it: the tenant's
+//! passes stop at once and, while it is open, one probe is let through per interval (doubling
+//! from `retry_base` to `retry_max`) until the API answers again. Other tenants go on.
+//!
+//! The breaker lives in the process ([`super::Tenant`]); its state is also written to the
+//! `tenant_health` table so `lrvault status` (another process) can show it.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rusqlite::params;
+
+use super::Tenant;
+use super::failure::{TenantFailure, TenantTrouble};
+use crate::db::{Db, DbError};
+
+/// Whether a pass may call the tenant's API now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Closed: go ahead.
+    Go,
+    /// Open, and a probe is due: make one call; report how it went.
+    Probe,
+    /// Open: no call before this long (or another task is probing).
+    Wait { left: Duration, reason: String },
+}
+
+/// An open breaker, for `status` and messages.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Open {
+    pub kind: TenantTrouble,
+    pub reason: String,
+    pub since: String,
+    pub next_probe_at: String,
+    pub interval_ms: u64,
+}
+
+#[derive(Debug)]
+struct Tripped {
+    open: Open,
+    interval: Duration,
+    next_probe: Instant,
+    probing: bool,
+}
+
+/// One tenant's breaker; see the module docs.
+#[derive(Debug)]
+pub struct Breaker {
+    base: Duration,
+    max: Duration,
+    state: Mutex<Option<Tripped>>,
+}
+
+impl Breaker {
+    pub fn new(base: Duration, max: Duration) -> Breaker {
+        Breaker {
+            base: base.max(Duration::from_millis(1)),
+            max: max.max(base),
+            state: Mutex::new(None),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Option<Tripped>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// May a pass call the API now? At most one caller gets [`Admission::Probe`] per interval.
+    pub fn admit(&self) -> Admission {
+        let mut state = self.state();
+        let Some(t) = state.as_mut() else {
+            return Admission::Go;
+        };
+        let now = Instant::now();
+        if t.probing || now < t.next_probe {
+            return Admission::Wait {
+                left: t.next_probe.saturating_duration_since(now),
+                reason: t.open.reason.clone(),
+            };
+        }
+        t.probing = true;
+        Admission::Probe
+    }
+
+    /// A tenant-scope failure: opens the breaker, or (after a failed probe) doubles its
+    /// interval. Failures of calls already in flight when it opened change nothing.
+    pub fn trip(&self, failure: &TenantFailure) -> Open {
+        let mut state = self.state();
+        let now = Instant::now();
+        let t = match state.take() {
+            Some(mut t) if t.probing => {
+                t.interval = (t.interval * 2).min(self.max);
+                t.next_probe = now + t.interval;
+                t.probing = false;
+                t.open.reason = failure.reason.clone();
+                t.open.kind = failure.kind;
+                t
+            }
+            Some(t) => t,
+            None => Tripped {
+                open: Open {
+                    kind: failure.kind,
+                    reason: failure.reason.clone(),
+                    since: crate::time::now_str(),
+                    next_probe_at: String::new(),
+                    interval_ms: 0,
+                },
+                interval: self.base,
+                next_probe: now + self.base,
+                probing: false,
+            },
+        };
+        let mut open = t.open.clone();
+        open.interval_ms = t.interval.as_millis() as u64;
+        open.next_probe_at = crate::time::fmt(
+            crate::time::now()
+                + chrono::Duration::from_std(t.next_probe.saturating_duration_since(now))
+                    .unwrap_or_default(),
+        );
+        *state = Some(t);
+        open
+    }
+
+    /// The API answered: closes the breaker. True when it was open.
+    pub fn close(&self) -> bool {
+        self.state().take().is_some()
+    }
+
+    /// A probe that ended without telling (e.g. nothing was due): let the next one through.
+    pub fn release_probe(&self) {
+        if let Some(t) = self.state().as_mut() {
+            t.probing = false;
+        }
+    }
+
+    /// How long until the next probe may go, while the breaker is open.
+    pub fn until_probe(&self) -> Option<Duration> {
+        self.state()
+            .as_ref()
+            .map(|t| t.next_probe.saturating_duration_since(Instant::now()))
+    }
+
+    /// The open breaker, if it is.
+    pub fn open(&self) -> Option<Open> {
+        self.state().as_ref().map(|t| t.open.clone())
+    }
+}
+
+/// A tenant-scope failure of `tenant`: opens (or keeps open) its breaker, says so once in the
+/// log and records it for `status`.
+pub async fn trouble(db: &Db, tenant: &Tenant, failure: &TenantFailure) {
+    let was_open = tenant.breaker.open().is_some();
+    let open = tenant.breaker.trip(failure);
+    let name = &tenant.cfg.name;
+    if !was_open {
+        tracing::error!(tenant = %name, trouble = open.kind.as_str(), reason = %open.reason, next_probe_at = %open.next_probe_at,
+            "tenant's API unavailable or refusing; its passes stop and one probe is made per interval");
+    } else {
+        tracing::warn!(tenant = %name, reason = %open.reason, next_probe_at = %open.next_probe_at, "probe failed; the breaker stays open");
+    }
+    record(db, name, Some(open)).await;
+}
+
+/// The tenant's API answered: closes its breaker if it was open.
+pub async fn answered(db: &Db, tenant: &Tenant) {
+    if tenant.breaker.close() {
+        tracing::info!(tenant = %tenant.cfg.name, "the tenant's API answers again; breaker closed");
+        record(db, &tenant.cfg.name, None).await;
+    }
+}
+
+/// The line a pass reports for a tenant whose breaker is open.
+pub fn open_line(tenant: &Tenant) -> Option<String> {
+    let o = tenant.breaker.open()?;
+    Some(format!(
+        "tenant '{}': {} (breaker open since {}; next probe at {})",
+        tenant.cfg.name, o.reason, o.since, o.next_probe_at
+    ))
+}
+
+/// Records a tenant's breaker in `tenant_health` (None: closed) for `status`.
+pub async fn record(db: &Db, tenant: &str, open: Option<Open>) {
+    let tenant = tenant.to_string();
+    let res = db
+        .call(move |c| {
+            match open {
+                None => c.execute("DELETE FROM tenant_health WHERE tenant = ?1", [&tenant]),
+                Some(o) => c.execute(
+                    "INSERT INTO tenant_health (tenant, trouble, reason, since, next_probe_at, interval_ms, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (tenant) DO UPDATE SET trouble = excluded.trouble, reason = excluded.reason,
+                       next_probe_at = excluded.next_probe_at, interval_ms = excluded.interval_ms,
+                       updated_at = excluded.updated_at",
+                    params![tenant, o.kind.as_str(), o.reason, o.since, o.next_probe_at, o.interval_ms as i64, crate::time::now_str()],
+                ),
+            }
+            .map(|_| ())
+            .map_err(DbError::sql("record tenant health"))
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "could not record the tenant's breaker");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outage() -> TenantFailure {
+        TenantFailure {
+            kind: TenantTrouble::Outage,
+            reason: "token endpoint unavailable (HTTP 503)".into(),
+        }
+    }
+
+    #[test]
+    fn one_probe_per_interval_doubling_to_the_cap() {
+        let b = Breaker::new(Duration::from_millis(40), Duration::from_millis(100));
+        assert_eq!(b.admit(), Admission::Go);
+        let open = b.trip(&outage());
+        assert_eq!(open.interval_ms, 40);
+        assert!(matches!(b.admit(), Admission::Wait { .. }));
+        // A second failure of a call already in flight changes nothing.
+        assert_eq!(b.trip(&outage()).interval_ms, 40);
+        std::thread::sleep(Duration::from_millis(45));
+        assert_eq!(b.admit(), Admission::Probe);
+        // Only one caller probes.
+        assert!(matches!(b.admit(), Admission::Wait { .. }));
+        assert_eq!(b.trip(&outage()).interval_ms, 80);
+        std::thread::sleep(Duration::from_millis(85));
+        assert_eq!(b.admit(), Admission::Probe);
+        assert_eq!(b.trip(&outage()).interval_ms, 100, "capped at retry_max");
+        std::thread::sleep(Duration::from_millis(105));
+        assert_eq!(b.admit(), Admission::Probe);
+        assert!(b.close());
+        assert_eq!(b.admit(), Admission::Go);
+        assert!(b.open().is_none());
+    }
+}
