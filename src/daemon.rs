@@ -216,6 +216,10 @@ impl Daemon {
             };
             match result {
                 Ok(s) => tracing::info!(tenant = %tenant.cfg.name, "discovery: {s}"),
+                // An open breaker logs its own changes; no line per tick while it waits.
+                Err(e) if tenant.breaker.open().is_some() => {
+                    tracing::debug!(tenant = %tenant.cfg.name, error = %crate::error::one_line(&e), "discovery skipped")
+                }
                 Err(e) => {
                     tracing::error!(tenant = %tenant.cfg.name, error = %crate::error::one_line(&e), "discovery failed")
                 }

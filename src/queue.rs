@@ -389,7 +389,7 @@ pub async fn claim(db: &Db, key: &Key, owner: &str) -> Result<Option<Claimed>, D
 }
 
 /// Extends `owner`'s lease on a result it is working on.
-pub async fn renew(db: &Db, key: &Key, owner: &str) -> Result<(), DbError> {
+async fn renew_lease(db: &Db, key: &Key, owner: &str) -> Result<(), DbError> {
     let (k, owner) = (key.clone(), owner.to_string());
     db.call(move |c| {
         c.execute(
@@ -401,6 +401,30 @@ pub async fn renew(db: &Db, key: &Key, owner: &str) -> Result<(), DbError> {
         .map_err(DbError::sql("renew lease"))
     })
     .await
+}
+
+/// Runs `work` while renewing `owner`'s lease on `key` every `every`, from the same task:
+/// when the work ends (or panics), the renewal ends with it, so a lease never outlives its
+/// attempt.
+pub async fn hold_lease<T>(
+    db: &Db,
+    key: &Key,
+    owner: &str,
+    every: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = renew.tick() => {
+                if let Err(e) = renew_lease(db, key, owner).await {
+                    tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, error = %e, "cannot renew the lease");
+                }
+            }
+        }
+    }
 }
 
 /// How an attempt that did not archive ends.
@@ -677,6 +701,90 @@ mod tests {
         assert!(owner_is_dead("h:999999999:5", &me));
         assert!(!owner_is_dead("h:1:5", &me), "pid 1 exists");
         assert!(owner_is_dead("garbage", &me));
+    }
+
+    /// A database with one action and one pending result; returns its key.
+    fn one_result() -> (tempfile::TempDir, Db, Key) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("q.db")).unwrap();
+        db.call_sync(|c| {
+            c.execute_batch(
+                "INSERT INTO actions (tenant, action_id, created_at, raw_json, discovered_at, source)
+                 VALUES ('t', 'a', '2026-12-01T00:00:00.000Z', '{}', '2026-12-01T00:00:00.000Z', 'discover');
+                 INSERT INTO results (tenant, action_id, command_index, command_json, state, updated_at)
+                 VALUES ('t', 'a', 0, '{}', 'pending', '2026-12-01T00:00:00.000Z');",
+            )
+            .unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let key = Key {
+            tenant: "t".into(),
+            action_id: "a".into(),
+            index: 0,
+        };
+        (dir, db, key)
+    }
+
+    fn lease_until(db: &Db) -> Option<String> {
+        db.call_sync(|c| {
+            Ok(
+                c.query_row("SELECT lease_until FROM results", [], |r| r.get(0))
+                    .unwrap(),
+            )
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_claim_never_takes_a_result_another_process_put_into_backoff() {
+        let (_dir, db, key) = one_result();
+        // Process A and process B both saw the result due; A claims it first and fails.
+        let a = claim(&db, &key, "host-a:1:1").await.unwrap().unwrap();
+        assert!(
+            claim(&db, &key, "host-b:2:2").await.unwrap().is_none(),
+            "held by A"
+        );
+        let retry = Settlement::Retry {
+            reason: "blob host answered HTTP 503".into(),
+            backoff: Duration::from_secs(3600),
+            charge: true,
+        };
+        assert!(settle(&db, &a, "host-a:1:1", "actor", retry).await.unwrap());
+        // B's claim comes just after: the result is pending again, but not due for an hour.
+        assert!(claim(&db, &key, "host-b:2:2").await.unwrap().is_none());
+        let due = due(&db, "t", &Scope::default()).await.unwrap();
+        assert!(due.is_empty(), "{due:?}");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_attempt_leaves_no_lease_renewing() {
+        let (_dir, db, key) = one_result();
+        claim(&db, &key, "me:1:1").await.unwrap().unwrap();
+        db.call_sync(|c| {
+            c.execute("UPDATE results SET lease_until = 'renewed-never'", [])
+                .unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let (db2, key2) = (db.clone(), key.clone());
+        let attempt = tokio::spawn(async move {
+            let every = Duration::from_millis(10);
+            hold_lease(&db2, &key2, "me:1:1", every, async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                panic!("the attempt panics");
+            })
+            .await
+        });
+        assert!(attempt.await.unwrap_err().is_panic());
+        let renewed = lease_until(&db).unwrap();
+        assert_ne!(renewed, "renewed-never", "renewed while the attempt ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            lease_until(&db).unwrap(),
+            renewed,
+            "no renewal after the panic"
+        );
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub enum Admission {
     Wait { left: Duration, reason: String },
 }
 
+/// What a [`Breaker::trip`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trip {
+    Opened,
+    ProbeFailed,
+    /// A call that was in flight when the breaker opened failed too.
+    AlreadyOpen,
+}
+
 /// An open breaker, for `status` and messages.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Open {
@@ -83,9 +92,14 @@ impl Breaker {
 
     /// A tenant-scope failure: opens the breaker, or (after a failed probe) doubles its
     /// interval. Failures of calls already in flight when it opened change nothing.
-    pub fn trip(&self, failure: &TenantFailure) -> Open {
+    pub fn trip(&self, failure: &TenantFailure) -> (Open, Trip) {
         let mut state = self.state();
         let now = Instant::now();
+        let trip = match state.as_ref() {
+            None => Trip::Opened,
+            Some(t) if t.probing => Trip::ProbeFailed,
+            Some(_) => Trip::AlreadyOpen,
+        };
         let t = match state.take() {
             Some(mut t) if t.probing => {
                 t.interval = (t.interval * 2).min(self.max);
@@ -117,7 +131,7 @@ impl Breaker {
                     .unwrap_or_default(),
         );
         *state = Some(t);
-        open
+        (open, trip)
     }
 
     /// The API answered: closes the breaker. True when it was open.
@@ -148,14 +162,20 @@ impl Breaker {
 /// A tenant-scope failure of `tenant`: opens (or keeps open) its breaker, says so once in the
 /// log and records it for `status`.
 pub async fn trouble(db: &Db, tenant: &Tenant, failure: &TenantFailure) {
-    let was_open = tenant.breaker.open().is_some();
-    let open = tenant.breaker.trip(failure);
+    let (open, trip) = tenant.breaker.trip(failure);
     let name = &tenant.cfg.name;
-    if !was_open {
-        tracing::error!(tenant = %name, trouble = open.kind.as_str(), reason = %open.reason, next_probe_at = %open.next_probe_at,
-            "tenant's API unavailable or refusing; its passes stop and one probe is made per interval");
-    } else {
-        tracing::warn!(tenant = %name, reason = %open.reason, next_probe_at = %open.next_probe_at, "probe failed; the breaker stays open");
+    match trip {
+        Trip::Opened => {
+            tracing::error!(tenant = %name, trouble = open.kind.as_str(), reason = %open.reason, next_probe_at = %open.next_probe_at,
+            "tenant's API unavailable or refusing; its passes stop and one probe is made per interval")
+        }
+        Trip::ProbeFailed => {
+            tracing::warn!(tenant = %name, reason = %open.reason, next_probe_at = %open.next_probe_at,
+            "probe failed; the breaker stays open")
+        }
+        Trip::AlreadyOpen => {
+            tracing::debug!(tenant = %name, reason = %open.reason, "a call in flight failed too")
+        }
     }
     record(db, name, Some(open)).await;
 }
@@ -217,19 +237,19 @@ mod tests {
     fn one_probe_per_interval_doubling_to_the_cap() {
         let b = Breaker::new(Duration::from_millis(40), Duration::from_millis(100));
         assert_eq!(b.admit(), Admission::Go);
-        let open = b.trip(&outage());
-        assert_eq!(open.interval_ms, 40);
+        let (open, trip) = b.trip(&outage());
+        assert_eq!((open.interval_ms, trip), (40, Trip::Opened));
         assert!(matches!(b.admit(), Admission::Wait { .. }));
         // A second failure of a call already in flight changes nothing.
-        assert_eq!(b.trip(&outage()).interval_ms, 40);
+        assert_eq!(b.trip(&outage()).0.interval_ms, 40);
         std::thread::sleep(Duration::from_millis(45));
         assert_eq!(b.admit(), Admission::Probe);
         // Only one caller probes.
         assert!(matches!(b.admit(), Admission::Wait { .. }));
-        assert_eq!(b.trip(&outage()).interval_ms, 80);
+        assert_eq!(b.trip(&outage()).0.interval_ms, 80);
         std::thread::sleep(Duration::from_millis(85));
         assert_eq!(b.admit(), Admission::Probe);
-        assert_eq!(b.trip(&outage()).interval_ms, 100, "capped at retry_max");
+        assert_eq!(b.trip(&outage()).0.interval_ms, 100, "capped at retry_max");
         std::thread::sleep(Duration::from_millis(105));
         assert_eq!(b.admit(), Admission::Probe);
         assert!(b.close());

@@ -16,7 +16,7 @@ mod tests;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,9 @@ pub struct SimConfig {
     /// Content-MD5 / x-ms-blob-content-md5 are sent only for blobs up to this size.
     pub md5_limit: u64,
     pub faults: Vec<Fault>,
+    /// How far the simulator's clock runs off the host's (its `Date` headers and SAS
+    /// expiry times), to test clock skew.
+    pub clock_offset: chrono::Duration,
 }
 
 impl Default for SimConfig {
@@ -99,6 +102,7 @@ impl Default for SimConfig {
             big_getfile: None,
             md5_limit: 256 * 1024 * 1024,
             faults: Vec::new(),
+            clock_offset: chrono::Duration::zero(),
         }
     }
 }
@@ -157,6 +161,8 @@ struct Inner {
     sas_key: [u8; 32],
     counters: Counters,
     state: Mutex<State>,
+    /// While set, the token, List, Get and link endpoints answer 503 (an outage).
+    outage: AtomicBool,
 }
 
 /// Sequence numbers for the counted faults.
@@ -222,6 +228,7 @@ impl Simulator {
                 blobs,
                 sas_key,
                 counters: Counters::default(),
+                outage: AtomicBool::new(false),
                 state: Mutex::new(State {
                     tokens: HashMap::new(),
                     quota,
@@ -250,16 +257,29 @@ impl Simulator {
     pub async fn start(self) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(self.clone().serve(listener, async move {
-            let _ = rx.await;
-        }));
-        Ok(SimHandle {
+        let mut handle = SimHandle {
             addr,
             sim: self,
-            shutdown: Some(tx),
-            task: Some(task),
-        })
+            shutdown: None,
+            task: None,
+        };
+        handle.serve_on(listener);
+        Ok(handle)
+    }
+
+    /// Starts (true) or ends an outage of the API and the token endpoint: they answer 503
+    /// while it lasts; the blob host keeps serving.
+    pub fn set_outage(&self, on: bool) {
+        self.inner.outage.store(on, Ordering::SeqCst);
+    }
+
+    fn in_outage(&self) -> bool {
+        self.inner.outage.load(Ordering::SeqCst)
+    }
+
+    /// The simulator's clock: the host's, plus `clock_offset`.
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.inner.cfg.clock_offset
     }
 
     /// The effective configuration (with `link-ttl` / `token-ttl` faults applied).
@@ -375,6 +395,33 @@ pub struct SimHandle {
 }
 
 impl SimHandle {
+    fn serve_on(&mut self, listener: TcpListener) {
+        let (tx, rx) = oneshot::channel::<()>();
+        self.shutdown = Some(tx);
+        self.task = Some(tokio::spawn(self.sim.clone().serve(listener, async move {
+            let _ = rx.await;
+        })));
+    }
+
+    /// The whole host goes down: the port is closed (new connections are refused) and idle
+    /// connections are closed; requests already running finish.
+    pub async fn go_down(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            // The listener is dropped at once; only in-flight requests are waited for.
+            tokio::spawn(task);
+        }
+    }
+
+    /// Comes back up on the same port.
+    pub async fn come_up(&mut self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.addr).await?;
+        self.serve_on(listener);
+        Ok(())
+    }
+
     /// `http://127.0.0.1:PORT`, usable as both `login_base` and `api_base`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)

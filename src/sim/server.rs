@@ -83,11 +83,34 @@ async fn log_requests(State(app): State<App>, req: Request, next: Next) -> Respo
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let resp = next.run(req).await;
+    let endpoint = classify(&path);
+    // During an outage the API and the token endpoint answer 503; the blob host does not.
+    let mut resp = if app.sim.in_outage() && endpoint == "token" {
+        let message = "AADSTS90033: A transient error has occurred. Please try again.";
+        aad_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            90033,
+            message,
+        )
+    } else if app.sim.in_outage() && endpoint != "blob" {
+        let message = "The service is temporarily unavailable.";
+        mde_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        )
+    } else {
+        next.run(req).await
+    };
+    // Every answer carries the simulator's clock (which may run off the host's).
+    if let Ok(date) = HeaderValue::from_str(&http_date(app.sim.now())) {
+        resp.headers_mut().insert(header::DATE, date);
+    }
     app.sim.inner.record(LoggedRequest {
         at,
         tenant_id: resp.extensions().get::<TenantTag>().map(|t| t.0.clone()),
-        endpoint: classify(&path),
+        endpoint,
         status: resp.status().as_u16(),
         authorization,
         path,
@@ -525,7 +548,7 @@ fn download_link(app: &App, tenant: &str, headers: &HeaderMap, id: &str, arg: &s
         LinkKind::HttpLink => "http://blob.example.net".to_string(),
         LinkKind::Blob => format!("{}/blob", base_url(headers, app.local)),
     };
-    let now = Utc::now();
+    let now = app.sim.now();
     let se = if next(&inner.counters.links_issued) < plan.expired_links {
         now - chrono::Duration::minutes(10)
     } else {
@@ -665,7 +688,7 @@ async fn serve_blob(
             uri.path()
         ));
     }
-    let now = Utc::now();
+    let now = app.sim.now();
     match DateTime::parse_from_rfc3339(se) {
         Ok(expiry) if expiry.with_timezone(&Utc) >= now => {}
         _ => {

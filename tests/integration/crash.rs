@@ -287,6 +287,17 @@ async fn a_package_renamed_before_the_commit_is_adopted_not_fetched_again() {
     assert_eq!(detail["adopted"], true);
     assert_eq!(detail["package_sha256"], pkg_sha.as_str());
     assert_eq!(evidence(&e), vec![(rel, sha, pkg_sha)]);
+    // The adopted row keeps the MD5 the original download checked (from retrieval.json).
+    let md5 = |env: &Env| -> Option<String> {
+        env.reader()
+            .query_row("SELECT payload_md5 FROM evidence", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(
+        md5(&donor).is_some(),
+        "the simulator sent an MD5 for this blob"
+    );
+    assert_eq!(md5(&e), md5(&donor));
     // Adopted without a link or a download.
     assert_eq!(e.api_calls("liveresponse.link"), 0);
     assert!(e.sim_requests("blob").is_empty());

@@ -9,3 +9,4 @@ mod daemon;
 mod faults;
 mod pipeline;
 mod quota;
+mod unattended;

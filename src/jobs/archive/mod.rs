@@ -279,31 +279,14 @@ pub async fn archive_one(ctx: &Context, tenant: &Tenant, key: &Key) -> Outcome {
             return Outcome::RetryLater;
         }
     };
-    match with_lease(ctx, key, attempt::attempt(ctx, tenant, &claimed)).await {
+    let work = attempt::attempt(ctx, tenant, &claimed);
+    match queue::hold_lease(&ctx.db, key, &ctx.owner, LEASE_RENEW, work).await {
         Ok(outcome) => outcome,
         Err(failure) => {
             if let Failure::Tenant(t) = &failure {
                 breaker::trouble(&ctx.db, tenant, t).await;
             }
             settle(ctx, tenant, &claimed, failure).await
-        }
-    }
-}
-
-/// Runs `work` while renewing the lease on `key` from the same task: when the work ends
-/// (or panics), the renewal ends with it.
-async fn with_lease<T>(ctx: &Context, key: &Key, work: impl Future<Output = T>) -> T {
-    let mut renew =
-        tokio::time::interval_at(tokio::time::Instant::now() + LEASE_RENEW, LEASE_RENEW);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = renew.tick() => {
-                if let Err(e) = queue::renew(&ctx.db, key, &ctx.owner).await {
-                    tracing::warn!(tenant = %key.tenant, action = %key.action_id, index = key.index, error = %e, "cannot renew the lease");
-                }
-            }
         }
     }
 }
