@@ -22,6 +22,10 @@ pub enum EventKind {
     Failed,
     Verified,
     VerifyFailed,
+    /// An examiner's handover kit was made (`lrvault export`).
+    Exported,
+    /// An online copy of the database was made (`lrvault backup`).
+    BackedUp,
 }
 
 impl EventKind {
@@ -37,6 +41,8 @@ impl EventKind {
             EventKind::Failed => "FAILED",
             EventKind::Verified => "VERIFIED",
             EventKind::VerifyFailed => "VERIFY_FAILED",
+            EventKind::Exported => "EXPORTED",
+            EventKind::BackedUp => "BACKED_UP",
         }
     }
 }

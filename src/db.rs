@@ -266,6 +266,48 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_database_with_a_chain_upgrades_in_place() {
+        use crate::custody::{self, Event, EventKind};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrations().to_version(&mut conn, 1).unwrap();
+            let tx = conn.transaction().unwrap();
+            for kind in [
+                EventKind::Discovered,
+                EventKind::Queued,
+                EventKind::Verified,
+            ] {
+                custody::append(&tx, &Event::new("t", "a", Some(0), kind, "me")).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        db.call_sync(|c| {
+            let report = custody::verify_chain(c).unwrap();
+            assert_eq!((report.rows, report.defects.len()), (3, 0));
+            let tx = c.transaction().unwrap();
+            custody::append(&tx, &Event::new("t", "*", None, EventKind::BackedUp, "me")).unwrap();
+            custody::append(&tx, &Event::new("t", "a", None, EventKind::Exported, "me")).unwrap();
+            tx.commit().unwrap();
+            assert_eq!(custody::verify_chain(c).unwrap().defects, vec![]);
+            let e = c
+                .execute("UPDATE custody_log SET actor = 'x'", [])
+                .unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{e}");
+            let e = c.execute("DELETE FROM custody_log", []).unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{e}");
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM v_custody", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 5);
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn open_creates_schema_and_refuses_custody_edits() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("sub/lrvault.db")).unwrap();
