@@ -131,64 +131,82 @@ fn assert_outage_cost_nothing(e: &Env, expected: i64, log: &str) {
     custody_chain::recheck(&e.reader());
 }
 
+/// A running daemon that has archived some of the queue, but not all of it.
+struct Midway {
+    daemon: Child,
+    log: std::path::PathBuf,
+    expected: i64,
+}
+
+async fn start_midway(e: &Env) -> Midway {
+    let expected = archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
+    let (daemon, log) = start_daemon(e);
+    assert!(wait_until(Duration::from_secs(30), || archived(e) >= 2).await);
+    assert!(archived(e) < expected, "the outage must meet work left");
+    Midway {
+        daemon,
+        log,
+        expected,
+    }
+}
+
+/// After an outage that lasted `lasted` and met `requests` API calls: everything gets
+/// archived, and the calls stayed within one probe per breaker interval. Returns the log.
+async fn finish_after_outage(e: &Env, m: Midway, requests: i64, lasted: Duration) -> String {
+    assert!(
+        wait_until(Duration::from_secs(60), || archived(e) == m.expected).await,
+        "archived {} of {}",
+        archived(e),
+        m.expected
+    );
+    let log = stop_daemon(m.daemon, &m.log);
+    assert!(requests >= 1, "the outage was met:\n{log}");
+    // Calls in flight when it began (one per download slot, plus a List) may fail once
+    // each; after that the breaker lets one probe through per interval.
+    let budget = probe_budget(lasted) + 3;
+    assert!(
+        requests <= budget,
+        "{requests} requests during a {OUTAGE:?} outage (budget {budget}):\n{log}"
+    );
+    assert_outage_cost_nothing(e, m.expected, &log);
+    log
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_outage_costs_no_evidence_no_attempts_and_one_probe_per_interval() {
     let e = slow_env(91).await;
-    let expected = archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
-    let (daemon, log) = start_daemon(&e);
-    assert!(wait_until(Duration::from_secs(30), || archived(&e) >= 2).await);
-    assert!(archived(&e) < expected, "the outage must meet work left");
-
+    let midway = start_midway(&e).await;
     e.sim.sim.set_outage(true);
     let (t0, start) = (lrvault::time::now_ms(), Instant::now());
     tokio::time::sleep(OUTAGE).await;
     e.sim.sim.set_outage(false);
-    let t1 = lrvault::time::now_ms();
+    let (t1, lasted) = (lrvault::time::now_ms(), start.elapsed());
     // Requests the API answered with 503 while it was down.
-    let outage_requests = e
+    let requests = e
         .sim
         .sim
         .requests()
         .into_iter()
         .filter(|r| r.endpoint != "blob" && r.status == 503)
         .count() as i64;
-
-    assert!(
-        wait_until(Duration::from_secs(60), || archived(&e) == expected).await,
-        "archived {} of {expected}",
-        archived(&e)
-    );
-    let log = stop_daemon(daemon, &log);
-    assert!(outage_requests >= 1, "the outage was met:\n{log}");
-    // Calls in flight when it began (one per download slot, plus a List) may fail once
-    // each; after that the breaker lets one probe through per interval.
-    let budget = probe_budget(start.elapsed()) + 3;
-    assert!(
-        outage_requests <= budget,
-        "{outage_requests} requests during a {OUTAGE:?} outage (budget {budget}):\n{log}"
-    );
     // lrvault's own ledger saw them too (it counts every request, whatever the answer).
-    assert!(api_calls_between(&e, t0, t1) >= outage_requests);
+    assert!(api_calls_between(&e, t0, t1) >= requests);
+    let log = finish_after_outage(&e, midway, requests, lasted).await;
     assert!(
         log.contains("token endpoint unavailable (HTTP 503)")
             || log.contains("HTTP 503 ServiceUnavailable"),
         "{log}"
     );
-    assert_outage_cost_nothing(&e, expected, &log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_refuses_connections_costs_no_evidence_and_one_probe_per_interval() {
     let mut e = slow_env(92).await;
-    let expected = archivable(&e.sim.sim, &e.tenant_id()).len() as i64;
-    let (daemon, log) = start_daemon(&e);
-    assert!(wait_until(Duration::from_secs(30), || archived(&e) >= 2).await);
-    assert!(archived(&e) < expected, "the outage must meet work left");
-
+    let midway = start_midway(&e).await;
     e.sim.go_down().await;
     let (t0, start) = (lrvault::time::now_ms(), Instant::now());
     tokio::time::sleep(OUTAGE).await;
-    let t1 = lrvault::time::now_ms();
+    let (t1, lasted) = (lrvault::time::now_ms(), start.elapsed());
     e.sim.come_up().await.unwrap();
     // Refused connections never reach the simulator: count them in lrvault's own ledger,
     // where a request without an answer is recorded with status 0.
@@ -200,20 +218,7 @@ async fn a_host_that_refuses_connections_costs_no_evidence_and_one_probe_per_int
             |r| r.get::<_, i64>(0),
         )
         .unwrap();
-
-    assert!(
-        wait_until(Duration::from_secs(60), || archived(&e) == expected).await,
-        "archived {} of {expected}",
-        archived(&e)
-    );
-    let log = stop_daemon(daemon, &log);
-    assert!(refused >= 1, "the outage was met:\n{log}");
-    let budget = probe_budget(start.elapsed()) + 3;
-    assert!(
-        refused <= budget,
-        "{refused} requests during a {OUTAGE:?} outage (budget {budget}):\n{log}"
-    );
-    assert_outage_cost_nothing(&e, expected, &log);
+    finish_after_outage(&e, midway, refused, lasted).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
