@@ -8,7 +8,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use reqwest::header;
+use reqwest::header::{self, HeaderMap};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use url::Url;
@@ -196,6 +196,75 @@ impl Transfer {
     }
 }
 
+impl Transfer {
+    /// A resumed answer's `Content-Range: bytes START-END/TOTAL` must start where we stopped,
+    /// for a blob of the same size.
+    fn check_resumed(&mut self, headers: &HeaderMap) -> Result<(), FetchError> {
+        let range = header_str(headers, "content-range").unwrap_or_default();
+        let parsed = range
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(span, total)| {
+                Some((
+                    span.split_once('-')?.0.parse::<u64>().ok()?,
+                    total.parse::<u64>().ok(),
+                ))
+            });
+        match parsed {
+            Some((start, total)) if start == self.received => {
+                if let (Some(t), Some(known)) = (total, self.total)
+                    && t != known
+                {
+                    return Err(FetchError::Integrity(format!(
+                        "blob size changed from {known} to {t}"
+                    )));
+                }
+                self.total = self.total.or(total);
+                self.ranges.push(self.received);
+                Ok(())
+            }
+            _ => Err(FetchError::Integrity(format!(
+                "unexpected Content-Range '{range}'"
+            ))),
+        }
+    }
+
+    /// The first answered request's status and the headers kept in `retrieval.json`.
+    fn record_first(&mut self, status: StatusCode, headers: &HeaderMap) {
+        self.http_status = status.as_u16();
+        for name in RECORDED_HEADERS {
+            if let Some(v) = header_str(headers, name) {
+                self.headers
+                    .insert(name.to_string(), serde_json::Value::String(v));
+            }
+        }
+    }
+
+    /// Collects the server's MD5 claims; every claim must agree (a wrong one must not be
+    /// replaced by a later right one). Content-MD5 covers the whole blob only on a full read;
+    /// x-ms-blob-content-md5 always does.
+    fn add_md5_claims(&mut self, headers: &HeaderMap, resuming: bool) -> Result<(), FetchError> {
+        let mut claims: Vec<String> = header_str(headers, "x-ms-blob-content-md5")
+            .into_iter()
+            .collect();
+        if !resuming {
+            claims.extend(header_str(headers, "content-md5"));
+        }
+        for claim in claims {
+            match &self.server_md5 {
+                None => self.server_md5 = Some(claim),
+                Some(first) if first.trim() != claim.trim() => {
+                    return Err(FetchError::Integrity(format!(
+                        "the server's MD5 claims disagree ({first} vs {claim})"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A blob response whose status and headers were accepted; its body is not read yet.
 pub struct Opened {
     response: reqwest::Response,
@@ -261,68 +330,15 @@ pub async fn open(
     }
     let body_len = header_str(&headers, "content-length").and_then(|v| v.parse::<u64>().ok());
     if resuming {
-        // Content-Range: bytes START-END/TOTAL must start where we stopped.
-        let range = header_str(&headers, "content-range").unwrap_or_default();
-        let parsed = range
-            .strip_prefix("bytes ")
-            .and_then(|r| r.split_once('/'))
-            .and_then(|(span, total)| {
-                Some((
-                    span.split_once('-')?.0.parse::<u64>().ok()?,
-                    total.parse::<u64>().ok(),
-                ))
-            });
-        match parsed {
-            Some((start, total)) if start == transfer.received => {
-                if let (Some(t), Some(known)) = (total, transfer.total)
-                    && t != known
-                {
-                    return Err(FetchError::Integrity(format!(
-                        "blob size changed from {known} to {t}"
-                    )));
-                }
-                transfer.total = transfer.total.or(total);
-            }
-            _ => {
-                return Err(FetchError::Integrity(format!(
-                    "unexpected Content-Range '{range}'"
-                )));
-            }
-        }
-        transfer.ranges.push(transfer.received);
+        transfer.check_resumed(&headers)?;
     } else {
         transfer.total = body_len;
         transfer.etag = header_str(&headers, "etag");
     }
     if transfer.http_status == 0 {
-        transfer.http_status = status.as_u16();
-        for name in RECORDED_HEADERS {
-            if let Some(v) = header_str(&headers, name) {
-                transfer
-                    .headers
-                    .insert(name.to_string(), serde_json::Value::String(v));
-            }
-        }
+        transfer.record_first(status, &headers);
     }
-    // Content-MD5 covers the whole blob only on a full read; x-ms-blob-content-md5 always does.
-    let mut md5_claims: Vec<String> = header_str(&headers, "x-ms-blob-content-md5")
-        .into_iter()
-        .collect();
-    if !resuming {
-        md5_claims.extend(header_str(&headers, "content-md5"));
-    }
-    for claim in md5_claims {
-        match &transfer.server_md5 {
-            None => transfer.server_md5 = Some(claim),
-            // Every claim must agree: a wrong one must not be replaced by a later right one.
-            Some(first) if first.trim() != claim.trim() => {
-                return Err(FetchError::Integrity(format!(
-                    "the server's MD5 claims disagree ({first} vs {claim})"
-                )));
-            }
-            Some(_) => {}
-        }
-    }
+    transfer.add_md5_claims(&headers, resuming)?;
     Ok(Opened { response, body_len })
 }
 
