@@ -59,20 +59,163 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// `[store]`: where evidence packages live (DESIGN §7, §7b).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// The package directory of the `fs` backend.
     pub root: PathBuf,
     pub compression: Compression,
+    /// `s3` / `azure`: local disk where packages are written and checked before upload.
+    pub spool: PathBuf,
+    /// S3 bucket or Azure container.
+    pub bucket: String,
+    /// Key prefix; keys are the §7 relative paths below it.
+    pub prefix: String,
+    /// S3-compatible endpoint or Azure blob service URL; empty: the provider's default.
+    pub endpoint: String,
+    /// S3 region (Azure ignores it).
+    pub region: String,
+    pub credentials: StoreCredentials,
+    /// Refuse to start unless the bucket/container enforces retention. Unset: true for
+    /// `s3` and `azure`, false for `fs` (see [`StoreConfig::worm_required`]).
+    pub require_worm: Option<bool>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            backend: StoreBackend::Fs,
             root: PathBuf::from("/var/lib/lrvault/evidence"),
             compression: Compression::Auto,
+            spool: PathBuf::from("/var/lib/lrvault/spool"),
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            credentials: StoreCredentials::Env,
+            require_worm: None,
         }
     }
+}
+
+impl StoreConfig {
+    /// Whether start-up must prove retention: on by default for object stores.
+    pub fn worm_required(&self) -> bool {
+        self.require_worm
+            .unwrap_or(self.backend != StoreBackend::Fs)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let absolute = |key: &str, path: &Path| {
+            if path.is_absolute() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "store.{key} '{}' must be an absolute path",
+                    path.display()
+                ))
+            }
+        };
+        absolute("root", &self.root)?;
+        if self.backend == StoreBackend::Fs {
+            if self.require_worm == Some(true) {
+                return Err("store.require_worm = true needs backend \"s3\" or \"azure\": a local directory cannot enforce retention".into());
+            }
+            return Ok(());
+        }
+        absolute("spool", &self.spool)?;
+        if self.spool.starts_with(&self.root) || self.root.starts_with(&self.spool) {
+            return Err(format!(
+                "store.spool '{}' and store.root '{}' must not contain each other",
+                self.spool.display(),
+                self.root.display()
+            ));
+        }
+        check_bucket_name(self.backend, &self.bucket)?;
+        if !self.prefix.is_empty()
+            && self
+                .prefix
+                .trim_end_matches('/')
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == ".." || s.chars().any(char::is_control))
+        {
+            return Err(format!(
+                "store.prefix '{}' must be path segments separated by '/' (e.g. \"lrvault/\"), without '.', '..', empty segments or a leading '/'",
+                self.prefix
+            ));
+        }
+        if !self.endpoint.is_empty() {
+            check_base_url(&self.endpoint).map_err(|m| format!("store.endpoint {m}"))?;
+        }
+        if self.backend == StoreBackend::S3 && self.region.trim().is_empty() {
+            return Err("store.region is required for backend \"s3\" (e.g. \"eu-west-1\")".into());
+        }
+        Ok(())
+    }
+}
+
+/// S3: 3–63 of `[a-z0-9.-]`; Azure containers: 3–63 of `[a-z0-9-]`; both start and end
+/// with a letter or digit.
+fn check_bucket_name(backend: StoreBackend, name: &str) -> Result<(), String> {
+    let (what, dot_ok) = match backend {
+        StoreBackend::Azure => ("container", false),
+        _ => ("bucket", true),
+    };
+    if name.is_empty() {
+        return Err(format!(
+            "store.bucket is required for backend \"{backend}\" (the {what} name)"
+        ));
+    }
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dot_ok && c == '.');
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&name.len())
+        || !name.chars().all(ok_char)
+        || !edge_ok(name.chars().next())
+        || !edge_ok(name.chars().last())
+    {
+        return Err(format!(
+            "store.bucket '{name}' is not a valid {backend} {what} name (3-63 lowercase letters, digits{}, '-')",
+            if dot_ok { ", '.'" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// A local directory (`store.root`), DESIGN §7.
+    #[default]
+    Fs,
+    /// Amazon S3 or an S3-compatible store, with Object Lock.
+    S3,
+    /// Azure Blob Storage, with a version-level immutability policy.
+    Azure,
+}
+
+impl std::fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreBackend::Fs => "fs",
+            StoreBackend::S3 => "s3",
+            StoreBackend::Azure => "azure",
+        })
+    }
+}
+
+/// `store.credentials`: where the object store's credentials come from. Never the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreCredentials {
+    /// `AWS_*` / `AZURE_STORAGE_*` variables, or systemd credentials of the same names.
+    #[default]
+    Env,
+    /// The platform's identity: EC2/ECS/EKS roles, Azure managed or workload identity.
+    Instance,
 }
 
 /// How payload entries are compressed inside the zip (config key `store.compression`).
@@ -312,6 +455,7 @@ impl Config {
         {
             return invalid("quota.minute_secs and quota.hour_secs must be positive".into());
         }
+        self.store.validate().map_err(ConfigError::Invalid)?;
         let d = &self.download;
         if d.concurrency == 0 || d.concurrency > 64 {
             return invalid("download.concurrency must be between 1 and 64".into());

@@ -2,7 +2,7 @@
 //! self-describing evidence packages with a hash-chained chain-of-custody log.
 //!
 //! The pipeline reads one way: `config` → `db` → `mde` (remote client) → `quota` → `fetch`
-//! → `package` (BagIt zip) → `custody` → `jobs` (discover, archive) → `verify` → `daemon`;
+//! → `package` (BagIt zip) → `store` (where packages live: fs, S3, Azure) → `custody` → `jobs` (discover, archive) → `verify` → `daemon`;
 //! plus `sim` (the simulator), `cli`, `status`, `audit` and `demo`.
 
 pub mod audit;
@@ -23,5 +23,6 @@ pub mod quota;
 pub mod render;
 pub mod sim;
 pub mod status;
+pub mod store;
 pub mod time;
 pub mod verify;
