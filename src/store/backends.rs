@@ -56,11 +56,19 @@ pub(super) fn build(
     let bucket = cfg.bucket.clone();
     let client = match cfg.backend {
         StoreBackend::S3 => {
+            // Every PUT and part carries x-amz-checksum-sha256 (checked by S3). Buckets with
+            // a default retention also want the SDKs' algorithm header on uploads (moto
+            // insists on it); it is signed like every x-amz-* header and ignored elsewhere.
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                "x-amz-sdk-checksum-algorithm",
+                reqwest::header::HeaderValue::from_static("SHA256"),
+            );
             let mut b = AmazonS3Builder::new()
                 .with_bucket_name(&bucket)
                 .with_region(&cfg.region)
                 .with_checksum_algorithm(Checksum::SHA256)
-                .with_client_options(options)
+                .with_client_options(options.with_default_headers(headers))
                 .with_retry(retry);
             if let Some(e) = &endpoint {
                 b = b.with_endpoint(e);

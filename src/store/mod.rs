@@ -33,6 +33,7 @@ use sha2::Digest;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::error::UserError;
 
+pub use object::{PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size};
 pub use worm::WormStatus;
 
 /// A stream of an object's bytes, read in flat memory.
