@@ -619,6 +619,9 @@ client_secret_env = "X"
         assert_eq!(cfg.download.retry_max, Duration::from_secs(1800));
         assert_eq!(cfg.tenants[0].name, "contoso");
         assert_eq!(cfg.store.compression, Compression::Auto);
+        assert_eq!(cfg.store.backend, StoreBackend::Fs);
+        assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.require_worm, None);
     }
 
     #[test]
@@ -656,6 +659,93 @@ client_secret_env = "X"
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid duration 'soon'"), "{e}");
+    }
+
+    #[test]
+    fn the_store_defaults_to_fs_and_object_stores_require_worm() {
+        let cfg = parse(TENANT).unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Fs);
+        assert!(!cfg.store.worm_required());
+        let s3 = format!(
+            "{TENANT}[store]\nbackend = \"s3\"\nbucket = \"evidence\"\nregion = \"eu-west-1\"\nprefix = \"lrvault/\"\n"
+        );
+        let cfg = parse(&s3).unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::S3);
+        assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.credentials, StoreCredentials::Env);
+        assert!(cfg.store.worm_required(), "on by default for object stores");
+        let cfg = parse(&format!("{s3}require_worm = false\n")).unwrap();
+        assert!(!cfg.store.worm_required());
+        let cfg = parse(&format!(
+            "{s3}credentials = \"instance\"\nendpoint = \"http://127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.store.credentials, StoreCredentials::Instance);
+    }
+
+    #[test]
+    fn store_mistakes_are_one_line_each() {
+        let store = |extra: &str| {
+            parse(&format!("{TENANT}[store]\n{extra}\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        let s3 = "backend = \"s3\"\nbucket = \"evidence\"\nregion = \"eu-west-1\"";
+        for (extra, want) in [
+            (
+                "root = \"evidence\"",
+                "invalid config: store.root 'evidence' must be an absolute path",
+            ),
+            (
+                "require_worm = true",
+                "invalid config: store.require_worm = true needs backend \"s3\" or \"azure\": a local directory cannot enforce retention",
+            ),
+            (
+                &format!("{s3}\nspool = \"spool\""),
+                "invalid config: store.spool 'spool' must be an absolute path",
+            ),
+            (
+                &format!("{s3}\nspool = \"/var/lib/lrvault/evidence/spool\""),
+                "invalid config: store.spool '/var/lib/lrvault/evidence/spool' and store.root '/var/lib/lrvault/evidence' must not contain each other",
+            ),
+            (
+                "backend = \"s3\"\nregion = \"eu-west-1\"",
+                "invalid config: store.bucket is required for backend \"s3\" (the bucket name)",
+            ),
+            (
+                "backend = \"azure\"\nbucket = \"Evidence.2026\"",
+                "invalid config: store.bucket 'Evidence.2026' is not a valid azure container name (3-63 lowercase letters, digits, '-')",
+            ),
+            (
+                "backend = \"s3\"\nbucket = \"evidence\"",
+                "invalid config: store.region is required for backend \"s3\" (e.g. \"eu-west-1\")",
+            ),
+            (
+                &format!("{s3}\nprefix = \"/lrvault\""),
+                "invalid config: store.prefix '/lrvault' must be path segments separated by '/' (e.g. \"lrvault/\"), without '.', '..', empty segments or a leading '/'",
+            ),
+            (&format!("{s3}\nprefix = \"a/../b\""), "without '.', '..'"),
+            (
+                &format!("{s3}\nendpoint = \"http://s3.example.com\""),
+                "invalid config: store.endpoint 'http://s3.example.com' must use https (http is allowed only for loopback hosts)",
+            ),
+            (
+                "backend = \"gcs\"",
+                "unknown variant `gcs`, expected one of `fs`, `s3`, `azure`",
+            ),
+            (
+                "credentials = \"inline\"",
+                "unknown variant `inline`, expected `env` or `instance`",
+            ),
+            (
+                "secret_access_key = \"x\"",
+                "unknown field `secret_access_key`",
+            ),
+        ] {
+            let e = store(extra);
+            assert!(e.contains(want), "{extra}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

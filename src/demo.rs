@@ -196,7 +196,8 @@ pub fn write_sim_config(
 pub async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let dir = match dir {
-        Some(d) => d,
+        // The config it writes must hold absolute paths (DESIGN §3).
+        Some(d) => std::path::absolute(&d)?,
         None => tempfile_dir()?,
     };
     let sim_cfg = SimConfig {

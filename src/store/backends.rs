@@ -15,12 +15,23 @@ use crate::config::{StoreBackend, StoreConfig, StoreCredentials};
 
 /// An environment variable, or else the systemd credential of the same name
 /// (`LoadCredential=AWS_SECRET_ACCESS_KEY:/etc/lrvault/aws-secret` puts it in
-/// `$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`), trailing newlines removed.
+/// `$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`).
 pub(super) fn env_or_systemd_credential(name: &str) -> Option<String> {
-    let value = std::env::var(name).ok().or_else(|| {
-        let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
-        std::fs::read_to_string(std::path::Path::new(&dir).join(name)).ok()
-    })?;
+    match std::env::var(name) {
+        Ok(value) => clean(value),
+        Err(_) => systemd_credential(
+            std::path::Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?),
+            name,
+        ),
+    }
+}
+
+/// The credential file `name` in `dir`, trailing newlines removed; `None` if absent or empty.
+pub(super) fn systemd_credential(dir: &std::path::Path, name: &str) -> Option<String> {
+    clean(std::fs::read_to_string(dir.join(name)).ok()?)
+}
+
+fn clean(value: String) -> Option<String> {
     let value = value.trim_end_matches(['\r', '\n']).to_string();
     (!value.is_empty()).then_some(value)
 }
