@@ -133,11 +133,8 @@ impl FsStore {
     }
 
     pub(super) async fn put_small(&self, key: &str, bytes: Bytes) -> Result<Stored, StoreError> {
-        let size = bytes.len() as u64;
-        let expected = Expected {
-            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-            size,
-        };
+        let expected = Expected::of(&bytes);
+        let size = expected.size;
         let stream = futures_util::stream::once(async move { Ok(bytes) }).boxed();
         match write_stream(stream, &self.root.join(key)).await {
             Ok(_) => Ok(self.stored(key, size)),

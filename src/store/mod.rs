@@ -46,6 +46,16 @@ pub struct Expected {
     pub size: u64,
 }
 
+impl Expected {
+    /// The SHA-256 and size of bytes in memory (a checkpoint, a token).
+    pub fn of(bytes: &[u8]) -> Expected {
+        Expected {
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+        }
+    }
+}
+
 /// Where an object ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {

@@ -194,6 +194,16 @@ impl ObjectBackend {
         )))
     }
 
+    /// After a create-only write was refused: the object there, if it holds `expected`.
+    async fn adopt_existing(&self, key: &str, expected: &Expected) -> Result<Stored, StoreError> {
+        self.find(key, expected)
+            .await?
+            .ok_or_else(|| StoreError::Conflict {
+                location: self.location(key),
+                reason: "the store refused the create-only write but shows no object".into(),
+            })
+    }
+
     pub(super) async fn publish(
         &self,
         key: &str,
@@ -209,16 +219,7 @@ impl ObjectBackend {
             Err(StoreError::Object {
                 source: object_store::Error::AlreadyExists { .. },
                 ..
-            }) => {
-                return self
-                    .find(key, expected)
-                    .await?
-                    .ok_or_else(|| StoreError::Conflict {
-                        location: self.location(key),
-                        reason: "the store refused the create-only upload but shows no object"
-                            .into(),
-                    });
-            }
+            }) => return self.adopt_existing(key, expected).await,
             other => other?,
         };
         if let Client::Azure { .. } = self.client {
@@ -395,11 +396,8 @@ impl ObjectBackend {
     }
 
     pub(super) async fn put_small(&self, key: &str, bytes: Bytes) -> Result<Stored, StoreError> {
-        let size = bytes.len() as u64;
-        let expected = Expected {
-            sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-            size,
-        };
+        let expected = Expected::of(&bytes);
+        let size = expected.size;
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -411,13 +409,9 @@ impl ObjectBackend {
         {
             Ok(r) => Ok(self.stored(key, r.version, r.e_tag, size)),
             // A retry after a crash: the same bytes are already there.
-            Err(object_store::Error::AlreadyExists { .. }) => self
-                .find(key, &expected)
-                .await?
-                .ok_or_else(|| StoreError::Conflict {
-                    location: self.location(key),
-                    reason: "the store refused the create-only write but shows no object".into(),
-                }),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                self.adopt_existing(key, &expected).await
+            }
             Err(e) => Err(self.object_error("writing", key)(e)),
         }
     }
