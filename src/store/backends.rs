@@ -150,7 +150,11 @@ pub(super) fn build(
                 service,
             }
         }
-        StoreBackend::Fs => unreachable!("the fs store has no object client"),
+        StoreBackend::Fs => {
+            return Err(StoreError::refused(
+                "store.backend = \"fs\" uses no object store",
+            ));
+        }
     };
     Ok(ObjectBackend::new(
         client,

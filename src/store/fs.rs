@@ -28,10 +28,10 @@ fn io_error(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> StoreErr
 }
 
 impl FsStore {
-    pub(super) fn new(root: &Path) -> Result<Self, StoreError> {
-        Ok(FsStore {
+    pub(super) fn new(root: &Path) -> Self {
+        FsStore {
             root: root.to_path_buf(),
-        })
+        }
     }
 
     pub(super) fn location(&self, key: &str) -> String {

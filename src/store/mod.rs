@@ -195,7 +195,7 @@ impl Store {
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Store, StoreError> {
         let (staging_root, inner) = match cfg.backend {
-            StoreBackend::Fs => (cfg.root.clone(), Inner::Fs(fs::FsStore::new(&cfg.root)?)),
+            StoreBackend::Fs => (cfg.root.clone(), Inner::Fs(fs::FsStore::new(&cfg.root))),
             StoreBackend::S3 | StoreBackend::Azure => (
                 cfg.spool.clone(),
                 Inner::Object(backends::build(cfg, lookup)?),

@@ -53,16 +53,16 @@ async fn start(
     env_var: &str,
     default: &str,
     install: &str,
-    args: impl Fn(u16, &std::path::Path) -> Vec<String>,
+    args: impl Fn(u16) -> Vec<String>,
 ) -> Server {
     let program = std::env::var(env_var).unwrap_or_else(|_| default.to_string());
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("server.log");
     for _attempt in 0..3 {
         let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(&program)
-            .args(args(port, dir.path()))
+            .args(args(port))
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -74,27 +74,29 @@ async fn start(
         let mut server = Server {
             child,
             port,
-            _dir: tempfile::tempdir().unwrap(),
+            _dir: dir,
         };
+        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
+        loop {
             if let Some(status) = server.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let log = read_log();
                 if log.contains("Address already in use") || log.contains("EADDRINUSE") {
                     break; // another process took the port meanwhile: try a new one
                 }
                 panic!("{what} exited at start ({status}): {log}");
             }
             if client.get(server.url()).send().await.is_ok() {
-                server._dir = dir;
                 return server;
             }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what} did not answer on port {port} within 60 s: {}",
+                    read_log()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if server.child.try_wait().unwrap().is_none() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            panic!("{what} did not answer on port {port} within 60 s: {log}");
         }
     }
     panic!("{what} could not find a free port in 3 attempts");
@@ -107,7 +109,7 @@ pub async fn moto() -> Server {
         "LRVAULT_MOTO_SERVER",
         "moto_server",
         "pip install 'moto[server]'",
-        |port, _| {
+        |port| {
             vec![
                 "-H".into(),
                 "127.0.0.1".into(),
@@ -126,7 +128,7 @@ pub async fn azurite() -> Server {
         "LRVAULT_AZURITE_BLOB",
         "azurite-blob",
         "npm install -g azurite@3.35.0",
-        |port, _| {
+        |port| {
             [
                 "--blobHost",
                 "127.0.0.1",
