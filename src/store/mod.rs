@@ -310,16 +310,18 @@ impl Store {
         hash_stream(self.read(key, version_id).await?).await
     }
 
-    /// Checks one recorded object for `verify`: hashes the recorded version, then asks the
-    /// store whether the key still serves it.
+    /// Checks one recorded object for `verify`: hashes the version the ARCHIVED row names
+    /// (`version_id`; without versions, whatever the key holds), then asks the store whether
+    /// the key still serves it (same version id, or same `etag` on unversioned stores).
     pub async fn check(
         &self,
         key: &str,
-        recorded: &Stored,
+        version_id: Option<&str>,
+        etag: Option<&str>,
         expected: &Expected,
     ) -> Result<Verdict, StoreError> {
         check_key(key)?;
-        let version = recorded.version_id.as_deref();
+        let version = version_id;
         let (sha256, size) = match self.hash(key, version).await {
             Ok(h) => h,
             Err(e) if is_not_found(&e) => return Ok(Verdict::Missing),
@@ -334,7 +336,7 @@ impl Store {
         };
         let same = current.as_ref().is_some_and(|c| match version {
             Some(v) => c.version_id.as_deref() == Some(v),
-            None => c.etag == recorded.etag,
+            None => c.etag.as_deref() == etag,
         });
         Ok(if same {
             Verdict::Intact

@@ -127,7 +127,15 @@ async fn the_pipelines_packages_go_up_with_matching_sha256_and_the_spool_empties
             );
         }
         assert_eq!(
-            store.check(key, &stored, &expected).await.unwrap(),
+            store
+                .check(
+                    key,
+                    stored.version_id.as_deref(),
+                    stored.etag.as_deref(),
+                    &expected
+                )
+                .await
+                .unwrap(),
             Verdict::Intact
         );
         store.release(key).await.unwrap();
@@ -169,7 +177,15 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
     let stored = store.publish(key, &expected).await.unwrap();
     let version = stored.version_id.clone().unwrap();
     assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
+        store
+            .check(
+                key,
+                stored.version_id.as_deref(),
+                stored.etag.as_deref(),
+                &expected
+            )
+            .await
+            .unwrap(),
         Verdict::Intact
     );
 
@@ -186,7 +202,16 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
         .unwrap();
     let forged_version = put.version_id().unwrap().to_string();
     assert_ne!(forged_version, version);
-    match store.check(key, &stored, &expected).await.unwrap() {
+    match store
+        .check(
+            key,
+            stored.version_id.as_deref(),
+            stored.etag.as_deref(),
+            &expected,
+        )
+        .await
+        .unwrap()
+    {
         Verdict::Superseded { current: Some(c) } => {
             assert_eq!(c.version_id.as_deref(), Some(forged_version.as_str()));
             assert_eq!(c.size, 300_000);
@@ -210,7 +235,15 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
         .await
         .unwrap();
     assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
+        store
+            .check(
+                key,
+                stored.version_id.as_deref(),
+                stored.etag.as_deref(),
+                &expected
+            )
+            .await
+            .unwrap(),
         Verdict::Superseded { current: None }
     );
     let refused = s3
