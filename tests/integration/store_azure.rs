@@ -152,7 +152,7 @@ async fn azure_publishes_reads_back_recovers_and_detects_overwrites_on_azurite()
                 key,
                 stored.version_id.as_deref(),
                 stored.etag.as_deref(),
-                &expected
+                expected
             )
             .await
             .unwrap(),
