@@ -59,20 +59,163 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// `[store]`: where evidence packages live (DESIGN §7, §7b).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// The package directory of the `fs` backend.
     pub root: PathBuf,
     pub compression: Compression,
+    /// `s3` / `azure`: local disk where packages are written and checked before upload.
+    pub spool: PathBuf,
+    /// S3 bucket or Azure container.
+    pub bucket: String,
+    /// Key prefix; keys are the §7 relative paths below it.
+    pub prefix: String,
+    /// S3-compatible endpoint or Azure blob service URL; empty: the provider's default.
+    pub endpoint: String,
+    /// S3 region (Azure ignores it).
+    pub region: String,
+    pub credentials: StoreCredentials,
+    /// Refuse to start unless the bucket/container enforces retention. Unset: true for
+    /// `s3` and `azure`, false for `fs` (see [`StoreConfig::worm_required`]).
+    pub require_worm: Option<bool>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            backend: StoreBackend::Fs,
             root: PathBuf::from("/var/lib/lrvault/evidence"),
             compression: Compression::Auto,
+            spool: PathBuf::from("/var/lib/lrvault/spool"),
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            credentials: StoreCredentials::Env,
+            require_worm: None,
         }
     }
+}
+
+impl StoreConfig {
+    /// Whether start-up must prove retention: on by default for object stores.
+    pub fn worm_required(&self) -> bool {
+        self.require_worm
+            .unwrap_or(self.backend != StoreBackend::Fs)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let absolute = |key: &str, path: &Path| {
+            if path.is_absolute() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "store.{key} '{}' must be an absolute path",
+                    path.display()
+                ))
+            }
+        };
+        absolute("root", &self.root)?;
+        if self.backend == StoreBackend::Fs {
+            if self.require_worm == Some(true) {
+                return Err("store.require_worm = true needs backend \"s3\" or \"azure\": a local directory cannot enforce retention".into());
+            }
+            return Ok(());
+        }
+        absolute("spool", &self.spool)?;
+        if self.spool.starts_with(&self.root) || self.root.starts_with(&self.spool) {
+            return Err(format!(
+                "store.spool '{}' and store.root '{}' must not contain each other",
+                self.spool.display(),
+                self.root.display()
+            ));
+        }
+        check_bucket_name(self.backend, &self.bucket)?;
+        if !self.prefix.is_empty()
+            && self
+                .prefix
+                .trim_end_matches('/')
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == ".." || s.chars().any(char::is_control))
+        {
+            return Err(format!(
+                "store.prefix '{}' must be path segments separated by '/' (e.g. \"lrvault/\"), without '.', '..', empty segments or a leading '/'",
+                self.prefix
+            ));
+        }
+        if !self.endpoint.is_empty() {
+            check_base_url(&self.endpoint).map_err(|m| format!("store.endpoint {m}"))?;
+        }
+        if self.backend == StoreBackend::S3 && self.region.trim().is_empty() {
+            return Err("store.region is required for backend \"s3\" (e.g. \"eu-west-1\")".into());
+        }
+        Ok(())
+    }
+}
+
+/// S3: 3–63 of `[a-z0-9.-]`; Azure containers: 3–63 of `[a-z0-9-]`; both start and end
+/// with a letter or digit.
+fn check_bucket_name(backend: StoreBackend, name: &str) -> Result<(), String> {
+    let (what, dot_ok) = match backend {
+        StoreBackend::Azure => ("container", false),
+        _ => ("bucket", true),
+    };
+    if name.is_empty() {
+        return Err(format!(
+            "store.bucket is required for backend \"{backend}\" (the {what} name)"
+        ));
+    }
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dot_ok && c == '.');
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !(3..=63).contains(&name.len())
+        || !name.chars().all(ok_char)
+        || !edge_ok(name.chars().next())
+        || !edge_ok(name.chars().last())
+    {
+        return Err(format!(
+            "store.bucket '{name}' is not a valid {backend} {what} name (3-63 lowercase letters, digits{}, '-')",
+            if dot_ok { ", '.'" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+/// `store.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// A local directory (`store.root`), DESIGN §7.
+    #[default]
+    Fs,
+    /// Amazon S3 or an S3-compatible store, with Object Lock.
+    S3,
+    /// Azure Blob Storage, with a version-level immutability policy.
+    Azure,
+}
+
+impl std::fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreBackend::Fs => "fs",
+            StoreBackend::S3 => "s3",
+            StoreBackend::Azure => "azure",
+        })
+    }
+}
+
+/// `store.credentials`: where the object store's credentials come from. Never the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreCredentials {
+    /// `AWS_*` / `AZURE_STORAGE_*` variables, or systemd credentials of the same names.
+    #[default]
+    Env,
+    /// The platform's identity: EC2/ECS/EKS roles, Azure managed or workload identity.
+    Instance,
 }
 
 /// How payload entries are compressed inside the zip (config key `store.compression`).
@@ -321,6 +464,7 @@ impl Config {
         {
             return invalid("quota.minute_secs and quota.hour_secs must be positive".into());
         }
+        self.store.validate().map_err(ConfigError::Invalid)?;
         let d = &self.download;
         if d.concurrency == 0 || d.concurrency > 64 {
             return invalid("download.concurrency must be between 1 and 64".into());
@@ -484,6 +628,9 @@ client_secret_env = "X"
         assert_eq!(cfg.download.retry_max, Duration::from_secs(1800));
         assert_eq!(cfg.tenants[0].name, "contoso");
         assert_eq!(cfg.store.compression, Compression::Auto);
+        assert_eq!(cfg.store.backend, StoreBackend::Fs);
+        assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.require_worm, None);
     }
 
     #[test]
@@ -521,6 +668,93 @@ client_secret_env = "X"
             .unwrap_err()
             .to_string();
         assert!(e.contains("invalid duration 'soon'"), "{e}");
+    }
+
+    #[test]
+    fn the_store_defaults_to_fs_and_object_stores_require_worm() {
+        let cfg = parse(TENANT).unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Fs);
+        assert!(!cfg.store.worm_required());
+        let s3 = format!(
+            "{TENANT}[store]\nbackend = \"s3\"\nbucket = \"evidence\"\nregion = \"eu-west-1\"\nprefix = \"lrvault/\"\n"
+        );
+        let cfg = parse(&s3).unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::S3);
+        assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.credentials, StoreCredentials::Env);
+        assert!(cfg.store.worm_required(), "on by default for object stores");
+        let cfg = parse(&format!("{s3}require_worm = false\n")).unwrap();
+        assert!(!cfg.store.worm_required());
+        let cfg = parse(&format!(
+            "{s3}credentials = \"instance\"\nendpoint = \"http://127.0.0.1:9000\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.store.credentials, StoreCredentials::Instance);
+    }
+
+    #[test]
+    fn store_mistakes_are_one_line_each() {
+        let store = |extra: &str| {
+            parse(&format!("{TENANT}[store]\n{extra}\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        let s3 = "backend = \"s3\"\nbucket = \"evidence\"\nregion = \"eu-west-1\"";
+        for (extra, want) in [
+            (
+                "root = \"evidence\"",
+                "invalid config: store.root 'evidence' must be an absolute path",
+            ),
+            (
+                "require_worm = true",
+                "invalid config: store.require_worm = true needs backend \"s3\" or \"azure\": a local directory cannot enforce retention",
+            ),
+            (
+                &format!("{s3}\nspool = \"spool\""),
+                "invalid config: store.spool 'spool' must be an absolute path",
+            ),
+            (
+                &format!("{s3}\nspool = \"/var/lib/lrvault/evidence/spool\""),
+                "invalid config: store.spool '/var/lib/lrvault/evidence/spool' and store.root '/var/lib/lrvault/evidence' must not contain each other",
+            ),
+            (
+                "backend = \"s3\"\nregion = \"eu-west-1\"",
+                "invalid config: store.bucket is required for backend \"s3\" (the bucket name)",
+            ),
+            (
+                "backend = \"azure\"\nbucket = \"Evidence.2026\"",
+                "invalid config: store.bucket 'Evidence.2026' is not a valid azure container name (3-63 lowercase letters, digits, '-')",
+            ),
+            (
+                "backend = \"s3\"\nbucket = \"evidence\"",
+                "invalid config: store.region is required for backend \"s3\" (e.g. \"eu-west-1\")",
+            ),
+            (
+                &format!("{s3}\nprefix = \"/lrvault\""),
+                "invalid config: store.prefix '/lrvault' must be path segments separated by '/' (e.g. \"lrvault/\"), without '.', '..', empty segments or a leading '/'",
+            ),
+            (&format!("{s3}\nprefix = \"a/../b\""), "without '.', '..'"),
+            (
+                &format!("{s3}\nendpoint = \"http://s3.example.com\""),
+                "invalid config: store.endpoint 'http://s3.example.com' must use https (http is allowed only for loopback hosts)",
+            ),
+            (
+                "backend = \"gcs\"",
+                "unknown variant `gcs`, expected one of `fs`, `s3`, `azure`",
+            ),
+            (
+                "credentials = \"inline\"",
+                "unknown variant `inline`, expected `env` or `instance`",
+            ),
+            (
+                "secret_access_key = \"x\"",
+                "unknown field `secret_access_key`",
+            ),
+        ] {
+            let e = store(extra);
+            assert!(e.contains(want), "{extra}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! self-describing evidence packages with a hash-chained chain-of-custody log.
 //!
 //! The pipeline reads one way: `config` → `db` → `http`, `mde` (remote client), `quota` →
-//! `fetch` → `package` (BagIt zip) → `custody` → `queue` (a result's life) → `jobs` (discover,
-//! archive, backfill) → `verify` → `daemon`; then the command layer: `commands` (one module
-//! per command, with `render` and `progress`) and `cli`. `sim` (the simulator) stands apart.
+//! `fetch` → `package` (BagIt zip) → `store` (where packages live: fs, S3, Azure) →
+//! `custody` → `queue` (a result's life) → `jobs` (discover, archive, backfill) → `verify`
+//! → `daemon`; then the command layer: `commands` (one module per command, with `render`
+//! and `progress`) and `cli`. `sim` (the simulator) stands apart.
 //! Arrows point one way: nothing below the command layer imports `commands` or `cli`.
 
 pub mod cli;
@@ -24,5 +25,6 @@ pub mod queue;
 pub mod quota;
 pub mod render;
 pub mod sim;
+pub mod store;
 pub mod time;
 pub mod verify;

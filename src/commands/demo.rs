@@ -80,7 +80,8 @@ pub fn write_sim_config(
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let dir = match args.dir {
-        Some(d) => d,
+        // The config it writes must hold absolute paths (DESIGN §3).
+        Some(d) => std::path::absolute(&d)?,
         None => tempfile_dir()?,
     };
     let sim_cfg = SimConfig {

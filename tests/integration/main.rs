@@ -1,5 +1,6 @@
 //! One integration-test binary: every test boots the real pipeline (or the real binary)
-//! against the built-in simulator on 127.0.0.1:0 and checks exact outcomes.
+//! against the built-in simulator on 127.0.0.1:0 and checks exact outcomes; the store tests
+//! also start moto's S3 server and Azurite on loopback ports.
 
 mod cli;
 mod common;
@@ -7,6 +8,9 @@ mod crash;
 mod custody_chain;
 mod daemon;
 mod faults;
+mod object_stores;
 mod pipeline;
 mod quota;
+mod store_azure;
+mod store_s3;
 mod unattended;

@@ -1,0 +1,211 @@
+//! Builds the `object_store` client of an `s3` or `azure` store from `[store]` and the
+//! credentials of the environment. Secrets are read here and handed to the client; they are
+//! never stored in the config, printed, or logged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, Checksum};
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::{ClientOptions, RetryConfig};
+
+use super::StoreError;
+use super::object::{Client, ObjectBackend};
+use crate::config::{StoreBackend, StoreConfig, StoreCredentials};
+
+/// An environment variable, or else the systemd credential of the same name
+/// (`LoadCredential=AWS_SECRET_ACCESS_KEY:/etc/lrvault/aws-secret` puts it in
+/// `$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`).
+pub(super) fn env_or_systemd_credential(name: &str) -> Option<String> {
+    match std::env::var(name) {
+        Ok(value) => clean(value),
+        Err(_) => systemd_credential(
+            std::path::Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?),
+            name,
+        ),
+    }
+}
+
+/// The credential file `name` in `dir`, trailing newlines removed; `None` if absent or empty.
+pub(super) fn systemd_credential(dir: &std::path::Path, name: &str) -> Option<String> {
+    clean(std::fs::read_to_string(dir.join(name)).ok()?)
+}
+
+fn clean(value: String) -> Option<String> {
+    let value = value.trim_end_matches(['\r', '\n']).to_string();
+    (!value.is_empty()).then_some(value)
+}
+
+/// Variables that select a platform identity for `credentials = "instance"` (web identity,
+/// ECS task roles, EKS pod identity, the metadata endpoint). None of them is a secret.
+const AWS_INSTANCE_VARS: [&str; 7] = [
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_METADATA_ENDPOINT",
+];
+
+pub(super) fn build(
+    cfg: &StoreConfig,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<ObjectBackend, StoreError> {
+    let endpoint =
+        (!cfg.endpoint.is_empty()).then(|| cfg.endpoint.trim_end_matches('/').to_string());
+    // Plain http passed config validation only for loopback hosts (emulators, tests).
+    let allow_http = endpoint
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"));
+    let options = ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_connect_timeout(Duration::from_secs(10))
+        // Per request: a part is at most a few MiB, a stalled one is retried.
+        .with_timeout(Duration::from_secs(300));
+    let retry = RetryConfig::default();
+    let bucket = cfg.bucket.clone();
+    let client = match cfg.backend {
+        StoreBackend::S3 => {
+            // Every PUT and part carries x-amz-checksum-sha256 (checked by S3). Buckets with
+            // a default retention also want the SDKs' algorithm header on uploads (moto
+            // insists on it); it is signed like every x-amz-* header and ignored elsewhere.
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(
+                "x-amz-sdk-checksum-algorithm",
+                reqwest::header::HeaderValue::from_static("SHA256"),
+            );
+            let mut b = AmazonS3Builder::new()
+                .with_bucket_name(&bucket)
+                .with_region(&cfg.region)
+                .with_checksum_algorithm(Checksum::SHA256)
+                .with_client_options(options.with_default_headers(headers))
+                .with_retry(retry);
+            if let Some(e) = &endpoint {
+                b = b.with_endpoint(e);
+            }
+            b = match cfg.credentials {
+                StoreCredentials::Env => {
+                    let need = |name: &str| {
+                        lookup(name).ok_or_else(|| {
+                            StoreError::refused(format!(
+                                "store.credentials = \"env\": {name} is not set (an environment variable or a systemd credential of that name; see docs/operations.md)"
+                            ))
+                        })
+                    };
+                    let mut b = b
+                        .with_access_key_id(need("AWS_ACCESS_KEY_ID")?)
+                        .with_secret_access_key(need("AWS_SECRET_ACCESS_KEY")?);
+                    if let Some(token) = lookup("AWS_SESSION_TOKEN") {
+                        b = b.with_token(token);
+                    }
+                    b
+                }
+                StoreCredentials::Instance => AWS_INSTANCE_VARS.iter().fold(b, |b, name| {
+                    match (
+                        lookup(name),
+                        name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>(),
+                    ) {
+                        (Some(value), Ok(key)) => b.with_config(key, value),
+                        _ => b,
+                    }
+                }),
+            };
+            let s3 = b.build().map_err(|e| setup_error(cfg, e))?;
+            Client::S3(Arc::new(s3))
+        }
+        StoreBackend::Azure => {
+            let account = lookup("AZURE_STORAGE_ACCOUNT_NAME").ok_or_else(|| {
+                StoreError::refused(
+                    "store.backend = \"azure\": AZURE_STORAGE_ACCOUNT_NAME is not set (the storage account's name)",
+                )
+            })?;
+            let service = endpoint
+                .clone()
+                .unwrap_or_else(|| format!("https://{account}.blob.core.windows.net"));
+            let mut b = MicrosoftAzureBuilder::new()
+                .with_account(&account)
+                .with_container_name(&bucket)
+                .with_endpoint(service.clone())
+                .with_allow_http(allow_http)
+                .with_client_options(options)
+                .with_retry(retry);
+            b = match cfg.credentials {
+                StoreCredentials::Env => azure_env_credentials(b, lookup)?,
+                StoreCredentials::Instance => {
+                    let b = b.with_credential_type("managed_identity");
+                    match lookup("AZURE_CLIENT_ID") {
+                        Some(id) => b.with_client_id(id),
+                        None => b,
+                    }
+                }
+            };
+            let azure = b.build().map_err(|e| setup_error(cfg, e))?;
+            let service = url::Url::parse(&service).map_err(|e| {
+                StoreError::refused(format!("store.endpoint '{service}' is not a URL: {e}"))
+            })?;
+            Client::Azure {
+                store: Arc::new(azure),
+                account,
+                service,
+            }
+        }
+        StoreBackend::Fs => {
+            return Err(StoreError::refused(
+                "store.backend = \"fs\" uses no object store",
+            ));
+        }
+    };
+    Ok(ObjectBackend::new(
+        client,
+        bucket,
+        cfg.prefix.trim_matches('/').to_string(),
+        cfg.region.clone(),
+        endpoint,
+    ))
+}
+
+/// `AZURE_STORAGE_ACCOUNT_KEY`, else a SAS (`AZURE_STORAGE_SAS_KEY`), else a service
+/// principal (`AZURE_CLIENT_ID` + `AZURE_CLIENT_SECRET` + `AZURE_TENANT_ID`), else workload
+/// identity (`AZURE_FEDERATED_TOKEN_FILE` + `AZURE_CLIENT_ID` + `AZURE_TENANT_ID`).
+fn azure_env_credentials(
+    b: MicrosoftAzureBuilder,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<MicrosoftAzureBuilder, StoreError> {
+    let principal = (lookup("AZURE_CLIENT_ID"), lookup("AZURE_TENANT_ID"));
+    if let Some(key) = lookup("AZURE_STORAGE_ACCOUNT_KEY") {
+        return Ok(b.with_access_key(key));
+    }
+    if let Some(sas) = lookup("AZURE_STORAGE_SAS_KEY") {
+        let pairs: Vec<(String, String)> =
+            url::form_urlencoded::parse(sas.trim_start_matches('?').as_bytes())
+                .into_owned()
+                .collect();
+        return Ok(b.with_sas_authorization(pairs));
+    }
+    match (
+        principal,
+        lookup("AZURE_CLIENT_SECRET"),
+        lookup("AZURE_FEDERATED_TOKEN_FILE"),
+    ) {
+        ((Some(id), Some(tenant)), Some(secret), _) => {
+            Ok(b.with_client_secret_authorization(id, secret, tenant))
+        }
+        ((Some(id), Some(tenant)), None, Some(file)) => Ok(b
+            .with_credential_type("workload_identity")
+            .with_client_id(id)
+            .with_tenant_id(tenant)
+            .with_federated_token_file(file)),
+        _ => Err(StoreError::refused(
+            "store.credentials = \"env\": set AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY, or AZURE_CLIENT_ID + AZURE_TENANT_ID with AZURE_CLIENT_SECRET or AZURE_FEDERATED_TOKEN_FILE (environment variables or systemd credentials; see docs/operations.md)",
+        )),
+    }
+}
+
+/// The builders refuse only bad settings; their messages carry no secret.
+fn setup_error(cfg: &StoreConfig, e: object_store::Error) -> StoreError {
+    StoreError::refused(format!(
+        "store.backend = \"{}\": cannot set up the client for '{}': {e}",
+        cfg.backend, cfg.bucket
+    ))
+}

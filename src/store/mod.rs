@@ -1,0 +1,442 @@
+//! Where evidence packages and checkpoints live (DESIGN §7, §7a, §7b), behind one type:
+//! [`Store`]. The `fs` backend is the package directory of §7, exactly as before; `s3` and
+//! `azure` are object stores (through the `object_store` crate) that nobody can rewrite once
+//! their WORM retention is set.
+//!
+//! The life of a package on an object store:
+//! 1. the package writer builds and checks it under [`Store::staging_root`] (the spool), at
+//!    the §7 relative path, which is also its key below `store.prefix`;
+//! 2. [`Store::publish`] uploads it create-only (or multipart when large), every request
+//!    carrying a SHA-256 the service checks, and returns what the ARCHIVED custody row records
+//!    ([`Stored::custody_detail`]). It first looks for the object (HEAD + hash), so a crash
+//!    between upload and commit is recovered without a second upload or a second version;
+//! 3. once the row is committed, [`Store::release`] removes the spool copy. A crash before
+//!    that leaves the copy, which [`Store::sweep_spool`] removes at the next start when its
+//!    key is archived, and which the archive path publishes again when it is not.
+//!
+//! `verify` reads back exactly the version custody names ([`Store::check`]), lists keys for its
+//! "file no evidence row names" check ([`Store::list`]); `export` copies packages out
+//! ([`Store::download_to`]); checkpoints and their tokens go up with [`Store::put_small`].
+
+mod backends;
+mod fs;
+mod object;
+mod worm;
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use sha2::Digest;
+
+use crate::config::{StoreBackend, StoreConfig};
+use crate::error::UserError;
+
+pub use object::{PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size};
+pub use worm::WormStatus;
+
+/// A stream of an object's bytes, read in flat memory.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
+
+/// The SHA-256 (lowercase hex) and size the package writer checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl Expected {
+    /// The SHA-256 and size of bytes in memory (a checkpoint, a token).
+    pub fn of(bytes: &[u8]) -> Expected {
+        Expected {
+            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+        }
+    }
+}
+
+/// Where an object ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub backend: StoreBackend,
+    /// `s3://bucket/key`, `azure://account/container/key`, or the file's path (`fs`).
+    pub location: String,
+    /// The object version, when the store keeps versions (S3 with Object Lock always does).
+    pub version_id: Option<String>,
+    pub etag: Option<String>,
+    pub size: u64,
+}
+
+impl Stored {
+    /// The keys the ARCHIVED custody row's detail gains on an object store (DESIGN §7b):
+    /// `store`, `version_id` when there is one, `etag`. Empty for `fs`, whose rows stay as
+    /// they were.
+    pub fn custody_detail(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut detail = serde_json::Map::new();
+        if self.backend == StoreBackend::Fs {
+            return detail;
+        }
+        detail.insert("store".into(), self.location.clone().into());
+        if let Some(v) = &self.version_id {
+            detail.insert("version_id".into(), v.clone().into());
+        }
+        if let Some(e) = &self.etag {
+            detail.insert("etag".into(), e.clone().into());
+        }
+        detail
+    }
+}
+
+/// What `verify` learns about one recorded object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The recorded version hashes to the recorded SHA-256 and is still what the key serves.
+    Intact,
+    /// Neither the recorded version nor (without versions) any object is under the key.
+    Missing,
+    /// The recorded version's bytes are not the recorded ones.
+    Altered { sha256: String, size: u64 },
+    /// The recorded version is intact, but the key now serves something else: a new version
+    /// uploaded over it, or a delete marker (`current` is `None`).
+    Superseded { current: Option<ObjectVersion> },
+}
+
+/// The identity of one object version as the store reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVersion {
+    pub version_id: Option<String>,
+    pub etag: Option<String>,
+    pub size: u64,
+}
+
+/// One key found by [`Store::list`], relative to the store (no prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+}
+
+/// What [`Store::sweep_spool`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SpoolSweep {
+    /// Spool copies of archived packages, removed.
+    pub removed: Vec<String>,
+    /// Spool copies still waiting to be published (their results are not archived).
+    pub waiting: Vec<String>,
+    pub waiting_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Something the operator must fix (credentials, bucket, WORM policy): exit code 2.
+    #[error("{0}")]
+    Refused(#[from] UserError),
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} {location}: {source}")]
+    Object {
+        op: &'static str,
+        location: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// The store holds an object under this key that is not this package. Nothing is
+    /// overwritten; an operator must look at it.
+    #[error("{location} already holds a different object ({reason}); refusing to publish over it")]
+    Conflict { location: String, reason: String },
+    /// The local copy no longer is the package that was checked.
+    #[error("{} is not the checked package ({reason})", path.display())]
+    Changed { path: PathBuf, reason: String },
+    #[error("invalid store key '{key}': {reason}")]
+    InvalidKey { key: String, reason: String },
+    /// The store could not answer a WORM check (network, permissions, bad answer).
+    #[error("checking the retention of {target}: {message}")]
+    Worm { target: String, message: String },
+}
+
+impl StoreError {
+    fn refused(message: impl Into<String>) -> Self {
+        StoreError::Refused(UserError::new(message))
+    }
+}
+
+/// The evidence store of one deployment.
+#[derive(Debug)]
+pub struct Store {
+    backend: StoreBackend,
+    staging_root: PathBuf,
+    inner: Inner,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Fs(fs::FsStore),
+    Object(object::ObjectBackend),
+}
+
+impl Store {
+    /// Opens the configured store. Credentials come from the environment (`AWS_*`,
+    /// `AZURE_STORAGE_*`, ...) or from systemd credentials of the same names
+    /// (`$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`, ...), or from the instance's identity
+    /// with `credentials = "instance"`. No network I/O happens here.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        Store::open_with(cfg, &backends::env_or_systemd_credential)
+    }
+
+    /// [`Store::open`] with the credential variables looked up by `lookup` (tests).
+    pub fn open_with(
+        cfg: &StoreConfig,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Store, StoreError> {
+        let (staging_root, inner) = match cfg.backend {
+            StoreBackend::Fs => (cfg.root.clone(), Inner::Fs(fs::FsStore::new(&cfg.root))),
+            StoreBackend::S3 | StoreBackend::Azure => (
+                cfg.spool.clone(),
+                Inner::Object(backends::build(cfg, lookup)?),
+            ),
+        };
+        Ok(Store {
+            backend: cfg.backend,
+            staging_root,
+            inner,
+        })
+    }
+
+    pub fn backend(&self) -> StoreBackend {
+        self.backend
+    }
+
+    /// Where packages are written and checked before publication: `store.root` for `fs`
+    /// (the package is then already in its final place), the spool for object stores.
+    pub fn staging_root(&self) -> &Path {
+        &self.staging_root
+    }
+
+    /// The local file of `key` under [`staging_root`](Self::staging_root).
+    pub fn staging_path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        Ok(self.staging_root.join(key))
+    }
+
+    /// Where `key` lives, as custody names it (`s3://bucket/prefix/key`, ...; a path for fs).
+    pub fn location(&self, key: &str) -> Result<String, StoreError> {
+        check_key(key)?;
+        Ok(match &self.inner {
+            Inner::Fs(f) => f.location(key),
+            Inner::Object(o) => o.location(key),
+        })
+    }
+
+    /// A one-line description for `status`: the directory, or the bucket and prefix.
+    pub fn describe(&self) -> String {
+        match &self.inner {
+            Inner::Fs(f) => f.location(""),
+            Inner::Object(o) => o.location(""),
+        }
+    }
+
+    /// Publishes the finished, checked package at `staging_path(key)` under `key`.
+    /// `fs`: the package is already in place; this checks its size and returns its path.
+    /// Object stores: returns the existing object when it already holds these bytes (a crash
+    /// between upload and commit), otherwise uploads it. The spool copy stays until
+    /// [`release`](Self::release), which the caller calls once the ARCHIVED row is committed.
+    pub async fn publish(&self, key: &str, expected: &Expected) -> Result<Stored, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(f) => f.locate(key, expected).await,
+            Inner::Object(o) => o.publish(key, &self.staging_root.join(key), expected).await,
+        }
+    }
+
+    /// The published object under `key` when it holds exactly `expected` (HEAD, then a hash
+    /// of that version); `None` when nothing is there; [`StoreError::Conflict`] when
+    /// something else is.
+    pub async fn find(&self, key: &str, expected: &Expected) -> Result<Option<Stored>, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(f) => f.find(key, expected).await,
+            Inner::Object(o) => o.find(key, expected).await,
+        }
+    }
+
+    /// Removes the spool copy of a published package (and directories it leaves empty).
+    /// A no-op for `fs`, where the staged package is the published one.
+    pub async fn release(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(_) => Ok(()),
+            Inner::Object(_) => fs::remove_with_empty_parents(&self.staging_root, key).await,
+        }
+    }
+
+    /// At start: removes the spool copies whose key `is_archived` (a crash between commit
+    /// and release) and reports the ones still waiting for publication. Partial packages are
+    /// the package writer's own sweep. A no-op for `fs`.
+    pub async fn sweep_spool(
+        &self,
+        is_archived: impl Fn(&str) -> bool,
+    ) -> Result<SpoolSweep, StoreError> {
+        match &self.inner {
+            Inner::Fs(_) => Ok(SpoolSweep::default()),
+            Inner::Object(_) => fs::sweep_spool(&self.staging_root, is_archived).await,
+        }
+    }
+
+    /// Streams one object: exactly `version_id` when given.
+    pub async fn read(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<ByteStream, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(f) => f.read(key, version_id).await,
+            Inner::Object(o) => o.read(key, version_id).await,
+        }
+    }
+
+    /// The SHA-256 and size of one object (exactly `version_id` when given), streamed.
+    pub async fn hash(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<(String, u64), StoreError> {
+        hash_stream(self.read(key, version_id).await?).await
+    }
+
+    /// Checks one recorded object for `verify`: hashes the version the ARCHIVED row names
+    /// (`version_id`; without versions, whatever the key holds), then asks the store whether
+    /// the key still serves it (same version id, or same `etag` on unversioned stores).
+    pub async fn check(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        etag: Option<&str>,
+        expected: &Expected,
+    ) -> Result<Verdict, StoreError> {
+        check_key(key)?;
+        let version = version_id;
+        let (sha256, size) = match self.hash(key, version).await {
+            Ok(h) => h,
+            Err(e) if is_not_found(&e) => return Ok(Verdict::Missing),
+            Err(e) => return Err(e),
+        };
+        if sha256 != expected.sha256 || size != expected.size {
+            return Ok(Verdict::Altered { sha256, size });
+        }
+        let current = match &self.inner {
+            Inner::Fs(_) => return Ok(Verdict::Intact),
+            Inner::Object(o) => o.head(key, None).await?,
+        };
+        let same = current.as_ref().is_some_and(|c| match version {
+            Some(v) => c.version_id.as_deref() == Some(v),
+            None => c.etag.as_deref() == etag,
+        });
+        Ok(if same {
+            Verdict::Intact
+        } else {
+            Verdict::Superseded { current }
+        })
+    }
+
+    /// Every key below `prefix` (a relative key prefix such as `"contoso/"`, or `""`).
+    pub fn list(
+        &self,
+        prefix: &str,
+    ) -> Pin<Box<dyn Stream<Item = Result<Listed, StoreError>> + Send + '_>> {
+        match &self.inner {
+            Inner::Fs(f) => f.list(prefix),
+            Inner::Object(o) => o.list(prefix),
+        }
+    }
+
+    /// Writes a small object (a checkpoint, its `.tsr`) create-only. Writing the same bytes
+    /// again returns the existing object; different bytes are a [`StoreError::Conflict`].
+    /// `fs` follows the package rules: temp file, fsync, no overwrite, 0440.
+    pub async fn put_small(&self, key: &str, bytes: Bytes) -> Result<Stored, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(f) => f.put_small(key, bytes).await,
+            Inner::Object(o) => o.put_small(key, bytes).await,
+        }
+    }
+
+    /// Copies one object (exactly `version_id` when given) to the local file `dest`
+    /// (temp file, fsync, rename; never over an existing file); returns its SHA-256 and size.
+    pub async fn download_to(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        dest: &Path,
+    ) -> Result<(String, u64), StoreError> {
+        let stream = self.read(key, version_id).await?;
+        fs::write_stream(stream, dest).await
+    }
+
+    /// Proves the store enforces retention: S3 Object Lock with a default COMPLIANCE
+    /// retention, or an Azure container with version-level immutability and a policy.
+    /// `fs` is always refused (a directory enforces nothing). Call at start when
+    /// `StoreConfig::worm_required()`; `status` shows the returned value.
+    pub async fn check_worm(&self) -> Result<WormStatus, StoreError> {
+        match &self.inner {
+            Inner::Fs(f) => Err(StoreError::refused(format!(
+                "store.require_worm: the fs store {} cannot enforce retention; use backend \"s3\" or \"azure\"",
+                f.location("")
+            ))),
+            Inner::Object(o) => o.check_worm().await,
+        }
+    }
+}
+
+/// Keys are §7 relative paths: `/`-separated, no empty, `.` or `..` segments, no leading `/`.
+fn check_key(key: &str) -> Result<(), StoreError> {
+    let bad = |reason: &str| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return bad("must be a relative path without empty, '.' or '..' segments");
+    }
+    if key.chars().any(|c| c.is_control() || c == '\\') {
+        return bad("control characters and '\\' are not allowed");
+    }
+    Ok(())
+}
+
+fn is_not_found(e: &StoreError) -> bool {
+    match e {
+        StoreError::Object { source, .. } => matches!(source, object_store::Error::NotFound { .. }),
+        StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// SHA-256 (hex) and length of a stream, in flat memory.
+async fn hash_stream(mut stream: ByteStream) -> Result<(String, u64), StoreError> {
+    use futures_util::StreamExt;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+#[cfg(test)]
+mod tests;

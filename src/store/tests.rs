@@ -1,0 +1,380 @@
+//! The fs backend, key rules, credential errors and the WORM judgements, without a server
+//! (the object-store data paths are tested against moto and Azurite in tests/integration).
+
+use std::os::unix::fs::PermissionsExt;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+
+use super::worm::{azure_status, s3_status};
+use super::*;
+use crate::config::{StoreConfig, StoreCredentials};
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+fn fs_store(root: &Path) -> Store {
+    let cfg = StoreConfig {
+        root: root.to_path_buf(),
+        ..StoreConfig::default()
+    };
+    Store::open_with(&cfg, &|_| None).unwrap()
+}
+
+#[tokio::test]
+async fn fs_publish_locates_the_package_in_place_and_records_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fs_store(dir.path());
+    assert_eq!(store.staging_root(), dir.path());
+    let key = "contoso/2026/11/27/a/000-RunScript.zip";
+    let path = store.staging_path(key).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"package").unwrap();
+    let expected = Expected {
+        sha256: sha(b"package"),
+        size: 7,
+    };
+    let stored = store.publish(key, &expected).await.unwrap();
+    assert_eq!(stored.location, path.display().to_string());
+    assert_eq!(
+        (stored.version_id.as_deref(), stored.etag.as_deref()),
+        (None, None)
+    );
+    assert!(
+        stored.custody_detail().is_empty(),
+        "fs rows stay as they were"
+    );
+    assert_eq!(
+        store.find(key, &expected).await.unwrap(),
+        Some(stored.clone())
+    );
+    assert_eq!(
+        store
+            .check(
+                key,
+                stored.version_id.as_deref(),
+                stored.etag.as_deref(),
+                &expected
+            )
+            .await
+            .unwrap(),
+        Verdict::Intact
+    );
+    // release and the spool sweep leave the fs store alone.
+    store.release(key).await.unwrap();
+    assert!(path.exists());
+    assert_eq!(
+        store.sweep_spool(|_| true).await.unwrap(),
+        SpoolSweep::default()
+    );
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::write(&path, b"altered").unwrap();
+    assert_eq!(
+        store
+            .check(
+                key,
+                stored.version_id.as_deref(),
+                stored.etag.as_deref(),
+                &expected
+            )
+            .await
+            .unwrap(),
+        Verdict::Altered {
+            sha256: sha(b"altered"),
+            size: 7
+        }
+    );
+    let e = store.find(key, &expected).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(
+        store
+            .check(
+                key,
+                stored.version_id.as_deref(),
+                stored.etag.as_deref(),
+                &expected
+            )
+            .await
+            .unwrap(),
+        Verdict::Missing
+    );
+    assert_eq!(store.find(key, &expected).await.unwrap(), None);
+    let e = store.publish(key, &expected).await.unwrap_err();
+    assert!(e.to_string().starts_with("reading size of package"), "{e}");
+}
+
+#[tokio::test]
+async fn fs_small_objects_follow_the_package_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fs_store(dir.path());
+    let key = "_checkpoints/000000000001.json";
+    let stored = store
+        .put_small(key, Bytes::from_static(b"{\"seq\":1}"))
+        .await
+        .unwrap();
+    let path = dir.path().join(key);
+    assert_eq!(stored.location, path.display().to_string());
+    assert_eq!(std::fs::read(&path).unwrap(), b"{\"seq\":1}");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o440
+    );
+    // The same bytes again: the existing file; other bytes: refused, the file unchanged.
+    assert_eq!(
+        store
+            .put_small(key, Bytes::from_static(b"{\"seq\":1}"))
+            .await
+            .unwrap(),
+        stored
+    );
+    let e = store
+        .put_small(key, Bytes::from_static(b"{\"seq\":2}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"{\"seq\":1}");
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["000000000001.json"],
+        "no partial file is left behind"
+    );
+}
+
+#[tokio::test]
+async fn fs_lists_keys_without_partials_and_streams_copies_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fs_store(dir.path());
+    for (rel, body) in [
+        ("contoso/2026/01/02/a/000-GetFile.zip", &b"one"[..]),
+        ("contoso/2026/01/02/a/001-RunScript.zip", b"two!"),
+        (
+            "contoso/2026/01/02/a/002-RunScript.zip.partial",
+            b"in progress",
+        ),
+        ("fabrikam/2026/01/02/b/000-GetFile.zip", b"three"),
+    ] {
+        let p = dir.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    let mut listed: Vec<Listed> = store.list("contoso/").try_collect().await.unwrap();
+    listed.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(
+        listed,
+        vec![
+            Listed {
+                key: "contoso/2026/01/02/a/000-GetFile.zip".into(),
+                size: 3
+            },
+            Listed {
+                key: "contoso/2026/01/02/a/001-RunScript.zip".into(),
+                size: 4
+            },
+        ]
+    );
+    assert_eq!(
+        store.list("").try_collect::<Vec<_>>().await.unwrap().len(),
+        3
+    );
+    assert!(
+        store
+            .list("nobody/")
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let out = dir.path().join("export/copy.zip");
+    let got = store
+        .download_to("fabrikam/2026/01/02/b/000-GetFile.zip", None, &out)
+        .await
+        .unwrap();
+    assert_eq!(got, (sha(b"three"), 5));
+    assert_eq!(std::fs::read(&out).unwrap(), b"three");
+    let e = store
+        .download_to("fabrikam/2026/01/02/b/000-GetFile.zip", None, &out)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("never over an existing file"), "{e}");
+    let e = store.read("contoso/x.zip", Some("v1")).await.err().unwrap();
+    assert!(e.to_string().contains("keeps no versions"), "{e}");
+}
+
+#[tokio::test]
+async fn keys_must_be_relative_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fs_store(dir.path());
+    for bad in [
+        "",
+        "/abs/x.zip",
+        "a/../b.zip",
+        "a//b.zip",
+        "./a.zip",
+        "a/b\\c.zip",
+        "a/\n.zip",
+    ] {
+        let e = store.staging_path(bad).unwrap_err();
+        assert!(matches!(e, StoreError::InvalidKey { .. }), "{bad:?}: {e}");
+    }
+}
+
+fn object_cfg(backend: StoreBackend) -> StoreConfig {
+    StoreConfig {
+        backend,
+        spool: "/var/spool/lrvault-test".into(),
+        bucket: "evidence".into(),
+        prefix: "lrvault/".into(),
+        region: "eu-west-1".into(),
+        ..StoreConfig::default()
+    }
+}
+
+#[test]
+fn missing_credentials_are_refused_with_the_variable_to_set() {
+    let e = Store::open_with(&object_cfg(StoreBackend::S3), &|_| None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "store.credentials = \"env\": AWS_ACCESS_KEY_ID is not set (an environment variable or a systemd credential of that name; see docs/operations.md)"
+    );
+    let only_id = |n: &str| (n == "AWS_ACCESS_KEY_ID").then(|| "AKIA".to_string());
+    let e = Store::open_with(&object_cfg(StoreBackend::S3), &only_id).unwrap_err();
+    assert!(
+        e.to_string().contains("AWS_SECRET_ACCESS_KEY is not set"),
+        "{e}"
+    );
+    let e = Store::open_with(&object_cfg(StoreBackend::Azure), &|_| None).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("AZURE_STORAGE_ACCOUNT_NAME is not set"),
+        "{e}"
+    );
+    let account = |n: &str| (n == "AZURE_STORAGE_ACCOUNT_NAME").then(|| "acct".to_string());
+    let e = Store::open_with(&object_cfg(StoreBackend::Azure), &account).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("store.credentials = \"env\": set AZURE_STORAGE_ACCOUNT_KEY"),
+        "{e}"
+    );
+    let err = anyhow::Error::new(e);
+    assert_eq!(crate::error::exit_code(&err), 2);
+
+    // Instance credentials need no variable; secrets never reach Debug output.
+    let mut cfg = object_cfg(StoreBackend::S3);
+    cfg.credentials = StoreCredentials::Instance;
+    let store = Store::open_with(&cfg, &|_| None).unwrap();
+    assert_eq!(store.describe(), "s3://evidence/lrvault/");
+    assert_eq!(
+        store.location("t/2026/01/01/a/000-GetFile.zip").unwrap(),
+        "s3://evidence/lrvault/t/2026/01/01/a/000-GetFile.zip"
+    );
+    let secret = |n: &str| match n {
+        "AWS_ACCESS_KEY_ID" => Some("AKIAEXAMPLE".to_string()),
+        "AWS_SECRET_ACCESS_KEY" => Some("very-secret-value".to_string()),
+        _ => None,
+    };
+    let store = Store::open_with(&object_cfg(StoreBackend::S3), &secret).unwrap();
+    assert_eq!(store.staging_root(), Path::new("/var/spool/lrvault-test"));
+    assert!(!format!("{store:?}").contains("very-secret-value"));
+}
+
+#[test]
+fn systemd_credentials_are_files_named_after_the_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("AWS_SECRET_ACCESS_KEY"), "from-systemd\n").unwrap();
+    std::fs::write(dir.path().join("AWS_SESSION_TOKEN"), "\n").unwrap();
+    let read = |name| backends::systemd_credential(dir.path(), name);
+    assert_eq!(
+        read("AWS_SECRET_ACCESS_KEY").as_deref(),
+        Some("from-systemd")
+    );
+    assert_eq!(
+        read("AWS_SESSION_TOKEN"),
+        None,
+        "an empty credential is no credential"
+    );
+    assert_eq!(read("AWS_ACCESS_KEY_ID"), None);
+}
+
+#[tokio::test]
+async fn the_fs_store_cannot_prove_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = fs_store(dir.path()).check_worm().await.unwrap_err();
+    assert!(matches!(e, StoreError::Refused(_)));
+    assert!(e.to_string().contains("cannot enforce retention"), "{e}");
+}
+
+#[test]
+fn s3_object_lock_is_judged_by_mode_and_period() {
+    let ok = s3_status("b", Some("Enabled"), Some("COMPLIANCE"), Some(2555), None).unwrap();
+    assert_eq!(ok.to_string(), "COMPLIANCE, 2555 days");
+    let ok = s3_status("b", Some("Enabled"), Some("COMPLIANCE"), Some(0), Some(7)).unwrap();
+    assert_eq!(ok.period.as_deref(), Some("7 years"));
+    for (enabled, mode, days, want) in [
+        (None, None, None, "does not have Object Lock enabled"),
+        (Some("Enabled"), None, None, "no default retention"),
+        (
+            Some("Enabled"),
+            Some("GOVERNANCE"),
+            Some(30),
+            "default GOVERNANCE retention",
+        ),
+        (
+            Some("Enabled"),
+            Some("COMPLIANCE"),
+            None,
+            "without a period",
+        ),
+    ] {
+        let e = s3_status("b", enabled, mode, days, None).unwrap_err();
+        assert!(e.starts_with("store.require_worm: bucket 'b' "), "{e}");
+        assert!(e.contains(want), "{e}");
+    }
+}
+
+#[test]
+fn azure_immutability_needs_version_level_worm_and_a_policy() {
+    let ok = azure_status("c", Some("true"), Some("True")).unwrap();
+    assert_eq!(
+        ok.to_string(),
+        "version-level immutability (period set by the container's policy)"
+    );
+    assert!(azure_status("c", Some("false"), Some("true")).is_err());
+    assert!(azure_status("c", Some("true"), Some("false")).is_err());
+    assert!(azure_status("c", None, None).is_err());
+}
+
+#[test]
+fn large_packages_get_parts_that_fit_s3s_part_limit() {
+    const MIB: u64 = 1024 * 1024;
+    assert_eq!(part_size(2048 * MIB), PART_SIZE);
+    assert_eq!(part_size(70_000 * MIB), PART_SIZE, "8,750 parts of 8 MiB");
+    // 1 TiB: 9,000 parts at most, whole MiB each.
+    let tib = 1024 * 1024 * MIB;
+    let part = part_size(tib) as u64;
+    assert_eq!(part % MIB, 0);
+    assert!(tib.div_ceil(part) <= 9_000);
+    assert!(SINGLE_PUT_MAX >= PART_SIZE as u64);
+}
+
+#[test]
+fn object_custody_detail_names_store_version_and_etag() {
+    let stored = Stored {
+        backend: StoreBackend::S3,
+        location: "s3://b/k".into(),
+        version_id: Some("v1".into()),
+        etag: Some("\"e\"".into()),
+        size: 3,
+    };
+    assert_eq!(
+        serde_json::Value::Object(stored.custody_detail()).to_string(),
+        r#"{"etag":"\"e\"","store":"s3://b/k","version_id":"v1"}"#
+    );
+}

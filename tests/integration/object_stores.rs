@@ -1,0 +1,315 @@
+//! Fixtures for the object-store tests: a real S3 implementation (moto's server, PyPI
+//! `moto[server]`) and a real Azure Blob emulator (Azurite, npm `azurite`), each started on a
+//! free loopback port for one test and killed when it ends. `.ci/run` installs both. A server
+//! that cannot start fails the test with the reason; nothing is skipped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use lrvault::config::{StoreBackend, StoreConfig, StoreCredentials};
+
+/// Dummy credentials: moto checks none, but lrvault requires them with `credentials = "env"`.
+pub const S3_KEY_ID: &str = "testing-key-id";
+pub const S3_SECRET: &str = "testing-secret";
+/// Azurite's well-known development account and key (public, documented by Microsoft).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `program args` (the program from `$env_var`, else `default`) and waits until it
+/// answers HTTP on `port`; panics with the reason and its log otherwise.
+async fn start(
+    what: &str,
+    env_var: &str,
+    default: &str,
+    install: &str,
+    args: impl Fn(u16) -> Vec<String>,
+) -> Server {
+    let program = std::env::var(env_var).unwrap_or_else(|_| default.to_string());
+    for _attempt in 0..3 {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("server.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(&program)
+            .args(args(port))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{what} could not start: cannot run '{program}': {e} ({install}; .ci/run installs it; or set {env_var})")
+            });
+        let mut server = Server {
+            child,
+            port,
+            _dir: dir,
+        };
+        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                let log = read_log();
+                if log.contains("Address already in use") || log.contains("EADDRINUSE") {
+                    break; // another process took the port meanwhile: try a new one
+                }
+                panic!("{what} exited at start ({status}): {log}");
+            }
+            if client.get(server.url()).send().await.is_ok() {
+                return server;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what} did not answer on port {port} within 60 s: {}",
+                    read_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!("{what} could not find a free port in 3 attempts");
+}
+
+/// moto's S3 server (`moto_server`, PyPI `moto[server]`).
+pub async fn moto() -> Server {
+    start(
+        "moto (S3)",
+        "LRVAULT_MOTO_SERVER",
+        "moto_server",
+        "pip install 'moto[server]'",
+        |port| {
+            vec![
+                "-H".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ]
+        },
+    )
+    .await
+}
+
+/// Azurite's blob service (`azurite-blob`, npm `azurite`), in memory, without telemetry.
+pub async fn azurite() -> Server {
+    start(
+        "Azurite (Azure Blob)",
+        "LRVAULT_AZURITE_BLOB",
+        "azurite-blob",
+        "npm install -g azurite@3.35.0",
+        |port| {
+            [
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &port.to_string(),
+                "--inMemoryPersistence",
+                "--disableTelemetry",
+                "--skipApiVersionCheck",
+                "--silent",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+    )
+    .await
+}
+
+/// An AWS SDK client for moto: the tests' independent view of the bucket.
+pub fn s3_client(moto: &Server) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(moto.url())
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(S3_KEY_ID, S3_SECRET, None, None, "test"))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Creates `bucket` on moto, with Object Lock and a default retention of `retention`
+/// (`Some(("COMPLIANCE", 1))` = one day) when given.
+pub async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str, retention: Option<(&str, i32)>) {
+    use aws_sdk_s3::types::{
+        DefaultRetention, ObjectLockConfiguration, ObjectLockEnabled, ObjectLockRetentionMode,
+        ObjectLockRule,
+    };
+    s3.create_bucket()
+        .bucket(bucket)
+        .object_lock_enabled_for_bucket(retention.is_some())
+        .send()
+        .await
+        .unwrap();
+    if let Some((mode, days)) = retention {
+        let rule = ObjectLockRule::builder()
+            .default_retention(
+                DefaultRetention::builder()
+                    .mode(ObjectLockRetentionMode::from(mode))
+                    .days(days)
+                    .build(),
+            )
+            .build();
+        s3.put_object_lock_configuration()
+            .bucket(bucket)
+            .object_lock_configuration(
+                ObjectLockConfiguration::builder()
+                    .object_lock_enabled(ObjectLockEnabled::Enabled)
+                    .rule(rule)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
+/// Every version of `key` (newest first), delete markers excluded: (version id, size).
+pub async fn versions(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<(String, i64)> {
+    let out = s3
+        .list_object_versions()
+        .bucket(bucket)
+        .prefix(key)
+        .send()
+        .await
+        .unwrap();
+    out.versions()
+        .iter()
+        .filter(|v| v.key() == Some(key))
+        .map(|v| {
+            (
+                v.version_id().unwrap_or_default().to_string(),
+                v.size().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// The bytes of one version, through the SDK.
+pub async fn get_version(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    version: &str,
+) -> Vec<u8> {
+    s3.get_object()
+        .bucket(bucket)
+        .key(key)
+        .version_id(version)
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
+pub fn s3_config(moto: &Server, bucket: &str, spool: PathBuf) -> StoreConfig {
+    StoreConfig {
+        backend: StoreBackend::S3,
+        spool,
+        bucket: bucket.into(),
+        prefix: "lrvault/".into(),
+        endpoint: moto.url(),
+        region: "us-east-1".into(),
+        credentials: StoreCredentials::Env,
+        require_worm: Some(true),
+        ..StoreConfig::default()
+    }
+}
+
+pub fn s3_credentials(name: &str) -> Option<String> {
+    match name {
+        "AWS_ACCESS_KEY_ID" => Some(S3_KEY_ID.into()),
+        "AWS_SECRET_ACCESS_KEY" => Some(S3_SECRET.into()),
+        _ => None,
+    }
+}
+
+pub fn azurite_credentials(name: &str) -> Option<String> {
+    match name {
+        "AZURE_STORAGE_ACCOUNT_NAME" => Some(AZURITE_ACCOUNT.into()),
+        "AZURE_STORAGE_ACCOUNT_KEY" => Some(AZURITE_KEY.into()),
+        _ => None,
+    }
+}
+
+/// Creates a container on Azurite (object_store has no call for it), signed with the
+/// development account's shared key.
+pub async fn create_container(azurite: &Server, container: &str) {
+    use base64::Engine;
+    use hmac::{Hmac, Mac};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let date = chrono::Utc::now()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string();
+    let version = "2021-12-02";
+    let to_sign = format!(
+        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{a}/{a}/{container}\nrestype:container",
+        a = AZURITE_ACCOUNT
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&b64.decode(AZURITE_KEY).unwrap()).unwrap();
+    mac.update(to_sign.as_bytes());
+    let signature = b64.encode(mac.finalize().into_bytes());
+    let response = reqwest::Client::new()
+        .put(format!(
+            "{}/{AZURITE_ACCOUNT}/{container}?restype=container",
+            azurite.url()
+        ))
+        .header("x-ms-date", date)
+        .header("x-ms-version", version)
+        .header("Content-Length", "0")
+        .header(
+            "Authorization",
+            format!("SharedKey {AZURITE_ACCOUNT}:{signature}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        201,
+        "{}",
+        response.text().await.unwrap()
+    );
+}
+
+/// `n` bytes that do not compress and differ per `seed`.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut out = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut out);
+    out
+}
