@@ -594,7 +594,7 @@ async fn open_and_stream(
     url: &url::Url,
     transfer: &mut Transfer,
     sink: &mut Option<PackageSink>,
-    spec_for: &impl Fn(Option<u64>) -> PackageSpec,
+    spec_for: &impl Fn(Option<u64>, bool) -> PackageSpec,
     job: &Job,
 ) -> Result<Result<(), FetchError>, End> {
     let opened = match fetch::open(&ctx.blob, url, transfer).await {
@@ -603,7 +603,7 @@ async fn open_and_stream(
     };
     if sink.is_none() {
         let created =
-            PackageSink::create(spec_for(transfer.total), job.command_type == "RunScript")
+            PackageSink::create(spec_for(transfer.total, transfer.server_md5.is_some()), job.command_type == "RunScript")
                 .await
                 .map_err(|e| package_end(&e))?;
         *sink = Some(created);
@@ -653,7 +653,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
                 .unwrap_or_default()
         ),
     };
-    let spec_for = |expected_size| PackageSpec {
+    let spec_for = |expected_size, compute_md5| PackageSpec {
         store_root: cfg.store.root.clone(),
         rel_path: rel_path.clone(),
         bag_name: format!(
@@ -667,6 +667,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         bag_info: bag_info.clone(),
         compression: cfg.store.compression,
         expected_size,
+        compute_md5,
     };
 
     let started_at = crate::time::now_str();
@@ -764,7 +765,15 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
     };
     let streamed = sink.close().await.map_err(|e| package_end(&e))?;
     let digests = streamed.digests.clone();
-    let md5_check = match transfer.check_complete(&digests.md5) {
+    // The MD5 is computed only when the first response carried a claim.
+    let checked = match digests.md5 {
+        Some(md5) => transfer.check_complete(&md5),
+        None if transfer.server_md5.is_some() => Err(FetchError::Integrity(
+            "an MD5 claim arrived only on a resumed request; the MD5 was not computed".into(),
+        )),
+        None => transfer.check_complete(&[0; 16]),
+    };
+    let md5_check = match checked {
         Ok(check) => check,
         Err(e) => {
             streamed.abort().await;
@@ -812,6 +821,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         "bytes": digests.size,
         "sha256": digests.sha256,
         "md5_check": md5_check,
+        "compression": digests.compression,
         "encoding": digests.encoding,
         "original_name": original_name,
         "original_size": digests.original_size,
@@ -832,7 +842,7 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         payload_name: digests.payload_name.clone(),
         payload_size: digests.size,
         payload_sha256: digests.sha256.clone(),
-        payload_md5: (md5_check == "match").then(|| hex::encode(digests.md5)),
+        payload_md5: digests.md5.filter(|_| md5_check == "match").map(hex::encode),
         original_name,
         original_size: digests.original_size,
         original_sha256: digests.original_sha256.clone(),
