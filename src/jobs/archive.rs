@@ -602,10 +602,12 @@ async fn open_and_stream(
         Err(e) => return Ok(Err(e)),
     };
     if sink.is_none() {
-        let created =
-            PackageSink::create(spec_for(transfer.total, transfer.server_md5.is_some()), job.command_type == "RunScript")
-                .await
-                .map_err(|e| package_end(&e))?;
+        let created = PackageSink::create(
+            spec_for(transfer.total, transfer.server_md5.is_some()),
+            job.command_type == "RunScript",
+        )
+        .await
+        .map_err(|e| package_end(&e))?;
         *sink = Some(created);
     }
     let Some(sink) = sink.as_ref() else {
@@ -842,7 +844,10 @@ async fn attempt(ctx: &Context, tenant: &Tenant, job: &Job) -> Result<Outcome, E
         payload_name: digests.payload_name.clone(),
         payload_size: digests.size,
         payload_sha256: digests.sha256.clone(),
-        payload_md5: digests.md5.filter(|_| md5_check == "match").map(hex::encode),
+        payload_md5: digests
+            .md5
+            .filter(|_| md5_check == "match")
+            .map(hex::encode),
         original_name,
         original_size: digests.original_size,
         original_sha256: digests.original_sha256.clone(),

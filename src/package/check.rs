@@ -77,13 +77,14 @@ pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
     };
     let file = File::open(path).map_err(io_err("opening package"))?;
     let whole = WholeFileHash::new(file).map_err(io_err("reading package"))?;
-    let mut archive = ZipArchive::new(BufReader::with_capacity(READ_BUFFER, whole)).map_err(
-        |source| PackageError::Zip {
-            path: path.to_path_buf(),
-            op: "reading",
-            source,
-        },
-    )?;
+    let mut archive =
+        ZipArchive::new(BufReader::with_capacity(READ_BUFFER, whole)).map_err(|source| {
+            PackageError::Zip {
+                path: path.to_path_buf(),
+                op: "reading",
+                source,
+            }
+        })?;
     let entries = read_entries(&mut archive);
     let (package_size, package_sha256) = archive
         .into_inner()
@@ -776,13 +777,19 @@ mod tests {
     fn whole_file_hash_covers_every_byte_once_whatever_the_reads() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let bytes: Vec<u8> = (0..3 * HASH_BATCH + 12_345).map(|i| (i % 253) as u8).collect();
+        let bytes: Vec<u8> = (0..3 * HASH_BATCH + 12_345)
+            .map(|i| (i % 253) as u8)
+            .collect();
         fs::write(&path, &bytes).unwrap();
         // Jump to the end first (as the zip reader does), re-read, skip ahead, and stop short.
         let mut whole = WholeFileHash::new(File::open(&path).unwrap()).unwrap();
         let mut buf = vec![0u8; 70_000];
-        for (at, len) in [(bytes.len() as u64 - 100, 100), (0, 70_000), (10, 5), (50_000, 70_000)]
-        {
+        for (at, len) in [
+            (bytes.len() as u64 - 100, 100),
+            (0, 70_000),
+            (10, 5),
+            (50_000, 70_000),
+        ] {
             whole.seek(SeekFrom::Start(at)).unwrap();
             whole.read_exact(&mut buf[..len]).unwrap();
             assert_eq!(buf[..len], bytes[at as usize..at as usize + len]);

@@ -94,7 +94,10 @@ pub fn choose_by_head(compression: Compression, head: &[u8]) -> Option<Compressi
             "configured: deflate",
         )),
         Compression::Auto => compressed_format(head).map(|format| {
-            CompressionChoice::new(EntryMethod::Stored, format!("already compressed ({format})"))
+            CompressionChoice::new(
+                EntryMethod::Stored,
+                format!("already compressed ({format})"),
+            )
         }),
     }
 }
@@ -166,17 +169,29 @@ mod tests {
     fn configured_choices_need_no_sample() {
         assert_eq!(
             choose_by_head(Compression::Deflate, b"\x1f\x8b\x08"),
-            Some(CompressionChoice::new(EntryMethod::Deflated, "configured: deflate"))
+            Some(CompressionChoice::new(
+                EntryMethod::Deflated,
+                "configured: deflate"
+            ))
         );
         assert_eq!(
             choose_by_head(Compression::Stored, b"text"),
-            Some(CompressionChoice::new(EntryMethod::Stored, "configured: stored"))
+            Some(CompressionChoice::new(
+                EntryMethod::Stored,
+                "configured: stored"
+            ))
         );
         assert_eq!(
             choose_by_head(Compression::Auto, b"BZh91AY&"),
-            Some(CompressionChoice::new(EntryMethod::Stored, "already compressed (bzip2)"))
+            Some(CompressionChoice::new(
+                EntryMethod::Stored,
+                "already compressed (bzip2)"
+            ))
         );
-        assert_eq!(choose_by_head(Compression::Auto, b"MZ\x90\0\x03\0\0\0"), None);
+        assert_eq!(
+            choose_by_head(Compression::Auto, b"MZ\x90\0\x03\0\0\0"),
+            None
+        );
     }
 
     #[test]
@@ -197,7 +212,9 @@ mod tests {
         assert_eq!(choice.method, EntryMethod::Stored);
         assert!(
             choice.reason.starts_with("deflate level 2 saved ")
-                && choice.reason.ends_with(" % of the first 100000 bytes (threshold 10 %)"),
+                && choice
+                    .reason
+                    .ends_with(" % of the first 100000 bytes (threshold 10 %)"),
             "{}",
             choice.reason
         );

@@ -97,7 +97,9 @@ impl std::str::FromStr for Payload {
             .parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(1 << shift))
-            .ok_or_else(|| format!("payload size {size:?}: expected bytes, e.g. 268435456 or 256M"))?;
+            .ok_or_else(|| {
+                format!("payload size {size:?}: expected bytes, e.g. 268435456 or 256M")
+            })?;
         Ok(Payload { kind, size })
     }
 }

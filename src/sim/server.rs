@@ -654,8 +654,8 @@ async fn serve_blob(
         Ok(md5) => md5,
         Err(failed) => return failed,
     };
-    let cut = (next(&inner.counters.bodies) < inner.plan.truncate)
-        .then(|| start + (end - start) / 2);
+    let cut =
+        (next(&inner.counters.bodies) < inner.plan.truncate).then(|| start + (end - start) / 2);
     let body = Body::from_stream(body_stream(blob.clone(), start, end, cut, inner.plan.slow));
     blob_response(&blob, body, range.is_some(), (start, end), md5)
 }
