@@ -396,14 +396,22 @@ impl PackageWriter {
                 op: "flushing",
                 source,
             })?;
-        file.sync_all().map_err(|source| PackageError::Io {
+        // The fsync waits on the disk while the re-check reads the page cache: both at once.
+        let partial = &self.partial_path;
+        let (synced, check) = std::thread::scope(|scope| {
+            let syncing = scope.spawn(move || file.sync_all());
+            let check = check_package(partial);
+            let synced = syncing
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the fsync thread failed")));
+            (synced, check)
+        });
+        synced.map_err(|source| PackageError::Io {
             path: self.partial_path.clone(),
             op: "fsyncing",
             source,
         })?;
-        drop(file);
-
-        let check = check_package(&self.partial_path)?;
+        let check = check?;
         let mut mismatches = check.problems.clone();
         if check.bag_name != self.bag_name {
             mismatches.push(format!(
