@@ -15,6 +15,7 @@ mod check;
 mod compression;
 mod hashers;
 mod names;
+mod partial;
 mod sink;
 mod transcript;
 mod writer;

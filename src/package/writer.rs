@@ -22,6 +22,7 @@ use super::compression::{
 };
 use super::hashers::{Batch, PayloadHashers};
 use super::names::{MAX_NAME_BYTES, sanitize_with_limit};
+use super::partial::PartialFile;
 use super::{
     BagInfo, Compression, PackageError, PackageInfo, PackageSpec, PayloadDigests, PayloadEncoding,
 };
@@ -33,145 +34,12 @@ const BATCH_LEN: usize = SAMPLE_LEN;
 const ZIP64_FROM: u64 = 0xF000_0000;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const WRITE_BUFFER: usize = 256 * 1024;
-/// Bytes written between early syncs of a large package ([`Writeback`]).
-const WRITEBACK_EVERY: u64 = 64 << 20;
 const BAGIT_TXT: &[u8] = b"BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n";
 /// Unix mode recorded for entries inside the zip (what an analyst gets when extracting).
 const ENTRY_MODE: u32 = 0o644;
 const PACKAGE_MODE: u32 = 0o440;
 
 type Zip = ZipWriter<BufWriter<PartialFile>>;
-
-/// The partial file under the zip writer. Once the package is abandoned (or a write to it
-/// failed, which dooms it) further writes are discarded: the zip crate finalises an archive
-/// when its writer is dropped, and on a full disk that would fail again (and print to stderr)
-/// for a file that is about to be removed anyway. The first error still reaches the caller.
-struct PartialFile {
-    file: File,
-    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Started once the package grows past [`WRITEBACK_EVERY`].
-    writeback: Option<Writeback>,
-    unsynced: u64,
-}
-
-impl PartialFile {
-    fn new(file: File, abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        PartialFile {
-            file,
-            abandoned,
-            writeback: None,
-            unsynced: 0,
-        }
-    }
-
-    /// Counts written bytes and nudges the early writeback every [`WRITEBACK_EVERY`].
-    fn wrote(&mut self, n: usize) -> io::Result<()> {
-        self.unsynced += n as u64;
-        if self.unsynced < WRITEBACK_EVERY {
-            return Ok(());
-        }
-        self.unsynced = 0;
-        let writeback = match &mut self.writeback {
-            Some(w) => w,
-            None => self.writeback.insert(Writeback::start(&self.file)?),
-        };
-        writeback.nudge();
-        Ok(())
-    }
-
-    /// The file, once every early sync has ended; fails if one of them failed.
-    fn into_file(self) -> io::Result<File> {
-        if let Some(writeback) = self.writeback {
-            writeback.finish()?;
-        }
-        Ok(self.file)
-    }
-
-    fn is_abandoned(&self) -> bool {
-        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn doom<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.abandoned
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl Write for PartialFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.is_abandoned() {
-            return Ok(buf.len());
-        }
-        let r = self.file.write(buf).and_then(|n| self.wrote(n).map(|()| n));
-        self.doom(r)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.is_abandoned() {
-            return Ok(());
-        }
-        let r = self.file.flush();
-        self.doom(r)
-    }
-}
-
-impl io::Seek for PartialFile {
-    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
-        let r = self.file.seek(pos);
-        self.doom(r)
-    }
-}
-
-/// Gets a large package onto the disk while it is still streaming: every [`WRITEBACK_EVERY`]
-/// bytes a helper thread runs `fdatasync`, so disk and network work at the same time and the
-/// final fsync only has the tail left. The helper shares the file description, so an error it
-/// sees would not reach the final fsync: it is kept and fails the package instead.
-struct Writeback {
-    nudge: std::sync::mpsc::SyncSender<()>,
-    failed: std::sync::Arc<std::sync::Mutex<Option<io::Error>>>,
-    handle: std::thread::JoinHandle<()>,
-}
-
-impl Writeback {
-    fn start(file: &File) -> io::Result<Writeback> {
-        let file = file.try_clone()?;
-        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let (nudge, nudged) = std::sync::mpsc::sync_channel::<()>(1);
-        let slot = failed.clone();
-        let handle = std::thread::Builder::new()
-            .name("lrvault-writeback".into())
-            .spawn(move || {
-                for () in nudged {
-                    if let Err(e) = file.sync_data() {
-                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        return;
-                    }
-                }
-            })?;
-        Ok(Writeback {
-            nudge,
-            failed,
-            handle,
-        })
-    }
-
-    /// Asks for a sync; one already asked for and not started yet covers this one too.
-    fn nudge(&self) {
-        let _ = self.nudge.try_send(());
-    }
-
-    fn finish(self) -> io::Result<()> {
-        drop(self.nudge);
-        self.handle
-            .join()
-            .map_err(|_| io::Error::other("the writeback thread failed"))?;
-        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        failed.map_or(Ok(()), Err)
-    }
-}
 
 /// Writes one evidence package; see the module docs. Dropping it without
 /// [`finish`](Self::finish) removes the partial file.

@@ -418,7 +418,7 @@ pub(crate) fn fill_random(seed: u64, off: u64, len: u64, out: &mut Vec<u8>) {
     let end = off + len;
     let mut pos = off;
     // A ragged start, whole words, a ragged end.
-    while pos < end && (pos % 8 != 0 || end - pos < 8) {
+    while pos < end && (!pos.is_multiple_of(8) || end - pos < 8) {
         out.push(word(pos / 8)[(pos % 8) as usize]);
         pos += 1;
     }

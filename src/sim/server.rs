@@ -623,7 +623,7 @@ async fn serve_blob(
     if let Some(fault) = injected_blob_fault(&inner.plan, next(&inner.counters.blob)) {
         return fault;
     }
-    if let Err(refused) = check_sas(&inner.sas_key, uri) {
+    if let Some(refused) = sas_refusal(&inner.sas_key, uri) {
         return refused;
     }
     let Some(blob) = blob else {
@@ -646,9 +646,8 @@ async fn serve_blob(
         );
     }
     let range = parse_range(headers);
-    let (start, end) = match byte_span(range, blob.len()) {
-        Ok(span) => span,
-        Err(unsatisfiable) => return unsatisfiable,
+    let Some((start, end)) = byte_span(range, blob.len()) else {
+        return range_not_satisfiable(blob.len());
     };
     let md5 = match md5_header(app, &blob).await {
         Ok(md5) => md5,
@@ -690,8 +689,9 @@ fn injected_blob_fault(plan: &super::fault::FaultPlan, k: usize) -> Option<Respo
     None
 }
 
-/// The SAS query: well formed, signed for this path and expiry, not expired.
-fn check_sas(sas_key: &[u8; 32], uri: &Uri) -> Result<(), Response> {
+/// The 403 for a SAS query that is not well formed, not signed for this path and expiry, or
+/// expired; `None` when it is good.
+fn sas_refusal(sas_key: &[u8; 32], uri: &Uri) -> Option<Response> {
     let query: HashMap<String, String> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .into_owned()
@@ -705,25 +705,25 @@ fn check_sas(sas_key: &[u8; 32], uri: &Uri) -> Result<(), Response> {
         )
     };
     let (Some(se), Some(sig)) = (query.get("se"), query.get("sig")) else {
-        return Err(auth_failed("Signature fields not well formed."));
+        return Some(auth_failed("Signature fields not well formed."));
     };
     let well_formed = query.get("sp").map(String::as_str) == Some("r")
         && query.get("sr").map(String::as_str) == Some("b")
         && query.get("sv").map(String::as_str) == Some(SAS_VERSION);
     if !well_formed || sign(sas_key, uri.path(), se) != *sig {
-        return Err(auth_failed(&format!(
+        return Some(auth_failed(&format!(
             "Signature did not match. String to sign used was r\n{se}\n{}\n{SAS_VERSION}\nb",
             uri.path()
         )));
     }
     let now = Utc::now();
     match DateTime::parse_from_rfc3339(se) {
-        Ok(expiry) if expiry.with_timezone(&Utc) >= now => Ok(()),
+        Ok(expiry) if expiry.with_timezone(&Utc) >= now => None,
         _ => {
             let expiry = DateTime::parse_from_rfc3339(se)
                 .map(|e| http_date(e.with_timezone(&Utc)))
                 .unwrap_or_else(|_| se.clone());
-            Err(auth_failed(&format!(
+            Some(auth_failed(&format!(
                 "Signature not valid in the specified time frame: Start [] - Expiry [{expiry}] - Current [{}]",
                 http_date(now)
             )))
@@ -731,26 +731,29 @@ fn check_sas(sas_key: &[u8; 32], uri: &Uri) -> Result<(), Response> {
     }
 }
 
-/// `[start, end)` of a blob of `len` bytes for the requested range, or the 416 answer.
-fn byte_span(range: Option<(u64, Option<u64>)>, len: u64) -> Result<(u64, u64), Response> {
+/// `[start, end)` of a blob of `len` bytes for the requested range; `None` when the range
+/// starts at or past the end.
+fn byte_span(range: Option<(u64, Option<u64>)>, len: u64) -> Option<(u64, u64)> {
     match range {
-        None => Ok((0, len)),
-        Some((from, _)) if from >= len => {
-            let mut resp = blob_error(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "InvalidRange",
-                "The range specified is invalid for the current size of the resource.",
-                None,
-            );
-            insert(
-                resp.headers_mut(),
-                "content-range",
-                &format!("bytes */{len}"),
-            );
-            Err(resp)
-        }
-        Some((from, to)) => Ok((from, to.map_or(len, |t| (t + 1).min(len)))),
+        None => Some((0, len)),
+        Some((from, _)) if from >= len => None,
+        Some((from, to)) => Some((from, to.map_or(len, |t| (t + 1).min(len)))),
     }
+}
+
+fn range_not_satisfiable(len: u64) -> Response {
+    let mut resp = blob_error(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "InvalidRange",
+        "The range specified is invalid for the current size of the resource.",
+        None,
+    );
+    insert(
+        resp.headers_mut(),
+        "content-range",
+        &format!("bytes */{len}"),
+    );
+    resp
 }
 
 /// The blob's MD5 in base64 when it sends one (spoiled by the `bad-md5` fault); the first
