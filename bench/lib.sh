@@ -18,14 +18,15 @@ start_sim() {
 
 stop_sim() { kill -TERM "$SIM_PID"; wait "$SIM_PID" || true; }
 
-# write_config PATH [extra TOML]: database and store under $OUT, one tenant for the simulator.
+# write_config PATH [extra TOML]: database under $OUT, store at $STORE_ROOT (default
+# $OUT/evidence), one tenant for the simulator.
 write_config() {
   echo sim-secret-0 >"$OUT/secret"
   cat >"$1" <<TOML
 [database]
 path = "$OUT/lrvault.db"
 [store]
-root = "$OUT/evidence"
+root = "${STORE_ROOT:-$OUT/evidence}"
 ${2:-}
 [[tenant]]
 name = "bench"

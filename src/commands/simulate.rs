@@ -45,6 +45,10 @@ pub struct Args {
     /// Add one GetFile result of exactly this many bytes (GiB sizes are generated on the fly)
     #[arg(long, value_name = "BYTES")]
     pub big_getfile: Option<u64>,
+    /// Add one raw GetFile result, queued first, for benchmarks (repeatable): random:BYTES
+    /// (incompressible), random-md5:BYTES (with Content-MD5), text:BYTES; K, M, G suffixes
+    #[arg(long = "payload", value_name = "KIND:BYTES")]
+    pub payloads: Vec<crate::sim::Payload>,
     /// Fault switch, repeatable: link-5xx=N, list-5xx=N, blob-5xx=N, 429=N, slow=BYTES_PER_SEC,
     /// truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names,
     /// foreign-host=N, http-link=N, redirect=N, gone=N
@@ -71,6 +75,7 @@ impl Args {
             hour: Duration::from_secs_f64(self.hour_secs),
             max_getfile_size: self.max_getfile_size,
             big_getfile: self.big_getfile,
+            payloads: self.payloads.clone(),
             faults: self.faults.clone(),
             ..SimConfig::default()
         }

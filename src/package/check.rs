@@ -1,11 +1,18 @@
 //! Re-reads an evidence package and checks it as a BagIt bag: every entry is streamed through
 //! SHA-256 (never held whole in memory), then the manifests, tag manifest and Payload-Oxum are
 //! compared with what was read. Used right after writing and by `lrvault verify`.
+//!
+//! The file is read once: the SHA-256 of the whole package is taken from the same reads that
+//! feed the zip reader ([`WholeFileHash`]), on a thread of its own, so a multi-GB package costs
+//! about one pass of SHA-256 on a two-core machine.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use sha2::Digest;
 use zip::ZipArchive;
@@ -20,7 +27,10 @@ const PARSED_TAG_FILES: [&str; 4] = [
     "manifest-sha256.txt",
     "tagmanifest-sha256.txt",
 ];
-const READ_BUFFER: usize = 64 * 1024;
+const READ_BUFFER: usize = 1024 * 1024;
+/// Whole-file bytes handed to the hashing thread at a time, and how many may wait.
+const HASH_BATCH: usize = 1024 * 1024;
+const QUEUED_HASH_BATCHES: usize = 4;
 
 /// The outcome of [`check_package`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +54,17 @@ struct EntryDigest {
     size: u64,
 }
 
+/// What reading every entry of the zip found.
+#[derive(Default)]
+struct BagEntries {
+    bag_name: Option<String>,
+    /// Keyed by the path inside the bag ("bagit.txt", "data/x").
+    digests: BTreeMap<String, EntryDigest>,
+    /// The text of the tag files in [`PARSED_TAG_FILES`].
+    texts: BTreeMap<String, Vec<u8>>,
+    problems: Vec<String>,
+}
+
 /// Checks the package at `path`. Errors only when the file cannot be read or is not a zip at
 /// all; every defect inside a readable zip is reported in [`PackageCheck::problems`].
 pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
@@ -54,94 +75,128 @@ pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
             source,
         }
     };
-    let mut whole = Sha256Counter::default();
-    let mut file = File::open(path).map_err(io_err("opening package"))?;
-    copy_buffered(&mut file, &mut whole).map_err(io_err("reading package"))?;
-    let package_size = whole.len;
-    let package_sha256 = hex::encode(whole.hasher.finalize());
-
     let file = File::open(path).map_err(io_err("opening package"))?;
+    let whole = WholeFileHash::new(file).map_err(io_err("reading package"))?;
     let mut archive =
-        ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file)).map_err(|source| {
+        ZipArchive::new(BufReader::with_capacity(READ_BUFFER, whole)).map_err(|source| {
             PackageError::Zip {
                 path: path.to_path_buf(),
                 op: "reading",
                 source,
             }
         })?;
+    let entries = read_entries(&mut archive);
+    let (package_size, package_sha256) = archive
+        .into_inner()
+        .into_inner()
+        .finish()
+        .map_err(io_err("reading package"))?;
+    Ok(judge(entries, package_size, package_sha256))
+}
 
-    let mut problems = Vec::new();
-    let mut bag_name: Option<String> = None;
-    // Keyed by the path inside the bag ("bagit.txt", "data/x").
-    let mut entries: BTreeMap<String, EntryDigest> = BTreeMap::new();
-    let mut texts: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+/// Hashes every entry, keeping the text of the tag files we parse.
+fn read_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> BagEntries {
+    let mut found = BagEntries::default();
     for index in 0..archive.len() {
         let mut entry = match archive.by_index(index) {
             Ok(entry) => entry,
             Err(e) => {
-                problems.push(format!("entry #{index}: cannot be read: {e}"));
+                found
+                    .problems
+                    .push(format!("entry #{index}: cannot be read: {e}"));
                 continue;
             }
         };
         let name = match entry.name() {
             Ok(name) => name.to_string(),
             Err(e) => {
-                problems.push(format!("entry #{index}: unreadable name: {e}"));
+                found
+                    .problems
+                    .push(format!("entry #{index}: unreadable name: {e}"));
                 continue;
             }
         };
-        if entry.enclosed_name().is_none()
-            || name.contains('\\')
-            || name.split('/').any(|part| part == ".." || part == ".")
-        {
-            problems.push(format!("entry {name:?}: unsafe path"));
-            continue;
-        }
-        let Some((top, rest)) = name.split_once('/') else {
-            problems.push(format!("entry {name:?}: outside the bag directory"));
+        let safe = entry.enclosed_name().is_some();
+        let Some(rest) = found.place(&name, safe) else {
             continue;
         };
-        match &bag_name {
-            None => bag_name = Some(top.to_string()),
-            Some(bag) if bag != top => {
-                problems.push(format!("entry {name:?}: outside the bag directory {bag:?}"));
-                continue;
-            }
-            Some(_) => {}
-        }
         if entry.is_dir() || rest.is_empty() {
             continue;
         }
-        let keep_text = PARSED_TAG_FILES.contains(&rest);
+        let keep_text = PARSED_TAG_FILES.contains(&rest.as_str());
         let mut sink = TeeSink {
             counter: Sha256Counter::default(),
             text: Vec::new(),
             keep_text,
         };
         if let Err(e) = copy_buffered(&mut entry, &mut sink) {
-            problems.push(format!("entry {name:?}: {e}"));
+            found.problems.push(format!("entry {name:?}: {e}"));
             continue;
         }
-        if keep_text {
+        found.add(&name, rest, sink);
+    }
+    found
+}
+
+impl BagEntries {
+    /// The path of `name` inside the bag, or `None` (with a problem noted) when the entry is
+    /// unsafe or outside the one bag directory.
+    fn place(&mut self, name: &str, enclosed: bool) -> Option<String> {
+        if !enclosed
+            || name.contains('\\')
+            || name.split('/').any(|part| part == ".." || part == ".")
+        {
+            self.problems.push(format!("entry {name:?}: unsafe path"));
+            return None;
+        }
+        let Some((top, rest)) = name.split_once('/') else {
+            self.problems
+                .push(format!("entry {name:?}: outside the bag directory"));
+            return None;
+        };
+        match &self.bag_name {
+            None => self.bag_name = Some(top.to_string()),
+            Some(bag) if bag != top => {
+                self.problems
+                    .push(format!("entry {name:?}: outside the bag directory {bag:?}"));
+                return None;
+            }
+            Some(_) => {}
+        }
+        Some(rest.to_string())
+    }
+
+    fn add(&mut self, name: &str, rest: String, sink: TeeSink) {
+        if sink.keep_text {
             if sink.text.len() > MAX_PARSED_TAG_FILE {
-                problems.push(format!("{rest}: larger than {MAX_PARSED_TAG_FILE} bytes"));
+                self.problems
+                    .push(format!("{rest}: larger than {MAX_PARSED_TAG_FILE} bytes"));
             } else {
-                texts.insert(rest.to_string(), std::mem::take(&mut sink.text));
+                self.texts.insert(rest.clone(), sink.text);
             }
         }
         let digest = EntryDigest {
             sha256: hex::encode(sink.counter.hasher.finalize()),
             size: sink.counter.len,
         };
-        if entries.insert(rest.to_string(), digest).is_some() {
-            problems.push(format!("entry {name:?}: appears more than once"));
+        if self.digests.insert(rest, digest).is_some() {
+            self.problems
+                .push(format!("entry {name:?}: appears more than once"));
         }
     }
-    let bag_name = bag_name.unwrap_or_default();
+}
+
+/// Compares what was read with the bag's own manifests, tag manifest and Payload-Oxum.
+fn judge(found: BagEntries, package_size: u64, package_sha256: String) -> PackageCheck {
+    let BagEntries {
+        bag_name,
+        digests: entries,
+        texts,
+        mut problems,
+    } = found;
     if entries.is_empty() {
         problems.push("no files in the archive".to_string());
     }
-
     check_bagit_txt(texts.get("bagit.txt"), &mut problems);
 
     let data: Vec<(&String, &EntryDigest)> = entries
@@ -194,15 +249,116 @@ pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
         &mut problems,
     );
 
-    Ok(PackageCheck {
+    PackageCheck {
         package_size,
         package_sha256,
-        bag_name,
+        bag_name: bag_name.unwrap_or_default(),
         payload_name,
         payload_size,
         payload_sha256,
         problems,
-    })
+    }
+}
+
+/// A file reader that also takes the SHA-256 of the whole file from the reads the zip reader
+/// makes anyway: bytes read in order from the start are hashed the first time they pass;
+/// [`finish`](Self::finish) reads whatever was never reached (normally just the central
+/// directory, already in the page cache). The hashing runs on its own thread.
+struct WholeFileHash {
+    file: File,
+    pos: u64,
+    /// Bytes `[0, hashed)` are on their way to the hasher.
+    hashed: u64,
+    staged: Vec<u8>,
+    tx: SyncSender<Vec<u8>>,
+    hasher: JoinHandle<Sha256Counter>,
+}
+
+impl WholeFileHash {
+    fn new(file: File) -> io::Result<Self> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(QUEUED_HASH_BATCHES);
+        let hasher = std::thread::Builder::new()
+            .name("lrvault-check".into())
+            .spawn(move || {
+                let mut counter = Sha256Counter::default();
+                for batch in rx {
+                    let _ = counter.write_all(&batch);
+                }
+                counter
+            })?;
+        Ok(WholeFileHash {
+            file,
+            pos: 0,
+            hashed: 0,
+            staged: Vec::with_capacity(HASH_BATCH),
+            tx,
+            hasher,
+        })
+    }
+
+    /// Hashes the part of `bytes` (read at `at`) that extends the hashed prefix.
+    fn extend(&mut self, at: u64, bytes: &[u8]) {
+        let end = at + bytes.len() as u64;
+        if at > self.hashed || end <= self.hashed {
+            return;
+        }
+        let mut new = &bytes[(self.hashed - at) as usize..];
+        self.hashed = end;
+        while !new.is_empty() {
+            let room = HASH_BATCH - self.staged.len();
+            let (now, later) = new.split_at(room.min(new.len()));
+            self.staged.extend_from_slice(now);
+            new = later;
+            if self.staged.len() == HASH_BATCH {
+                let full = std::mem::replace(&mut self.staged, Vec::with_capacity(HASH_BATCH));
+                // A hasher that is gone has panicked; finish() reports it.
+                let _ = self.tx.send(full);
+            }
+        }
+    }
+
+    /// Reads what was never reached, then returns the file's size and SHA-256 (hex).
+    fn finish(mut self) -> io::Result<(u64, String)> {
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            let at = self.hashed;
+            let n = self.file.read_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            self.extend(at, &buf[..n]);
+        }
+        let _ = self.tx.send(std::mem::take(&mut self.staged));
+        drop(self.tx);
+        let counter = self
+            .hasher
+            .join()
+            .map_err(|_| io::Error::other("the hashing thread failed"))?;
+        Ok((counter.len, hex::encode(counter.hasher.finalize())))
+    }
+}
+
+impl Read for WholeFileHash {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        let at = self.pos;
+        self.extend(at, &buf[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for WholeFileHash {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.file.metadata()?.len().checked_add_signed(d),
+        };
+        self.pos = target
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
+    }
 }
 
 /// Walks the store and removes every `*.partial` file left by a crash; returns what it removed.
@@ -615,6 +771,35 @@ mod tests {
             check_package(&not_zip),
             Err(PackageError::Zip { op: "reading", .. })
         ));
+    }
+
+    #[test]
+    fn whole_file_hash_covers_every_byte_once_whatever_the_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..3 * HASH_BATCH + 12_345)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        fs::write(&path, &bytes).unwrap();
+        // Jump to the end first (as the zip reader does), re-read, skip ahead, and stop short.
+        let mut whole = WholeFileHash::new(File::open(&path).unwrap()).unwrap();
+        let mut buf = vec![0u8; 70_000];
+        for (at, len) in [
+            (bytes.len() as u64 - 100, 100),
+            (0, 70_000),
+            (10, 5),
+            (50_000, 70_000),
+        ] {
+            whole.seek(SeekFrom::Start(at)).unwrap();
+            whole.read_exact(&mut buf[..len]).unwrap();
+            assert_eq!(buf[..len], bytes[at as usize..at as usize + len]);
+        }
+        whole.seek(SeekFrom::Start(2 * HASH_BATCH as u64)).unwrap();
+        whole.read_exact(&mut buf).unwrap();
+        assert_eq!(
+            whole.finish().unwrap(),
+            (bytes.len() as u64, sha256_hex(&bytes))
+        );
     }
 
     #[test]

@@ -4,13 +4,18 @@
 //! The pieces: `names` turns API-supplied strings into safe paths and payload names
 //! ([`package_rel_path`], [`payload_base_name`], [`sanitize_file_name`]), `writer` streams a
 //! download into `<final>.partial` while hashing it and then moves it into place without
-//! overwriting ([`PackageWriter`]), `check` re-reads a package entry by entry after writing and
+//! overwriting ([`PackageWriter`]), `compression` decides per payload whether to store or
+//! deflate it ([`CompressionChoice`]), `hashers` runs the payload's hashes on threads of their
+//! own, `check` re-reads a package entry by entry after writing and
 //! for `lrvault verify` ([`check_package`]), and `transcript` extracts the few fields we record
 //! from RunScript output ([`parse_transcript`]).
 //! All of it is synchronous std code meant to run on a blocking thread.
 
 mod check;
+mod compression;
+mod hashers;
 mod names;
+mod partial;
 mod sink;
 mod transcript;
 mod writer;
@@ -19,6 +24,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
+pub use compression::{CompressionChoice, EntryMethod};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
 pub use sink::{PackageSink, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
@@ -65,6 +71,8 @@ pub struct PackageSpec {
     pub compression: Compression,
     /// Content-Length when known; `None` or close to 4 GiB and above => zip64 entry.
     pub expected_size: Option<u64>,
+    /// Compute the payload's MD5: only worth its time when the server sent one to check.
+    pub compute_md5: bool,
 }
 
 /// Hashes and sizes of one payload, known once its last byte has been written.
@@ -75,11 +83,14 @@ pub struct PayloadDigests {
     pub size: u64,
     /// Lowercase hex.
     pub sha256: String,
-    pub md5: [u8; 16],
+    /// Only when [`PackageSpec::compute_md5`] asked for it.
+    pub md5: Option<[u8; 16]>,
     pub encoding: PayloadEncoding,
     /// Of the gunzipped stream, when gzip and it decoded fully.
     pub original_size: Option<u64>,
     pub original_sha256: Option<String>,
+    /// How the payload entry was written, and why.
+    pub compression: CompressionChoice,
 }
 
 /// Where a finished package is and what its bytes hash to.

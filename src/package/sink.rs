@@ -1,6 +1,8 @@
 //! The package writer on its own blocking thread, fed through a bounded channel, so the task
-//! that receives the download never waits on hashing, compression or the disk (and memory
-//! stays flat: at most [`CHANNEL_CHUNKS`] chunks are in flight).
+//! that receives the download never waits on hashing, compression or the disk. The chunks are
+//! the HTTP client's own buffers, passed on without a copy; the writer gathers them into
+//! batches of about a MiB that its hashing threads share. Memory stays flat: at most
+//! [`CHANNEL_CHUNKS`] chunks wait here, and a few batches per hashing thread there.
 //!
 //! Life of a sink: [`PackageSink::create`] → the download sends chunks to
 //! [`PackageSink::sender`] → [`PackageSink::close`] hands back a [`StreamedPackage`] with the
@@ -22,6 +24,7 @@ const TRANSCRIPT_PARSE_LIMIT: usize = 4 << 20;
 /// What the writer thread hands back when the body has ended.
 struct Written {
     writer: PackageWriter,
+    digests: PayloadDigests,
     head: Option<Vec<u8>>,
 }
 
@@ -43,7 +46,6 @@ impl PackageSink {
             let mut writer = writer;
             let mut head = capture_head.then(Vec::new);
             while let Some(chunk) = rx.blocking_recv() {
-                writer.write(&chunk)?;
                 if let Some(h) = head.as_mut() {
                     if h.len() + chunk.len() <= TRANSCRIPT_PARSE_LIMIT {
                         h.extend_from_slice(&chunk);
@@ -51,8 +53,15 @@ impl PackageSink {
                         head = None;
                     }
                 }
+                writer.write(chunk)?;
             }
-            Ok(Written { writer, head })
+            // Waits for the hashing threads to catch up with the last byte.
+            let digests = writer.digests()?;
+            Ok(Written {
+                writer,
+                digests,
+                head,
+            })
         });
         Ok(PackageSink { tx, handle })
     }
@@ -66,8 +75,11 @@ impl PackageSink {
     /// Ends the payload and waits for the writer. On error the partial is already removed.
     pub async fn close(self) -> Result<StreamedPackage, PackageError> {
         drop(self.tx);
-        let Written { mut writer, head } = self.handle.await.map_err(task_error)??;
-        let digests = writer.digests();
+        let Written {
+            writer,
+            digests,
+            head,
+        } = self.handle.await.map_err(task_error)??;
         Ok(StreamedPackage {
             writer,
             digests,

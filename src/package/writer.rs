@@ -1,8 +1,9 @@
 //! Streams one command result into a BagIt zip at `<final>.partial`, hashing as the bytes pass,
 //! then verifies the partial and moves it into place without ever overwriting a package.
 //!
-//! Memory stays flat: the payload goes straight into the zip entry (the first few bytes are
-//! held back only until the magic number has been seen), and the gunzipped stream of a gzip
+//! Memory stays flat: the payload goes into the zip entry in batches of about a MiB (the first
+//! batch is held back only until `auto` compression has judged it), the hashes run on their own
+//! threads over the same buffers ([`super::hashers`]), and the gunzipped stream of a gzip
 //! payload is only hashed, never stored.
 
 use std::fs::{self, File};
@@ -10,21 +11,24 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use flate2::write::MultiGzDecoder;
-use md5::Md5;
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
 
 use super::check::{check_package, encode_manifest_path};
+use super::compression::{
+    CompressionChoice, FAST_LEVEL, MAGIC_LEN, SAMPLE_LEN, choose_by_head, choose_by_sample,
+};
+use super::hashers::{Batch, PayloadHashers};
 use super::names::{MAX_NAME_BYTES, sanitize_with_limit};
+use super::partial::PartialFile;
 use super::{
     BagInfo, Compression, PackageError, PackageInfo, PackageSpec, PayloadDigests, PayloadEncoding,
-    Sha256Counter,
 };
 
-/// Enough bytes to recognise every magic number in [`is_already_compressed`].
-const MAGIC_LEN: usize = 6;
+/// Payload bytes gathered before they go to the hashers and the zip entry together.
+const BATCH_LEN: usize = SAMPLE_LEN;
 /// Payloads expected at or above this size get a zip64 entry. Kept below 4 GiB so deflate's
 /// worst-case expansion of incompressible data cannot cross the 32-bit limit unnoticed.
 const ZIP64_FROM: u64 = 0xF000_0000;
@@ -36,61 +40,6 @@ const ENTRY_MODE: u32 = 0o644;
 const PACKAGE_MODE: u32 = 0o440;
 
 type Zip = ZipWriter<BufWriter<PartialFile>>;
-
-/// The partial file under the zip writer. Once the package is abandoned (or a write to it
-/// failed, which dooms it) further writes are discarded: the zip crate finalises an archive
-/// when its writer is dropped, and on a full disk that would fail again (and print to stderr)
-/// for a file that is about to be removed anyway. The first error still reaches the caller.
-struct PartialFile {
-    file: File,
-    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl PartialFile {
-    fn is_abandoned(&self) -> bool {
-        self.abandoned.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn doom<T>(&self, r: io::Result<T>) -> io::Result<T> {
-        if r.is_err() {
-            self.abandoned
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl Write for PartialFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.is_abandoned() {
-            return Ok(buf.len());
-        }
-        let r = self.file.write(buf);
-        self.doom(r)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.is_abandoned() {
-            return Ok(());
-        }
-        let r = self.file.flush();
-        self.doom(r)
-    }
-}
-
-impl io::Seek for PartialFile {
-    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
-        let r = self.file.seek(pos);
-        self.doom(r)
-    }
-}
-
-/// What the first bytes of the payload told us.
-#[derive(Debug, Clone, Copy)]
-struct Detected {
-    gzip: bool,
-    method: CompressionMethod,
-}
 
 /// Writes one evidence package; see the module docs. Dropping it without
 /// [`finish`](Self::finish) removes the partial file.
@@ -112,15 +61,18 @@ pub struct PackageWriter {
     mtime: zip::DateTime,
     /// (name inside the bag, sha256 hex) of tag files already written.
     tag_hashes: Vec<(String, String)>,
-    /// Payload bytes held back until the magic number is known (at most `MAGIC_LEN - 1`).
-    prefix: Vec<u8>,
-    detected: Option<Detected>,
+    /// Payload chunks not handed on yet (fewer than `BATCH_LEN` bytes).
+    batch: Vec<Bytes>,
+    batch_len: usize,
+    /// Payload bytes held back until `auto` has judged its sample (at most the first batch).
+    held: Vec<Bytes>,
+    /// Known from the first batch on.
+    gzip: Option<bool>,
+    choice: Option<CompressionChoice>,
     entry_started: bool,
     size: u64,
-    sha256: Sha256,
-    md5: Md5,
-    /// Hashes the gunzipped stream; dropped (None) as soon as the stream turns out corrupt.
-    gunzip: Option<MultiGzDecoder<Sha256Counter>>,
+    /// `None` once the digests are taken.
+    hashers: Option<PayloadHashers>,
     digests: Option<PayloadDigests>,
     /// Set once the partial no longer needs removing on drop.
     done: bool,
@@ -173,11 +125,10 @@ impl PackageWriter {
                 source,
             })?;
         let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let file = PartialFile {
-            file,
-            abandoned: abandoned.clone(),
-        };
+        let file = PartialFile::new(file, abandoned.clone());
         let zip = ZipWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file));
+        let hashers = PayloadHashers::start(spec.compute_md5)
+            .map_err(|e| PackageError::Task(format!("cannot start the hashing threads: {e}")))?;
         let mut writer = PackageWriter {
             bag_name: spec.bag_name,
             payload_base_name: spec.payload_base_name,
@@ -193,13 +144,14 @@ impl PackageWriter {
             abandoned,
             mtime: zip_now(),
             tag_hashes: Vec::new(),
-            prefix: Vec::with_capacity(MAGIC_LEN),
-            detected: None,
+            batch: Vec::new(),
+            batch_len: 0,
+            held: Vec::new(),
+            gzip: None,
+            choice: None,
             entry_started: false,
             size: 0,
-            sha256: Sha256::new(),
-            md5: Md5::new(),
-            gunzip: None,
+            hashers: Some(hashers),
             digests: None,
             done: false,
         };
@@ -209,8 +161,9 @@ impl PackageWriter {
         Ok(writer)
     }
 
-    /// Appends payload bytes as delivered; chunks may be any size, even one byte.
-    pub fn write(&mut self, chunk: &[u8]) -> Result<(), PackageError> {
+    /// Appends payload bytes as delivered; chunks may be any size, even one byte. The buffer
+    /// is shared with the hashing threads, never copied.
+    pub fn write(&mut self, chunk: Bytes) -> Result<(), PackageError> {
         if self.digests.is_some() {
             return Err(PackageError::AlreadyFinalized {
                 path: self.partial_path.clone(),
@@ -220,30 +173,12 @@ impl PackageWriter {
             return Ok(());
         }
         self.size += chunk.len() as u64;
-        self.sha256.update(chunk);
-        self.md5.update(chunk);
-        if self.detected.is_none() {
-            if self.prefix.len() + chunk.len() < MAGIC_LEN {
-                self.prefix.extend_from_slice(chunk);
-                return Ok(());
-            }
-            let need = MAGIC_LEN - self.prefix.len();
-            let mut head = self.prefix.clone();
-            head.extend_from_slice(&chunk[..need]);
-            self.detect(&head);
-            self.start_payload_entry()?;
+        self.batch_len += chunk.len();
+        self.batch.push(chunk);
+        if self.batch_len >= BATCH_LEN {
+            self.flush_batch()?;
         }
-        self.feed_gunzip(chunk);
-        let path = &self.partial_path;
-        self.zip
-            .as_mut()
-            .ok_or_else(|| finished_error(path))?
-            .write_all(chunk)
-            .map_err(|source| PackageError::Io {
-                path: path.clone(),
-                op: "writing payload to",
-                source,
-            })
+        Ok(())
     }
 
     /// Payload bytes received so far.
@@ -252,34 +187,28 @@ impl PackageWriter {
     }
 
     /// The payload's digests; call after the last [`write`](Self::write). Later writes fail.
-    pub fn digests(&mut self) -> PayloadDigests {
+    pub fn digests(&mut self) -> Result<PayloadDigests, PackageError> {
         if let Some(digests) = &self.digests {
-            return digests.clone();
+            return Ok(digests.clone());
         }
-        if self.detected.is_none() {
-            // Shorter than MAGIC_LEN: decide on what we have (this also feeds the decoder).
-            let head = self.prefix.clone();
-            self.detect(&head);
-        }
-        let gzip = self.detected.is_some_and(|d| d.gzip);
-        let (original_size, original_sha256) = match self.gunzip.take() {
-            Some(mut decoder) => match decoder.try_finish() {
-                Ok(()) => {
-                    let counter = std::mem::take(decoder.get_mut());
-                    (
-                        Some(counter.len),
-                        Some(hex::encode(counter.hasher.finalize())),
-                    )
-                }
-                Err(_) => (None, None),
-            },
-            None => (None, None),
+        self.flush_batch()?;
+        let gzip = self.gzip.unwrap_or(false);
+        let choice = match self.choice.take() {
+            Some(choice) => choice,
+            None => choose_by_sample(&self.held),
         };
+        self.choice = Some(choice.clone());
+        let hashes = self
+            .hashers
+            .take()
+            .and_then(PayloadHashers::finish)
+            .ok_or_else(|| PackageError::Task("a hashing thread failed".to_string()))?;
+        let (original_size, original_sha256) = hashes.original.unzip();
         let digests = PayloadDigests {
             payload_name: self.payload_name(gzip),
             size: self.size,
-            sha256: hex::encode(std::mem::take(&mut self.sha256).finalize()),
-            md5: std::mem::take(&mut self.md5).finalize().into(),
+            sha256: hashes.sha256,
+            md5: hashes.md5,
             encoding: if gzip {
                 PayloadEncoding::Gzip
             } else {
@@ -287,15 +216,16 @@ impl PackageWriter {
             },
             original_size,
             original_sha256,
+            compression: choice,
         };
         self.digests = Some(digests.clone());
-        digests
+        Ok(digests)
     }
 
     /// Writes the tag files (with `retrieval_json` verbatim), closes and fsyncs the zip,
     /// re-checks it, makes it read-only and moves it into place without overwriting.
     pub fn finish(mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
-        let digests = self.digests();
+        let digests = self.digests()?;
         if !self.entry_started {
             self.start_payload_entry()?;
         }
@@ -325,19 +255,31 @@ impl PackageWriter {
             op: "finishing",
             source,
         })?;
-        let PartialFile { file, .. } = buffered.into_inner().map_err(|e| PackageError::Io {
-            path: self.partial_path.clone(),
-            op: "flushing",
-            source: e.into_error(),
-        })?;
-        file.sync_all().map_err(|source| PackageError::Io {
+        let file = buffered
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(PartialFile::into_file)
+            .map_err(|source| PackageError::Io {
+                path: self.partial_path.clone(),
+                op: "flushing",
+                source,
+            })?;
+        // The fsync waits on the disk while the re-check reads the page cache: both at once.
+        let partial = &self.partial_path;
+        let (synced, check) = std::thread::scope(|scope| {
+            let syncing = scope.spawn(move || file.sync_all());
+            let check = check_package(partial);
+            let synced = syncing
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the fsync thread failed")));
+            (synced, check)
+        });
+        synced.map_err(|source| PackageError::Io {
             path: self.partial_path.clone(),
             op: "fsyncing",
             source,
         })?;
-        drop(file);
-
-        let check = check_package(&self.partial_path)?;
+        let check = check?;
         let mut mismatches = check.problems.clone();
         if check.bag_name != self.bag_name {
             mismatches.push(format!(
@@ -409,30 +351,54 @@ impl PackageWriter {
         }
     }
 
-    fn detect(&mut self, head: &[u8]) {
-        let gzip = head.starts_with(&GZIP_MAGIC);
-        let method = match self.compression {
-            Compression::Stored => CompressionMethod::Stored,
-            Compression::Deflate => CompressionMethod::Deflated,
-            Compression::Auto if is_already_compressed(head) => CompressionMethod::Stored,
-            Compression::Auto => CompressionMethod::Deflated,
-        };
-        self.detected = Some(Detected { gzip, method });
-        if gzip {
-            self.gunzip = Some(MultiGzDecoder::new(Sha256Counter::default()));
-            let prefix = std::mem::take(&mut self.prefix);
-            self.feed_gunzip(&prefix);
-            self.prefix = prefix;
+    /// Hands the gathered chunks to the hashers and the zip entry. The first batch also tells
+    /// whether the payload is gzip and, when its magic bytes suffice, how to compress it.
+    fn flush_batch(&mut self) -> Result<(), PackageError> {
+        if self.batch.is_empty() {
+            return Ok(());
         }
+        let batch: Batch = std::mem::take(&mut self.batch).into();
+        self.batch_len = 0;
+        let hashers = self
+            .hashers
+            .as_mut()
+            .ok_or_else(|| finished_error(&self.partial_path))?;
+        if self.gzip.is_none() {
+            let head = head_of(&batch, MAGIC_LEN);
+            let gzip = head.starts_with(&GZIP_MAGIC);
+            if gzip {
+                hashers.start_gunzip().map_err(|e| {
+                    PackageError::Task(format!("cannot start the gunzip thread: {e}"))
+                })?;
+            }
+            self.gzip = Some(gzip);
+            self.choice = choose_by_head(self.compression, &head);
+        }
+        hashers.feed(&batch);
+        if self.entry_started {
+            return self.write_entry(&batch);
+        }
+        self.held.extend(batch.iter().cloned());
+        if self.choice.is_none() && self.held.iter().map(Bytes::len).sum::<usize>() >= SAMPLE_LEN {
+            self.choice = Some(choose_by_sample(&self.held));
+        }
+        if self.choice.is_some() {
+            self.start_payload_entry()?;
+        }
+        Ok(())
     }
 
-    fn feed_gunzip(&mut self, bytes: &[u8]) {
-        if let Some(decoder) = self.gunzip.as_mut()
-            && decoder.write_all(bytes).is_err()
-        {
-            // Corrupt gzip only costs us original_*; the payload is archived as delivered.
-            self.gunzip = None;
+    fn write_entry(&mut self, chunks: &[Bytes]) -> Result<(), PackageError> {
+        let path = &self.partial_path;
+        let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
+        for chunk in chunks {
+            zip.write_all(chunk).map_err(|source| PackageError::Io {
+                path: path.clone(),
+                op: "writing payload to",
+                source,
+            })?;
         }
+        Ok(())
     }
 
     fn payload_name(&self, gzip: bool) -> String {
@@ -448,22 +414,18 @@ impl PackageWriter {
         }
     }
 
-    /// Opens the payload entry and writes the held-back prefix into it.
+    /// Opens the payload entry and writes the held-back bytes into it.
     fn start_payload_entry(&mut self) -> Result<(), PackageError> {
-        let detected = self.detected.unwrap_or(Detected {
-            gzip: false,
-            method: CompressionMethod::Stored,
-        });
+        let method = self
+            .choice
+            .as_ref()
+            .map_or(CompressionMethod::Stored, |c| c.method.zip_method());
         let name = format!(
             "{}/data/{}",
             self.bag_name,
-            self.payload_name(detected.gzip)
+            self.payload_name(self.gzip.unwrap_or(false))
         );
-        let options = SimpleFileOptions::default()
-            .compression_method(detected.method)
-            .last_modified_time(self.mtime)
-            .unix_permissions(ENTRY_MODE)
-            .large_file(self.large_file);
+        let options = entry_options(method, self.mtime).large_file(self.large_file);
         let path = &self.partial_path;
         let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
         zip.start_file(name, options)
@@ -472,26 +434,14 @@ impl PackageWriter {
                 op: "starting payload entry in",
                 source,
             })?;
-        zip.write_all(&self.prefix)
-            .map_err(|source| PackageError::Io {
-                path: path.clone(),
-                op: "writing payload to",
-                source,
-            })?;
-        self.prefix = Vec::new();
         self.entry_started = true;
-        Ok(())
+        let held = std::mem::take(&mut self.held);
+        self.write_entry(&held)
     }
 
+    /// Tag files are always deflated (DESIGN.md §7).
     fn add_tag_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), PackageError> {
-        let method = match self.compression {
-            Compression::Stored => CompressionMethod::Stored,
-            Compression::Auto | Compression::Deflate => CompressionMethod::Deflated,
-        };
-        let options = SimpleFileOptions::default()
-            .compression_method(method)
-            .last_modified_time(self.mtime)
-            .unix_permissions(ENTRY_MODE);
+        let options = entry_options(CompressionMethod::Deflated, self.mtime);
         let path = &self.partial_path;
         let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
         zip.start_file(format!("{}/{name}", self.bag_name), options)
@@ -657,17 +607,27 @@ pub fn partial_path_for(final_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Recognises payloads that deflate would only waste time on.
-fn is_already_compressed(head: &[u8]) -> bool {
-    const MAGICS: [&[u8]; 6] = [
-        &[0x1f, 0x8b],                         // gzip
-        &[0x50, 0x4b, 0x03, 0x04],             // zip (also docx, jar, ...)
-        &[0x37, 0x7a, 0xbc, 0xaf, 0x27, 0x1c], // 7z
-        &[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00], // xz
-        &[0x28, 0xb5, 0x2f, 0xfd],             // zstd
-        b"BZh",                                // bzip2
-    ];
-    MAGICS.iter().any(|magic| head.starts_with(magic))
+/// Zip entry options: the method (deflate at the fast level), the time and the Unix mode.
+fn entry_options(method: CompressionMethod, mtime: zip::DateTime) -> SimpleFileOptions {
+    let level = (method == CompressionMethod::Deflated).then_some(i64::from(FAST_LEVEL));
+    SimpleFileOptions::default()
+        .compression_method(method)
+        .compression_level(level)
+        .last_modified_time(mtime)
+        .unix_permissions(ENTRY_MODE)
+}
+
+/// The first `n` bytes of a batch (fewer when it is shorter).
+fn head_of(batch: &[Bytes], n: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(n);
+    for chunk in batch {
+        let take = (n - head.len()).min(chunk.len());
+        head.extend_from_slice(&chunk[..take]);
+        if head.len() == n {
+            break;
+        }
+    }
+    head
 }
 
 /// Bag-info values must stay on one line.
@@ -697,7 +657,8 @@ fn zip_now() -> zip::DateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::package::{check_package, remove_stale_partials, sha256_hex};
+    use crate::package::{EntryMethod, check_package, remove_stale_partials, sha256_hex};
+    use md5::Md5;
     use std::io::Read;
 
     const BAG: &str = "a1b2c3-002";
@@ -721,6 +682,7 @@ mod tests {
             },
             compression,
             expected_size: None,
+            compute_md5: true,
         }
     }
 
@@ -751,11 +713,15 @@ mod tests {
     ) -> (PayloadDigests, PackageInfo) {
         let mut writer = PackageWriter::create(spec).unwrap();
         for piece in payload.chunks(chunk.max(1)) {
-            writer.write(piece).unwrap();
+            writer.write(Bytes::copy_from_slice(piece)).unwrap();
         }
         assert_eq!(writer.bytes_written(), payload.len() as u64);
-        let digests = writer.digests();
-        assert_eq!(writer.digests(), digests, "digests() must be idempotent");
+        let digests = writer.digests().unwrap();
+        assert_eq!(
+            writer.digests().unwrap(),
+            digests,
+            "digests() must be idempotent"
+        );
         let info = writer.finish(RETRIEVAL).unwrap();
         (digests, info)
     }
@@ -819,12 +785,14 @@ mod tests {
                     payload_name: "collect.ps1.transcript.json".to_string(),
                     size: payload.len() as u64,
                     sha256: payload_sha.clone(),
-                    md5: md5_of(&payload),
+                    md5: Some(md5_of(&payload)),
                     encoding: PayloadEncoding::None,
                     original_size: None,
                     original_sha256: None,
+                    compression: choose_by_sample(&[Bytes::from(payload.clone())]),
                 }
             );
+            assert_eq!(digests.compression.method, EntryMethod::Deflated);
             let path = final_path(dir.path());
             let file_bytes = fs::read(&path).unwrap();
             assert_eq!(
@@ -930,10 +898,14 @@ mod tests {
                     payload_name: "evil.exe.gz".to_string(),
                     size: payload.len() as u64,
                     sha256: sha256_hex(&payload),
-                    md5: md5_of(&payload),
+                    md5: Some(md5_of(&payload)),
                     encoding: PayloadEncoding::Gzip,
                     original_size: Some(original.len() as u64),
                     original_sha256: Some(sha256_hex(&original)),
+                    compression: CompressionChoice {
+                        method: EntryMethod::Stored,
+                        reason: "already compressed (gzip)".to_string(),
+                    },
                 }
             );
             let entries = read_zip(&final_path(dir.path()));
@@ -1024,13 +996,133 @@ mod tests {
             let data = entry(&entries, "data/p.bin");
             assert_eq!(data.method, expected, "{compression:?}");
             assert_eq!(data.bytes, payload);
+            // Tag files are always deflated, whatever the payload's choice.
             let tag_method = entry(&entries, "bagit.txt").method;
-            let expected_tag = if compression == Compression::Stored {
-                CompressionMethod::Stored
-            } else {
-                CompressionMethod::Deflated
-            };
-            assert_eq!(tag_method, expected_tag, "{compression:?}");
+            assert_eq!(tag_method, CompressionMethod::Deflated, "{compression:?}");
+        }
+    }
+
+    /// Extracts a package with the real `unzip` tool (after `unzip -t`) and returns the payload.
+    fn unzip_payload(package: &Path, payload_name: &str) -> Vec<u8> {
+        let out = tempfile::tempdir().unwrap();
+        for args in [vec!["-tq"], vec!["-q", "-d", out.path().to_str().unwrap()]] {
+            let status = std::process::Command::new("unzip")
+                .args(&args)
+                .arg(package)
+                .status()
+                .expect("the unzip tool (apt-get install unzip)");
+            assert!(status.success(), "unzip {args:?} {}", package.display());
+        }
+        fs::read(out.path().join(BAG).join("data").join(payload_name)).unwrap()
+    }
+
+    /// Pseudo-random bytes that deflate cannot shrink.
+    fn random_bytes(len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        rand::Rng::fill(&mut rand::rng(), bytes.as_mut_slice());
+        bytes
+    }
+
+    fn zip_file_bytes() -> Vec<u8> {
+        let mut zip = zip::ZipWriter::new(io::Cursor::new(Vec::new()));
+        zip.start_file("notes.txt", SimpleFileOptions::default())
+            .unwrap();
+        zip.write_all(&b"compressible notes ".repeat(10_000))
+            .unwrap();
+        zip.finish().unwrap().into_inner()
+    }
+
+    /// `auto` as DESIGN.md §7 has it, checked end to end: the method in the zip, the reason in
+    /// the digests, and the exact bytes and hashes back through the real `unzip`.
+    #[test]
+    fn auto_compression_round_trips_through_unzip() {
+        let seven_z = [
+            b"7z\xbc\xaf\x27\x1c\x00\x04".as_slice(),
+            &random_bytes(70_000),
+        ]
+        .concat();
+        let text = b"2026-11-27T12:00:00Z svchost.exe pid=812 opened \\Device\\HarddiskVolume3\n"
+            .repeat(40_000);
+        let cases: [(&str, Vec<u8>, CompressionMethod, &str); 5] = [
+            (
+                "memory.raw",
+                random_bytes(3 << 20),
+                CompressionMethod::Stored,
+                "deflate level 2 saved 0.0 % of the first",
+            ),
+            (
+                "logs.zip",
+                zip_file_bytes(),
+                CompressionMethod::Stored,
+                "already compressed (zip)",
+            ),
+            (
+                "evil.gz",
+                gzip(&text),
+                CompressionMethod::Stored,
+                "already compressed (gzip)",
+            ),
+            (
+                "archive.7z",
+                seven_z,
+                CompressionMethod::Stored,
+                "already compressed (7z)",
+            ),
+            (
+                "events.log",
+                text.clone(),
+                CompressionMethod::Deflated,
+                "deflate level 2 saved 9",
+            ),
+        ];
+        for (name, payload, method, reason) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let (digests, _) = write_package(
+                spec(dir.path(), name, false, Compression::Auto),
+                &payload,
+                100_000,
+            );
+            assert!(
+                digests.compression.reason.starts_with(reason),
+                "{name}: {}",
+                digests.compression.reason
+            );
+            assert_eq!(digests.compression.method.zip_method(), method, "{name}");
+            let path = final_path(dir.path());
+            let entries = read_zip(&path);
+            assert_eq!(
+                entry(&entries, &format!("data/{name}")).method,
+                method,
+                "{name}"
+            );
+            let package = fs::metadata(&path).unwrap().len();
+            if method == CompressionMethod::Deflated {
+                assert!(
+                    package < payload.len() as u64 / 5,
+                    "{name}: {package} bytes"
+                );
+            }
+            let back = unzip_payload(&path, name);
+            assert_eq!(back, payload, "{name}");
+            assert_eq!(sha256_hex(&back), digests.sha256, "{name}");
+            assert!(check_package(&path).unwrap().problems.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn configured_choices_round_trip_through_unzip() {
+        let payload = b"plain text, compressible ".repeat(1000);
+        for (compression, method) in [
+            (Compression::Stored, CompressionMethod::Stored),
+            (Compression::Deflate, CompressionMethod::Deflated),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (digests, _) =
+                write_package(spec(dir.path(), "t.txt", false, compression), &payload, 777);
+            assert_eq!(digests.compression.method.zip_method(), method);
+            let path = final_path(dir.path());
+            assert_eq!(entry(&read_zip(&path), "data/t.txt").method, method);
+            assert_eq!(unzip_payload(&path, "t.txt"), payload);
         }
     }
 
@@ -1110,12 +1202,12 @@ mod tests {
         let mut s = spec(dir.path(), "big.bin", true, Compression::Stored);
         s.expected_size = None;
         let mut writer = PackageWriter::create(s).unwrap();
-        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8).collect();
+        let chunk: Bytes = (0..MIB).map(|i| (i % 251) as u8).collect();
         let before = peak_rss_kib();
         for _ in 0..TOTAL_MIB {
-            writer.write(&chunk).unwrap();
+            writer.write(chunk.clone()).unwrap();
         }
-        let digests = writer.digests();
+        let digests = writer.digests().unwrap();
         let info = writer.finish(RETRIEVAL).unwrap();
         let grown_kib = peak_rss_kib() - before;
         assert_eq!(digests.size, (TOTAL_MIB * MIB) as u64);
@@ -1165,10 +1257,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut writer =
             PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
-        writer.write(b"abcdefgh").unwrap();
+        writer.write(Bytes::from_static(b"abcdefgh")).unwrap();
         let _ = writer.digests();
         assert!(matches!(
-            writer.write(b"more"),
+            writer.write(Bytes::from_static(b"more")),
             Err(PackageError::AlreadyFinalized { .. })
         ));
     }
@@ -1195,7 +1287,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut writer =
             PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
-        writer.write(b"second copy").unwrap();
+        writer.write(Bytes::from_static(b"second copy")).unwrap();
         let path = final_path(dir.path());
         fs::write(&path, b"the existing package").unwrap();
         match writer.finish(RETRIEVAL) {
@@ -1229,7 +1321,9 @@ mod tests {
 
         let mut writer =
             PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
-        writer.write(b"some bytes here").unwrap();
+        writer
+            .write(Bytes::from_static(b"some bytes here"))
+            .unwrap();
         assert!(partial.exists());
         writer.abort();
         assert!(!partial.exists());
@@ -1237,7 +1331,9 @@ mod tests {
 
         let mut writer =
             PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
-        writer.write(b"some bytes here").unwrap();
+        writer
+            .write(Bytes::from_static(b"some bytes here"))
+            .unwrap();
         drop(writer);
         assert!(!partial.exists());
         assert!(!path.exists());

@@ -1,7 +1,9 @@
 //! Result blobs as the simulated blob host serves them. RunScript transcripts are small and held
 //! in memory; GetFile results are produced on demand by a seekable text generator wrapped in a
 //! gzip stream of *stored* deflate blocks, so any byte of a GiB blob can be computed directly
-//! and nothing is materialised. Hashes need one sequential pass and are cached.
+//! and nothing is materialised. Benchmark payloads ([`Payload`]) are raw: incompressible
+//! counter-based random bytes, or the same text unwrapped. Hashes need one sequential pass and
+//! are cached.
 
 use std::sync::{Arc, OnceLock};
 
@@ -45,6 +47,73 @@ pub(crate) enum Content {
     Transcript(Arc<[u8]>),
     /// A GetFile result: the generated original of `size` bytes, gzip-wrapped.
     GetFile { seed: u64, size: u64 },
+    /// A benchmark payload, served as generated (no gzip wrapping).
+    Raw { seed: u64, payload: Payload },
+}
+
+/// What a benchmark payload is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadKind {
+    /// Incompressible random bytes, no MD5 header.
+    Random,
+    /// Incompressible random bytes, with Content-MD5 / x-ms-blob-content-md5 whatever the size.
+    RandomMd5,
+    /// Log-like text lines (deflate roughly halves them), no MD5 header.
+    Text,
+}
+
+/// One extra GetFile result for benchmarks: `KIND:BYTES` on the command line, KIND one of
+/// `random`, `random-md5`, `text`; BYTES a number with an optional K, M or G (binary) suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Payload {
+    pub kind: PayloadKind,
+    pub size: u64,
+}
+
+impl std::str::FromStr for Payload {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Payload, String> {
+        let (kind, size) = s
+            .split_once(':')
+            .ok_or_else(|| format!("payload {s:?}: expected KIND:BYTES, e.g. random:2G"))?;
+        let kind = match kind {
+            "random" => PayloadKind::Random,
+            "random-md5" => PayloadKind::RandomMd5,
+            "text" => PayloadKind::Text,
+            other => {
+                return Err(format!(
+                    "payload kind {other:?}: expected random, random-md5 or text"
+                ));
+            }
+        };
+        let (digits, shift) = match size.as_bytes().last() {
+            Some(b'K' | b'k') => (&size[..size.len() - 1], 10),
+            Some(b'M' | b'm') => (&size[..size.len() - 1], 20),
+            Some(b'G' | b'g') => (&size[..size.len() - 1], 30),
+            _ => (size, 0),
+        };
+        let size = digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(1 << shift))
+            .ok_or_else(|| {
+                format!("payload size {size:?}: expected bytes, e.g. 268435456 or 256M")
+            })?;
+        Ok(Payload { kind, size })
+    }
+}
+
+impl Payload {
+    /// The GetFile `Path` the action asks for.
+    pub(crate) fn path(&self) -> String {
+        let (stem, ext) = match self.kind {
+            PayloadKind::Random => ("random", "bin"),
+            PayloadKind::RandomMd5 => ("random-md5", "bin"),
+            PayloadKind::Text => ("text", "log"),
+        };
+        format!(r"D:\Evidence\bench\{stem}-{}.{ext}", self.size)
+    }
 }
 
 /// Hashes of a blob, computed in one pass.
@@ -102,13 +171,23 @@ impl Blob {
         match &self.content {
             Content::Transcript(bytes) => bytes.len() as u64,
             Content::GetFile { size, .. } => gz_len(*size),
+            Content::Raw { payload, .. } => payload.size,
         }
     }
 
     pub fn content_type(&self) -> &'static str {
         match self.content {
             Content::Transcript(_) => "application/json",
-            Content::GetFile { .. } => "application/octet-stream",
+            Content::GetFile { .. } | Content::Raw { .. } => "application/octet-stream",
+        }
+    }
+
+    /// Whether the responses carry the blob's MD5: benchmark payloads say so themselves,
+    /// others up to `limit` bytes.
+    pub fn sends_md5(&self, limit: u64) -> bool {
+        match &self.content {
+            Content::Raw { payload, .. } => payload.kind == PayloadKind::RandomMd5,
+            _ => self.len() <= limit,
         }
     }
 
@@ -122,7 +201,7 @@ impl Blob {
     /// CRC-32 of the original file (GetFile only; 0 for transcripts).
     pub fn crc32(&self) -> u32 {
         *self.crc.get_or_init(|| match self.content {
-            Content::Transcript(_) => 0,
+            Content::Transcript(_) | Content::Raw { .. } => 0,
             Content::GetFile { seed, size } => {
                 let mut crc = crc32fast::Hasher::new();
                 let mut buf = Vec::with_capacity(1 << 20);
@@ -154,7 +233,26 @@ impl Blob {
                 original_sha256: None,
             },
             Content::GetFile { seed, size } => self.getfile_digests(*seed, *size),
+            Content::Raw { .. } => self.raw_digests(),
         })
+    }
+
+    fn raw_digests(&self) -> Digests {
+        let mut sha = Sha256::new();
+        let mut md5 = Md5::new();
+        let mut off = 0;
+        while off < self.len() {
+            let chunk = self.read(off, 1 << 20);
+            sha.update(&chunk);
+            md5.update(&chunk);
+            off += chunk.len() as u64;
+        }
+        Digests {
+            sha256: hex::encode(sha.finalize()),
+            md5: md5.finalize().into(),
+            original_size: None,
+            original_sha256: None,
+        }
     }
 
     fn getfile_digests(&self, seed: u64, size: u64) -> Digests {
@@ -203,6 +301,16 @@ impl Blob {
             Content::GetFile { seed, size } => {
                 let mut out = Vec::with_capacity((end - off) as usize);
                 self.read_gzip(*seed, *size, off, end, &mut out);
+                Bytes::from(out)
+            }
+            Content::Raw { seed, payload } => {
+                let mut out = Vec::with_capacity((end - off) as usize);
+                match payload.kind {
+                    PayloadKind::Random | PayloadKind::RandomMd5 => {
+                        fill_random(*seed, off, end - off, &mut out)
+                    }
+                    PayloadKind::Text => fill_original(*seed, off, end - off, &mut out),
+                }
                 Bytes::from(out)
             }
         }
@@ -301,6 +409,27 @@ fn line(seed: u64, n: u64) -> [u8; LINE as usize] {
     l[44..44 + word.len()].copy_from_slice(word);
     l[63] = b'\n';
     l
+}
+
+/// Appends bytes `[off, off + len)` of an endless random stream to `out`: word `i` is a
+/// strong 64-bit mix of `seed` and `i`, so any range is computed directly, at memory speed.
+pub(crate) fn fill_random(seed: u64, off: u64, len: u64, out: &mut Vec<u8>) {
+    let word = |i: u64| mix(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes();
+    let end = off + len;
+    let mut pos = off;
+    // A ragged start, whole words, a ragged end.
+    while pos < end && (!pos.is_multiple_of(8) || end - pos < 8) {
+        out.push(word(pos / 8)[(pos % 8) as usize]);
+        pos += 1;
+    }
+    while end - pos >= 8 {
+        out.extend_from_slice(&word(pos / 8));
+        pos += 8;
+    }
+    while pos < end {
+        out.push(word(pos / 8)[(pos % 8) as usize]);
+        pos += 1;
+    }
 }
 
 /// Appends the original file's bytes `[off, off + len)` to `out`.

@@ -271,7 +271,24 @@ pub(crate) fn generate_tenant(
     }
     if let (0, Some(size)) = (index, cfg.big_getfile) {
         let created = cfg.now - ChronoDuration::minutes(2);
-        actions.push(g.big_action(&tenant.tenant_id, created, size));
+        let content = Content::GetFile {
+            seed: g.rng.next_u64(),
+            size,
+        };
+        let path = r"D:\Evidence\memory\host-full.raw".to_string();
+        actions.push(g.getfile_action(&tenant.tenant_id, created, path, content));
+    }
+    if index == 0 {
+        // Oldest of all, so they are archived first and the others queue behind them.
+        let oldest = cfg.now - ChronoDuration::from_std(cfg.spread).unwrap_or_default();
+        for (i, payload) in cfg.payloads.iter().enumerate() {
+            let created = oldest + ChronoDuration::seconds(i as i64);
+            let content = Content::Raw {
+                seed: g.rng.next_u64(),
+                payload: *payload,
+            };
+            actions.push(g.getfile_action(&tenant.tenant_id, created, payload.path(), content));
+        }
     }
     actions.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
     assign_link_kinds(&mut actions, plan);
@@ -515,21 +532,25 @@ impl Generator<'_> {
         a
     }
 
-    fn big_action(&mut self, tenant_id: &str, created: DateTime<Utc>, size: u64) -> Action {
+    /// An action with one completed GetFile of `path` whose result is `content`.
+    fn getfile_action(
+        &mut self,
+        tenant_id: &str,
+        created: DateTime<Utc>,
+        path: String,
+        content: Content,
+    ) -> Action {
         let created = trunc(created, true);
         let start = trunc(created + self.secs(1_000, 5_000), true);
         let end = trunc(start + self.secs(5_000, 20_000), true);
         let command = CommandDraft {
             command_type: "GetFile",
-            params: vec![("Path", r"D:\Evidence\memory\host-full.raw".to_string())],
+            params: vec![("Path", path)],
             status: "Completed",
             start: Some(start),
             end: Some(end),
             errors: Vec::new(),
-            content: Some(Content::GetFile {
-                seed: self.rng.next_u64(),
-                size,
-            }),
+            content: Some(content),
         };
         self.action(
             tenant_id,

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use blob::{Payload, PayloadKind};
 pub use fault::{FAULT_NAMES, Fault};
 
 use blob::Blob;
@@ -76,6 +77,9 @@ pub struct SimConfig {
     pub max_getfile_size: u64,
     /// One extra action (first tenant only) with one GetFile of exactly this original size.
     pub big_getfile: Option<u64>,
+    /// Extra GetFile results (first tenant only) of a chosen kind and size, raw (not
+    /// gzip-wrapped), queued ahead of every other result; for benchmarks.
+    pub payloads: Vec<Payload>,
     /// Content-MD5 / x-ms-blob-content-md5 are sent only for blobs up to this size.
     pub md5_limit: u64,
     pub faults: Vec<Fault>,
@@ -100,6 +104,7 @@ impl Default for SimConfig {
             link_ttl: Duration::from_secs(30 * 60),
             max_getfile_size: 2 * 1024 * 1024,
             big_getfile: None,
+            payloads: Vec::new(),
             md5_limit: 256 * 1024 * 1024,
             faults: Vec::new(),
             clock_offset: chrono::Duration::zero(),

@@ -632,6 +632,10 @@ fn parse_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
     }
 }
 
+const AUTH_FAILED: &str = "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.";
+
+/// A blob GET as Azure answers it: counted faults first, then the SAS, the blob, If-Match, the
+/// range and the MD5 headers, then the body streamed from the generator.
 async fn serve_blob(
     app: &App,
     headers: &HeaderMap,
@@ -639,67 +643,11 @@ async fn serve_blob(
     blob: Option<Arc<Blob>>,
 ) -> Response {
     let inner = &app.sim.inner;
-    let plan = &inner.plan;
-    let k = next(&inner.counters.blob);
-    if k < plan.redirect {
-        return (
-            StatusCode::FOUND,
-            [(header::LOCATION, "https://evil.example.net/x")],
-        )
-            .into_response();
+    if let Some(fault) = injected_blob_fault(&inner.plan, next(&inner.counters.blob)) {
+        return fault;
     }
-    if k < plan.redirect + plan.blob_5xx {
-        return blob_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServerBusy",
-            "The server is busy.",
-            None,
-        );
-    }
-    if k < plan.redirect + plan.blob_5xx + plan.blob_403 {
-        return blob_error(
-            StatusCode::FORBIDDEN,
-            "AuthenticationFailed",
-            "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.",
-            Some("Signature did not match (the `blob-403` fault)."),
-        );
-    }
-    let query: HashMap<String, String> =
-        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
-    let auth_failed = |detail: &str| {
-        blob_error(
-            StatusCode::FORBIDDEN,
-            "AuthenticationFailed",
-            "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.",
-            Some(detail),
-        )
-    };
-    let (Some(se), Some(sig)) = (query.get("se"), query.get("sig")) else {
-        return auth_failed("Signature fields not well formed.");
-    };
-    let well_formed = query.get("sp").map(String::as_str) == Some("r")
-        && query.get("sr").map(String::as_str) == Some("b")
-        && query.get("sv").map(String::as_str) == Some(SAS_VERSION);
-    if !well_formed || sign(&inner.sas_key, uri.path(), se) != *sig {
-        return auth_failed(&format!(
-            "Signature did not match. String to sign used was r\n{se}\n{}\n{SAS_VERSION}\nb",
-            uri.path()
-        ));
-    }
-    let now = app.sim.now();
-    match DateTime::parse_from_rfc3339(se) {
-        Ok(expiry) if expiry.with_timezone(&Utc) >= now => {}
-        _ => {
-            let expiry = DateTime::parse_from_rfc3339(se)
-                .map(|e| http_date(e.with_timezone(&Utc)))
-                .unwrap_or_else(|_| se.clone());
-            return auth_failed(&format!(
-                "Signature not valid in the specified time frame: Start [] - Expiry [{expiry}] - Current [{}]",
-                http_date(now)
-            ));
-        }
+    if let Some(refused) = sas_refusal(&inner.sas_key, uri, app.sim.now()) {
+        return refused;
     }
     let Some(blob) = blob else {
         return blob_error(
@@ -720,70 +668,172 @@ async fn serve_blob(
             None,
         );
     }
-    let len = blob.len();
     let range = parse_range(headers);
-    let (start, end) = match range {
-        None => (0, len),
-        Some((from, _)) if from >= len => {
-            let mut resp = blob_error(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "InvalidRange",
-                "The range specified is invalid for the current size of the resource.",
+    let Some((start, end)) = byte_span(range, blob.len()) else {
+        return range_not_satisfiable(blob.len());
+    };
+    let md5 = match md5_header(app, &blob).await {
+        Ok(md5) => md5,
+        Err(failed) => return failed,
+    };
+    let cut =
+        (next(&inner.counters.bodies) < inner.plan.truncate).then(|| start + (end - start) / 2);
+    let body = Body::from_stream(body_stream(blob.clone(), start, end, cut, inner.plan.slow));
+    blob_response(&blob, body, range.is_some(), (start, end), md5)
+}
+
+/// The `redirect`, `blob-5xx` and `blob-403` faults, for the `k`-th blob request.
+fn injected_blob_fault(plan: &super::fault::FaultPlan, k: usize) -> Option<Response> {
+    if k < plan.redirect {
+        return Some(
+            (
+                StatusCode::FOUND,
+                [(header::LOCATION, "https://evil.example.net/x")],
+            )
+                .into_response(),
+        );
+    }
+    if k < plan.redirect + plan.blob_5xx {
+        return Some(blob_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServerBusy",
+            "The server is busy.",
+            None,
+        ));
+    }
+    if k < plan.redirect + plan.blob_5xx + plan.blob_403 {
+        return Some(blob_error(
+            StatusCode::FORBIDDEN,
+            "AuthenticationFailed",
+            AUTH_FAILED,
+            Some("Signature did not match (the `blob-403` fault)."),
+        ));
+    }
+    None
+}
+
+/// The 403 for a SAS query that is not well formed, not signed for this path and expiry, or
+/// expired at the simulator's clock `now`; `None` when it is good.
+fn sas_refusal(sas_key: &[u8; 32], uri: &Uri, now: DateTime<Utc>) -> Option<Response> {
+    let query: HashMap<String, String> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let auth_failed = |detail: &str| {
+        blob_error(
+            StatusCode::FORBIDDEN,
+            "AuthenticationFailed",
+            AUTH_FAILED,
+            Some(detail),
+        )
+    };
+    let (Some(se), Some(sig)) = (query.get("se"), query.get("sig")) else {
+        return Some(auth_failed("Signature fields not well formed."));
+    };
+    let well_formed = query.get("sp").map(String::as_str) == Some("r")
+        && query.get("sr").map(String::as_str) == Some("b")
+        && query.get("sv").map(String::as_str) == Some(SAS_VERSION);
+    if !well_formed || sign(sas_key, uri.path(), se) != *sig {
+        return Some(auth_failed(&format!(
+            "Signature did not match. String to sign used was r\n{se}\n{}\n{SAS_VERSION}\nb",
+            uri.path()
+        )));
+    }
+
+    match DateTime::parse_from_rfc3339(se) {
+        Ok(expiry) if expiry.with_timezone(&Utc) >= now => None,
+        _ => {
+            let expiry = DateTime::parse_from_rfc3339(se)
+                .map(|e| http_date(e.with_timezone(&Utc)))
+                .unwrap_or_else(|_| se.clone());
+            Some(auth_failed(&format!(
+                "Signature not valid in the specified time frame: Start [] - Expiry [{expiry}] - Current [{}]",
+                http_date(now)
+            )))
+        }
+    }
+}
+
+/// `[start, end)` of a blob of `len` bytes for the requested range; `None` when the range
+/// starts at or past the end.
+fn byte_span(range: Option<(u64, Option<u64>)>, len: u64) -> Option<(u64, u64)> {
+    match range {
+        None => Some((0, len)),
+        Some((from, _)) if from >= len => None,
+        Some((from, to)) => Some((from, to.map_or(len, |t| (t + 1).min(len)))),
+    }
+}
+
+fn range_not_satisfiable(len: u64) -> Response {
+    let mut resp = blob_error(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "InvalidRange",
+        "The range specified is invalid for the current size of the resource.",
+        None,
+    );
+    insert(
+        resp.headers_mut(),
+        "content-range",
+        &format!("bytes */{len}"),
+    );
+    resp
+}
+
+/// The blob's MD5 in base64 when it sends one (spoiled by the `bad-md5` fault); the first
+/// request pays for the hashing pass, on a blocking thread.
+async fn md5_header(app: &App, blob: &Arc<Blob>) -> Result<Option<String>, Response> {
+    let inner = &app.sim.inner;
+    if !blob.sends_md5(inner.cfg.md5_limit) {
+        return Ok(None);
+    }
+    if !blob.digests_ready() {
+        let b = blob.clone();
+        if tokio::task::spawn_blocking(move || b.digests().md5)
+            .await
+            .is_err()
+        {
+            return Err(blob_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "Server encountered an internal error.",
                 None,
-            );
-            insert(
-                resp.headers_mut(),
-                "content-range",
-                &format!("bytes */{len}"),
-            );
-            return resp;
+            ));
         }
-        Some((from, to)) => (from, to.map_or(len, |t| (t + 1).min(len))),
-    };
-    let md5 = if len <= inner.cfg.md5_limit {
-        if !blob.digests_ready() {
-            let b = blob.clone();
-            if tokio::task::spawn_blocking(move || b.digests().md5)
-                .await
-                .is_err()
-            {
-                return blob_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "InternalError",
-                    "Server encountered an internal error.",
-                    None,
-                );
-            }
-        }
-        let mut md5 = blob.digests().md5;
-        if next(&inner.counters.md5_headers) < plan.bad_md5 {
-            md5[0] ^= 0xff;
-        }
-        Some(BASE64.encode(md5))
-    } else {
-        None
-    };
-    let cut = (next(&inner.counters.bodies) < plan.truncate).then(|| start + (end - start) / 2);
-    let status = if range.is_some() {
+    }
+    let mut md5 = blob.digests().md5;
+    if next(&inner.counters.md5_headers) < inner.plan.bad_md5 {
+        md5[0] ^= 0xff;
+    }
+    Ok(Some(BASE64.encode(md5)))
+}
+
+/// 200 (or 206 for a range) with Azure's headers around `body`.
+fn blob_response(
+    blob: &Blob,
+    body: Body,
+    ranged: bool,
+    (start, end): (u64, u64),
+    md5: Option<String>,
+) -> Response {
+    let status = if ranged {
         StatusCode::PARTIAL_CONTENT
     } else {
         StatusCode::OK
     };
-    let body = Body::from_stream(body_stream(blob.clone(), start, end, cut, plan.slow));
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
     insert(h, "content-length", &(end - start).to_string());
     insert(h, "content-type", blob.content_type());
-    match (&md5, range.is_some()) {
+    match (&md5, ranged) {
         (Some(m), false) => insert(h, "content-md5", m),
         (Some(m), true) => insert(h, "x-ms-blob-content-md5", m),
         (None, _) => {}
     }
-    if range.is_some() {
+    if ranged {
         insert(
             h,
             "content-range",
-            &format!("bytes {start}-{}/{len}", end.saturating_sub(1)),
+            &format!("bytes {start}-{}/{}", end.saturating_sub(1), blob.len()),
         );
     }
     insert(h, "etag", &blob.etag);

@@ -70,7 +70,8 @@ impl<'a> Plan<'a> {
 
     /// Everything the package writer needs before the first byte, for a payload of
     /// `expected_size` bytes (when the server announced it).
-    fn spec(&self, ctx: &Context, expected_size: Option<u64>) -> PackageSpec {
+    /// `compute_md5`: the server sent an MD5 claim to check against.
+    fn spec(&self, ctx: &Context, expected_size: Option<u64>, compute_md5: bool) -> PackageSpec {
         let k = self.key();
         let (base_name, _) = package::payload_base_name(&self.claimed.command_type, &self.params);
         PackageSpec {
@@ -83,6 +84,7 @@ impl<'a> Plan<'a> {
             bag_info: self.bag_info(),
             compression: ctx.cfg.store.compression,
             expected_size,
+            compute_md5,
         }
     }
 
@@ -153,7 +155,15 @@ pub(super) async fn attempt(
             return Err(failure);
         }
     };
-    let md5_check = match dl.transfer.check_complete(&streamed.digests.md5) {
+    // The MD5 is computed only when the first response carried a claim.
+    let checked = match streamed.digests.md5 {
+        Some(md5) => dl.transfer.check_complete(&md5),
+        None if dl.transfer.server_md5.is_some() => Err(FetchError::Integrity(
+            "an MD5 claim arrived only on a resumed request; the MD5 was not computed".into(),
+        )),
+        None => dl.transfer.check_complete(&[0; 16]),
+    };
+    let md5_check = match checked {
         Ok(check) => check,
         Err(e) => {
             streamed.abort().await;
@@ -280,7 +290,7 @@ async fn open_and_stream(
         Err(e) => return Ok(Err(e)),
     };
     if dl.sink.is_none() {
-        let spec = plan.spec(ctx, dl.transfer.total);
+        let spec = plan.spec(ctx, dl.transfer.total, dl.transfer.server_md5.is_some());
         let capture = plan.claimed.command_type == "RunScript";
         let sink = PackageSink::create(spec, capture)
             .await
@@ -369,6 +379,7 @@ async fn finish_package(
         "bytes": d.size,
         "sha256": d.sha256,
         "md5_check": md5_check,
+        "compression": d.compression,
         "encoding": d.encoding,
         "original_name": original_name,
         "original_size": d.original_size,
@@ -389,7 +400,7 @@ async fn finish_package(
         payload_name: d.payload_name,
         payload_size: d.size,
         payload_sha256: d.sha256,
-        payload_md5: (md5_check == "match").then(|| hex::encode(d.md5)),
+        payload_md5: d.md5.filter(|_| md5_check == "match").map(hex::encode),
         original_name,
         original_size: d.original_size,
         original_sha256: d.original_sha256,

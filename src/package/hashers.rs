@@ -1,0 +1,210 @@
+//! The payload's digests, each computed on a thread of its own so that hashing keeps up with the
+//! network on a small machine: SHA-256 always, MD5 only when the server sent an MD5 to check
+//! against, and the SHA-256 of the gunzipped stream when the payload is gzip. The writer hands
+//! every worker the same [`Batch`] (about a MiB of the download's own buffers, shared, never
+//! copied); each worker's queue holds at most [`QUEUED_BATCHES`], so memory stays flat and a
+//! slow hash slows the download instead of piling up bytes.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use flate2::write::MultiGzDecoder;
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+use super::Sha256Counter;
+
+/// A run of payload chunks in order, shared by every worker.
+pub(crate) type Batch = Arc<[Bytes]>;
+/// Batches queued per worker before the writer waits for it.
+const QUEUED_BATCHES: usize = 4;
+
+/// What the workers computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hashes {
+    /// Lowercase hex.
+    pub sha256: String,
+    pub md5: Option<[u8; 16]>,
+    /// Size and SHA-256 (hex) of the gunzipped stream, when it decoded fully.
+    pub original: Option<(u64, String)>,
+}
+
+/// One hashing thread fed through a bounded queue.
+struct Worker<T> {
+    tx: SyncSender<Batch>,
+    handle: JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Worker<T> {
+    fn spawn<S: Send + 'static>(
+        name: &str,
+        mut state: S,
+        feed: fn(&mut S, &[u8]),
+        finish: fn(S) -> T,
+    ) -> io::Result<Self> {
+        let (tx, rx) = sync_channel::<Batch>(QUEUED_BATCHES);
+        let handle = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                for batch in rx {
+                    for chunk in batch.iter() {
+                        feed(&mut state, chunk);
+                    }
+                }
+                finish(state)
+            })?;
+        Ok(Worker { tx, handle })
+    }
+
+    /// Queues a batch; waits while the worker is [`QUEUED_BATCHES`] behind.
+    fn send(&self, batch: &Batch) {
+        // A worker that is gone has panicked; `finish` reports it.
+        let _ = self.tx.send(batch.clone());
+    }
+
+    /// Waits for the worker to hash what it was sent; `None` if it panicked.
+    fn finish(self) -> Option<T> {
+        drop(self.tx);
+        self.handle.join().ok()
+    }
+}
+
+/// The payload's hashing threads; see the module docs.
+pub(crate) struct PayloadHashers {
+    sha256: Worker<String>,
+    md5: Option<Worker<[u8; 16]>>,
+    gunzip: Option<Worker<Option<(u64, String)>>>,
+}
+
+impl PayloadHashers {
+    /// Starts the SHA-256 worker, and the MD5 worker when `md5` is set.
+    pub fn start(md5: bool) -> io::Result<Self> {
+        let sha256 = Worker::spawn(
+            "lrvault-sha256",
+            Sha256::new(),
+            |h, b| h.update(b),
+            |h| hex::encode(h.finalize()),
+        )?;
+        let md5 = match md5 {
+            true => Some(Worker::spawn(
+                "lrvault-md5",
+                Md5::new(),
+                |h, b| h.update(b),
+                |h| h.finalize().into(),
+            )?),
+            false => None,
+        };
+        Ok(PayloadHashers {
+            sha256,
+            md5,
+            gunzip: None,
+        })
+    }
+
+    /// Also hashes the gunzipped stream from now on; call before the first batch.
+    pub fn start_gunzip(&mut self) -> io::Result<()> {
+        self.gunzip = Some(Worker::spawn(
+            "lrvault-gunzip",
+            Some(MultiGzDecoder::new(Sha256Counter::default())),
+            |decoder, b| {
+                // Corrupt gzip only costs original_*; the payload is archived as delivered.
+                if let Some(d) = decoder
+                    && d.write_all(b).is_err()
+                {
+                    *decoder = None;
+                }
+            },
+            |decoder| {
+                let mut d = decoder?;
+                d.try_finish().ok()?;
+                let counter = std::mem::take(d.get_mut());
+                Some((counter.len, hex::encode(counter.hasher.finalize())))
+            },
+        )?);
+        Ok(())
+    }
+
+    /// Hands the next batch to every worker.
+    pub fn feed(&self, batch: &Batch) {
+        self.sha256.send(batch);
+        if let Some(w) = &self.md5 {
+            w.send(batch);
+        }
+        if let Some(w) = &self.gunzip {
+            w.send(batch);
+        }
+    }
+
+    /// Waits for every worker; `None` if one of them panicked.
+    pub fn finish(self) -> Option<Hashes> {
+        let sha256 = self.sha256.finish()?;
+        let md5 = match self.md5 {
+            Some(w) => Some(w.finish()?),
+            None => None,
+        };
+        let original = match self.gunzip {
+            Some(w) => w.finish()?,
+            None => None,
+        };
+        Some(Hashes {
+            sha256,
+            md5,
+            original,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::package::sha256_hex;
+
+    fn batches(bytes: &[u8], size: usize) -> Vec<Batch> {
+        bytes
+            .chunks(size)
+            .map(|c| Arc::from(vec![Bytes::copy_from_slice(c)]))
+            .collect()
+    }
+
+    #[test]
+    fn every_worker_sees_every_byte_in_order() {
+        let original = b"line of a log file\n".repeat(5000);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&original).unwrap();
+        let payload = gz.finish().unwrap();
+        let mut hashers = PayloadHashers::start(true).unwrap();
+        hashers.start_gunzip().unwrap();
+        for batch in batches(&payload, 97) {
+            hashers.feed(&batch);
+        }
+        assert_eq!(
+            hashers.finish().unwrap(),
+            Hashes {
+                sha256: sha256_hex(&payload),
+                md5: Some(Md5::digest(&payload).into()),
+                original: Some((original.len() as u64, sha256_hex(&original))),
+            }
+        );
+    }
+
+    #[test]
+    fn md5_only_when_asked_and_corrupt_gzip_loses_only_the_original() {
+        let payload = b"\x1f\x8b\x08\x00 not really gzip".to_vec();
+        let mut hashers = PayloadHashers::start(false).unwrap();
+        hashers.start_gunzip().unwrap();
+        for batch in batches(&payload, 5) {
+            hashers.feed(&batch);
+        }
+        assert_eq!(
+            hashers.finish().unwrap(),
+            Hashes {
+                sha256: sha256_hex(&payload),
+                md5: None,
+                original: None,
+            }
+        );
+    }
+}

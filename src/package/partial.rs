@@ -1,0 +1,173 @@
+//! The `<final>.partial` file under the zip writer: it discards writes once the package is
+//! abandoned, and gets a large package onto the disk while it is still streaming
+//! ([`Writeback`]), so the final fsync has only the tail left.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Bytes written between early syncs of a large package.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// The partial file under the zip writer. Once the package is abandoned (or a write to it
+/// failed, which dooms it) further writes are discarded: the zip crate finalises an archive
+/// when its writer is dropped, and on a full disk that would fail again (and print to stderr)
+/// for a file that is about to be removed anyway. The first error still reaches the caller.
+pub(crate) struct PartialFile {
+    file: File,
+    abandoned: Arc<AtomicBool>,
+    /// Started once the package grows past [`WRITEBACK_EVERY`].
+    writeback: Option<Writeback>,
+    unsynced: u64,
+    writeback_every: u64,
+}
+
+impl PartialFile {
+    pub(crate) fn new(file: File, abandoned: Arc<AtomicBool>) -> Self {
+        PartialFile {
+            file,
+            abandoned,
+            writeback: None,
+            unsynced: 0,
+            writeback_every: WRITEBACK_EVERY,
+        }
+    }
+
+    /// Counts written bytes and nudges the early writeback every [`WRITEBACK_EVERY`].
+    fn wrote(&mut self, n: usize) -> io::Result<()> {
+        self.unsynced += n as u64;
+        if self.unsynced < self.writeback_every {
+            return Ok(());
+        }
+        self.unsynced = 0;
+        let writeback = match &mut self.writeback {
+            Some(w) => w,
+            None => self.writeback.insert(Writeback::start(&self.file)?),
+        };
+        writeback.nudge();
+        Ok(())
+    }
+
+    /// The file, once every early sync has ended; fails if one of them failed.
+    pub(crate) fn into_file(self) -> io::Result<File> {
+        if let Some(writeback) = self.writeback {
+            writeback.finish()?;
+        }
+        Ok(self.file)
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed)
+    }
+
+    fn doom<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.abandoned.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl Write for PartialFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.is_abandoned() {
+            return Ok(buf.len());
+        }
+        let r = self.file.write(buf).and_then(|n| self.wrote(n).map(|()| n));
+        self.doom(r)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.is_abandoned() {
+            return Ok(());
+        }
+        let r = self.file.flush();
+        self.doom(r)
+    }
+}
+
+impl io::Seek for PartialFile {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let r = self.file.seek(pos);
+        self.doom(r)
+    }
+}
+
+/// Gets a large package onto the disk while it is still streaming: every [`WRITEBACK_EVERY`]
+/// bytes a helper thread runs `fdatasync`, so disk and network work at the same time and the
+/// final fsync only has the tail left. The helper shares the file description, so an error it
+/// sees would not reach the final fsync: it is kept and fails the package instead.
+struct Writeback {
+    nudge: SyncSender<()>,
+    failed: Arc<Mutex<Option<io::Error>>>,
+    handle: JoinHandle<()>,
+}
+
+impl Writeback {
+    fn start(file: &File) -> io::Result<Writeback> {
+        let file = file.try_clone()?;
+        let failed = Arc::new(Mutex::new(None));
+        let (nudge, nudged) = sync_channel::<()>(1);
+        let slot = failed.clone();
+        let handle = std::thread::Builder::new()
+            .name("lrvault-writeback".into())
+            .spawn(move || {
+                for () in nudged {
+                    if let Err(e) = file.sync_data() {
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        return;
+                    }
+                }
+            })?;
+        Ok(Writeback {
+            nudge,
+            failed,
+            handle,
+        })
+    }
+
+    /// Asks for a sync; one already asked for and not started yet covers this one too.
+    fn nudge(&self) {
+        let _ = self.nudge.try_send(());
+    }
+
+    fn finish(self) -> io::Result<()> {
+        drop(self.nudge);
+        self.handle
+            .join()
+            .map_err(|_| io::Error::other("the writeback thread failed"))?;
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_syncs_run_and_the_file_comes_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.partial");
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let mut partial = PartialFile::new(File::create(&path).unwrap(), abandoned.clone());
+        partial.writeback_every = 4096;
+        let chunk: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        for _ in 0..10 {
+            partial.write_all(&chunk).unwrap();
+        }
+        assert!(partial.writeback.is_some(), "the helper started");
+        drop(partial.into_file().unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), chunk.repeat(10));
+
+        // Once abandoned, writes go nowhere (and succeed).
+        let mut partial = PartialFile::new(File::create(&path).unwrap(), abandoned.clone());
+        abandoned.store(true, Ordering::Relaxed);
+        partial.write_all(b"ignored").unwrap();
+        drop(partial);
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+    }
+}
