@@ -101,20 +101,10 @@ impl PackageWriter {
         if fs::symlink_metadata(&final_path).is_ok() {
             return Err(PackageError::Exists(final_path));
         }
-        let partial_path = partial_path_for(&final_path);
-        match fs::remove_file(&partial_path) {
-            Ok(()) => {
-                tracing::warn!(path = %partial_path.display(), "removed stale partial package")
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(PackageError::Io {
-                    path: partial_path,
-                    op: "removing stale partial package",
-                    source,
-                });
-            }
-        }
+        // A name of its own: two writers of one result (another process took it over after
+        // its lease expired) never share a partial file. Stale partials are swept by the
+        // archive pass's recovery, never by a writer.
+        let partial_path = partial_path_for(&final_path, &writer_tag());
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -323,6 +313,11 @@ impl PackageWriter {
             package_size: check.package_size,
             package_sha256: check.package_sha256,
         })
+    }
+
+    /// The partial file this writer writes.
+    pub fn partial_path(&self) -> &Path {
+        &self.partial_path
     }
 
     /// Gives up on this package and removes the partial file.
@@ -600,11 +595,40 @@ fn check_rel_path(rel_path: &Path) -> Result<(), PackageError> {
     Ok(())
 }
 
-/// `<final>.partial`: where a package is written before it is moved into place.
-pub fn partial_path_for(final_path: &Path) -> PathBuf {
+/// `<final>.<tag>.partial`: where one writer writes a package before moving it into place.
+pub fn partial_path_for(final_path: &Path, tag: &str) -> PathBuf {
     let mut name = final_path.as_os_str().to_os_string();
-    name.push(".partial");
+    name.push(format!(".{tag}.partial"));
     PathBuf::from(name)
+}
+
+/// The package a partial file was being written for (`<final>.<tag>.partial` → `<final>`).
+pub fn partial_target(partial: &Path) -> Option<PathBuf> {
+    let name = partial.file_name()?.to_str()?;
+    let (target, _tag) = name.strip_suffix(".partial")?.rsplit_once('.')?;
+    Some(partial.with_file_name(target))
+}
+
+/// Every writer's partial file of the package at `final_path`.
+pub fn partials_of(final_path: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (final_path.parent(), final_path.file_name()) else {
+        return Vec::new();
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| partial_target(p).is_some_and(|t| t.file_name() == Some(name)))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Unique per writer: this process and a random part.
+fn writer_tag() -> String {
+    format!("{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
 
 /// Zip entry options: the method (deflate at the fast level), the time and the Unix mode.
@@ -807,7 +831,7 @@ mod tests {
                 fs::metadata(&path).unwrap().permissions().mode() & 0o777,
                 0o440
             );
-            assert!(!partial_path_for(&path).exists());
+            assert!(partials_of(&path).is_empty());
             assert_eq!(
                 fs::read_dir(path.parent().unwrap()).unwrap().count(),
                 1,
@@ -1295,32 +1319,54 @@ mod tests {
             other => panic!("expected Exists, got {other:?}"),
         }
         assert_eq!(fs::read(&path).unwrap(), b"the existing package");
-        assert!(!partial_path_for(&path).exists());
+        assert!(partials_of(&path).is_empty());
     }
 
     #[test]
-    fn create_replaces_a_stale_partial() {
+    fn two_writers_of_one_package_never_share_a_partial() {
         let dir = tempfile::tempdir().unwrap();
         let path = final_path(dir.path());
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(partial_path_for(&path), b"crashed half-write").unwrap();
-        write_package(
-            spec(dir.path(), "r.bin", false, Compression::Auto),
-            b"ok",
-            1,
+        let s = || spec(dir.path(), "r.bin", false, Compression::Auto);
+        // Another process's writer is still going (its lease expired; this one took over).
+        let mut other = PackageWriter::create(s()).unwrap();
+        other.write(Bytes::from_static(b"theirs, half")).unwrap();
+        let mut mine = PackageWriter::create(s()).unwrap();
+        assert_ne!(other.partial_path(), mine.partial_path());
+        assert_eq!(partials_of(&path).len(), 2);
+        mine.write(Bytes::from_static(b"mine")).unwrap();
+        mine.digests().unwrap();
+        mine.finish(b"{}").unwrap();
+        // The first to finish is in place; the other can only fail, and its bytes never
+        // reach the package.
+        other.write(Bytes::from_static(b" and the rest")).unwrap();
+        other.digests().unwrap();
+        assert!(matches!(other.finish(b"{}"), Err(PackageError::Exists(_))));
+        let check = check_package(&path).unwrap();
+        assert_eq!(check.payload_sha256, sha256_hex(b"mine"));
+        assert!(
+            partials_of(&path).is_empty(),
+            "the loser removed its own partial"
         );
-        assert!(path.exists());
-        assert!(!partial_path_for(&path).exists());
+    }
+
+    #[test]
+    fn a_partial_names_the_package_it_was_for() {
+        let p = partial_path_for(Path::new("/s/t/000-GetFile.zip"), "12-abcd");
+        assert_eq!(p, Path::new("/s/t/000-GetFile.zip.12-abcd.partial"));
+        assert_eq!(
+            partial_target(&p).unwrap(),
+            Path::new("/s/t/000-GetFile.zip")
+        );
+        assert_eq!(partial_target(Path::new("/s/x.zip")), None);
     }
 
     #[test]
     fn abort_and_drop_remove_the_partial() {
         let dir = tempfile::tempdir().unwrap();
         let path = final_path(dir.path());
-        let partial = partial_path_for(&path);
-
         let mut writer =
             PackageWriter::create(spec(dir.path(), "r.bin", false, Compression::Auto)).unwrap();
+        let partial = writer.partial_path().to_path_buf();
         writer
             .write(Bytes::from_static(b"some bytes here"))
             .unwrap();

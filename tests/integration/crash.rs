@@ -265,7 +265,7 @@ async fn a_package_renamed_before_the_commit_is_adopted_not_fetched_again() {
     std::fs::copy(donor.store().join(&rel), &dest).unwrap();
     // As a crash leaves it: claimed by a process that no longer exists, partial name too.
     let mut partial = dest.clone().into_os_string();
-    partial.push(".partial");
+    partial.push(".4242-0badcafe.partial");
     std::fs::copy(&dest, &partial).unwrap();
     let conn = rusqlite::Connection::open(&e.cfg.database.path).unwrap();
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();

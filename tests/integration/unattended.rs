@@ -248,3 +248,51 @@ async fn a_server_clock_an_hour_off_still_archives_without_reissuing_links() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_archivers_on_one_database_archive_each_result_once() {
+    use lrvault::jobs::{Context, archive};
+    let e = env(
+        SimConfig {
+            seed: 94,
+            actions: 10,
+            ..SimConfig::default()
+        },
+        "[download]\nconcurrency = 3\n",
+    )
+    .await;
+    e.discover().await;
+    let expected = e.queued().len();
+    // A second process on the same database and store: its own connection and lease owner.
+    let db = lrvault::db::Db::open(&e.cfg.database.path).unwrap();
+    let other = std::sync::Arc::new(
+        Context::new(
+            e.cfg.clone(),
+            db,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap(),
+    );
+    assert_ne!(other.owner, e.ctx.owner);
+    let other_tenants: Vec<_> = other
+        .tenants(None)
+        .unwrap()
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect();
+    let scope = archive::Scope::default();
+    let (a, b) = tokio::join!(
+        archive::archive(&e.ctx, &e.tenants, &scope, None),
+        archive::archive(&other, &other_tenants, &scope, None),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.archived + b.archived, expected, "{a:?} {b:?}");
+    assert_eq!(e.count("SELECT count(*) FROM evidence"), expected as i64);
+    assert_eq!(
+        e.count("SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED'"),
+        expected as i64
+    );
+    assert_eq!(e.api_calls("liveresponse.link"), expected as i64);
+    assert_eq!(e.partials(), Vec::<std::path::PathBuf>::new());
+    custody_chain::recheck(&e.reader());
+}

@@ -334,8 +334,8 @@ async fn settle(ctx: &Context, tenant: &Tenant, claimed: &Claimed, failure: Fail
     outcome
 }
 
-/// The partial file of a result's package, from its row.
-fn partial_of(root: &std::path::Path, flight: &queue::InFlight) -> Option<PathBuf> {
+/// Where a result's package goes, from its row.
+fn package_of(root: &std::path::Path, flight: &queue::InFlight) -> Option<PathBuf> {
     let created = flight.created?;
     let k = &flight.key;
     let rel = package::package_rel_path(
@@ -345,7 +345,7 @@ fn partial_of(root: &std::path::Path, flight: &queue::InFlight) -> Option<PathBu
         k.index,
         &flight.command_type,
     );
-    Some(package::partial_path_for(&root.join(rel)))
+    Some(root.join(rel))
 }
 
 /// Returns crashed downloads to `pending` and removes their partial files. A package already
@@ -359,16 +359,18 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
         let k = &flight.key;
         tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, "returned an interrupted download to the queue");
         // Only now that the row is pending again: a crash here leaves it for the next run.
-        let Some(p) = partial_of(&root, flight) else {
+        let Some(package) = package_of(&root, flight) else {
             continue;
         };
-        match std::fs::remove_file(&p) {
-            Ok(()) => {
-                tracing::info!(path = %p.display(), "removed the partial package of an interrupted download")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %p.display(), error = %e, "could not remove a partial package")
+        for p in package::partials_of(&package) {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    tracing::info!(path = %p.display(), "removed the partial package of an interrupted download")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove a partial package")
+                }
             }
         }
     }
@@ -376,15 +378,15 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
         let live = found
             .live
             .iter()
-            .filter_map(|f| partial_of(&root, f))
+            .filter_map(|f| package_of(&root, f))
             .collect();
         sweep_orphan_partials(root, live).await;
     }
     Ok(found.returned.len())
 }
 
-/// Removes partial files that no `downloading` row accounts for, sparing those a live lease
-/// covers and any written to in the last lease period.
+/// Removes partial files that no `downloading` row accounts for, sparing those of packages
+/// a live lease covers (`live`) and any written to in the last lease period.
 async fn sweep_orphan_partials(root: PathBuf, live: std::collections::HashSet<PathBuf>) {
     let res = tokio::task::spawn_blocking(move || {
         let now = std::time::SystemTime::now();
@@ -394,7 +396,7 @@ async fn sweep_orphan_partials(root: PathBuf, live: std::collections::HashSet<Pa
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .is_none_or(|age| age < queue::LEASE);
-            live.contains(path) || recent
+            package::partial_target(path).is_some_and(|p| live.contains(&p)) || recent
         })
     })
     .await;
