@@ -296,3 +296,50 @@ async fn two_archivers_on_one_database_archive_each_result_once() {
     assert_eq!(e.partials(), Vec::<std::path::PathBuf>::new());
     custody_chain::recheck(&e.reader());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_refused_mid_pass_stops_the_pass_without_charging_anything() {
+    // Tokens live 2 s and bodies trickle, so the token is refreshed in the middle of the pass,
+    // after the secret was rotated on the app but not in lrvault's file.
+    let cfg = SimConfig {
+        seed: 95,
+        actions: 8,
+        max_getfile_size: 2048,
+        faults: ["token-ttl=2", "slow=4000"]
+            .iter()
+            .map(|f| f.parse::<Fault>().unwrap())
+            .collect(),
+        ..SimConfig::default()
+    };
+    let e = env(cfg, "[download]\nconcurrency = 1\n").await;
+    e.discover().await;
+    let queued = e.queued().len();
+    let secret = e._dir.path().join("sim-secret-0");
+    let (pass, ()) = tokio::join!(e.archive(), async {
+        // The pass has its token; rotate the secret under it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(&secret, "rotated-on-the-app-only\n").unwrap();
+    });
+    assert!(pass.archived < queued, "the pass stopped early: {pass:?}");
+    assert_eq!(pass.breakers.len(), 1, "{pass:?}");
+    let line = &pass.breakers[0];
+    assert!(
+        line.contains("token request refused (HTTP 401): invalid_client (AADSTS 7000215)")
+            && line.contains("client_secret_file"),
+        "{line}"
+    );
+    // Nothing was charged, nothing failed, and nothing was claimed and handed back one by one.
+    assert_eq!(
+        e.count("SELECT count(*) FROM results WHERE state = 'failed'"),
+        0
+    );
+    assert_eq!(
+        e.count("SELECT count(*) FROM results WHERE state = 'pending' AND attempts > 0"),
+        0
+    );
+    assert!(pass.deferred <= 1, "{pass:?}");
+    assert_eq!(
+        e.count("SELECT count(*) FROM tenant_health WHERE trouble = 'refused'"),
+        1
+    );
+}
