@@ -94,17 +94,9 @@ pub enum Command {
         #[arg(required = true, value_name = "ACTION_ID")]
         ids: Vec<String>,
     },
-    /// Re-hash every package and its payload and check the custody chain (exit 3 on any mismatch)
-    Verify {
-        #[command(flatten)]
-        tenant: TenantArg,
-        /// Only packages archived since DATE (YYYY-MM-DD, RFC 3339, or an age like 30d)
-        #[arg(long, value_name = "DATE")]
-        since: Option<String>,
-        /// Check only the custody chain, not the packages
-        #[arg(long)]
-        chain_only: bool,
-    },
+    /// Check the database, every package and the custody chain against their anchors; write a
+    /// checkpoint (exit 3 on any defect)
+    Verify(crate::verify::Args),
     /// Compliance queries over the audit views
     #[command(subcommand)]
     Audit(crate::audit::AuditCommand),
@@ -271,18 +263,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             enqueue(&ctx, tenant, ids).await
         }
-        Command::Verify {
-            tenant,
-            since,
-            chain_only,
-        } => {
-            let cfg = Arc::new(Config::load(&cli.config)?);
-            let since = since
-                .map(|s| crate::time::parse_user_date(&s, crate::time::now()))
-                .transpose()?;
-            let db = Db::open(&cfg.database.path)?;
-            crate::verify::run(&cfg, &db, tenant.tenant.as_deref(), since, chain_only).await
-        }
+        Command::Verify(args) => crate::verify::run(&cli.config, args).await,
     }
 }
 

@@ -5,7 +5,9 @@
 //! → `package` (BagIt zip) → `custody` → `jobs` (discover, archive) → `verify` → `daemon`;
 //! plus `sim` (the simulator), `cli`, `status`, `audit` and `demo`.
 
+pub mod anchor;
 pub mod audit;
+pub mod cells;
 pub mod cli;
 pub mod config;
 pub mod custody;
