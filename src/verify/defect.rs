@@ -218,8 +218,9 @@ impl Recorder {
         let message = defect.message();
         if self.echo {
             eprintln!("lrvault: defect: {message}");
+        } else {
+            tracing::warn!(defect = %message, "verify found a defect");
         }
-        tracing::warn!(defect = %message, "verify found a defect");
         if defect.is_chain_level() {
             self.counts.chain += 1;
             self.counts.chain_suspect = true;

@@ -182,7 +182,7 @@ fn example_config_loads_through_the_binary() {
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run(lrvault().arg("--config").arg(&cfg).arg("migrate"));
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("schema version 1"), "{out}");
+    assert!(out.contains("schema version 2"), "{out}");
     let (code, out, err) = run(lrvault()
         .arg("--config")
         .arg(&cfg)

@@ -7,5 +7,7 @@ mod crash;
 mod custody_chain;
 mod daemon;
 mod faults;
+mod forgery;
 mod pipeline;
 mod quota;
+mod tamper;
