@@ -1,6 +1,7 @@
 //! One integration-test binary: every test boots the real pipeline (or the real binary)
 //! against the built-in simulator on 127.0.0.1:0 and checks exact outcomes.
 
+mod anchors;
 mod cli;
 mod common;
 mod crash;
@@ -8,6 +9,7 @@ mod custody_chain;
 mod daemon;
 mod faults;
 mod forgery;
+mod local_tsa;
 mod pipeline;
 mod quota;
 mod tamper;
