@@ -97,6 +97,9 @@ pub enum Command {
     /// Check the database, every package and the custody chain against their anchors; write a
     /// checkpoint (exit 3 on any defect)
     Verify(crate::verify::Args),
+    /// Write an examiner's handover kit: packages, the custody rows and chain that cover them,
+    /// the covering checkpoint and its token, and a README of checks with standard tools
+    Export(crate::export::Args),
     /// Compliance queries over the audit views
     #[command(subcommand)]
     Audit(crate::audit::AuditCommand),
@@ -264,6 +267,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             enqueue(&ctx, tenant, ids).await
         }
         Command::Verify(args) => crate::verify::run(&cli.config, args).await,
+        Command::Export(args) => crate::export::run(&cli.config, args).await,
     }
 }
 

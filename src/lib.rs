@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod db;
 pub mod demo;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod http;
 pub mod jobs;

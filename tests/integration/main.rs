@@ -7,6 +7,8 @@ mod common;
 mod crash;
 mod custody_chain;
 mod daemon;
+mod doc_steps;
+mod export;
 mod faults;
 mod forgery;
 mod local_tsa;
