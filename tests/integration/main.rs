@@ -15,3 +15,4 @@ mod local_tsa;
 mod pipeline;
 mod quota;
 mod tamper;
+mod upgrade;
