@@ -2,6 +2,7 @@
 //! against the built-in simulator on 127.0.0.1:0 and checks exact outcomes.
 
 mod anchors;
+mod audit_doc;
 mod cli;
 mod common;
 mod crash;
