@@ -9,6 +9,7 @@ mod crash;
 mod custody_chain;
 mod daemon;
 mod doc_steps;
+mod evidence_doc;
 mod export;
 mod faults;
 mod forgery;
