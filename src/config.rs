@@ -547,7 +547,9 @@ client_secret_env = "X"
             Some(Path::new("/etc/lrvault/tsa-ca.pem"))
         );
         assert_eq!(cfg.anchor.tsa_policy(), Some("1.2.3.4.1"));
-        let e = with("tsa_ca_file = \"tsa-ca.pem\"").unwrap_err().to_string();
+        let e = with("tsa_ca_file = \"tsa-ca.pem\"")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "invalid config: anchor.tsa_ca_file 'tsa-ca.pem' must be an absolute path"
@@ -555,9 +557,15 @@ client_secret_env = "X"
         let e = with("tsa_url = \"http://tsa.example.org/\"")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("anchor.tsa_url 'http://tsa.example.org/' must use https"), "{e}");
+        assert!(
+            e.contains("anchor.tsa_url 'http://tsa.example.org/' must use https"),
+            "{e}"
+        );
         let e = with("tsa_policy = \"policy\"").unwrap_err().to_string();
-        assert!(e.contains("anchor.tsa_policy 'policy' is not an object identifier"), "{e}");
+        assert!(
+            e.contains("anchor.tsa_policy 'policy' is not an object identifier"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -418,7 +418,9 @@ pub fn walk(
 ) -> Result<ChainWalk, DbError> {
     const BATCH: i64 = 4096;
     let mut stmt = conn
-        .prepare(&format!("SELECT {CHAIN_COLUMNS} FROM custody_log ORDER BY seq"))
+        .prepare(&format!(
+            "SELECT {CHAIN_COLUMNS} FROM custody_log ORDER BY seq"
+        ))
         .map_err(DbError::sql("read custody log"))?;
     let mut rows = stmt.query([]).map_err(DbError::sql("read custody log"))?;
     let mut walk = ChainWalk::default();

@@ -213,7 +213,15 @@ mod tests {
             .collect();
         assert_eq!(
             keys,
-            ["seq", "row_hash", "at", "rows", "evidence", "host", "lrvault_version"]
+            [
+                "seq",
+                "row_hash",
+                "at",
+                "rows",
+                "evidence",
+                "host",
+                "lrvault_version"
+            ]
         );
         assert!(text.ends_with("}\n"));
         assert_eq!(Checkpoint::parse(text.as_bytes()).unwrap(), checkpoint(42));

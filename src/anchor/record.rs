@@ -4,9 +4,9 @@
 
 use rusqlite::params;
 
+use super::AnchorError;
 use super::checkpoint::{self, Checkpoint, CheckpointFile};
 use super::tsa::{self, TrustAnchors};
-use super::AnchorError;
 use crate::config::Config;
 use crate::db::{Db, DbError};
 
@@ -53,11 +53,7 @@ fn record_token(
 /// Writes `cp` as `_checkpoints/{seq}.json` and records it; returns its path relative to
 /// `store.root`. An identical checkpoint already there (another run saw the same head) is
 /// kept and recorded; one that pins another row is never replaced ([`AnchorError::Conflict`]).
-pub async fn write_checkpoint(
-    cfg: &Config,
-    db: &Db,
-    cp: &Checkpoint,
-) -> anyhow::Result<String> {
+pub async fn write_checkpoint(cfg: &Config, db: &Db, cp: &Checkpoint) -> anyhow::Result<String> {
     let rel = checkpoint::rel_path(&checkpoint::checkpoint_file_name(cp.seq));
     let path = cfg.store.root.join(&rel);
     let bytes = cp.to_bytes();
@@ -83,7 +79,8 @@ pub async fn write_checkpoint(
     })
     .await??;
     let (cp, rel_row) = (cp.clone(), rel.clone());
-    db.call(move |c| record_checkpoint(c, &cp, &rel_row)).await?;
+    db.call(move |c| record_checkpoint(c, &cp, &rel_row))
+        .await?;
     Ok(rel)
 }
 

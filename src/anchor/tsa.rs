@@ -27,8 +27,7 @@ const ID_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101
 const ID_SHA384: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.2");
 const ID_SHA512: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.16.840.1.101.3.4.2.3");
 const ID_SIGNED_DATA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.7.2");
-const ID_CT_TST_INFO: ObjectIdentifier =
-    ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.16.1.4");
+const ID_CT_TST_INFO: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.16.1.4");
 const ID_MESSAGE_DIGEST: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.4");
 const ID_SUBJECT_KEY_ID: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.14");
 /// id-kp-timeStamping (1.3.6.1.5.5.7.3.8), as the DER value bytes webpki wants.
@@ -48,7 +47,9 @@ pub enum TsaError {
     Refused { status: String },
     #[error("malformed timestamp response: {0}")]
     Malformed(String),
-    #[error("message imprint does not match the checkpoint (token is for {found}, the file hashes to {expected})")]
+    #[error(
+        "message imprint does not match the checkpoint (token is for {found}, the file hashes to {expected})"
+    )]
     Imprint { expected: String, found: String },
     #[error("the token's nonce is not the one requested")]
     Nonce,
@@ -210,14 +211,18 @@ pub fn verify_token(
         .time_stamp_token
         .ok_or_else(|| TsaError::Malformed("granted, but no token".into()))?;
     if token.content_type != ID_SIGNED_DATA {
-        return Err(TsaError::Malformed("the token is not CMS SignedData".into()));
+        return Err(TsaError::Malformed(
+            "the token is not CMS SignedData".into(),
+        ));
     }
     let signed: SignedData = token
         .content
         .decode_as()
         .map_err(|e| malformed("SignedData", e))?;
     if signed.encap_content_info.econtent_type != ID_CT_TST_INFO {
-        return Err(TsaError::Malformed("the signed content is not a TSTInfo".into()));
+        return Err(TsaError::Malformed(
+            "the signed content is not a TSTInfo".into(),
+        ));
     }
     let tst_der = signed
         .encap_content_info
@@ -244,7 +249,12 @@ pub fn verify_token(
         })
         .collect();
     let anchors: Vec<Certificate> = trust
-        .map(|t| t.certs.iter().filter_map(|c| Certificate::from_der(c).ok()).collect())
+        .map(|t| {
+            t.certs
+                .iter()
+                .filter_map(|c| Certificate::from_der(c).ok())
+                .collect()
+        })
         .unwrap_or_default();
     let signer = find_signer(&signer_info.sid, embedded.iter().chain(anchors.iter()))?;
     let signer_der = signer
@@ -335,9 +345,8 @@ fn check_signature(info: &SignerInfo, tst_der: &[u8], signer_der: &[u8]) -> Resu
         .as_ref()
         .ok_or_else(|| TsaError::Signature("no signed attributes".into()))?;
     let digest_alg = &info.digest_alg.oid;
-    let content_digest = digest(digest_alg, tst_der).ok_or_else(|| {
-        TsaError::Signature(format!("unsupported digest algorithm {digest_alg}"))
-    })?;
+    let content_digest = digest(digest_alg, tst_der)
+        .ok_or_else(|| TsaError::Signature(format!("unsupported digest algorithm {digest_alg}")))?;
     let message_digest = attrs
         .iter()
         .find(|attr| attr.oid == ID_MESSAGE_DIGEST)
@@ -363,9 +372,11 @@ fn check_signature(info: &SignerInfo, tst_der: &[u8], signer_der: &[u8]) -> Resu
             info.signature_algorithm.oid
         )));
     }
-    let verified = candidates
-        .iter()
-        .any(|alg| signer.verify_signature(*alg, &signed_bytes, signature).is_ok());
+    let verified = candidates.iter().any(|alg| {
+        signer
+            .verify_signature(*alg, &signed_bytes, signature)
+            .is_ok()
+    });
     if verified {
         Ok(())
     } else {
@@ -392,7 +403,11 @@ fn signature_algorithms(
         match hash {
             "256" => vec![alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
             "384" => vec![alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
-            _ => vec![alg::ECDSA_P521_SHA512, alg::ECDSA_P384_SHA512, alg::ECDSA_P256_SHA512],
+            _ => vec![
+                alg::ECDSA_P521_SHA512,
+                alg::ECDSA_P384_SHA512,
+                alg::ECDSA_P256_SHA512,
+            ],
         }
     };
     let digest_hash = match *digest_alg {

@@ -78,7 +78,8 @@ fn copy_packages(
     let mut rows = stmt.query(rusqlite::params_from_iter(sel.params()))?;
     let mut example = None;
     while let Some(r) = rows.next()? {
-        let (evidence_id, path, recorded): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let (evidence_id, path, recorded): (String, String, String) =
+            (r.get(0)?, r.get(1)?, r.get(2)?);
         let archived = super::archived_package_sha256(conn, &path)?;
         let dest = out.join("packages").join(&path);
         fs::create_dir_all(dest.parent().unwrap_or(out))?;
@@ -130,10 +131,16 @@ fn write_custody_db(
 ) -> anyhow::Result<()> {
     let mut kit = Connection::open_with_flags(
         out.join("custody.db"),
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_URI,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI,
     )?;
-    let source = url::Url::from_file_path(&cfg.database.path)
-        .map_err(|_| anyhow::anyhow!("database path {} is not absolute", cfg.database.path.display()))?;
+    let source = url::Url::from_file_path(&cfg.database.path).map_err(|_| {
+        anyhow::anyhow!(
+            "database path {} is not absolute",
+            cfg.database.path.display()
+        )
+    })?;
     kit.execute("ATTACH DATABASE ?1 AS src", [format!("{source}?mode=ro")])?;
     let tx = kit.transaction()?;
     tx.execute_batch(
@@ -161,7 +168,9 @@ fn write_custody_db(
         params![
             coverage.checkpoint.seq,
             coverage.checkpoint.row_hash,
-            file(&crate::anchor::checkpoint_file_name(coverage.checkpoint.seq)),
+            file(&crate::anchor::checkpoint_file_name(
+                coverage.checkpoint.seq
+            )),
             coverage
                 .token_path
                 .as_ref()
@@ -175,7 +184,10 @@ fn write_custody_db(
         ("recipient", meta.recipient.clone()),
         ("selection", Some(meta.selection.clone())),
     ] {
-        tx.execute("INSERT INTO export (key, value) VALUES (?1, ?2)", params![key, value])?;
+        tx.execute(
+            "INSERT INTO export (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
     }
     tx.commit()?;
     kit.execute("DETACH DATABASE src", [])?;
@@ -183,13 +195,20 @@ fn write_custody_db(
 }
 
 /// Copies the checkpoint, its token (checked first) and the TSA's CA into the kit.
-fn copy_anchors(cfg: &Config, coverage: &Coverage, out: &Path) -> anyhow::Result<Option<TokenInfo>> {
+fn copy_anchors(
+    cfg: &Config,
+    coverage: &Coverage,
+    out: &Path,
+) -> anyhow::Result<Option<TokenInfo>> {
     let dir = out.join("checkpoints");
     fs::create_dir_all(&dir)?;
     let root = &cfg.store.root;
     let json = root.join(&coverage.checkpoint_path);
     let bytes = crate::anchor::read_bytes(&json)?;
-    fs::write(dir.join(crate::anchor::checkpoint_file_name(coverage.checkpoint.seq)), &bytes)?;
+    fs::write(
+        dir.join(crate::anchor::checkpoint_file_name(coverage.checkpoint.seq)),
+        &bytes,
+    )?;
     if let Some(ca) = cfg.anchor.tsa_ca_file() {
         fs::copy(ca, out.join("tsa-ca.pem"))?;
     }
@@ -202,9 +221,16 @@ fn copy_anchors(cfg: &Config, coverage: &Coverage, out: &Path) -> anyhow::Result
         .tsa_ca_file()
         .map(crate::anchor::TrustAnchors::load)
         .transpose()?;
-    let info = crate::anchor::verify_token(&token, &bytes, trust.as_ref())
-        .map_err(|e| anyhow::anyhow!("the token of {} does not verify: {e}", coverage.checkpoint_path))?;
-    fs::write(dir.join(crate::anchor::token_file_name(coverage.checkpoint.seq)), token)?;
+    let info = crate::anchor::verify_token(&token, &bytes, trust.as_ref()).map_err(|e| {
+        anyhow::anyhow!(
+            "the token of {} does not verify: {e}",
+            coverage.checkpoint_path
+        )
+    })?;
+    fs::write(
+        dir.join(crate::anchor::token_file_name(coverage.checkpoint.seq)),
+        token,
+    )?;
     Ok(Some(info))
 }
 

@@ -56,7 +56,8 @@ pub struct Selection {
 
 impl Selection {
     /// `WHERE` clause over `v_evidence e`, with parameters ?1..?5.
-    pub const FILTER: &'static str = "(?1 IS NULL OR e.evidence_id = ?1) AND (?2 IS NULL OR e.action_id = ?2)
+    pub const FILTER: &'static str =
+        "(?1 IS NULL OR e.evidence_id = ?1) AND (?2 IS NULL OR e.action_id = ?2)
          AND (?3 IS NULL OR e.action_created_at >= ?3) AND (?4 IS NULL OR e.action_created_at < ?4)
          AND (?5 IS NULL OR e.tenant = ?5)";
 
@@ -111,16 +112,25 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let export_id = uuid::Uuid::now_v7().to_string();
     let out = std::path::absolute(&args.out)?;
     let written = {
-        let (cfg, selection, coverage, out) = (cfg.clone(), selection.clone(), coverage.clone(), out.clone());
+        let (cfg, selection, coverage, out) = (
+            cfg.clone(),
+            selection.clone(),
+            coverage.clone(),
+            out.clone(),
+        );
         let meta = kit::Meta {
             export_id: export_id.clone(),
             recipient: args.recipient.clone(),
             selection: describe(&args),
             actor: custody::actor("*"),
         };
-        tokio::task::spawn_blocking(move || kit::write(&cfg, &selection, &coverage, &meta, &out)).await??
+        tokio::task::spawn_blocking(move || kit::write(&cfg, &selection, &coverage, &meta, &out))
+            .await??
     };
-    record(&cfg, &db, &selection, &coverage, &export_id, &args, &out, &written).await?;
+    record(
+        &cfg, &db, &selection, &coverage, &export_id, &args, &out, &written,
+    )
+    .await?;
     println!(
         "exported {} packages to {}: custody rows {}..{} up to checkpoint {} ({}); SHA256SUMS {}",
         coverage.packages,
@@ -128,7 +138,11 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         coverage.first_seq,
         coverage.checkpoint.seq,
         coverage.checkpoint_path,
-        if coverage.token_path.is_some() { "with its RFC 3161 token" } else { "no token yet" },
+        if coverage.token_path.is_some() {
+            "with its RFC 3161 token"
+        } else {
+            "no token yet"
+        },
         written.sums_sha256
     );
     Ok(ExitCode::SUCCESS)
@@ -175,7 +189,12 @@ async fn coverage(cfg: &Config, db: &Db, sel: &Selection) -> anyhow::Result<Opti
             let Some((packages, first, last)) = concerned(&conn, &sel)? else {
                 return Ok(None);
             };
-            Ok(Some((packages, first, last, covering_checkpoint(&conn, &root, last)?)))
+            Ok(Some((
+                packages,
+                first,
+                last,
+                covering_checkpoint(&conn, &root, last)?,
+            )))
         })
     };
     let Some((packages, first_seq, last, mut found)) = find(sel.clone()).await?? else {
@@ -195,8 +214,8 @@ async fn coverage(cfg: &Config, db: &Db, sel: &Selection) -> anyhow::Result<Opti
         }
         found = find(sel.clone()).await??.and_then(|(.., cp)| cp);
     }
-    let (checkpoint, checkpoint_path, token_path) = found
-        .ok_or_else(|| anyhow::anyhow!("no checkpoint covers custody seq {last}"))?;
+    let (checkpoint, checkpoint_path, token_path) =
+        found.ok_or_else(|| anyhow::anyhow!("no checkpoint covers custody seq {last}"))?;
     Ok(Some(Coverage {
         packages,
         first_seq,
@@ -319,7 +338,10 @@ async fn record(
 }
 
 /// The ARCHIVED row's package SHA-256 for a package path (the chain is the reference).
-pub(crate) fn archived_package_sha256(conn: &Connection, package_path: &str) -> Result<Option<String>, DbError> {
+pub(crate) fn archived_package_sha256(
+    conn: &Connection,
+    package_path: &str,
+) -> Result<Option<String>, DbError> {
     conn.query_row(
         "SELECT json_extract(detail, '$.package_sha256') FROM custody_log
          WHERE event = 'ARCHIVED' AND package_path = ?1 ORDER BY seq DESC LIMIT 1",

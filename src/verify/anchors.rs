@@ -90,7 +90,10 @@ fn check_one(
     let bytes = anchor::read_bytes(&file.json).map_err(|e| e.to_string())?;
     let cp = Checkpoint::parse(&bytes)?;
     if cp.seq != file.seq {
-        return Err(format!("its name says seq {}, it pins seq {}", file.seq, cp.seq));
+        return Err(format!(
+            "its name says seq {}, it pins seq {}",
+            file.seq, cp.seq
+        ));
     }
     let chain_hash: Option<String> = conn
         .query_row(

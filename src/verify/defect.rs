@@ -96,10 +96,31 @@ impl Defect {
     }
 
     /// (tenant, action_id, command_index, evidence_sha256, package_path, detail) of its row.
-    fn row(&self, run_tenant: &str) -> (String, String, Option<i64>, Option<String>, Option<String>, Value) {
-        let whole = |detail: Value| (run_tenant.to_string(), "*".to_string(), None, None, None, detail);
+    fn row(
+        &self,
+        run_tenant: &str,
+    ) -> (
+        String,
+        String,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Value,
+    ) {
+        let whole = |detail: Value| {
+            (
+                run_tenant.to_string(),
+                "*".to_string(),
+                None,
+                None,
+                None,
+                detail,
+            )
+        };
         match self {
-            Defect::Database { problem } => whole(json!({ "check": "database", "problem": problem })),
+            Defect::Database { problem } => {
+                whole(json!({ "check": "database", "problem": problem }))
+            }
             Defect::Chain { seq, problem } => {
                 whole(json!({ "check": "chain", "chain_seq": seq, "problem": problem }))
             }

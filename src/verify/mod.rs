@@ -214,7 +214,8 @@ pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Resul
         .iter()
         .map(|t| (t.name.clone(), custody::actor(&t.client_id)))
         .collect();
-    let mut rec = defect::Recorder::new(db.clone(), run_tenant, run_actor, actors, scope.interactive);
+    let mut rec =
+        defect::Recorder::new(db.clone(), run_tenant, run_actor, actors, scope.interactive);
     let checks = Checks {
         db_path: cfg.database.path.clone(),
         root: cfg.store.root.clone(),
@@ -274,10 +275,7 @@ struct Checks {
 
 impl Checks {
     /// Returns the report so far and the checkpoints that verified but still lack a token.
-    fn run(
-        self,
-        rec: &mut defect::Recorder,
-    ) -> anyhow::Result<(Report, Vec<anchors::Unstamped>)> {
+    fn run(self, rec: &mut defect::Recorder) -> anyhow::Result<(Report, Vec<anchors::Unstamped>)> {
         let mut conn = Db::open_readonly(&self.db_path)?;
         let mut report = Report::default();
         let snap = snapshot::check(&mut conn, &self.scope, rec)?;

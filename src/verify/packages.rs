@@ -115,7 +115,11 @@ fn read_page(
             let id = c.text(1, "evidence_id").unwrap_or_default().to_string();
             Ok(EvidenceRow {
                 rowid,
-                id: if id.is_empty() { format!("(rowid {rowid})") } else { id },
+                id: if id.is_empty() {
+                    format!("(rowid {rowid})")
+                } else {
+                    id
+                },
                 tenant: c.text(2, "tenant").unwrap_or("?").to_string(),
                 action_id: c.text(3, "action_id").unwrap_or("?").to_string(),
                 index: c.int(4, "command_index"),
@@ -159,7 +163,8 @@ fn check_one(
     let reference = match archived.as_slice() {
         [one] => Some(one),
         [] => {
-            row.problems.push("no ARCHIVED custody row for this evidence".into());
+            row.problems
+                .push("no ARCHIVED custody row for this evidence".into());
             chain_suspect = true;
             None
         }
@@ -252,11 +257,31 @@ fn compare_row_with_archived(row: &mut EvidenceRow, a: &Archived) {
     let size = row.payload_size.map(|s| s.to_string());
     let fields: [(&str, Option<&str>, Option<String>); 6] = [
         ("evidence_id", Some(&row.id), a.evidence_id.clone()),
-        ("payload_sha256", Some(&row.payload_sha256), a.payload_sha256.clone()),
-        ("package_path", Some(&row.package_path), a.package_path.clone()),
-        ("package_sha256", Some(&row.package_sha256), a.package_sha256.clone()),
-        ("payload_size", size.as_deref(), a.payload_size.map(|s| s.to_string())),
-        ("payload_name", Some(&row.payload_name), a.payload_name.clone()),
+        (
+            "payload_sha256",
+            Some(&row.payload_sha256),
+            a.payload_sha256.clone(),
+        ),
+        (
+            "package_path",
+            Some(&row.package_path),
+            a.package_path.clone(),
+        ),
+        (
+            "package_sha256",
+            Some(&row.package_sha256),
+            a.package_sha256.clone(),
+        ),
+        (
+            "payload_size",
+            size.as_deref(),
+            a.payload_size.map(|s| s.to_string()),
+        ),
+        (
+            "payload_name",
+            Some(&row.payload_name),
+            a.payload_name.clone(),
+        ),
     ];
     let mut problems = Vec::new();
     for (name, ours, chain) in fields {
@@ -314,7 +339,11 @@ fn check_package_file(path: &Path, row: &mut EvidenceRow, a: Option<&Archived>) 
         }
     };
     mismatch("SHA-256", check.package_sha256.clone(), package_sha);
-    mismatch("payload SHA-256", check.payload_sha256.clone(), payload_sha.clone());
+    mismatch(
+        "payload SHA-256",
+        check.payload_sha256.clone(),
+        payload_sha.clone(),
+    );
     mismatch(
         "payload size",
         check.payload_size.to_string(),
@@ -345,8 +374,9 @@ fn check_package_file(path: &Path, row: &mut EvidenceRow, a: Option<&Archived>) 
         head => match (head["seq"].as_i64(), head["row_hash"].as_str()) {
             (Some(seq), Some(hash)) => PinnedHead::Present(seq, hash.to_string()),
             _ => {
-                row.problems
-                    .push(format!("retrieval.json has a malformed custody_head: {head}"));
+                row.problems.push(format!(
+                    "retrieval.json has a malformed custody_head: {head}"
+                ));
                 PinnedHead::Unknown
             }
         },
@@ -367,6 +397,9 @@ fn read_retrieval(path: &Path, bag: &str) -> Result<Value, String> {
     serde_json::from_slice(&text).map_err(|e| format!("retrieval.json is not JSON: {e}"))
 }
 
+/// (row_hash, event, tenant, action_id, command_index, evidence_sha256) of a pinned row.
+type PinnedRow = (String, String, String, String, Option<i64>, Option<String>);
+
 /// §7a item 4: the pinned row must be in the chain with that hash, before the ARCHIVED row;
 /// when it is the result's DOWNLOADED row, its payload hash must be the package's. Returns
 /// true when the chain looks rewritten.
@@ -377,7 +410,7 @@ fn check_custody_head(
     seq: i64,
     hash: &str,
 ) -> Result<bool, DbError> {
-    let pinned: Option<(String, String, String, String, Option<i64>, Option<String>)> = conn
+    let pinned: Option<PinnedRow> = conn
         .prepare_cached(
             "SELECT row_hash, event, tenant, action_id, command_index, evidence_sha256 FROM custody_log WHERE seq = ?1",
         )

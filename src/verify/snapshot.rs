@@ -28,7 +28,11 @@ pub struct Snapshot {
     pub upgrade_mark: i64,
 }
 
-pub fn check(conn: &mut Connection, scope: &Scope, rec: &mut Recorder) -> Result<Snapshot, DbError> {
+pub fn check(
+    conn: &mut Connection,
+    scope: &Scope,
+    rec: &mut Recorder,
+) -> Result<Snapshot, DbError> {
     let tx = conn
         .transaction()
         .map_err(DbError::sql("begin read transaction"))?;
@@ -90,19 +94,23 @@ pub fn check(conn: &mut Connection, scope: &Scope, rec: &mut Recorder) -> Result
             problem: format!("the evidence table cannot be read: {e}"),
         })?,
     }
-    if !scope.chain_only {
-        if let Err(e) = archived_without_evidence(&tx, scope, snap.head.seq, rec) {
-            rec.defect(Defect::Database {
-                problem: format!("ARCHIVED rows cannot be matched with evidence: {e}"),
-            })?;
-        }
+    if !scope.chain_only
+        && let Err(e) = archived_without_evidence(&tx, scope, snap.head.seq, rec)
+    {
+        rec.defect(Defect::Database {
+            problem: format!("ARCHIVED rows cannot be matched with evidence: {e}"),
+        })?;
     }
     Ok(snap)
 }
 
 /// `PRAGMA quick_check` (or `integrity_check`): `None` when SQLite says "ok".
 fn integrity_problem(conn: &Connection, full: bool) -> Option<String> {
-    let pragma = if full { "integrity_check" } else { "quick_check" };
+    let pragma = if full {
+        "integrity_check"
+    } else {
+        "quick_check"
+    };
     let result = (|| -> rusqlite::Result<Vec<String>> {
         let mut stmt = conn.prepare(&format!("PRAGMA {pragma}(20)"))?;
         let rows = stmt.query_map([], |r| Ok(shown(r, 0)))?;
@@ -124,11 +132,13 @@ fn walk_chain(
     rec: &mut Recorder,
 ) -> Result<custody::ChainWalk, DbError> {
     let total: i64 = conn
-        .query_row("SELECT coalesce(max(seq), 0) FROM custody_log", [], |r| r.get(0))
+        .query_row("SELECT coalesce(max(seq), 0) FROM custody_log", [], |r| {
+            r.get(0)
+        })
         .map_err(DbError::sql("read custody head"))?;
-    let bar = scope
-        .interactive
-        .then(|| crate::progress::Progress::with_unit("custody chain", total.max(0) as u64, "rows"));
+    let bar = scope.interactive.then(|| {
+        crate::progress::Progress::with_unit("custody chain", total.max(0) as u64, "rows")
+    });
     let mut failed = None;
     let walk = custody::walk(
         conn,
@@ -185,7 +195,11 @@ fn archived_without_evidence(
             tenant: shown(r, 1),
             action_id: shown(r, 2),
             index: r.get_ref(3).ok().and_then(|v| v.as_i64().ok()),
-            package_path: r.get_ref(4).ok().and_then(|v| v.as_str().ok()).map(str::to_string),
+            package_path: r
+                .get_ref(4)
+                .ok()
+                .and_then(|v| v.as_str().ok())
+                .map(str::to_string),
             problem: "no evidence row for this ARCHIVED custody row (deleted?)".into(),
         })?;
     }
@@ -204,7 +218,11 @@ fn archived_without_evidence(
         rec.defect(Defect::Result {
             tenant: shown(r, 0),
             action_id: shown(r, 1),
-            index: r.get_ref(2).ok().and_then(|v| v.as_i64().ok()).unwrap_or(-1),
+            index: r
+                .get_ref(2)
+                .ok()
+                .and_then(|v| v.as_i64().ok())
+                .unwrap_or(-1),
             problem: "state archived but no evidence row".into(),
         })?;
     }

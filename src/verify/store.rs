@@ -12,7 +12,12 @@ use super::Scope;
 use super::defect::{Defect, Recorder};
 use crate::db::DbError;
 
-pub fn check(conn: &Connection, root: &Path, scope: &Scope, rec: &mut Recorder) -> Result<(), DbError> {
+pub fn check(
+    conn: &Connection,
+    root: &Path,
+    scope: &Scope,
+    rec: &mut Recorder,
+) -> Result<(), DbError> {
     let mut pending: Vec<PathBuf> = tenant_dirs(root, scope.tenant.as_deref());
     let mut in_flight: Option<HashSet<String>> = None;
     while let Some(dir) = pending.pop() {
@@ -93,7 +98,10 @@ fn unexplained(
     if !partial && named_by_evidence(conn, &rel)? {
         return Ok(None);
     }
-    if in_flight.as_ref().is_some_and(|set| set.contains(&final_rel)) {
+    if in_flight
+        .as_ref()
+        .is_some_and(|set| set.contains(&final_rel))
+    {
         return Ok(None);
     }
     // Not explained by the rows seen so far: ask again (a download may have just started or

@@ -62,13 +62,25 @@ async fn tokens_pass_openssl_altered_checkpoints_fail_and_a_down_tsa_only_delays
         let ok = openssl(
             tsa_dir.path(),
             &[
-                "ts", "-verify", "-data", json.to_str().unwrap(), "-in", tsr.to_str().unwrap(),
-                "-CAfile", tsa.ca_pem.to_str().unwrap(),
+                "ts",
+                "-verify",
+                "-data",
+                json.to_str().unwrap(),
+                "-in",
+                tsr.to_str().unwrap(),
+                "-CAfile",
+                tsa.ca_pem.to_str().unwrap(),
             ],
         );
         assert!(ok.contains("Verification: OK"), "{ok}");
-        let text = openssl(tsa_dir.path(), &["ts", "-reply", "-in", tsr.to_str().unwrap(), "-text"]);
-        assert!(text.contains("Policy OID: 1.2.3.4.5"), "the configured policy was asked for: {text}");
+        let text = openssl(
+            tsa_dir.path(),
+            &["ts", "-reply", "-in", tsr.to_str().unwrap(), "-text"],
+        );
+        assert!(
+            text.contains("Policy OID: 1.2.3.4.5"),
+            "the configured policy was asked for: {text}"
+        );
     }
     let stamped = e.count(&format!(
         "SELECT count(*) FROM anchors WHERE tsa_url = '{}' AND tsr_path LIKE '_checkpoints/%.tsr' AND gen_time LIKE '20__-__-__T__:__:__.000Z'",
@@ -98,7 +110,11 @@ async fn tokens_pass_openssl_altered_checkpoints_fail_and_a_down_tsa_only_delays
     make_writable(&e.store().join("_checkpoints"));
     let original = std::fs::read_to_string(&first).unwrap();
     let host_line = original.lines().find(|l| l.contains("\"host\"")).unwrap();
-    std::fs::write(&first, original.replace(host_line, "  \"host\": \"elsewhere\",")).unwrap();
+    std::fs::write(
+        &first,
+        original.replace(host_line, "  \"host\": \"elsewhere\","),
+    )
+    .unwrap();
     let (code, _, err) = lrvault(&e.config_path, &["verify"]);
     assert_eq!(code, 3, "{err}");
     let stem = name.trim_end_matches(".json");

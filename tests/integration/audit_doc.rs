@@ -70,20 +70,29 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    let first = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false).await.unwrap();
+    let first = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false)
+        .await
+        .unwrap();
     assert!(first.ok(), "{first:?}");
     // One package damaged on disk: the second run finds it.
     let (broken, broken_path): (String, String) = e
         .reader()
-        .query_row("SELECT evidence_id, package_path FROM evidence ORDER BY evidence_id LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT evidence_id, package_path FROM evidence ORDER BY evidence_id LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .unwrap();
-    crate::tamper::make_writable(&e.store().join(&broken_path).parent().unwrap().to_path_buf());
-    let mut zip = std::fs::OpenOptions::new().append(true).open(e.store().join(&broken_path)).unwrap();
+    crate::tamper::make_writable(e.store().join(&broken_path).parent().unwrap());
+    let mut zip = std::fs::OpenOptions::new()
+        .append(true)
+        .open(e.store().join(&broken_path))
+        .unwrap();
     std::io::Write::write_all(&mut zip, b"appended later").unwrap();
     e.archive_max(4).await;
-    let second = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false).await.unwrap();
+    let second = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false)
+        .await
+        .unwrap();
     assert_eq!(second.package_defects, 1, "{second:?}");
     e.archive().await;
     let all: BTreeSet<String> = e
@@ -96,22 +105,41 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
         .unwrap();
     let verified_twice = {
         let c = e.reader();
-        let mut stmt = c.prepare("SELECT evidence_id FROM evidence WHERE last_verified_at IS NOT NULL").unwrap();
-        stmt.query_map([], |r| r.get::<_, String>(0)).unwrap().collect::<Result<BTreeSet<_>, _>>().unwrap()
+        let mut stmt = c
+            .prepare("SELECT evidence_id FROM evidence WHERE last_verified_at IS NOT NULL")
+            .unwrap();
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .collect::<Result<BTreeSet<_>, _>>()
+            .unwrap()
     };
     let never: BTreeSet<String> = all.difference(&verified_twice).cloned().collect();
     assert!(!never.is_empty() && !round1.is_empty());
     let exported = round1.iter().find(|id| **id != broken).unwrap().clone();
     let kit = e._dir.path().join("kit");
-    e.run_ok(&["export", "--evidence", &exported, "--out", kit.to_str().unwrap(), "--recipient", "Examiner A"]);
+    e.run_ok(&[
+        "export",
+        "--evidence",
+        &exported,
+        "--out",
+        kit.to_str().unwrap(),
+        "--recipient",
+        "Examiner A",
+    ]);
     e.ctx
         .db
         .call(|c| {
             let tx = lrvault::db::write_tx(c)?;
             lrvault::custody::append(
                 &tx,
-                &lrvault::custody::Event::new("sim0", "*", None, lrvault::custody::EventKind::BackedUp, "me")
-                    .detail(serde_json::json!({"sha256": "ab".repeat(32), "to": "/backup/l.db"})),
+                &lrvault::custody::Event::new(
+                    "sim0",
+                    "*",
+                    None,
+                    lrvault::custody::EventKind::BackedUp,
+                    "me",
+                )
+                .detail(serde_json::json!({"sha256": "ab".repeat(32), "to": "/backup/l.db"})),
             )?;
             tx.commit().map_err(lrvault::db::DbError::sql("commit"))
         })
@@ -147,7 +175,8 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
         (":evidence_id", Value::Text(exported.clone())),
     ]);
 
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
     let queries = fenced(&doc, "sql");
     assert_eq!(queries.len(), 18, "the guide's questions");
     let answers: Vec<Rows> = queries.iter().map(|q| run(&conn, q, &params)).collect();
@@ -164,58 +193,116 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
     assert_eq!(q(2).len() as i64, results_of_requestor, "Q2 requestor");
     let mut q3: BTreeSet<String> = never.clone();
     q3.insert(broken.clone());
-    assert_eq!(column(q(3), "evidence_id"), q3, "Q3 never verified or failing");
+    assert_eq!(
+        column(q(3), "evidence_id"),
+        q3,
+        "Q3 never verified or failing"
+    );
     assert_eq!(column(q(4), "evidence_id"), never, "Q4 not verified lately");
     let ended: BTreeMap<String, (String, String)> = q(5)
         .iter()
         .map(|r| (text(r, "state"), (text(r, "event"), text(r, "error_code"))))
         .collect();
-    assert_eq!(ended["unavailable"], ("UNAVAILABLE".into(), "ResourceNotFound".into()), "Q5");
+    assert_eq!(
+        ended["unavailable"],
+        ("UNAVAILABLE".into(), "ResourceNotFound".into()),
+        "Q5"
+    );
     assert_eq!(ended["failed"].0, "FAILED", "Q5");
-    assert!(q(5).iter().any(|r| text(r, "reason").contains("evil.example.net")), "Q5 {:?}", q(5));
+    assert!(
+        q(5).iter()
+            .any(|r| text(r, "reason").contains("evil.example.net")),
+        "Q5 {:?}",
+        q(5)
+    );
     let expected_skipped = e
         .sim
         .sim
         .expected_results(&e.tenant_id())
         .into_iter()
-        .filter(|x| !x.has_result && !x.gone && ["Succeeded", "Failed", "TimeOut", "Cancelled"].contains(&x.action_status.as_str()))
+        .filter(|x| {
+            !x.has_result
+                && !x.gone
+                && ["Succeeded", "Failed", "TimeOut", "Cancelled"]
+                    .contains(&x.action_status.as_str())
+        })
         .count();
     assert_eq!(q(6).len(), expected_skipped, "Q6 skipped");
-    assert!(q(6).iter().all(|r| text(r, "reason") != "NULL"), "Q6 reasons");
+    assert!(
+        q(6).iter().all(|r| text(r, "reason") != "NULL"),
+        "Q6 reasons"
+    );
     assert!(q(7).is_empty(), "Q7: nothing left waiting");
     assert_eq!(column(q(8), "evidence_id"), all, "Q8 every package");
     for r in q(8) {
         let (done, archived) = (text(r, "completed_at"), text(r, "archived_at"));
-        let secs = (lrvault::time::parse_api(&archived).unwrap() - lrvault::time::parse_api(&done).unwrap())
-            .num_milliseconds() as f64
+        let secs = (lrvault::time::parse_api(&archived).unwrap()
+            - lrvault::time::parse_api(&done).unwrap())
+        .num_milliseconds() as f64
             / 1000.0;
-        let Value::Real(answer) = r["seconds_to_archive"] else { panic!("Q8 {r:?}") };
+        let Value::Real(answer) = r["seconds_to_archive"] else {
+            panic!("Q8 {r:?}")
+        };
         // julianday() is a float: allow the rounding of a half second to go either way.
         assert!((answer - secs).abs() <= 0.5 + 1e-3, "Q8 {r:?} vs {secs}");
     }
-    let per_day: i64 = q(9).iter().map(|r| text(r, "packages").parse::<i64>().unwrap()).sum();
+    let per_day: i64 = q(9)
+        .iter()
+        .map(|r| text(r, "packages").parse::<i64>().unwrap())
+        .sum();
     assert_eq!(per_day, all.len() as i64, "Q9");
     let events: Vec<String> = q(10).iter().map(|r| text(r, "event")).collect();
-    assert_eq!(events, ["DISCOVERED", "QUEUED", "LINK_ISSUED", "DOWNLOADED", "ARCHIVED", "EXPORTED"], "Q10");
-    assert_eq!(q(11).len(), 2, "Q11: both checkpoints cover a package of the first pass");
+    assert_eq!(
+        events,
+        [
+            "DISCOVERED",
+            "QUEUED",
+            "LINK_ISSUED",
+            "DOWNLOADED",
+            "ARCHIVED",
+            "EXPORTED"
+        ],
+        "Q10"
+    );
+    assert_eq!(
+        q(11).len(),
+        2,
+        "Q11: both checkpoints cover a package of the first pass"
+    );
     assert_eq!(q(12).len(), 1, "Q12");
     assert_eq!(text(&q(12)[0], "recipient"), "Examiner A");
     assert_eq!(text(&q(12)[0], "packages"), "1");
     assert_eq!(text(&q(12)[0], "written_to"), kit.display().to_string());
-    assert_eq!(column(q(13), "evidence_id"), BTreeSet::from([exported.clone()]), "Q13");
-    let runs: Vec<(String, String)> =
-        q(14).iter().map(|r| (text(r, "packages"), text(r, "package_defects"))).collect();
+    assert_eq!(
+        column(q(13), "evidence_id"),
+        BTreeSet::from([exported.clone()]),
+        "Q13"
+    );
+    let runs: Vec<(String, String)> = q(14)
+        .iter()
+        .map(|r| (text(r, "packages"), text(r, "package_defects")))
+        .collect();
     assert_eq!(runs.len(), 2, "Q14 {runs:?}");
     assert_eq!(runs[0].1, "1", "the newest run found the damaged package");
     assert_eq!(runs[1].1, "0");
     assert_eq!(q(15).len(), 1, "Q15");
     assert_eq!(text(&q(15)[0], "evidence_id"), broken);
     assert_eq!(text(&q(15)[0], "check_kind"), "package");
-    assert!(text(&q(15)[0], "problem").contains("the package's SHA-256 is"), "{:?}", q(15));
-    let devices: i64 = q(16).iter().map(|r| text(r, "packages").parse::<i64>().unwrap()).sum();
+    assert!(
+        text(&q(15)[0], "problem").contains("the package's SHA-256 is"),
+        "{:?}",
+        q(15)
+    );
+    let devices: i64 = q(16)
+        .iter()
+        .map(|r| text(r, "packages").parse::<i64>().unwrap())
+        .sum();
     assert_eq!(devices, all.len() as i64, "Q16");
     assert_eq!(
-        q(16).iter().find(|r| text(r, "machine_id") == machine).map(|r| text(r, "packages")),
+        q(16)
+            .iter()
+            .find(|r| text(r, "machine_id") == machine)
+            .map(|r| text(r, "packages")),
         Some(by_machine.len().to_string())
     );
     assert_eq!(q(17).len(), 1, "Q17");

@@ -29,10 +29,18 @@ async fn the_examiner_steps_of_the_evidence_format_guide_work_as_written() {
     assert!(out.contains("tokens: 1 fetched"), "{out}");
     let eid: String = e
         .reader()
-        .query_row("SELECT evidence_id FROM evidence ORDER BY archived_at LIMIT 1", [], |r| r.get(0))
+        .query_row(
+            "SELECT evidence_id FROM evidence ORDER BY archived_at LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
 
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/evidence-format.md")).unwrap();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/evidence-format.md"
+    ))
+    .unwrap();
     let section = doc
         .split("### Checking a package's anchors by hand")
         .nth(1)
@@ -50,7 +58,12 @@ async fn the_examiner_steps_of_the_evidence_format_guide_work_as_written() {
     let (code, out, err) = run_sh(
         e._dir.path(),
         &steps.join("\n"),
-        &[("STORE", &store), ("DB", &db), ("EID", &eid), ("TSA_CA", &ca)],
+        &[
+            ("STORE", &store),
+            ("DB", &db),
+            ("EID", &eid),
+            ("TSA_CA", &ca),
+        ],
     );
     assert_eq!(code, 0, "{out}\n{err}");
     for expected in [

@@ -38,9 +38,18 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
     let kit = e._dir.path().join("kit");
     let kit_arg = kit.to_str().unwrap();
     let (out, _) = e.run_ok(&[
-        "export", "--action", &action, "--out", kit_arg, "--recipient", "Dr. Examiner, Court 4",
+        "export",
+        "--action",
+        &action,
+        "--out",
+        kit_arg,
+        "--recipient",
+        "Dr. Examiner, Court 4",
     ]);
-    assert!(out.contains(&format!("exported {packages} packages")), "{out}");
+    assert!(
+        out.contains(&format!("exported {packages} packages")),
+        "{out}"
+    );
     assert!(out.contains("with its RFC 3161 token"), "{out}");
 
     let files: Vec<String> = files_under(&kit)
@@ -49,10 +58,25 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
         .collect();
     let zips = files.iter().filter(|f| f.ends_with(".zip")).count() as i64;
     assert_eq!(zips, packages, "{files:?}");
-    for expected in ["README.md", "SHA256SUMS", "custody.db", "check_custody.py", "tsa-ca.pem"] {
-        assert!(files.contains(&expected.to_string()), "{expected} in {files:?}");
+    for expected in [
+        "README.md",
+        "SHA256SUMS",
+        "custody.db",
+        "check_custody.py",
+        "tsa-ca.pem",
+    ] {
+        assert!(
+            files.contains(&expected.to_string()),
+            "{expected} in {files:?}"
+        );
     }
-    assert_eq!(files.iter().filter(|f| f.starts_with("checkpoints/") && f.ends_with(".tsr")).count(), 1);
+    assert_eq!(
+        files
+            .iter()
+            .filter(|f| f.starts_with("checkpoints/") && f.ends_with(".tsr"))
+            .count(),
+        1
+    );
 
     // The README's steps, literally.
     let readme = std::fs::read_to_string(kit.join("README.md")).unwrap();
@@ -61,7 +85,10 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
     let (code, out, err) = run_sh(&kit, &steps.join("\n"), &[]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("Verification: OK"), "{out}");
-    assert!(out.contains(&format!("{packages} packages match their ARCHIVED rows")), "{out}");
+    assert!(
+        out.contains(&format!("{packages} packages match their ARCHIVED rows")),
+        "{out}"
+    );
     assert_eq!(out.matches("|1|1|").count() as i64, packages, "{out}");
     assert!(!out.contains("FAILED"), "{out}");
 
@@ -82,12 +109,21 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
         .unwrap();
 
     // A kit is never written over; an empty selection exports nothing.
-    let (code, _, err) = lrvault(&e.config_path, &["export", "--action", &action, "--out", kit_arg]);
+    let (code, _, err) = lrvault(
+        &e.config_path,
+        &["export", "--action", &action, "--out", kit_arg],
+    );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is not empty"), "{err}");
     let (code, _, err) = lrvault(
         &e.config_path,
-        &["export", "--evidence", "no-such-id", "--out", e._dir.path().join("none").to_str().unwrap()],
+        &[
+            "export",
+            "--evidence",
+            "no-such-id",
+            "--out",
+            e._dir.path().join("none").to_str().unwrap(),
+        ],
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no archived evidence matches"), "{err}");
@@ -127,8 +163,14 @@ async fn an_export_by_window_without_a_tsa_says_so_and_still_checks_out() {
     assert!(out.contains(&format!("exported {all} packages")), "{out}");
     assert!(out.contains("no token yet"), "{out}");
     let readme = std::fs::read_to_string(kit.join("README.md")).unwrap();
-    assert!(readme.contains("No RFC 3161 token was available"), "{readme}");
+    assert!(
+        readme.contains("No RFC 3161 token was available"),
+        "{readme}"
+    );
     let (code, out, err) = run_sh(&kit, &fenced(&readme, "sh").join("\n"), &[]);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains(&format!("{all} packages match their ARCHIVED rows")), "{out}");
+    assert!(
+        out.contains(&format!("{all} packages match their ARCHIVED rows")),
+        "{out}"
+    );
 }

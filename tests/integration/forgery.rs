@@ -12,7 +12,10 @@ fn caught(vault: &Vault, name: &str, forge: impl FnOnce(&Vault), expect: &[Strin
     forge(vault);
     let err = vault.verify_fails();
     for needle in expect {
-        assert!(err.contains(needle.as_str()), "{name}: {needle:?} not in:\n{err}");
+        assert!(
+            err.contains(needle.as_str()),
+            "{name}: {needle:?} not in:\n{err}"
+        );
     }
     vault.restore(&snap);
     vault.verify_ok();
@@ -26,7 +29,10 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
     let checkpoints: Vec<i64> = {
         let c = vault.reader();
         let mut stmt = c.prepare("SELECT seq FROM anchors ORDER BY seq").unwrap();
-        stmt.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
     };
     assert_eq!(checkpoints.len(), 2, "two verify runs, two checkpoints");
     let head = vault.query_i64("SELECT max(seq) FROM custody_log");
@@ -43,7 +49,11 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
         |v| {
             let new_sha = rebuild_package(&path, |bytes| bytes[0] ^= 0x20);
             let check = lrvault::package::check_package(&path).unwrap();
-            assert!(check.problems.is_empty(), "the forged bag validates: {:?}", check.problems);
+            assert!(
+                check.problems.is_empty(),
+                "the forged bag validates: {:?}",
+                check.problems
+            );
             v.forger()
                 .execute(
                     "UPDATE evidence SET payload_sha256 = ?2, package_sha256 = ?3, package_size = ?4 WHERE evidence_id = ?1",
@@ -53,7 +63,7 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
         },
         &[
             format!("evidence {late_id} ({late_path})"),
-            format!("the evidence row's payload_sha256 is"),
+            "the evidence row's payload_sha256 is".to_string(),
             format!("says {original_sha}"),
         ],
     );
@@ -108,10 +118,13 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
                 .execute("DELETE FROM custody_log WHERE seq >= ?1", [cut_from])
                 .unwrap();
         },
-        &[format!(
-            "checkpoint _checkpoints/{:012}.json: pins custody seq {}",
-            checkpoints[1], checkpoints[1]
-        ), format!("beyond the chain's head seq {}", cut_from - 1)],
+        &[
+            format!(
+                "checkpoint _checkpoints/{:012}.json: pins custody seq {}",
+                checkpoints[1], checkpoints[1]
+            ),
+            format!("beyond the chain's head seq {}", cut_from - 1),
+        ],
     );
 
     // 5. Variants.
@@ -120,7 +133,10 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
         "row edited without re-hashing",
         |v| {
             v.forger()
-                .execute("UPDATE custody_log SET actor = 'someone else' WHERE seq = 3", [])
+                .execute(
+                    "UPDATE custody_log SET actor = 'someone else' WHERE seq = 3",
+                    [],
+                )
                 .unwrap();
         },
         &["custody seq 3: row_hash does not match the row's contents".to_string()],
@@ -129,7 +145,9 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
         &vault,
         "row deleted in the middle",
         |v| {
-            v.forger().execute("DELETE FROM custody_log WHERE seq = 5", []).unwrap();
+            v.forger()
+                .execute("DELETE FROM custody_log WHERE seq = 5", [])
+                .unwrap();
         },
         &["custody seq 6: sequence gap: expected seq 5".to_string()],
     );
@@ -138,7 +156,10 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
         "mistyped row",
         |v| {
             v.forger()
-                .execute("UPDATE custody_log SET command_index = 'one' WHERE seq = 2", [])
+                .execute(
+                    "UPDATE custody_log SET command_index = 'one' WHERE seq = 2",
+                    [],
+                )
                 .unwrap();
         },
         &["custody seq 2: command_index holds Text, expected INTEGER".to_string()],
@@ -154,7 +175,9 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
                 )
                 .unwrap();
         },
-        &[format!("evidence {first_id} ({first_path}): the evidence row's payload_size")],
+        &[format!(
+            "evidence {first_id} ({first_path}): the evidence row's payload_size"
+        )],
     );
     caught(
         &vault,
@@ -176,14 +199,18 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
         &vault,
         "file planted in the store",
         |v| std::fs::write(v.store.join(&stray), b"planted").unwrap(),
-        &[format!("store file {stray}: no evidence row names this file")],
+        &[format!(
+            "store file {stray}: no evidence row names this file"
+        )],
     );
     let newest = format!("_checkpoints/{:012}.json", checkpoints[1]);
     caught(
         &vault,
         "checkpoint deleted",
         |v| std::fs::remove_file(v.store.join(&newest)).unwrap(),
-        &[format!("checkpoint {newest}: recorded in the anchors table but missing")],
+        &[format!(
+            "checkpoint {newest}: recorded in the anchors table but missing"
+        )],
     );
     caught(
         &vault,
@@ -192,11 +219,18 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
             let p = v.store.join(&newest);
             let text = std::fs::read_to_string(&p).unwrap();
             let seq = checkpoints[1].to_string();
-            let forged = text.replacen(&format!("\"seq\": {seq}"), &format!("\"seq\": {}", head + 50), 1);
+            let forged = text.replacen(
+                &format!("\"seq\": {seq}"),
+                &format!("\"seq\": {}", head + 50),
+                1,
+            );
             crate::tamper::make_writable(&v.store.join("_checkpoints"));
             std::fs::write(&p, forged).unwrap();
         },
-        &[format!("checkpoint {newest}: its name says seq {}", checkpoints[1])],
+        &[format!(
+            "checkpoint {newest}: its name says seq {}",
+            checkpoints[1]
+        )],
     );
     // Nothing of the forgeries is left: the chain grew only by the last runs' own rows.
     assert_eq!(
@@ -267,7 +301,10 @@ async fn a_live_download_is_not_a_stray_file_but_an_orphan_partial_is() {
         "{err}"
     );
     assert!(
-        err.contains(&format!("store file {}: no evidence row names this file", rel.display())),
+        err.contains(&format!(
+            "store file {}: no evidence row names this file",
+            rel.display()
+        )),
         "{err}"
     );
     assert_eq!(

@@ -39,11 +39,25 @@ pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384", "-nodes",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"), "-days", "3650",
-            "-subj", &format!("/CN={name}"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "3650",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
     dir.join(format!("{name}.crt"))
@@ -56,8 +70,16 @@ impl LocalTsa {
         openssl(
             dir,
             &[
-                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tsa.key", "-out", "tsa.csr",
-                "-subj", "/CN=Test TSA",
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "tsa.key",
+                "-out",
+                "tsa.csr",
+                "-subj",
+                "/CN=Test TSA",
             ],
         );
         std::fs::write(
@@ -70,9 +92,21 @@ impl LocalTsa {
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", "tsa.csr", "-CA", "test-tsa-root.crt", "-CAkey",
-                "test-tsa-root.key", "-CAcreateserial", "-out", "tsa.crt", "-days", "365",
-                "-extfile", "tsa-ext.cnf",
+                "x509",
+                "-req",
+                "-in",
+                "tsa.csr",
+                "-CA",
+                "test-tsa-root.crt",
+                "-CAkey",
+                "test-tsa-root.key",
+                "-CAcreateserial",
+                "-out",
+                "tsa.crt",
+                "-days",
+                "365",
+                "-extfile",
+                "tsa-ext.cnf",
             ],
         );
         std::fs::write(dir.join("tsaserial"), "01\n").unwrap();
@@ -131,7 +165,16 @@ async fn reply(
     std::fs::write(dir.join("q.tsq"), &body).unwrap();
     openssl(
         dir,
-        &["ts", "-reply", "-config", "tsa.cnf", "-queryfile", "q.tsq", "-out", "r.tsr"],
+        &[
+            "ts",
+            "-reply",
+            "-config",
+            "tsa.cnf",
+            "-queryfile",
+            "q.tsq",
+            "-out",
+            "r.tsr",
+        ],
     );
     issued.fetch_add(1, Ordering::SeqCst);
     let tsr = std::fs::read(dir.join("r.tsr")).unwrap();

@@ -18,8 +18,8 @@ pub struct Vault {
     pub config: PathBuf,
     pub db: PathBuf,
     pub store: PathBuf,
-    /// Keeps the simulator alive (for tests that archive more).
-    pub sim: lrvault::sim::SimHandle,
+    /// Keeps the simulator alive for as long as the vault.
+    _sim: lrvault::sim::SimHandle,
 }
 
 /// Discovers and archives `actions` actions in two passes with a verify after each, so the
@@ -61,7 +61,7 @@ pub async fn archived_vault(seed: u64, actions: usize, extra: &str) -> Vault {
         config: config_path,
         db: cfg.database.path.clone(),
         store: cfg.store.root.clone(),
-        sim,
+        _sim: sim,
     }
 }
 
@@ -147,7 +147,11 @@ impl Vault {
         }
         make_writable(&self.store);
         std::fs::remove_dir_all(&self.store).unwrap();
-        copy_tree(&snap.join("db"), &snap.join("db"), self.db.parent().unwrap());
+        copy_tree(
+            &snap.join("db"),
+            &snap.join("db"),
+            self.db.parent().unwrap(),
+        );
         copy_tree(&snap.join("store"), &snap.join("store"), &self.store);
     }
 
@@ -203,7 +207,10 @@ pub fn rebuild_package(path: &Path, change: impl Fn(&mut Vec<u8>)) -> String {
         files.push((e.name().unwrap().to_string(), buf));
     }
     let bag = files[0].0.split('/').next().unwrap().to_string();
-    let data_index = files.iter().position(|(n, _)| n.contains("/data/")).unwrap();
+    let data_index = files
+        .iter()
+        .position(|(n, _)| n.contains("/data/"))
+        .unwrap();
     change(&mut files[data_index].1);
     let payload = files[data_index].1.clone();
     let data_name = files[data_index].0[bag.len() + 1..].to_string();
@@ -253,7 +260,11 @@ pub fn rebuild_package(path: &Path, change: impl Fn(&mut Vec<u8>)) -> String {
         .collect();
     tags.sort();
     let tagmanifest: String = tags.iter().map(|(n, h)| format!("{h}  {n}\n")).collect();
-    set(&mut files, "tagmanifest-sha256.txt", tagmanifest.into_bytes());
+    set(
+        &mut files,
+        "tagmanifest-sha256.txt",
+        tagmanifest.into_bytes(),
+    );
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).unwrap();
     let mut out = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
     for (name, bytes) in &files {

@@ -4,7 +4,6 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 
-
 use crate::common::env;
 use crate::tamper::{lrvault, rebuild_package, rehash_chain_from};
 
@@ -50,7 +49,9 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
         e.cfg.database.path.clone(),
         e.cfg.store.root.clone(),
     );
-    let crate::common::Env { _dir, ctx, tenants, .. } = e;
+    let crate::common::Env {
+        _dir, ctx, tenants, ..
+    } = e;
     drop((ctx, tenants));
 
     // The newest package as lrvault wrote them before retrieval.json carried custody_head:
@@ -71,7 +72,11 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
         crate::tamper::file_sha256(&path),
         std::fs::metadata(&path).unwrap().len() as i64,
     );
-    for t in ["custody_log_no_update", "custody_log_no_delete", "evidence_no_update"] {
+    for t in [
+        "custody_log_no_update",
+        "custody_log_no_delete",
+        "evidence_no_update",
+    ] {
         c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
     }
     c.execute(
@@ -106,7 +111,9 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("(0 defects)"), "{out}");
     let c = rusqlite::Connection::open(&db).unwrap();
-    let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
     assert_eq!(version, lrvault::db::schema_version_known() as i64);
     let hashes_after: Vec<String> = c
         .prepare("SELECT row_hash FROM custody_log WHERE seq <= ?1 ORDER BY seq")
@@ -117,7 +124,11 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
         .unwrap();
     assert_eq!(hashes_after, hashes_before, "every row kept as it was");
     let mark: i64 = c
-        .query_row("SELECT custody_seq FROM schema_upgrades WHERE version = 2", [], |r| r.get(0))
+        .query_row(
+            "SELECT custody_seq FROM schema_upgrades WHERE version = 2",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(mark, hashes_before.len() as i64);
     let legacy: i64 = c
@@ -130,14 +141,22 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     assert_eq!(legacy, 1);
     // The new rules hold on the upgraded file.
     let e = c
-        .execute("UPDATE evidence SET payload_sha256 = 'x' WHERE evidence_id = ?1", [&id])
+        .execute(
+            "UPDATE evidence SET payload_sha256 = 'x' WHERE evidence_id = ?1",
+            [&id],
+        )
         .unwrap_err();
     assert!(e.to_string().contains("evidence rows are immutable"), "{e}");
     let e = c.execute("DELETE FROM evidence", []).unwrap_err();
     assert!(e.to_string().contains("evidence rows are immutable"), "{e}");
-    c.execute("UPDATE evidence SET last_verify_ok = 0 WHERE evidence_id = ?1", [&id])
-        .unwrap();
-    let e = c.execute("UPDATE custody_log SET actor = 'x'", []).unwrap_err();
+    c.execute(
+        "UPDATE evidence SET last_verify_ok = 0 WHERE evidence_id = ?1",
+        [&id],
+    )
+    .unwrap();
+    let e = c
+        .execute("UPDATE custody_log SET actor = 'x'", [])
+        .unwrap_err();
     assert!(e.to_string().contains("append-only"), "{e}");
     let e = c.execute("DELETE FROM anchors", []).unwrap_err();
     assert!(e.to_string().contains("anchors are append-only"), "{e}");
@@ -150,7 +169,13 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     let tx = c.unchecked_transaction().unwrap();
     lrvault::custody::append(
         &tx,
-        &lrvault::custody::Event::new("sim0", "*", None, lrvault::custody::EventKind::BackedUp, "me"),
+        &lrvault::custody::Event::new(
+            "sim0",
+            "*",
+            None,
+            lrvault::custody::EventKind::BackedUp,
+            "me",
+        ),
     )
     .unwrap();
     tx.commit().unwrap();
@@ -167,7 +192,10 @@ fn strip_custody_head(path: &std::path::Path) {
         .find(|n| n.ends_with("/retrieval.json"))
         .unwrap();
     let mut text = String::new();
-    zip.by_name(&name).unwrap().read_to_string(&mut text).unwrap();
+    zip.by_name(&name)
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
     let mut retrieval: serde_json::Value = serde_json::from_str(&text).unwrap();
     retrieval.as_object_mut().unwrap().remove("custody_head");
     drop(zip);
@@ -218,23 +246,38 @@ async fn a_damaged_database_page_makes_verify_exit_3() {
     let (config, db) = (e.config_path.clone(), e.cfg.database.path.clone());
     let root_page: i64 = e
         .reader()
-        .query_row("SELECT rootpage FROM sqlite_master WHERE name = 'actions'", [], |r| r.get(0))
+        .query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'actions'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
-    let crate::common::Env { _dir, ctx, tenants, .. } = e;
+    let crate::common::Env {
+        _dir, ctx, tenants, ..
+    } = e;
     drop((ctx, tenants));
     // Everything in the main file: no WAL left to repair the page from.
     let page_size: u64 = {
         let c = rusqlite::Connection::open(&db).unwrap();
         c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
-        c.query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0)).unwrap() as u64
+        c.query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+            .unwrap() as u64
     };
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(&db).unwrap();
-    file.seek(SeekFrom::Start((root_page as u64 - 1) * page_size)).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&db)
+        .unwrap();
+    file.seek(SeekFrom::Start((root_page as u64 - 1) * page_size))
+        .unwrap();
     file.write_all(&vec![0xAA; page_size as usize]).unwrap();
     drop(file);
     let (code, _, err) = lrvault(&config, &["verify"]);
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("lrvault: defect: database: SQLite quick_check"), "{err}");
+    assert!(
+        err.contains("lrvault: defect: database: SQLite quick_check"),
+        "{err}"
+    );
     let c = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap();
     let recorded: i64 = c
@@ -244,7 +287,10 @@ async fn a_damaged_database_page_makes_verify_exit_3() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(recorded, 1, "the damage is recorded while the log can still take a row");
+    assert_eq!(
+        recorded, 1,
+        "the damage is recorded while the log can still take a row"
+    );
     drop(c);
     // A file that is no database at all: one line, exit 3.
     let mut file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
