@@ -355,47 +355,26 @@ impl ChainWalk {
         {
             problems.push(format!("unknown event {event:?}"));
         }
-        if let (
-            Some(at),
-            Some(tenant),
-            Some(action_id),
-            Some(command_index),
-            Some(event),
-            Some(actor),
-            Some(evidence_sha256),
-            Some(package_path),
-            Some(detail),
-            Some(prev_hash),
-            Some(stored),
-        ) = (
-            at,
-            tenant,
-            action_id,
-            command_index,
-            event,
-            actor,
-            evidence_sha256,
-            package_path,
-            detail,
-            prev_hash,
-            stored_hash,
-        ) {
-            let fields = Fields {
-                prev_hash,
+        // Every column readable as its type: the row can be hashed.
+        let fields = (|| {
+            Some(Fields {
+                prev_hash: prev_hash?,
                 seq,
-                at,
-                tenant,
-                action_id,
-                command_index,
-                event,
-                actor,
-                evidence_sha256,
-                package_path,
-                detail,
-            };
-            if self.hasher.hex(&fields).as_slice() != stored.as_bytes() {
-                problems.push("row_hash does not match the row's contents".into());
-            }
+                at: at?,
+                tenant: tenant?,
+                action_id: action_id?,
+                command_index: command_index?,
+                event: event?,
+                actor: actor?,
+                evidence_sha256: evidence_sha256?,
+                package_path: package_path?,
+                detail: detail?,
+            })
+        })();
+        if let (Some(fields), Some(stored)) = (fields, stored_hash)
+            && self.hasher.hex(&fields).as_slice() != stored.as_bytes()
+        {
+            problems.push("row_hash does not match the row's contents".into());
         }
         self.rows += 1;
         self.head = Head {

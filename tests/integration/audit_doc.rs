@@ -62,14 +62,10 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
     .await;
     e.discover().await;
     e.archive_max(5).await;
-    let round1: BTreeSet<String> = e
-        .reader()
-        .prepare("SELECT evidence_id FROM evidence")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let ids = |sql: &str| -> BTreeSet<String> {
+        column(&run(&e.reader(), sql, &BTreeMap::new()), "evidence_id")
+    };
+    let round1 = ids("SELECT evidence_id FROM evidence");
     let first = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false)
         .await
         .unwrap();

@@ -2,7 +2,6 @@
 //! hand") are run literally, extracted from the file, against an archive whose checkpoint was
 //! stamped by OpenSSL's timestamp authority.
 
-use crate::common::env;
 use crate::doc_steps::{fenced, run_sh};
 use crate::local_tsa::LocalTsa;
 
@@ -10,21 +9,7 @@ use crate::local_tsa::LocalTsa;
 async fn the_examiner_steps_of_the_evidence_format_guide_work_as_written() {
     let tsa_dir = tempfile::tempdir().unwrap();
     let tsa = LocalTsa::start(tsa_dir.path()).await;
-    let e = env(
-        lrvault::sim::SimConfig {
-            seed: 71,
-            actions: 4,
-            ..Default::default()
-        },
-        &format!(
-            "[anchor]\ntsa_url = \"{}\"\ntsa_ca_file = \"{}\"\n",
-            tsa.url,
-            tsa.ca_pem.display()
-        ),
-    )
-    .await;
-    e.discover().await;
-    e.archive().await;
+    let e = crate::tamper::archived(71, 4, &tsa.anchor_toml()).await;
     let (out, _) = e.run_ok(&["verify"]);
     assert!(out.contains("tokens: 1 fetched"), "{out}");
     let eid: String = e

@@ -1,30 +1,16 @@
 //! Issue 8: `lrvault export` hands an examiner a kit they can check with standard tools. The
 //! kit's own README is run literally; then the kit is tampered with and the same checks fail.
 
-use crate::common::{env, files_under};
+use crate::common::files_under;
 use crate::doc_steps::{fenced, run_sh};
 use crate::local_tsa::LocalTsa;
-use crate::tamper::{lrvault, make_writable};
+use crate::tamper::{archived, lrvault, make_writable};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody() {
     let tsa_dir = tempfile::tempdir().unwrap();
     let tsa = LocalTsa::start(tsa_dir.path()).await;
-    let e = env(
-        lrvault::sim::SimConfig {
-            seed: 33,
-            actions: 6,
-            ..Default::default()
-        },
-        &format!(
-            "[anchor]\ntsa_url = \"{}\"\ntsa_ca_file = \"{}\"\n",
-            tsa.url,
-            tsa.ca_pem.display()
-        ),
-    )
-    .await;
-    e.discover().await;
-    e.archive().await;
+    let e = archived(33, 6, &tsa.anchor_toml()).await;
     // No verify yet: export writes the covering checkpoint itself (verify --chain-only).
     let (action, packages): (String, i64) = e
         .reader()
@@ -146,17 +132,7 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_by_window_without_a_tsa_says_so_and_still_checks_out() {
-    let e = env(
-        lrvault::sim::SimConfig {
-            seed: 34,
-            actions: 5,
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
-    e.discover().await;
-    e.archive().await;
+    let e = archived(34, 5, "").await;
     let kit = e._dir.path().join("window-kit");
     let (out, _) = e.run_ok(&["export", "--since", "30d", "--out", kit.to_str().unwrap()]);
     let all = e.count("SELECT count(*) FROM evidence");

@@ -64,6 +64,15 @@ pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
 }
 
 impl LocalTsa {
+    /// The `[anchor]` section of a config that uses this TSA.
+    pub fn anchor_toml(&self) -> String {
+        format!(
+            "[anchor]\ntsa_url = \"{}\"\ntsa_ca_file = \"{}\"\n",
+            self.url,
+            self.ca_pem.display()
+        )
+    }
+
     pub async fn start(dir: &Path) -> LocalTsa {
         std::fs::create_dir_all(dir).unwrap();
         let ca_pem = make_ca(dir, "test-tsa-root");

@@ -22,10 +22,9 @@ pub struct Vault {
     _sim: lrvault::sim::SimHandle,
 }
 
-/// Discovers and archives `actions` actions in two passes with a verify after each, so the
-/// store holds two checkpoints and packages on both sides of the first one.
-pub async fn archived_vault(seed: u64, actions: usize, extra: &str) -> Vault {
-    let e = env(
+/// A simulator of `actions` actions, and a context for a config written for it plus `extra`.
+pub async fn sim_env(seed: u64, actions: usize, extra: &str) -> crate::common::Env {
+    env(
         SimConfig {
             seed,
             actions,
@@ -33,7 +32,21 @@ pub async fn archived_vault(seed: u64, actions: usize, extra: &str) -> Vault {
         },
         extra,
     )
-    .await;
+    .await
+}
+
+/// [`sim_env`] with everything discovered and archived.
+pub async fn archived(seed: u64, actions: usize, extra: &str) -> crate::common::Env {
+    let e = sim_env(seed, actions, extra).await;
+    e.discover().await;
+    e.archive().await;
+    e
+}
+
+/// Discovers and archives `actions` actions in two passes with a verify after each, so the
+/// store holds two checkpoints and packages on both sides of the first one.
+pub async fn archived_vault(seed: u64, actions: usize, extra: &str) -> Vault {
+    let e = sim_env(seed, actions, extra).await;
     e.discover().await;
     e.archive_max(4).await;
     let first = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false)
@@ -198,6 +211,15 @@ pub fn make_writable(root: &Path) {
 /// Payload-Oxum and retrieval.json's sha256/bytes made to match: a bag that validates.
 /// Returns the new payload's SHA-256.
 pub fn rebuild_package(path: &Path, change: impl Fn(&mut Vec<u8>)) -> String {
+    rebuild_package_with(path, change, |_| {})
+}
+
+/// [`rebuild_package`], with `edit` applied to retrieval.json as well.
+pub fn rebuild_package_with(
+    path: &Path,
+    change: impl Fn(&mut Vec<u8>),
+    edit: impl Fn(&mut serde_json::Value),
+) -> String {
     let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 0..zip.len() {
@@ -248,6 +270,7 @@ pub fn rebuild_package(path: &Path, change: impl Fn(&mut Vec<u8>)) -> String {
         serde_json::from_slice(&get(&files, "retrieval.json")).unwrap();
     retrieval["sha256"] = payload_sha.clone().into();
     retrieval["bytes"] = payload.len().into();
+    edit(&mut retrieval);
     set(
         &mut files,
         "retrieval.json",

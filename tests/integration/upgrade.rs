@@ -2,10 +2,9 @@
 //! rows and a package from before `custody_head` existed, upgrades in place and still verifies;
 //! a damaged database page makes verify exit 3.
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 
-use crate::common::env;
-use crate::tamper::{lrvault, rebuild_package, rehash_chain_from};
+use crate::tamper::{archived, lrvault, rebuild_package_with, rehash_chain_from};
 
 const V1_SCHEMA: &str = include_str!("../../migrations/01-initial/up.sql");
 
@@ -32,17 +31,7 @@ fn downgrade(current: &std::path::Path, v1: &std::path::Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
-    let e = env(
-        lrvault::sim::SimConfig {
-            seed: 61,
-            actions: 5,
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
-    e.discover().await;
-    e.archive().await;
+    let e = archived(61, 5, "").await;
     let (dir, config, db, store) = (
         e._dir.path().to_path_buf(),
         e.config_path.clone(),
@@ -186,63 +175,18 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
 
 /// Rewrites the package's retrieval.json without `custody_head` (payload and bag kept valid).
 fn strip_custody_head(path: &std::path::Path) {
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
-    let name = (0..zip.len())
-        .map(|i| zip.by_index(i).unwrap().name().unwrap().to_string())
-        .find(|n| n.ends_with("/retrieval.json"))
-        .unwrap();
-    let mut text = String::new();
-    zip.by_name(&name)
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    let mut retrieval: serde_json::Value = serde_json::from_str(&text).unwrap();
-    retrieval.as_object_mut().unwrap().remove("custody_head");
-    drop(zip);
-    // rebuild_package re-derives retrieval.json from the one in the zip; write ours first.
-    rebuild_with_retrieval(path, &retrieval);
-}
-
-fn rebuild_with_retrieval(path: &std::path::Path, retrieval: &serde_json::Value) {
-    use std::os::unix::fs::PermissionsExt;
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
-    let mut files = Vec::new();
-    for i in 0..zip.len() {
-        let mut entry = zip.by_index(i).unwrap();
-        let mut bytes = Vec::new();
-        entry.read_to_end(&mut bytes).unwrap();
-        let name = entry.name().unwrap().to_string();
-        if name.ends_with("/retrieval.json") {
-            bytes = serde_json::to_vec_pretty(retrieval).unwrap();
-        }
-        files.push((name, bytes));
-    }
-    drop(zip);
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let mut out = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    for (name, bytes) in &files {
-        out.start_file(name.as_str(), zip::write::SimpleFileOptions::default())
-            .unwrap();
-        out.write_all(bytes).unwrap();
-    }
-    out.finish().unwrap();
-    // Same payload; the tag manifest is redone to cover the new retrieval.json.
-    rebuild_package(path, |_| {});
+    rebuild_package_with(
+        path,
+        |_| {},
+        |retrieval| {
+            retrieval.as_object_mut().unwrap().remove("custody_head");
+        },
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_database_page_makes_verify_exit_3() {
-    let e = env(
-        lrvault::sim::SimConfig {
-            seed: 62,
-            actions: 4,
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
-    e.discover().await;
-    e.archive().await;
+    let e = archived(62, 4, "").await;
     let (config, db) = (e.config_path.clone(), e.cfg.database.path.clone());
     let root_page: i64 = e
         .reader()
