@@ -151,9 +151,12 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         interactive: true,
     };
     let report = verify_scope(&cfg, &db, &scope).await?;
-    println!("{}", report.summary());
-    if let Some(why) = &report.unrecorded {
-        eprintln!("lrvault: defect: the database could not record this run's defects: {why}");
+    match &report.unrecorded {
+        None => println!("{}", report.summary()),
+        Some(why) => eprintln!(
+            "lrvault: defect: database {} is damaged and cannot record this run's defects: {why}",
+            cfg.database.path.display()
+        ),
     }
     Ok(if report.ok() {
         ExitCode::SUCCESS
