@@ -8,6 +8,10 @@ use sha2::{Digest, Sha256};
 
 use crate::db::DbError;
 
+mod walk;
+
+pub use walk::{CHAIN_COLUMNS, ChainDefect, ChainWalk, walk};
+
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,133 +290,6 @@ pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {
         seq: row.seq,
         row_hash: row.row_hash,
     })
-}
-
-/// The columns [`ChainWalk::check`] reads, in its order.
-pub const CHAIN_COLUMNS: &str = "seq, at, tenant, action_id, command_index, event, actor, evidence_sha256, \
-     package_path, detail, prev_hash, row_hash";
-
-/// One thing wrong with one custody row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainDefect {
-    pub seq: i64,
-    pub problem: String,
-}
-
-/// Re-checks the chain row by row in `seq` order (DESIGN §6), holding only the previous row's
-/// hash: memory stays flat however long the chain is. A row whose columns do not have their
-/// types (an integer where text belongs, text that is not UTF-8) is a defect, never an error.
-pub struct ChainWalk {
-    hasher: RowHasher,
-    /// Rows seen so far.
-    pub rows: i64,
-    /// The last row seen (its stored hash), or seq 0 and the genesis hash.
-    pub head: Head,
-}
-
-impl Default for ChainWalk {
-    fn default() -> Self {
-        ChainWalk {
-            hasher: RowHasher::default(),
-            rows: 0,
-            head: Head {
-                seq: 0,
-                row_hash: GENESIS_HASH.to_string(),
-            },
-        }
-    }
-}
-
-impl ChainWalk {
-    /// Checks the next row (selected as [`CHAIN_COLUMNS`]); returns what is wrong with it.
-    pub fn check(&mut self, row: &rusqlite::Row<'_>) -> Vec<ChainDefect> {
-        let seq = match row.get_ref(0) {
-            Ok(rusqlite::types::ValueRef::Integer(seq)) => seq,
-            _ => self.head.seq + 1,
-        };
-        let mut cols = crate::cells::Cells::new(row);
-        let at = cols.text(1, "at");
-        let tenant = cols.text(2, "tenant");
-        let action_id = cols.text(3, "action_id");
-        let command_index = cols.opt_int(4, "command_index");
-        let event = cols.text(5, "event");
-        let actor = cols.text(6, "actor");
-        let evidence_sha256 = cols.opt_text(7, "evidence_sha256");
-        let package_path = cols.opt_text(8, "package_path");
-        let detail = cols.text(9, "detail");
-        let prev_hash = cols.text(10, "prev_hash");
-        let stored_hash = cols.text(11, "row_hash");
-        let mut problems = cols.problems;
-        let expected_seq = self.head.seq + 1;
-        if seq != expected_seq {
-            problems.push(format!("sequence gap: expected seq {expected_seq}"));
-        }
-        if prev_hash.is_some_and(|p| p != self.head.row_hash) {
-            problems.push("prev_hash does not match the previous row's row_hash".into());
-        }
-        if let Some(event) = event
-            && EventKind::parse(event).is_none()
-        {
-            problems.push(format!("unknown event {event:?}"));
-        }
-        // Every column readable as its type: the row can be hashed.
-        let fields = (|| {
-            Some(Fields {
-                prev_hash: prev_hash?,
-                seq,
-                at: at?,
-                tenant: tenant?,
-                action_id: action_id?,
-                command_index: command_index?,
-                event: event?,
-                actor: actor?,
-                evidence_sha256: evidence_sha256?,
-                package_path: package_path?,
-                detail: detail?,
-            })
-        })();
-        if let (Some(fields), Some(stored)) = (fields, stored_hash)
-            && self.hasher.hex(&fields).as_slice() != stored.as_bytes()
-        {
-            problems.push("row_hash does not match the row's contents".into());
-        }
-        self.rows += 1;
-        self.head = Head {
-            seq,
-            row_hash: stored_hash.unwrap_or_default().to_string(),
-        };
-        problems
-            .into_iter()
-            .map(|problem| ChainDefect { seq, problem })
-            .collect()
-    }
-}
-
-/// Walks the whole chain on `conn` (the caller's read transaction fixes the snapshot), calling
-/// `on_defect` for every problem and `on_rows` after each batch of rows.
-pub fn walk(
-    conn: &rusqlite::Connection,
-    mut on_defect: impl FnMut(ChainDefect),
-    mut on_rows: impl FnMut(u64),
-) -> Result<ChainWalk, DbError> {
-    const BATCH: i64 = 4096;
-    let mut stmt = conn
-        .prepare(&format!(
-            "SELECT {CHAIN_COLUMNS} FROM custody_log ORDER BY seq"
-        ))
-        .map_err(DbError::sql("read custody log"))?;
-    let mut rows = stmt.query([]).map_err(DbError::sql("read custody log"))?;
-    let mut walk = ChainWalk::default();
-    while let Some(row) = rows.next().map_err(DbError::sql("read custody row"))? {
-        for defect in walk.check(row) {
-            on_defect(defect);
-        }
-        if walk.rows % BATCH == 0 {
-            on_rows(BATCH as u64);
-        }
-    }
-    on_rows((walk.rows % BATCH) as u64);
-    Ok(walk)
 }
 
 #[cfg(test)]
