@@ -25,11 +25,22 @@ pub struct ChainDefect {
 }
 
 /// What a walk saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChainWalk {
     pub rows: i64,
     /// The last row (its stored hash), or seq 0 and the genesis hash.
     pub head: Head,
+    /// CPU seconds of the reading thread and of the hashing thread: on an idle machine the
+    /// walk takes as long as the busier of the two, whatever else shares the cores.
+    pub reader_cpu_secs: f64,
+    pub hasher_cpu_secs: f64,
+}
+
+/// CPU time the calling thread has used so far, in seconds.
+fn thread_cpu_secs() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0)
 }
 
 /// A row ready to hash: its text fields as ranges of the batch's text.
@@ -113,13 +124,17 @@ pub fn walk(
             seq: 0,
             row_hash: GENESIS_HASH.to_string(),
         },
+        reader_cpu_secs: 0.0,
+        hasher_cpu_secs: 0.0,
     };
-    std::thread::scope(|scope| {
+    let reader_started = thread_cpu_secs();
+    let hasher_cpu = std::thread::scope(|scope| {
         let (to_hasher, batches) = mpsc::sync_channel::<Batch>(2);
         // Unbounded, so the hasher never blocks; the reader drains it after every batch it
         // sends, which bounds it by the two batches in flight.
         let (to_reader, hashed) = mpsc::channel::<Batch>();
-        scope.spawn(move || {
+        let hashing = scope.spawn(move || {
+            let started = thread_cpu_secs();
             let mut hasher = RowHasher::default();
             for mut batch in batches {
                 batch.hash(&mut hasher);
@@ -127,6 +142,7 @@ pub fn walk(
                     break;
                 }
             }
+            thread_cpu_secs() - started
         });
         let mut spare: Vec<Batch> = Vec::new();
         let mut emit = |batch: Batch, spare: &mut Vec<Batch>| {
@@ -165,8 +181,10 @@ pub fn walk(
         for hashed in hashed {
             emit(hashed, &mut spare);
         }
-        Ok::<(), DbError>(())
+        Ok::<f64, DbError>(hashing.join().unwrap_or(0.0))
     })?;
+    state.reader_cpu_secs = thread_cpu_secs() - reader_started;
+    state.hasher_cpu_secs = hasher_cpu;
     Ok(state)
 }
 

@@ -20,6 +20,8 @@ pub struct Snapshot {
     pub head: Head,
     pub rows: i64,
     pub chain_secs: f64,
+    /// CPU seconds of the walk's reading and hashing threads.
+    pub chain_cpu_secs: (f64, f64),
     /// Evidence rows in the database, and those the package step will look at.
     pub evidence: i64,
     pub in_scope: u64,
@@ -33,10 +35,6 @@ pub fn check(
     scope: &Scope,
     rec: &mut Recorder,
 ) -> Result<Snapshot, DbError> {
-    // Read the file through a memory map: the walk touches every page once, and copying each
-    // one out of the page cache costs more than hashing it.
-    conn.pragma_update(None, "mmap_size", 1i64 << 34)
-        .map_err(DbError::sql("set mmap_size"))?;
     let tx = conn
         .transaction()
         .map_err(DbError::sql("begin read transaction"))?;
@@ -48,6 +46,7 @@ pub fn check(
         },
         rows: 0,
         chain_secs: 0.0,
+        chain_cpu_secs: (0.0, 0.0),
         evidence: 0,
         in_scope: 0,
         upgrade_mark: 0,
@@ -62,6 +61,7 @@ pub fn check(
         Ok(walk) => {
             snap.rows = walk.rows;
             snap.head = walk.head;
+            snap.chain_cpu_secs = (walk.reader_cpu_secs, walk.hasher_cpu_secs);
         }
         Err(e) => {
             snap.readable = false;
