@@ -8,7 +8,6 @@ use std::ops::Range;
 use std::sync::mpsc;
 
 use super::{EventKind, Fields, GENESIS_HASH, Head, RowHasher};
-use crate::cells::Cells;
 use crate::db::DbError;
 
 /// The columns the walk reads, in its order.
@@ -43,11 +42,25 @@ fn thread_cpu_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A row ready to hash: its text fields as ranges of the batch's text.
+/// The text columns, in the order [`Pending::text`] keeps them, with their index in
+/// [`CHAIN_COLUMNS`].
+const TEXT_COLUMNS: [(usize, &str); 8] = [
+    (10, "prev_hash"),
+    (1, "at"),
+    (2, "tenant"),
+    (3, "action_id"),
+    (5, "event"),
+    (6, "actor"),
+    (9, "detail"),
+    (11, "row_hash"),
+];
+
+/// A row whose columns have their types, waiting to be hashed: its text fields as ranges of
+/// the batch's bytes (checked for UTF-8 on the hashing thread).
 struct Pending {
     seq: i64,
     command_index: Option<i64>,
-    /// prev_hash, at, tenant, action_id, event, actor, detail, stored row_hash.
+    /// In the order of [`TEXT_COLUMNS`].
     text: [Range<usize>; 8],
     evidence_sha256: Option<Range<usize>>,
     package_path: Option<Range<usize>>,
@@ -56,7 +69,7 @@ struct Pending {
 /// Rows read but not yet hashed, with what the reader already found wrong.
 #[derive(Default)]
 struct Batch {
-    text: String,
+    bytes: Vec<u8>,
     rows: Vec<Pending>,
     defects: Vec<ChainDefect>,
     read: u64,
@@ -64,41 +77,60 @@ struct Batch {
 
 impl Batch {
     fn clear(&mut self) {
-        self.text.clear();
+        self.bytes.clear();
         self.rows.clear();
         self.defects.clear();
         self.read = 0;
     }
 
-    fn push(&mut self, s: &str) -> Range<usize> {
-        let start = self.text.len();
-        self.text.push_str(s);
-        start..self.text.len()
+    fn push(&mut self, b: &[u8]) -> Range<usize> {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(b);
+        start..self.bytes.len()
     }
 
-    /// Recomputes every row's hash; a mismatch joins the batch's defects, in seq order.
+    /// Recomputes every row's hash; a mismatch (or text that is not UTF-8) joins the batch's
+    /// defects, in seq order.
     fn hash(&mut self, hasher: &mut RowHasher) {
         for row in &self.rows {
-            let t = |r: &Range<usize>| &self.text[r.clone()];
-            let fields = Fields {
-                prev_hash: t(&row.text[0]),
-                seq: row.seq,
-                at: t(&row.text[1]),
-                tenant: t(&row.text[2]),
-                action_id: t(&row.text[3]),
-                command_index: row.command_index,
-                event: t(&row.text[4]),
-                actor: t(&row.text[5]),
-                evidence_sha256: row.evidence_sha256.as_ref().map(t),
-                package_path: row.package_path.as_ref().map(t),
-                detail: t(&row.text[6]),
+            let mut bad = None;
+            let mut t = |r: &Range<usize>, name: &'static str| match std::str::from_utf8(
+                &self.bytes[r.clone()],
+            ) {
+                Ok(s) => s,
+                Err(_) => {
+                    bad.get_or_insert(name);
+                    ""
+                }
             };
-            if hasher.hex(&fields).as_slice() != t(&row.text[7]).as_bytes() {
-                self.defects.push(ChainDefect {
-                    seq: row.seq,
-                    problem: "row_hash does not match the row's contents".into(),
-                });
-            }
+            let text: [&str; 8] = std::array::from_fn(|i| t(&row.text[i], TEXT_COLUMNS[i].1));
+            let fields = Fields {
+                prev_hash: text[0],
+                seq: row.seq,
+                at: text[1],
+                tenant: text[2],
+                action_id: text[3],
+                command_index: row.command_index,
+                event: text[4],
+                actor: text[5],
+                evidence_sha256: row
+                    .evidence_sha256
+                    .as_ref()
+                    .map(|r| t(r, "evidence_sha256")),
+                package_path: row.package_path.as_ref().map(|r| t(r, "package_path")),
+                detail: text[6],
+            };
+            let problem = match bad {
+                Some(name) => format!("{name} is not valid UTF-8"),
+                None if hasher.hex(&fields).as_slice() != text[7].as_bytes() => {
+                    "row_hash does not match the row's contents".into()
+                }
+                None => continue,
+            };
+            self.defects.push(ChainDefect {
+                seq: row.seq,
+                problem,
+            });
         }
         // Reader defects of a row come first, then its hash (a stable sort keeps that).
         self.defects.sort_by_key(|d| d.seq);
@@ -189,37 +221,67 @@ pub fn walk(
 }
 
 impl ChainWalk {
-    /// Reads the next row: its types, its seq and its link to the row before; queues it for
-    /// hashing when every column has its type.
+    /// Reads the next row: its column types, its seq and its link to the row before; queues it
+    /// for hashing when every column has its type. (UTF-8 is checked by the hashing thread.)
     fn read_row(&mut self, row: &rusqlite::Row<'_>, batch: &mut Batch) {
+        use rusqlite::types::ValueRef;
         let seq = match row.get_ref(0) {
-            Ok(rusqlite::types::ValueRef::Integer(seq)) => seq,
+            Ok(ValueRef::Integer(seq)) => seq,
             _ => self.head.seq + 1,
         };
-        let mut cols = Cells::new(row);
-        let at = cols.text(1, "at");
-        let tenant = cols.text(2, "tenant");
-        let action_id = cols.text(3, "action_id");
-        let command_index = cols.opt_int(4, "command_index");
-        let event = cols.text(5, "event");
-        let actor = cols.text(6, "actor");
-        let evidence_sha256 = cols.opt_text(7, "evidence_sha256");
-        let package_path = cols.opt_text(8, "package_path");
-        let detail = cols.text(9, "detail");
-        let prev_hash = cols.text(10, "prev_hash");
-        let stored = cols.text(11, "row_hash");
-        let mut problems = cols.problems;
+        let mut problems = Vec::new();
+        let mut typed = |i: usize, name: &str, nullable: bool| -> Option<Option<&[u8]>> {
+            match row.get_ref(i) {
+                Ok(ValueRef::Text(bytes)) => Some(Some(bytes)),
+                Ok(ValueRef::Null) if nullable => Some(None),
+                Ok(ValueRef::Null) => {
+                    problems.push(format!("{name} is NULL"));
+                    None
+                }
+                Ok(other) => {
+                    problems.push(format!("{name} holds {}, expected TEXT", other.data_type()));
+                    None
+                }
+                Err(e) => {
+                    problems.push(format!("{name} cannot be read: {e}"));
+                    None
+                }
+            }
+        };
+        let text = TEXT_COLUMNS.map(|(i, name)| typed(i, name, false).flatten());
+        let evidence_sha256 = typed(7, "evidence_sha256", true);
+        let package_path = typed(8, "package_path", true);
+        let command_index = match row.get_ref(4) {
+            Ok(ValueRef::Integer(n)) => Some(Some(n)),
+            Ok(ValueRef::Null) => Some(None),
+            Ok(other) => {
+                problems.push(format!(
+                    "command_index holds {}, expected INTEGER",
+                    other.data_type()
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!("command_index cannot be read: {e}"));
+                None
+            }
+        };
         let expected_seq = self.head.seq + 1;
         if seq != expected_seq {
             problems.push(format!("sequence gap: expected seq {expected_seq}"));
         }
-        if prev_hash.is_some_and(|p| p != self.head.row_hash) {
+        if text[0].is_some_and(|p| p != self.head.row_hash.as_bytes()) {
             problems.push("prev_hash does not match the previous row's row_hash".into());
         }
-        if let Some(event) = event
-            && EventKind::parse(event).is_none()
+        if let Some(event) = text[4]
+            && EventKind::ALL
+                .iter()
+                .all(|k| k.as_str().as_bytes() != event)
         {
-            problems.push(format!("unknown event {event:?}"));
+            problems.push(format!(
+                "unknown event {:?}",
+                String::from_utf8_lossy(event)
+            ));
         }
         batch.defects.extend(
             problems
@@ -227,27 +289,25 @@ impl ChainWalk {
                 .map(|problem| ChainDefect { seq, problem }),
         );
         batch.read += 1;
-        // Every column readable as its type: the row can be hashed.
-        let text = (|| {
-            Some([
-                prev_hash?, at?, tenant?, action_id?, event?, actor?, detail?, stored?,
-            ])
-        })();
-        if let (Some(text), Some(command_index), Some(evidence_sha256), Some(package_path)) =
-            (text, command_index, evidence_sha256, package_path)
-        {
+        if let (true, Some(command_index), Some(evidence_sha256), Some(package_path)) = (
+            text.iter().all(Option::is_some),
+            command_index,
+            evidence_sha256,
+            package_path,
+        ) {
             let pending = Pending {
                 seq,
                 command_index,
-                text: text.map(|s| batch.push(s)),
-                evidence_sha256: evidence_sha256.map(|s| batch.push(s)),
-                package_path: package_path.map(|s| batch.push(s)),
+                text: std::array::from_fn(|i| batch.push(text[i].unwrap_or_default())),
+                evidence_sha256: evidence_sha256.map(|b| batch.push(b)),
+                package_path: package_path.map(|b| batch.push(b)),
             };
             batch.rows.push(pending);
         }
         self.rows += 1;
         self.head.seq = seq;
         self.head.row_hash.clear();
+        let stored = text[7].and_then(|b| std::str::from_utf8(b).ok());
         self.head.row_hash.push_str(stored.unwrap_or_default());
     }
 }
@@ -306,7 +366,8 @@ mod tests {
                  UPDATE custody_log SET actor = 'x' WHERE seq = 4100;
                  UPDATE custody_log SET command_index = 'two' WHERE seq = 2500;
                  DELETE FROM custody_log WHERE seq = 30;
-                 UPDATE custody_log SET event = 'LOST' WHERE seq = 3;",
+                 UPDATE custody_log SET event = 'LOST' WHERE seq = 3;
+                 UPDATE custody_log SET tenant = CAST(X'FF' AS TEXT) WHERE seq = 10;",
             )
             .map_err(DbError::sql("tamper"))
         })
@@ -318,6 +379,7 @@ mod tests {
             vec![
                 (3, "unknown event \"LOST\""),
                 (3, "row_hash does not match the row's contents"),
+                (10, "tenant is not valid UTF-8"),
                 (31, "sequence gap: expected seq 30"),
                 (31, "prev_hash does not match the previous row's row_hash"),
                 (2500, "command_index holds Text, expected INTEGER"),

@@ -140,12 +140,17 @@ fn downloading(conn: &Connection) -> Result<HashSet<String>, DbError> {
         .map_err(DbError::sql("read downloading results"))?;
     let rows = stmt
         .query_map([], |r| {
+            // Read leniently: a mistyped row explains no file, it does not stop the check.
+            let text = |i| crate::cells::shown(r, i);
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u32>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
+                text(0),
+                text(1),
+                r.get_ref(2)?
+                    .as_i64()
+                    .ok()
+                    .and_then(|i| u32::try_from(i).ok()),
+                text(3),
+                text(4),
             ))
         })
         .map_err(DbError::sql("read downloading results"))?;
@@ -153,7 +158,7 @@ fn downloading(conn: &Connection) -> Result<HashSet<String>, DbError> {
     for row in rows {
         let (tenant, action_id, index, created, ctype) =
             row.map_err(DbError::sql("read downloading results"))?;
-        if let Some(created) = crate::time::parse_api(&created) {
+        if let (Some(created), Some(index)) = (crate::time::parse_api(&created), index) {
             let path =
                 crate::package::package_rel_path(&tenant, created, &action_id, index, &ctype);
             paths.insert(path.to_string_lossy().into_owned());
