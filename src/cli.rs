@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    self, TenantArg, archive, audit, backfill, demo, enqueue, simulate, status, verify,
+    self, TenantArg, archive, audit, backfill, demo, enqueue, export, simulate, status, verify,
 };
 
 #[derive(Debug, Parser)]
@@ -57,8 +57,12 @@ pub enum Command {
     Backfill(backfill::Args),
     /// Fetch the given machine actions (Get MachineAction) and queue their commands
     Enqueue(enqueue::Args),
-    /// Re-hash every package and its payload and check the custody chain (exit 3 on any mismatch)
+    /// Check the database, every package and the custody chain against their anchors; write a
+    /// checkpoint (exit 3 on any defect)
     Verify(verify::Args),
+    /// Write an examiner's handover kit: packages, the custody rows and chain that cover them,
+    /// the covering checkpoint and its token, and a README of checks with standard tools
+    Export(export::Args),
     /// Compliance queries over the audit views
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -82,6 +86,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backfill(args) => backfill::run(config, args).await,
         Command::Enqueue(args) => enqueue::run(config, args).await,
         Command::Verify(args) => verify::run(config, args).await,
+        Command::Export(args) => export::run(config, args).await,
         Command::Audit(cmd) => audit::run(config, cmd).await,
         Command::Status(args) => status::run(config, args).await,
         Command::Migrate => commands::migrate::run(config).await,

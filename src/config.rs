@@ -41,6 +41,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     #[serde(default)]
     pub download: DownloadConfig,
+    #[serde(default)]
+    pub anchor: AnchorConfig,
     #[serde(default, rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
 }
@@ -325,6 +327,58 @@ impl Default for DownloadConfig {
     }
 }
 
+/// `[anchor]`: RFC 3161 trusted time for custody checkpoints (DESIGN §7a). Empty strings
+/// mean "not set", as in the example file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnchorConfig {
+    /// The timestamp authority's URL; empty: checkpoints are written without tokens.
+    pub tsa_url: String,
+    /// PEM file of the certificates the TSA's signing chain must verify against (absolute).
+    pub tsa_ca_file: String,
+    /// Policy OID to request (dotted form); empty: the TSA's default policy.
+    pub tsa_policy: String,
+}
+
+impl AnchorConfig {
+    pub fn tsa_url(&self) -> Option<&str> {
+        Some(self.tsa_url.as_str()).filter(|u| !u.is_empty())
+    }
+
+    pub fn tsa_ca_file(&self) -> Option<&Path> {
+        Some(Path::new(&self.tsa_ca_file)).filter(|p| !p.as_os_str().is_empty())
+    }
+
+    pub fn tsa_policy(&self) -> Option<&str> {
+        Some(self.tsa_policy.as_str()).filter(|p| !p.is_empty())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(format!("anchor.{m}")));
+        if let Some(url) = self.tsa_url()
+            && let Err(m) = check_base_url(url)
+        {
+            return invalid(format!("tsa_url {m}"));
+        }
+        if let Some(file) = self.tsa_ca_file()
+            && !file.is_absolute()
+        {
+            return invalid(format!(
+                "tsa_ca_file '{}' must be an absolute path",
+                file.display()
+            ));
+        }
+        if let Some(policy) = self.tsa_policy()
+            && der::oid::ObjectIdentifier::new(policy).is_err()
+        {
+            return invalid(format!(
+                "tsa_policy '{policy}' is not an object identifier (e.g. \"1.3.6.1.4.1.4146.2.3\")"
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -478,6 +532,7 @@ impl Config {
         if self.discovery.page_size == 0 || self.discovery.page_size > 10_000 {
             return invalid("discovery.page_size must be between 1 and 10000".into());
         }
+        self.anchor.validate()?;
         if self.tenants.is_empty() {
             return invalid("no [[tenant]] is configured".into());
         }
@@ -631,6 +686,42 @@ client_secret_env = "X"
         assert_eq!(cfg.store.backend, StoreBackend::Fs);
         assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
         assert_eq!(cfg.store.require_worm, None);
+        assert_eq!(cfg.anchor.tsa_url(), None);
+        assert_eq!(cfg.anchor.tsa_ca_file(), None);
+    }
+
+    #[test]
+    fn anchor_keys_are_checked() {
+        let with = |anchor: &str| parse(&format!("[anchor]\n{anchor}\n{TENANT}"));
+        let cfg = with(
+            "tsa_url = \"https://tsa.example.org/tsr\"\ntsa_ca_file = \"/etc/lrvault/tsa-ca.pem\"\ntsa_policy = \"1.2.3.4.1\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.anchor.tsa_url(), Some("https://tsa.example.org/tsr"));
+        assert_eq!(
+            cfg.anchor.tsa_ca_file(),
+            Some(Path::new("/etc/lrvault/tsa-ca.pem"))
+        );
+        assert_eq!(cfg.anchor.tsa_policy(), Some("1.2.3.4.1"));
+        let e = with("tsa_ca_file = \"tsa-ca.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config: anchor.tsa_ca_file 'tsa-ca.pem' must be an absolute path"
+        );
+        let e = with("tsa_url = \"http://tsa.example.org/\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("anchor.tsa_url 'http://tsa.example.org/' must use https"),
+            "{e}"
+        );
+        let e = with("tsa_policy = \"policy\"").unwrap_err().to_string();
+        assert!(
+            e.contains("anchor.tsa_policy 'policy' is not an object identifier"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! and `progress`) and `cli`. `sim` (the simulator) stands apart.
 //! Arrows point one way: nothing below the command layer imports `commands` or `cli`.
 
+pub mod anchor;
+pub mod cells;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -15,6 +17,7 @@ pub mod custody;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod export;
 pub mod fetch;
 pub mod http;
 pub mod jobs;

@@ -24,12 +24,17 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 impl Progress {
     /// A bar when stderr is a terminal, log lines otherwise.
     pub fn new(label: &str, total: u64) -> Progress {
+        Progress::with_unit(label, total, "results")
+    }
+
+    /// Like [`new`](Self::new), counting `unit` (e.g. "packages", "rows").
+    pub fn with_unit(label: &str, total: u64, unit: &str) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} results  {per_sec}  {msg}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  {{msg}}"
+                ))
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
@@ -71,11 +76,15 @@ impl Progress {
     }
 
     pub fn inc(&self) {
+        self.inc_by(1);
+    }
+
+    pub fn inc_by(&self, n: u64) {
         let total = self.total.load(Ordering::Relaxed);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.0 += 1;
+        st.0 += n;
         if let Some(bar) = &self.bar {
-            bar.inc(1);
+            bar.inc(n);
             return;
         }
         if st.1.elapsed() >= LOG_EVERY || st.0 == total {

@@ -122,7 +122,9 @@ pub async fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Rows of `v_evidence` matching the filters, oldest action first.
+/// Rows of `v_evidence` matching the filters, oldest action first. Only the filters given
+/// become SQL conditions, so SQLite can use the indexes on machine, name, requestor and
+/// creation time (a `?n IS NULL OR ...` condition would force a scan of every action).
 pub fn evidence(
     conn: &rusqlite::Connection,
     tenant: Option<String>,
@@ -131,16 +133,28 @@ pub fn evidence(
     since: Option<String>,
     until: Option<String>,
 ) -> Result<Rows, DbError> {
+    let mut conditions = vec!["1"];
+    let mut params: Vec<&dyn rusqlite::ToSql> = Vec::new();
+    let filters: [(&str, &Option<String>, usize); 5] = [
+        ("tenant = ?", &tenant, 1),
+        ("(machine_id = ? OR computer_dns_name = ?)", &machine, 2),
+        ("requestor = ?", &requestor, 1),
+        ("action_created_at >= ?", &since, 1),
+        ("action_created_at < ?", &until, 1),
+    ];
+    for (condition, value, uses) in filters {
+        if let Some(value) = value {
+            conditions.push(condition);
+            params.extend(std::iter::repeat_n(value as &dyn rusqlite::ToSql, uses));
+        }
+    }
     Rows::query(
         conn,
-        "SELECT * FROM v_evidence
-         WHERE (?1 IS NULL OR tenant = ?1)
-           AND (?2 IS NULL OR machine_id = ?2 OR computer_dns_name = ?2)
-           AND (?3 IS NULL OR requestor = ?3)
-           AND (?4 IS NULL OR action_created_at >= ?4)
-           AND (?5 IS NULL OR action_created_at < ?5)
-         ORDER BY action_created_at, action_id, command_index",
-        &[&tenant, &machine, &requestor, &since, &until],
+        &format!(
+            "SELECT * FROM v_evidence WHERE {} ORDER BY action_created_at, action_id, command_index",
+            conditions.join(" AND ")
+        ),
+        &params,
     )
     .map_err(DbError::sql("audit evidence"))
 }

@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod demo;
 pub mod discover;
 pub mod enqueue;
+pub mod export;
 pub mod migrate;
 pub mod run;
 pub mod simulate;

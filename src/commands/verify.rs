@@ -1,40 +1,69 @@
-//! `lrvault verify`: re-hash packages and the custody chain (see [`crate::verify`]).
+//! `lrvault verify`: the database, every package and the custody chain against their
+//! anchors (see [`crate::verify`]); exit 3 on any defect.
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use clap::Args as ClapArgs;
-
-use super::TenantArg;
 use crate::config::Config;
 use crate::db::Db;
+use crate::verify::{Scope, is_damaged, verify_scope};
 
-#[derive(Debug, ClapArgs)]
+/// `lrvault verify` flags.
+#[derive(Debug, clap::Args)]
 pub struct Args {
-    #[command(flatten)]
-    pub tenant: TenantArg,
+    /// Only this tenant's packages and store directory (the chain and anchors are always checked whole)
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
     /// Only packages archived since DATE (YYYY-MM-DD, RFC 3339, or an age like 30d)
     #[arg(long, value_name = "DATE")]
     pub since: Option<String>,
-    /// Check only the custody chain, not the packages
+    /// Check only the database, the custody chain and its anchors, not the packages
     #[arg(long)]
     pub chain_only: bool,
+    /// Run SQLite's full integrity_check instead of quick_check
+    #[arg(long)]
+    pub full: bool,
 }
 
+/// The command: exit 0 when everything verifies, 3 on any defect.
+/// The command: exit 0 when everything verifies, 3 on any defect.
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = Arc::new(Config::load(config)?);
+    let cfg = Config::load(config)?;
+    cfg.select_tenants(args.tenant.as_deref())?;
     let since = args
         .since
         .map(|s| crate::time::parse_user_date(&s, crate::time::now()))
         .transpose()?;
-    let db = Db::open(&cfg.database.path)?;
-    crate::verify::run(
-        &cfg,
-        &db,
-        args.tenant.tenant.as_deref(),
+    let db = match Db::open(&cfg.database.path) {
+        Ok(db) => db,
+        Err(e) if is_damaged(&e) => {
+            eprintln!(
+                "lrvault: defect: database {} is damaged and cannot be verified or take a VERIFY_FAILED row: {}",
+                cfg.database.path.display(),
+                crate::error::one_line(&e.into())
+            );
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let scope = Scope {
+        tenant: args.tenant,
         since,
-        args.chain_only,
-    )
-    .await
+        chain_only: args.chain_only,
+        full: args.full,
+        interactive: true,
+    };
+    let report = verify_scope(&cfg, &db, &scope).await?;
+    match &report.unrecorded {
+        None => println!("{}", report.summary()),
+        Some(why) => eprintln!(
+            "lrvault: defect: database {} is damaged and cannot record this run's defects: {why}",
+            cfg.database.path.display()
+        ),
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

@@ -2,15 +2,24 @@
 //! against the built-in simulator on 127.0.0.1:0 and checks exact outcomes; the store tests
 //! also start moto's S3 server and Azurite on loopback ports.
 
+mod anchors;
+mod audit_doc;
 mod cli;
 mod common;
 mod crash;
 mod custody_chain;
 mod daemon;
+mod doc_steps;
+mod evidence_doc;
+mod export;
 mod faults;
+mod forgery;
+mod local_tsa;
 mod object_stores;
 mod pipeline;
 mod quota;
 mod store_azure;
 mod store_s3;
+mod tamper;
 mod unattended;
+mod upgrade;

@@ -8,6 +8,10 @@ use sha2::{Digest, Sha256};
 
 use crate::db::DbError;
 
+mod walk;
+
+pub use walk::{CHAIN_COLUMNS, ChainDefect, ChainWalk, walk};
+
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,13 +26,34 @@ pub enum EventKind {
     Failed,
     Verified,
     VerifyFailed,
-    /// An examiner's handover kit was made (`lrvault export`).
+    /// A package handed over in an examiner's kit (`lrvault export`).
     Exported,
-    /// An online copy of the database was made (`lrvault backup`).
+    /// An online copy of the database (`lrvault backup`).
     BackedUp,
 }
 
 impl EventKind {
+    /// Every event, in the order DESIGN §6 lists them.
+    pub const ALL: [EventKind; 12] = [
+        EventKind::Discovered,
+        EventKind::Queued,
+        EventKind::LinkIssued,
+        EventKind::Downloaded,
+        EventKind::Archived,
+        EventKind::Unavailable,
+        EventKind::Skipped,
+        EventKind::Failed,
+        EventKind::Verified,
+        EventKind::VerifyFailed,
+        EventKind::Exported,
+        EventKind::BackedUp,
+    ];
+
+    /// The event named `name` as stored in `custody_log.event`.
+    pub fn parse(name: &str) -> Option<EventKind> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Discovered => "DISCOVERED",
@@ -166,25 +191,78 @@ pub struct Row {
     pub row_hash: String,
 }
 
-/// `row_hash` per DESIGN §6: SHA-256 of the compact JSON array
-/// `[prev_hash, seq, at, tenant, action_id, command_index, event, actor, evidence_sha256, package_path, detail]`.
+/// The hashed fields of one custody row, borrowed (from a [`Row`] or straight from SQLite).
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    pub prev_hash: &'a str,
+    pub seq: i64,
+    pub at: &'a str,
+    pub tenant: &'a str,
+    pub action_id: &'a str,
+    pub command_index: Option<i64>,
+    pub event: &'a str,
+    pub actor: &'a str,
+    pub evidence_sha256: Option<&'a str>,
+    pub package_path: Option<&'a str>,
+    pub detail: &'a str,
+}
+
+impl<'a> From<&'a Row> for Fields<'a> {
+    fn from(row: &'a Row) -> Self {
+        Fields {
+            prev_hash: &row.prev_hash,
+            seq: row.seq,
+            at: &row.at,
+            tenant: &row.tenant,
+            action_id: &row.action_id,
+            command_index: row.command_index,
+            event: &row.event,
+            actor: &row.actor,
+            evidence_sha256: row.evidence_sha256.as_deref(),
+            package_path: row.package_path.as_deref(),
+            detail: &row.detail,
+        }
+    }
+}
+
+/// Computes row hashes with one reused buffer (the chain walk hashes a million rows a second).
+#[derive(Default)]
+pub struct RowHasher {
+    json: Vec<u8>,
+}
+
+impl RowHasher {
+    /// `row_hash` per DESIGN §6 as lowercase hex: SHA-256 of the compact JSON array
+    /// `[prev_hash, seq, at, tenant, action_id, command_index, event, actor, evidence_sha256, package_path, detail]`.
+    pub fn hex(&mut self, f: &Fields<'_>) -> [u8; 64] {
+        // serde_json's compact output equals Python's json.dumps(separators=(",", ":"),
+        // ensure_ascii=False): same escapes, no spaces, non-ASCII kept as UTF-8. A tuple
+        // serialises as a JSON array.
+        self.json.clear();
+        let fields = (
+            f.prev_hash,
+            f.seq,
+            f.at,
+            f.tenant,
+            f.action_id,
+            f.command_index,
+            f.event,
+            f.actor,
+            f.evidence_sha256,
+            f.package_path,
+            f.detail,
+        );
+        serde_json::to_writer(&mut self.json, &fields).expect("serialising strings and integers");
+        let mut out = [0u8; 64];
+        hex::encode_to_slice(Sha256::digest(&self.json), &mut out).expect("64 hex digits");
+        out
+    }
+}
+
+/// `row_hash` per DESIGN §6 (see [`RowHasher::hex`]).
 pub fn row_hash(row: &Row) -> String {
-    // serde_json's compact output equals Python's json.dumps(separators=(",", ":"),
-    // ensure_ascii=False): same escapes, no spaces, non-ASCII kept as UTF-8.
-    let arr = serde_json::json!([
-        row.prev_hash,
-        row.seq,
-        row.at,
-        row.tenant,
-        row.action_id,
-        row.command_index,
-        row.event,
-        row.actor,
-        row.evidence_sha256,
-        row.package_path,
-        row.detail,
-    ]);
-    hex::encode(Sha256::digest(arr.to_string().as_bytes()))
+    let hex = RowHasher::default().hex(&Fields::from(row));
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// The last row's (seq, row_hash), or (0, genesis).
@@ -202,7 +280,7 @@ pub fn head(conn: &rusqlite::Connection) -> Result<(i64, String), DbError> {
 
 /// A row of the chain that pins every row up to it: `{"seq": N, "row_hash": "…"}` in a
 /// package's `retrieval.json` (DESIGN §7a).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Head {
     pub seq: i64,
     pub row_hash: String,
@@ -255,75 +333,6 @@ pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {
         seq: row.seq,
         row_hash: row.row_hash,
     })
-}
-
-/// Result of re-checking the whole chain.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChainReport {
-    pub rows: i64,
-    pub head_seq: i64,
-    pub head_hash: String,
-    /// (seq, what is wrong)
-    pub defects: Vec<(i64, String)>,
-}
-
-/// Walks the chain from the first row, recomputing every hash and link.
-pub fn verify_chain(conn: &rusqlite::Connection) -> Result<ChainReport, DbError> {
-    let mut stmt = conn
-        .prepare(
-            "SELECT seq, at, tenant, action_id, command_index, event, actor, evidence_sha256,
-                    package_path, detail, prev_hash, row_hash FROM custody_log ORDER BY seq",
-        )
-        .map_err(DbError::sql("read custody log"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(Row {
-                seq: r.get(0)?,
-                at: r.get(1)?,
-                tenant: r.get(2)?,
-                action_id: r.get(3)?,
-                command_index: r.get(4)?,
-                event: r.get(5)?,
-                actor: r.get(6)?,
-                evidence_sha256: r.get(7)?,
-                package_path: r.get(8)?,
-                detail: r.get(9)?,
-                prev_hash: r.get(10)?,
-                row_hash: r.get(11)?,
-            })
-        })
-        .map_err(DbError::sql("read custody log"))?;
-    let mut report = ChainReport {
-        rows: 0,
-        head_seq: 0,
-        head_hash: GENESIS_HASH.into(),
-        defects: vec![],
-    };
-    for row in rows {
-        let row = row.map_err(DbError::sql("read custody row"))?;
-        let expected_seq = report.head_seq + 1;
-        if row.seq != expected_seq {
-            report.defects.push((
-                row.seq,
-                format!("sequence gap: expected seq {expected_seq}"),
-            ));
-        }
-        if row.prev_hash != report.head_hash {
-            report.defects.push((
-                row.seq,
-                "prev_hash does not match the previous row's row_hash".into(),
-            ));
-        }
-        if row_hash(&row) != row.row_hash {
-            report
-                .defects
-                .push((row.seq, "row_hash does not match the row's contents".into()));
-        }
-        report.rows += 1;
-        report.head_seq = row.seq;
-        report.head_hash = row.row_hash;
-    }
-    Ok(report)
 }
 
 #[cfg(test)]

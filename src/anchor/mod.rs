@@ -1,0 +1,52 @@
+//! Anchors: the custody chain held outside the database (DESIGN §7a). A checkpoint file under
+//! `{store.root}/_checkpoints/` pins one chain row; an RFC 3161 token from a timestamp
+//! authority pins the checkpoint to a trusted time; the `anchors` table records both. `verify`
+//! writes a checkpoint per run, fetches missing tokens and checks them all; `export` copies
+//! the ones that cover what it hands over.
+
+mod checkpoint;
+mod record;
+mod tsa;
+
+use std::path::{Path, PathBuf};
+
+pub use checkpoint::{
+    CHECKPOINT_DIR, Checkpoint, CheckpointFile, Listing, checkpoint_file_name, list, read_bytes,
+    rel_path, token_file_name, write_new_file,
+};
+pub use record::{TokenRun, fetch_missing_tokens, record_checkpoint, write_checkpoint};
+pub use tsa::{TokenInfo, TokenRequest, TrustAnchors, TsaError, fetch_token, verify_token};
+
+/// Failures reading or writing anchor files; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum AnchorError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} already exists; anchor files are never replaced", .0.display())]
+    Exists(PathBuf),
+    #[error("{} is too large to be a checkpoint", .0.display())]
+    TooLarge(PathBuf),
+    #[error(
+        "checkpoint {} already exists and pins another row (seq {seq}, row_hash {found}); not replaced", path.display()
+    )]
+    Conflict {
+        path: PathBuf,
+        seq: i64,
+        found: String,
+    },
+}
+
+impl AnchorError {
+    pub(crate) fn io(path: &Path, op: &'static str, source: std::io::Error) -> AnchorError {
+        AnchorError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Issue 8 (schema v2) and issue 10 (integrity): a database made by the version-1 schema, with
+//! rows and a package from before `custody_head` existed, upgrades in place and still verifies;
+//! a damaged database page makes verify exit 3.
+
+use std::io::{Seek, SeekFrom, Write};
+
+use crate::tamper::{archived, lrvault, rebuild_package_with, rehash_chain_from};
+
+const V1_SCHEMA: &str = include_str!("../../migrations/01-initial/up.sql");
+
+/// Rows of every table, copied from the current schema into a fresh version-1 database.
+fn downgrade(current: &std::path::Path, v1: &std::path::Path) {
+    let c = rusqlite::Connection::open(v1).unwrap();
+    c.execute_batch(V1_SCHEMA).unwrap();
+    c.pragma_update(None, "user_version", 1).unwrap();
+    c.execute("ATTACH DATABASE ?1 AS cur", [current.to_str().unwrap()])
+        .unwrap();
+    c.execute_batch(
+        "INSERT INTO actions SELECT * FROM cur.actions;
+         INSERT INTO results SELECT * FROM cur.results;
+         INSERT INTO evidence SELECT * FROM cur.evidence;
+         INSERT INTO api_calls SELECT * FROM cur.api_calls;
+         INSERT INTO job_runs SELECT * FROM cur.job_runs;
+         INSERT INTO custody_log (seq, at, tenant, action_id, command_index, event, actor, evidence_sha256,
+                                  package_path, detail, prev_hash, row_hash)
+         SELECT seq, at, tenant, action_id, command_index, event, actor, evidence_sha256,
+                package_path, detail, prev_hash, row_hash FROM cur.custody_log ORDER BY seq;",
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
+    let e = archived(61, 5, "").await;
+    let (dir, config, db, store) = (
+        e._dir.path().to_path_buf(),
+        e.config_path.clone(),
+        e.cfg.database.path.clone(),
+        e.cfg.store.root.clone(),
+    );
+    let crate::common::Env {
+        _dir, ctx, tenants, ..
+    } = e;
+    drop((ctx, tenants));
+
+    // The newest package as lrvault wrote them before retrieval.json carried custody_head:
+    // rebuilt without it, its ARCHIVED row and evidence row as they would have been, the chain
+    // then hashed as it was (no anchors existed to pin it, and no later package pins its rows).
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let (id, rel, seq): (String, String, i64) = c
+        .query_row(
+            "SELECT e.evidence_id, e.package_path, c.seq FROM evidence e JOIN custody_log c
+             ON c.event = 'ARCHIVED' AND c.package_path = e.package_path ORDER BY c.seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let path = store.join(&rel);
+    strip_custody_head(&path);
+    let (sha, size) = (
+        crate::tamper::file_sha256(&path),
+        std::fs::metadata(&path).unwrap().len() as i64,
+    );
+    for t in [
+        "custody_log_no_update",
+        "custody_log_no_delete",
+        "evidence_no_update",
+    ] {
+        c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
+    }
+    c.execute(
+        "UPDATE evidence SET package_sha256 = ?2, package_size = ?3 WHERE evidence_id = ?1",
+        rusqlite::params![id, sha, size],
+    )
+    .unwrap();
+    c.execute(
+        "UPDATE custody_log SET detail = json_set(detail, '$.package_sha256', ?2) WHERE seq = ?1",
+        rusqlite::params![seq, sha],
+    )
+    .unwrap();
+    rehash_chain_from(&c, seq);
+    let hashes_before: Vec<String> = c
+        .prepare("SELECT row_hash FROM custody_log ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(c);
+
+    let v1 = dir.join("v1.db");
+    downgrade(&db, &v1);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    std::fs::rename(&v1, &db).unwrap();
+    let _ = std::fs::remove_dir_all(store.join("_checkpoints"));
+
+    let (code, out, err) = lrvault(&config, &["verify"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("(0 defects)"), "{out}");
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, lrvault::db::schema_version_known() as i64);
+    let hashes_after: Vec<String> = c
+        .prepare("SELECT row_hash FROM custody_log WHERE seq <= ?1 ORDER BY seq")
+        .unwrap()
+        .query_map([hashes_before.len() as i64], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(hashes_after, hashes_before, "every row kept as it was");
+    let mark: i64 = c
+        .query_row(
+            "SELECT custody_seq FROM schema_upgrades WHERE version = 4",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(mark, hashes_before.len() as i64);
+    let legacy: i64 = c
+        .query_row(
+            "SELECT json_extract(detail, '$.legacy_packages') FROM custody_log WHERE event = 'VERIFIED'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(legacy, 1);
+    // The new rules hold on the upgraded file.
+    let e = c
+        .execute(
+            "UPDATE evidence SET payload_sha256 = 'x' WHERE evidence_id = ?1",
+            [&id],
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("evidence rows are immutable"), "{e}");
+    let e = c.execute("DELETE FROM evidence", []).unwrap_err();
+    assert!(e.to_string().contains("evidence rows are immutable"), "{e}");
+    c.execute(
+        "UPDATE evidence SET last_verify_ok = 0 WHERE evidence_id = ?1",
+        [&id],
+    )
+    .unwrap();
+    let e = c
+        .execute("UPDATE custody_log SET actor = 'x'", [])
+        .unwrap_err();
+    assert!(e.to_string().contains("append-only"), "{e}");
+    let e = c.execute("DELETE FROM anchors", []).unwrap_err();
+    assert!(e.to_string().contains("anchors are append-only"), "{e}");
+    for view in ["v_evidence", "v_custody"] {
+        let n: i64 = c
+            .query_row(&format!("SELECT count(*) FROM {view}"), [], |r| r.get(0))
+            .unwrap();
+        assert!(n > 0, "{view}");
+    }
+    let tx = c.unchecked_transaction().unwrap();
+    lrvault::custody::append(
+        &tx,
+        &lrvault::custody::Event::new(
+            "sim0",
+            "*",
+            None,
+            lrvault::custody::EventKind::BackedUp,
+            "me",
+        ),
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    drop(c);
+    let (code, out, err) = lrvault(&config, &["verify", "--chain-only"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+/// Rewrites the package's retrieval.json without `custody_head` (payload and bag kept valid).
+fn strip_custody_head(path: &std::path::Path) {
+    rebuild_package_with(
+        path,
+        |_| {},
+        |retrieval| {
+            retrieval.as_object_mut().unwrap().remove("custody_head");
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_database_page_makes_verify_exit_3() {
+    let e = archived(62, 4, "").await;
+    let (config, db) = (e.config_path.clone(), e.cfg.database.path.clone());
+    let root_page: i64 = e
+        .reader()
+        .query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'actions'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let crate::common::Env {
+        _dir, ctx, tenants, ..
+    } = e;
+    drop((ctx, tenants));
+    // Everything in the main file: no WAL left to repair the page from.
+    let page_size: u64 = {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        c.query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))
+            .unwrap() as u64
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&db)
+        .unwrap();
+    file.seek(SeekFrom::Start((root_page as u64 - 1) * page_size))
+        .unwrap();
+    file.write_all(&vec![0xAA; page_size as usize]).unwrap();
+    drop(file);
+    let (code, _, err) = lrvault(&config, &["verify"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("lrvault: defect: database: SQLite quick_check"),
+        "{err}"
+    );
+    let c = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let recorded: i64 = c
+        .query_row(
+            "SELECT count(*) FROM custody_log WHERE event = 'VERIFY_FAILED' AND json_extract(detail, '$.check') = 'database'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        recorded, 1,
+        "the damage is recorded while the log can still take a row"
+    );
+    drop(c);
+    // A file that is no database at all: one line, exit 3.
+    let mut file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    file.write_all(&[0x55; 100]).unwrap();
+    drop(file);
+    let (code, out, err) = lrvault(&config, &["verify"]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("lrvault: defect: database "), "{err}");
+}
