@@ -1,12 +1,13 @@
 //! lrvault: archives Microsoft Defender for Endpoint live-response results as hashed,
 //! self-describing evidence packages with a hash-chained chain-of-custody log.
 //!
-//! The pipeline reads one way: `config` → `db` → `http`, `mde` (remote client), `quota` →
+//! The pipeline reads one way: `access` (who may write where), `config` → `db` → `http`, `mde` (remote client), `quota` →
 //! `fetch` → `package` (BagIt zip) → `custody` → `queue` (a result's life) → `jobs` (discover,
 //! archive, backfill) → `verify` → `daemon`; then the command layer: `commands` (one module
 //! per command, with `render` and `progress`) and `cli`. `sim` (the simulator) stands apart.
 //! Arrows point one way: nothing below the command layer imports `commands` or `cli`.
 
+pub mod access;
 pub mod cli;
 pub mod commands;
 pub mod config;

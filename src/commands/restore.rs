@@ -1,0 +1,231 @@
+//! `lrvault restore --from FILE`: puts a copy made by `lrvault backup` back in place of the
+//! database, with the daemon stopped. The copy is staged beside the database and
+//! integrity-checked before anything is touched; the database it replaces is set aside
+//! *with its own `-wal`* (so that WAL can never be applied to the restored file, and nothing
+//! is destroyed); the staged copy is renamed into place; then the recovery a start runs:
+//! interrupted downloads back to the queue, stray partial files removed, and packages
+//! already in the store (written after the backup) adopted, each archived once.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args as ClapArgs;
+use tokio_util::sync::CancellationToken;
+
+use super::backup::{check_copy, copy_hashed, file_err, with_suffix};
+use crate::access::sqlite_sidecars;
+use crate::config::Config;
+use crate::custody::Head;
+use crate::db::Db;
+use crate::error::UserError;
+use crate::jobs::{self, Context};
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A copy of the database made by `lrvault backup` (or sqlite3's `.backup`)
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+}
+
+/// The backup, copied beside the database and checked.
+struct Staged {
+    path: PathBuf,
+    bytes: u64,
+    sha256: String,
+    schema_version: i64,
+    head: Head,
+    chain_rows: i64,
+    chain_defects: usize,
+}
+
+pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = Arc::new(Config::load(config)?);
+    cfg.check_writable()?;
+    let live = cfg.database.path.clone();
+    let from = std::path::absolute(&args.from).map_err(file_err("resolve", &args.from))?;
+    check_source(&from, &live)?;
+    if let Some(dir) = live.parent() {
+        std::fs::create_dir_all(dir).map_err(file_err("create directory", dir))?;
+    }
+    // Held until the end: no daemon starts on a half-restored database.
+    let _lock = crate::daemon::lock_instance(&live)
+        .context("cannot restore while the daemon runs; stop it first (systemctl stop lrvault)")?;
+    let recorded = recorded_backup_row(&live, &from);
+    let staged = {
+        let (from, live) = (from.clone(), live.clone());
+        tokio::task::spawn_blocking(move || stage(&from, &live)).await??
+    };
+    let aside = {
+        let (staged, live) = (staged.path.clone(), live.clone());
+        tokio::task::spawn_blocking(move || install(&staged, &live)).await??
+    };
+    println!(
+        "restored {} from {} ({} bytes, sha256 {}{}; integrity_check ok; schema version {}; custody chain {} rows, head seq {} row_hash {}, {} defects)",
+        live.display(),
+        from.display(),
+        staged.bytes,
+        staged.sha256,
+        recorded.map(|r| format!(", recorded as {r}")).unwrap_or_default(),
+        staged.schema_version,
+        staged.chain_rows,
+        staged.head.seq,
+        staged.head.row_hash,
+        staged.chain_defects,
+    );
+    if let Some(aside) = aside {
+        println!(
+            "the database it replaced is kept as {} (with its -wal, if it had one); remove it when you no longer need it",
+            aside.display()
+        );
+    }
+    let db = Db::open(&live)?;
+    let ctx = Context::new(cfg, db, CancellationToken::new())?;
+    let returned = jobs::archive::recover(&ctx).await?;
+    let in_place = jobs::archive::adopt_in_place(&ctx).await?;
+    println!(
+        "recovery: {returned} interrupted downloads returned to the queue, {} packages already in the store adopted, {} refused",
+        in_place.adopted,
+        in_place.refused.len()
+    );
+    for reason in &in_place.refused {
+        println!("refused (the result is now failed): {reason}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The backup must be a file of its own: not the database itself, and not a live database
+/// with a WAL beside it (its newest commits would be in that WAL, not in the file).
+fn check_source(from: &Path, live: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(from).map_err(|e| {
+        UserError::new(format!("cannot read the backup {}: {e}", from.display()))
+    })?;
+    if !meta.is_file() {
+        return Err(UserError::new(format!("{} is not a file", from.display())).into());
+    }
+    let same = std::fs::metadata(live).is_ok_and(|l| {
+        use std::os::unix::fs::MetadataExt;
+        l.dev() == meta.dev() && l.ino() == meta.ino()
+    });
+    if same {
+        return Err(UserError::new(format!(
+            "{} is the database itself, not a backup of it",
+            from.display()
+        ))
+        .into());
+    }
+    if let Some(wal) = sqlite_sidecars(from)
+        .into_iter()
+        .find(|p| p.symlink_metadata().is_ok())
+    {
+        return Err(UserError::new(format!(
+            "{} exists: {} is a live database, not a backup (its latest commits may be only in that file); make backups with lrvault backup",
+            wal.display(),
+            from.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// When the database being replaced is readable and recorded this very file as a backup,
+/// says which custody row did (e.g. `BACKED_UP seq 812 at …`). Best effort: a damaged
+/// database answers nothing.
+fn recorded_backup_row(live: &Path, from: &Path) -> Option<String> {
+    let (_, sha256) = super::backup::file_sha256(from).ok()?;
+    let conn = Db::open_readonly(live).ok()?;
+    conn.query_row(
+        "SELECT seq, at FROM custody_log WHERE event = 'BACKED_UP'
+           AND json_extract(detail, '$.sha256') = ?1 ORDER BY seq DESC LIMIT 1",
+        [&sha256],
+        |r| {
+            Ok(format!(
+                "BACKED_UP seq {} at {}",
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?
+            ))
+        },
+    )
+    .ok()
+}
+
+/// Copies the backup beside the database as `<db>.restoring`, with the database's mode
+/// (0600 when there is none), and checks it: SQLite's full integrity check, a known schema,
+/// the custody chain.
+fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
+    let path = with_suffix(live, ".restoring");
+    // Left by an interrupted restore; this process holds the lock, so no one else uses it.
+    for p in [path.clone()].into_iter().chain(sqlite_sidecars(&path)) {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(file_err("remove", &p)(e).into());
+            }
+            _ => {}
+        }
+    }
+    let mode = std::fs::metadata(live).map_or(0o600, |m| m.permissions().mode() & 0o660);
+    let (bytes, sha256) = copy_hashed(from, &path, mode)?;
+    let checked = check_copy(&path)
+        .and_then(|(version, head)| {
+            let known = crate::db::schema_version_known() as i64;
+            if version > known {
+                anyhow::bail!(
+                    "its schema version {version} is newer than this lrvault knows ({known}); restore it with the lrvault that made it"
+                );
+            }
+            let conn = Db::open_readonly(&path)?;
+            let chain = crate::custody::verify_chain(&conn)?;
+            Ok((version, head, chain.rows, chain.defects.len()))
+        })
+        .with_context(|| format!("the backup {} was not restored", from.display()));
+    let (schema_version, head, chain_rows, chain_defects) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .map_err(file_err("set the mode of", &path))?;
+    Ok(Staged {
+        path,
+        bytes,
+        sha256,
+        schema_version,
+        head,
+        chain_rows,
+        chain_defects,
+    })
+}
+
+/// Moves the current database aside together with its `-wal` (as `<db>.replaced-<time>` and
+/// `<db>.replaced-<time>-wal`, a pair SQLite itself would open correctly), drops its `-shm`
+/// (an index of that WAL), and renames the staged copy into place. Returns the aside path.
+fn install(staged: &Path, live: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let stamp = crate::time::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    let aside = with_suffix(live, &format!(".replaced-{stamp}"));
+    let [wal, shm] = sqlite_sidecars(live);
+    let mut moved = false;
+    for (from, to) in [(live.to_path_buf(), aside.clone()), (wal, with_suffix(&aside, "-wal"))] {
+        match std::fs::rename(&from, &to) {
+            Ok(()) => moved = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err("move aside", &from)(e).into()),
+        }
+    }
+    match std::fs::remove_file(&shm) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(file_err("remove", &shm)(e).into());
+        }
+        _ => {}
+    }
+    std::fs::rename(staged, live).map_err(file_err("rename the restored copy to", live))?;
+    if let Some(dir) = live.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(file_err("fsync directory", dir))?;
+    }
+    Ok(moved.then_some(aside))
+}
