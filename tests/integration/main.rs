@@ -9,4 +9,5 @@ mod daemon;
 mod faults;
 mod pipeline;
 mod quota;
+mod start_checks;
 mod unattended;
