@@ -1,6 +1,7 @@
 //! One integration-test binary: every test boots the real pipeline (or the real binary)
 //! against the built-in simulator on 127.0.0.1:0 and checks exact outcomes.
 
+mod backup_restore;
 mod cli;
 mod common;
 mod crash;
