@@ -63,7 +63,10 @@ fn denied(path: &Path, dir: bool) -> Option<String> {
                 .metadata()
                 .map(|m| format!("it is {}", describe(&m)))
                 .unwrap_or_else(|e| format!("it cannot be inspected: {e}"));
-            Some(format!("{found}, and this process runs as {}", process_user()))
+            Some(format!(
+                "{found}, and this process runs as {}",
+                process_user()
+            ))
         }
     }
 }

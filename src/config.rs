@@ -319,7 +319,9 @@ fn read_secret_file(configured: &Path, path: &Path) -> Result<String, String> {
 /// Messages never show the value.
 pub fn check_secret_text(raw: &str) -> Result<&str, String> {
     if raw.starts_with('\u{feff}') {
-        return Err("starts with a byte order mark (U+FEFF); save it as plain UTF-8 without BOM".into());
+        return Err(
+            "starts with a byte order mark (U+FEFF); save it as plain UTF-8 without BOM".into(),
+        );
     }
     let secret = raw.strip_suffix('\n').unwrap_or(raw);
     if secret.is_empty() {

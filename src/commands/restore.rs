@@ -68,7 +68,9 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         from.display(),
         staged.bytes,
         staged.sha256,
-        recorded.map(|r| format!(", recorded as {r}")).unwrap_or_default(),
+        recorded
+            .map(|r| format!(", recorded as {r}"))
+            .unwrap_or_default(),
         staged.schema_version,
         staged.chain_rows,
         staged.head.seq,
@@ -99,9 +101,8 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
 /// The backup must be a file of its own: not the database itself, and not a live database
 /// with a WAL beside it (its newest commits would be in that WAL, not in the file).
 fn check_source(from: &Path, live: &Path) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(from).map_err(|e| {
-        UserError::new(format!("cannot read the backup {}: {e}", from.display()))
-    })?;
+    let meta = std::fs::metadata(from)
+        .map_err(|e| UserError::new(format!("cannot read the backup {}: {e}", from.display())))?;
     if !meta.is_file() {
         return Err(UserError::new(format!("{} is not a file", from.display())).into());
     }
@@ -208,7 +209,10 @@ fn install(staged: &Path, live: &Path) -> anyhow::Result<Option<PathBuf>> {
     let aside = with_suffix(live, &format!(".replaced-{stamp}"));
     let [wal, shm] = sqlite_sidecars(live);
     let mut moved = false;
-    for (from, to) in [(live.to_path_buf(), aside.clone()), (wal, with_suffix(&aside, "-wal"))] {
+    for (from, to) in [
+        (live.to_path_buf(), aside.clone()),
+        (wal, with_suffix(&aside, "-wal")),
+    ] {
         match std::fs::rename(&from, &to) {
             Ok(()) => moved = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

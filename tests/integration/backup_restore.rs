@@ -75,10 +75,19 @@ async fn backup_mid_pass(e: &Env, dir: &Path) -> PathBuf {
     let live = e.cfg.database.path.clone();
     for i in 0..20 {
         let busy = || {
-            count(&live, "SELECT count(*) FROM results WHERE state = 'downloading'") > 0
-                && count(&live, "SELECT count(*) FROM results WHERE state = 'archived'") > 0
+            count(
+                &live,
+                "SELECT count(*) FROM results WHERE state = 'downloading'",
+            ) > 0
+                && count(
+                    &live,
+                    "SELECT count(*) FROM results WHERE state = 'archived'",
+                ) > 0
         };
-        assert!(wait_until(Duration::from_secs(60), busy).await, "no pass running");
+        assert!(
+            wait_until(Duration::from_secs(60), busy).await,
+            "no pass running"
+        );
         let to = dir.join(format!("backups/lrvault-{i}.db"));
         let (code, out, err) = lrvault(e, &["backup", "--to", to.to_str().unwrap()]);
         assert_eq!(code, 0, "{out}{err}");
@@ -116,11 +125,9 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
     assert_eq!(detail["to"], backup.display().to_string());
     assert_eq!(detail["integrity_check"], "ok");
     assert_eq!(tenant, "sim0");
-    let copy = rusqlite::Connection::open_with_flags(
-        &backup,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
+    let copy =
+        rusqlite::Connection::open_with_flags(&backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let check: String = copy
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
@@ -132,7 +139,10 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!(detail["custody_head"], serde_json::json!({"seq": seq, "row_hash": hash}));
+    assert_eq!(
+        detail["custody_head"],
+        serde_json::json!({"seq": seq, "row_hash": hash})
+    );
     drop(copy);
     assert!(!PathBuf::from(format!("{}-wal", backup.display())).exists());
     let in_backup = states(&backup);
@@ -161,14 +171,26 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
     // 2. The pass goes on past the backup; then a crash in the middle of a download.
     let archived_in_backup = in_backup.values().filter(|s| *s == "archived").count() as i64;
     let later = || {
-        count(&live, "SELECT count(*) FROM results WHERE state = 'archived'") >= archived_in_backup + 2
-            && count(&live, "SELECT count(*) FROM results WHERE state = 'downloading'") > 0
+        count(
+            &live,
+            "SELECT count(*) FROM results WHERE state = 'archived'",
+        ) >= archived_in_backup + 2
+            && count(
+                &live,
+                "SELECT count(*) FROM results WHERE state = 'downloading'",
+            ) > 0
     };
-    assert!(wait_until(Duration::from_secs(60), later).await, "the pass did not go on");
+    assert!(
+        wait_until(Duration::from_secs(60), later).await,
+        "the pass did not go on"
+    );
     running.kill().unwrap();
     running.wait().unwrap();
     let wal = PathBuf::from(format!("{}-wal", live.display()));
-    assert!(std::fs::metadata(&wal).unwrap().len() > 0, "the crash left a WAL");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "the crash left a WAL"
+    );
     let crashed = states(&live);
     let store_at_crash: BTreeSet<PathBuf> = files_under(e.store()).into_iter().collect();
 
@@ -200,8 +222,15 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
         .filter(|p| p.to_string_lossy().contains(".replaced-"))
         .collect();
     assert_eq!(aside.len(), 2, "{aside:?}");
-    let aside_db = aside.iter().find(|p| !p.to_string_lossy().ends_with("-wal")).unwrap();
-    assert_eq!(states(aside_db), crashed, "the set-aside pair opens as the crashed database");
+    let aside_db = aside
+        .iter()
+        .find(|p| !p.to_string_lossy().ends_with("-wal"))
+        .unwrap();
+    assert_eq!(
+        states(aside_db),
+        crashed,
+        "the set-aside pair opens as the crashed database"
+    );
     assert!(lines[1].contains(&aside_db.display().to_string()), "{out}");
     let returned = in_backup.values().filter(|s| *s == "downloading").count();
     let recovery = lines[2]
@@ -211,7 +240,13 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
         .and_then(|l| l.strip_suffix(" packages already in the store adopted, 0 refused"))
         .unwrap_or_else(|| panic!("{out}"));
     let adopted_now: usize = recovery.parse().unwrap();
-    assert_eq!(count(&live, "SELECT count(*) FROM results WHERE state = 'downloading'"), 0);
+    assert_eq!(
+        count(
+            &live,
+            "SELECT count(*) FROM results WHERE state = 'downloading'"
+        ),
+        0
+    );
     let restored = rusqlite::Connection::open(&live).unwrap();
     let check: String = restored
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
@@ -222,14 +257,22 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
     // 4. The next passes finish the queue; each result is archived once.
     for _ in 0..20 {
         let (code, _, _) = lrvault(&e, &["archive"]);
-        if code == 0 && count(&live, "SELECT count(*) FROM results WHERE state IN ('pending', 'downloading')") == 0 {
+        if code == 0
+            && count(
+                &live,
+                "SELECT count(*) FROM results WHERE state IN ('pending', 'downloading')",
+            ) == 0
+        {
             break;
         }
         e.wait_due().await;
     }
     let (code, out, err) = lrvault(&e, &["verify"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("(0 defects); custody chain:") && out.ends_with("(0 defects)\n"), "{out}");
+    assert!(
+        out.contains("(0 defects); custody chain:") && out.ends_with("(0 defects)\n"),
+        "{out}"
+    );
     let adopted = final_state(&e);
     // Everything archived after the backup was adopted by the restore, not fetched again (a
     // package moved into place just before the crash, not yet committed, is adopted too).
@@ -240,12 +283,23 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
         .collect();
     assert!(!archived_after_backup.is_empty());
     assert!(
-        adopted.keys().cloned().collect::<BTreeSet<_>>().is_superset(&archived_after_backup),
+        adopted
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .is_superset(&archived_after_backup),
         "{adopted:?} vs {archived_after_backup:?}"
     );
-    assert_eq!(adopted.len(), adopted_now, "all adoptions were the restore's");
+    assert_eq!(
+        adopted.len(),
+        adopted_now,
+        "all adoptions were the restore's"
+    );
     for path in adopted.values() {
-        assert!(store_at_crash.contains(path), "{path:?} was in the store before the restore");
+        assert!(
+            store_at_crash.contains(path),
+            "{path:?} was in the store before the restore"
+        );
     }
 }
 
@@ -253,10 +307,11 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
 /// Returns the adopted results with their package paths.
 fn final_state(e: &Env) -> BTreeMap<(String, u32), PathBuf> {
     assert_eq!(e.partials(), Vec::<PathBuf>::new());
-    let expected: BTreeMap<(String, u32), String> = crate::common::archivable(&e.sim.sim, &e.tenant_id())
-        .into_iter()
-        .map(|x| ((x.action_id, x.index), x.sha256))
-        .collect();
+    let expected: BTreeMap<(String, u32), String> =
+        crate::common::archivable(&e.sim.sim, &e.tenant_id())
+            .into_iter()
+            .map(|x| ((x.action_id, x.index), x.sha256))
+            .collect();
     let c = e.reader();
     let mut st = c
         .prepare("SELECT action_id, command_index, payload_sha256, package_path FROM evidence")
@@ -283,7 +338,11 @@ fn final_state(e: &Env) -> BTreeMap<(String, u32), PathBuf> {
             adopted.insert(key.clone(), e.store().join(path));
         }
     }
-    assert_eq!(files_under(e.store()).len(), rows.len(), "nothing else in the store");
+    assert_eq!(
+        files_under(e.store()).len(),
+        rows.len(),
+        "nothing else in the store"
+    );
     custody_chain::recheck(&e.reader());
     adopted
 }

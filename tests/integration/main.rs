@@ -8,6 +8,7 @@ mod crash;
 mod custody_chain;
 mod daemon;
 mod faults;
+mod operations_doc;
 mod pipeline;
 mod quota;
 mod start_checks;

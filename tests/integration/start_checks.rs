@@ -63,8 +63,12 @@ fn open_dir() -> (tempfile::TempDir, PathBuf) {
 fn writable_dir(path: &Path) -> PathBuf {
     std::fs::create_dir_all(path).unwrap();
     if is_root() {
-        nix::unistd::chown(path, Some(Uid::from_raw(NOBODY)), Some(Gid::from_raw(NOBODY)))
-            .unwrap();
+        nix::unistd::chown(
+            path,
+            Some(Uid::from_raw(NOBODY)),
+            Some(Gid::from_raw(NOBODY)),
+        )
+        .unwrap();
     }
     path.to_path_buf()
 }
@@ -170,7 +174,10 @@ fn an_unwritable_database_directory_store_or_database_file_names_owner_mode_and_
             found(&locked)
         )
     );
-    assert!(!Path::new(&fine_db).exists(), "refused before the database was opened");
+    assert!(
+        !Path::new(&fine_db).exists(),
+        "refused before the database was opened"
+    );
 
     // A database file (here its -wal) left by another user: the "readonly database" case.
     let wal = fine.join("lrvault.db-wal");
@@ -302,14 +309,23 @@ fn secret_contents_an_editor_mangled_are_refused_without_showing_them() {
     for (bytes, problem) in [
         (
             &b"\xef\xbb\xbfs3cret"[..],
-            "starts with a byte order mark (U+FEFF); save it as plain UTF-8 without BOM".to_string(),
+            "starts with a byte order mark (U+FEFF); save it as plain UTF-8 without BOM"
+                .to_string(),
         ),
         (
             b"s3cret\r\n",
-            format!("ends with a carriage return (\\r, a Windows line ending) after the secret; {only_one}"),
+            format!(
+                "ends with a carriage return (\\r, a Windows line ending) after the secret; {only_one}"
+            ),
         ),
-        (b"s3cret \n", format!("ends with a space after the secret; {only_one}")),
-        (b"s3cret\n\n", format!("ends with a second newline after the secret; {only_one}")),
+        (
+            b"s3cret \n",
+            format!("ends with a space after the secret; {only_one}"),
+        ),
+        (
+            b"s3cret\n\n",
+            format!("ends with a second newline after the secret; {only_one}"),
+        ),
         (
             b"\ts3cret\n",
             "starts with a tab; the file must hold the secret value alone".to_string(),
@@ -336,7 +352,12 @@ fn secret_contents_an_editor_mangled_are_refused_without_showing_them() {
     assert_eq!(code, 1, "past the secret, to the closed API port: {err}");
     // An environment variable gets the same checks.
     let (db, store) = paths(&dir);
-    let cfg = config(&dir, &db, &store, "client_secret_env = \"LRVAULT_T_SECRET\"");
+    let cfg = config(
+        &dir,
+        &db,
+        &store,
+        "client_secret_env = \"LRVAULT_T_SECRET\"",
+    );
     let line = one_line_error(
         lrvault()
             .arg("--config")

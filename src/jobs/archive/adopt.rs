@@ -88,11 +88,7 @@ pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
 }
 
 /// Re-verifies the package at `plan`'s path and commits it as archived, as `actor`.
-pub(super) async fn adopt(
-    ctx: &Context,
-    actor: &str,
-    plan: &Plan<'_>,
-) -> Result<Outcome, Failure> {
+pub(super) async fn adopt(ctx: &Context, actor: &str, plan: &Plan<'_>) -> Result<Outcome, Failure> {
     let rel = plan.rel_str();
     let path = ctx.cfg.store.root.join(&rel);
     let check = {
