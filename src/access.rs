@@ -18,7 +18,8 @@ pub fn user_label(uid: u32) -> String {
     }
 }
 
-fn group_label(gid: u32) -> String {
+/// `name (gid N)`, or `gid N`.
+pub fn group_label(gid: u32) -> String {
     match Group::from_gid(Gid::from_raw(gid)) {
         Ok(Some(g)) => format!("{} (gid {gid})", g.name),
         _ => format!("gid {gid}"),

@@ -578,6 +578,13 @@ mod tests {
         Config::parse(text, Path::new("test.toml"))
     }
 
+    /// A secret file as lrvault accepts it: 0600.
+    fn write_secret(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     const TENANT: &str = r#"
 [[tenant]]
 name = "contoso"
@@ -649,7 +656,7 @@ client_secret_env = "X"
         );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        std::fs::write(&p, "s3cr3t\n").unwrap();
+        write_secret(&p, "s3cr3t\n");
         let cfg = parse(&TENANT.replace(
             "client_secret_env = \"X\"",
             &format!("client_secret_file = {:?}", p),
@@ -664,7 +671,7 @@ client_secret_env = "X"
     fn relative_secret_files_resolve_in_the_credentials_directory() {
         // Only this test sets CREDENTIALS_DIRECTORY (tests share the environment).
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("contoso"), "from-systemd\n").unwrap();
+        write_secret(&dir.path().join("contoso"), "from-systemd\n");
         let cfg = parse(&TENANT.replace(
             "client_secret_env = \"X\"",
             "client_secret_file = \"contoso\"",
@@ -675,6 +682,44 @@ client_secret_env = "X"
         let secret = cfg.tenants[0].load_secret();
         unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
         assert_eq!(secret.unwrap().expose(), "from-systemd");
+    }
+
+    #[test]
+    fn relative_paths_are_refused_and_absolute_ones_kept() {
+        for (section, key) in [("database", "path"), ("store", "root")] {
+            let e = parse(&format!("{TENANT}[{section}]\n{key} = \"rel/x\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "invalid config: {section}.{key} = \"rel/x\" is a relative path; write it absolute: lrvault never resolves paths against the working directory"
+                )
+            );
+        }
+        let cfg = parse(&format!("{TENANT}[store]\nroot = \"/srv/ev\"\n")).unwrap();
+        assert_eq!(cfg.store.root, Path::new("/srv/ev"));
+    }
+
+    #[test]
+    fn secret_text_allows_one_final_newline_and_nothing_else_around_the_value() {
+        assert_eq!(check_secret_text("abc"), Ok("abc"));
+        assert_eq!(check_secret_text("abc\n"), Ok("abc"));
+        assert_eq!(check_secret_text("a b~c.d_e-f"), Ok("a b~c.d_e-f"));
+        for bad in [
+            "\u{feff}abc",
+            "abc\r\n",
+            "abc\n\n",
+            "abc ",
+            " abc",
+            "\tabc",
+            "id\nabc",
+            "",
+            "\n",
+        ] {
+            let e = check_secret_text(bad).unwrap_err();
+            assert!(!e.contains("abc"), "{e}");
+        }
     }
 
     #[test]

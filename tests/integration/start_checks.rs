@@ -6,12 +6,11 @@
 //! Permission checks need a user the files refuse: as root the binary runs as `nobody`
 //! (65534); as another user the directories are simply made read-only for their owner.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use nix::unistd::{Gid, Group, Uid, User};
+use nix::unistd::{Gid, Uid};
 
 use crate::cli::{lrvault, one_line_error, run};
 
@@ -21,30 +20,11 @@ fn is_root() -> bool {
     Uid::effective().is_root()
 }
 
-/// `name (uid N)`, as lrvault names users.
-fn user(uid: u32) -> String {
-    match User::from_uid(Uid::from_raw(uid)) {
-        Ok(Some(u)) => format!("{} (uid {uid})", u.name),
-        _ => format!("uid {uid}"),
-    }
-}
-
-fn group(gid: u32) -> String {
-    match Group::from_gid(Gid::from_raw(gid)) {
-        Ok(Some(g)) => format!("{} (gid {gid})", g.name),
-        _ => format!("gid {gid}"),
-    }
-}
+use lrvault::access::{group_label as group, user_label as user};
 
 /// `owned by …, group …, mode 0555` of an existing path.
 fn found(path: &Path) -> String {
-    let m = path.metadata().unwrap();
-    format!(
-        "owned by {}, group {}, mode {:04o}",
-        user(m.uid()),
-        group(m.gid()),
-        m.mode() & 0o7777
-    )
+    lrvault::access::describe(&path.metadata().unwrap())
 }
 
 fn chmod(path: &Path, mode: u32) {
@@ -59,7 +39,7 @@ fn open_dir() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-/// A directory this test's lrvault (see [`as_refused_user`]) may write.
+/// A directory this test's lrvault (see [`refused`]) may write.
 fn writable_dir(path: &Path) -> PathBuf {
     std::fs::create_dir_all(path).unwrap();
     if is_root() {
@@ -73,15 +53,18 @@ fn writable_dir(path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-/// The binary as the user the read-only files refuse: `nobody` when the test runs as root
-/// (root may write anywhere), else this user.
-fn as_refused_user(mut c: Command) -> (Command, String) {
-    if is_root() {
+/// Runs `lrvault --config cfg args` as the user the read-only files refuse (`nobody` when
+/// the test runs as root, who may write anywhere; else this user) and expects one line and
+/// exit code 2; returns (the line, that user).
+fn refused(cfg: &Path, args: &[&str]) -> (String, String) {
+    let mut c = lrvault();
+    let me = if is_root() {
         c.uid(NOBODY).gid(NOBODY);
-        (c, user(NOBODY))
+        user(NOBODY)
     } else {
-        (c, user(Uid::effective().as_raw()))
-    }
+        user(Uid::effective().as_raw())
+    };
+    (one_line_error(c.arg("--config").arg(cfg).args(args)), me)
 }
 
 /// A config at `dir/c.toml` with these database and store paths and one tenant whose secret
@@ -150,8 +133,7 @@ fn an_unwritable_database_directory_store_or_database_file_names_owner_mode_and_
     let (db, store) = paths(&locked);
     let (_, fine_store) = paths(&fine);
     let cfg = config(&dir, &db, &fine_store, "client_secret_env = \"X\"");
-    let (mut c, me) = as_refused_user(lrvault());
-    let line = one_line_error(c.arg("--config").arg(&cfg).arg("migrate"));
+    let (line, me) = refused(&cfg, &["migrate"]);
     assert_eq!(
         line,
         format!(
@@ -164,8 +146,7 @@ fn an_unwritable_database_directory_store_or_database_file_names_owner_mode_and_
     // The store, which does not exist yet: its parent is what refuses.
     let (fine_db, _) = paths(&fine);
     let cfg = config(&dir, &fine_db, &store, "client_secret_env = \"X\"");
-    let (mut c, me) = as_refused_user(lrvault());
-    let line = one_line_error(c.arg("--config").arg(&cfg).arg("archive"));
+    let (line, me) = refused(&cfg, &["archive"]);
     assert_eq!(
         line,
         format!(
@@ -184,8 +165,7 @@ fn an_unwritable_database_directory_store_or_database_file_names_owner_mode_and_
     std::fs::write(&wal, b"").unwrap();
     chmod(&wal, 0o444);
     let cfg = config(&dir, &fine_db, &fine_store, "client_secret_env = \"X\"");
-    let (mut c, me) = as_refused_user(lrvault());
-    let line = one_line_error(c.arg("--config").arg(&cfg).arg("migrate"));
+    let (line, me) = refused(&cfg, &["migrate"]);
     assert_eq!(
         line,
         format!(
