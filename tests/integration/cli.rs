@@ -33,6 +33,8 @@ fn every_command_has_help() {
         vec!["audit", "quota"],
         vec!["status"],
         vec!["migrate"],
+        vec!["backup"],
+        vec!["restore"],
         vec!["simulate"],
         vec!["demo"],
     ] {
