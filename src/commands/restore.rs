@@ -53,11 +53,11 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     // Held until the end: no daemon starts on a half-restored database.
     let _lock = crate::daemon::lock_instance(&live)
         .context("cannot restore while the daemon runs; stop it first (systemctl stop lrvault)")?;
-    let recorded = recorded_backup_row(&live, &from);
     let staged = {
         let (from, live) = (from.clone(), live.clone());
         tokio::task::spawn_blocking(move || stage(&from, &live)).await??
     };
+    let recorded = recorded_backup_row(&live, &staged.sha256);
     let aside = {
         let (staged, live) = (staged.path.clone(), live.clone());
         tokio::task::spawn_blocking(move || install(&staged, &live)).await??
@@ -77,10 +77,11 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         staged.head.row_hash,
         staged.chain_defects,
     );
-    if let Some(aside) = aside {
+    if let Some((aside, wal)) = aside {
         println!(
-            "the database it replaced is kept as {} (with its -wal, if it had one); remove it when you no longer need it",
-            aside.display()
+            "the database it replaced is kept as {}{}; remove it when you no longer need it",
+            aside.display(),
+            if wal { " with its -wal" } else { "" }
         );
     }
     let db = Db::open(&live)?;
@@ -131,16 +132,15 @@ fn check_source(from: &Path, live: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// When the database being replaced is readable and recorded this very file as a backup,
+/// When the database being replaced is readable and recorded a backup with this SHA-256,
 /// says which custody row did (e.g. `BACKED_UP seq 812 at …`). Best effort: a damaged
 /// database answers nothing.
-fn recorded_backup_row(live: &Path, from: &Path) -> Option<String> {
-    let (_, sha256) = super::backup::file_sha256(from).ok()?;
+fn recorded_backup_row(live: &Path, sha256: &str) -> Option<String> {
     let conn = Db::open_readonly(live).ok()?;
     conn.query_row(
         "SELECT seq, at FROM custody_log WHERE event = 'BACKED_UP'
            AND json_extract(detail, '$.sha256') = ?1 ORDER BY seq DESC LIMIT 1",
-        [&sha256],
+        [sha256],
         |r| {
             Ok(format!(
                 "BACKED_UP seq {} at {}",
@@ -166,7 +166,8 @@ fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
             _ => {}
         }
     }
-    let mode = std::fs::metadata(live).map_or(0o600, |m| m.permissions().mode() & 0o660);
+    // Never more open than 0660, never less than the owner's read and write.
+    let mode = std::fs::metadata(live).map_or(0o600, |m| m.permissions().mode() & 0o660 | 0o600);
     let (bytes, sha256) = copy_hashed(from, &path, mode)?;
     let checked = check_copy(&path)
         .and_then(|(version, head)| {
@@ -203,18 +204,22 @@ fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
 
 /// Moves the current database aside together with its `-wal` (as `<db>.replaced-<time>` and
 /// `<db>.replaced-<time>-wal`, a pair SQLite itself would open correctly), drops its `-shm`
-/// (an index of that WAL), and renames the staged copy into place. Returns the aside path.
-fn install(staged: &Path, live: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// (an index of that WAL), and renames the staged copy into place. Returns the aside path
+/// and whether a WAL went with it.
+fn install(staged: &Path, live: &Path) -> anyhow::Result<Option<(PathBuf, bool)>> {
     let stamp = crate::time::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
     let aside = with_suffix(live, &format!(".replaced-{stamp}"));
     let [wal, shm] = sqlite_sidecars(live);
-    let mut moved = false;
-    for (from, to) in [
+    let mut moved = [false; 2];
+    for (i, (from, to)) in [
         (live.to_path_buf(), aside.clone()),
         (wal, with_suffix(&aside, "-wal")),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         match std::fs::rename(&from, &to) {
-            Ok(()) => moved = true,
+            Ok(()) => moved[i] = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(file_err("move aside", &from)(e).into()),
         }
@@ -231,5 +236,5 @@ fn install(staged: &Path, live: &Path) -> anyhow::Result<Option<PathBuf>> {
             .and_then(|d| d.sync_all())
             .map_err(file_err("fsync directory", dir))?;
     }
-    Ok(moved.then_some(aside))
+    Ok((moved[0] || moved[1]).then_some((aside, moved[1])))
 }
