@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    self, TenantArg, archive, audit, backfill, demo, enqueue, export, simulate, status, verify,
+    self, TenantArg, archive, audit, backfill, backup, demo, enqueue, export, restore, simulate,
+    status, verify,
 };
 
 #[derive(Debug, Parser)]
@@ -70,6 +71,12 @@ pub enum Command {
     Status(status::Args),
     /// Apply pending database migrations
     Migrate,
+    /// Copy the database while the daemon runs (SQLite online backup, mode 0600,
+    /// integrity-checked, custody BACKED_UP)
+    Backup(backup::Args),
+    /// Put a backup in place of the database, with the daemon stopped: integrity check, the
+    /// old database and its WAL set aside, start-up recovery
+    Restore(restore::Args),
     /// Run the built-in MDE API + blob simulator
     Simulate(simulate::Args),
     /// Run the whole pipeline against the simulator on loopback and show the result
@@ -90,6 +97,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => audit::run(config, cmd).await,
         Command::Status(args) => status::run(config, args).await,
         Command::Migrate => commands::migrate::run(config).await,
+        Command::Backup(args) => backup::run(config, args).await,
+        Command::Restore(args) => restore::run(config, args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     }

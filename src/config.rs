@@ -24,6 +24,8 @@ pub enum ConfigError {
     Secret { tenant: String, message: String },
     #[error("unknown tenant '{0}' (configured: {1})")]
     UnknownTenant(String, String),
+    #[error("{0}")]
+    Access(String),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,25 +111,15 @@ impl StoreConfig {
             .unwrap_or(self.backend != StoreBackend::Fs)
     }
 
+    /// The checks of this section; its paths are checked with every other path key
+    /// (`Config::path_keys`).
     fn validate(&self) -> Result<(), String> {
-        let absolute = |key: &str, path: &Path| {
-            if path.is_absolute() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "store.{key} '{}' must be an absolute path",
-                    path.display()
-                ))
-            }
-        };
-        absolute("root", &self.root)?;
         if self.backend == StoreBackend::Fs {
             if self.require_worm == Some(true) {
                 return Err("store.require_worm = true needs backend \"s3\" or \"azure\": a local directory cannot enforce retention".into());
             }
             return Ok(());
         }
-        absolute("spool", &self.spool)?;
         if self.spool.starts_with(&self.root) || self.root.starts_with(&self.spool) {
             return Err(format!(
                 "store.spool '{}' and store.root '{}' must not contain each other",
@@ -360,14 +352,6 @@ impl AnchorConfig {
         {
             return invalid(format!("tsa_url {m}"));
         }
-        if let Some(file) = self.tsa_ca_file()
-            && !file.is_absolute()
-        {
-            return invalid(format!(
-                "tsa_ca_file '{}' must be an absolute path",
-                file.display()
-            ));
-        }
         if let Some(policy) = self.tsa_policy()
             && der::oid::ObjectIdentifier::new(policy).is_err()
         {
@@ -441,48 +425,123 @@ impl TenantConfig {
         }
     }
 
-    /// Reads the client secret from its file or environment variable.
+    /// Reads the client secret from its file or environment variable, refusing a file every
+    /// user can read and contents an editor has mangled (see [`check_secret_text`]).
     pub fn load_secret(&self) -> Result<Secret, ConfigError> {
         let err = |message: String| ConfigError::Secret {
             tenant: self.name.clone(),
             message,
         };
-        let raw = match (&self.client_secret_file, &self.client_secret_env) {
+        let (raw, source) = match (&self.client_secret_file, &self.client_secret_env) {
             (Some(path), None) => {
-                let path = resolve_credential(path);
-                std::fs::read_to_string(&path).map_err(|e| {
-                    err(format!(
-                        "cannot read client_secret_file {}: {e}",
-                        path.display()
-                    ))
-                })?
+                let resolved = resolve_credential(path);
+                let source = format!("client_secret_file {}", resolved.display());
+                (read_secret_file(path, &resolved).map_err(err)?, source)
             }
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                err(format!(
-                    "environment variable {var} (client_secret_env) is not set or not UTF-8"
-                ))
-            })?,
+            (None, Some(var)) => (
+                std::env::var(var).map_err(|_| {
+                    err(format!(
+                        "environment variable {var} (client_secret_env) is not set or not UTF-8"
+                    ))
+                })?,
+                format!("client_secret_env {var}"),
+            ),
             _ => {
                 return Err(err(
                     "set exactly one of client_secret_file or client_secret_env".into(),
                 ));
             }
         };
-        let secret = raw.trim_end_matches(['\r', '\n']).to_string();
-        if secret.is_empty() {
-            return Err(err("the client secret is empty".into()));
-        }
-        Ok(Secret(secret))
+        let secret = check_secret_text(&raw).map_err(|m| err(format!("{source} {m}")))?;
+        Ok(Secret(secret.to_string()))
     }
+}
+
+/// Reads a secret file: not found under a relative name says where it was looked for, and
+/// a file every user can read is refused (a group that is not ours gets a warning).
+fn read_secret_file(configured: &Path, path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        let mut m = format!("cannot read client_secret_file {}: {e}", path.display());
+        if configured.is_relative() && std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
+            let cwd = std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "?".into());
+            m += &format!(
+                " (the relative name was looked up in the working directory {cwd} because $CREDENTIALS_DIRECTORY is not set: run under systemd with LoadCredential=, or write an absolute path)"
+            );
+        }
+        m
+    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot inspect client_secret_file {}: {e}", path.display()))?;
+    match crate::access::secret_exposure(&meta) {
+        crate::access::SecretExposure::Private => {}
+        crate::access::SecretExposure::World => {
+            return Err(format!(
+                "client_secret_file {} is readable by every user ({}); chmod 0600 it (0640 with the service's group) and rotate the secret if others may have read it",
+                path.display(),
+                crate::access::describe(&meta)
+            ));
+        }
+        crate::access::SecretExposure::Group(group) => tracing::warn!(
+            path = %path.display(),
+            "client_secret_file is readable by group {group}, which this process is not in; only its owner and the service need it"
+        ),
+    }
+    Ok(text)
+}
+
+/// The secret inside `raw`: at most one trailing newline is dropped. A byte order mark,
+/// whitespace around the value (a `\r` from a Windows editor, a trailing space, a blank
+/// line) or a second line would be sent to the identity provider as part of the secret and
+/// refused there with a message that says nothing about the file, so it is refused here.
+/// Messages never show the value.
+pub fn check_secret_text(raw: &str) -> Result<&str, String> {
+    if raw.starts_with('\u{feff}') {
+        return Err(
+            "starts with a byte order mark (U+FEFF); save it as plain UTF-8 without BOM".into(),
+        );
+    }
+    let secret = raw.strip_suffix('\n').unwrap_or(raw);
+    if secret.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(last) = secret.chars().last().filter(|c| c.is_whitespace()) {
+        return Err(format!(
+            "ends with {} after the secret; only one final newline is allowed (write it with printf '%s')",
+            whitespace_name(last)
+        ));
+    }
+    if let Some(first) = secret.chars().next().filter(|c| c.is_whitespace()) {
+        return Err(format!(
+            "starts with {}; the file must hold the secret value alone",
+            whitespace_name(first)
+        ));
+    }
+    if secret.contains(['\n', '\r']) {
+        return Err("holds more than one line; it must hold the secret value alone".into());
+    }
+    Ok(secret)
 }
 
 /// A relative `client_secret_file` names a systemd credential when the service runs with
 /// `LoadCredential=` (`$CREDENTIALS_DIRECTORY` is set), so one config serves the daemon and
-/// `systemd-run` one-shots alike; otherwise it is relative to the working directory.
+/// `systemd-run` one-shots alike; otherwise it is relative to the working directory (and a
+/// file not found there says so).
 fn resolve_credential(path: &Path) -> PathBuf {
     match std::env::var_os("CREDENTIALS_DIRECTORY") {
         Some(dir) if path.is_relative() => Path::new(&dir).join(path),
         _ => path.to_path_buf(),
+    }
+}
+
+fn whitespace_name(c: char) -> &'static str {
+    match c {
+        '\r' => "a carriage return (\\r, a Windows line ending)",
+        '\n' => "a second newline",
+        ' ' => "a space",
+        '\t' => "a tab",
+        _ => "a whitespace character",
     }
 }
 
@@ -505,8 +564,27 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Every path key, with its name for messages. A new path key gets one line here, and
+    /// with it the absolute-path check. An empty value means "not set" and is skipped.
+    fn path_keys(&self) -> Vec<(&'static str, &Path)> {
+        vec![
+            ("database.path", self.database.path.as_path()),
+            ("store.root", self.store.root.as_path()),
+            ("store.spool", self.store.spool.as_path()),
+            ("anchor.tsa_ca_file", Path::new(&self.anchor.tsa_ca_file)),
+        ]
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        for (key, path) in self.path_keys() {
+            if !path.as_os_str().is_empty() && !path.is_absolute() {
+                return invalid(format!(
+                    "{key} = {:?} is a relative path; write it absolute: lrvault never resolves paths against the working directory",
+                    path.display().to_string()
+                ));
+            }
+        }
         let q = &self.quota;
         if q.per_minute == 0 || q.per_hour == 0 {
             return invalid("quota.per_minute and quota.per_hour must be at least 1".into());
@@ -583,6 +661,24 @@ impl Config {
                     t.scope
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Checks, before a command writes, that this process may write the database's directory
+    /// and the evidence store (or create them), and is not root writing into a tree the
+    /// service user owns. One line naming the path, its owner and mode, and this user.
+    pub fn check_writable(&self) -> Result<(), ConfigError> {
+        let dirs = [
+            (
+                "the database directory",
+                self.database.path.parent().unwrap_or(Path::new("/")),
+            ),
+            ("store.root", self.store.root.as_path()),
+        ];
+        for (what, dir) in dirs {
+            crate::access::check_not_root_over(what, dir).map_err(ConfigError::Access)?;
+            crate::access::check_dir_writable(what, dir).map_err(ConfigError::Access)?;
         }
         Ok(())
     }
@@ -665,6 +761,13 @@ mod tests {
         Config::parse(text, Path::new("test.toml"))
     }
 
+    /// A secret file as lrvault accepts it: 0600.
+    fn write_secret(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     const TENANT: &str = r#"
 [[tenant]]
 name = "contoso"
@@ -708,7 +811,7 @@ client_secret_env = "X"
             .to_string();
         assert_eq!(
             e,
-            "invalid config: anchor.tsa_ca_file 'tsa-ca.pem' must be an absolute path"
+            "invalid config: anchor.tsa_ca_file = \"tsa-ca.pem\" is a relative path; write it absolute: lrvault never resolves paths against the working directory"
         );
         let e = with("tsa_url = \"http://tsa.example.org/\"")
             .unwrap_err()
@@ -794,7 +897,7 @@ client_secret_env = "X"
         for (extra, want) in [
             (
                 "root = \"evidence\"",
-                "invalid config: store.root 'evidence' must be an absolute path",
+                "invalid config: store.root = \"evidence\" is a relative path; write it absolute",
             ),
             (
                 "require_worm = true",
@@ -802,7 +905,7 @@ client_secret_env = "X"
             ),
             (
                 &format!("{s3}\nspool = \"spool\""),
-                "invalid config: store.spool 'spool' must be an absolute path",
+                "invalid config: store.spool = \"spool\" is a relative path; write it absolute",
             ),
             (
                 &format!("{s3}\nspool = \"/var/lib/lrvault/evidence/spool\""),
@@ -862,7 +965,7 @@ client_secret_env = "X"
         );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s");
-        std::fs::write(&p, "s3cr3t\n").unwrap();
+        write_secret(&p, "s3cr3t\n");
         let cfg = parse(&TENANT.replace(
             "client_secret_env = \"X\"",
             &format!("client_secret_file = {:?}", p),
@@ -877,7 +980,7 @@ client_secret_env = "X"
     fn relative_secret_files_resolve_in_the_credentials_directory() {
         // Only this test sets CREDENTIALS_DIRECTORY (tests share the environment).
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("contoso"), "from-systemd\n").unwrap();
+        write_secret(&dir.path().join("contoso"), "from-systemd\n");
         let cfg = parse(&TENANT.replace(
             "client_secret_env = \"X\"",
             "client_secret_file = \"contoso\"",
@@ -888,6 +991,49 @@ client_secret_env = "X"
         let secret = cfg.tenants[0].load_secret();
         unsafe { std::env::remove_var("CREDENTIALS_DIRECTORY") };
         assert_eq!(secret.unwrap().expose(), "from-systemd");
+    }
+
+    #[test]
+    fn relative_paths_are_refused_and_absolute_ones_kept() {
+        for (section, key) in [
+            ("database", "path"),
+            ("store", "root"),
+            ("store", "spool"),
+            ("anchor", "tsa_ca_file"),
+        ] {
+            let e = parse(&format!("{TENANT}[{section}]\n{key} = \"rel/x\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "invalid config: {section}.{key} = \"rel/x\" is a relative path; write it absolute: lrvault never resolves paths against the working directory"
+                )
+            );
+        }
+        let cfg = parse(&format!("{TENANT}[store]\nroot = \"/srv/ev\"\n")).unwrap();
+        assert_eq!(cfg.store.root, Path::new("/srv/ev"));
+    }
+
+    #[test]
+    fn secret_text_allows_one_final_newline_and_nothing_else_around_the_value() {
+        assert_eq!(check_secret_text("abc"), Ok("abc"));
+        assert_eq!(check_secret_text("abc\n"), Ok("abc"));
+        assert_eq!(check_secret_text("a b~c.d_e-f"), Ok("a b~c.d_e-f"));
+        for bad in [
+            "\u{feff}abc",
+            "abc\r\n",
+            "abc\n\n",
+            "abc ",
+            " abc",
+            "\tabc",
+            "id\nabc",
+            "",
+            "\n",
+        ] {
+            let e = check_secret_text(bad).unwrap_err();
+            assert!(!e.contains("abc"), "{e}");
+        }
     }
 
     #[test]

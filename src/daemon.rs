@@ -60,6 +60,10 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
+    // Every schedule is parsed before anything starts: a bad one is one line, not a
+    // scheduler torn down mid-start (which logs its own errors).
+    check_schedules(&cfg.schedule)?;
+    cfg.check_writable()?;
     let db = Db::open(&cfg.database.path)?;
     let _lock = lock_instance(&cfg.database.path)?;
     let cancel = CancellationToken::new();
@@ -75,22 +79,13 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     });
 
     let mut sched = JobScheduler::new().await?;
-    for (kind, cron) in [
-        (JobKind::Discover, &cfg.schedule.discover),
-        (JobKind::Archive, &cfg.schedule.archive),
-        (JobKind::Verify, &cfg.schedule.verify),
-    ] {
+    for (kind, cron) in schedules(&cfg.schedule) {
         let d = daemon.clone();
-        let job = CronJob::new_async(cron.as_str(), move |_, _| {
+        let job = CronJob::new_async(cron, move |_, _| {
             let d = d.clone();
             Box::pin(async move { d.spawn(kind) })
         })
-        .map_err(|e| {
-            UserError::new(format!(
-                "invalid cron expression for schedule.{} '{cron}': {e} (6 fields, seconds first)",
-                kind.name()
-            ))
-        })?;
+        .map_err(|e| cron_error(kind, cron, e))?;
         sched.add(job).await?;
     }
     sched.start().await?;
@@ -133,6 +128,36 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("lrvault daemon stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The three `[schedule]` expressions, each with its job.
+fn schedules(s: &crate::config::ScheduleConfig) -> [(JobKind, &str); 3] {
+    [
+        (JobKind::Discover, s.discover.as_str()),
+        (JobKind::Archive, s.archive.as_str()),
+        (JobKind::Verify, s.verify.as_str()),
+    ]
+}
+
+fn cron_error(kind: JobKind, cron: &str, e: impl std::fmt::Display) -> UserError {
+    UserError::new(format!(
+        "invalid cron expression for schedule.{} '{cron}': {e} (6 fields, seconds first)",
+        kind.name()
+    ))
+}
+
+/// Parses every schedule with the parser and settings tokio-cron-scheduler uses (seconds
+/// required, day-of-month and day-of-week both), without starting anything; its own error
+/// only says `ParseSchedule`, croner's says what is wrong.
+pub fn check_schedules(s: &crate::config::ScheduleConfig) -> Result<(), UserError> {
+    let parser = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build();
+    for (kind, cron) in schedules(s) {
+        parser.parse(cron).map_err(|e| cron_error(kind, cron, e))?;
+    }
+    Ok(())
 }
 
 fn watchdog_interval() -> Option<Duration> {

@@ -50,6 +50,16 @@ pub enum DbError {
     },
     #[error("database task failed: {0}")]
     Join(String),
+    /// This process may not write the database (owner, mode, user named); exit code 2.
+    #[error("{0}")]
+    Access(#[source] crate::error::UserError),
+    #[error("cannot copy database {from} to {to}: {source}")]
+    Copy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
 }
 
 impl DbError {
@@ -93,6 +103,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 impl Db {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub fn open(path: &Path) -> Result<Db, DbError> {
+        check_writable(path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
                 path: dir.to_path_buf(),
@@ -171,15 +182,12 @@ impl Db {
         Ok(conn)
     }
 
-    /// A read-only connection for the reporting commands; a database that does not exist
-    /// yet is the user's to create (exit code 2), not an error to create it here.
-    pub fn open_for_reading(path: &Path) -> anyhow::Result<Connection> {
+    /// A read-only connection for the reporting commands (`config` is the file they were
+    /// given, for the hint). A database that does not exist yet is not created here: the
+    /// message says how to create it as the service user (exit code 2).
+    pub fn open_for_reading(path: &Path, config: &Path) -> anyhow::Result<Connection> {
         if !path.exists() {
-            return Err(crate::error::UserError::new(format!(
-                "database {} does not exist yet; run `lrvault migrate` or start the daemon",
-                path.display()
-            ))
-            .into());
+            return Err(crate::error::UserError::new(first_start_hint(path, config)).into());
         }
         Ok(Self::open_readonly(path)?)
     }
@@ -243,6 +251,95 @@ impl Db {
         .await
         .map_err(|e| DbError::Join(e.to_string()))?
     }
+}
+
+/// What to do before the first start: start the service, or run `migrate` as the service
+/// user. Never a writing command as root: the files it would create (the database, its
+/// `-wal`, the state directory) would belong to root and lock the service out.
+pub fn first_start_hint(db: &Path, config: &Path) -> String {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "/usr/local/bin/lrvault".into());
+    let migrate = format!("{exe} --config {} migrate", config.display());
+    format!(
+        "database {} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p DynamicUser=yes -p User=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (with a static user: sudo -u lrvault {migrate}); not as root, whose files would lock the service out",
+        db.display()
+    )
+}
+
+/// Before opening `path` for writing: this process must be able to write its directory and
+/// the database files that exist, and must not be root over a database the service user
+/// owns. Each refusal is one line naming the path, its owner and mode, and this user.
+fn check_writable(path: &Path) -> Result<(), DbError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let [wal, shm] = crate::access::sqlite_sidecars(path);
+    crate::access::check_not_root_over("database", path)
+        .and_then(|()| crate::access::check_dir_writable("the database directory", dir))
+        .and_then(|()| crate::access::check_file_writable("database file", path))
+        .and_then(|()| crate::access::check_file_writable("database file", &wal))
+        .and_then(|()| crate::access::check_file_writable("database file", &shm))
+        .map_err(|m| DbError::Access(crate::error::UserError::new(m)))
+}
+
+/// SQLite's own consistency check: `quick_check` (linear, no index cross-check) or, with
+/// `full`, `integrity_check`. Returns the problems it reports (at most 100); empty means ok.
+pub fn integrity_problems(conn: &Connection, full: bool) -> Result<Vec<String>, DbError> {
+    let pragma = if full {
+        "PRAGMA integrity_check(100)"
+    } else {
+        "PRAGMA quick_check(100)"
+    };
+    let mut stmt = conn
+        .prepare(pragma)
+        .map_err(DbError::sql("integrity check"))?;
+    let rows = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(DbError::sql("integrity check"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(DbError::sql("integrity check"))?;
+    Ok(if rows == ["ok"] { Vec::new() } else { rows })
+}
+
+/// Copies the database at `from` into the new, empty file `to` with SQLite's online backup
+/// API, from one read snapshot. In WAL mode a reader blocks no writer, so the daemon goes on
+/// writing while this runs; copying in one step (rather than a few pages at a time) keeps
+/// the copy from restarting every time the daemon commits. Memory stays flat: pages go
+/// through SQLite's page cache to the file.
+pub fn online_copy(from: &Path, to: &Path) -> Result<(), DbError> {
+    let copy_err = |source| DbError::Copy {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    };
+    let src = Db::open_readonly(from)?;
+    let mut dest = Connection::open(to).map_err(copy_err)?;
+    {
+        let backup = rusqlite::backup::Backup::new(&src, &mut dest).map_err(copy_err)?;
+        // BUSY or LOCKED only while another connection recovers the WAL: brief, bounded.
+        let mut retries = 0;
+        loop {
+            match backup.step(-1).map_err(copy_err)? {
+                rusqlite::backup::StepResult::Done => break,
+                _ if retries < 300 => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                _ => {
+                    return Err(copy_err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                        Some("the source stayed locked for 30 s".into()),
+                    )));
+                }
+            }
+        }
+    }
+    // The copy is a WAL database like its source; leave it as one self-contained file.
+    dest.pragma_update_and_check(None, "wal_checkpoint", "TRUNCATE", |_| Ok(()))
+        .map_err(copy_err)?;
+    dest.close().map_err(|(_, e)| copy_err(e))
 }
 
 fn writer_gone() -> DbError {

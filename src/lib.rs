@@ -1,13 +1,15 @@
 //! lrvault: archives Microsoft Defender for Endpoint live-response results as hashed,
 //! self-describing evidence packages with a hash-chained chain-of-custody log.
 //!
-//! The pipeline reads one way: `config` → `db` → `http`, `mde` (remote client), `quota` →
-//! `fetch` → `package` (BagIt zip) → `store` (where packages live: fs, S3, Azure) →
-//! `custody` → `queue` (a result's life) → `jobs` (discover, archive, backfill) → `verify`
-//! → `daemon`; then the command layer: `commands` (one module per command, with `render`
-//! and `progress`) and `cli`. `sim` (the simulator) stands apart.
+//! The pipeline reads one way: `access` (who may write where), `config` → `db` → `http`,
+//! `mde` (remote client), `quota` → `fetch` → `package` (BagIt zip) → `store` (where
+//! packages live: fs, S3, Azure) → `custody`, `anchor` → `queue` (a result's life) → `jobs`
+//! (discover, archive, backfill) → `verify`, `export` → `daemon`; then the command layer:
+//! `commands` (one module per command, with `render` and `progress`) and `cli`. `sim` (the
+//! simulator) stands apart.
 //! Arrows point one way: nothing below the command layer imports `commands` or `cli`.
 
+pub mod access;
 pub mod anchor;
 pub mod cells;
 pub mod cli;

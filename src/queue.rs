@@ -506,6 +506,9 @@ pub struct EvidenceRecord {
     pub package_sha256: String,
     /// Set when the package was found in place after a crash and re-verified.
     pub adopted: bool,
+    /// More keys for the ARCHIVED row's detail (where the store keeps the package, a
+    /// superseded custody head).
+    pub extra: serde_json::Map<String, Value>,
 }
 
 /// `downloading` → `archived`: the evidence row, the result and the ARCHIVED custody row in
@@ -573,6 +576,9 @@ pub async fn commit_archived(
         });
         if rec.adopted {
             detail["adopted"] = json!(true);
+        }
+        if let Value::Object(d) = &mut detail {
+            d.extend(rec.extra);
         }
         custody::append(
             &tx,

@@ -1,5 +1,6 @@
--- lrvault schema v3: two more custody events, EXPORTED (an examiner's handover kit) and
--- BACKED_UP (an online copy of this database). SQLite cannot change a CHECK constraint in
+-- lrvault schema v3: three more custody events, EXPORTED (an examiner's handover kit),
+-- BACKED_UP (an online copy of this database) and RESTORED (this database was put back
+-- from a backup: the rows after the backup's head live on in the replaced file only). SQLite cannot change a CHECK constraint in
 -- place, so custody_log is rebuilt with its rows, index, append-only triggers and view intact
 -- (DROP TABLE fires no DELETE trigger; every row is copied as it is, hashes included).
 CREATE TABLE custody_log_v3 (
@@ -10,7 +11,7 @@ CREATE TABLE custody_log_v3 (
     command_index    INTEGER,
     event            TEXT NOT NULL CHECK (event IN ('DISCOVERED', 'QUEUED', 'LINK_ISSUED', 'DOWNLOADED',
                          'ARCHIVED', 'UNAVAILABLE', 'SKIPPED', 'FAILED', 'VERIFIED', 'VERIFY_FAILED',
-                         'EXPORTED', 'BACKED_UP')),
+                         'EXPORTED', 'BACKED_UP', 'RESTORED')),
     actor            TEXT NOT NULL,
     evidence_sha256  TEXT,
     package_path     TEXT,

@@ -63,7 +63,7 @@ pub struct FormatArg {
 
 pub async fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let conn = Db::open_for_reading(&cfg.database.path)?;
+    let conn = Db::open_for_reading(&cfg.database.path, config)?;
     let (rows, format) = match cmd {
         AuditCommand::Evidence {
             tenant,

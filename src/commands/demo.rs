@@ -61,7 +61,7 @@ pub fn write_sim_config(
     );
     for (i, t) in sim.tenants().iter().enumerate() {
         let secret = dir.join(format!("sim-secret-{i}"));
-        std::fs::write(&secret, &t.client_secret)?;
+        write_secret_file(&secret, &t.client_secret)?;
         text += &tenant_toml(
             &format!("sim{i}"),
             &t.tenant_id,
@@ -75,6 +75,22 @@ pub fn write_sim_config(
     let path = dir.join("lrvault.toml");
     std::fs::write(&path, text)?;
     Ok(path)
+}
+
+/// Writes a secret file as lrvault wants it: mode 0600 from the start (never readable by
+/// others, even for a moment), the value alone.
+fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // A rerun over the same directory rewrites it; the mode is set again in case it was not ours.
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(secret.as_bytes())
 }
 
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {

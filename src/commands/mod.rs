@@ -5,11 +5,13 @@
 pub mod archive;
 pub mod audit;
 pub mod backfill;
+pub mod backup;
 pub mod demo;
 pub mod discover;
 pub mod enqueue;
 pub mod export;
 pub mod migrate;
+pub mod restore;
 pub mod run;
 pub mod simulate;
 pub mod status;
@@ -38,6 +40,7 @@ pub struct TenantArg {
 /// clients (reading their secrets).
 fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
     let cfg = Arc::new(Config::load(config)?);
+    cfg.check_writable()?;
     let db = Db::open(&cfg.database.path)?;
     let ctx = Context::new(cfg, db, CancellationToken::new())?;
     let tenants = ctx.tenants(tenant)?.into_iter().map(Arc::new).collect();

@@ -2,7 +2,7 @@
 //! printing the config sections a user needs to point lrvault at it.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -82,6 +82,11 @@ impl Args {
     }
 }
 
+/// `s` in single quotes for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -92,10 +97,15 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sim = Simulator::new(args.sim_config());
     let base = format!("http://{addr}");
     println!("MDE simulator listening on {base}");
+    let cwd = std::env::current_dir()?;
     for (i, t) in sim.tenants().iter().enumerate() {
+        // Absolute: a relative name would be looked up in $CREDENTIALS_DIRECTORY or
+        // whatever directory lrvault later runs in.
+        let secret_file = cwd.join(format!("sim-secret-{i}"));
         println!(
-            "\n# tenant {i}: put the secret in a file (e.g. echo '{}' > sim-secret-{i}) and add to your config:",
-            t.client_secret
+            "\n# tenant {i}: write the secret to a file only you can read:\n#   ( umask 077; printf '%s' {} > {} )\n# and add to your config:",
+            shell_quote(&t.client_secret),
+            shell_quote(&secret_file.to_string_lossy())
         );
         print!(
             "{}",
@@ -103,7 +113,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 &format!("sim{i}"),
                 &t.tenant_id,
                 &t.client_id,
-                Path::new(&format!("sim-secret-{i}")),
+                &secret_file,
                 &base
             )
         );

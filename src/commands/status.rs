@@ -27,7 +27,7 @@ pub enum StatusFormat {
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
     let as_json = args.format == StatusFormat::Json;
-    let conn = Db::open_for_reading(&cfg.database.path)?;
+    let conn = Db::open_for_reading(&cfg.database.path, config)?;
     let q = |sql: &str| Rows::query(&conn, sql, &[]).map_err(DbError::sql("status query"));
     let queue = q(
         "SELECT tenant, state, count(*) AS results FROM results GROUP BY tenant, state ORDER BY tenant, state",

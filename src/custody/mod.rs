@@ -30,11 +30,14 @@ pub enum EventKind {
     Exported,
     /// An online copy of the database (`lrvault backup`).
     BackedUp,
+    /// The database was put back from a backup (`lrvault restore`); the detail names the
+    /// anchors written after the backup, whose rows live on in the replaced file only.
+    Restored,
 }
 
 impl EventKind {
     /// Every event, in the order DESIGN §6 lists them.
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::Discovered,
         EventKind::Queued,
         EventKind::LinkIssued,
@@ -47,6 +50,7 @@ impl EventKind {
         EventKind::VerifyFailed,
         EventKind::Exported,
         EventKind::BackedUp,
+        EventKind::Restored,
     ];
 
     /// The event named `name` as stored in `custody_log.event`.
@@ -68,6 +72,7 @@ impl EventKind {
             EventKind::VerifyFailed => "VERIFY_FAILED",
             EventKind::Exported => "EXPORTED",
             EventKind::BackedUp => "BACKED_UP",
+            EventKind::Restored => "RESTORED",
         }
     }
 }
@@ -276,6 +281,48 @@ pub fn head(conn: &rusqlite::Connection) -> Result<(i64, String), DbError> {
         .optional()
         .map_err(DbError::sql("read custody head"))?
         .unwrap_or((0, GENESIS_HASH.to_string())))
+}
+
+/// Whether `head` is a row of this chain (same seq, same hash).
+pub fn has_row(conn: &rusqlite::Connection, head: &Head) -> Result<bool, DbError> {
+    conn.query_row(
+        "SELECT 1 FROM custody_log WHERE seq = ?1 AND row_hash = ?2",
+        params![head.seq, head.row_hash],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|found| found.is_some())
+    .map_err(DbError::sql("look up a custody row"))
+}
+
+/// The seq of the first RESTORED row: the database was put back from a backup there, and
+/// anchors written after the backup may pin rows that live on in the replaced file only.
+pub fn first_restore(conn: &rusqlite::Connection) -> Result<Option<i64>, DbError> {
+    conn.query_row(
+        "SELECT min(seq) FROM custody_log WHERE event = 'RESTORED'",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(DbError::sql("look up RESTORED rows"))
+}
+
+/// Checkpoints that RESTORED rows declared superseded: (seq, row_hash) of rows that live on
+/// in a replaced database only.
+pub fn superseded_checkpoints(
+    conn: &rusqlite::Connection,
+) -> Result<std::collections::HashSet<(i64, String)>, DbError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT json_extract(c.value, '$.seq'), json_extract(c.value, '$.row_hash')
+             FROM custody_log l, json_each(l.detail, '$.superseded_checkpoints') c
+             WHERE l.event = 'RESTORED' AND json_valid(l.detail)",
+        )
+        .map_err(DbError::sql("read RESTORED rows"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(DbError::sql("read RESTORED rows"))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(DbError::sql("read RESTORED rows"))
 }
 
 /// A row of the chain that pins every row up to it: `{"seq": N, "row_hash": "…"}` in a

@@ -192,6 +192,9 @@ struct State {
     blob_with_authorization: usize,
     /// Every access token ever issued, in order.
     issued: Vec<String>,
+    /// Client secrets each tenant's app accepts now (tenant id -> secrets); starts with the
+    /// configured one. Entra allows several at once, which is how a secret is rotated.
+    secrets: HashMap<String, Vec<String>>,
 }
 
 impl Simulator {
@@ -225,6 +228,11 @@ impl Simulator {
             chunk.copy_from_slice(&key_rng.next_u64().to_le_bytes());
         }
         let quota = Quota::new(cfg.per_minute, cfg.per_hour, cfg.minute, cfg.hour);
+        let secrets = cfg
+            .tenants
+            .iter()
+            .map(|t| (t.tenant_id.clone(), vec![t.client_secret.clone()]))
+            .collect();
         Simulator {
             inner: Arc::new(Inner {
                 cfg,
@@ -241,6 +249,7 @@ impl Simulator {
                     status_counts: HashMap::new(),
                     blob_with_authorization: 0,
                     issued: Vec::new(),
+                    secrets,
                 }),
             }),
         }
@@ -280,6 +289,30 @@ impl Simulator {
 
     fn in_outage(&self) -> bool {
         self.inner.outage.load(Ordering::SeqCst)
+    }
+
+    /// Adds a client secret to a tenant's app registration (the old ones stay valid).
+    pub fn add_client_secret(&self, tenant_id: &str, secret: &str) {
+        let mut st = self.inner.state();
+        st.secrets
+            .entry(tenant_id.to_string())
+            .or_default()
+            .push(secret.to_string());
+    }
+
+    /// Deletes a client secret from a tenant's app registration.
+    pub fn remove_client_secret(&self, tenant_id: &str, secret: &str) {
+        let mut st = self.inner.state();
+        if let Some(list) = st.secrets.get_mut(tenant_id) {
+            list.retain(|s| s != secret);
+        }
+    }
+
+    fn accepts_secret(&self, tenant_id: &str, secret: &str) -> bool {
+        let st = self.inner.state();
+        st.secrets
+            .get(tenant_id)
+            .is_some_and(|list| list.iter().any(|s| s == secret))
     }
 
     /// The simulator's clock: the host's, plus `clock_offset`.

@@ -330,7 +330,7 @@ fn issue_token(app: &App, tenant_id: &str, headers: &HeaderMap, body: &[u8]) -> 
             "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
         );
     };
-    if secret != tenant.client_secret {
+    if !app.sim.accepts_secret(tenant_id, &secret) {
         return aad_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",

@@ -49,6 +49,8 @@ struct Archived {
     payload_size: Option<i64>,
     payload_name: Option<String>,
     evidence_id: Option<String>,
+    /// The head an adopted package pins when a restore took its rows away.
+    custody_head_superseded: Option<(i64, String)>,
 }
 
 pub fn check(
@@ -245,6 +247,9 @@ fn archived_rows(conn: &Connection, row: &EvidenceRow) -> Result<Vec<Archived>, 
                 payload_size: detail["payload_size"].as_i64(),
                 payload_name: text(&detail["payload_name"]),
                 evidence_id: text(&detail["evidence_id"]),
+                custody_head_superseded: detail["custody_head_superseded"]["seq"]
+                    .as_i64()
+                    .zip(text(&detail["custody_head_superseded"]["row_hash"])),
             })
         })
         .map_err(DbError::sql("read ARCHIVED rows"))?;
@@ -428,6 +433,15 @@ fn check_custody_head(
         })
         .optional()
         .map_err(DbError::sql("read pinned custody row"))?;
+    // After a restore, an adopted package may pin a row of the replaced database; its
+    // ARCHIVED row says so, and a RESTORED row before it explains it.
+    if let Some(a) = a
+        && a.custody_head_superseded == Some((seq, hash.to_string()))
+        && crate::custody::first_restore(conn)?.is_some_and(|r| r < a.seq)
+        && pinned.as_ref().is_none_or(|p| p.0 != hash)
+    {
+        return Ok(false);
+    }
     let Some((row_hash, event, tenant, action_id, index, sha)) = pinned else {
         row.problems.push(format!(
             "retrieval.json pins custody seq {seq}, which is not in the chain (truncated?)"

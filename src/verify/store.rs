@@ -91,9 +91,10 @@ fn unexplained(
     in_flight: &mut Option<HashSet<String>>,
 ) -> Result<Option<String>, DbError> {
     let rel = rel(root, path);
-    let (final_rel, partial) = match rel.strip_suffix(".partial") {
-        Some(stem) => (stem.to_string(), true),
-        None => (rel.clone(), false),
+    // `<package>.<writer tag>.partial` belongs to the package it is being written for.
+    let (final_rel, partial) = match crate::package::partial_target(Path::new(&rel)) {
+        Some(target) => (target.to_string_lossy().into_owned(), true),
+        None => (rel.clone(), rel.ends_with(".partial")),
     };
     if !partial && named_by_evidence(conn, &rel)? {
         return Ok(None);

@@ -3,13 +3,13 @@
 
 use std::process::Command;
 
-fn lrvault() -> Command {
+pub fn lrvault() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lrvault"));
     c.env_remove("LRVAULT_CONFIG").env_remove("RUST_LOG");
     c
 }
 
-fn run(c: &mut Command) -> (i32, String, String) {
+pub fn run(c: &mut Command) -> (i32, String, String) {
     let out = c.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -33,6 +33,8 @@ fn every_command_has_help() {
         vec!["audit", "quota"],
         vec!["status"],
         vec!["migrate"],
+        vec!["backup"],
+        vec!["restore"],
         vec!["simulate"],
         vec!["demo"],
     ] {
@@ -43,7 +45,7 @@ fn every_command_has_help() {
     }
 }
 
-fn one_line_error(c: &mut Command) -> String {
+pub fn one_line_error(c: &mut Command) -> String {
     let (code, _, err) = run(c);
     assert_eq!(code, 2, "exit code 2 for a user error: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -68,7 +70,7 @@ fn wrong_config_path_is_one_clear_line() {
     assert!(line.contains("/nope.toml"), "{line}");
 }
 
-fn config_with(dir: &std::path::Path, tenant_block: &str) -> std::path::PathBuf {
+pub fn config_with(dir: &std::path::Path, tenant_block: &str) -> std::path::PathBuf {
     let path = dir.join("c.toml");
     std::fs::write(
         &path,
@@ -103,7 +105,7 @@ fn bad_tenant_name_and_missing_secret_are_one_clear_line() {
     for cmd in [vec!["status"], vec!["audit", "quota"]] {
         let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(&cmd));
         assert!(
-            line.contains("db.sqlite does not exist yet; run `lrvault migrate`"),
+            line.contains("db.sqlite does not exist yet: start the service"),
             "{line}"
         );
     }

@@ -243,63 +243,85 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_package_renamed_before_the_commit_is_adopted_not_fetched_again() {
-    // Two simulators with the same seed and clock produce the same actions, so a package made
-    // by the first belongs in the store of the second.
-    let now = chrono::Utc::now();
-    let sim = || SimConfig {
+    // The package is written by this pipeline, moved into place, and then its commit is
+    // lost: the lease is taken away while the body trickles in, so the attempt ends without
+    // an evidence row (as a crash between the rename and the commit leaves it). It pins a row
+    // of this chain, as a real package does.
+    let cfg = SimConfig {
         seed: 42,
         actions: 3,
-        now,
+        faults: vec!["slow=800".parse::<Fault>().unwrap()],
         ..SimConfig::default()
     };
-    let donor = env(sim(), "").await;
-    donor.discover().await;
-    assert_eq!(donor.archive_max(1).await.archived, 1);
-    let (rel, sha, pkg_sha) = evidence(&donor).pop().unwrap();
-
-    let e = env(sim(), "").await;
+    let e = env(cfg, "[download]\nconcurrency = 1\n").await;
     e.discover().await;
     let first = e.queued()[0].clone();
-    let dest = e.store().join(&rel);
-    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    std::fs::copy(donor.store().join(&rel), &dest).unwrap();
-    // As a crash leaves it: claimed by a process that no longer exists, partial name too.
-    let mut partial = dest.clone().into_os_string();
-    partial.push(".4242-0badcafe.partial");
-    std::fs::copy(&dest, &partial).unwrap();
-    let conn = rusqlite::Connection::open(&e.cfg.database.path).unwrap();
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
-    conn.execute(
-        "UPDATE results SET state = 'downloading', lease_owner = ?1, lease_until = '2999-01-01T00:00:00.000Z'
-         WHERE action_id = ?2 AND command_index = ?3",
-        rusqlite::params![format!("{host}:999999999:1"), first.action_id, first.index],
-    )
-    .unwrap();
-    drop(conn);
+    let dead_owner = format!("{host}:999999999:1");
+    let (lost, ()) = tokio::join!(e.archive_max(1), async {
+        let downloading = || {
+            e.count(&format!(
+                "SELECT count(*) FROM custody_log WHERE event = 'LINK_ISSUED' AND action_id = '{}'",
+                first.action_id
+            )) == 1
+        };
+        assert!(wait_until(Duration::from_secs(10), downloading).await);
+        // As a crash leaves it: claimed by a process that no longer exists.
+        rusqlite::Connection::open(&e.cfg.database.path)
+            .unwrap()
+            .execute(
+                "UPDATE results SET lease_owner = ?1, lease_until = '2999-01-01T00:00:00.000Z'
+                 WHERE action_id = ?2 AND command_index = ?3",
+                rusqlite::params![dead_owner, first.action_id, first.index],
+            )
+            .unwrap();
+    });
+    assert_eq!((lost.claimed_elsewhere, lost.archived), (1, 0), "{lost:?}");
+    let packages = packages(&e);
+    assert_eq!(packages.len(), 1, "the package is in place, without a row");
+    assert_eq!(e.count("SELECT count(*) FROM evidence"), 0);
+    // A crashed writer's partial of the same package is swept with it.
+    let mut partial = packages[0].clone().into_os_string();
+    partial.push(".4242-0badcafe.partial");
+    std::fs::copy(&packages[0], &partial).unwrap();
 
     let s = e.archive_max(1).await;
     assert_eq!((s.recovered, s.archived), (1, 1), "{s:?}");
     assert!(!std::path::Path::new(&partial).exists());
     let row = e.queued()[0].clone();
-    assert_eq!((row.state.as_str(), row.attempts), ("archived", 1));
-    assert_eq!(e.events(&row.action_id, row.index), ["ARCHIVED"]);
+    assert_eq!(
+        (row.action_id.as_str(), row.state.as_str(), row.attempts),
+        (first.action_id.as_str(), "archived", 1)
+    );
+    assert_eq!(
+        e.events(&row.action_id, row.index),
+        ["LINK_ISSUED", "DOWNLOADED", "ARCHIVED"]
+    );
     let (_, detail) = e.custody(&row.action_id, row.index).pop().unwrap();
     assert_eq!(detail["adopted"], true);
+    let x = e
+        .sim
+        .sim
+        .expected_results(&e.tenant_id())
+        .into_iter()
+        .find(|x| x.action_id == row.action_id && x.index == row.index)
+        .unwrap();
+    let (path, sha, pkg_sha) = evidence(&e).pop().unwrap();
+    assert_eq!(e.store().join(&path), packages[0]);
+    assert_eq!(sha, x.sha256);
     assert_eq!(detail["package_sha256"], pkg_sha.as_str());
-    assert_eq!(evidence(&e), vec![(rel, sha, pkg_sha)]);
     // The adopted row keeps the MD5 the original download checked (from retrieval.json).
-    let md5 = |env: &Env| -> Option<String> {
-        env.reader()
-            .query_row("SELECT payload_md5 FROM evidence", [], |r| r.get(0))
-            .unwrap()
-    };
-    assert!(
-        md5(&donor).is_some(),
-        "the simulator sent an MD5 for this blob"
-    );
-    assert_eq!(md5(&e), md5(&donor));
-    // Adopted without a link or a download.
-    assert_eq!(e.api_calls("liveresponse.link"), 0);
-    assert!(e.sim_requests("blob").is_empty());
+    let md5: Option<String> = e
+        .reader()
+        .query_row("SELECT payload_md5 FROM evidence", [], |r| r.get(0))
+        .unwrap();
+    let want =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &x.md5_base64).unwrap();
+    assert_eq!(md5, Some(hex::encode(want)));
+    // Adopted without another link or download.
+    assert_eq!(e.api_calls("liveresponse.link"), 1);
+    assert_eq!(e.sim_requests("blob").len(), 1);
     custody_chain::recheck(&e.reader());
+    let (code, out, err) = crate::tamper::lrvault(&e.config_path, &["verify"]);
+    assert_eq!(code, 0, "{out}\n{err}");
 }

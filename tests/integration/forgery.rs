@@ -279,7 +279,10 @@ async fn a_live_download_is_not_a_stray_file_but_an_orphan_partial_is() {
     };
     // Another process is writing this result's package.
     set_state("downloading");
-    let partial = e.store().join(format!("{}.partial", rel.display()));
+    // A writer's partial: `<package>.<writer tag>.partial`.
+    let partial = e
+        .store()
+        .join(format!("{}.4242-0badcafe.partial", rel.display()));
     std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
     std::fs::write(&partial, b"PK half a zip").unwrap();
     let (code, out, err) = crate::tamper::lrvault(&e.config_path, &["verify"]);
@@ -295,7 +298,7 @@ async fn a_live_download_is_not_a_stray_file_but_an_orphan_partial_is() {
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains(&format!(
-            "store file {}.partial: partial file that no download in progress accounts for",
+            "store file {}.4242-0badcafe.partial: partial file that no download in progress accounts for",
             rel.display()
         )),
         "{err}"

@@ -4,6 +4,7 @@
 
 mod anchors;
 mod audit_doc;
+mod backup_restore;
 mod cli;
 mod common;
 mod crash;
@@ -16,8 +17,10 @@ mod faults;
 mod forgery;
 mod local_tsa;
 mod object_stores;
+mod operations_doc;
 mod pipeline;
 mod quota;
+mod start_checks;
 mod store_azure;
 mod store_s3;
 mod tamper;

@@ -1,22 +1,95 @@
 //! Adoption: a package found at its final path without an evidence row was left by a crash
 //! after the move and before the commit. It is re-checked from scratch and recorded as it
-//! is, never downloaded again and never overwritten.
+//! is, never downloaded again and never overwritten. After a restore, [`adopt_in_place`]
+//! does this at once for every package written after the backup was taken.
 
 use serde_json::Value;
 
 use super::Outcome;
 use super::attempt::{Plan, archived_or_lost, read_retrieval};
+use crate::custody;
+use crate::db::DbError;
+use crate::jobs::Context;
 use crate::jobs::failure::Failure;
-use crate::jobs::{Context, Tenant};
 use crate::package;
-use crate::queue::{self, EvidenceRecord};
+use crate::queue::{self, EvidenceRecord, Key};
 
-/// Re-verifies the package at `plan`'s path and commits it as archived.
-pub(super) async fn adopt(
-    ctx: &Context,
-    tenant: &Tenant,
-    plan: &Plan<'_>,
-) -> Result<Outcome, Failure> {
+/// What [`adopt_in_place`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InPlace {
+    /// Packages re-checked and recorded as archived.
+    pub adopted: usize,
+    /// Packages in place that do not verify: their results are `failed` with the reason
+    /// (the package is left as it is).
+    pub refused: Vec<String>,
+}
+
+/// Adopts, without any network call, every due `pending` result whose package is already at
+/// its final path: after a restore, the packages written after the backup was taken. Each
+/// is re-checked from scratch and gets one ARCHIVED row (`adopted: true`); results of
+/// tenants no longer configured are left alone.
+pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
+    let root = ctx.cfg.store.root.clone();
+    let in_place: Vec<Key> = ctx
+        .db
+        .read(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT r.tenant, r.action_id, r.command_index, a.created_at, coalesce(r.command_type, '')
+                     FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+                     WHERE r.state = 'pending' ORDER BY a.created_at, r.action_id, r.command_index",
+                )
+                .map_err(DbError::sql("select pending results"))?;
+            let mut rows = stmt.query([]).map_err(DbError::sql("select pending results"))?;
+            let mut keys = Vec::new();
+            while let Some(r) = rows.next().map_err(DbError::sql("select pending results"))? {
+                let key = Key {
+                    tenant: r.get(0).map_err(DbError::sql("read pending result"))?,
+                    action_id: r.get(1).map_err(DbError::sql("read pending result"))?,
+                    index: r.get(2).map_err(DbError::sql("read pending result"))?,
+                };
+                let created: String = r.get(3).map_err(DbError::sql("read pending result"))?;
+                let command_type: String = r.get(4).map_err(DbError::sql("read pending result"))?;
+                let created = crate::time::parse_api(&created).unwrap_or_else(crate::time::now);
+                let rel = package::package_rel_path(
+                    &key.tenant,
+                    created,
+                    &key.action_id,
+                    key.index,
+                    &command_type,
+                );
+                if root.join(rel).exists() {
+                    keys.push(key);
+                }
+            }
+            Ok(keys)
+        })
+        .await?;
+    let mut out = InPlace::default();
+    for key in in_place {
+        let Some(t) = ctx.cfg.tenants.iter().find(|t| t.name == key.tenant) else {
+            continue;
+        };
+        let actor = crate::custody::actor(&t.client_id);
+        let Some(claimed) = queue::claim(&ctx.db, &key, &ctx.owner).await? else {
+            continue;
+        };
+        let plan = Plan::new(&claimed);
+        match adopt(ctx, &actor, &plan).await {
+            Ok(Outcome::Archived) => out.adopted += 1,
+            Ok(_) => {}
+            Err(failure) => {
+                let settlement = failure.settlement(claimed.attempts, &ctx.cfg.download);
+                queue::settle(&ctx.db, &claimed, &ctx.owner, &actor, settlement).await?;
+                out.refused.push(failure.reason().to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Re-verifies the package at `plan`'s path and commits it as archived, as `actor`.
+pub(super) async fn adopt(ctx: &Context, actor: &str, plan: &Plan<'_>) -> Result<Outcome, Failure> {
     let rel = plan.rel_str();
     let path = ctx.cfg.store.root.join(&rel);
     let check = {
@@ -39,6 +112,7 @@ pub(super) async fn adopt(
     // The package's directory entries must be durable before the database says it exists.
     sync_dirs(&path, &ctx.cfg.store.root).map_err(|e| Failure::from_package(&e))?;
     let retrieval = read_retrieval(&path, &check.bag_name);
+    let extra = pinned_head_check(ctx, &rel, retrieval.as_ref()).await?;
     let get = |k: &str| retrieval.as_ref().and_then(|r| r.get(k)).cloned();
     let text = |k: &str| get(k).as_ref().and_then(Value::as_str).map(str::to_string);
     let record = EvidenceRecord {
@@ -53,14 +127,51 @@ pub(super) async fn adopt(
         package_size: check.package_size,
         package_sha256: check.package_sha256,
         adopted: true,
+        extra,
     };
     let k = &plan.claimed.key;
-    let committed = queue::commit_archived(&ctx.db, k, &ctx.owner, &tenant.actor, record).await;
+    let committed = queue::commit_archived(&ctx.db, k, &ctx.owner, actor, record).await;
     let outcome = archived_or_lost(committed)?;
     if outcome == Outcome::Archived {
         tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, package = rel, "adopted a verified package left by an interrupted run");
     }
     Ok(outcome)
+}
+
+/// The package's `custody_head` must be a row of this chain; after a restore it may pin a
+/// row that lives on in the replaced database only, which the ARCHIVED row then says
+/// (`custody_head_superseded`, checked by `verify`). Anything else is refused.
+async fn pinned_head_check(
+    ctx: &Context,
+    rel: &str,
+    retrieval: Option<&Value>,
+) -> Result<serde_json::Map<String, Value>, Failure> {
+    let mut extra = serde_json::Map::new();
+    let Some(head) = retrieval
+        .and_then(|r| r.get("custody_head"))
+        .and_then(|h| serde_json::from_value::<custody::Head>(h.clone()).ok())
+    else {
+        return Ok(extra); // written before packages pinned the chain
+    };
+    let probe = head.clone();
+    let (in_chain, restored) = ctx
+        .db
+        .read(move |c| Ok((custody::has_row(c, &probe)?, custody::first_restore(c)?)))
+        .await
+        .map_err(Failure::database)?;
+    match (in_chain, restored) {
+        (true, _) => {}
+        (false, Some(_)) => {
+            extra.insert("custody_head_superseded".into(), serde_json::json!(head));
+        }
+        (false, None) => {
+            return Err(Failure::refused(format!(
+                "a package is already at {rel} but pins custody seq {} (row_hash {}), which is not in this chain and no restore explains",
+                head.seq, head.row_hash
+            )));
+        }
+    }
+    Ok(extra)
 }
 
 /// The MD5 the original download checked against the server's claim, as `retrieval.json`

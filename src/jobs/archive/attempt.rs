@@ -38,7 +38,7 @@ pub(super) struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    fn new(claimed: &'a Claimed) -> Plan<'a> {
+    pub(super) fn new(claimed: &'a Claimed) -> Plan<'a> {
         let action = RawAction::parse(claimed.action_json.clone()).unwrap_or_else(|e| RawAction {
             raw: String::new(),
             value: json!({ "unreadable": e }),
@@ -133,7 +133,7 @@ pub(super) async fn attempt(
     // A package already in place (a crash after the rename, before the DB commit) is adopted
     // once it re-verifies; nothing is downloaded twice.
     if ctx.cfg.store.root.join(&plan.rel_path).exists() {
-        return super::adopt::adopt(ctx, tenant, &plan).await;
+        return super::adopt::adopt(ctx, &tenant.actor, &plan).await;
     }
     let mut dl = Download {
         started_at: crate::time::now_str(),
@@ -408,6 +408,7 @@ async fn finish_package(
         package_size: info.package_size,
         package_sha256: info.package_sha256,
         adopted: false,
+        extra: Default::default(),
     })
 }
 

@@ -22,6 +22,7 @@ use crate::package;
 use crate::queue::{self, Claimed, Settlement};
 
 pub use crate::queue::{Key, Scope};
+pub use adopt::{InPlace, adopt_in_place};
 
 /// How often a working download renews its lease.
 const LEASE_RENEW: Duration = Duration::from_secs(60);
@@ -383,6 +384,32 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
         sweep_orphan_partials(root, live).await;
     }
     Ok(found.returned.len())
+}
+
+/// Removes every partial file that no live lease covers, whatever its age: for when no
+/// other writer can be running (`lrvault restore` holds the daemon's lock). Returns how many.
+pub async fn sweep_partials(ctx: &Context) -> Result<usize, DbError> {
+    let found = queue::recover(&ctx.db, &ctx.owner).await?;
+    let root = ctx.cfg.store.root.clone();
+    let live: std::collections::HashSet<PathBuf> = found
+        .live
+        .iter()
+        .filter_map(|f| package_of(&root, f))
+        .collect();
+    let removed = tokio::task::spawn_blocking(move || {
+        package::remove_stale_partials_except(&root, |path, _| {
+            package::partial_target(path).is_some_and(|p| live.contains(&p))
+        })
+    })
+    .await
+    .map_err(|e| DbError::Join(e.to_string()))?;
+    match removed {
+        Ok(paths) => Ok(paths.len()),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not sweep the store for partial packages");
+            Ok(0)
+        }
+    }
 }
 
 /// Removes partial files that no `downloading` row accounts for, sparing those of packages

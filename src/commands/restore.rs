@@ -1,0 +1,322 @@
+//! `lrvault restore --from FILE`: puts a copy made by `lrvault backup` back in place of the
+//! database, with the daemon stopped. The copy is staged beside the database and
+//! integrity-checked before anything is touched; the database it replaces is set aside
+//! *with its own `-wal`* (so that WAL can never be applied to the restored file, and nothing
+//! is destroyed); the staged copy is renamed into place; then the recovery a start runs:
+//! interrupted downloads back to the queue, stray partial files removed, and packages
+//! already in the store (written after the backup) adopted, each archived once.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Args as ClapArgs;
+use tokio_util::sync::CancellationToken;
+
+use super::backup::{check_copy, copy_hashed, file_err, with_suffix};
+use crate::access::sqlite_sidecars;
+use crate::config::Config;
+use crate::custody::Head;
+use crate::db::Db;
+use crate::error::UserError;
+use crate::jobs::{self, Context};
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A copy of the database made by `lrvault backup` (or sqlite3's `.backup`)
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+}
+
+/// The backup, copied beside the database and checked.
+struct Staged {
+    path: PathBuf,
+    bytes: u64,
+    sha256: String,
+    schema_version: i64,
+    head: Head,
+    chain_rows: i64,
+    chain_defects: usize,
+}
+
+pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = Arc::new(Config::load(config)?);
+    cfg.check_writable()?;
+    let live = cfg.database.path.clone();
+    let from = std::path::absolute(&args.from).map_err(file_err("resolve", &args.from))?;
+    check_source(&from, &live)?;
+    if let Some(dir) = live.parent() {
+        std::fs::create_dir_all(dir).map_err(file_err("create directory", dir))?;
+    }
+    // Held until the end: no daemon starts on a half-restored database.
+    let _lock = crate::daemon::lock_instance(&live)
+        .context("cannot restore while the daemon runs; stop it first (systemctl stop lrvault)")?;
+    let staged = {
+        let (from, live) = (from.clone(), live.clone());
+        tokio::task::spawn_blocking(move || stage(&from, &live)).await??
+    };
+    let recorded = recorded_backup_row(&live, &staged.sha256);
+    let aside = {
+        let (staged, live) = (staged.path.clone(), live.clone());
+        tokio::task::spawn_blocking(move || install(&staged, &live)).await??
+    };
+    println!(
+        "restored {} from {} ({} bytes, sha256 {}{}; integrity_check ok; schema version {}; custody chain {} rows, head seq {} row_hash {}, {} defects)",
+        live.display(),
+        from.display(),
+        staged.bytes,
+        staged.sha256,
+        recorded
+            .map(|r| format!(", recorded as {r}"))
+            .unwrap_or_default(),
+        staged.schema_version,
+        staged.chain_rows,
+        staged.head.seq,
+        staged.head.row_hash,
+        staged.chain_defects,
+    );
+    if let Some((aside, wal)) = &aside {
+        println!(
+            "the database it replaced is kept as {}{}; remove it when you no longer need it",
+            aside.display(),
+            if *wal { " with its -wal" } else { "" }
+        );
+    }
+    let db = Db::open(&live)?;
+    let superseded = record_restore(&cfg, &db, &from, &staged, aside.as_ref()).await?;
+    if superseded > 0 {
+        println!(
+            "{superseded} checkpoints written after the backup pin rows that now live on only in the replaced database; the RESTORED custody row names them"
+        );
+    }
+    let ctx = Context::new(cfg, db, CancellationToken::new())?;
+    let returned = jobs::archive::recover(&ctx).await?;
+    // The daemon is stopped: a partial file no live lease covers is a dead writer's.
+    let removed = jobs::archive::sweep_partials(&ctx).await?;
+    let in_place = jobs::archive::adopt_in_place(&ctx).await?;
+    println!(
+        "recovery: {returned} interrupted downloads returned to the queue, {removed} partial files removed, {} packages already in the store adopted, {} refused",
+        in_place.adopted,
+        in_place.refused.len()
+    );
+    for reason in &in_place.refused {
+        println!("refused (the result is now failed): {reason}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Appends the RESTORED row: the backup, the head it restored, the database it replaced, and
+/// the checkpoints written after the backup whose rows live on in that database only (an
+/// examiner checks them against the replaced file). Returns how many it names.
+async fn record_restore(
+    cfg: &Config,
+    db: &Db,
+    from: &Path,
+    staged: &Staged,
+    aside: Option<&(PathBuf, bool)>,
+) -> anyhow::Result<usize> {
+    let listing = crate::anchor::list(&cfg.store.root)?;
+    let mut pinned = Vec::new();
+    for file in &listing.checkpoints {
+        if let Ok(cp) = crate::anchor::read_bytes(&file.json)
+            .map_err(|e| e.to_string())
+            .and_then(|b| crate::anchor::Checkpoint::parse(&b))
+        {
+            pinned.push((cp.seq, cp.row_hash, file.json.clone()));
+        }
+    }
+    // The replaced database's own head, read through its WAL; the `-shm` that reading makes
+    // is removed again (it is only an index of the WAL), so the pair stays as it was.
+    let replaced_head = aside.and_then(|(path, _)| {
+        let shm = with_suffix(path, "-shm");
+        let had_shm = shm.exists();
+        let head = Db::open_readonly(path)
+            .ok()
+            .and_then(|conn| crate::custody::head(&conn).ok());
+        if !had_shm {
+            let _ = std::fs::remove_file(&shm);
+        }
+        head
+    });
+    let detail_base = serde_json::json!({
+        "from": from.display().to_string(),
+        "backup_sha256": staged.sha256,
+        "restored_head": staged.head,
+        "replaced": aside.map(|(p, _)| p.display().to_string()),
+        "replaced_head": replaced_head.map(|(seq, row_hash)| Head { seq, row_hash }),
+    });
+    let actor = crate::custody::actor("*");
+    let root = cfg.store.root.clone();
+    Ok(db
+        .call(move |c| {
+            let tx = crate::db::write_tx(c)?;
+            // Checkpoints whose row is not (or no longer) in the restored chain.
+            let mut superseded = Vec::new();
+            for (seq, row_hash, path) in pinned {
+                let head = Head { seq, row_hash };
+                if !crate::custody::has_row(&tx, &head)? {
+                    let file = path.strip_prefix(&root).unwrap_or(&path).display().to_string();
+                    superseded.push(serde_json::json!({ "seq": head.seq, "row_hash": head.row_hash, "file": file }));
+                }
+            }
+            let n = superseded.len();
+            let mut detail = detail_base;
+            detail["superseded_checkpoints"] = serde_json::Value::Array(superseded);
+            let event = crate::custody::Event::new(
+                "*",
+                "*",
+                None,
+                crate::custody::EventKind::Restored,
+                &actor,
+            )
+            .detail(detail);
+            crate::custody::append(&tx, &event)?;
+            tx.commit()
+                .map_err(crate::db::DbError::sql("commit the RESTORED row"))?;
+            Ok(n)
+        })
+        .await?)
+}
+
+/// The backup must be a file of its own: not the database itself, and not a live database
+/// with a WAL beside it (its newest commits would be in that WAL, not in the file).
+fn check_source(from: &Path, live: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(from)
+        .map_err(|e| UserError::new(format!("cannot read the backup {}: {e}", from.display())))?;
+    if !meta.is_file() {
+        return Err(UserError::new(format!("{} is not a file", from.display())).into());
+    }
+    let same = std::fs::metadata(live).is_ok_and(|l| {
+        use std::os::unix::fs::MetadataExt;
+        l.dev() == meta.dev() && l.ino() == meta.ino()
+    });
+    if same {
+        return Err(UserError::new(format!(
+            "{} is the database itself, not a backup of it",
+            from.display()
+        ))
+        .into());
+    }
+    if let Some(wal) = sqlite_sidecars(from)
+        .into_iter()
+        .find(|p| p.symlink_metadata().is_ok())
+    {
+        return Err(UserError::new(format!(
+            "{} exists: {} is a live database, not a backup (its latest commits may be only in that file); make backups with lrvault backup",
+            wal.display(),
+            from.display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// When the database being replaced is readable and recorded a backup with this SHA-256,
+/// says which custody row did (e.g. `BACKED_UP seq 812 at …`). Best effort: a damaged
+/// database answers nothing.
+fn recorded_backup_row(live: &Path, sha256: &str) -> Option<String> {
+    let conn = Db::open_readonly(live).ok()?;
+    conn.query_row(
+        "SELECT seq, at FROM custody_log WHERE event = 'BACKED_UP'
+           AND json_extract(detail, '$.sha256') = ?1 ORDER BY seq DESC LIMIT 1",
+        [sha256],
+        |r| {
+            Ok(format!(
+                "BACKED_UP seq {} at {}",
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?
+            ))
+        },
+    )
+    .ok()
+}
+
+/// Copies the backup beside the database as `<db>.restoring`, with the database's mode
+/// (0600 when there is none), and checks it: SQLite's full integrity check, a known schema,
+/// the custody chain.
+fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
+    let path = with_suffix(live, ".restoring");
+    // Left by an interrupted restore; this process holds the lock, so no one else uses it.
+    for p in [path.clone()].into_iter().chain(sqlite_sidecars(&path)) {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(file_err("remove", &p)(e).into());
+            }
+            _ => {}
+        }
+    }
+    // Never more open than 0660, never less than the owner's read and write.
+    let mode = std::fs::metadata(live).map_or(0o600, |m| m.permissions().mode() & 0o660 | 0o600);
+    let (bytes, sha256) = copy_hashed(from, &path, mode)?;
+    let checked = check_copy(&path)
+        .and_then(|(version, head)| {
+            let known = crate::db::schema_version_known() as i64;
+            if version > known {
+                anyhow::bail!(
+                    "its schema version {version} is newer than this lrvault knows ({known}); restore it with the lrvault that made it"
+                );
+            }
+            let conn = Db::open_readonly(&path)?;
+            let mut defects = 0usize;
+            let chain = crate::custody::walk(&conn, |_| defects += 1, |_| {})?;
+            Ok((version, head, chain.rows, defects))
+        })
+        .with_context(|| format!("the backup {} was not restored", from.display()));
+    let (schema_version, head, chain_rows, chain_defects) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+        .map_err(file_err("set the mode of", &path))?;
+    Ok(Staged {
+        path,
+        bytes,
+        sha256,
+        schema_version,
+        head,
+        chain_rows,
+        chain_defects,
+    })
+}
+
+/// Moves the current database aside together with its `-wal` (as `<db>.replaced-<time>` and
+/// `<db>.replaced-<time>-wal`, a pair SQLite itself would open correctly), drops its `-shm`
+/// (an index of that WAL), and renames the staged copy into place. Returns the aside path
+/// and whether a WAL went with it.
+fn install(staged: &Path, live: &Path) -> anyhow::Result<Option<(PathBuf, bool)>> {
+    let stamp = crate::time::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    let aside = with_suffix(live, &format!(".replaced-{stamp}"));
+    let [wal, shm] = sqlite_sidecars(live);
+    let mut moved = [false; 2];
+    for (i, (from, to)) in [
+        (live.to_path_buf(), aside.clone()),
+        (wal, with_suffix(&aside, "-wal")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        match std::fs::rename(&from, &to) {
+            Ok(()) => moved[i] = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err("move aside", &from)(e).into()),
+        }
+    }
+    match std::fs::remove_file(&shm) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(file_err("remove", &shm)(e).into());
+        }
+        _ => {}
+    }
+    std::fs::rename(staged, live).map_err(file_err("rename the restored copy to", live))?;
+    if let Some(dir) = live.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(file_err("fsync directory", dir))?;
+    }
+    Ok((moved[0] || moved[1]).then_some((aside, moved[1])))
+}
