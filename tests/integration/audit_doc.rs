@@ -304,4 +304,5 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
     assert_eq!(q(17).len(), 1, "Q17");
     assert_eq!(text(&q(17)[0], "sha256"), "ab".repeat(32));
     assert_eq!(q(18).len(), 2, "Q18: no TSA configured, no token");
+    assert_eq!(q(19).len(), 0, "Q19: never restored");
 }

@@ -350,3 +350,82 @@ fn final_state(e: &Env) -> BTreeMap<(String, u32), PathBuf> {
     custody_chain::recheck(&e.reader());
     adopted
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_names_the_anchors_it_supersedes_and_verify_accepts_only_those() {
+    let e = env(
+        SimConfig {
+            seed: 11,
+            actions: 6,
+            ..SimConfig::default()
+        },
+        "[download]\nretry_base = \"20ms\"\nretry_max = \"100ms\"\n",
+    )
+    .await;
+    e.discover().await;
+    e.archive_max(2).await;
+    let backup = e._dir.path().join("backups/before.db");
+    let (code, _, err) = lrvault(&e, &["backup", "--to", &backup.display().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    // After the backup: the rest is archived and a verify run writes a checkpoint, both
+    // pinning rows the backup does not have.
+    e.archive().await;
+    let (code, out, err) = lrvault(&e, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let checkpoint: (i64, String) = e
+        .reader()
+        .query_row(
+            "SELECT seq, row_hash FROM anchors ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let archived_before = e.count("SELECT count(*) FROM evidence");
+
+    let (code, out, err) = lrvault(&e, &["restore", "--from", &backup.display().to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 checkpoints written after the backup pin rows that now live on only in the replaced database"),
+        "{out}"
+    );
+    let (detail, restored_seq): (String, i64) = e
+        .reader()
+        .query_row(
+            "SELECT detail, seq FROM custody_log WHERE event = 'RESTORED'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    assert_eq!(
+        detail["superseded_checkpoints"][0]["seq"],
+        checkpoint.0,
+        "{detail}"
+    );
+    assert_eq!(detail["superseded_checkpoints"][0]["row_hash"], checkpoint.1);
+    assert!(detail["replaced_head"]["seq"].as_i64().unwrap() >= checkpoint.0);
+    // The packages written after the backup were adopted, each with the head it pins.
+    let superseded = e.count(&format!(
+        "SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED' AND seq > {restored_seq}
+           AND json_extract(detail, '$.custody_head_superseded.seq') IS NOT NULL"
+    ));
+    assert!(superseded >= 1);
+    assert_eq!(e.count("SELECT count(*) FROM evidence"), archived_before);
+    let (code, out, err) = lrvault(&e, &["verify"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // A RESTORED row covers only what it names: another checkpoint that pins a row this chain
+    // does not have is still a rewritten chain.
+    let forged = e._dir.path().join("evidence/_checkpoints/000000000002.json");
+    let mut cp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e._dir.path().join(format!(
+            "evidence/_checkpoints/{:012}.json",
+            checkpoint.0
+        ))).unwrap())
+        .unwrap();
+    cp["seq"] = serde_json::json!(2);
+    std::fs::write(&forged, serde_json::to_vec(&cp).unwrap()).unwrap();
+    let (code, _, err) = lrvault(&e, &["verify"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("000000000002.json"), "{err}");
+}
