@@ -63,7 +63,12 @@ pub(super) fn build(
         .with_connect_timeout(Duration::from_secs(10))
         // Per request: a part is at most a few MiB, a stalled one is retried.
         .with_timeout(Duration::from_secs(300));
-    let retry = RetryConfig::default();
+    // A store that stays down past `retry_timeout` fails the request; the archive pass then
+    // pauses instead of every attempt waiting out its own retries.
+    let retry = RetryConfig {
+        retry_timeout: cfg.retry_timeout,
+        ..RetryConfig::default()
+    };
     let bucket = cfg.bucket.clone();
     let client = match cfg.backend {
         StoreBackend::S3 => {
