@@ -41,7 +41,9 @@ pub async fn local_root(store: &Store, fs_root: &Path) -> Result<LocalRoot, Stor
     let mut listed = store.list(&format!("{CHECKPOINT_DIR}/"));
     while let Some(item) = listed.next().await {
         let key = item?.key;
-        store.download_to(&key, None, &mirror.path().join(&key)).await?;
+        store
+            .download_to(&key, None, &mirror.path().join(&key))
+            .await?;
     }
     Ok(LocalRoot {
         path: mirror.path().to_path_buf(),

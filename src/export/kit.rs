@@ -97,7 +97,9 @@ fn copy_packages(
         fs::create_dir_all(dest.parent().unwrap_or(out))?;
         let copied = if store.store().is_object() {
             let s = store.store();
-            store.wait(s.download_to(&path, version.as_deref(), &dest))?.0
+            store
+                .wait(s.download_to(&path, version.as_deref(), &dest))?
+                .0
         } else {
             copy_hashed(&root.join(&path), &dest)?
         };

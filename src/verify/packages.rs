@@ -395,7 +395,10 @@ fn check_stored_package(
     a: Option<&Archived>,
 ) -> anyhow::Result<PinnedHead> {
     let version = a.and_then(|a| a.version_id.as_deref());
-    let location = store.store().location(rel).unwrap_or_else(|_| rel.to_string());
+    let location = store
+        .store()
+        .location(rel)
+        .unwrap_or_else(|_| rel.to_string());
     let copy = match store.wait(store.store().local_copy(rel, version)) {
         Ok(copy) => copy,
         Err(e) if e.is_not_found() => {

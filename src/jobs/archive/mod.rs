@@ -447,13 +447,20 @@ async fn recover_spool(ctx: &Context) -> Result<Result<(), String>, DbError> {
     if sweep.waiting.is_empty() {
         return Ok(Ok(()));
     }
-    tracing::info!(waiting = sweep.waiting.len(), bytes = sweep.waiting_bytes, "packages in the spool wait for the store");
+    tracing::info!(
+        waiting = sweep.waiting.len(),
+        bytes = sweep.waiting_bytes,
+        "packages in the spool wait for the store"
+    );
     if let Err(line) = publish::store_admits(ctx).await {
         return Ok(Err(line));
     }
     let adopted = adopt_in_place(ctx).await?;
     for reason in &adopted.refused {
-        tracing::error!(reason, "a package in the spool was refused; its result is failed");
+        tracing::error!(
+            reason,
+            "a package in the spool was refused; its result is failed"
+        );
     }
     Ok(match ctx.store_breaker.open() {
         Some(_) => Err(publish::paused_line(ctx)),

@@ -48,7 +48,8 @@ pub(super) async fn record(
 /// starts afresh and the spool bound does not count it.
 async fn refused(ctx: &Context, rel: &str, e: &StoreError) -> Failure {
     let failure = Failure::from_store(e);
-    if ctx.store.is_object() && matches!(e, StoreError::Conflict { .. } | StoreError::Changed { .. })
+    if ctx.store.is_object()
+        && matches!(e, StoreError::Conflict { .. } | StoreError::Changed { .. })
     {
         match ctx.store.quarantine(rel).await {
             Ok(to) => {
