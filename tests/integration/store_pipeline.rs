@@ -614,3 +614,117 @@ async fn overwrite_azure(e: &Env, key: &str, bytes: &'static [u8]) {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restore_the_packages_already_in_the_bucket_are_adopted_not_fetched_again() {
+    let moto = moto().await;
+    let s3 = s3_client(&moto);
+    create_bucket(&s3, "evidence", LOCK).await;
+    let sim = SimConfig {
+        seed: 5,
+        actions: 6,
+        ..SimConfig::default()
+    };
+    let e = object_env(sim, s3_keys(&moto, "evidence", ""), "", s3_credentials).await;
+    let backup = e._dir.path().join("before.db");
+    for args in [
+        &["discover"][..],
+        &["backup", "--to", backup.to_str().unwrap()],
+        &["archive"],
+    ] {
+        let (code, out, err) = run(lrvault_s3(&e).args(args));
+        assert_eq!(code, 0, "{args:?}: {out}\n{err}");
+    }
+    let before = archived(&e);
+    let expected = archivable(&e.sim.sim, &e.tenant_id()).len();
+    assert_eq!(before.len(), expected);
+    let links = e.sim_requests("link").len();
+
+    // The database goes back to before the pass: the packages are in the bucket, their
+    // results pending again, nothing in the spool.
+    let (code, out, err) =
+        run(lrvault_s3(&e).args(["restore", "--from", backup.to_str().unwrap()]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(e.count("SELECT count(*) FROM evidence"), 0);
+    let (code, out, err) = run(lrvault_s3(&e).arg("archive"));
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // Each package was read back from the bucket, checked and adopted as it is: no link
+    // minted, no byte uploaded, the same version recorded.
+    assert_eq!(e.sim_requests("link").len(), links);
+    let after = archived(&e);
+    assert_eq!(after.len(), expected);
+    for (old, new) in before.iter().zip(&after) {
+        assert_eq!(
+            (&old.path, &old.package_sha256),
+            (&new.path, &new.package_sha256)
+        );
+        assert_eq!(new.detail["version_id"], old.detail["version_id"]);
+        assert_eq!(new.detail["adopted"], true);
+        assert!(
+            new.detail["custody_head_superseded"].is_object(),
+            "{}",
+            new.detail
+        );
+        let key = format!("lrvault/{}", new.path);
+        assert_eq!(versions(&s3, "evidence", &key).await.len(), 1);
+    }
+    assert_eq!(spooled(&e), Vec::<String>::new());
+    let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_binary_at_random_moments_never_makes_a_second_version() {
+    use rand::{Rng, SeedableRng};
+    let moto = moto().await;
+    let s3 = s3_client(&moto);
+    create_bucket(&s3, "evidence", LOCK).await;
+    // One package large enough for a multipart upload, so kills land in uploads too.
+    let sim = SimConfig {
+        seed: 17,
+        actions: 8,
+        big_getfile: Some(24 * 1024 * 1024),
+        ..SimConfig::default()
+    };
+    let extra = "[download]\nconcurrency = 2\nretry_base = \"10ms\"\nretry_max = \"50ms\"\n";
+    let e = object_env(sim, s3_keys(&moto, "evidence", ""), extra, s3_credentials).await;
+    let (code, _, err) = run(lrvault_s3(&e).arg("discover"));
+    assert_eq!(code, 0, "{err}");
+    let expected = archivable(&e.sim.sim, &e.tenant_id()).len();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    for _ in 0..8 {
+        let mut child = lrvault_s3(&e)
+            .arg("archive")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(50..900))).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        // Whatever the moment: every object in the bucket has one version, and every
+        // committed row names it.
+        for row in archived(&e) {
+            let all = versions(&s3, "evidence", &format!("lrvault/{}", row.path)).await;
+            assert_eq!(all.len(), 1, "{}: {all:?}", row.path);
+            assert_eq!(row.detail["version_id"], all[0].0.as_str());
+        }
+    }
+    let (code, out, err) = run(lrvault_s3(&e).arg("archive"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let rows = archived(&e);
+    assert_eq!(rows.len(), expected);
+    let listed = s3
+        .list_object_versions()
+        .bucket("evidence")
+        .prefix("lrvault/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.versions().len(), expected, "one version per package");
+    assert!(listed.delete_markers().is_empty());
+    assert_eq!(spooled(&e), Vec::<String>::new());
+    let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
+    assert_eq!(code, 0, "{out}\n{err}");
+}
