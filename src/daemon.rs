@@ -77,6 +77,7 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
         tenants,
         busy: Default::default(),
         tracker: tracker.clone(),
+        store_line: Mutex::new(None),
     });
 
     let mut sched = JobScheduler::new().await?;
@@ -205,6 +206,8 @@ struct Daemon {
     /// the next tick a no-op (runs of one tokio-cron-scheduler job would otherwise overlap).
     busy: [Arc<Mutex<()>>; 3],
     tracker: TaskTracker,
+    /// Why the last archive pass started no new download (the store), to log changes only.
+    store_line: Mutex<Option<String>>,
 }
 
 impl Daemon {
@@ -260,9 +263,15 @@ impl Daemon {
                 for e in &s.tenant_errors {
                     tracing::error!(error = %e, "archive pass failed for a tenant");
                 }
-                if let Some(line) = &s.store {
-                    tracing::warn!(reason = %line, "archive pass started no new download");
+                // The store breaker logs its own changes; a full spool is said once per change.
+                let mut last = self.store_line.lock().await;
+                if s.store != *last {
+                    if let Some(line) = &s.store {
+                        tracing::warn!(reason = %line, "archive pass started no new download");
+                    }
+                    *last = s.store.clone();
                 }
+                drop(last);
                 if s.archived + s.failed + s.unavailable + s.retry_later > 0 {
                     tracing::info!("archive pass: {s}");
                 }

@@ -160,15 +160,15 @@ fn store_lines(s: &serde_json::Value) -> String {
         "not required"
     };
     let worm = match (&s["worm"]["mode"], &s["worm"]["error"]) {
-        (_, serde_json::Value::String(e)) => format!("unknown ({e})"),
+        (_, serde_json::Value::String(e)) => format!("unknown ({e}) ({required})"),
         (serde_json::Value::String(mode), _) => match s["worm"]["period"].as_str() {
-            Some(p) => format!("{mode}, {p}"),
-            None => format!("{mode} (period set by the container's policy)"),
+            Some(p) => format!("{mode}, {p} ({required})"),
+            None => format!("{mode}, period set by the container's policy ({required})"),
         },
         _ => "none (a local directory enforces no retention)".into(),
     };
     let mut lines = format!(
-        "store: {} ({})\nWORM: {worm} ({required})",
+        "store: {} ({})\nWORM: {worm}",
         text(&s["location"]),
         text(&s["backend"])
     );

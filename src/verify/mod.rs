@@ -231,7 +231,6 @@ pub async fn verify_with_store(
             "since": scope.since.map(crate::time::fmt),
             "chain_only": scope.chain_only,
             "full": scope.full,
-            "sample": scope.sample,
         },
         "packages_checked": report.packages_checked,
         "package_defects": report.package_defects,
@@ -244,6 +243,10 @@ pub async fn verify_with_store(
         "tokens_pending": tokens.pending,
         "token_error": tokens.error,
     });
+    let mut detail = detail;
+    if let Some(n) = scope.sample {
+        detail["scope"]["sample"] = json!(n);
+    }
     if let Err(e) = rec.finish(detail).await {
         report.unrecorded = Some(e.to_string());
     }

@@ -728,3 +728,89 @@ async fn killing_the_binary_at_random_moments_never_makes_a_second_version() {
     let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
     assert_eq!(code, 0, "{out}\n{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_and_their_tokens_go_to_the_bucket_and_verify_checks_them_there() {
+    use crate::local_tsa::{LocalTsa, openssl};
+    let tsa_dir = tempfile::tempdir().unwrap();
+    let tsa = LocalTsa::start(tsa_dir.path()).await;
+    let moto = moto().await;
+    let s3 = s3_client(&moto);
+    create_bucket(&s3, "evidence", LOCK).await;
+    let sim = SimConfig {
+        seed: 4,
+        actions: 3,
+        ..SimConfig::default()
+    };
+    let e = object_env(
+        sim,
+        s3_keys(&moto, "evidence", ""),
+        &tsa.anchor_toml(),
+        s3_credentials,
+    )
+    .await;
+    for (args, want) in [
+        (&["discover"][..], ""),
+        (&["archive"], ""),
+        (&["verify"], "tokens: 1 fetched, 0 pending"),
+        (&["verify"], "tokens: 1 fetched, 0 pending"),
+    ] {
+        let (code, out, err) = run(lrvault_s3(&e).args(args));
+        assert_eq!(code, 0, "{args:?}: {out}\n{err}");
+        assert!(out.contains(want), "{out}");
+    }
+    // Both checkpoints and both tokens are in the bucket (none on local disk), and each
+    // token verifies with OpenSSL against the checkpoint's bytes as the bucket holds them.
+    let seqs: Vec<i64> = {
+        let conn = e.reader();
+        let mut stmt = conn
+            .prepare("SELECT seq FROM anchors WHERE tsr_path IS NOT NULL ORDER BY seq")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(seqs.len(), 2);
+    assert!(files_under(e.store()).is_empty());
+    for seq in &seqs {
+        for ext in ["json", "tsr"] {
+            let key = format!("lrvault/_checkpoints/{seq:012}.{ext}");
+            let all = versions(&s3, "evidence", &key).await;
+            assert_eq!(all.len(), 1, "{key}");
+            let bytes = get_version(&s3, "evidence", &key, &all[0].0).await;
+            std::fs::write(tsa_dir.path().join(format!("{seq}.{ext}")), bytes).unwrap();
+        }
+        let ok = openssl(
+            tsa_dir.path(),
+            &[
+                "ts",
+                "-verify",
+                "-data",
+                &format!("{seq}.json"),
+                "-in",
+                &format!("{seq}.tsr"),
+                "-CAfile",
+                tsa.ca_pem.to_str().unwrap(),
+            ],
+        );
+        assert!(ok.contains("Verification: OK"), "{ok}");
+    }
+
+    // Someone uploads a new version over the first checkpoint: verify reads what the key
+    // serves, and its token no longer verifies against it.
+    s3.put_object()
+        .bucket("evidence")
+        .key(format!("lrvault/_checkpoints/{:012}.json", seqs[0]))
+        .body(b"{}".to_vec().into())
+        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+        .send()
+        .await
+        .unwrap();
+    let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(
+        err.contains(&format!("_checkpoints/{:012}.json", seqs[0])),
+        "{err}"
+    );
+}

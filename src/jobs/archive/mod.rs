@@ -153,8 +153,9 @@ pub async fn archive(
         recovered: recover(ctx).await?,
         ..Default::default()
     };
-    if let Err(line) = recover_spool(ctx).await? {
-        summary.store = Some(line);
+    match recover_spool(ctx).await? {
+        Ok(adopted) => summary.archived += adopted,
+        Err(line) => summary.store = Some(line),
     }
     ctx.governor.prune().await?;
     // `max` is shared by all tenants: hand out the budget as results start.
@@ -425,14 +426,15 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
 /// Object stores, at the start of each pass: removes the spool copies of packages already
 /// archived (a crash between the commit and the removal), then publishes and adopts the ones
 /// whose results wait (a crash before the upload or the commit, or a store that was down),
-/// before any new download. `Err(line)` when the store is paused and they must wait.
-async fn recover_spool(ctx: &Context) -> Result<Result<(), String>, DbError> {
+/// before any new download; returns how many it adopted. `Err(line)` when the store is
+/// paused and they must wait.
+async fn recover_spool(ctx: &Context) -> Result<Result<usize, String>, DbError> {
     let files = match ctx.store.spool_files().await {
-        Ok(files) if files.is_empty() => return Ok(Ok(())),
+        Ok(files) if files.is_empty() => return Ok(Ok(0)),
         Ok(files) => files,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the spool");
-            return Ok(Ok(()));
+            return Ok(Ok(0));
         }
     };
     let keys: Vec<String> = files.into_iter().map(|f| f.key).collect();
@@ -441,11 +443,11 @@ async fn recover_spool(ctx: &Context) -> Result<Result<(), String>, DbError> {
         Ok(sweep) => sweep,
         Err(e) => {
             tracing::warn!(error = %e, "could not sweep the spool");
-            return Ok(Ok(()));
+            return Ok(Ok(0));
         }
     };
     if sweep.waiting.is_empty() {
-        return Ok(Ok(()));
+        return Ok(Ok(0));
     }
     tracing::info!(
         waiting = sweep.waiting.len(),
@@ -464,7 +466,7 @@ async fn recover_spool(ctx: &Context) -> Result<Result<(), String>, DbError> {
     }
     Ok(match ctx.store_breaker.open() {
         Some(_) => Err(publish::paused_line(ctx)),
-        None => Ok(()),
+        None => Ok(adopted.adopted),
     })
 }
 
