@@ -907,6 +907,18 @@ client_secret_env = "X"
         let cfg = parse(&s3).unwrap();
         assert_eq!(cfg.store.backend, StoreBackend::S3);
         assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.spool_max_waiting, 16);
+        assert_eq!(cfg.store.retry_timeout, Duration::from_secs(180));
+        assert_eq!(cfg.store.staging_dir(), Path::new("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.staging_key(), "store.spool");
+        let cfg = parse(&format!(
+            "{s3}retry_timeout = \"20s\"\nspool_max_waiting = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (cfg.store.retry_timeout, cfg.store.spool_max_waiting),
+            (Duration::from_secs(20), 4)
+        );
         assert_eq!(cfg.store.credentials, StoreCredentials::Env);
         assert!(cfg.store.worm_required(), "on by default for object stores");
         let cfg = parse(&format!("{s3}require_worm = false\n")).unwrap();
@@ -971,6 +983,14 @@ client_secret_env = "X"
             (
                 "credentials = \"inline\"",
                 "unknown variant `inline`, expected `env` or `instance`",
+            ),
+            (
+                &format!("{s3}\nspool_max_waiting = 0"),
+                "invalid config: store.spool_max_waiting must be at least 1",
+            ),
+            (
+                &format!("{s3}\nretry_timeout = \"0s\""),
+                "invalid config: store.retry_timeout must be positive",
             ),
             (
                 "secret_access_key = \"x\"",

@@ -376,6 +376,64 @@ mod tests {
     }
 
     #[test]
+    fn store_failures_are_the_processs_but_a_conflict_or_a_changed_copy_the_results() {
+        use std::path::PathBuf;
+        let conflict = StoreError::Conflict {
+            location: "s3://b/k".into(),
+            reason: "SHA-256 ab".into(),
+        };
+        assert_eq!(
+            Failure::from_store(&conflict),
+            Failure::refused(
+                "s3://b/k already holds a different object (SHA-256 ab); refusing to publish over it"
+            )
+        );
+        let changed = StoreError::Changed {
+            path: PathBuf::from("/spool/k"),
+            reason: "3 bytes".into(),
+        };
+        assert!(matches!(
+            Failure::from_store(&changed),
+            Failure::Result(ResultFailure::Retry { .. })
+        ));
+        let down = StoreError::Object {
+            op: "uploading",
+            location: "s3://b/k".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            },
+        };
+        let f = Failure::from_store(&down);
+        assert!(
+            matches!(&f, Failure::Process(ProcessFailure::Store { reason }) if reason.starts_with("evidence store: uploading s3://b/k: ")),
+            "{f:?}"
+        );
+        let refused = StoreError::Refused(crate::error::UserError::new("no credentials"));
+        assert!(matches!(
+            Failure::from_store(&refused),
+            Failure::Process(ProcessFailure::Store { .. })
+        ));
+        let full = StoreError::Io {
+            path: PathBuf::from("/spool/_tmp"),
+            op: "writing",
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert!(matches!(
+            Failure::from_store(&full),
+            Failure::Process(ProcessFailure::StoreFull { .. })
+        ));
+        // None of the process ones is charged.
+        let cfg = DownloadConfig::default();
+        for f in [Failure::from_store(&down), Failure::from_store(&full)] {
+            assert!(matches!(
+                f.settlement(0, &cfg),
+                Settlement::Retry { charge: false, .. }
+            ));
+        }
+    }
+
+    #[test]
     fn only_result_failures_are_charged() {
         let cfg = DownloadConfig::default();
         let charged = |f: &Failure| match f.settlement(0, &cfg) {
