@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lrvault::config::Config;
-use lrvault::db::Db;
 use lrvault::jobs::{Context, archive};
 use lrvault::sim::{SimConfig, Simulator};
 use lrvault::store::{Expected, Store};
@@ -50,25 +49,26 @@ async fn object_env(
         text.replacen("[store]\n", &format!("[store]\n{keys}"), 1),
     )
     .unwrap();
-    let cfg = Arc::new(Config::load(&config_path).unwrap());
-    let db = Db::open(&cfg.database.path).unwrap();
+    let cfg = Config::load(&config_path).unwrap();
     let store = Arc::new(Store::open_with(&cfg.store, &credentials).unwrap());
-    let ctx =
-        Arc::new(Context::with_store(cfg.clone(), db, CancellationToken::new(), store).unwrap());
-    let tenants = ctx
-        .tenants(None)
-        .unwrap()
-        .into_iter()
-        .map(Arc::new)
-        .collect();
-    Env {
-        _dir: dir,
-        sim,
-        config_path,
-        cfg,
-        ctx,
-        tenants,
-    }
+    crate::common::env_from(dir, sim, config_path, Some(store))
+}
+
+/// moto with `bucket` (locked with [`LOCK`] when `locked`), and a simulator environment that
+/// archives into it (`more_keys` for `[store]`, `extra` TOML sections).
+async fn s3_env(
+    bucket: &str,
+    locked: bool,
+    sim: SimConfig,
+    more_keys: &str,
+    extra: &str,
+) -> (Server, aws_sdk_s3::Client, Env) {
+    let moto = moto().await;
+    let s3 = s3_client(&moto);
+    create_bucket(&s3, bucket, if locked { LOCK } else { None }).await;
+    let keys = s3_keys(&moto, bucket, more_keys);
+    let e = object_env(sim, keys, extra, s3_credentials).await;
+    (moto, s3, e)
 }
 
 /// `[store]` keys of an S3 store on moto, the spool beside the database.
@@ -166,15 +166,12 @@ fn state_counts(e: &Env) -> HashMap<String, i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_archives_into_a_locked_bucket_and_verify_reads_each_version_back() {
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "evidence", LOCK).await;
     let sim = SimConfig {
         seed: 7,
         actions: 12,
         ..SimConfig::default()
     };
-    let e = object_env(sim, s3_keys(&moto, "evidence", ""), "", s3_credentials).await;
+    let (_moto, s3, e) = s3_env("evidence", true, sim, "", "").await;
     let expected: HashMap<(String, u32), String> = archivable(&e.sim.sim, &e.tenant_id())
         .into_iter()
         .map(|x| ((x.action_id, x.index), x.sha256))
@@ -319,15 +316,12 @@ async fn the_demo_archives_into_a_locked_bucket_and_verify_reads_each_version_ba
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_worm_refuses_a_bucket_without_object_lock_through_the_binary() {
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "plain", None).await;
     let sim = SimConfig {
         seed: 3,
         actions: 2,
         ..SimConfig::default()
     };
-    let e = object_env(sim, s3_keys(&moto, "plain", ""), "", s3_credentials).await;
+    let (_moto, s3, e) = s3_env("plain", false, sim, "", "").await;
     let want = "lrvault: store.require_worm: bucket 'plain' has no Object Lock; create it with Object Lock and a default COMPLIANCE retention (docs/operations.md)";
     for args in [&["archive"][..], &["backfill", "--since", "1d"], &["run"]] {
         let line = crate::cli::one_line_error(lrvault_s3(&e).args(args));
@@ -373,9 +367,6 @@ fn context_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_fails_pauses_the_pass_the_spool_stays_bounded_and_nothing_goes_up_twice() {
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "vault", LOCK).await;
     let sim = SimConfig {
         seed: 21,
         actions: 10,
@@ -384,8 +375,7 @@ async fn a_store_that_fails_pauses_the_pass_the_spool_stays_bounded_and_nothing_
     // The config on disk names moto's "vault"; the first contexts get a store that is down,
     // then one whose bucket does not exist (HEAD finds nothing, every upload is refused).
     let extra = "[download]\nconcurrency = 2\nretry_base = \"1h\"\nretry_max = \"2h\"\n";
-    let keys = s3_keys(&moto, "vault", "spool_max_waiting = 2\n");
-    let up = object_env(sim, keys, extra, s3_credentials).await;
+    let (_moto, s3, up) = s3_env("vault", true, sim, "spool_max_waiting = 2\n", extra).await;
     up.discover().await;
     let due = || {
         up.count("SELECT count(*) FROM results WHERE state = 'pending' AND next_attempt_at IS NULL")
@@ -617,15 +607,12 @@ async fn overwrite_azure(e: &Env, key: &str, bytes: &'static [u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restore_the_packages_already_in_the_bucket_are_adopted_not_fetched_again() {
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "evidence", LOCK).await;
     let sim = SimConfig {
         seed: 5,
         actions: 6,
         ..SimConfig::default()
     };
-    let e = object_env(sim, s3_keys(&moto, "evidence", ""), "", s3_credentials).await;
+    let (_moto, s3, e) = s3_env("evidence", true, sim, "", "").await;
     let backup = e._dir.path().join("before.db");
     for args in [
         &["discover"][..],
@@ -677,9 +664,6 @@ async fn after_a_restore_the_packages_already_in_the_bucket_are_adopted_not_fetc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_binary_at_random_moments_never_makes_a_second_version() {
     use rand::{Rng, SeedableRng};
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "evidence", LOCK).await;
     // One package large enough for a multipart upload, so kills land in uploads too.
     let sim = SimConfig {
         seed: 17,
@@ -688,7 +672,7 @@ async fn killing_the_binary_at_random_moments_never_makes_a_second_version() {
         ..SimConfig::default()
     };
     let extra = "[download]\nconcurrency = 2\nretry_base = \"10ms\"\nretry_max = \"50ms\"\n";
-    let e = object_env(sim, s3_keys(&moto, "evidence", ""), extra, s3_credentials).await;
+    let (_moto, s3, e) = s3_env("evidence", true, sim, "", extra).await;
     let (code, _, err) = run(lrvault_s3(&e).arg("discover"));
     assert_eq!(code, 0, "{err}");
     let expected = archivable(&e.sim.sim, &e.tenant_id()).len();
@@ -734,21 +718,12 @@ async fn checkpoints_and_their_tokens_go_to_the_bucket_and_verify_checks_them_th
     use crate::local_tsa::{LocalTsa, openssl};
     let tsa_dir = tempfile::tempdir().unwrap();
     let tsa = LocalTsa::start(tsa_dir.path()).await;
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "evidence", LOCK).await;
     let sim = SimConfig {
         seed: 4,
         actions: 3,
         ..SimConfig::default()
     };
-    let e = object_env(
-        sim,
-        s3_keys(&moto, "evidence", ""),
-        &tsa.anchor_toml(),
-        s3_credentials,
-    )
-    .await;
+    let (_moto, s3, e) = s3_env("evidence", true, sim, "", &tsa.anchor_toml()).await;
     for (args, want) in [
         (&["discover"][..], ""),
         (&["archive"], ""),
