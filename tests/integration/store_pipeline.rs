@@ -16,7 +16,7 @@ use lrvault::sim::{SimConfig, Simulator};
 use lrvault::store::{Expected, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{Env, archivable, files_under, sha256_hex};
+use crate::common::{Env, archivable, check_bag, files_under, sha256_hex};
 use crate::object_stores::{
     AZURITE_ACCOUNT, S3_KEY_ID, S3_SECRET, Server, azurite, azurite_credentials, create_bucket,
     create_container, get_version, moto, s3_client, s3_credentials, versions,
@@ -788,4 +788,132 @@ async fn checkpoints_and_their_tokens_go_to_the_bucket_and_verify_checks_them_th
         err.contains(&format!("_checkpoints/{:012}.json", seqs[0])),
         "{err}"
     );
+}
+
+/// The package key (relative to the prefix) of each pending result, in the order the
+/// archive pass takes them.
+fn pending_keys(e: &Env) -> Vec<(String, u32, String)> {
+    let conn = e.reader();
+    let mut stmt = conn
+        .prepare(
+            "SELECT r.action_id, r.command_index, a.created_at, r.command_type
+             FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+             WHERE r.state = 'pending' ORDER BY a.created_at, r.action_id, r.command_index",
+        )
+        .unwrap();
+    stmt.query_map([], |r| {
+        let (action, index, created, ctype): (String, u32, String, String) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        let created = lrvault::time::parse_api(&created).unwrap();
+        let tenant = e.tenants[0].cfg.name.clone();
+        let rel = lrvault::package::package_rel_path(&tenant, created, &action, index, &ctype);
+        Ok((action, index, rel.to_string_lossy().into_owned()))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_holds_another_object_fails_its_result_and_nothing_goes_over_it() {
+    let sim = SimConfig {
+        seed: 8,
+        actions: 4,
+        ..SimConfig::default()
+    };
+    let extra = "[download]\nconcurrency = 1\nretry_base = \"1h\"\nretry_max = \"2h\"\n";
+    let (_moto, s3, e) = s3_env("evidence", true, sim, "", extra).await;
+    e.discover().await;
+    let keys = pending_keys(&e);
+    assert!(keys.len() >= 3, "{keys:?}");
+    // B: downloaded while the store refused it, so its package waits in the spool.
+    let (refusing, tenants) = context_with(&e, |s| s.bucket = "evidence-missing".into());
+    let pass = archive::archive(&refusing, &tenants, &archive::Scope::default(), None)
+        .await
+        .unwrap();
+    assert_eq!(pass.deferred, 1, "{pass:?}");
+    let (b, a) = (&keys[0], &keys[1]);
+    assert_eq!(spooled(&e), vec![b.2.clone()]);
+    // Someone else's objects under B's key and under A's.
+    for (_, _, rel) in [a, b] {
+        s3.put_object()
+            .bucket("evidence")
+            .key(format!("lrvault/{rel}"))
+            .body(b"someone else's object".to_vec().into())
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .unwrap();
+    }
+    rusqlite::Connection::open(&e.cfg.database.path)
+        .unwrap()
+        .execute(
+            "UPDATE results SET next_attempt_at = NULL WHERE state = 'pending'",
+            [],
+        )
+        .unwrap();
+    let (_, out, err) = run(lrvault_s3(&e).arg("archive"));
+    assert!(out.contains("2 failed"), "{out}\n{err}");
+
+    let result = |key: &(String, u32, String)| {
+        e.results()
+            .into_iter()
+            .find(|r| r.action_id == key.0 && r.index == key.1)
+            .unwrap()
+    };
+    // B's spool copy was refused at publication and set aside, never uploaded.
+    let rb = result(b);
+    assert_eq!(rb.state, "failed");
+    let why = rb.last_error.unwrap();
+    assert!(
+        why.starts_with(&format!(
+            "s3://evidence/lrvault/{} already holds a different object (",
+            b.2
+        )),
+        "{why}"
+    );
+    let aside: Vec<_> = files_under(&spool(&e).join("_quarantine"));
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let aside_rel = aside[0]
+        .strip_prefix(spool(&e).join("_quarantine"))
+        .unwrap();
+    assert!(
+        aside_rel
+            .to_string_lossy()
+            .starts_with(&format!("{}.", b.2))
+    );
+    check_bag(&aside[0]);
+    // A was never downloaded: the object under its key is not a package.
+    let ra = result(a);
+    assert_eq!(ra.state, "failed");
+    let why = ra.last_error.unwrap();
+    assert!(
+        why.starts_with(&format!(
+            "the store already holds s3://evidence/lrvault/{} (version ",
+            a.2
+        )) && why.contains("cannot be read"),
+        "{why}"
+    );
+    let links = e.sim_requests("link");
+    let linked = |k: &(String, u32, String)| {
+        links
+            .iter()
+            .filter(|r| r.path.contains(&k.0) && r.path.contains(&format!("index={})", k.1)))
+            .count()
+    };
+    assert_eq!((linked(b), linked(a)), (1, 0));
+    // Only the foreign objects are under those keys; everything else is archived.
+    for (_, _, rel) in [a, b] {
+        assert_eq!(
+            versions(&s3, "evidence", &format!("lrvault/{rel}"))
+                .await
+                .len(),
+            1
+        );
+    }
+    assert_eq!(
+        archived(&e).len(),
+        archivable(&e.sim.sim, &e.tenant_id()).len() - 2
+    );
+    assert_eq!(spooled(&e), Vec::<String>::new());
 }

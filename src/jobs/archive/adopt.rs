@@ -28,6 +28,8 @@ pub struct InPlace {
     /// Packages in place that do not verify: their results are `failed` with the reason
     /// (the package is left as it is).
     pub refused: Vec<String>,
+    /// Spool copies that could not be adopted now; their results retry (charged).
+    pub retry: usize,
 }
 
 /// Adopts every `pending` result whose package is already at its final path (`fs`) or in
@@ -88,12 +90,17 @@ pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
             Ok(_) => {}
             Err(failure) => {
                 let settlement = failure.settlement(claimed.attempts, &ctx.cfg.download);
+                let failed = !matches!(settlement, queue::Settlement::Retry { .. });
                 queue::settle(&ctx.db, &claimed, &ctx.owner, &actor, settlement).await?;
                 if let Failure::Process(ProcessFailure::Store { .. }) = &failure {
                     super::publish::store_trouble(ctx, &failure);
                     break;
                 }
-                out.refused.push(failure.reason().to_string());
+                if failed {
+                    out.refused.push(failure.reason().to_string());
+                } else {
+                    out.retry += 1;
+                }
             }
         }
     }

@@ -154,7 +154,11 @@ pub async fn archive(
         ..Default::default()
     };
     match recover_spool(ctx).await? {
-        Ok(adopted) => summary.archived += adopted,
+        Ok(adopted) => {
+            summary.archived += adopted.adopted;
+            summary.failed += adopted.refused.len();
+            summary.retry_later += adopted.retry;
+        }
         Err(line) => summary.store = Some(line),
     }
     ctx.governor.prune().await?;
@@ -426,15 +430,16 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
 /// Object stores, at the start of each pass: removes the spool copies of packages already
 /// archived (a crash between the commit and the removal), then publishes and adopts the ones
 /// whose results wait (a crash before the upload or the commit, or a store that was down),
-/// before any new download; returns how many it adopted. `Err(line)` when the store is
-/// paused and they must wait.
-async fn recover_spool(ctx: &Context) -> Result<Result<usize, String>, DbError> {
+/// before any new download; returns what it adopted and refused. `Err(line)` when the
+/// store is paused and they must wait.
+async fn recover_spool(ctx: &Context) -> Result<Result<InPlace, String>, DbError> {
+    let none = || Ok(Ok(InPlace::default()));
     let files = match ctx.store.spool_files().await {
-        Ok(files) if files.is_empty() => return Ok(Ok(0)),
+        Ok(files) if files.is_empty() => return none(),
         Ok(files) => files,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the spool");
-            return Ok(Ok(0));
+            return none();
         }
     };
     let keys: Vec<String> = files.into_iter().map(|f| f.key).collect();
@@ -443,11 +448,11 @@ async fn recover_spool(ctx: &Context) -> Result<Result<usize, String>, DbError> 
         Ok(sweep) => sweep,
         Err(e) => {
             tracing::warn!(error = %e, "could not sweep the spool");
-            return Ok(Ok(0));
+            return none();
         }
     };
     if sweep.waiting.is_empty() {
-        return Ok(Ok(0));
+        return none();
     }
     tracing::info!(
         waiting = sweep.waiting.len(),
@@ -466,7 +471,7 @@ async fn recover_spool(ctx: &Context) -> Result<Result<usize, String>, DbError> 
     }
     Ok(match ctx.store_breaker.open() {
         Some(_) => Err(publish::paused_line(ctx)),
-        None => Ok(adopted.adopted),
+        None => Ok(adopted),
     })
 }
 
