@@ -398,11 +398,13 @@ async fn a_restore_names_the_anchors_it_supersedes_and_verify_accepts_only_those
         .unwrap();
     let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
     assert_eq!(
-        detail["superseded_checkpoints"][0]["seq"],
-        checkpoint.0,
+        detail["superseded_checkpoints"][0]["seq"], checkpoint.0,
         "{detail}"
     );
-    assert_eq!(detail["superseded_checkpoints"][0]["row_hash"], checkpoint.1);
+    assert_eq!(
+        detail["superseded_checkpoints"][0]["row_hash"],
+        checkpoint.1
+    );
     assert!(detail["replaced_head"]["seq"].as_i64().unwrap() >= checkpoint.0);
     // The packages written after the backup were adopted, each with the head it pins.
     let superseded = e.count(&format!(
@@ -416,13 +418,19 @@ async fn a_restore_names_the_anchors_it_supersedes_and_verify_accepts_only_those
 
     // A RESTORED row covers only what it names: another checkpoint that pins a row this chain
     // does not have is still a rewritten chain.
-    let forged = e._dir.path().join("evidence/_checkpoints/000000000002.json");
-    let mut cp: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(e._dir.path().join(format!(
-            "evidence/_checkpoints/{:012}.json",
-            checkpoint.0
-        ))).unwrap())
-        .unwrap();
+    let forged = e
+        ._dir
+        .path()
+        .join("evidence/_checkpoints/000000000002.json");
+    let mut cp: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            e._dir
+                .path()
+                .join(format!("evidence/_checkpoints/{:012}.json", checkpoint.0)),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     cp["seq"] = serde_json::json!(2);
     std::fs::write(&forged, serde_json::to_vec(&cp).unwrap()).unwrap();
     let (code, _, err) = lrvault(&e, &["verify"]);
