@@ -21,7 +21,7 @@ stop_sim() { kill -TERM "$SIM_PID"; wait "$SIM_PID" || true; }
 # write_config PATH [extra TOML]: database under $OUT, store at $STORE_ROOT (default
 # $OUT/evidence), one tenant for the simulator.
 write_config() {
-  echo sim-secret-0 >"$OUT/secret"
+  (umask 077 && echo sim-secret-0 >"$OUT/secret")
   cat >"$1" <<TOML
 [database]
 path = "$OUT/lrvault.db"

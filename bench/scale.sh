@@ -13,7 +13,7 @@ OUT=bench/out/scale-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 cargo build --locked --release -q
 BIN=$PWD/target/release/lrvault
-echo unused >"$OUT/secret"
+(umask 077 && echo unused >"$OUT/secret")
 cat >"$OUT/lrvault.toml" <<TOML
 [database]
 path = "$PWD/$OUT/lrvault.db"

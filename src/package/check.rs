@@ -65,9 +65,29 @@ struct BagEntries {
     problems: Vec<String>,
 }
 
+/// How the payload entry's bytes are judged.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PayloadCheck<'a> {
+    /// Hash them (verify, adoption: nothing is trusted).
+    Hash,
+    /// The writer's re-check of the package it just wrote: the payload's SHA-256 was taken
+    /// as it streamed, so the bytes on disk are checked against the zip's CRC-32 (the reader
+    /// refuses an entry whose CRC does not match) and the manifest against that SHA-256,
+    /// without hashing the payload a second time.
+    Crc { streamed_sha256: &'a str },
+}
+
 /// Checks the package at `path`. Errors only when the file cannot be read or is not a zip at
 /// all; every defect inside a readable zip is reported in [`PackageCheck::problems`].
 pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
+    check_package_with(path, PayloadCheck::Hash)
+}
+
+/// [`check_package`], judging the payload as `payload` says.
+pub(crate) fn check_package_with(
+    path: &Path,
+    payload: PayloadCheck<'_>,
+) -> Result<PackageCheck, PackageError> {
     let io_err = |op: &'static str| {
         move |source: io::Error| PackageError::Io {
             path: path.to_path_buf(),
@@ -85,7 +105,7 @@ pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
                 source,
             }
         })?;
-    let entries = read_entries(&mut archive);
+    let entries = read_entries(&mut archive, payload);
     let (package_size, package_sha256) = archive
         .into_inner()
         .into_inner()
@@ -94,8 +114,12 @@ pub fn check_package(path: &Path) -> Result<PackageCheck, PackageError> {
     Ok(judge(entries, package_size, package_sha256))
 }
 
-/// Hashes every entry, keeping the text of the tag files we parse.
-fn read_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> BagEntries {
+/// Reads every entry to its end (so its CRC is checked) and hashes it, keeping the text of the
+/// tag files we parse; the payload as `payload` says.
+fn read_entries<R: Read + Seek>(
+    archive: &mut ZipArchive<R>,
+    payload: PayloadCheck<'_>,
+) -> BagEntries {
     let mut found = BagEntries::default();
     for index in 0..archive.len() {
         let mut entry = match archive.by_index(index) {
@@ -124,16 +148,23 @@ fn read_entries<R: Read + Seek>(archive: &mut ZipArchive<R>) -> BagEntries {
             continue;
         }
         let keep_text = PARSED_TAG_FILES.contains(&rest.as_str());
+        let streamed = match payload {
+            PayloadCheck::Crc { streamed_sha256 } if rest.starts_with("data/") => {
+                Some(streamed_sha256)
+            }
+            _ => None,
+        };
         let mut sink = TeeSink {
             counter: Sha256Counter::default(),
             text: Vec::new(),
             keep_text,
+            hash: streamed.is_none(),
         };
         if let Err(e) = copy_buffered(&mut entry, &mut sink) {
             found.problems.push(format!("entry {name:?}: {e}"));
             continue;
         }
-        found.add(&name, rest, sink);
+        found.add(&name, rest, sink, streamed);
     }
     found
 }
@@ -166,7 +197,8 @@ impl BagEntries {
         Some(rest.to_string())
     }
 
-    fn add(&mut self, name: &str, rest: String, sink: TeeSink) {
+    /// Records an entry read to its end; `streamed` is its SHA-256 when it was not hashed.
+    fn add(&mut self, name: &str, rest: String, sink: TeeSink, streamed: Option<&str>) {
         if sink.keep_text {
             if sink.text.len() > MAX_PARSED_TAG_FILE {
                 self.problems
@@ -176,7 +208,10 @@ impl BagEntries {
             }
         }
         let digest = EntryDigest {
-            sha256: hex::encode(sink.counter.hasher.finalize()),
+            sha256: match streamed {
+                Some(sha) => sha.to_string(),
+                None => hex::encode(sink.counter.hasher.finalize()),
+            },
             size: sink.counter.len,
         };
         if self.digests.insert(rest, digest).is_some() {
@@ -550,16 +585,22 @@ fn check_oxum(bag_info: Option<&Vec<u8>>, octets: u64, streams: usize, problems:
     }
 }
 
-/// Hashes everything and keeps the text of the few tag files we parse (bounded).
+/// Hashes (or only counts) everything and keeps the text of the few tag files we parse
+/// (bounded).
 struct TeeSink {
     counter: Sha256Counter,
     text: Vec<u8>,
     keep_text: bool,
+    hash: bool,
 }
 
 impl Write for TeeSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.counter.write_all(buf)?;
+        if self.hash {
+            self.counter.write_all(buf)?;
+        } else {
+            self.counter.len += buf.len() as u64;
+        }
         if self.keep_text && self.text.len() <= MAX_PARSED_TAG_FILE {
             let room = MAX_PARSED_TAG_FILE + 1 - self.text.len();
             self.text.extend_from_slice(&buf[..buf.len().min(room)]);

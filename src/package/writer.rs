@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
 
-use super::check::{check_package, encode_manifest_path};
+use super::check::{PayloadCheck, check_package_with, encode_manifest_path};
 use super::compression::{
     CompressionChoice, FAST_LEVEL, MAGIC_LEN, SAMPLE_LEN, choose_by_head, choose_by_sample,
 };
@@ -256,9 +256,10 @@ impl PackageWriter {
             })?;
         // The fsync waits on the disk while the re-check reads the page cache: both at once.
         let partial = &self.partial_path;
+        let streamed_sha256 = digests.sha256.as_str();
         let (synced, check) = std::thread::scope(|scope| {
             let syncing = scope.spawn(move || file.sync_all());
-            let check = check_package(partial);
+            let check = check_package_with(partial, PayloadCheck::Crc { streamed_sha256 });
             let synced = syncing
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the fsync thread failed")));
@@ -681,6 +682,7 @@ fn zip_now() -> zip::DateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::package::check::{PayloadCheck, check_package_with};
     use crate::package::{EntryMethod, check_package, remove_stale_partials, sha256_hex};
     use md5::Md5;
     use std::io::Read;
@@ -1320,6 +1322,46 @@ mod tests {
         }
         assert_eq!(fs::read(&path).unwrap(), b"the existing package");
         assert!(partials_of(&path).is_empty());
+    }
+
+    #[test]
+    fn the_writers_recheck_catches_a_payload_byte_changed_on_disk_by_its_crc() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (digests, _) = write_package(
+            spec(dir.path(), "r.bin", false, Compression::Stored),
+            &payload,
+            4096,
+        );
+        let path = final_path(dir.path());
+        let copy = dir.path().join("copy.zip");
+        let mut bytes = fs::read(&path).unwrap();
+        // A byte in the middle of the stored payload, as a bad disk would change it.
+        let at = bytes
+            .windows(64)
+            .position(|w| w == &payload[100_000..100_064])
+            .unwrap();
+        bytes[at] ^= 0x01;
+        fs::write(&copy, &bytes).unwrap();
+        let streamed = PayloadCheck::Crc {
+            streamed_sha256: &digests.sha256,
+        };
+        let cheap = check_package_with(&copy, streamed).unwrap();
+        assert!(
+            cheap.problems.iter().any(|p| p.contains("checksum")),
+            "{:?}",
+            cheap.problems
+        );
+        // The untouched package passes the same check, and the full one agrees.
+        assert!(
+            check_package_with(&path, streamed)
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+        assert_eq!(check_package(&path).unwrap().payload_sha256, digests.sha256);
     }
 
     #[test]

@@ -85,6 +85,20 @@ struct Machine {
     guide: BTreeMap<String, String>,
 }
 
+/// The service never outlives the test, even one that fails half-way.
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.root.join("run/lrvault.pid"))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Machine {
     fn new() -> Machine {
         let tmp = tempfile::tempdir().unwrap();
