@@ -38,3 +38,37 @@ login_base = "$BASE"
 download_hosts = ["127.0.0.1"]
 TOML
 }
+
+# start_moto: moto's S3 server on a free port with a bucket "evidence" that has Object Lock
+# and a default COMPLIANCE retention of one day. Sets MOTO_PID and MOTO_URL.
+start_moto() {
+  local port
+  port=$(free_port)
+  moto_server -H 127.0.0.1 -p "$port" >"$OUT/moto.log" 2>&1 &
+  MOTO_PID=$!
+  MOTO_URL="http://127.0.0.1:$port"
+  for _ in $(seq 300); do curl -s -o /dev/null "$MOTO_URL/" && break; sleep 0.1; done
+  python3 - "$MOTO_URL" <<'PY'
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id="bench", aws_secret_access_key="bench")
+s3.create_bucket(Bucket="evidence", ObjectLockEnabledForBucket=True)
+s3.put_object_lock_configuration(Bucket="evidence", ObjectLockConfiguration={
+    "ObjectLockEnabled": "Enabled",
+    "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}}})
+PY
+}
+
+# The [store] keys of the moto bucket start_moto made (spool under $OUT).
+moto_store_keys() {
+  cat <<TOML
+backend = "s3"
+spool = "$OUT/spool"
+bucket = "evidence"
+prefix = "lrvault/"
+endpoint = "$MOTO_URL"
+region = "us-east-1"
+credentials = "env"
+require_worm = true
+TOML
+}

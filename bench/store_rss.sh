@@ -16,20 +16,8 @@ cargo build --locked --release -q --example store_upload
 BIN=$PWD/target/release/examples/store_upload
 . bench/lib.sh
 
-PORT=$(free_port)
-moto_server -H 127.0.0.1 -p "$PORT" >"$OUT/moto.log" 2>&1 &
-MOTO_PID=$!
+start_moto
 trap 'kill $MOTO_PID 2>/dev/null || true' EXIT
-for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
-python3 - "$PORT" <<'PY'
-import sys, boto3
-s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1",
-                  aws_access_key_id="bench", aws_secret_access_key="bench")
-s3.create_bucket(Bucket="evidence", ObjectLockEnabledForBucket=True)
-s3.put_object_lock_configuration(Bucket="evidence", ObjectLockConfiguration={
-    "ObjectLockEnabled": "Enabled",
-    "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": 1}}})
-PY
 
 KEY=bench/2026/12/01/bench-action/000-GetFile.zip
 mkdir -p "$OUT/spool/$(dirname "$KEY")"
@@ -39,14 +27,7 @@ cat >"$OUT/lrvault.toml" <<TOML
 [database]
 path = "$OUT/lrvault.db"
 [store]
-backend = "s3"
-spool = "$OUT/spool"
-bucket = "evidence"
-prefix = "lrvault/"
-endpoint = "http://127.0.0.1:$PORT"
-region = "us-east-1"
-credentials = "env"
-require_worm = true
+$(moto_store_keys)
 [[tenant]]
 name = "bench"
 tenant_id = "t"

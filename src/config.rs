@@ -85,6 +85,13 @@ pub struct StoreConfig {
     /// Refuse to start unless the bucket/container enforces retention. Unset: true for
     /// `s3` and `azure`, false for `fs` (see [`StoreConfig::worm_required`]).
     pub require_worm: Option<bool>,
+    /// `s3` / `azure`: finished packages the spool may hold while they wait for the store;
+    /// at this many, no new download starts until the store takes them.
+    pub spool_max_waiting: usize,
+    /// `s3` / `azure`: how long one store request is retried (connection errors, 5xx, 429)
+    /// before the attempt gives up, hands its result back uncharged and the pass pauses.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -100,6 +107,8 @@ impl Default for StoreConfig {
             region: String::new(),
             credentials: StoreCredentials::Env,
             require_worm: None,
+            spool_max_waiting: 16,
+            retry_timeout: Duration::from_secs(180),
         }
     }
 }
@@ -111,6 +120,23 @@ impl StoreConfig {
             .unwrap_or(self.backend != StoreBackend::Fs)
     }
 
+    /// The local directory packages are written in: `store.root` for `fs`, the spool for
+    /// object stores.
+    pub fn staging_dir(&self) -> &Path {
+        match self.backend {
+            StoreBackend::Fs => &self.root,
+            StoreBackend::S3 | StoreBackend::Azure => &self.spool,
+        }
+    }
+
+    /// The config key of [`staging_dir`](Self::staging_dir), for messages.
+    pub fn staging_key(&self) -> &'static str {
+        match self.backend {
+            StoreBackend::Fs => "store.root",
+            StoreBackend::S3 | StoreBackend::Azure => "store.spool",
+        }
+    }
+
     /// The checks of this section; its paths are checked with every other path key
     /// (`Config::path_keys`).
     fn validate(&self) -> Result<(), String> {
@@ -119,6 +145,12 @@ impl StoreConfig {
                 return Err("store.require_worm = true needs backend \"s3\" or \"azure\": a local directory cannot enforce retention".into());
             }
             return Ok(());
+        }
+        if self.spool_max_waiting == 0 {
+            return Err("store.spool_max_waiting must be at least 1".into());
+        }
+        if self.retry_timeout.is_zero() {
+            return Err("store.retry_timeout must be positive".into());
         }
         if self.spool.starts_with(&self.root) || self.root.starts_with(&self.spool) {
             return Err(format!(
@@ -674,7 +706,7 @@ impl Config {
                 "the database directory",
                 self.database.path.parent().unwrap_or(Path::new("/")),
             ),
-            ("store.root", self.store.root.as_path()),
+            (self.store.staging_key(), self.store.staging_dir()),
         ];
         for (what, dir) in dirs {
             crate::access::check_not_root_over(what, dir).map_err(ConfigError::Access)?;
@@ -875,6 +907,18 @@ client_secret_env = "X"
         let cfg = parse(&s3).unwrap();
         assert_eq!(cfg.store.backend, StoreBackend::S3);
         assert_eq!(cfg.store.spool, PathBuf::from("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.spool_max_waiting, 16);
+        assert_eq!(cfg.store.retry_timeout, Duration::from_secs(180));
+        assert_eq!(cfg.store.staging_dir(), Path::new("/var/lib/lrvault/spool"));
+        assert_eq!(cfg.store.staging_key(), "store.spool");
+        let cfg = parse(&format!(
+            "{s3}retry_timeout = \"20s\"\nspool_max_waiting = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (cfg.store.retry_timeout, cfg.store.spool_max_waiting),
+            (Duration::from_secs(20), 4)
+        );
         assert_eq!(cfg.store.credentials, StoreCredentials::Env);
         assert!(cfg.store.worm_required(), "on by default for object stores");
         let cfg = parse(&format!("{s3}require_worm = false\n")).unwrap();
@@ -939,6 +983,14 @@ client_secret_env = "X"
             (
                 "credentials = \"inline\"",
                 "unknown variant `inline`, expected `env` or `instance`",
+            ),
+            (
+                &format!("{s3}\nspool_max_waiting = 0"),
+                "invalid config: store.spool_max_waiting must be at least 1",
+            ),
+            (
+                &format!("{s3}\nretry_timeout = \"0s\""),
+                "invalid config: store.retry_timeout must be positive",
             ),
             (
                 "secret_access_key = \"x\"",

@@ -68,6 +68,7 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     let _lock = lock_instance(&cfg.database.path)?;
     let cancel = CancellationToken::new();
     let ctx = Arc::new(Context::new(cfg.clone(), db, cancel.clone())?);
+    ctx.check_worm().await?;
     let tenants: Arc<Vec<Arc<jobs::Tenant>>> =
         Arc::new(ctx.tenants(None)?.into_iter().map(Arc::new).collect());
     let tracker = TaskTracker::new();
@@ -76,6 +77,7 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
         tenants,
         busy: Default::default(),
         tracker: tracker.clone(),
+        store_line: Mutex::new(None),
     });
 
     let mut sched = JobScheduler::new().await?;
@@ -204,6 +206,8 @@ struct Daemon {
     /// the next tick a no-op (runs of one tokio-cron-scheduler job would otherwise overlap).
     busy: [Arc<Mutex<()>>; 3],
     tracker: TaskTracker,
+    /// Why the last archive pass started no new download (the store), to log changes only.
+    store_line: Mutex<Option<String>>,
 }
 
 impl Daemon {
@@ -259,6 +263,15 @@ impl Daemon {
                 for e in &s.tenant_errors {
                     tracing::error!(error = %e, "archive pass failed for a tenant");
                 }
+                // The store breaker logs its own changes; a full spool is said once per change.
+                let mut last = self.store_line.lock().await;
+                if s.store != *last {
+                    if let Some(line) = &s.store {
+                        tracing::warn!(reason = %line, "archive pass started no new download");
+                    }
+                    *last = s.store.clone();
+                }
+                drop(last);
                 if s.archived + s.failed + s.unavailable + s.retry_later > 0 {
                     tracing::info!("archive pass: {s}");
                 }
@@ -291,7 +304,14 @@ impl Daemon {
 
     async fn verify(&self) {
         let started = crate::time::now_str();
-        match crate::verify::verify(&self.ctx.cfg, &self.ctx.db, None, None, false).await {
+        let scope = crate::verify::Scope::default();
+        let verified = crate::verify::verify_with_store(
+            &self.ctx.cfg,
+            &self.ctx.db,
+            self.ctx.store.clone(),
+            &scope,
+        );
+        match verified.await {
             Ok(r) => {
                 let line = format!(
                     "{} packages checked, {} defects, chain {} rows, {} defects",

@@ -1,10 +1,11 @@
 //! Anchors: the custody chain held outside the database (DESIGN §7a). A checkpoint file under
-//! `{store.root}/_checkpoints/` pins one chain row; an RFC 3161 token from a timestamp
+//! `{store.root}/_checkpoints/` (or those keys of an object store, `files`) pins one chain row; an RFC 3161 token from a timestamp
 //! authority pins the checkpoint to a trusted time; the `anchors` table records both. `verify`
 //! writes a checkpoint per run, fetches missing tokens and checks them all; `export` copies
 //! the ones that cover what it hands over.
 
 mod checkpoint;
+mod files;
 mod record;
 mod tsa;
 
@@ -14,6 +15,7 @@ pub use checkpoint::{
     CHECKPOINT_DIR, Checkpoint, CheckpointFile, Listing, checkpoint_file_name, list, read_bytes,
     rel_path, token_file_name, write_new_file,
 };
+pub use files::{LocalRoot, local_root};
 pub use record::{TokenRun, fetch_missing_tokens, record_checkpoint, write_checkpoint};
 pub use tsa::{TokenInfo, TokenRequest, TrustAnchors, TsaError, fetch_token, verify_token};
 
@@ -31,6 +33,10 @@ pub enum AnchorError {
     Exists(PathBuf),
     #[error("{} is too large to be a checkpoint", .0.display())]
     TooLarge(PathBuf),
+    #[error("{0} is not in the store")]
+    Missing(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error(
         "checkpoint {} already exists and pins another row (seq {seq}, row_hash {found}); not replaced", path.display()
     )]

@@ -6,9 +6,11 @@ use rusqlite::params;
 
 use super::AnchorError;
 use super::checkpoint::{self, Checkpoint, CheckpointFile};
+use super::files;
 use super::tsa::{self, TrustAnchors};
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::store::Store;
 
 /// Records a checkpoint in `anchors` (nothing happens when it is there already).
 pub fn record_checkpoint(
@@ -50,34 +52,42 @@ fn record_token(
     Ok(())
 }
 
-/// Writes `cp` as `_checkpoints/{seq}.json` and records it; returns its path relative to
-/// `store.root`. An identical checkpoint already there (another run saw the same head) is
-/// kept and recorded; one that pins another row is never replaced ([`AnchorError::Conflict`]).
-pub async fn write_checkpoint(cfg: &Config, db: &Db, cp: &Checkpoint) -> anyhow::Result<String> {
+/// Writes `cp` as `_checkpoints/{seq}.json` (in the store, §7b) and records it; returns its
+/// path relative to `store.root` (its key). An identical checkpoint already there (another
+/// run saw the same head) is kept and recorded; one that pins another row is never replaced
+/// ([`AnchorError::Conflict`]).
+pub async fn write_checkpoint(
+    cfg: &Config,
+    db: &Db,
+    store: &Store,
+    cp: &Checkpoint,
+) -> anyhow::Result<String> {
     let rel = checkpoint::rel_path(&checkpoint::checkpoint_file_name(cp.seq));
-    let path = cfg.store.root.join(&rel);
-    let bytes = cp.to_bytes();
-    let wanted = cp.clone();
-    tokio::task::spawn_blocking(move || match checkpoint::write_new_file(&path, &bytes) {
-        Err(AnchorError::Exists(_)) => {
-            let there = Checkpoint::parse(&checkpoint::read_bytes(&path)?);
+    match files::put_new(cfg, store, &rel, cp.to_bytes()).await {
+        Err(AnchorError::Exists(path)) => {
+            let there = Checkpoint::parse(&files::read(cfg, store, &rel).await?);
             match there {
-                Ok(there) if there.seq == wanted.seq && there.row_hash == wanted.row_hash => Ok(()),
-                Ok(there) => Err(AnchorError::Conflict {
-                    path,
-                    seq: there.seq,
-                    found: there.row_hash,
-                }),
-                Err(reason) => Err(AnchorError::Conflict {
-                    path,
-                    seq: wanted.seq,
-                    found: reason,
-                }),
+                Ok(there) if there.seq == cp.seq && there.row_hash == cp.row_hash => {}
+                Ok(there) => {
+                    return Err(AnchorError::Conflict {
+                        path,
+                        seq: there.seq,
+                        found: there.row_hash,
+                    }
+                    .into());
+                }
+                Err(reason) => {
+                    return Err(AnchorError::Conflict {
+                        path,
+                        seq: cp.seq,
+                        found: reason,
+                    }
+                    .into());
+                }
             }
         }
-        other => other,
-    })
-    .await??;
+        other => other?,
+    }
     let (cp, rel_row) = (cp.clone(), rel.clone());
     db.call(move |c| record_checkpoint(c, &cp, &rel_row))
         .await?;
@@ -102,6 +112,7 @@ pub struct TokenRun {
 pub async fn fetch_missing_tokens(
     cfg: &Config,
     db: &Db,
+    store: &Store,
     missing: &[(CheckpointFile, Checkpoint)],
 ) -> TokenRun {
     let mut run = TokenRun {
@@ -119,7 +130,7 @@ pub async fn fetch_missing_tokens(
         }
     };
     for (file, cp) in missing {
-        match fetch_one(cfg, db, url, trust.as_ref(), file, cp).await {
+        match fetch_one(cfg, db, store, url, trust.as_ref(), file, cp).await {
             Ok(()) => {
                 run.fetched.push(cp.seq);
                 run.pending -= 1;
@@ -138,6 +149,7 @@ pub async fn fetch_missing_tokens(
 async fn fetch_one(
     cfg: &Config,
     db: &Db,
+    store: &Store,
     url: &str,
     trust: Option<&TrustAnchors>,
     file: &CheckpointFile,
@@ -147,11 +159,8 @@ async fn fetch_one(
     let bytes = tokio::task::spawn_blocking(move || checkpoint::read_bytes(&json)).await??;
     let request = tsa::TokenRequest::new(&bytes, cfg.anchor.tsa_policy())?;
     let (tsr, info) = tsa::fetch_token(url, &request, &bytes, trust).await?;
-    let path = cfg
-        .store
-        .root
-        .join(checkpoint::rel_path(&checkpoint::token_file_name(cp.seq)));
-    tokio::task::spawn_blocking(move || checkpoint::write_new_file(&path, &tsr)).await??;
+    let rel = checkpoint::rel_path(&checkpoint::token_file_name(cp.seq));
+    files::put_new(cfg, store, &rel, tsr).await?;
     let (cp, url) = (cp.clone(), url.to_string());
     tracing::info!(seq = cp.seq, gen_time = %info.gen_time, "timestamp token stored");
     db.call(move |c| record_token(c, &cp, &url, &info)).await?;

@@ -21,6 +21,7 @@ pub struct Args {
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let (ctx, tenants) = setup(config, args.tenant.tenant.as_deref())?;
+    ctx.check_worm().await?;
     let scope = Scope {
         max: args.max,
         ..Default::default()
@@ -38,7 +39,12 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     progress.finish();
     println!("{summary}");
     tracing::debug!(peak_rss_kib = peak_rss_kib(), "archive pass finished");
-    for e in summary.tenant_errors.iter().chain(&summary.breakers) {
+    for e in summary
+        .tenant_errors
+        .iter()
+        .chain(&summary.breakers)
+        .chain(&summary.store)
+    {
         eprintln!("lrvault: {e}");
     }
     for (name, ok) in &summary.tenants {

@@ -78,6 +78,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    ctx.check_worm().await?;
     cancel_on_ctrl_c(
         ctx.cancel.clone(),
         "stopping after the downloads in progress; run the same backfill again to resume",

@@ -117,7 +117,10 @@ async fn record_restore(
     staged: &Staged,
     aside: Option<&(PathBuf, bool)>,
 ) -> anyhow::Result<usize> {
-    let listing = crate::anchor::list(&cfg.store.root)?;
+    // The checkpoints wherever they are: `store.root`, or a mirror of an object store's.
+    let store = crate::store::Store::open(&cfg.store)?;
+    let anchors = crate::anchor::local_root(&store, &cfg.store.root).await?;
+    let listing = crate::anchor::list(anchors.path())?;
     let mut pinned = Vec::new();
     for file in &listing.checkpoints {
         if let Ok(cp) = crate::anchor::read_bytes(&file.json)
@@ -148,7 +151,7 @@ async fn record_restore(
         "replaced_head": replaced_head.map(|(seq, row_hash)| Head { seq, row_hash }),
     });
     let actor = crate::custody::actor("*");
-    let root = cfg.store.root.clone();
+    let root = anchors.path().to_path_buf();
     Ok(db
         .call(move |c| {
             let tx = crate::db::write_tx(c)?;

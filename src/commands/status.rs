@@ -1,5 +1,6 @@
 //! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
-//! runs and the custody head, read through a read-only connection.
+//! runs and the custody head, read through a read-only connection; and the evidence store
+//! (where it is, its WORM retention as the store reports it, packages waiting in the spool).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -72,9 +73,11 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         rows: quota_rows,
     };
     let (head_seq, head_hash) = crate::custody::head(&conn)?;
+    let store = store_status(&cfg).await;
     if as_json {
         let out = json!({
             "database": cfg.database.path,
+            "store": store,
             "queue": queue.to_json(),
             "attention": failed.to_json(),
             "quota": quota_table.to_json(),
@@ -84,7 +87,8 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("database: {}\n", cfg.database.path.display());
+        println!("database: {}", cfg.database.path.display());
+        println!("{}\n", store_lines(&store));
         if !breakers.rows.is_empty() {
             println!(
                 "Open breakers (the tenant's API is down or refuses us; one probe per interval):\n{}",
@@ -106,4 +110,79 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         println!("Custody head: seq {head_seq}, row_hash {head_hash}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store as `status` shows it: backend, location, WORM (asked of the store itself, so
+/// this is the one network call of `status`), and the spool of an object store.
+async fn store_status(cfg: &Config) -> serde_json::Value {
+    let backend = cfg.store.backend.to_string();
+    let store = match crate::store::Store::open(&cfg.store) {
+        Ok(store) => store,
+        Err(e) => return json!({ "backend": backend, "error": e.to_string() }),
+    };
+    let worm = if store.is_object() {
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(30), store.check_worm());
+        match asked.await {
+            Ok(Ok(w)) => json!({ "mode": w.mode, "period": w.period }),
+            Ok(Err(e)) => json!({ "error": e.to_string() }),
+            Err(_) => json!({ "error": "the store did not answer within 30 s" }),
+        }
+    } else {
+        json!({ "mode": null, "period": null })
+    };
+    let spool = match store.spool_files().await {
+        Ok(files) if store.is_object() => json!({
+            "path": store.staging_root(),
+            "waiting": files.len(),
+            "bytes": files.iter().map(|f| f.size).sum::<u64>(),
+            "max_waiting": cfg.store.spool_max_waiting,
+        }),
+        Ok(_) => serde_json::Value::Null,
+        Err(e) => json!({ "path": store.staging_root(), "error": e.to_string() }),
+    };
+    json!({
+        "backend": backend,
+        "location": store.describe(),
+        "require_worm": cfg.store.worm_required(),
+        "worm": worm,
+        "spool": spool,
+    })
+}
+
+fn store_lines(s: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    if let Some(e) = s["error"].as_str() {
+        return format!("store: {} (cannot be opened: {e})", text(&s["backend"]));
+    }
+    let required = if s["require_worm"].as_bool() == Some(true) {
+        "required"
+    } else {
+        "not required"
+    };
+    let worm = match (&s["worm"]["mode"], &s["worm"]["error"]) {
+        (_, serde_json::Value::String(e)) => format!("unknown ({e}) ({required})"),
+        (serde_json::Value::String(mode), _) => match s["worm"]["period"].as_str() {
+            Some(p) => format!("{mode}, {p} ({required})"),
+            None => format!("{mode}, period set by the container's policy ({required})"),
+        },
+        _ => "none (a local directory enforces no retention)".into(),
+    };
+    let mut lines = format!(
+        "store: {} ({})\nWORM: {worm}",
+        text(&s["location"]),
+        text(&s["backend"])
+    );
+    let spool = &s["spool"];
+    if let Some(e) = spool["error"].as_str() {
+        lines += &format!("\nspool: {} cannot be read: {e}", text(&spool["path"]));
+    } else if !spool.is_null() {
+        lines += &format!(
+            "\nspool: {}: {} packages waiting for the store ({} bytes; at {} no new download starts)",
+            text(&spool["path"]),
+            spool["waiting"],
+            spool["bytes"],
+            spool["max_waiting"]
+        );
+    }
+    lines
 }

@@ -1,6 +1,7 @@
 //! Writing an export kit: packages (each checked against its ARCHIVED row while it is
 //! copied), `custody.db` (the chain segment, the evidence rows, the checkpoint), the
 //! checkpoint and its token, the TSA's CA, `check_custody.py`, the README and `SHA256SUMS`.
+//! Runs on a blocking thread; an object store is reached through [`Blocking`].
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -13,6 +14,7 @@ use super::{Coverage, Selection};
 use crate::anchor::TokenInfo;
 use crate::config::Config;
 use crate::db::Db;
+use crate::store::Blocking;
 
 const CHECK_SCRIPT: &str = include_str!("check_custody.py");
 
@@ -22,6 +24,13 @@ pub struct Meta {
     pub recipient: Option<String>,
     pub selection: String,
     pub actor: String,
+}
+
+/// Where the packages and checkpoints are read.
+pub struct Source {
+    pub store: Blocking,
+    /// A directory whose `_checkpoints/` holds the anchor files (`store.root`, or a mirror).
+    pub anchors: PathBuf,
 }
 
 /// What was written.
@@ -39,6 +48,7 @@ struct Example {
 
 pub fn write(
     cfg: &Config,
+    from: &Source,
     sel: &Selection,
     coverage: &Coverage,
     meta: &Meta,
@@ -46,9 +56,9 @@ pub fn write(
 ) -> anyhow::Result<Written> {
     fs::create_dir_all(out.join("packages"))?;
     let conn = Db::open_readonly(&cfg.database.path)?;
-    let example = copy_packages(&conn, &cfg.store.root, sel, out)?;
+    let example = copy_packages(&conn, &cfg.store.root, &from.store, sel, out)?;
     write_custody_db(cfg, sel, coverage, meta, out)?;
-    let token = copy_anchors(cfg, coverage, out)?;
+    let token = copy_anchors(cfg, &from.anchors, coverage, out)?;
     fs::write(out.join("check_custody.py"), CHECK_SCRIPT)?;
     let has_ca = cfg.anchor.tsa_ca_file().is_some();
     fs::write(
@@ -63,10 +73,12 @@ pub fn write(
 }
 
 /// Copies each selected package, hashing it on the way: it must be the package its ARCHIVED
-/// row records, or the export stops (run verify).
+/// row records, or the export stops (run verify). From an object store, the copy is of the
+/// version the ARCHIVED row names.
 fn copy_packages(
     conn: &Connection,
     root: &Path,
+    store: &Blocking,
     sel: &Selection,
     out: &Path,
 ) -> anyhow::Result<Option<Example>> {
@@ -80,10 +92,17 @@ fn copy_packages(
     while let Some(r) = rows.next()? {
         let (evidence_id, path, recorded): (String, String, String) =
             (r.get(0)?, r.get(1)?, r.get(2)?);
-        let archived = super::archived_package_sha256(conn, &path)?;
+        let (archived, version) = super::archived_package(conn, &path)?;
         let dest = out.join("packages").join(&path);
         fs::create_dir_all(dest.parent().unwrap_or(out))?;
-        let copied = copy_hashed(&root.join(&path), &dest)?;
+        let copied = if store.store().is_object() {
+            let s = store.store();
+            store
+                .wait(s.download_to(&path, version.as_deref(), &dest))?
+                .0
+        } else {
+            copy_hashed(&root.join(&path), &dest)?
+        };
         if archived.as_deref() != Some(copied.as_str()) || recorded != copied {
             anyhow::bail!(
                 "package {path} (evidence {evidence_id}) hashes to {copied}, its ARCHIVED row says {}; nothing of it is handed over — run `lrvault verify`",
@@ -197,12 +216,12 @@ fn write_custody_db(
 /// Copies the checkpoint, its token (checked first) and the TSA's CA into the kit.
 fn copy_anchors(
     cfg: &Config,
+    root: &Path,
     coverage: &Coverage,
     out: &Path,
 ) -> anyhow::Result<Option<TokenInfo>> {
     let dir = out.join("checkpoints");
     fs::create_dir_all(&dir)?;
-    let root = &cfg.store.root;
     let json = root.join(&coverage.checkpoint_path);
     let bytes = crate::anchor::read_bytes(&json)?;
     fs::write(

@@ -2,18 +2,23 @@
 //! copies the packages, the custody rows that concern them and every chain row from the
 //! first of those up to the checkpoint that covers them, that checkpoint and its RFC 3161
 //! token, the TSA's CA certificate, a stand-alone checking script and a README of checks with
-//! standard tools. Each exported package gets an EXPORTED custody row.
+//! standard tools. Each exported package gets an EXPORTED custody row. From an object store
+//! (DESIGN §7b) packages are copied out by the version their ARCHIVED rows name, and the
+//! checkpoints are read from the store.
 
 mod kit;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
 
+use crate::anchor::LocalRoot;
 use crate::config::Config;
 use crate::custody::{self, Event, EventKind};
 use crate::db::{Db, DbError, write_tx};
+use crate::store::{Blocking, Store};
 
 /// The selection as SQL parameters over `v_evidence`.
 #[derive(Debug, Clone, Default)]
@@ -78,7 +83,8 @@ pub struct Exported {
 /// Writes the kit for `req` and records one EXPORTED row per package. `Ok(None)` when no
 /// archived evidence matches the selection (nothing is written).
 pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Option<Exported>> {
-    let Some(coverage) = coverage(cfg, db, &req.selection).await? else {
+    let store = Arc::new(Store::open(&cfg.store)?);
+    let Some((coverage, anchors)) = coverage(cfg, db, &store, &req.selection).await? else {
         return Ok(None);
     };
     let export_id = uuid::Uuid::now_v7().to_string();
@@ -95,8 +101,14 @@ pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Opti
             selection: req.description.clone(),
             actor: custody::actor("*"),
         };
-        tokio::task::spawn_blocking(move || kit::write(&cfg, &selection, &coverage, &meta, &out))
-            .await??
+        let from = kit::Source {
+            store: Blocking::new(store.clone()),
+            anchors: anchors.path().to_path_buf(),
+        };
+        tokio::task::spawn_blocking(move || {
+            kit::write(&cfg, &from, &selection, &coverage, &meta, &out)
+        })
+        .await??
     };
     record(cfg, db, req, &coverage, &export_id, &written).await?;
     Ok(Some(Exported {
@@ -106,12 +118,18 @@ pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Opti
 }
 
 /// Finds what the selection covers and the earliest checkpoint at or after its last custody
-/// row. Without one (no verify since), runs `verify --chain-only`, which writes it.
-async fn coverage(cfg: &Config, db: &Db, sel: &Selection) -> anyhow::Result<Option<Coverage>> {
+/// row. Without one (no verify since), runs `verify --chain-only`, which writes it. Also
+/// returns where the checkpoints were read (a local mirror for an object store).
+async fn coverage(
+    cfg: &Config,
+    db: &Db,
+    store: &Arc<Store>,
+    sel: &Selection,
+) -> anyhow::Result<Option<(Coverage, LocalRoot)>> {
     let path = cfg.database.path.clone();
-    let find = |sel: Selection| {
+    let mut anchors = crate::anchor::local_root(store, &cfg.store.root).await?;
+    let find = |sel: Selection, root: PathBuf| {
         let path = path.clone();
-        let root = cfg.store.root.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let conn = Db::open_readonly(&path)?;
             let Some((packages, first, last)) = concerned(&conn, &sel)? else {
@@ -125,7 +143,9 @@ async fn coverage(cfg: &Config, db: &Db, sel: &Selection) -> anyhow::Result<Opti
             )))
         })
     };
-    let Some((packages, first_seq, last, mut found)) = find(sel.clone()).await?? else {
+    let Some((packages, first_seq, last, mut found)) =
+        find(sel.clone(), anchors.path().to_path_buf()).await??
+    else {
         return Ok(None);
     };
     if found.is_none() {
@@ -133,25 +153,29 @@ async fn coverage(cfg: &Config, db: &Db, sel: &Selection) -> anyhow::Result<Opti
             chain_only: true,
             ..Default::default()
         };
-        let report = crate::verify::verify_scope(cfg, db, &scope).await?;
+        let report = crate::verify::verify_with_store(cfg, db, store.clone(), &scope).await?;
         if !report.ok() {
             anyhow::bail!(
                 "the custody chain does not verify ({} defects); run `lrvault verify` and resolve them before exporting",
                 report.chain_defects
             );
         }
-        found = find(sel.clone()).await??.and_then(|(.., cp)| cp);
+        anchors = crate::anchor::local_root(store, &cfg.store.root).await?;
+        found = find(sel.clone(), anchors.path().to_path_buf())
+            .await??
+            .and_then(|(.., cp)| cp);
     }
     let (checkpoint, checkpoint_path, token_path) =
         found.ok_or_else(|| anyhow::anyhow!("no checkpoint covers custody seq {last}"))?;
-    Ok(Some(Coverage {
+    let coverage = Coverage {
         packages,
         first_seq,
         last_concerned_seq: last,
         checkpoint,
         checkpoint_path,
         token_path,
-    }))
+    };
+    Ok(Some((coverage, anchors)))
 }
 
 /// (packages, first concerned seq, last concerned seq) of the selection.
@@ -262,18 +286,19 @@ async fn record(
     Ok(())
 }
 
-/// The ARCHIVED row's package SHA-256 for a package path (the chain is the reference).
-pub(crate) fn archived_package_sha256(
+/// The ARCHIVED row's package SHA-256 for a package path (the chain is the reference), and
+/// the object version it names in an object store.
+pub(crate) fn archived_package(
     conn: &Connection,
     package_path: &str,
-) -> Result<Option<String>, DbError> {
+) -> Result<(Option<String>, Option<String>), DbError> {
     conn.query_row(
-        "SELECT json_extract(detail, '$.package_sha256') FROM custody_log
-         WHERE event = 'ARCHIVED' AND package_path = ?1 ORDER BY seq DESC LIMIT 1",
+        "SELECT json_extract(detail, '$.package_sha256'), json_extract(detail, '$.version_id')
+         FROM custody_log WHERE event = 'ARCHIVED' AND package_path = ?1 ORDER BY seq DESC LIMIT 1",
         params![package_path],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )
     .optional()
-    .map(Option::flatten)
+    .map(Option::unwrap_or_default)
     .map_err(DbError::sql("read ARCHIVED row"))
 }

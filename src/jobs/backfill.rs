@@ -199,6 +199,7 @@ pub async fn run(
             None => Duration::from_millis(500),
         }
         .max(tenant.breaker.until_probe().unwrap_or_default())
+        .max(ctx.store_breaker.until_probe().unwrap_or_default())
         .clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -6,8 +6,14 @@
 //! - **tenant** scope: the tenant's side is down or refuses us (token endpoint or API 5xx,
 //!   timeouts, transport errors, 401 after a refresh, refused credentials): the tenant's pass
 //!   stops, the result in hand goes back uncharged, and the tenant's breaker opens;
-//! - **process** scope: this host (a full evidence store, the database, a shutdown): nothing
-//!   is charged.
+//! - **process** scope: this host (a full evidence store, the database, a shutdown) or the
+//!   object store behind it (unreachable, 5xx after retries, refusing our credentials):
+//!   nothing is charged; a store failure also pauses the archive passes
+//!   (`Context::store_breaker`).
+//!
+//! Publishing a package into an object store adds two result-scope failures: the store
+//! holds a different object under the package's key (`Conflict`: refused for good, the spool
+//! copy is set aside), and a spool copy that changed after its check (`Changed`: retried).
 
 use std::time::Duration;
 
@@ -18,6 +24,7 @@ use crate::fetch::FetchError;
 use crate::mde::MdeError;
 use crate::package::PackageError;
 use crate::queue::Settlement;
+use crate::store::StoreError;
 
 /// Why an attempt did not archive.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +82,9 @@ pub enum ProcessFailure {
     StoreFull { reason: String },
     /// The database could not record the attempt (busy, locked, read-only).
     Database { reason: String },
+    /// The object store did not take or give a package (unreachable, 5xx after its retries,
+    /// refusing our credentials): the package waits in the spool.
+    Store { reason: String },
     /// The process is shutting down.
     Stopping,
 }
@@ -108,7 +118,9 @@ impl Failure {
             )
             | Failure::Tenant(TenantFailure { reason, .. })
             | Failure::Process(
-                ProcessFailure::StoreFull { reason } | ProcessFailure::Database { reason },
+                ProcessFailure::StoreFull { reason }
+                | ProcessFailure::Database { reason }
+                | ProcessFailure::Store { reason },
             ) => reason,
             Failure::Process(ProcessFailure::Stopping) => "stopped before the download finished",
         }
@@ -171,6 +183,26 @@ impl Failure {
         }
     }
 
+    /// A failure of the evidence store while publishing or reading a package back.
+    pub fn from_store(e: &StoreError) -> Failure {
+        let text = error_text(e);
+        match e {
+            StoreError::Conflict { .. } | StoreError::InvalidKey { .. } => Failure::refused(text),
+            StoreError::Changed { .. } => Failure::retry(text),
+            StoreError::Io { source, .. } if crate::package::io_error_is_disk_full(source) => {
+                Failure::Process(ProcessFailure::StoreFull {
+                    reason: format!("the spool is full: {text}"),
+                })
+            }
+            StoreError::Io { .. } => Failure::retry(text),
+            StoreError::Refused(_) | StoreError::Object { .. } | StoreError::Worm { .. } => {
+                Failure::Process(ProcessFailure::Store {
+                    reason: format!("evidence store: {text}"),
+                })
+            }
+        }
+    }
+
     /// The database could not record a step of the attempt.
     pub fn database(e: impl std::fmt::Display) -> Failure {
         Failure::Process(ProcessFailure::Database {
@@ -227,8 +259,13 @@ fn api_trouble(e: &MdeError) -> Option<TenantTrouble> {
 
 /// The error with its sources on one line (the OS error is what tells "disk full" apart).
 fn package_error_text(e: &PackageError) -> String {
+    error_text(e)
+}
+
+/// An error and its sources on one line, each source once.
+fn error_text(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         let part = s.to_string();
         if !text.contains(&part) {
@@ -336,6 +373,64 @@ mod tests {
             code: "ServerBusy".into(),
         };
         assert_eq!(scope(Failure::from_blob(busy)), "result");
+    }
+
+    #[test]
+    fn store_failures_are_the_processs_but_a_conflict_or_a_changed_copy_the_results() {
+        use std::path::PathBuf;
+        let conflict = StoreError::Conflict {
+            location: "s3://b/k".into(),
+            reason: "SHA-256 ab".into(),
+        };
+        assert_eq!(
+            Failure::from_store(&conflict),
+            Failure::refused(
+                "s3://b/k already holds a different object (SHA-256 ab); refusing to publish over it"
+            )
+        );
+        let changed = StoreError::Changed {
+            path: PathBuf::from("/spool/k"),
+            reason: "3 bytes".into(),
+        };
+        assert!(matches!(
+            Failure::from_store(&changed),
+            Failure::Result(ResultFailure::Retry { .. })
+        ));
+        let down = StoreError::Object {
+            op: "uploading",
+            location: "s3://b/k".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: "connection refused".into(),
+            },
+        };
+        let f = Failure::from_store(&down);
+        assert!(
+            matches!(&f, Failure::Process(ProcessFailure::Store { reason }) if reason.starts_with("evidence store: uploading s3://b/k: ")),
+            "{f:?}"
+        );
+        let refused = StoreError::Refused(crate::error::UserError::new("no credentials"));
+        assert!(matches!(
+            Failure::from_store(&refused),
+            Failure::Process(ProcessFailure::Store { .. })
+        ));
+        let full = StoreError::Io {
+            path: PathBuf::from("/spool/_tmp"),
+            op: "writing",
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert!(matches!(
+            Failure::from_store(&full),
+            Failure::Process(ProcessFailure::StoreFull { .. })
+        ));
+        // None of the process ones is charged.
+        let cfg = DownloadConfig::default();
+        for f in [Failure::from_store(&down), Failure::from_store(&full)] {
+            assert!(matches!(
+                f.settlement(0, &cfg),
+                Settlement::Retry { charge: false, .. }
+            ));
+        }
     }
 
     #[test]

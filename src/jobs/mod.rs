@@ -20,6 +20,7 @@ use crate::fetch::Allowlist;
 use crate::http::RemoteClock;
 use crate::mde::MdeClient;
 use crate::quota::Governor;
+use crate::store::Store;
 
 /// Everything a job needs, shared by all tenants of one process.
 pub struct Context {
@@ -34,6 +35,11 @@ pub struct Context {
     pub owner: String,
     /// Set once this process has swept the store for orphaned partial files.
     pub partials_swept: AtomicBool,
+    /// Where packages and checkpoints go (DESIGN §7, §7b); one per process.
+    pub store: Arc<Store>,
+    /// Opens when the object store fails (unreachable, refusing): archive passes start no
+    /// result while it is open, and one probe per interval tests the store again.
+    pub store_breaker: breaker::Breaker,
 }
 
 /// One tenant's client, identity and breaker.
@@ -47,9 +53,22 @@ pub struct Tenant {
 }
 
 impl Context {
+    /// A context with the store `cfg.store` names (no network I/O yet).
     pub fn new(cfg: Arc<Config>, db: Db, cancel: CancellationToken) -> anyhow::Result<Context> {
+        let store = Arc::new(Store::open(&cfg.store)?);
+        Context::with_store(cfg, db, cancel, store)
+    }
+
+    /// A context with a store opened by the caller (tests give it their own credentials).
+    pub fn with_store(
+        cfg: Arc<Config>,
+        db: Db,
+        cancel: CancellationToken,
+        store: Arc<Store>,
+    ) -> anyhow::Result<Context> {
         let governor = Governor::new(db.clone(), cfg.quota.clone());
         let blob = crate::fetch::blob_client(cfg.download.read_timeout)?;
+        let store_breaker = breaker::Breaker::new(cfg.download.retry_base, cfg.download.retry_max);
         Ok(Context {
             cfg,
             db,
@@ -59,7 +78,20 @@ impl Context {
             cancel,
             owner: crate::queue::process_owner(),
             partials_swept: AtomicBool::new(false),
+            store,
+            store_breaker,
         })
+    }
+
+    /// With `require_worm` (DESIGN §7b): proves the store enforces retention, or refuses
+    /// with one line (exit 2). Writing commands and the daemon call it before any work.
+    pub async fn check_worm(&self) -> anyhow::Result<Option<crate::store::WormStatus>> {
+        if !self.cfg.store.worm_required() {
+            return Ok(None);
+        }
+        let status = self.store.check_worm().await?;
+        tracing::info!(store = %self.store.describe(), worm = %status, "the store enforces retention");
+        Ok(Some(status))
     }
 
     /// Builds the clients of the selected tenants (reading their secrets).

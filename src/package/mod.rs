@@ -165,7 +165,8 @@ fn zip_error_is_disk_full(err: &zip::result::ZipError) -> bool {
     matches!(err, zip::result::ZipError::Io(io_err) if io_error_is_disk_full(io_err))
 }
 
-fn io_error_is_disk_full(err: &io::Error) -> bool {
+/// ENOSPC or EDQUOT, however the OS reported it.
+pub(crate) fn io_error_is_disk_full(err: &io::Error) -> bool {
     matches!(
         err.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded

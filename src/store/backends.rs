@@ -63,7 +63,7 @@ pub(super) fn build(
         .with_connect_timeout(Duration::from_secs(10))
         // Per request: a part is at most a few MiB, a stalled one is retried.
         .with_timeout(Duration::from_secs(300));
-    let retry = RetryConfig::default();
+    let retry = retry_config(cfg);
     let bucket = cfg.bucket.clone();
     let client = match cfg.backend {
         StoreBackend::S3 => {
@@ -163,6 +163,15 @@ pub(super) fn build(
         cfg.region.clone(),
         endpoint,
     ))
+}
+
+/// A store that stays down past `retry_timeout` fails the request; the archive pass then
+/// pauses instead of every attempt waiting out its own retries.
+fn retry_config(cfg: &StoreConfig) -> RetryConfig {
+    RetryConfig {
+        retry_timeout: cfg.retry_timeout,
+        ..RetryConfig::default()
+    }
 }
 
 /// `AZURE_STORAGE_ACCOUNT_KEY`, else a SAS (`AZURE_STORAGE_SAS_KEY`), else a service

@@ -103,10 +103,7 @@ impl FsStore {
     ) -> Result<ByteStream, StoreError> {
         let path = self.root.join(key);
         if let Some(v) = version_id {
-            return Err(StoreError::InvalidKey {
-                key: key.to_string(),
-                reason: format!("the fs store keeps no versions (asked for version {v})"),
-            });
+            return Err(no_versions(key, v));
         }
         let file = tokio::fs::File::open(&path)
             .await
@@ -150,6 +147,91 @@ impl FsStore {
             Err(e) => Err(e),
         }
     }
+}
+
+pub(super) fn no_versions(key: &str, version: &str) -> StoreError {
+    StoreError::InvalidKey {
+        key: key.to_string(),
+        reason: format!("the fs store keeps no versions (asked for version {version})"),
+    }
+}
+
+/// Streams `stream` into a new temporary file in `dir` (removed when the returned path is
+/// dropped); nothing is fsynced, the copy is only read back once.
+pub(super) async fn write_temp(
+    mut stream: ByteStream,
+    dir: &Path,
+) -> Result<tempfile::TempPath, StoreError> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(io_error(dir, "creating directory"))?;
+    let (file, path) = tempfile::Builder::new()
+        .prefix("copy-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io_error(dir, "creating a temporary copy in"))?
+        .into_parts();
+    let mut file = tokio::fs::File::from_std(file);
+    while let Some(chunk) = stream.next().await {
+        file.write_all(&chunk?)
+            .await
+            .map_err(io_error(&path, "writing"))?;
+    }
+    file.flush().await.map_err(io_error(&path, "writing"))?;
+    Ok(path)
+}
+
+/// Moves `root/key` to `root/{dir}/{key}.{timestamp}` and removes the directories it leaves.
+pub(super) async fn quarantine(root: &Path, key: &str, dir: &str) -> Result<PathBuf, StoreError> {
+    let from = root.join(key);
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let to = root.join(dir).join(format!("{key}.{stamp}"));
+    if let Some(parent) = to.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io_error(parent, "creating directory"))?;
+    }
+    tokio::fs::rename(&from, &to)
+        .await
+        .map_err(io_error(&from, "setting aside"))?;
+    remove_with_empty_parents(root, key).await?;
+    Ok(to)
+}
+
+/// Removes the entries of `dir` (files, and directories with all they hold) last modified
+/// more than `age` ago.
+pub(super) async fn remove_older_than(
+    dir: &Path,
+    age: std::time::Duration,
+) -> Result<usize, StoreError> {
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_error(dir, "listing directory")(e)),
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(io_error(dir, "listing directory"))?
+    {
+        let Ok(meta) = entry.metadata().await else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|a| a > age);
+        let gone = match (old, meta.is_dir()) {
+            (false, _) => false,
+            (true, true) => tokio::fs::remove_dir_all(entry.path()).await.is_ok(),
+            (true, false) => tokio::fs::remove_file(entry.path()).await.is_ok(),
+        };
+        removed += usize::from(gone);
+    }
+    Ok(removed)
 }
 
 /// Writes `stream` to `dest` by the package rules: `dest.partial`, fsync, linked into place
@@ -226,12 +308,9 @@ pub(super) async fn sweep_spool(
     is_archived: impl Fn(&str) -> bool,
 ) -> Result<SpoolSweep, StoreError> {
     let mut sweep = SpoolSweep::default();
-    let mut files = std::pin::pin!(walk(root.to_path_buf(), ""));
+    let mut files = std::pin::pin!(spool_walk(root));
     while let Some(file) = files.next().await {
         let file = file?;
-        if file.key.ends_with(".partial") {
-            continue;
-        }
         if is_archived(&file.key) {
             remove_with_empty_parents(root, &file.key).await?;
             tracing::info!(key = %file.key, "removed the spool copy of an archived package");
@@ -244,6 +323,17 @@ pub(super) async fn sweep_spool(
     sweep.removed.sort();
     sweep.waiting.sort();
     Ok(sweep)
+}
+
+/// The finished packages of the spool at `root`: every file but `*.partial` ones and those
+/// in the spool's own directories (`_tmp`, `_quarantine`; tenant names never start with `_`).
+pub(super) fn spool_walk(
+    root: &Path,
+) -> impl Stream<Item = Result<Listed, StoreError>> + Send + 'static {
+    walk(root.to_path_buf(), "").try_filter(|l| {
+        let own = l.key.starts_with('_') || l.key.ends_with(".partial");
+        std::future::ready(!own)
+    })
 }
 
 /// Regular files below `root/prefix` (symlinks neither followed nor listed), as keys.

@@ -14,9 +14,15 @@
 //!    that leaves the copy, which [`Store::sweep_spool`] removes at the next start when its
 //!    key is archived, and which the archive path publishes again when it is not.
 //!
-//! `verify` reads back exactly the version custody names ([`Store::check`]), lists keys for its
-//! "file no evidence row names" check ([`Store::list`]); `export` copies packages out
-//! ([`Store::download_to`]); checkpoints and their tokens go up with [`Store::put_small`].
+//! `verify` reads back exactly the version custody names ([`Store::local_copy`] into the
+//! spool, then [`Store::judge`]), lists keys for its "file no evidence row names" check
+//! ([`Store::list`]); `export` copies packages out ([`Store::download_to`]); checkpoints and
+//! their tokens go up with [`Store::put_small`]. Code on a blocking thread reaches the store
+//! through [`Blocking`].
+//!
+//! The spool's own directories start with `_` (tenant names never do): `_tmp` holds copies
+//! read back for checking (removed when dropped), `_quarantine` spool copies the store
+//! refused or that changed after their check (kept for an operator, never uploaded).
 
 mod backends;
 mod fs;
@@ -35,6 +41,11 @@ use crate::error::UserError;
 
 pub use object::{PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size};
 pub use worm::WormStatus;
+
+/// The spool directory of temporary copies read back from the store.
+const TEMP_DIR: &str = "_tmp";
+/// The spool directory of copies set aside (a conflict in the store, or altered).
+pub const QUARANTINE_DIR: &str = "_quarantine";
 
 /// A stream of an object's bytes, read in flat memory.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StoreError>> + Send>>;
@@ -164,6 +175,34 @@ impl StoreError {
     fn refused(message: impl Into<String>) -> Self {
         StoreError::Refused(UserError::new(message))
     }
+
+    /// The object (or file) is not there.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            StoreError::Object { source, .. } => {
+                matches!(source, object_store::Error::NotFound { .. })
+            }
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
+/// A package's bytes on local disk, to be read by the zip checker: the file itself (`fs`),
+/// or a copy streamed into the spool's `_tmp`, removed when this is dropped.
+#[derive(Debug)]
+pub enum LocalCopy {
+    InPlace(PathBuf),
+    Temp(tempfile::TempPath),
+}
+
+impl LocalCopy {
+    pub fn path(&self) -> &Path {
+        match self {
+            LocalCopy::InPlace(p) => p,
+            LocalCopy::Temp(t) => t,
+        }
+    }
 }
 
 /// The evidence store of one deployment.
@@ -210,6 +249,11 @@ impl Store {
 
     pub fn backend(&self) -> StoreBackend {
         self.backend
+    }
+
+    /// An object store (packages pass through the spool), not the `fs` directory.
+    pub fn is_object(&self) -> bool {
+        matches!(self.inner, Inner::Object(_))
     }
 
     /// Where packages are written and checked before publication: `store.root` for `fs`
@@ -301,6 +345,47 @@ impl Store {
         }
     }
 
+    /// A small object's bytes (a checkpoint, a token), at most `max` bytes; `None` when it
+    /// is not there.
+    pub async fn read_small(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        use futures_util::StreamExt;
+        let mut stream = match self.read(key, None).await {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?);
+            if bytes.len() as u64 > max {
+                return Err(StoreError::InvalidKey {
+                    key: key.to_string(),
+                    reason: format!("larger than {max} bytes"),
+                });
+            }
+        }
+        Ok(Some(bytes))
+    }
+
+    /// A directory in the spool's `_tmp` for the caller's scratch files, removed when the
+    /// value is dropped. Object stores only.
+    pub fn temp_dir(&self) -> Result<tempfile::TempDir, StoreError> {
+        let dir = self.staging_root.join(TEMP_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            op: "creating directory",
+            source,
+        })?;
+        tempfile::Builder::new()
+            .prefix("dir-")
+            .tempdir_in(&dir)
+            .map_err(|source| StoreError::Io {
+                path: dir,
+                op: "creating a temporary directory in",
+                source,
+            })
+    }
+
     /// The SHA-256 and size of one object (exactly `version_id` when given), streamed.
     pub async fn hash(
         &self,
@@ -321,12 +406,26 @@ impl Store {
         expected: &Expected,
     ) -> Result<Verdict, StoreError> {
         check_key(key)?;
-        let version = version_id;
-        let (sha256, size) = match self.hash(key, version).await {
+        let found = match self.hash(key, version_id).await {
             Ok(h) => h,
-            Err(e) if is_not_found(&e) => return Ok(Verdict::Missing),
+            Err(e) if e.is_not_found() => return Ok(Verdict::Missing),
             Err(e) => return Err(e),
         };
+        self.judge(key, version_id, etag, expected, found).await
+    }
+
+    /// The verdict on a recorded object whose bytes (the version the ARCHIVED row names, read
+    /// by the caller) hashed to `found` (SHA-256, size): `Altered` when they are not the
+    /// recorded ones, else whether the key still serves that version (`Superseded`).
+    pub async fn judge(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+        etag: Option<&str>,
+        expected: &Expected,
+        found: (String, u64),
+    ) -> Result<Verdict, StoreError> {
+        let (sha256, size) = found;
         if sha256 != expected.sha256 || size != expected.size {
             return Ok(Verdict::Altered { sha256, size });
         }
@@ -334,7 +433,7 @@ impl Store {
             Inner::Fs(_) => return Ok(Verdict::Intact),
             Inner::Object(o) => o.head(key, None).await?,
         };
-        let same = current.as_ref().is_some_and(|c| match version {
+        let same = current.as_ref().is_some_and(|c| match version_id {
             Some(v) => c.version_id.as_deref() == Some(v),
             None => c.etag.as_deref() == etag,
         });
@@ -343,6 +442,117 @@ impl Store {
         } else {
             Verdict::Superseded { current }
         })
+    }
+
+    /// What the key serves now (HEAD; the file's size for `fs`); `None` when nothing.
+    pub async fn current(&self, key: &str) -> Result<Option<ObjectVersion>, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(_) => {
+                let path = self.staging_root.join(key);
+                match tokio::fs::metadata(&path).await {
+                    Ok(m) => Ok(Some(ObjectVersion {
+                        version_id: None,
+                        etag: None,
+                        size: m.len(),
+                    })),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(source) => Err(StoreError::Io {
+                        path,
+                        op: "looking up",
+                        source,
+                    }),
+                }
+            }
+            Inner::Object(o) => o.head(key, None).await,
+        }
+    }
+
+    /// One cheap request that shows the store answers (a HEAD of a key nobody writes).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        match &self.inner {
+            Inner::Fs(_) => Ok(()),
+            Inner::Object(o) => o.head("_probe", None).await.map(|_| ()),
+        }
+    }
+
+    /// The object (exactly `version_id` when given) as a local file for the zip checker:
+    /// the file itself for `fs`, a streamed copy in the spool's `_tmp` for object stores
+    /// (memory stays flat; the copy goes when the value is dropped).
+    pub async fn local_copy(
+        &self,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> Result<LocalCopy, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(_) => match version_id {
+                None => Ok(LocalCopy::InPlace(self.staging_root.join(key))),
+                Some(v) => Err(fs::no_versions(key, v)),
+            },
+            Inner::Object(o) => {
+                let stream = o.read(key, version_id).await?;
+                let dir = self.staging_root.join(TEMP_DIR);
+                fs::write_temp(stream, &dir).await.map(LocalCopy::Temp)
+            }
+        }
+    }
+
+    /// The object the key serves now, with a local copy of exactly that version: what a
+    /// crash left published but not committed, to be checked and adopted. `None` when the
+    /// key is empty. Object stores only (`fs` packages are adopted in place).
+    pub async fn fetch_current(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Stored, LocalCopy)>, StoreError> {
+        check_key(key)?;
+        let Inner::Object(o) = &self.inner else {
+            return Ok(None);
+        };
+        let Some(current) = o.head(key, None).await? else {
+            return Ok(None);
+        };
+        let copy = self.local_copy(key, current.version_id.as_deref()).await?;
+        let stored = Stored {
+            backend: self.backend,
+            location: o.location(key),
+            version_id: current.version_id,
+            etag: current.etag,
+            size: current.size,
+        };
+        Ok(Some((stored, copy)))
+    }
+
+    /// The finished packages in the spool (not `*.partial`, not the spool's own `_`
+    /// directories): those waiting for publication and those being published. Empty for `fs`.
+    pub async fn spool_files(&self) -> Result<Vec<Listed>, StoreError> {
+        use futures_util::TryStreamExt;
+        if !self.is_object() {
+            return Ok(Vec::new());
+        }
+        fs::spool_walk(&self.staging_root).try_collect().await
+    }
+
+    /// Sets the spool copy of `key` aside under `_quarantine/` (the store holds another
+    /// object under its key, or the copy changed after its check): it is never uploaded, and
+    /// stays for an operator to examine. Returns where it went. Object stores only.
+    pub async fn quarantine(&self, key: &str) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        if !self.is_object() {
+            return Err(StoreError::InvalidKey {
+                key: key.to_string(),
+                reason: "the fs store has no spool to set packages aside in".into(),
+            });
+        }
+        fs::quarantine(&self.staging_root, key, QUARANTINE_DIR).await
+    }
+
+    /// Removes read-back copies in the spool's `_tmp` older than `age` (left by a crash).
+    pub async fn clean_temp(&self, age: std::time::Duration) -> Result<usize, StoreError> {
+        if !self.is_object() {
+            return Ok(0);
+        }
+        fs::remove_older_than(&self.staging_root.join(TEMP_DIR), age).await
     }
 
     /// Every key below `prefix` (a relative key prefix such as `"contoso/"`, or `""`).
@@ -417,11 +627,41 @@ fn check_key(key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn is_not_found(e: &StoreError) -> bool {
-    match e {
-        StoreError::Object { source, .. } => matches!(source, object_store::Error::NotFound { .. }),
-        StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
+/// The store for code on a blocking thread (the zip checker, SQLite reads): each call
+/// runs the async call on the runtime the value was made in.
+pub struct Blocking {
+    store: std::sync::Arc<Store>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Blocking {
+    /// Must be called inside the runtime (it keeps a handle to it).
+    pub fn new(store: std::sync::Arc<Store>) -> Blocking {
+        Blocking {
+            store,
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Runs `fut` to its end; only from a thread outside the runtime's workers.
+    pub fn wait<T>(&self, fut: impl std::future::Future<Output = T>) -> T {
+        self.rt.block_on(fut)
+    }
+
+    /// The keys below `prefix`, one at a time (flat memory whatever the store's size).
+    pub fn list(&self, prefix: &str) -> impl Iterator<Item = Result<Listed, StoreError>> + '_ {
+        use futures_util::StreamExt;
+        let mut stream = self.store.list(prefix);
+        std::iter::from_fn(move || self.rt.block_on(stream.next()))
+    }
+
+    /// [`Store::read_small`], from a blocking thread.
+    pub fn read_small(&self, key: &str, max: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        self.wait(self.store.read_small(key, max))
     }
 }
 

@@ -378,3 +378,82 @@ fn object_custody_detail_names_store_version_and_etag() {
         r#"{"etag":"\"e\"","store":"s3://b/k","version_id":"v1"}"#
     );
 }
+
+#[tokio::test]
+async fn the_spool_lists_waiting_packages_sets_refused_ones_aside_and_forgets_old_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        backend: StoreBackend::S3,
+        spool: dir.path().to_path_buf(),
+        bucket: "evidence".into(),
+        region: "us-east-1".into(),
+        endpoint: "http://127.0.0.1:9".into(),
+        ..StoreConfig::default()
+    };
+    let store = Store::open_with(&cfg, &|name| Some(format!("test-{name}"))).unwrap();
+    assert!(store.is_object());
+    let waiting = "contoso/2026/11/27/a/000-GetFile.zip";
+    for (rel, body) in [
+        (waiting, &b"package"[..]),
+        (
+            "contoso/2026/11/27/a/001-RunScript.zip.1-ab.partial",
+            b"in progress",
+        ),
+        ("_tmp/copy-x.tmp", b"a read-back copy"),
+        ("_quarantine/contoso/x.zip.20261127T000000.000Z", b"refused"),
+    ] {
+        let path = dir.path().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    let files = store.spool_files().await.unwrap();
+    assert_eq!(
+        files,
+        vec![Listed {
+            key: waiting.into(),
+            size: 7
+        }]
+    );
+    // The sweep sees the same: neither the spool's own directories nor partials.
+    let sweep = store.sweep_spool(|_| false).await.unwrap();
+    assert_eq!(sweep.waiting, vec![waiting.to_string()]);
+
+    let aside = store.quarantine(waiting).await.unwrap();
+    assert!(aside.starts_with(dir.path().join("_quarantine/contoso/2026/11/27/a")));
+    assert_eq!(std::fs::read(&aside).unwrap(), b"package");
+    assert!(
+        !dir.path()
+            .join("contoso/2026/11/27/a/000-GetFile.zip")
+            .exists()
+    );
+    assert!(store.spool_files().await.unwrap().is_empty());
+
+    // Copies younger than the age stay; older ones (a crash's) go.
+    let hour = std::time::Duration::from_secs(3600);
+    assert_eq!(store.clean_temp(hour).await.unwrap(), 0);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("_tmp/copy-x.tmp"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - 2 * hour)
+        .unwrap();
+    assert_eq!(store.clean_temp(hour).await.unwrap(), 1);
+    assert!(!dir.path().join("_tmp/copy-x.tmp").exists());
+}
+
+#[tokio::test]
+async fn fs_local_copies_are_the_files_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = fs_store(dir.path());
+    let key = "contoso/2026/11/27/a/000-RunScript.zip";
+    let copy = store.local_copy(key, None).await.unwrap();
+    assert_eq!(copy.path(), dir.path().join(key));
+    assert!(matches!(copy, LocalCopy::InPlace(_)));
+    assert!(store.local_copy(key, Some("v1")).await.is_err());
+    assert!(
+        store.quarantine(key).await.is_err(),
+        "never moves an fs package"
+    );
+    assert_eq!(store.spool_files().await.unwrap(), vec![]);
+    assert_eq!(store.current(key).await.unwrap(), None);
+}

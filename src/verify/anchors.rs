@@ -169,7 +169,12 @@ fn recorded(conn: &Connection) -> Result<Vec<(i64, String, Option<String>)>, DbE
 }
 
 /// Writes this run's checkpoint for the head it verified; returns its path under the store.
-pub async fn write_checkpoint(cfg: &Config, db: &Db, report: &Report) -> anyhow::Result<String> {
+pub async fn write_checkpoint(
+    cfg: &Config,
+    db: &Db,
+    store: &crate::store::Store,
+    report: &Report,
+) -> anyhow::Result<String> {
     let cp = Checkpoint {
         seq: report.chain_head.seq,
         row_hash: report.chain_head.row_hash.clone(),
@@ -179,7 +184,7 @@ pub async fn write_checkpoint(cfg: &Config, db: &Db, report: &Report) -> anyhow:
         host: crate::custody::hostname(),
         lrvault_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    anchor::write_checkpoint(cfg, db, &cp).await
+    anchor::write_checkpoint(cfg, db, store, &cp).await
 }
 
 /// The checkpoint at `rel` (just written) as a candidate for a token.

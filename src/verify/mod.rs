@@ -12,6 +12,10 @@
 //! 4. `anchors`: every checkpoint against the chain, every token against its checkpoint and
 //!    `tsa_ca_file`; then this run's checkpoint and the tokens still missing.
 //!
+//! With an object store (DESIGN §7b) the packages are read back from the store by the exact
+//! version their ARCHIVED rows name, the store's keys are listed for step 3, and the
+//! checkpoints are read from (and written to) the store.
+//!
 //! Each defect is one VERIFY_FAILED row; the run ends with one VERIFIED row. `--chain-only`
 //! does steps 1 (without the evidence checks) and 4.
 
@@ -23,6 +27,7 @@ mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -30,6 +35,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::custody;
 use crate::db::{Db, DbError};
+use crate::store::{Blocking, Store};
 
 pub use defect::{Counts, Defect};
 
@@ -46,6 +52,9 @@ pub struct Scope {
     pub full: bool,
     /// Progress bars on a terminal and each defect on stderr (the command line).
     pub interactive: bool,
+    /// Read back only this many packages, picked at random (`--sample N`); every evidence
+    /// row is still compared with its ARCHIVED row, and the chain is checked whole.
+    pub sample: Option<usize>,
 }
 
 /// Outcome of one verify run.
@@ -151,8 +160,19 @@ pub async fn verify(
     verify_scope(cfg, db, &scope).await
 }
 
-/// One verify run over `scope`; see the module docs.
+/// One verify run over `scope`, with the store `cfg.store` names; see the module docs.
 pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Result<Report> {
+    let store = Arc::new(Store::open(&cfg.store)?);
+    verify_with_store(cfg, db, store, scope).await
+}
+
+/// One verify run over `scope` against `store` (the daemon's, or a test's).
+pub async fn verify_with_store(
+    cfg: &Config,
+    db: &Db,
+    store: Arc<Store>,
+    scope: &Scope,
+) -> anyhow::Result<Report> {
     let tenants = cfg.select_tenants(scope.tenant.as_deref())?;
     let trust = cfg
         .anchor
@@ -171,9 +191,12 @@ pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Resul
         .collect();
     let mut rec =
         defect::Recorder::new(db.clone(), run_tenant, run_actor, actors, scope.interactive);
+    let anchors = crate::anchor::local_root(&store, &cfg.store.root).await?;
     let checks = Checks {
         db_path: cfg.database.path.clone(),
         root: cfg.store.root.clone(),
+        anchors: anchors.path().to_path_buf(),
+        store: Blocking::new(store.clone()),
         scope: scope.clone(),
         trust,
     };
@@ -184,13 +207,20 @@ pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Resul
         return Ok(report);
     }
     if !rec.counts.chain_suspect && report.chain_rows > 0 {
-        report.checkpoint = Some(anchors::write_checkpoint(cfg, db, &report).await?);
+        report.checkpoint = Some(anchors::write_checkpoint(cfg, db, &store, &report).await?);
     }
     let mut missing = missing_tokens;
     if let Some(path) = &report.checkpoint {
-        missing.push(anchors::checkpoint_file(&cfg.store.root, path)?);
+        if store.is_object() {
+            // The token is asked for the bytes the store holds.
+            let local = anchors.path().join(path);
+            if !local.exists() {
+                store.download_to(path, None, &local).await?;
+            }
+        }
+        missing.push(anchors::checkpoint_file(anchors.path(), path)?);
     }
-    let tokens = crate::anchor::fetch_missing_tokens(cfg, db, &missing).await;
+    let tokens = crate::anchor::fetch_missing_tokens(cfg, db, &store, &missing).await;
     report.tokens_fetched = tokens.fetched.len();
     report.tokens_pending = tokens.pending;
     report.chain_defects = rec.counts.chain;
@@ -213,6 +243,10 @@ pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Resul
         "tokens_pending": tokens.pending,
         "token_error": tokens.error,
     });
+    let mut detail = detail;
+    if let Some(n) = scope.sample {
+        detail["scope"]["sample"] = json!(n);
+    }
     if let Err(e) = rec.finish(detail).await {
         report.unrecorded = Some(e.to_string());
     }
@@ -223,7 +257,11 @@ pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Resul
 /// writing the new checkpoint); run on one blocking thread.
 struct Checks {
     db_path: PathBuf,
+    /// `store.root` (the `fs` store's packages).
     root: PathBuf,
+    /// Where `_checkpoints/` is read: `store.root`, or a mirror of an object store's.
+    anchors: PathBuf,
+    store: Blocking,
     scope: Scope,
     trust: Option<crate::anchor::TrustAnchors>,
 }
@@ -246,12 +284,16 @@ impl Checks {
             return Ok((report, Vec::new()));
         }
         if !self.scope.chain_only {
-            let stats = packages::check(&conn, &self.root, &self.scope, &snap, rec)?;
+            let at = packages::Packages {
+                root: &self.root,
+                store: &self.store,
+            };
+            let stats = packages::check(&conn, &at, &self.scope, &snap, rec)?;
             report.packages_checked = stats.checked;
             report.legacy_packages = stats.legacy;
-            store::check(&conn, &self.root, &self.scope, rec)?;
+            store::check(&conn, &self.root, &self.store, &self.scope, rec)?;
         }
-        let missing = anchors::check(&conn, &self.root, &snap, self.trust.as_ref(), rec)?;
+        let missing = anchors::check(&conn, &self.anchors, &snap, self.trust.as_ref(), rec)?;
         rec.flush()?;
         report.evidence_rows = snap.evidence;
         Ok((report, missing))

@@ -2,6 +2,12 @@
 //! custody row (the reference), its package's bytes, BagIt manifests and `retrieval.json`, and
 //! the `custody_head` the package pins. Evidence rows are read a page at a time, each page in
 //! its own short read, so hours of hashing never hold a snapshot open.
+//!
+//! In an object store (DESIGN §7b) the package read is exactly the version its ARCHIVED row
+//! names, streamed into a temporary copy in the spool (checked, then deleted); a key that
+//! now serves another version (or a delete marker) is a defect even though the recorded
+//! version is intact. With `--sample N`, N packages picked at random are read; every
+//! evidence row is still compared with its ARCHIVED row.
 
 use std::io::Read;
 use std::path::Path;
@@ -14,6 +20,7 @@ use super::defect::{Defect, Recorder};
 use super::snapshot::Snapshot;
 use crate::cells::Cells;
 use crate::db::DbError;
+use crate::store::{Blocking, Expected, Verdict};
 
 const PAGE: i64 = 256;
 const MAX_RETRIEVAL_JSON: u64 = 1 << 20;
@@ -51,19 +58,38 @@ struct Archived {
     evidence_id: Option<String>,
     /// The head an adopted package pins when a restore took its rows away.
     custody_head_superseded: Option<(i64, String)>,
+    /// The object version and ETag an object store gave the package (DESIGN §7b).
+    version_id: Option<String>,
+    etag: Option<String>,
+}
+
+/// Where the packages are read from: `store.root` for `fs`, the object store otherwise.
+pub struct Packages<'a> {
+    pub root: &'a Path,
+    pub store: &'a Blocking,
 }
 
 pub fn check(
     conn: &Connection,
-    root: &Path,
+    packages: &Packages<'_>,
     scope: &Scope,
     snap: &Snapshot,
     rec: &mut Recorder,
-) -> Result<Stats, DbError> {
+) -> anyhow::Result<Stats> {
+    let since = scope.since.map(crate::time::fmt);
+    let sample = match scope.sample {
+        Some(n) => Some(sample_rowids(
+            conn,
+            scope.tenant.as_deref(),
+            since.as_deref(),
+            n,
+        )?),
+        None => None,
+    };
+    let total = sample.as_ref().map_or(snap.in_scope, |s| s.len() as u64);
     let bar = scope
         .interactive
-        .then(|| crate::progress::Progress::with_unit("packages", snap.in_scope, "packages"));
-    let since = scope.since.map(crate::time::fmt);
+        .then(|| crate::progress::Progress::with_unit("packages", total, "packages"));
     let mut stats = Stats::default();
     let mut after = 0i64;
     loop {
@@ -73,9 +99,17 @@ pub fn check(
         let Some(last) = page.last() else { break };
         after = last.rowid;
         for row in page {
-            let Some(outcome) = check_one(conn, root, snap, row)? else {
+            let read = sample.as_ref().is_none_or(|s| s.contains(&row.rowid));
+            let Some(outcome) = check_one(conn, packages, snap, row, read)? else {
                 continue;
             };
+            if !read {
+                // Compared with its ARCHIVED row only: not a checked package.
+                if let Some(defect) = outcome.defect {
+                    rec.defect(defect)?;
+                }
+                continue;
+            }
             stats.checked += 1;
             stats.legacy += usize::from(outcome.legacy);
             if outcome.chain_suspect {
@@ -94,6 +128,41 @@ pub fn check(
         bar.finish();
     }
     Ok(stats)
+}
+
+/// `n` evidence rowids in scope, picked uniformly at random (reservoir sampling: one
+/// streamed read, memory for `n` ids).
+fn sample_rowids(
+    conn: &Connection,
+    tenant: Option<&str>,
+    since: Option<&str>,
+    n: usize,
+) -> Result<std::collections::HashSet<i64>, DbError> {
+    use rand::Rng;
+    let mut stmt = conn
+        .prepare(
+            "SELECT rowid FROM evidence WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR archived_at >= ?2)",
+        )
+        .map_err(DbError::sql("sample evidence"))?;
+    let mut rows = stmt
+        .query(params![tenant, since])
+        .map_err(DbError::sql("sample evidence"))?;
+    let mut rng = rand::rng();
+    let mut reservoir: Vec<i64> = Vec::with_capacity(n.min(1 << 20));
+    let mut seen = 0usize;
+    while let Some(r) = rows.next().map_err(DbError::sql("sample evidence"))? {
+        let rowid: i64 = r.get(0).map_err(DbError::sql("sample evidence"))?;
+        seen += 1;
+        if reservoir.len() < n {
+            reservoir.push(rowid);
+        } else {
+            let j = rng.random_range(0..seen);
+            if j < n {
+                reservoir[j] = rowid;
+            }
+        }
+    }
+    Ok(reservoir.into_iter().collect())
 }
 
 fn read_page(
@@ -149,14 +218,15 @@ struct Outcome {
     chain_suspect: bool,
 }
 
-/// Checks one evidence row; `None` when its ARCHIVED row is newer than the verified head
-/// (the next run checks it).
+/// Checks one evidence row (its package too when `read`); `None` when its ARCHIVED row is
+/// newer than the verified head (the next run checks it).
 fn check_one(
     conn: &Connection,
-    root: &Path,
+    packages: &Packages<'_>,
     snap: &Snapshot,
     mut row: EvidenceRow,
-) -> Result<Option<Outcome>, DbError> {
+    read: bool,
+) -> anyhow::Result<Option<Outcome>> {
     let archived = archived_rows(conn, &row)?;
     if !archived.is_empty() && archived.iter().all(|a| a.seq > snap.head.seq) {
         return Ok(None);
@@ -189,8 +259,12 @@ fn check_one(
     let rel = reference
         .and_then(|a| a.package_path.clone())
         .unwrap_or_else(|| row.package_path.clone());
-    if !rel.is_empty() {
-        let head = check_package_file(&root.join(&rel), &mut row, reference);
+    if read && !rel.is_empty() {
+        let head = if packages.store.store().is_object() {
+            check_stored_package(packages.store, &rel, &mut row, reference)?
+        } else {
+            check_package_file(&packages.root.join(&rel), &mut row, reference).0
+        };
         match head {
             PinnedHead::Present(seq, hash) => {
                 chain_suspect |= check_custody_head(conn, &mut row, reference, seq, &hash)?;
@@ -250,6 +324,8 @@ fn archived_rows(conn: &Connection, row: &EvidenceRow) -> Result<Vec<Archived>, 
                 custody_head_superseded: detail["custody_head_superseded"]["seq"]
                     .as_i64()
                     .zip(text(&detail["custody_head_superseded"]["row_hash"])),
+                version_id: text(&detail["version_id"]),
+                etag: text(&detail["etag"]),
             })
         })
         .map_err(DbError::sql("read ARCHIVED rows"))?;
@@ -309,16 +385,91 @@ enum PinnedHead {
     Unknown,
 }
 
+/// The package in an object store: the version the ARCHIVED row names, read into a
+/// temporary copy and checked like a file; then whether the key still serves that version.
+/// A store that cannot be read stops the run (an outage is not a defect of the evidence).
+fn check_stored_package(
+    store: &Blocking,
+    rel: &str,
+    row: &mut EvidenceRow,
+    a: Option<&Archived>,
+) -> anyhow::Result<PinnedHead> {
+    let version = a.and_then(|a| a.version_id.as_deref());
+    let location = store
+        .store()
+        .location(rel)
+        .unwrap_or_else(|_| rel.to_string());
+    let copy = match store.wait(store.store().local_copy(rel, version)) {
+        Ok(copy) => copy,
+        Err(e) if e.is_not_found() => {
+            row.problems.push(format!(
+                "missing from the store: {location} (version {}) cannot be read",
+                version.unwrap_or("current")
+            ));
+            return Ok(PinnedHead::Unknown);
+        }
+        Err(e) if matches!(e, crate::store::StoreError::InvalidKey { .. }) => {
+            row.problems.push(format!("cannot read the package: {e}"));
+            return Ok(PinnedHead::Unknown);
+        }
+        Err(e) => anyhow::bail!("reading {location} from the store: {e}"),
+    };
+    let (head, found) = check_package_file(copy.path(), row, a);
+    drop(copy);
+    let recorded = a
+        .and_then(|a| a.package_sha256.clone())
+        .unwrap_or_else(|| row.package_sha256.clone());
+    let Some((sha256, size)) = found.filter(|(sha, _)| *sha == recorded) else {
+        return Ok(head); // altered: the hash mismatch is already a problem
+    };
+    let expected = Expected {
+        sha256: sha256.clone(),
+        size,
+    };
+    let etag = a.and_then(|a| a.etag.as_deref());
+    let verdict = store.wait(
+        store
+            .store()
+            .judge(rel, version, etag, &expected, (sha256, size)),
+    )?;
+    match verdict {
+        Verdict::Intact => {}
+        Verdict::Superseded { current: Some(c) } => row.problems.push(format!(
+            "{location} now serves another object (version {}, {} bytes, ETag {}) over the version its ARCHIVED row names ({}), which is intact",
+            c.version_id.as_deref().unwrap_or("-"),
+            c.size,
+            c.etag.as_deref().unwrap_or("-"),
+            version.unwrap_or("-")
+        )),
+        Verdict::Superseded { current: None } => row.problems.push(format!(
+            "{location} now serves nothing (a delete marker) over the version its ARCHIVED row names ({}), which is intact",
+            version.unwrap_or("-")
+        )),
+        Verdict::Altered { sha256, size } => row.problems.push(format!(
+            "{location} version {} hashes to {sha256} ({size} bytes), its ARCHIVED row says {recorded}",
+            version.unwrap_or("-")
+        )),
+        Verdict::Missing => row.problems.push(format!("missing from the store: {location}")),
+    }
+    Ok(head)
+}
+
 /// Re-hashes the package and checks it against the ARCHIVED row (or, without one, the
-/// evidence row); returns the `custody_head` its retrieval.json pins.
-fn check_package_file(path: &Path, row: &mut EvidenceRow, a: Option<&Archived>) -> PinnedHead {
+/// evidence row); returns the `custody_head` its retrieval.json pins, and the package's
+/// SHA-256 and size when it could be read.
+fn check_package_file(
+    path: &Path,
+    row: &mut EvidenceRow,
+    a: Option<&Archived>,
+) -> (PinnedHead, Option<(String, u64)>) {
     let check = match crate::package::check_package(path) {
         Ok(check) => check,
         Err(e) => {
             row.problems.push(format!("cannot read the package: {e}"));
-            return PinnedHead::Unknown;
+            return (PinnedHead::Unknown, None);
         }
     };
+    let found = Some((check.package_sha256.clone(), check.package_size));
     row.problems.extend(check.problems.iter().cloned());
     let (whose, package_sha, payload_sha, size, name) = match a {
         Some(a) => (
@@ -359,7 +510,7 @@ fn check_package_file(path: &Path, row: &mut EvidenceRow, a: Option<&Archived>) 
         Ok(v) => v,
         Err(problem) => {
             row.problems.push(problem);
-            return PinnedHead::Unknown;
+            return (PinnedHead::Unknown, found);
         }
     };
     if retrieval["sha256"].as_str() != Some(payload_sha.as_str()) {
@@ -374,7 +525,7 @@ fn check_package_file(path: &Path, row: &mut EvidenceRow, a: Option<&Archived>) 
             retrieval["bytes"], check.payload_size
         ));
     }
-    match &retrieval["custody_head"] {
+    let head = match &retrieval["custody_head"] {
         Value::Null => PinnedHead::Absent,
         head => match (head["seq"].as_i64(), head["row_hash"].as_str()) {
             (Some(seq), Some(hash)) => PinnedHead::Present(seq, hash.to_string()),
@@ -385,7 +536,8 @@ fn check_package_file(path: &Path, row: &mut EvidenceRow, a: Option<&Archived>) 
                 PinnedHead::Unknown
             }
         },
-    }
+    };
+    (head, found)
 }
 
 fn read_retrieval(path: &Path, bag: &str) -> Result<Value, String> {

@@ -2,6 +2,9 @@
 //! must be a package some evidence row names. A download in progress is not a defect: its
 //! `*.partial` (and, between the rename and the database commit, its finished zip) belong to
 //! a result in state `downloading`, which is asked afresh whenever a file is not explained.
+//! In an object store the same holds for every key below a tenant's prefix (listed, never
+//! held in memory), and an object uploaded but not yet committed belongs to a result in
+//! state `downloading` too.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -11,8 +14,49 @@ use rusqlite::{Connection, OptionalExtension};
 use super::Scope;
 use super::defect::{Defect, Recorder};
 use crate::db::DbError;
+use crate::store::Blocking;
 
 pub fn check(
+    conn: &Connection,
+    root: &Path,
+    store: &Blocking,
+    scope: &Scope,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    if store.store().is_object() {
+        return check_objects(conn, store, scope, rec);
+    }
+    check_files(conn, root, scope, rec)?;
+    Ok(())
+}
+
+/// The keys below each tenant's prefix (`_checkpoints` is checked with the anchors).
+fn check_objects(
+    conn: &Connection,
+    store: &Blocking,
+    scope: &Scope,
+    rec: &mut Recorder,
+) -> anyhow::Result<()> {
+    let prefix = scope
+        .tenant
+        .as_deref()
+        .map(|t| format!("{}/", crate::package::path_component(t)))
+        .unwrap_or_default();
+    let mut in_flight: Option<HashSet<String>> = None;
+    for listed in store.list(&prefix) {
+        let key = listed?.key;
+        if key.starts_with('_') || key.starts_with('.') {
+            continue;
+        }
+        if let Some(problem) = unexplained(conn, &key, || true, &mut in_flight)? {
+            let problem = problem.replace("file", "object");
+            rec.defect(Defect::StoreFile { path: key, problem })?;
+        }
+    }
+    Ok(())
+}
+
+fn check_files(
     conn: &Connection,
     root: &Path,
     scope: &Scope,
@@ -36,11 +80,11 @@ pub fn check(
             match entry.file_type() {
                 Ok(t) if t.is_dir() => pending.push(path),
                 Ok(t) if t.is_file() => {
-                    if let Some(problem) = unexplained(conn, root, &path, &mut in_flight)? {
-                        rec.defect(Defect::StoreFile {
-                            path: rel(root, &path),
-                            problem,
-                        })?;
+                    let rel = rel(root, &path);
+                    if let Some(problem) =
+                        unexplained(conn, &rel, || path.exists(), &mut in_flight)?
+                    {
+                        rec.defect(Defect::StoreFile { path: rel, problem })?;
                     }
                 }
                 _ => rec.defect(Defect::StoreFile {
@@ -83,14 +127,15 @@ fn rel(root: &Path, path: &Path) -> String {
         .into_owned()
 }
 
-/// `None` when an evidence row or a download in progress accounts for the file.
+/// `None` when an evidence row or a download in progress accounts for the file at `rel`
+/// (or when it is gone: `still_there`).
 fn unexplained(
     conn: &Connection,
-    root: &Path,
-    path: &Path,
+    rel: &str,
+    still_there: impl Fn() -> bool,
     in_flight: &mut Option<HashSet<String>>,
 ) -> Result<Option<String>, DbError> {
-    let rel = rel(root, path);
+    let rel = rel.to_string();
     // `<package>.<writer tag>.partial` belongs to the package it is being written for.
     let (final_rel, partial) = match crate::package::partial_target(Path::new(&rel)) {
         Some(target) => (target.to_string_lossy().into_owned(), true),
@@ -110,7 +155,7 @@ fn unexplained(
     let fresh = downloading(conn)?;
     let explained = fresh.contains(&final_rel) || (!partial && named_by_evidence(conn, &rel)?);
     *in_flight = Some(fresh);
-    if explained || !path.exists() {
+    if explained || !still_there() {
         return Ok(None);
     }
     Ok(Some(if partial {

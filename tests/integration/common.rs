@@ -29,9 +29,24 @@ pub async fn env(sim_cfg: SimConfig, extra: &str) -> Env {
     let config_path =
         lrvault::commands::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), extra)
             .unwrap();
+    env_from(dir, sim, config_path, None)
+}
+
+/// The environment of a config already written for `sim`; its context opens the store the
+/// config names, or uses `store` (opened with a test's own credentials).
+pub fn env_from(
+    dir: tempfile::TempDir,
+    sim: SimHandle,
+    config_path: PathBuf,
+    store: Option<Arc<lrvault::store::Store>>,
+) -> Env {
     let cfg = Arc::new(Config::load(&config_path).unwrap());
     let db = Db::open(&cfg.database.path).unwrap();
-    let ctx = Arc::new(Context::new(cfg.clone(), db.clone(), CancellationToken::new()).unwrap());
+    let cancel = CancellationToken::new();
+    let ctx = Arc::new(match store {
+        None => Context::new(cfg.clone(), db, cancel).unwrap(),
+        Some(store) => Context::with_store(cfg.clone(), db, cancel, store).unwrap(),
+    });
     let tenants = ctx
         .tenants(None)
         .unwrap()

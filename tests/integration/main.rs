@@ -22,6 +22,7 @@ mod pipeline;
 mod quota;
 mod start_checks;
 mod store_azure;
+mod store_pipeline;
 mod store_s3;
 mod tamper;
 mod unattended;

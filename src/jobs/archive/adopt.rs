@@ -1,18 +1,24 @@
-//! Adoption: a package found at its final path without an evidence row was left by a crash
-//! after the move and before the commit. It is re-checked from scratch and recorded as it
-//! is, never downloaded again and never overwritten. After a restore, [`adopt_in_place`]
-//! does this at once for every package written after the backup was taken.
+//! Adoption: a package found at its final path (`fs`), in the spool, or already in the
+//! object store, without an evidence row, was left by a crash after the move (or the upload)
+//! and before the commit. It is re-checked from scratch and recorded as it is, never
+//! downloaded again and never overwritten; a spool copy is published first (HEAD + hash: an
+//! object already uploaded is taken as it is, never uploaded twice). After a restore, and at
+//! the start of every pass for the spool, [`adopt_in_place`] does this at once for every
+//! package waiting locally.
 
 use serde_json::Value;
+
+use std::path::Path;
 
 use super::Outcome;
 use super::attempt::{Plan, archived_or_lost, read_retrieval};
 use crate::custody;
 use crate::db::DbError;
 use crate::jobs::Context;
-use crate::jobs::failure::Failure;
-use crate::package;
+use crate::jobs::failure::{Failure, ProcessFailure};
+use crate::package::{self, PackageCheck};
 use crate::queue::{self, EvidenceRecord, Key};
+use crate::store::{LocalCopy, Stored};
 
 /// What [`adopt_in_place`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -22,14 +28,18 @@ pub struct InPlace {
     /// Packages in place that do not verify: their results are `failed` with the reason
     /// (the package is left as it is).
     pub refused: Vec<String>,
+    /// Spool copies that could not be adopted now; their results retry (charged).
+    pub retry: usize,
 }
 
-/// Adopts, without any network call, every due `pending` result whose package is already at
-/// its final path: after a restore, the packages written after the backup was taken. Each
-/// is re-checked from scratch and gets one ARCHIVED row (`adopted: true`); results of
-/// tenants no longer configured are left alone.
+/// Adopts every `pending` result whose package is already at its final path (`fs`) or in
+/// the spool: after a restore, the packages written after the backup was taken; at each
+/// pass, the spool copies a crash or an unavailable store left. No MDE call is made; a spool
+/// copy is published (at most a HEAD and a hash when it is already in the store). Each is
+/// re-checked from scratch and gets one ARCHIVED row (`adopted: true`); results of tenants
+/// no longer configured are left alone. A store failure stops the round (the rest wait).
 pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
-    let root = ctx.cfg.store.root.clone();
+    let root = ctx.store.staging_root().to_path_buf();
     let in_place: Vec<Key> = ctx
         .db
         .read(move |c| {
@@ -80,42 +90,138 @@ pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
             Ok(_) => {}
             Err(failure) => {
                 let settlement = failure.settlement(claimed.attempts, &ctx.cfg.download);
+                let failed = !matches!(settlement, queue::Settlement::Retry { .. });
                 queue::settle(&ctx.db, &claimed, &ctx.owner, &actor, settlement).await?;
-                out.refused.push(failure.reason().to_string());
+                if let Failure::Process(ProcessFailure::Store { .. }) = &failure {
+                    super::publish::store_trouble(ctx, &failure);
+                    break;
+                }
+                if failed {
+                    out.refused.push(failure.reason().to_string());
+                } else {
+                    out.retry += 1;
+                }
             }
         }
     }
     Ok(out)
 }
 
-/// Re-verifies the package at `plan`'s path and commits it as archived, as `actor`.
+/// The package a crash left for `plan` before its commit, adopted: at its final path
+/// (`fs`) or in the spool, else (object stores) already published under its key. `None`
+/// when there is none, and the result is to be downloaded.
+pub(super) async fn leftover(
+    ctx: &Context,
+    actor: &str,
+    plan: &Plan<'_>,
+) -> Result<Option<Outcome>, Failure> {
+    if ctx.store.staging_root().join(&plan.rel_path).exists() {
+        return adopt(ctx, actor, plan).await.map(Some);
+    }
+    if !ctx.store.is_object() {
+        return Ok(None);
+    }
+    let rel = plan.rel_str();
+    match ctx.store.fetch_current(&rel).await {
+        Ok(Some((stored, copy))) => adopt_published(ctx, actor, plan, stored, copy)
+            .await
+            .map(Some),
+        Ok(None) => Ok(None),
+        Err(e) => Err(Failure::from_store(&e)),
+    }
+}
+
+/// Re-verifies the package at `plan`'s path (in place, or in the spool) and commits it as
+/// archived, as `actor`, publishing it first when the store is an object store.
 pub(super) async fn adopt(ctx: &Context, actor: &str, plan: &Plan<'_>) -> Result<Outcome, Failure> {
     let rel = plan.rel_str();
-    let path = ctx.cfg.store.root.join(&rel);
-    let check = {
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || package::check_package(&path))
-            .await
-            .map_err(|e| Failure::retry(e.to_string()))?
-            .map_err(|e| {
-                Failure::refused(format!(
-                    "a package is already at {rel} and cannot be read: {e}"
-                ))
-            })?
+    let root = ctx.store.staging_root();
+    let path = root.join(&rel);
+    let whence = if ctx.store.is_object() {
+        format!("a package is already in the spool at {rel}")
+    } else {
+        format!("a package is already at {rel}")
     };
+    let check = match check_whole(&path, &whence).await {
+        Ok(check) => check,
+        // A spool copy is not evidence yet: one that does not verify is set aside and the
+        // result downloaded again.
+        Err(refused) if ctx.store.is_object() => {
+            if let Ok(to) = ctx.store.quarantine(&rel).await {
+                tracing::error!(package = rel, set_aside = %to.display(), reason = refused.reason(), "a spool copy does not verify; set aside");
+            }
+            return Err(Failure::retry(refused.reason()));
+        }
+        Err(refused) => return Err(refused),
+    };
+    // The package's directory entries must be durable before the database says it exists.
+    sync_dirs(&path, root).map_err(|e| Failure::from_package(&e))?;
+    let record = record_of(ctx, &rel, &path, check).await?;
+    let k = &plan.claimed.key;
+    let outcome = super::publish::record(ctx, actor, k, record).await?;
+    if outcome == Outcome::Archived {
+        tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, package = rel, "adopted a verified package left by an interrupted run");
+    }
+    Ok(outcome)
+}
+
+/// Adopts the object the store already holds under `plan`'s key (an upload whose commit a
+/// crash cut off), checked from a local copy of exactly the version the store serves.
+async fn adopt_published(
+    ctx: &Context,
+    actor: &str,
+    plan: &Plan<'_>,
+    stored: Stored,
+    copy: LocalCopy,
+) -> Result<Outcome, Failure> {
+    let rel = plan.rel_str();
+    let whence = format!(
+        "the store already holds {} (version {})",
+        stored.location,
+        stored.version_id.as_deref().unwrap_or("-")
+    );
+    let check = check_whole(copy.path(), &whence).await?;
+    let mut record = record_of(ctx, &rel, copy.path(), check).await?;
+    drop(copy);
+    record.extra.extend(stored.custody_detail());
+    let k = &plan.claimed.key;
+    let committed = queue::commit_archived(&ctx.db, k, &ctx.owner, actor, record).await;
+    let outcome = archived_or_lost(committed)?;
+    if outcome == Outcome::Archived {
+        tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, location = %stored.location, version_id = ?stored.version_id, "adopted a verified package already in the store (an interrupted run uploaded it); nothing uploaded again");
+    }
+    Ok(outcome)
+}
+
+/// The BagIt check of a whole package; `whence` says where it was found, for the refusal.
+async fn check_whole(path: &Path, whence: &str) -> Result<PackageCheck, Failure> {
+    let owned = path.to_path_buf();
+    let check = tokio::task::spawn_blocking(move || package::check_package(&owned))
+        .await
+        .map_err(|e| Failure::retry(e.to_string()))?
+        .map_err(|e| Failure::refused(format!("{whence} and cannot be read: {e}")))?;
     if !check.problems.is_empty() {
         return Err(Failure::refused(format!(
-            "a package is already at {rel} and does not verify: {}",
+            "{whence} and does not verify: {}",
             check.problems.join("; ")
         )));
     }
-    // The package's directory entries must be durable before the database says it exists.
-    sync_dirs(&path, &ctx.cfg.store.root).map_err(|e| Failure::from_package(&e))?;
-    let retrieval = read_retrieval(&path, &check.bag_name);
-    let extra = pinned_head_check(ctx, &rel, retrieval.as_ref()).await?;
+    Ok(check)
+}
+
+/// The evidence record of a checked package at `path` (its key `rel`), from what the
+/// package itself says.
+async fn record_of(
+    ctx: &Context,
+    rel: &str,
+    path: &Path,
+    check: PackageCheck,
+) -> Result<EvidenceRecord, Failure> {
+    let retrieval = read_retrieval(path, &check.bag_name);
+    let extra = pinned_head_check(ctx, rel, retrieval.as_ref()).await?;
     let get = |k: &str| retrieval.as_ref().and_then(|r| r.get(k)).cloned();
     let text = |k: &str| get(k).as_ref().and_then(Value::as_str).map(str::to_string);
-    let record = EvidenceRecord {
+    Ok(EvidenceRecord {
         payload_name: check.payload_name.clone(),
         payload_size: check.payload_size,
         payload_sha256: check.payload_sha256.clone(),
@@ -123,19 +229,12 @@ pub(super) async fn adopt(ctx: &Context, actor: &str, plan: &Plan<'_>) -> Result
         original_name: text("original_name"),
         original_size: get("original_size").as_ref().and_then(Value::as_u64),
         original_sha256: text("original_sha256"),
-        package_path: rel.clone(),
+        package_path: rel.to_string(),
         package_size: check.package_size,
         package_sha256: check.package_sha256,
         adopted: true,
         extra,
-    };
-    let k = &plan.claimed.key;
-    let committed = queue::commit_archived(&ctx.db, k, &ctx.owner, actor, record).await;
-    let outcome = archived_or_lost(committed)?;
-    if outcome == Outcome::Archived {
-        tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, package = rel, "adopted a verified package left by an interrupted run");
-    }
-    Ok(outcome)
+    })
 }
 
 /// The package's `custody_head` must be a row of this chain; after a restore it may pin a

@@ -5,8 +5,11 @@
 //!    minting a fresh link when the blob host refuses an old one;
 //! 2. [`check_download`]: the server's length and MD5 claims against what arrived, and the
 //!    DOWNLOADED custody row;
-//! 3. [`finish_package`]: `retrieval.json`, tag files, re-check, move into place;
-//! 4. [`record`]: the evidence row, the result `archived` and the ARCHIVED custody row.
+//! 3. [`finish_package`]: `retrieval.json`, tag files, re-check, move into place (the store
+//!    root for `fs`, the spool for object stores);
+//! 4. [`publish::record`](super::publish::record): the package into the store, then the
+//!    evidence row, the result `archived` and the ARCHIVED custody row, then the spool copy
+//!    removed.
 //!
 //! Any step's failure ends the attempt with a [`Failure`] that says who pays.
 
@@ -33,7 +36,7 @@ pub(super) struct Plan<'a> {
     pub action: RawAction,
     /// The command's parameters (GetFile `Path`, RunScript `ScriptName`, ...).
     pub params: Vec<(String, String)>,
-    /// The package's path relative to the store root.
+    /// The package's path relative to the store root (its key in an object store).
     pub rel_path: PathBuf,
 }
 
@@ -75,7 +78,7 @@ impl<'a> Plan<'a> {
         let k = self.key();
         let (base_name, _) = package::payload_base_name(&self.claimed.command_type, &self.params);
         PackageSpec {
-            store_root: ctx.cfg.store.root.clone(),
+            store_root: ctx.store.staging_root().to_path_buf(),
             rel_path: self.rel_path.clone(),
             bag_name: format!("{}-{:03}", package::path_component(&k.action_id), k.index),
             payload_base_name: base_name,
@@ -130,10 +133,10 @@ pub(super) async fn attempt(
     claimed: &Claimed,
 ) -> Result<Outcome, Failure> {
     let plan = Plan::new(claimed);
-    // A package already in place (a crash after the rename, before the DB commit) is adopted
-    // once it re-verifies; nothing is downloaded twice.
-    if ctx.cfg.store.root.join(&plan.rel_path).exists() {
-        return super::adopt::adopt(ctx, &tenant.actor, &plan).await;
+    // A package already in place or in the store (a crash after the rename or the upload,
+    // before the DB commit) is adopted once it re-verifies; nothing is downloaded twice.
+    if let Some(outcome) = super::adopt::leftover(ctx, &tenant.actor, &plan).await? {
+        return Ok(outcome);
     }
     let mut dl = Download {
         started_at: crate::time::now_str(),
@@ -172,9 +175,7 @@ pub(super) async fn attempt(
     };
     let head = record_downloaded(ctx, tenant, &plan, &dl, &streamed, md5_check).await?;
     let record = finish_package(&plan, &dl, streamed, md5_check, head).await?;
-    let committed =
-        queue::commit_archived(&ctx.db, plan.key(), &ctx.owner, &tenant.actor, record).await;
-    archived_or_lost(committed)
+    super::publish::record(ctx, &tenant.actor, plan.key(), record).await
 }
 
 /// Mints links and streams the blob until the body is complete.

@@ -1,11 +1,14 @@
 //! The archive pass: each due `pending` result is claimed, its download link minted, the blob
 //! streamed into a BagIt package while it is hashed, checked against the server's length and
-//! MD5, moved into the store, and recorded. The steps of one attempt are in [`attempt`]; the
-//! state transitions are the queue's ([`crate::queue`]); who pays for a failure is decided in
+//! MD5, moved into the store (or, for an object store, into the spool and then published),
+//! and recorded. The steps of one attempt are in [`attempt`]; leftovers of crashes are
+//! adopted in [`adopt`]; publication and the store's guards are in [`publish`]; the state
+//! transitions are the queue's ([`crate::queue`]); who pays for a failure is decided in
 //! [`super::failure`].
 
 mod adopt;
 mod attempt;
+mod publish;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +51,9 @@ pub struct Summary {
     /// Tenants whose pass stopped or did not start because their breaker is open, one line
     /// each (the breaker logs its own changes).
     pub breakers: Vec<String>,
+    /// Why the pass started no (more) results because of the object store: it is paused
+    /// after a failure, or the spool is full of packages waiting for it.
+    pub store: Option<String>,
     /// Each tenant's own outcome: did its pass go well (for `job_runs`).
     pub tenants: std::collections::BTreeMap<String, bool>,
 }
@@ -64,6 +70,7 @@ impl std::ops::AddAssign for Summary {
         self.deferred += o.deferred;
         self.tenant_errors.extend(o.tenant_errors);
         self.breakers.extend(o.breakers);
+        self.store = self.store.take().or(o.store);
         self.tenants.extend(o.tenants);
     }
 }
@@ -102,6 +109,7 @@ impl Summary {
             || self.not_started > 0
             || !self.tenant_errors.is_empty()
             || !self.breakers.is_empty()
+            || self.store.is_some()
     }
 }
 
@@ -109,7 +117,7 @@ impl Summary {
     /// Closes a tenant's part of the pass: its own outcome, and its open breaker if any.
     fn with_breaker(mut self, tenant: &Tenant) -> Summary {
         let line = breaker::open_line(tenant);
-        let ok = self.failed == 0 && line.is_none();
+        let ok = self.failed == 0 && line.is_none() && self.store.is_none();
         self.breakers.extend(line);
         self.tenants.insert(tenant.cfg.name.clone(), ok);
         self
@@ -145,6 +153,14 @@ pub async fn archive(
         recovered: recover(ctx).await?,
         ..Default::default()
     };
+    match recover_spool(ctx).await? {
+        Ok(adopted) => {
+            summary.archived += adopted.adopted;
+            summary.failed += adopted.refused.len();
+            summary.retry_later += adopted.retry;
+        }
+        Err(line) => summary.store = Some(line),
+    }
     ctx.governor.prune().await?;
     // `max` is shared by all tenants: hand out the budget as results start.
     let budget = Arc::new(AtomicUsize::new(scope.max.unwrap_or(usize::MAX)));
@@ -198,6 +214,17 @@ async fn archive_tenant(
         tenant.breaker.release_probe();
         return Ok(summary.with_breaker(tenant));
     }
+    // The object store paused, or its spool full: no result starts (none is charged).
+    let store_line = match publish::store_admits(ctx).await {
+        Ok(()) => publish::spool_full(ctx).await,
+        Err(line) => Some(line),
+    };
+    if let Some(line) = store_line {
+        tenant.breaker.release_probe();
+        summary.not_started = due_count;
+        summary.store = Some(line);
+        return Ok(summary.with_breaker(tenant));
+    }
     // A token first: refused credentials or a down token endpoint are the tenant's trouble,
     // not any result's, so stop here rather than charging results for them.
     if let Err(e) = tenant.client.check_auth().await {
@@ -240,6 +267,15 @@ async fn archive_tenant(
         };
         // The tenant's side went down, or this host stopped: start nothing more.
         if tenant.breaker.open().is_some() || ctx.cancel.is_cancelled() {
+            break;
+        }
+        // The store failed, or too many packages wait for it: start no new download.
+        if ctx.store_breaker.open().is_some() {
+            summary.store = Some(publish::paused_line(ctx));
+            break;
+        }
+        if let Some(line) = publish::spool_full(ctx).await {
+            summary.store = Some(line);
             break;
         }
         if budget
@@ -287,6 +323,7 @@ pub async fn archive_one(ctx: &Context, tenant: &Tenant, key: &Key) -> Outcome {
             if let Failure::Tenant(t) = &failure {
                 breaker::trouble(&ctx.db, tenant, t).await;
             }
+            publish::store_trouble(ctx, &failure);
             settle(ctx, tenant, &claimed, failure).await
         }
     }
@@ -351,11 +388,11 @@ fn package_of(root: &std::path::Path, flight: &queue::InFlight) -> Option<PathBu
 
 /// Returns crashed downloads to `pending` and removes their partial files. A package already
 /// in place (a crash between the rename and the DB commit) is left for the next attempt to
-/// adopt after re-verifying it. The first call of a process also sweeps the store for
-/// partial files no lease explains.
+/// adopt after re-verifying it. The first call of a process also sweeps the store (the
+/// spool, for object stores) for partial files no lease explains.
 pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
     let found = queue::recover(&ctx.db, &ctx.owner).await?;
-    let root = ctx.cfg.store.root.clone();
+    let root = ctx.store.staging_root().to_path_buf();
     for flight in &found.returned {
         let k = &flight.key;
         tracing::info!(tenant = %k.tenant, action = %k.action_id, index = k.index, "returned an interrupted download to the queue");
@@ -382,15 +419,87 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
             .filter_map(|f| package_of(&root, f))
             .collect();
         sweep_orphan_partials(root, live).await;
+        // Read-back copies a crash left (a live one is written to or read within minutes).
+        if let Err(e) = ctx.store.clean_temp(queue::LEASE * 6).await {
+            tracing::warn!(error = %e, "could not clean the spool's temporary copies");
+        }
     }
     Ok(found.returned.len())
+}
+
+/// Object stores, at the start of each pass: removes the spool copies of packages already
+/// archived (a crash between the commit and the removal), then publishes and adopts the ones
+/// whose results wait (a crash before the upload or the commit, or a store that was down),
+/// before any new download; returns what it adopted and refused. `Err(line)` when the
+/// store is paused and they must wait.
+async fn recover_spool(ctx: &Context) -> Result<Result<InPlace, String>, DbError> {
+    let none = || Ok(Ok(InPlace::default()));
+    let files = match ctx.store.spool_files().await {
+        Ok(files) if files.is_empty() => return none(),
+        Ok(files) => files,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the spool");
+            return none();
+        }
+    };
+    let keys: Vec<String> = files.into_iter().map(|f| f.key).collect();
+    let archived = ctx.db.read(move |c| archived_paths(c, &keys)).await?;
+    let sweep = match ctx.store.sweep_spool(|key| archived.contains(key)).await {
+        Ok(sweep) => sweep,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not sweep the spool");
+            return none();
+        }
+    };
+    if sweep.waiting.is_empty() {
+        return none();
+    }
+    tracing::info!(
+        waiting = sweep.waiting.len(),
+        bytes = sweep.waiting_bytes,
+        "packages in the spool wait for the store"
+    );
+    if let Err(line) = publish::store_admits(ctx).await {
+        return Ok(Err(line));
+    }
+    let adopted = adopt_in_place(ctx).await?;
+    for reason in &adopted.refused {
+        tracing::error!(
+            reason,
+            "a package in the spool was refused; its result is failed"
+        );
+    }
+    Ok(match ctx.store_breaker.open() {
+        Some(_) => Err(publish::paused_line(ctx)),
+        None => Ok(adopted),
+    })
+}
+
+/// The `keys` some evidence row names.
+fn archived_paths(
+    c: &rusqlite::Connection,
+    keys: &[String],
+) -> Result<std::collections::HashSet<String>, DbError> {
+    let mut stmt = c
+        .prepare_cached("SELECT 1 FROM evidence WHERE package_path = ?1")
+        .map_err(DbError::sql("look up package path"))?;
+    let mut found = std::collections::HashSet::new();
+    for key in keys {
+        if stmt
+            .exists([key])
+            .map_err(DbError::sql("look up package path"))?
+        {
+            found.insert(key.clone());
+        }
+    }
+    Ok(found)
 }
 
 /// Removes every partial file that no live lease covers, whatever its age: for when no
 /// other writer can be running (`lrvault restore` holds the daemon's lock). Returns how many.
 pub async fn sweep_partials(ctx: &Context) -> Result<usize, DbError> {
     let found = queue::recover(&ctx.db, &ctx.owner).await?;
-    let root = ctx.cfg.store.root.clone();
+    let root = ctx.store.staging_root().to_path_buf();
     let live: std::collections::HashSet<PathBuf> = found
         .live
         .iter()
