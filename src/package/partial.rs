@@ -1,6 +1,7 @@
 //! The `<final>.partial` file under the zip writer: it discards writes once the package is
-//! abandoned, and gets a large package onto the disk while it is still streaming
-//! ([`Writeback`]), so the final fsync has only the tail left.
+//! abandoned, gets a large package onto the disk while it is still streaming
+//! ([`Writeback`]), so the final fsync has only the tail left, and tells the read-back thread
+//! ([`super::readback`]) how far the file is written.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -8,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use super::readback::Progress;
 
 /// Bytes written between early syncs of a large package.
 const WRITEBACK_EVERY: u64 = 64 << 20;
@@ -23,21 +26,34 @@ pub(crate) struct PartialFile {
     writeback: Option<Writeback>,
     unsynced: u64,
     writeback_every: u64,
+    /// Where the next write goes (the zip writer seeks back once per entry to fill in its
+    /// header).
+    pos: u64,
+    progress: Arc<Progress>,
 }
 
 impl PartialFile {
-    pub(crate) fn new(file: File, abandoned: Arc<AtomicBool>) -> Self {
+    pub(crate) fn new(file: File, abandoned: Arc<AtomicBool>, progress: Arc<Progress>) -> Self {
         PartialFile {
             file,
             abandoned,
             writeback: None,
             unsynced: 0,
             writeback_every: WRITEBACK_EVERY,
+            pos: 0,
+            progress,
         }
+    }
+
+    /// Where the next write goes.
+    pub(crate) fn position(&self) -> u64 {
+        self.pos
     }
 
     /// Counts written bytes and nudges the early writeback every [`WRITEBACK_EVERY`].
     fn wrote(&mut self, n: usize) -> io::Result<()> {
+        self.pos += n as u64;
+        self.progress.written_to(self.pos);
         self.unsynced += n as u64;
         if self.unsynced < self.writeback_every {
             return Ok(());
@@ -92,6 +108,9 @@ impl Write for PartialFile {
 impl io::Seek for PartialFile {
     fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
         let r = self.file.seek(pos);
+        if let Ok(at) = r {
+            self.pos = at;
+        }
         self.doom(r)
     }
 }
@@ -153,18 +172,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.partial");
         let abandoned = Arc::new(AtomicBool::new(false));
-        let mut partial = PartialFile::new(File::create(&path).unwrap(), abandoned.clone());
+        let progress = Arc::new(Progress::default());
+        let mut partial = PartialFile::new(
+            File::create(&path).unwrap(),
+            abandoned.clone(),
+            progress.clone(),
+        );
         partial.writeback_every = 4096;
         let chunk: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
         for _ in 0..10 {
             partial.write_all(&chunk).unwrap();
         }
         assert!(partial.writeback.is_some(), "the helper started");
+        assert_eq!(partial.position(), 30_000, "every byte written is counted");
         drop(partial.into_file().unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), chunk.repeat(10));
 
         // Once abandoned, writes go nowhere (and succeed).
-        let mut partial = PartialFile::new(File::create(&path).unwrap(), abandoned.clone());
+        let mut partial =
+            PartialFile::new(File::create(&path).unwrap(), abandoned.clone(), progress);
         abandoned.store(true, Ordering::Relaxed);
         partial.write_all(b"ignored").unwrap();
         drop(partial);

@@ -4,7 +4,9 @@
 //! Memory stays flat: the payload goes into the zip entry in batches of about a MiB (the first
 //! batch is held back only until `auto` compression has judged it), the hashes run on their own
 //! threads over the same buffers ([`super::hashers`]), and the gunzipped stream of a gzip
-//! payload is only hashed, never stored.
+//! payload is only hashed, never stored. The entry is read back from the file while it is
+//! written ([`super::readback`]): that is the re-check of the payload, and where its MD5 comes
+//! from.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -18,11 +20,13 @@ use zip::{CompressionMethod, ZipWriter};
 
 use super::check::{PayloadCheck, check_package_with, encode_manifest_path};
 use super::compression::{
-    CompressionChoice, FAST_LEVEL, MAGIC_LEN, SAMPLE_LEN, choose_by_head, choose_by_sample,
+    CompressionChoice, EntryMethod, FAST_LEVEL, MAGIC_LEN, SAMPLE_LEN, choose_by_head,
+    choose_by_sample,
 };
 use super::hashers::{Batch, PayloadHashers};
 use super::names::{MAX_NAME_BYTES, sanitize_with_limit};
 use super::partial::PartialFile;
+use super::readback::{self, Progress, ReadBack};
 use super::{
     BagInfo, Compression, PackageError, PackageInfo, PackageSpec, PayloadDigests, PayloadEncoding,
 };
@@ -58,6 +62,17 @@ pub struct PackageWriter {
     zip: Option<Zip>,
     /// Set before an abandoned zip writer is dropped, so its final writes go nowhere.
     abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// How far the file is written, for the read-back.
+    progress: std::sync::Arc<Progress>,
+    /// Reads the payload entry back as it is written; started with the entry.
+    reader: Option<readback::Reader>,
+    /// Where the payload entry's data starts, once it is started.
+    data_start: u64,
+    compute_md5: bool,
+    /// What the read-back found, once the payload entry is closed.
+    read_back: Option<ReadBack>,
+    /// The package's SHA-256 up to the end of a stored payload, started when it closes.
+    prefix: Option<readback::PrefixHash>,
     mtime: zip::DateTime,
     /// (name inside the bag, sha256 hex) of tag files already written.
     tag_hashes: Vec<(String, String)>,
@@ -105,19 +120,32 @@ impl PackageWriter {
         // its lease expired) never share a partial file. Stale partials are swept by the
         // archive pass's recovery, never by a writer.
         let partial_path = partial_path_for(&final_path, &writer_tag());
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&partial_path)
-            .map_err(|source| PackageError::Io {
-                path: partial_path.clone(),
-                op: "creating partial package",
-                source,
-            })?;
+        let open = || {
+            File::options()
+                .write(true)
+                .create_new(true)
+                .open(&partial_path)
+        };
+        // The spool's sweep removes directories it empties: one may go between the two calls.
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(&parent).and_then(|()| open())
+            }
+            r => r,
+        }
+        .map_err(|source| PackageError::Io {
+            path: partial_path.clone(),
+            op: "creating partial package",
+            source,
+        })?;
         let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let file = PartialFile::new(file, abandoned.clone());
+        let progress = std::sync::Arc::new(Progress::default());
+        let file = PartialFile::new(file, abandoned.clone(), progress.clone());
+        // Each finished entry reaches the file at once: the zip writer seeks back to fill in
+        // its header, and a BufWriter writes its buffer out before any seek. So the read-back
+        // never waits on a buffer for the end of the payload.
         let zip = ZipWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file));
-        let hashers = PayloadHashers::start(spec.compute_md5)
+        let hashers = PayloadHashers::start()
             .map_err(|e| PackageError::Task(format!("cannot start the hashing threads: {e}")))?;
         let mut writer = PackageWriter {
             bag_name: spec.bag_name,
@@ -132,6 +160,12 @@ impl PackageWriter {
             partial_path,
             zip: Some(zip),
             abandoned,
+            progress,
+            reader: None,
+            data_start: 0,
+            compute_md5: spec.compute_md5,
+            read_back: None,
+            prefix: None,
             mtime: zip_now(),
             tag_hashes: Vec::new(),
             batch: Vec::new(),
@@ -177,6 +211,7 @@ impl PackageWriter {
     }
 
     /// The payload's digests; call after the last [`write`](Self::write). Later writes fail.
+    /// Closes the payload entry (the manifest follows it) and waits for its read-back.
     pub fn digests(&mut self) -> Result<PayloadDigests, PackageError> {
         if let Some(digests) = &self.digests {
             return Ok(digests.clone());
@@ -188,17 +223,22 @@ impl PackageWriter {
             None => choose_by_sample(&self.held),
         };
         self.choice = Some(choice.clone());
+        if !self.entry_started {
+            self.start_payload_entry()?;
+        }
         let hashes = self
             .hashers
             .take()
             .and_then(PayloadHashers::finish)
             .ok_or_else(|| PackageError::Task("a hashing thread failed".to_string()))?;
+        let payload_name = self.payload_name(gzip);
+        let read_back = self.close_payload_entry(&payload_name, &hashes.sha256)?;
         let (original_size, original_sha256) = hashes.original.unzip();
         let digests = PayloadDigests {
-            payload_name: self.payload_name(gzip),
+            payload_name,
             size: self.size,
             sha256: hashes.sha256,
-            md5: hashes.md5,
+            md5: read_back.md5,
             encoding: if gzip {
                 PayloadEncoding::Gzip
             } else {
@@ -208,26 +248,50 @@ impl PackageWriter {
             original_sha256,
             compression: choice,
         };
+        self.read_back = Some(read_back);
         self.digests = Some(digests.clone());
         Ok(digests)
+    }
+
+    /// Ends the payload entry by starting the next one (the manifest, which only needs the
+    /// payload's SHA-256), and waits for the read-back to reach its end.
+    fn close_payload_entry(
+        &mut self,
+        payload_name: &str,
+        sha256: &str,
+    ) -> Result<ReadBack, PackageError> {
+        let stored = self.choice.as_ref().map(|c| c.method) != Some(EntryMethod::Deflated);
+        if stored {
+            // A stored entry's bytes are the payload's: the read-back stops after them.
+            self.progress.limit(self.data_start + self.size);
+        }
+        let manifest = format!("{sha256}  data/{}\n", encode_manifest_path(payload_name));
+        self.add_tag_file("manifest-sha256.txt", manifest.as_bytes())?;
+        self.progress.close();
+        if stored {
+            let end = self.data_start + self.size;
+            let prefix = readback::PrefixHash::start(&self.partial_path, end).map_err(|e| {
+                PackageError::Task(format!("cannot start the prefix hashing thread: {e}"))
+            })?;
+            self.prefix = Some(prefix);
+        }
+        let reader = self
+            .reader
+            .take()
+            .ok_or_else(|| finished_error(&self.partial_path))?;
+        reader.finish().map_err(|e| PackageError::Verify {
+            path: self.final_path.clone(),
+            reason: format!("reading the payload back from the file: {e}"),
+        })
     }
 
     /// Writes the tag files (with `retrieval_json` verbatim), closes and fsyncs the zip,
     /// re-checks it, makes it read-only and moves it into place without overwriting.
     pub fn finish(mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
         let digests = self.digests()?;
-        if !self.entry_started {
-            self.start_payload_entry()?;
-        }
         let bag_info = self.bag_info_txt(&digests);
         self.add_tag_file("bag-info.txt", bag_info.as_bytes())?;
         self.add_tag_file("retrieval.json", retrieval_json)?;
-        let manifest = format!(
-            "{}  data/{}\n",
-            digests.sha256,
-            encode_manifest_path(&digests.payload_name)
-        );
-        self.add_tag_file("manifest-sha256.txt", manifest.as_bytes())?;
         let mut tag_lines = self.tag_hashes.clone();
         tag_lines.sort();
         let tagmanifest: String = tag_lines
@@ -256,10 +320,26 @@ impl PackageWriter {
             })?;
         // The fsync waits on the disk while the re-check reads the page cache: both at once.
         let partial = &self.partial_path;
-        let streamed_sha256 = digests.sha256.as_str();
+        let read_back = self
+            .read_back
+            .as_ref()
+            .ok_or_else(|| finished_error(partial))?;
+        let prefix = match self.prefix.take() {
+            Some(p) => Some(p.finish().map_err(|source| PackageError::Io {
+                path: partial.clone(),
+                op: "hashing",
+                source,
+            })?),
+            None => None,
+        };
+        let payload_check = PayloadCheck::ReadBack {
+            streamed_sha256: digests.sha256.as_str(),
+            found: read_back,
+            prefix: prefix.as_ref(),
+        };
         let (synced, check) = std::thread::scope(|scope| {
             let syncing = scope.spawn(move || file.sync_all());
-            let check = check_package_with(partial, PayloadCheck::Crc { streamed_sha256 });
+            let check = check_package_with(partial, payload_check);
             let synced = syncing
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("the fsync thread failed")));
@@ -331,6 +411,8 @@ impl PackageWriter {
             return;
         }
         self.done = true;
+        // The read-back thread stops at once (and closes its file).
+        self.progress.abandon();
         // Dropping the zip writer finalises the archive; those writes are discarded (the
         // file is doomed, and on a full disk they would fail), and the fd is closed.
         self.abandoned
@@ -415,13 +497,13 @@ impl PackageWriter {
         let method = self
             .choice
             .as_ref()
-            .map_or(CompressionMethod::Stored, |c| c.method.zip_method());
+            .map_or(EntryMethod::Stored, |c| c.method);
         let name = format!(
             "{}/data/{}",
             self.bag_name,
             self.payload_name(self.gzip.unwrap_or(false))
         );
-        let options = entry_options(method, self.mtime).large_file(self.large_file);
+        let options = entry_options(method.zip_method(), self.mtime).large_file(self.large_file);
         let path = &self.partial_path;
         let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
         zip.start_file(name, options)
@@ -430,6 +512,21 @@ impl PackageWriter {
                 op: "starting payload entry in",
                 source,
             })?;
+        // The entry's data starts where the header ends: in the file, or still in the buffer.
+        self.data_start = zip
+            .get_ref()
+            .map(|w| w.get_ref().position() + w.buffer().len() as u64)
+            .ok_or_else(|| finished_error(path))?;
+        self.reader = Some(
+            readback::Reader::start(
+                path,
+                self.data_start,
+                method,
+                self.compute_md5,
+                self.progress.clone(),
+            )
+            .map_err(|e| PackageError::Task(format!("cannot start the read-back thread: {e}")))?,
+        );
         self.entry_started = true;
         let held = std::mem::take(&mut self.held);
         self.write_entry(&held)
@@ -848,9 +945,9 @@ mod tests {
                     "a1b2c3-002/bagit.txt",
                     "a1b2c3-002/machine-action.json",
                     "a1b2c3-002/data/collect.ps1.transcript.json",
+                    "a1b2c3-002/manifest-sha256.txt",
                     "a1b2c3-002/bag-info.txt",
                     "a1b2c3-002/retrieval.json",
-                    "a1b2c3-002/manifest-sha256.txt",
                     "a1b2c3-002/tagmanifest-sha256.txt",
                 ]
             );
@@ -1143,10 +1240,14 @@ mod tests {
             (Compression::Deflate, CompressionMethod::Deflated),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let (digests, _) =
+            let (digests, info) =
                 write_package(spec(dir.path(), "t.txt", false, compression), &payload, 777);
             assert_eq!(digests.compression.method.zip_method(), method);
             let path = final_path(dir.path());
+            // Stored: the package hash was started at the payload's end; either way it is
+            // the hash of the whole file, and the MD5 (read back) is the payload's.
+            assert_eq!(info.package_sha256, sha256_hex(&fs::read(&path).unwrap()));
+            assert_eq!(digests.md5, Some(md5_of(&payload)));
             assert_eq!(entry(&read_zip(&path), "data/t.txt").method, method);
             assert_eq!(unzip_payload(&path, "t.txt"), payload);
         }
@@ -1325,7 +1426,7 @@ mod tests {
     }
 
     #[test]
-    fn the_writers_recheck_catches_a_payload_byte_changed_on_disk_by_its_crc() {
+    fn the_read_back_catches_a_payload_byte_changed_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let payload: Vec<u8> = (0..200_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -1345,22 +1446,52 @@ mod tests {
             .unwrap();
         bytes[at] ^= 0x01;
         fs::write(&copy, &bytes).unwrap();
-        let streamed = PayloadCheck::Crc {
-            streamed_sha256: &digests.sha256,
+        // What the read-back of each file finds, as the writer's thread would.
+        let read_back = |file: &Path| {
+            let mut zip = zip::ZipArchive::new(File::open(file).unwrap()).unwrap();
+            let entry = zip.by_name(&format!("{BAG}/data/r.bin")).unwrap();
+            let start = entry.data_start().unwrap();
+            let progress = std::sync::Arc::new(Progress::default());
+            let reader =
+                readback::Reader::start(file, start, EntryMethod::Stored, true, progress.clone())
+                    .unwrap();
+            progress.written_to(fs::metadata(file).unwrap().len());
+            progress.limit(start + entry.size());
+            progress.close();
+            reader.finish().unwrap()
         };
-        let cheap = check_package_with(&copy, streamed).unwrap();
+        let changed = read_back(&copy);
+        let check = check_package_with(
+            &copy,
+            PayloadCheck::ReadBack {
+                streamed_sha256: &digests.sha256,
+                found: &changed,
+                prefix: None,
+            },
+        )
+        .unwrap();
         assert!(
-            cheap.problems.iter().any(|p| p.contains("checksum")),
-            "{:?}",
-            cheap.problems
-        );
-        // The untouched package passes the same check, and the full one agrees.
-        assert!(
-            check_package_with(&path, streamed)
-                .unwrap()
+            check
                 .problems
-                .is_empty()
+                .iter()
+                .any(|p| p.contains("reading it back found")),
+            "{:?}",
+            check.problems
         );
+        assert_ne!(changed.md5, digests.md5);
+        // The untouched package passes the same check, and the full one agrees.
+        let intact = read_back(&path);
+        assert_eq!(intact.md5, digests.md5);
+        let check = check_package_with(
+            &path,
+            PayloadCheck::ReadBack {
+                streamed_sha256: &digests.sha256,
+                found: &intact,
+                prefix: None,
+            },
+        )
+        .unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
         assert_eq!(check_package(&path).unwrap().payload_sha256, digests.sha256);
     }
 

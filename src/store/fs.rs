@@ -374,11 +374,13 @@ fn walk(
             if kind.is_dir() {
                 pending.push(path);
             } else if kind.is_file() {
-                let size = entry
-                    .metadata()
-                    .await
-                    .map_err(io_error(&path, "reading size of"))?
-                    .len();
+                let size = match entry.metadata().await {
+                    Ok(m) => m.len(),
+                    // Removed since it was listed (an archived package's spool copy released
+                    // by a concurrent attempt): it is not there to list.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_error(&path, "reading size of")(e)),
+                };
                 let key = path
                     .strip_prefix(&root)
                     .unwrap_or(&path)

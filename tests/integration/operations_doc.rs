@@ -546,7 +546,15 @@ async fn rotate_the_secret(m: &Machine, sim: &SimHandle, old: &str) {
             .collect::<Vec<_>>()
     };
     // Tokens live 4 s here: the daemon refreshes every 2 s, with the new secret only.
-    assert!(wait_until(Duration::from_secs(30), || tokens_after().len() >= 2).await);
+    if !wait_until(Duration::from_secs(60), || tokens_after().len() >= 2).await {
+        let log = std::fs::read_to_string(m.at("/var/log/journal/lrvault.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "fewer than 2 token requests in 60 s: {:?}; the daemon's last lines:\n{}",
+            tokens_after(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
     assert!(
         tokens_after().iter().all(|s| *s == 200),
         "{:?}",
