@@ -71,16 +71,17 @@ struct BagEntries {
 pub(crate) enum PayloadCheck<'a> {
     /// Hash them (verify, adoption: nothing is trusted).
     Hash,
-    /// The writer's re-check of the package it just wrote: the payload's SHA-256 was taken
-    /// as it streamed and its bytes were read back from the file as they were written
+    /// The writer's re-check of a stored payload it just wrote: the payload's SHA-256 was
+    /// taken as it streamed, so the bytes on disk are checked against the zip's CRC-32 (the
+    /// reader refuses an entry whose CRC does not match) and the manifest against that
+    /// SHA-256, without hashing the payload a second time.
+    Crc { streamed_sha256: &'a str },
+    /// The writer's re-check of a deflated payload: it was inflated as it was written
     /// ([`super::readback`]), so the entry's recorded CRC-32, size and place are compared with
-    /// what the read-back found, and the manifest with that SHA-256, without reading the
-    /// payload a second time.
+    /// what that read-back found, without inflating it a second time.
     ReadBack {
         streamed_sha256: &'a str,
         found: &'a ReadBack,
-        /// The file's first bytes, already hashed ([`super::readback::PrefixHash`]).
-        prefix: Option<&'a Sha256Counter>,
     },
 }
 
@@ -103,12 +104,7 @@ pub(crate) fn check_package_with(
         }
     };
     let file = File::open(path).map_err(io_err("opening package"))?;
-    let prefix = match payload {
-        PayloadCheck::ReadBack { prefix, .. } => prefix.cloned(),
-        PayloadCheck::Hash => None,
-    };
-    let whole =
-        WholeFileHash::new(file, prefix.unwrap_or_default()).map_err(io_err("reading package"))?;
+    let whole = WholeFileHash::new(file).map_err(io_err("reading package"))?;
     let mut archive =
         ZipArchive::new(BufReader::with_capacity(READ_BUFFER, whole)).map_err(|source| {
             PackageError::Zip {
@@ -159,34 +155,46 @@ fn read_entries<R: Read + Seek>(
         if entry.is_dir() || rest.is_empty() {
             continue;
         }
+        let keep_text = PARSED_TAG_FILES.contains(&rest.as_str());
+        let payload_entry = rest.starts_with("data/");
+        let streamed = match payload {
+            PayloadCheck::Crc { streamed_sha256 } if payload_entry => Some(streamed_sha256),
+            PayloadCheck::ReadBack {
+                streamed_sha256,
+                found: read_back,
+            } if payload_entry => {
+                let recorded = (entry.data_start(), entry.size(), entry.crc32());
+                let read = (Some(read_back.data_start), read_back.size, read_back.crc32);
+                if recorded != read {
+                    found.problems.push(format!(
+                        "entry {name:?}: the zip records (data start, size, CRC-32) {recorded:?} but reading it back found {read:?}"
+                    ));
+                }
+                let sink = TeeSink {
+                    counter: Sha256Counter {
+                        len: entry.size(),
+                        ..Default::default()
+                    },
+                    text: Vec::new(),
+                    keep_text: false,
+                    hash: false,
+                };
+                found.add(&name, rest, sink, Some(streamed_sha256));
+                continue;
+            }
+            _ => None,
+        };
         let mut sink = TeeSink {
             counter: Sha256Counter::default(),
             text: Vec::new(),
-            keep_text: PARSED_TAG_FILES.contains(&rest.as_str()),
+            keep_text,
+            hash: streamed.is_none(),
         };
-        if let PayloadCheck::ReadBack {
-            streamed_sha256,
-            found: read_back,
-            ..
-        } = payload
-            && rest.starts_with("data/")
-        {
-            let recorded = (entry.data_start(), entry.size(), entry.crc32());
-            let read = (Some(read_back.data_start), read_back.size, read_back.crc32);
-            if recorded != read {
-                found.problems.push(format!(
-                    "entry {name:?}: the zip records (data start, size, CRC-32) {recorded:?} but reading it back found {read:?}"
-                ));
-            }
-            sink.counter.len = entry.size();
-            found.add(&name, rest, sink, Some(streamed_sha256));
-            continue;
-        }
         if let Err(e) = copy_buffered(&mut entry, &mut sink) {
             found.problems.push(format!("entry {name:?}: {e}"));
             continue;
         }
-        found.add(&name, rest, sink, None);
+        found.add(&name, rest, sink, streamed);
     }
     found
 }
@@ -320,8 +328,7 @@ fn judge(found: BagEntries, package_size: u64, package_sha256: String) -> Packag
 /// A file reader that also takes the SHA-256 of the whole file from the reads the zip reader
 /// makes anyway: bytes read in order from the start are hashed the first time they pass;
 /// [`finish`](Self::finish) reads whatever was never reached (normally just the central
-/// directory, already in the page cache). The hashing runs on its own thread, and may start
-/// from a prefix hashed before.
+/// directory, already in the page cache). The hashing runs on its own thread.
 struct WholeFileHash {
     file: File,
     pos: u64,
@@ -333,13 +340,12 @@ struct WholeFileHash {
 }
 
 impl WholeFileHash {
-    fn new(file: File, prefix: Sha256Counter) -> io::Result<Self> {
+    fn new(file: File) -> io::Result<Self> {
         let (tx, rx) = sync_channel::<Vec<u8>>(QUEUED_HASH_BATCHES);
-        let hashed = prefix.len;
         let hasher = std::thread::Builder::new()
             .name("lrvault-check".into())
             .spawn(move || {
-                let mut counter = prefix;
+                let mut counter = Sha256Counter::default();
                 for batch in rx {
                     let _ = counter.write_all(&batch);
                 }
@@ -348,7 +354,7 @@ impl WholeFileHash {
         Ok(WholeFileHash {
             file,
             pos: 0,
-            hashed,
+            hashed: 0,
             staged: Vec::with_capacity(HASH_BATCH),
             tx,
             hasher,
@@ -609,16 +615,22 @@ fn check_oxum(bag_info: Option<&Vec<u8>>, octets: u64, streams: usize, problems:
     }
 }
 
-/// Hashes everything and keeps the text of the few tag files we parse (bounded).
+/// Hashes (or only counts) everything and keeps the text of the few tag files we parse
+/// (bounded).
 struct TeeSink {
     counter: Sha256Counter,
     text: Vec<u8>,
     keep_text: bool,
+    hash: bool,
 }
 
 impl Write for TeeSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.counter.write_all(buf)?;
+        if self.hash {
+            self.counter.write_all(buf)?;
+        } else {
+            self.counter.len += buf.len() as u64;
+        }
         if self.keep_text && self.text.len() <= MAX_PARSED_TAG_FILE {
             let room = MAX_PARSED_TAG_FILE + 1 - self.text.len();
             self.text.extend_from_slice(&buf[..buf.len().min(room)]);
@@ -841,8 +853,7 @@ mod tests {
             .collect();
         fs::write(&path, &bytes).unwrap();
         // Jump to the end first (as the zip reader does), re-read, skip ahead, and stop short.
-        let mut whole =
-            WholeFileHash::new(File::open(&path).unwrap(), Sha256Counter::default()).unwrap();
+        let mut whole = WholeFileHash::new(File::open(&path).unwrap()).unwrap();
         let mut buf = vec![0u8; 70_000];
         for (at, len) in [
             (bytes.len() as u64 - 100, 100),

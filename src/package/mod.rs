@@ -6,7 +6,8 @@
 //! download into `<final>.partial` while hashing it and then moves it into place without
 //! overwriting ([`PackageWriter`]), `compression` decides per payload whether to store or
 //! deflate it ([`CompressionChoice`]), `hashers` runs the payload's hashes on threads of their
-//! own, `readback` re-checks the payload entry from the file while it is written, `check` re-reads a package entry by entry after writing and
+//! own, `readback` inflates a deflated payload entry back from the file while it is written,
+//! `check` re-reads a package entry by entry after writing and
 //! for `lrvault verify` ([`check_package`]), and `transcript` extracts the few fields we record
 //! from RunScript output ([`parse_transcript`]).
 //! All of it is synchronous std code meant to run on a blocking thread.
@@ -179,7 +180,7 @@ pub(crate) fn io_error_is_disk_full(err: &io::Error) -> bool {
 }
 
 /// Small `Write` sink that hashes and counts what passes through it.
-#[derive(Debug, Default, Clone)]
+#[derive(Default)]
 pub(crate) struct Sha256Counter {
     pub(crate) hasher: sha2::Sha256,
     pub(crate) len: u64,

@@ -4,9 +4,8 @@
 //! Memory stays flat: the payload goes into the zip entry in batches of about a MiB (the first
 //! batch is held back only until `auto` compression has judged it), the hashes run on their own
 //! threads over the same buffers ([`super::hashers`]), and the gunzipped stream of a gzip
-//! payload is only hashed, never stored. The entry is read back from the file while it is
-//! written ([`super::readback`]): that is the re-check of the payload, and where its MD5 comes
-//! from.
+//! payload is only hashed, never stored. A deflated payload entry is inflated back from the
+//! file while it is written ([`super::readback`]): that is its re-check.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -26,7 +25,7 @@ use super::compression::{
 use super::hashers::{Batch, PayloadHashers};
 use super::names::{MAX_NAME_BYTES, sanitize_with_limit};
 use super::partial::PartialFile;
-use super::readback::{self, Progress, ReadBack};
+use super::readback::{self, Progress};
 use super::{
     BagInfo, Compression, PackageError, PackageInfo, PackageSpec, PayloadDigests, PayloadEncoding,
 };
@@ -64,15 +63,8 @@ pub struct PackageWriter {
     abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// How far the file is written, for the read-back.
     progress: std::sync::Arc<Progress>,
-    /// Reads the payload entry back as it is written; started with the entry.
+    /// Inflates a deflated payload entry back as it is written; started with the entry.
     reader: Option<readback::Reader>,
-    /// Where the payload entry's data starts, once it is started.
-    data_start: u64,
-    compute_md5: bool,
-    /// What the read-back found, once the payload entry is closed.
-    read_back: Option<ReadBack>,
-    /// The package's SHA-256 up to the end of a stored payload, started when it closes.
-    prefix: Option<readback::PrefixHash>,
     mtime: zip::DateTime,
     /// (name inside the bag, sha256 hex) of tag files already written.
     tag_hashes: Vec<(String, String)>,
@@ -141,11 +133,8 @@ impl PackageWriter {
         let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let progress = std::sync::Arc::new(Progress::default());
         let file = PartialFile::new(file, abandoned.clone(), progress.clone());
-        // Each finished entry reaches the file at once: the zip writer seeks back to fill in
-        // its header, and a BufWriter writes its buffer out before any seek. So the read-back
-        // never waits on a buffer for the end of the payload.
         let zip = ZipWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file));
-        let hashers = PayloadHashers::start()
+        let hashers = PayloadHashers::start(spec.compute_md5)
             .map_err(|e| PackageError::Task(format!("cannot start the hashing threads: {e}")))?;
         let mut writer = PackageWriter {
             bag_name: spec.bag_name,
@@ -162,10 +151,6 @@ impl PackageWriter {
             abandoned,
             progress,
             reader: None,
-            data_start: 0,
-            compute_md5: spec.compute_md5,
-            read_back: None,
-            prefix: None,
             mtime: zip_now(),
             tag_hashes: Vec::new(),
             batch: Vec::new(),
@@ -211,7 +196,6 @@ impl PackageWriter {
     }
 
     /// The payload's digests; call after the last [`write`](Self::write). Later writes fail.
-    /// Closes the payload entry (the manifest follows it) and waits for its read-back.
     pub fn digests(&mut self) -> Result<PayloadDigests, PackageError> {
         if let Some(digests) = &self.digests {
             return Ok(digests.clone());
@@ -223,22 +207,17 @@ impl PackageWriter {
             None => choose_by_sample(&self.held),
         };
         self.choice = Some(choice.clone());
-        if !self.entry_started {
-            self.start_payload_entry()?;
-        }
         let hashes = self
             .hashers
             .take()
             .and_then(PayloadHashers::finish)
             .ok_or_else(|| PackageError::Task("a hashing thread failed".to_string()))?;
-        let payload_name = self.payload_name(gzip);
-        let read_back = self.close_payload_entry(&payload_name, &hashes.sha256)?;
         let (original_size, original_sha256) = hashes.original.unzip();
         let digests = PayloadDigests {
-            payload_name,
+            payload_name: self.payload_name(gzip),
             size: self.size,
             sha256: hashes.sha256,
-            md5: read_back.md5,
+            md5: hashes.md5,
             encoding: if gzip {
                 PayloadEncoding::Gzip
             } else {
@@ -248,50 +227,29 @@ impl PackageWriter {
             original_sha256,
             compression: choice,
         };
-        self.read_back = Some(read_back);
         self.digests = Some(digests.clone());
         Ok(digests)
-    }
-
-    /// Ends the payload entry by starting the next one (the manifest, which only needs the
-    /// payload's SHA-256), and waits for the read-back to reach its end.
-    fn close_payload_entry(
-        &mut self,
-        payload_name: &str,
-        sha256: &str,
-    ) -> Result<ReadBack, PackageError> {
-        let stored = self.choice.as_ref().map(|c| c.method) != Some(EntryMethod::Deflated);
-        if stored {
-            // A stored entry's bytes are the payload's: the read-back stops after them.
-            self.progress.limit(self.data_start + self.size);
-        }
-        let manifest = format!("{sha256}  data/{}\n", encode_manifest_path(payload_name));
-        self.add_tag_file("manifest-sha256.txt", manifest.as_bytes())?;
-        self.progress.close();
-        if stored {
-            let end = self.data_start + self.size;
-            let prefix = readback::PrefixHash::start(&self.partial_path, end).map_err(|e| {
-                PackageError::Task(format!("cannot start the prefix hashing thread: {e}"))
-            })?;
-            self.prefix = Some(prefix);
-        }
-        let reader = self
-            .reader
-            .take()
-            .ok_or_else(|| finished_error(&self.partial_path))?;
-        reader.finish().map_err(|e| PackageError::Verify {
-            path: self.final_path.clone(),
-            reason: format!("reading the payload back from the file: {e}"),
-        })
     }
 
     /// Writes the tag files (with `retrieval_json` verbatim), closes and fsyncs the zip,
     /// re-checks it, makes it read-only and moves it into place without overwriting.
     pub fn finish(mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
         let digests = self.digests()?;
+        if !self.entry_started {
+            self.start_payload_entry()?;
+        }
         let bag_info = self.bag_info_txt(&digests);
         self.add_tag_file("bag-info.txt", bag_info.as_bytes())?;
+        // The payload entry is closed and in the file: the zip writer seeks back to fill in
+        // its header, and a BufWriter writes its buffer out before any seek.
+        self.progress.close();
         self.add_tag_file("retrieval.json", retrieval_json)?;
+        let manifest = format!(
+            "{}  data/{}\n",
+            digests.sha256,
+            encode_manifest_path(&digests.payload_name)
+        );
+        self.add_tag_file("manifest-sha256.txt", manifest.as_bytes())?;
         let mut tag_lines = self.tag_hashes.clone();
         tag_lines.sort();
         let tagmanifest: String = tag_lines
@@ -320,22 +278,20 @@ impl PackageWriter {
             })?;
         // The fsync waits on the disk while the re-check reads the page cache: both at once.
         let partial = &self.partial_path;
-        let read_back = self
-            .read_back
-            .as_ref()
-            .ok_or_else(|| finished_error(partial))?;
-        let prefix = match self.prefix.take() {
-            Some(p) => Some(p.finish().map_err(|source| PackageError::Io {
-                path: partial.clone(),
-                op: "hashing",
-                source,
+        let streamed_sha256 = digests.sha256.as_str();
+        let read_back = match self.reader.take() {
+            Some(reader) => Some(reader.finish().map_err(|e| PackageError::Verify {
+                path: self.final_path.clone(),
+                reason: format!("inflating the payload back from the file: {e}"),
             })?),
             None => None,
         };
-        let payload_check = PayloadCheck::ReadBack {
-            streamed_sha256: digests.sha256.as_str(),
-            found: read_back,
-            prefix: prefix.as_ref(),
+        let payload_check = match &read_back {
+            Some(found) => PayloadCheck::ReadBack {
+                streamed_sha256,
+                found,
+            },
+            None => PayloadCheck::Crc { streamed_sha256 },
         };
         let (synced, check) = std::thread::scope(|scope| {
             let syncing = scope.spawn(move || file.sync_all());
@@ -512,21 +468,18 @@ impl PackageWriter {
                 op: "starting payload entry in",
                 source,
             })?;
-        // The entry's data starts where the header ends: in the file, or still in the buffer.
-        self.data_start = zip
-            .get_ref()
-            .map(|w| w.get_ref().position() + w.buffer().len() as u64)
-            .ok_or_else(|| finished_error(path))?;
-        self.reader = Some(
-            readback::Reader::start(
-                path,
-                self.data_start,
-                method,
-                self.compute_md5,
-                self.progress.clone(),
-            )
-            .map_err(|e| PackageError::Task(format!("cannot start the read-back thread: {e}")))?,
-        );
+        if method == EntryMethod::Deflated {
+            // The data starts where the header ends: in the file, or still in the buffer.
+            let data_start = zip
+                .get_ref()
+                .map(|w| w.get_ref().position() + w.buffer().len() as u64)
+                .ok_or_else(|| finished_error(path))?;
+            let reader =
+                readback::Reader::start(path, data_start, self.progress.clone()).map_err(|e| {
+                    PackageError::Task(format!("cannot start the read-back thread: {e}"))
+                })?;
+            self.reader = Some(reader);
+        }
         self.entry_started = true;
         let held = std::mem::take(&mut self.held);
         self.write_entry(&held)
@@ -945,9 +898,9 @@ mod tests {
                     "a1b2c3-002/bagit.txt",
                     "a1b2c3-002/machine-action.json",
                     "a1b2c3-002/data/collect.ps1.transcript.json",
-                    "a1b2c3-002/manifest-sha256.txt",
                     "a1b2c3-002/bag-info.txt",
                     "a1b2c3-002/retrieval.json",
+                    "a1b2c3-002/manifest-sha256.txt",
                     "a1b2c3-002/tagmanifest-sha256.txt",
                 ]
             );
@@ -1240,14 +1193,10 @@ mod tests {
             (Compression::Deflate, CompressionMethod::Deflated),
         ] {
             let dir = tempfile::tempdir().unwrap();
-            let (digests, info) =
+            let (digests, _) =
                 write_package(spec(dir.path(), "t.txt", false, compression), &payload, 777);
             assert_eq!(digests.compression.method.zip_method(), method);
             let path = final_path(dir.path());
-            // Stored: the package hash was started at the payload's end; either way it is
-            // the hash of the whole file, and the MD5 (read back) is the payload's.
-            assert_eq!(info.package_sha256, sha256_hex(&fs::read(&path).unwrap()));
-            assert_eq!(digests.md5, Some(md5_of(&payload)));
             assert_eq!(entry(&read_zip(&path), "data/t.txt").method, method);
             assert_eq!(unzip_payload(&path, "t.txt"), payload);
         }
@@ -1426,7 +1375,7 @@ mod tests {
     }
 
     #[test]
-    fn the_read_back_catches_a_payload_byte_changed_on_disk() {
+    fn the_writers_recheck_catches_a_payload_byte_changed_on_disk_by_its_crc() {
         let dir = tempfile::tempdir().unwrap();
         let payload: Vec<u8> = (0..200_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -1446,53 +1395,81 @@ mod tests {
             .unwrap();
         bytes[at] ^= 0x01;
         fs::write(&copy, &bytes).unwrap();
-        // What the read-back of each file finds, as the writer's thread would.
+        let streamed = PayloadCheck::Crc {
+            streamed_sha256: &digests.sha256,
+        };
+        let cheap = check_package_with(&copy, streamed).unwrap();
+        assert!(
+            cheap.problems.iter().any(|p| p.contains("checksum")),
+            "{:?}",
+            cheap.problems
+        );
+        // The untouched package passes the same check, and the full one agrees.
+        assert!(
+            check_package_with(&path, streamed)
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+        assert_eq!(check_package(&path).unwrap().payload_sha256, digests.sha256);
+    }
+
+    #[test]
+    fn a_deflated_payload_changed_on_disk_is_caught_by_its_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = b"2026-11-27T10:00:00Z svchost.exe started\n".repeat(20_000);
+        let (digests, _) = write_package(
+            spec(dir.path(), "log.txt", false, Compression::Deflate),
+            &payload,
+            4096,
+        );
+        let path = final_path(dir.path());
+        // What the writer's thread finds reading a file back as it is written.
         let read_back = |file: &Path| {
             let mut zip = zip::ZipArchive::new(File::open(file).unwrap()).unwrap();
-            let entry = zip.by_name(&format!("{BAG}/data/r.bin")).unwrap();
-            let start = entry.data_start().unwrap();
+            let start = zip
+                .by_name(&format!("{BAG}/data/log.txt"))
+                .unwrap()
+                .data_start()
+                .unwrap();
             let progress = std::sync::Arc::new(Progress::default());
-            let reader =
-                readback::Reader::start(file, start, EntryMethod::Stored, true, progress.clone())
-                    .unwrap();
+            let reader = readback::Reader::start(file, start, progress.clone()).unwrap();
             progress.written_to(fs::metadata(file).unwrap().len());
-            progress.limit(start + entry.size());
             progress.close();
-            reader.finish().unwrap()
+            (start, reader.finish())
         };
-        let changed = read_back(&copy);
-        let check = check_package_with(
-            &copy,
-            PayloadCheck::ReadBack {
-                streamed_sha256: &digests.sha256,
-                found: &changed,
-                prefix: None,
-            },
-        )
-        .unwrap();
-        assert!(
-            check
-                .problems
-                .iter()
-                .any(|p| p.contains("reading it back found")),
-            "{:?}",
-            check.problems
-        );
-        assert_ne!(changed.md5, digests.md5);
-        // The untouched package passes the same check, and the full one agrees.
-        let intact = read_back(&path);
-        assert_eq!(intact.md5, digests.md5);
-        let check = check_package_with(
-            &path,
-            PayloadCheck::ReadBack {
-                streamed_sha256: &digests.sha256,
-                found: &intact,
-                prefix: None,
-            },
-        )
-        .unwrap();
-        assert!(check.problems.is_empty(), "{:?}", check.problems);
-        assert_eq!(check_package(&path).unwrap().payload_sha256, digests.sha256);
+        let check = |file: &Path, found| {
+            check_package_with(
+                file,
+                PayloadCheck::ReadBack {
+                    streamed_sha256: &digests.sha256,
+                    found,
+                },
+            )
+            .unwrap()
+            .problems
+        };
+        let (start, intact) = read_back(&path);
+        let intact = intact.unwrap();
+        assert_eq!(intact.size, payload.len() as u64);
+        assert!(check(&path, &intact).is_empty());
+
+        // A bit flipped inside the deflate stream, as a bad disk would: the inflate fails or
+        // gives other bytes, and the zip's own CRC-32 no longer matches what was read back.
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[start as usize + 500] ^= 0x10;
+        let copy = dir.path().join("copy.zip");
+        fs::write(&copy, &bytes).unwrap();
+        match read_back(&copy).1 {
+            Err(e) => assert!(!e.to_string().is_empty()),
+            Ok(changed) => {
+                let problems = check(&copy, &changed);
+                assert!(
+                    problems.iter().any(|p| p.contains("reading it back found")),
+                    "{problems:?}"
+                );
+            }
+        }
     }
 
     #[test]
