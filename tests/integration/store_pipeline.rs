@@ -178,11 +178,26 @@ async fn the_demo_archives_into_a_locked_bucket_and_verify_reads_each_version_ba
         .collect();
     assert!(expected.len() >= 8, "{}", expected.len());
 
-    // The binary, as the daemon's jobs would run: discover, archive (with the WORM check).
+    // The binary, as the daemon's jobs would run: discover, archive (with the WORM check),
+    // logging at debug for every crate: the store's secret appears in no line.
     for cmd in ["discover", "archive"] {
-        let (code, out, err) = run(lrvault_s3(&e).arg(cmd));
+        let (code, out, err) = run(lrvault_s3(&e).env("RUST_LOG", "debug").arg(cmd));
         assert_eq!(code, 0, "{cmd}: {out}\n{err}");
+        assert!(
+            err.contains("package uploaded") || cmd == "discover",
+            "{err}"
+        );
+        assert!(
+            !out.contains(S3_SECRET) && !err.contains(S3_SECRET),
+            "{cmd} logged the store's secret"
+        );
     }
+    let db = std::fs::read(&e.cfg.database.path).unwrap();
+    assert!(
+        !db.windows(S3_SECRET.len())
+            .any(|w| w == S3_SECRET.as_bytes()),
+        "the database holds the store's secret"
+    );
     let rows = archived(&e);
     assert_eq!(rows.len(), expected.len());
     assert_eq!(state_counts(&e)["archived"], expected.len() as i64);
