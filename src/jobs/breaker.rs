@@ -180,11 +180,27 @@ pub async fn trouble(db: &Db, tenant: &Tenant, failure: &TenantFailure) {
     record(db, name, Some(open)).await;
 }
 
-/// The tenant's API answered: closes its breaker if it was open.
+/// The tenant's API answered: closes its breaker if it was open, and clears a row another
+/// process left open (a one-shot `archive` whose breaker opened, or this service before a
+/// restart), so `status` does not show a breaker nobody holds.
 pub async fn answered(db: &Db, tenant: &Tenant) {
+    let name = tenant.cfg.name.clone();
     if tenant.breaker.close() {
-        tracing::info!(tenant = %tenant.cfg.name, "the tenant's API answers again; breaker closed");
-        record(db, &tenant.cfg.name, None).await;
+        tracing::info!(tenant = %name, "the tenant's API answers again; breaker closed");
+        record(db, &name, None).await;
+        return;
+    }
+    let key = name.clone();
+    let left_open = db
+        .read(move |c| {
+            c.prepare_cached("SELECT 1 FROM tenant_health WHERE tenant = ?1")
+                .and_then(|mut s| s.exists([&key]))
+                .map_err(DbError::sql("read tenant health"))
+        })
+        .await;
+    if let Ok(true) = left_open {
+        tracing::info!(tenant = %name, "the tenant's API answers; cleared the open breaker another process recorded");
+        record(db, &name, None).await;
     }
 }
 

@@ -206,6 +206,27 @@ async fn link_5xx_opens_the_breaker_uncharged_and_blob_5xx_backs_off() {
     invariants(&e);
 }
 
+/// A one-shot `archive` whose breaker opened exits and leaves its row; the next process the
+/// API answers clears it, so `status` shows no breaker that nobody holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_row_another_process_left_is_cleared_when_the_api_answers() {
+    let e = faulty(2, 23, &[], FAST).await;
+    rusqlite::Connection::open(&e.cfg.database.path)
+        .unwrap()
+        .execute(
+            "INSERT INTO tenant_health VALUES ('sim0', 'outage', 'liveresponse.link: HTTP 503', \
+             '2026-12-01T10:00:00.000Z', '2026-12-01T10:00:02.000Z', 2000, '2026-12-01T10:00:00.000Z')",
+            [],
+        )
+        .unwrap();
+    let (status, _) = e.run_ok(&["status"]);
+    assert!(status.contains("Open breakers"), "{status}");
+    e.discover().await;
+    assert_eq!(e.count("SELECT count(*) FROM tenant_health"), 0);
+    let (status, _) = e.run_ok(&["status"]);
+    assert!(!status.contains("Open breakers"), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_attempts_ends_in_failed_and_status_shows_it() {
     let extra = format!("{FAST}max_attempts = 3\n");
