@@ -395,17 +395,19 @@ impl Store {
         hash_stream(self.read(key, version_id).await?).await
     }
 
-    /// Checks one recorded object for `verify`: hashes the version the ARCHIVED row names
-    /// (`version_id`; without versions, whatever the key holds), then asks the store whether
-    /// the key still serves it (same version id, or same `etag` on unversioned stores).
+    /// Checks an object as [`publish`](Self::publish) recorded it: hashes that version
+    /// (without versions, whatever the key holds), then asks the store whether the key still
+    /// serves it (same version id, or same `etag` on unversioned stores). `verify` does the
+    /// same in two steps ([`local_copy`](Self::local_copy), then [`judge`](Self::judge)), as
+    /// it also checks the zip.
     pub async fn check(
         &self,
         key: &str,
-        version_id: Option<&str>,
-        etag: Option<&str>,
+        recorded: &Stored,
         expected: &Expected,
     ) -> Result<Verdict, StoreError> {
         check_key(key)?;
+        let (version_id, etag) = (recorded.version_id.as_deref(), recorded.etag.as_deref());
         let found = match self.hash(key, version_id).await {
             Ok(h) => h,
             Err(e) if e.is_not_found() => return Ok(Verdict::Missing),

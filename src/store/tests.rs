@@ -50,15 +50,7 @@ async fn fs_publish_locates_the_package_in_place_and_records_nothing_new() {
         Some(stored.clone())
     );
     assert_eq!(
-        store
-            .check(
-                key,
-                stored.version_id.as_deref(),
-                stored.etag.as_deref(),
-                &expected
-            )
-            .await
-            .unwrap(),
+        store.check(key, &stored, &expected).await.unwrap(),
         Verdict::Intact
     );
     // release and the spool sweep leave the fs store alone.
@@ -72,15 +64,7 @@ async fn fs_publish_locates_the_package_in_place_and_records_nothing_new() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
     std::fs::write(&path, b"altered").unwrap();
     assert_eq!(
-        store
-            .check(
-                key,
-                stored.version_id.as_deref(),
-                stored.etag.as_deref(),
-                &expected
-            )
-            .await
-            .unwrap(),
+        store.check(key, &stored, &expected).await.unwrap(),
         Verdict::Altered {
             sha256: sha(b"altered"),
             size: 7
@@ -90,15 +74,7 @@ async fn fs_publish_locates_the_package_in_place_and_records_nothing_new() {
     assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
     std::fs::remove_file(&path).unwrap();
     assert_eq!(
-        store
-            .check(
-                key,
-                stored.version_id.as_deref(),
-                stored.etag.as_deref(),
-                &expected
-            )
-            .await
-            .unwrap(),
+        store.check(key, &stored, &expected).await.unwrap(),
         Verdict::Missing
     );
     assert_eq!(store.find(key, &expected).await.unwrap(), None);

@@ -77,15 +77,7 @@ async fn azure_publishes_reads_back_recovers_and_detects_overwrites_on_azurite()
             .unwrap();
         assert_eq!(again, stored);
         assert_eq!(
-            store
-                .check(
-                    key,
-                    stored.version_id.as_deref(),
-                    stored.etag.as_deref(),
-                    &expected
-                )
-                .await
-                .unwrap(),
+            store.check(key, &stored, &expected).await.unwrap(),
             Verdict::Intact
         );
         store.release(key).await.unwrap();
@@ -147,15 +139,7 @@ async fn azure_publishes_reads_back_recovers_and_detects_overwrites_on_azurite()
     .unwrap();
     let (key, stored, expected) = &published[0];
     assert_eq!(
-        store
-            .check(
-                key,
-                stored.version_id.as_deref(),
-                stored.etag.as_deref(),
-                expected
-            )
-            .await
-            .unwrap(),
+        store.check(key, stored, expected).await.unwrap(),
         Verdict::Altered {
             sha256: sha256_hex(&forged),
             size: 50_000

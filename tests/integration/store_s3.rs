@@ -127,15 +127,7 @@ async fn the_pipelines_packages_go_up_with_matching_sha256_and_the_spool_empties
             );
         }
         assert_eq!(
-            store
-                .check(
-                    key,
-                    stored.version_id.as_deref(),
-                    stored.etag.as_deref(),
-                    &expected
-                )
-                .await
-                .unwrap(),
+            store.check(key, &stored, &expected).await.unwrap(),
             Verdict::Intact
         );
         store.release(key).await.unwrap();
@@ -159,17 +151,31 @@ async fn the_pipelines_packages_go_up_with_matching_sha256_and_the_spool_empties
     assert_eq!(listed_sorted, keys);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them() {
+/// moto, a client, and a store over a new bucket with Object Lock and a default COMPLIANCE
+/// retention (its spool in the temporary directory).
+async fn locked_bucket(
+    bucket: &str,
+) -> (
+    crate::object_stores::Server,
+    aws_sdk_s3::Client,
+    tempfile::TempDir,
+    Store,
+) {
     let moto = moto().await;
     let s3 = s3_client(&moto);
-    create_bucket(&s3, "locked", LOCK).await;
+    create_bucket(&s3, bucket, LOCK).await;
     let spool = tempfile::tempdir().unwrap();
     let store = Store::open_with(
-        &s3_config(&moto, "locked", spool.path().into()),
+        &s3_config(&moto, bucket, spool.path().into()),
         &s3_credentials,
     )
     .unwrap();
+    (moto, s3, spool, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them() {
+    let (_moto, s3, _spool, store) = locked_bucket("locked").await;
     let key = "contoso/2026/11/27/act-1/000-GetFile.zip";
     let object_key = format!("lrvault/{key}");
     let original = noise(300_000, 1);
@@ -177,15 +183,7 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
     let stored = store.publish(key, &expected).await.unwrap();
     let version = stored.version_id.clone().unwrap();
     assert_eq!(
-        store
-            .check(
-                key,
-                stored.version_id.as_deref(),
-                stored.etag.as_deref(),
-                &expected
-            )
-            .await
-            .unwrap(),
+        store.check(key, &stored, &expected).await.unwrap(),
         Verdict::Intact
     );
 
@@ -202,16 +200,7 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
         .unwrap();
     let forged_version = put.version_id().unwrap().to_string();
     assert_ne!(forged_version, version);
-    match store
-        .check(
-            key,
-            stored.version_id.as_deref(),
-            stored.etag.as_deref(),
-            &expected,
-        )
-        .await
-        .unwrap()
-    {
+    match store.check(key, &stored, &expected).await.unwrap() {
         Verdict::Superseded { current: Some(c) } => {
             assert_eq!(c.version_id.as_deref(), Some(forged_version.as_str()));
             assert_eq!(c.size, 300_000);
@@ -235,15 +224,7 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
         .await
         .unwrap();
     assert_eq!(
-        store
-            .check(
-                key,
-                stored.version_id.as_deref(),
-                stored.etag.as_deref(),
-                &expected
-            )
-            .await
-            .unwrap(),
+        store.check(key, &stored, &expected).await.unwrap(),
         Verdict::Superseded { current: None }
     );
     let refused = s3
@@ -401,15 +382,7 @@ async fn require_worm_refuses_buckets_that_do_not_lock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_are_written_create_only_and_listed() {
-    let moto = moto().await;
-    let s3 = s3_client(&moto);
-    create_bucket(&s3, "anchors", LOCK).await;
-    let spool = tempfile::tempdir().unwrap();
-    let store = Store::open_with(
-        &s3_config(&moto, "anchors", spool.path().into()),
-        &s3_credentials,
-    )
-    .unwrap();
+    let (_moto, s3, spool, store) = locked_bucket("anchors").await;
     let key = "_checkpoints/000000000042.json";
     let body = Bytes::from_static(br#"{"seq":42,"row_hash":"ab"}"#);
     let first = store.put_small(key, body.clone()).await.unwrap();
