@@ -1,10 +1,13 @@
 //! Fixtures for the object-store tests: a real S3 implementation (moto's server, PyPI
 //! `moto[server]`) and a real Azure Blob emulator (Azurite, npm `azurite`), each started on a
-//! free loopback port for one test and killed when it ends. `.ci/run` installs both. A server
+//! free loopback port for one test and killed when it ends. `.ci/run` installs both; on a
+//! machine without them the first test that needs one installs it under `target/tmp` from
+//! the package registries (pip, npm), so `cargo test` alone needs no set-up step. A server
 //! that cannot start fails the test with the reason; nothing is skipped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
@@ -46,22 +49,149 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `program args` (the program from `$env_var`, else `default`) and waits until it
-/// answers HTTP on `port`; panics with the reason and its log otherwise.
+/// How to run an emulator: a program, the arguments before the test's own, and environment.
+#[derive(Debug, Clone)]
+struct Launcher {
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launcher {
+    fn plain(program: &str) -> Launcher {
+        Launcher {
+            program: program.to_string(),
+            args: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Runs an installer once; `Err` carries what it printed.
+fn install(what: &str, mut cmd: Command, done: &Path) -> Result<(), String> {
+    if done.exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "installing {what} for the tests (once, under {})",
+        done.parent().unwrap().display()
+    );
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{:?} failed ({}): {}{}",
+            cmd.get_program(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::write(done, b"").map_err(|e| e.to_string())
+}
+
+/// Where the tests install emulators they do not find (kept between runs).
+fn tools_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("test-tools")
+        .join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The versions `.ci/run` pins.
+const MOTO_VERSION: &str = "5.2.1";
+const AZURITE_VERSION: &str = "3.35.0";
+
+/// `moto_server`, or moto installed with pip into `target/tmp` and run from there.
+fn moto_launcher() -> Result<Launcher, String> {
+    static MOTO: OnceLock<Result<Launcher, String>> = OnceLock::new();
+    MOTO.get_or_init(|| {
+        if on_path("moto_server") {
+            return Ok(Launcher::plain("moto_server"));
+        }
+        let dir = tools_dir(&format!("moto-{MOTO_VERSION}"));
+        let lib = dir.join("lib");
+        let mut pip = Command::new("python3");
+        pip.args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&lib)
+        .arg(format!("moto[server]=={MOTO_VERSION}"));
+        install("moto", pip, &dir.join(".installed"))?;
+        Ok(Launcher {
+            program: "python3".into(),
+            args: vec![
+                "-c".into(),
+                "import sys; from moto.server import main; sys.exit(main())".into(),
+            ],
+            env: vec![("PYTHONPATH".into(), lib.display().to_string())],
+        })
+    })
+    .clone()
+}
+
+/// `azurite-blob`, or Azurite installed with npm into `target/tmp` and run from there.
+fn azurite_launcher() -> Result<Launcher, String> {
+    static AZURITE: OnceLock<Result<Launcher, String>> = OnceLock::new();
+    AZURITE
+        .get_or_init(|| {
+            if on_path("azurite-blob") {
+                return Ok(Launcher::plain("azurite-blob"));
+            }
+            let dir = tools_dir(&format!("azurite-{AZURITE_VERSION}"));
+            let mut npm = Command::new("npm");
+            npm.args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                "--prefix",
+            ])
+            .arg(&dir)
+            .arg(format!("azurite@{AZURITE_VERSION}"));
+            install("Azurite", npm, &dir.join(".installed"))?;
+            let bin = dir.join("node_modules/.bin/azurite-blob");
+            Ok(Launcher::plain(&bin.display().to_string()))
+        })
+        .clone()
+}
+
+/// Starts the emulator (the program from `$env_var`, else `launcher`) with `args` and waits
+/// until it answers HTTP on `port`; panics with the reason and its log otherwise.
 async fn start(
     what: &str,
     env_var: &str,
-    default: &str,
+    launcher: fn() -> Result<Launcher, String>,
     install: &str,
     args: impl Fn(u16) -> Vec<String>,
 ) -> Server {
-    let program = std::env::var(env_var).unwrap_or_else(|_| default.to_string());
+    let launcher = match std::env::var(env_var) {
+        Ok(program) => Launcher::plain(&program),
+        Err(_) => launcher().unwrap_or_else(|e| {
+            panic!("{what} is not installed and could not be installed: {e} ({install}; .ci/run installs it; or set {env_var})")
+        }),
+    };
+    let program = &launcher.program;
     for _attempt in 0..3 {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("server.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(&program)
+        let child = Command::new(program)
+            .args(&launcher.args)
+            .envs(launcher.env.iter().map(|(k, v)| (k, v)))
             .args(args(port))
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -107,7 +237,7 @@ pub async fn moto() -> Server {
     start(
         "moto (S3)",
         "LRVAULT_MOTO_SERVER",
-        "moto_server",
+        moto_launcher,
         "pip install 'moto[server]'",
         |port| {
             vec![
@@ -126,7 +256,7 @@ pub async fn azurite() -> Server {
     start(
         "Azurite (Azure Blob)",
         "LRVAULT_AZURITE_BLOB",
-        "azurite-blob",
+        azurite_launcher,
         "npm install -g azurite@3.35.0",
         |port| {
             [
