@@ -180,16 +180,19 @@ pub async fn trouble(db: &Db, tenant: &Tenant, failure: &TenantFailure) {
     record(db, name, Some(open)).await;
 }
 
-/// The tenant's API answered: closes its breaker if it was open, and clears a row another
+/// The tenant's API answered: closes its breaker if it was open.
+pub async fn answered(db: &Db, tenant: &Tenant) {
+    if tenant.breaker.close() {
+        tracing::info!(tenant = %tenant.cfg.name, "the tenant's API answers again; breaker closed");
+        record(db, &tenant.cfg.name, None).await;
+    }
+}
+
+/// Called after [`answered`] once per discover page (not per result): clears a row another
 /// process left open (a one-shot `archive` whose breaker opened, or this service before a
 /// restart), so `status` does not show a breaker nobody holds.
-pub async fn answered(db: &Db, tenant: &Tenant) {
+pub async fn clear_left_open(db: &Db, tenant: &Tenant) {
     let name = tenant.cfg.name.clone();
-    if tenant.breaker.close() {
-        tracing::info!(tenant = %name, "the tenant's API answers again; breaker closed");
-        record(db, &name, None).await;
-        return;
-    }
     let key = name.clone();
     let left_open = db
         .read(move |c| {

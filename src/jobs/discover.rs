@@ -119,6 +119,7 @@ impl<'a> Pages<'a> {
         match self.pager.next_page().await {
             Ok(page) => {
                 breaker::answered(&self.ctx.db, self.tenant).await;
+                breaker::clear_left_open(&self.ctx.db, self.tenant).await;
                 Ok(page)
             }
             Err(e) => {
