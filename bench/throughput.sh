@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Large-payload benchmark: one GetFile result of SIZE bytes (generated on the fly by the
 # simulator, gzip-wrapped as MDE delivers it) archived by lrvault — streamed, hashed
-# (SHA-256, MD5, SHA-256 of the gunzipped original), zipped, fsynced and re-verified — side by
-# side with the manual reference: curl the same link to a file, then sha256sum and md5sum it.
+# (SHA-256, SHA-256 of the gunzipped original; MD5 too when the simulator sends one, which it
+# does up to 256 MiB), zipped, fsynced and re-verified — side by side with the manual
+# reference: curl the same link to a file, then sha256sum and md5sum it.
 # Prints wall time, MB/s and peak memory of both.
 #
 # Usage: bench/throughput.sh [SIZE_BYTES]     (default 1 GiB; run from the repo)

@@ -37,7 +37,16 @@ pub async fn local_root(store: &Store, fs_root: &Path) -> Result<LocalRoot, Stor
             _mirror: None,
         });
     }
-    let mirror = store.temp_dir()?;
+    // Not in the spool's `_tmp`: another process's start-up sweep removes what is there
+    // after an hour, and a long verify reads this mirror only at its end.
+    let mirror = tempfile::Builder::new()
+        .prefix("lrvault-anchors-")
+        .tempdir()
+        .map_err(|source| StoreError::Io {
+            path: std::env::temp_dir(),
+            op: "creating a temporary directory in",
+            source,
+        })?;
     let mut listed = store.list(&format!("{CHECKPOINT_DIR}/"));
     while let Some(item) = listed.next().await {
         let key = item?.key;

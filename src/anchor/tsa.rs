@@ -136,7 +136,7 @@ pub async fn fetch_token(
 ) -> Result<(Vec<u8>, TokenInfo), TsaError> {
     let unreachable = |e: reqwest::Error| TsaError::Unreachable {
         url: url.to_string(),
-        message: e.without_url().to_string(),
+        message: crate::http::redact_reqwest(e),
     };
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
@@ -144,7 +144,7 @@ pub async fn fetch_token(
         .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(unreachable)?;
-    let mut response = client
+    let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/timestamp-query")
         .body(request.der.clone())
@@ -157,20 +157,19 @@ pub async fn fetch_token(
             status: response.status().as_u16(),
         });
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(TsaError::Malformed(format!(
-                "response larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = crate::http::read_capped(response, MAX_RESPONSE_BYTES)
+        .await
+        .map_err(|e| match e {
+            crate::http::BodyError::TooLarge => {
+                TsaError::Malformed(format!("response larger than {MAX_RESPONSE_BYTES} bytes"))
+            }
+            crate::http::BodyError::Transport(e) => unreachable(e),
+        })?;
     let info = verify_token(&body, data, trust)?;
     if info.nonce.as_deref() != Some(request.nonce.as_slice()) {
         return Err(TsaError::Nonce);
     }
-    Ok((body, info))
+    Ok((body.to_vec(), info))
 }
 
 /// What a verified token says.

@@ -50,6 +50,7 @@ impl Args {
             since: date(&self.since)?,
             until: date(&self.until)?,
             tenant: self.tenant.clone(),
+            archived_through: None,
         })
     }
 

@@ -28,22 +28,29 @@ pub struct Selection {
     pub since: Option<String>,
     pub until: Option<String>,
     pub tenant: Option<String>,
+    /// Only packages whose ARCHIVED row is at or before this seq: set once the selection's
+    /// extent is known, so that every later read (packages, `custody.db`, EXPORTED rows)
+    /// sees the same packages while the daemon goes on archiving.
+    pub archived_through: Option<i64>,
 }
 
 impl Selection {
-    /// `WHERE` clause over `v_evidence e`, with parameters ?1..?5.
+    /// `WHERE` clause over `v_evidence e`, with parameters ?1..?6.
     pub const FILTER: &'static str =
         "(?1 IS NULL OR e.evidence_id = ?1) AND (?2 IS NULL OR e.action_id = ?2)
          AND (?3 IS NULL OR e.action_created_at >= ?3) AND (?4 IS NULL OR e.action_created_at < ?4)
-         AND (?5 IS NULL OR e.tenant = ?5)";
+         AND (?5 IS NULL OR e.tenant = ?5)
+         AND (?6 IS NULL OR EXISTS (SELECT 1 FROM custody_log c WHERE c.event = 'ARCHIVED'
+                                    AND c.package_path = e.package_path AND c.seq <= ?6))";
 
-    pub fn params(&self) -> [&Option<String>; 5] {
+    pub fn params(&self) -> [&dyn rusqlite::ToSql; 6] {
         [
             &self.evidence,
             &self.action,
             &self.since,
             &self.until,
             &self.tenant,
+            &self.archived_through,
         ]
     }
 }
@@ -86,6 +93,14 @@ pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Opti
     let store = Arc::new(Store::open(&cfg.store)?);
     let Some((coverage, anchors)) = coverage(cfg, db, &store, &req.selection).await? else {
         return Ok(None);
+    };
+    // From here on the selection is the packages counted: none archived meanwhile.
+    let req = &Request {
+        selection: Selection {
+            archived_through: Some(coverage.last_concerned_seq),
+            ..req.selection.clone()
+        },
+        ..req.clone()
     };
     let export_id = uuid::Uuid::now_v7().to_string();
     let written = {

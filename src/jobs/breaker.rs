@@ -159,6 +159,19 @@ impl Breaker {
     }
 }
 
+/// The probe a pass took ([`Admission::Probe`]): however the pass ends (a process-scope
+/// failure, an error, nothing due), the next pass may probe again. A trip or a close has
+/// already settled it; releasing after them changes nothing.
+pub struct ProbeTaken<'a>(pub Option<&'a Breaker>);
+
+impl Drop for ProbeTaken<'_> {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.0 {
+            breaker.release_probe();
+        }
+    }
+}
+
 /// A tenant-scope failure of `tenant`: opens (or keeps open) its breaker, says so once in the
 /// log and records it for `status`.
 pub async fn trouble(db: &Db, tenant: &Tenant, failure: &TenantFailure) {
@@ -180,12 +193,14 @@ pub async fn trouble(db: &Db, tenant: &Tenant, failure: &TenantFailure) {
     record(db, name, Some(open)).await;
 }
 
-/// The tenant's API answered: closes its breaker if it was open.
-pub async fn answered(db: &Db, tenant: &Tenant) {
-    if tenant.breaker.close() {
+/// The tenant's API answered: closes its breaker if it was open (true then).
+pub async fn answered(db: &Db, tenant: &Tenant) -> bool {
+    let closed = tenant.breaker.close();
+    if closed {
         tracing::info!(tenant = %tenant.cfg.name, "the tenant's API answers again; breaker closed");
         record(db, &tenant.cfg.name, None).await;
     }
+    closed
 }
 
 /// Called after [`answered`] once per discover page (not per result): clears a row another
@@ -201,7 +216,10 @@ pub async fn clear_left_open(db: &Db, tenant: &Tenant) {
                 .map_err(DbError::sql("read tenant health"))
         })
         .await;
-    if let Ok(true) = left_open {
+    // An archive task of this process may have opened the breaker meanwhile: its row stays.
+    if let Ok(true) = left_open
+        && tenant.breaker.open().is_none()
+    {
         tracing::info!(tenant = %name, "the tenant's API answers; cleared the open breaker another process recorded");
         record(db, &name, None).await;
     }

@@ -118,8 +118,9 @@ impl<'a> Pages<'a> {
     pub async fn next(&mut self) -> anyhow::Result<Option<Vec<RawAction>>> {
         match self.pager.next_page().await {
             Ok(page) => {
-                breaker::answered(&self.ctx.db, self.tenant).await;
-                breaker::clear_left_open(&self.ctx.db, self.tenant).await;
+                if !breaker::answered(&self.ctx.db, self.tenant).await {
+                    breaker::clear_left_open(&self.ctx.db, self.tenant).await;
+                }
                 Ok(page)
             }
             Err(e) => {

@@ -86,7 +86,7 @@ pub struct PackageWriter {
 }
 
 impl PackageWriter {
-    /// Creates the destination directory and opens `<final>.partial` (replacing a stale one).
+    /// Creates the destination directory and opens a partial file of its own beside `<final>`.
     /// Fails with [`PackageError::Exists`] when the package is already there.
     pub fn create(spec: PackageSpec) -> Result<Self, PackageError> {
         check_rel_path(&spec.rel_path)?;

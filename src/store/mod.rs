@@ -367,25 +367,6 @@ impl Store {
         Ok(Some(bytes))
     }
 
-    /// A directory in the spool's `_tmp` for the caller's scratch files, removed when the
-    /// value is dropped. Object stores only.
-    pub fn temp_dir(&self) -> Result<tempfile::TempDir, StoreError> {
-        let dir = self.staging_root.join(TEMP_DIR);
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-            path: dir.clone(),
-            op: "creating directory",
-            source,
-        })?;
-        tempfile::Builder::new()
-            .prefix("dir-")
-            .tempdir_in(&dir)
-            .map_err(|source| StoreError::Io {
-                path: dir,
-                op: "creating a temporary directory in",
-                source,
-            })
-    }
-
     /// The SHA-256 and size of one object (exactly `version_id` when given), streamed.
     pub async fn hash(
         &self,

@@ -206,12 +206,12 @@ async fn archive_tenant(
         Admission::Probe => true,
         Admission::Wait { .. } => return Ok(summary.with_breaker(tenant)),
     };
+    let _probe = breaker::ProbeTaken(probing.then_some(&tenant.breaker));
     let mut due = queue::due(&ctx.db, &tenant.cfg.name, scope)
         .await?
         .into_iter();
     let due_count = due.len();
     if due_count == 0 {
-        tenant.breaker.release_probe();
         return Ok(summary.with_breaker(tenant));
     }
     // The object store paused, or its spool full: no result starts (none is charged).
@@ -220,7 +220,6 @@ async fn archive_tenant(
         Err(line) => Some(line),
     };
     if let Some(line) = store_line {
-        tenant.breaker.release_probe();
         summary.not_started = due_count;
         summary.store = Some(line);
         return Ok(summary.with_breaker(tenant));
@@ -233,7 +232,6 @@ async fn archive_tenant(
             summary.not_started = due_count;
             return Ok(summary.with_breaker(tenant));
         }
-        tenant.breaker.release_probe();
         anyhow::bail!(
             "tenant '{}': cannot count the token call in the quota ledger",
             tenant.cfg.name
