@@ -293,4 +293,23 @@ mod tests {
         assert_eq!(b.admit(), Admission::Go);
         assert!(b.open().is_none());
     }
+
+    #[test]
+    fn a_probe_that_ends_without_a_verdict_lets_the_next_one_through() {
+        let b = Breaker::new(Duration::from_millis(1), Duration::from_millis(1));
+        b.trip(&outage());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(b.admit(), Admission::Probe);
+        {
+            // The pass ends on a process-scope failure or an error: no trip, no close.
+            let _probe = ProbeTaken(Some(&b));
+            assert!(matches!(b.admit(), Admission::Wait { .. }), "one prober");
+        }
+        assert_eq!(b.admit(), Admission::Probe, "released when the pass ended");
+        // After a verdict, releasing changes nothing: a closed breaker stays closed.
+        let probe = ProbeTaken(Some(&b));
+        assert!(b.close());
+        drop(probe);
+        assert_eq!(b.admit(), Admission::Go);
+    }
 }

@@ -150,3 +150,37 @@ async fn an_export_by_window_without_a_tsa_says_so_and_still_checks_out() {
         "{out}"
     );
 }
+
+/// The selection an export settles on once it has counted its packages: a package whose
+/// ARCHIVED row comes later (archived while the kit is written) is not in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_selection_leaves_out_packages_archived_after_it() {
+    let e = archived(33, 6, "").await;
+    let conn = e.reader();
+    let seqs: Vec<i64> = conn
+        .prepare("SELECT seq FROM custody_log WHERE event = 'ARCHIVED' ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(seqs.len() >= 3, "{seqs:?}");
+    let count = |sel: &lrvault::export::Selection| -> i64 {
+        conn.query_row(
+            &format!(
+                "SELECT count(*) FROM v_evidence e WHERE {}",
+                lrvault::export::Selection::FILTER
+            ),
+            rusqlite::params_from_iter(sel.params()),
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let open = lrvault::export::Selection::default();
+    assert_eq!(count(&open), seqs.len() as i64);
+    let settled = lrvault::export::Selection {
+        archived_through: Some(seqs[1]),
+        ..Default::default()
+    };
+    assert_eq!(count(&settled), 2, "the first two ARCHIVED rows only");
+}
