@@ -401,7 +401,7 @@ mod tests {
         transfer: &mut Transfer,
         sink: &mpsc::Sender<bytes::Bytes>,
     ) -> Result<(), FetchError> {
-        let opened = open(client, &RemoteClock::new(), url, transfer).await?;
+        let opened = open(client, &RemoteClock::default(), url, transfer).await?;
         stream(opened, transfer, sink).await
     }
 

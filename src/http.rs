@@ -71,17 +71,11 @@ pub async fn read_capped(
 /// clock is off by an hour still uses its links. Cheap to clone (shared).
 #[derive(Debug, Clone, Default)]
 pub struct RemoteClock {
-    /// Server time minus local time, in ms; `i64::MIN` until a `Date` header was seen.
+    /// Server time minus local time, in ms (zero until a `Date` header was seen).
     offset_ms: Arc<AtomicI64>,
 }
 
 impl RemoteClock {
-    pub fn new() -> RemoteClock {
-        RemoteClock {
-            offset_ms: Arc::new(AtomicI64::new(i64::MIN)),
-        }
-    }
-
     /// Learns the offset from a response's `Date` header (whole seconds, so the estimate is
     /// good to about a second).
     pub fn observe(&self, headers: &HeaderMap) {
@@ -98,10 +92,7 @@ impl RemoteClock {
 
     /// The offset learned so far (zero before any response).
     pub fn offset(&self) -> chrono::Duration {
-        match self.offset_ms.load(Ordering::Relaxed) {
-            i64::MIN => chrono::Duration::zero(),
-            ms => chrono::Duration::milliseconds(ms),
-        }
+        chrono::Duration::milliseconds(self.offset_ms.load(Ordering::Relaxed))
     }
 
     /// Now, on the servers' clock.

@@ -18,8 +18,7 @@ fn main() -> ExitCode {
     }
     // One malloc arena. The runtime, writer and hashing threads hand buffers to each other;
     // with glibc's arena per thread, memory freed in one arena is not reused by the others, so
-    // peak memory grew with a transfer's length (bench/package.sh: 42 MiB for 2 GiB, 31 MiB
-    // for 200 MiB; with one arena 39 and 38 MiB, at the same speed).
+    // peak memory grew with a transfer's length (numbers: bench/package.sh, README).
     // SAFETY: a malloc tuning call before any thread starts.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {

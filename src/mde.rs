@@ -141,17 +141,6 @@ fn codes_part(codes: &[i64]) -> String {
 }
 
 impl MdeError {
-    /// The API says there is no such thing (404, or 400 for a command without a result).
-    pub fn is_no_result(&self) -> bool {
-        matches!(
-            self,
-            MdeError::Http {
-                status: 400 | 404,
-                ..
-            }
-        )
-    }
-
     pub fn http_status(&self) -> Option<u16> {
         match self {
             MdeError::Http { status, .. }

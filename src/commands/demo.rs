@@ -7,11 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args as ClapArgs;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::db::Db;
-use crate::jobs::{self, Context, archive, discover};
+use crate::jobs::{archive, discover};
 use crate::render::Format;
 use crate::sim::{SimConfig, Simulator};
 
@@ -115,28 +113,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?;
     println!("simulator: {base}\nconfig:    {}", config_path.display());
 
-    let cfg = Arc::new(Config::load(&config_path)?);
-    let db = Db::open(&cfg.database.path)?;
-    let ctx = Arc::new(Context::new(
-        cfg.clone(),
-        db.clone(),
-        CancellationToken::new(),
-    )?);
-    let tenants: Vec<Arc<jobs::Tenant>> = ctx.tenants(None)?.into_iter().map(Arc::new).collect();
+    let (ctx, tenants) = super::setup(&config_path, None)?;
+    let (cfg, db) = (ctx.cfg.clone(), ctx.db.clone());
     for t in &tenants {
         let s = discover::lookback_pass(&ctx, t).await?;
         println!("discover:  {s}");
     }
     let scope = archive::Scope::default();
-    let due = crate::queue::due_count(
-        &ctx.db,
-        &tenants
-            .iter()
-            .map(|t| t.cfg.name.clone())
-            .collect::<Vec<_>>(),
-        &scope,
-    )
-    .await? as u64;
+    let due = crate::queue::due_count(&ctx.db, &super::names(&tenants), &scope).await? as u64;
     let progress = Arc::new(crate::progress::Progress::new("archiving", due));
     let p = progress.clone();
     let summary =

@@ -74,7 +74,7 @@ impl Context {
             db,
             governor,
             blob,
-            clock: RemoteClock::new(),
+            clock: RemoteClock::default(),
             cancel,
             owner: crate::queue::process_owner(),
             partials_swept: AtomicBool::new(false),
