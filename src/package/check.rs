@@ -69,19 +69,18 @@ struct BagEntries {
 /// How the payload entry's bytes are judged.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum PayloadCheck<'a> {
-    /// Hash them (verify, adoption: nothing is trusted).
+    /// Hash them, and the whole file (verify, adoption: nothing is trusted).
     Hash,
-    /// The writer's re-check of a stored payload it just wrote: the payload's SHA-256 was
-    /// taken as it streamed, so the bytes on disk are checked against the zip's CRC-32 (the
-    /// reader refuses an entry whose CRC does not match) and the manifest against that
-    /// SHA-256, without hashing the payload a second time.
-    Crc { streamed_sha256: &'a str },
-    /// The writer's re-check of a deflated payload: it was inflated as it was written
-    /// ([`super::readback`]), so the entry's recorded CRC-32, size and place are compared with
-    /// what that read-back found, without inflating it a second time.
+    /// The writer's re-check of the package it just wrote: the file was read back as it was
+    /// written ([`super::readback`]), so the payload entry's recorded CRC-32, size and place
+    /// are compared with what that read-back found, the manifest with the SHA-256 taken as the
+    /// payload streamed, and the package's size and SHA-256 are the read-back's; neither the
+    /// payload nor the whole file is read a second time.
     ReadBack {
         streamed_sha256: &'a str,
         found: &'a ReadBack,
+        /// The whole file's size and SHA-256 (hex), read back.
+        package: (u64, &'a str),
     },
 }
 
@@ -104,9 +103,37 @@ pub(crate) fn check_package_with(
         }
     };
     let file = File::open(path).map_err(io_err("opening package"))?;
-    let whole = WholeFileHash::new(file).map_err(io_err("reading package"))?;
+    match payload {
+        PayloadCheck::Hash => {
+            let whole = WholeFileHash::new(file).map_err(io_err("reading package"))?;
+            let (entries, whole) = read_zip(path, whole, payload)?;
+            let (size, sha256) = whole.finish().map_err(io_err("reading package"))?;
+            Ok(judge(entries, size, sha256))
+        }
+        PayloadCheck::ReadBack {
+            package: (size, sha256),
+            ..
+        } => {
+            let (mut entries, file) = read_zip(path, file, payload)?;
+            let on_disk = file.metadata().map_err(io_err("reading package"))?.len();
+            if on_disk != size {
+                entries.problems.push(format!(
+                    "the file is {on_disk} bytes, but {size} were read back as it was written"
+                ));
+            }
+            Ok(judge(entries, size, sha256.to_string()))
+        }
+    }
+}
+
+/// Opens `file` as a zip and reads its entries; hands the file back.
+fn read_zip<R: Read + Seek>(
+    path: &Path,
+    file: R,
+    payload: PayloadCheck<'_>,
+) -> Result<(BagEntries, R), PackageError> {
     let mut archive =
-        ZipArchive::new(BufReader::with_capacity(READ_BUFFER, whole)).map_err(|source| {
+        ZipArchive::new(BufReader::with_capacity(READ_BUFFER, file)).map_err(|source| {
             PackageError::Zip {
                 path: path.to_path_buf(),
                 op: "reading",
@@ -114,12 +141,7 @@ pub(crate) fn check_package_with(
             }
         })?;
     let entries = read_entries(&mut archive, payload);
-    let (package_size, package_sha256) = archive
-        .into_inner()
-        .into_inner()
-        .finish()
-        .map_err(io_err("reading package"))?;
-    Ok(judge(entries, package_size, package_sha256))
+    Ok((entries, archive.into_inner().into_inner()))
 }
 
 /// Reads every entry to its end (so its CRC is checked) and hashes it, keeping the text of the
@@ -157,44 +179,41 @@ fn read_entries<R: Read + Seek>(
         }
         let keep_text = PARSED_TAG_FILES.contains(&rest.as_str());
         let payload_entry = rest.starts_with("data/");
-        let streamed = match payload {
-            PayloadCheck::Crc { streamed_sha256 } if payload_entry => Some(streamed_sha256),
-            PayloadCheck::ReadBack {
-                streamed_sha256,
-                found: read_back,
-            } if payload_entry => {
-                let recorded = (entry.data_start(), entry.size(), entry.crc32());
-                let read = (Some(read_back.data_start), read_back.size, read_back.crc32);
-                if recorded != read {
-                    found.problems.push(format!(
+        if let PayloadCheck::ReadBack {
+            streamed_sha256,
+            found: read_back,
+            ..
+        } = payload
+            && payload_entry
+        {
+            let recorded = (entry.data_start(), entry.size(), entry.crc32());
+            let read = (Some(read_back.data_start), read_back.size, read_back.crc32);
+            if recorded != read {
+                found.problems.push(format!(
                         "entry {name:?}: the zip records (data start, size, CRC-32) {recorded:?} but reading it back found {read:?}"
                     ));
-                }
-                let sink = TeeSink {
-                    counter: Sha256Counter {
-                        len: entry.size(),
-                        ..Default::default()
-                    },
-                    text: Vec::new(),
-                    keep_text: false,
-                    hash: false,
-                };
-                found.add(&name, rest, sink, Some(streamed_sha256));
-                continue;
             }
-            _ => None,
-        };
+            let sink = TeeSink {
+                counter: Sha256Counter {
+                    len: entry.size(),
+                    ..Default::default()
+                },
+                text: Vec::new(),
+                keep_text: false,
+            };
+            found.add(&name, rest, sink, Some(streamed_sha256));
+            continue;
+        }
         let mut sink = TeeSink {
             counter: Sha256Counter::default(),
             text: Vec::new(),
             keep_text,
-            hash: streamed.is_none(),
         };
         if let Err(e) = copy_buffered(&mut entry, &mut sink) {
             found.problems.push(format!("entry {name:?}: {e}"));
             continue;
         }
-        found.add(&name, rest, sink, streamed);
+        found.add(&name, rest, sink, None);
     }
     found
 }
@@ -621,16 +640,11 @@ struct TeeSink {
     counter: Sha256Counter,
     text: Vec<u8>,
     keep_text: bool,
-    hash: bool,
 }
 
 impl Write for TeeSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.hash {
-            self.counter.write_all(buf)?;
-        } else {
-            self.counter.len += buf.len() as u64;
-        }
+        self.counter.write_all(buf)?;
         if self.keep_text && self.text.len() <= MAX_PARSED_TAG_FILE {
             let room = MAX_PARSED_TAG_FILE + 1 - self.text.len();
             self.text.extend_from_slice(&buf[..buf.len().min(room)]);

@@ -1,6 +1,7 @@
 //! The payload's digests, each computed on a thread of its own so that hashing keeps up with the
-//! network on a small machine: SHA-256 always, MD5 only when the server sent an MD5 to check
-//! against, and the SHA-256 of the gunzipped stream when the payload is gzip. The writer hands
+//! network on a small machine: SHA-256 always, and the SHA-256 of the gunzipped stream when the
+//! payload is gzip. (An MD5, only checked against the server's, is taken reading the payload
+//! back from the file, [`super::readback`], so it never holds back the download.) The writer hands
 //! every worker the same [`Batch`] (about a MiB of the download's own buffers, shared, never
 //! copied); each worker's queue holds at most [`QUEUED_BATCHES`], so memory stays flat and a
 //! slow hash slows the download instead of piling up bytes.
@@ -12,7 +13,6 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use flate2::write::MultiGzDecoder;
-use md5::Md5;
 use sha2::{Digest, Sha256};
 
 use super::Sha256Counter;
@@ -27,7 +27,6 @@ const QUEUED_BATCHES: usize = 4;
 pub(crate) struct Hashes {
     /// Lowercase hex.
     pub sha256: String,
-    pub md5: Option<[u8; 16]>,
     /// Size and SHA-256 (hex) of the gunzipped stream, when it decoded fully.
     pub original: Option<(u64, String)>,
 }
@@ -75,31 +74,20 @@ impl<T: Send + 'static> Worker<T> {
 /// The payload's hashing threads; see the module docs.
 pub(crate) struct PayloadHashers {
     sha256: Worker<String>,
-    md5: Option<Worker<[u8; 16]>>,
     gunzip: Option<Worker<Option<(u64, String)>>>,
 }
 
 impl PayloadHashers {
-    /// Starts the SHA-256 worker, and the MD5 worker when `md5` is set.
-    pub fn start(md5: bool) -> io::Result<Self> {
+    /// Starts the SHA-256 worker.
+    pub fn start() -> io::Result<Self> {
         let sha256 = Worker::spawn(
             "lrvault-sha256",
             Sha256::new(),
             |h, b| h.update(b),
             |h| hex::encode(h.finalize()),
         )?;
-        let md5 = match md5 {
-            true => Some(Worker::spawn(
-                "lrvault-md5",
-                Md5::new(),
-                |h, b| h.update(b),
-                |h| h.finalize().into(),
-            )?),
-            false => None,
-        };
         Ok(PayloadHashers {
             sha256,
-            md5,
             gunzip: None,
         })
     }
@@ -130,9 +118,6 @@ impl PayloadHashers {
     /// Hands the next batch to every worker.
     pub fn feed(&self, batch: &Batch) {
         self.sha256.send(batch);
-        if let Some(w) = &self.md5 {
-            w.send(batch);
-        }
         if let Some(w) = &self.gunzip {
             w.send(batch);
         }
@@ -141,19 +126,11 @@ impl PayloadHashers {
     /// Waits for every worker; `None` if one of them panicked.
     pub fn finish(self) -> Option<Hashes> {
         let sha256 = self.sha256.finish()?;
-        let md5 = match self.md5 {
-            Some(w) => Some(w.finish()?),
-            None => None,
-        };
         let original = match self.gunzip {
             Some(w) => w.finish()?,
             None => None,
         };
-        Some(Hashes {
-            sha256,
-            md5,
-            original,
-        })
+        Some(Hashes { sha256, original })
     }
 }
 
@@ -175,7 +152,7 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&original).unwrap();
         let payload = gz.finish().unwrap();
-        let mut hashers = PayloadHashers::start(true).unwrap();
+        let mut hashers = PayloadHashers::start().unwrap();
         hashers.start_gunzip().unwrap();
         for batch in batches(&payload, 97) {
             hashers.feed(&batch);
@@ -184,16 +161,15 @@ mod tests {
             hashers.finish().unwrap(),
             Hashes {
                 sha256: sha256_hex(&payload),
-                md5: Some(Md5::digest(&payload).into()),
                 original: Some((original.len() as u64, sha256_hex(&original))),
             }
         );
     }
 
     #[test]
-    fn md5_only_when_asked_and_corrupt_gzip_loses_only_the_original() {
+    fn corrupt_gzip_loses_only_the_original() {
         let payload = b"\x1f\x8b\x08\x00 not really gzip".to_vec();
-        let mut hashers = PayloadHashers::start(false).unwrap();
+        let mut hashers = PayloadHashers::start().unwrap();
         hashers.start_gunzip().unwrap();
         for batch in batches(&payload, 5) {
             hashers.feed(&batch);
@@ -202,7 +178,6 @@ mod tests {
             hashers.finish().unwrap(),
             Hashes {
                 sha256: sha256_hex(&payload),
-                md5: None,
                 original: None,
             }
         );

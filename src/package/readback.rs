@@ -1,12 +1,19 @@
-//! The writer's re-check of a deflated payload entry, done while the package is still being
-//! written: a thread of its own reads the entry's compressed bytes back from the partial file
-//! (the page cache is warm) right behind the zip writer, inflates them, and takes their CRC-32
-//! and size. The package's final check then compares these with the CRC and size the zip
-//! recorded ([`super::check::PayloadCheck::ReadBack`]) instead of inflating the payload again.
+//! The writer's re-check, done by threads that read the partial file back (the page cache is
+//! warm) while the package is still being written, instead of in one more pass after it.
 //!
-//! Deflate keeps one core busy while the download streams; the inflate of the re-check runs on
-//! the other core meanwhile, instead of after it. Stored payloads are not read back: their
-//! re-check shares the one read of the package that its SHA-256 needs anyway.
+//! - [`Reader`] reads the payload entry back right behind the zip writer, from its first byte
+//!   on: a deflated one is inflated. It takes the payload's size and CRC-32, and its MD5 when
+//!   the server sent one to check. MD5 is the slowest hash and only checks the transfer, so it
+//!   runs here, at its own pace, instead of holding back the download.
+//! - [`Follower`] starts once the payload entry is complete (its header filled in): it hashes
+//!   the file from the start while the payload's MD5 is finished, the custody row written and
+//!   the tag files added, then reads what those added once the file is complete. That is the
+//!   package SHA-256 the custody log records; on the way it takes the CRC-32 of a stored
+//!   payload.
+//!
+//! The package's final check compares these with what the zip recorded
+//! ([`super::check::PayloadCheck::ReadBack`]), so it reads no more than the zip's directory
+//! and tag files.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -16,11 +23,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use flate2::read::DeflateDecoder;
+use md5::Md5;
+use sha2::{Digest, Sha256};
 
 const READ_BUFFER: usize = 1024 * 1024;
 
 /// How far the partial file is written, shared by the writer (through
-/// [`super::partial::PartialFile`]) and the read-back thread.
+/// [`super::partial::PartialFile`]) and the read-back threads.
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
     state: Mutex<State>,
@@ -31,8 +40,11 @@ pub(crate) struct Progress {
 struct State {
     /// Bytes `[0, written)` of the file are written (not in a buffer any more).
     written: u64,
-    /// Nothing more will be written that the read-back needs.
-    closed: bool,
+    /// The payload entry is complete: its read-back stops here (a deflate stream ends by
+    /// itself before it).
+    payload_end: Option<u64>,
+    /// Every byte of the file is written.
+    ended: bool,
     /// The package is given up: the read-back stops.
     abandoned: bool,
 }
@@ -52,10 +64,14 @@ impl Progress {
         self.update(|s| s.written = s.written.max(end));
     }
 
-    /// Every byte of the entry is written (the deflate stream ends by itself; what follows
-    /// it in the file is never read as payload).
-    pub(crate) fn close(&self) {
-        self.update(|s| s.closed = true);
+    /// The payload entry is complete and ends at `end` of the file at the latest.
+    pub(crate) fn payload_ends(&self, end: u64) {
+        self.update(|s| s.payload_end = Some(end));
+    }
+
+    /// The whole file is written.
+    pub(crate) fn end(&self) {
+        self.update(|s| s.ended = true);
     }
 
     pub(crate) fn abandon(&self) {
@@ -67,7 +83,31 @@ impl Progress {
 struct TailReader {
     file: File,
     pos: u64,
+    /// Only the payload entry, up to its end.
+    payload_only: bool,
+    /// Bytes before this are final (the payload's end, once its header is filled in); later
+    /// ones are read only once the whole file is written, as the zip writer goes back to fill
+    /// in each tag file's header.
+    settled: u64,
     progress: Arc<Progress>,
+}
+
+impl TailReader {
+    /// How many bytes from `pos` may be read now; `None` at the end.
+    fn readable(&self, state: &State) -> Option<u64> {
+        let limit = if self.payload_only {
+            state
+                .payload_end
+                .map_or(state.written, |end| end.min(state.written))
+        } else if state.ended {
+            state.written
+        } else {
+            self.settled.min(state.written)
+        };
+        let done = (state.ended && self.pos >= state.written)
+            || (self.payload_only && state.payload_end.is_some_and(|end| self.pos >= end));
+        (!done).then(|| limit.saturating_sub(self.pos))
+    }
 }
 
 impl Read for TailReader {
@@ -78,11 +118,10 @@ impl Read for TailReader {
                 if state.abandoned {
                     return Err(io::Error::other("the package was given up"));
                 }
-                if self.pos < state.written {
-                    break buf.len().min((state.written - self.pos) as usize);
-                }
-                if state.closed {
-                    return Ok(0);
+                match self.readable(&state) {
+                    None => return Ok(0),
+                    Some(0) => {}
+                    Some(n) => break buf.len().min(n as usize),
                 }
                 state = self
                     .progress
@@ -108,9 +147,13 @@ impl Read for TailReader {
 pub(crate) struct ReadBack {
     /// Where the entry's data starts in the file.
     pub data_start: u64,
-    /// The payload's size and CRC-32, inflated.
+    /// Where the entry's data ends in the file.
+    pub data_end: u64,
+    /// The payload's size and CRC-32 (inflated when it was deflated).
     pub size: u64,
     pub crc32: u32,
+    /// Only when asked for.
+    pub md5: Option<[u8; 16]>,
 }
 
 /// The read-back thread of one payload entry.
@@ -119,31 +162,43 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    /// Starts reading the deflated entry whose data starts at `data_start` of `partial`.
+    /// Starts reading the entry whose data starts at `data_start` of `partial`; `deflated`
+    /// inflates it, `md5` also takes its MD5.
     pub(crate) fn start(
         partial: &Path,
         data_start: u64,
+        deflated: bool,
+        md5: bool,
         progress: Arc<Progress>,
     ) -> io::Result<Reader> {
         let tail = TailReader {
             file: File::open(partial)?,
             pos: data_start,
+            payload_only: true,
+            settled: 0,
             progress,
         };
         let handle = std::thread::Builder::new()
             .name("lrvault-readback".into())
             .spawn(move || {
-                let (size, crc32) = crc_of(DeflateDecoder::new(tail))?;
-                Ok(ReadBack {
-                    data_start,
-                    size,
-                    crc32,
-                })
+                let mut found = if deflated {
+                    let mut inflate = DeflateDecoder::new(tail);
+                    let mut found = digest_of(&mut inflate, md5)?;
+                    found.data_end = data_start + inflate.total_in();
+                    found
+                } else {
+                    let mut found = digest_of(tail, md5)?;
+                    found.data_end = data_start + found.size;
+                    found
+                };
+                found.data_start = data_start;
+                Ok(found)
             })?;
         Ok(Reader { handle })
     }
 
-    /// Waits for the thread to read the whole entry (call after [`Progress::close`]).
+    /// Waits for the thread to read the whole entry (call after [`Progress::payload_ends`];
+    /// a deflate stream ends by itself, what follows it is never read as payload).
     pub(crate) fn finish(self) -> io::Result<ReadBack> {
         self.handle
             .join()
@@ -151,10 +206,11 @@ impl Reader {
     }
 }
 
-/// Size and CRC-32 of everything `reader` yields.
-fn crc_of(mut reader: impl Read) -> io::Result<(u64, u32)> {
+/// Size, CRC-32 and (with `md5`) MD5 of everything `reader` yields.
+fn digest_of(mut reader: impl Read, md5: bool) -> io::Result<ReadBack> {
     let mut buf = vec![0u8; READ_BUFFER];
     let mut crc = crc32fast::Hasher::new();
+    let mut md5 = md5.then(Md5::new);
     let mut size = 0u64;
     loop {
         let n = match reader.read(&mut buf) {
@@ -164,9 +220,102 @@ fn crc_of(mut reader: impl Read) -> io::Result<(u64, u32)> {
             Err(e) => return Err(e),
         };
         crc.update(&buf[..n]);
+        if let Some(m) = md5.as_mut() {
+            m.update(&buf[..n]);
+        }
         size += n as u64;
     }
-    Ok((size, crc.finalize()))
+    Ok(ReadBack {
+        data_start: 0,
+        data_end: 0,
+        size,
+        crc32: crc.finalize(),
+        md5: md5.map(|m| m.finalize().into()),
+    })
+}
+
+/// What reading the whole file back found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Followed {
+    pub package_size: u64,
+    /// Lowercase hex.
+    pub package_sha256: String,
+    /// A stored payload's bytes `[data_start, payload end)`, read back.
+    pub stored: Option<ReadBack>,
+}
+
+/// The thread that reads the whole partial file back; see the module docs.
+pub(crate) struct Follower {
+    handle: JoinHandle<io::Result<Followed>>,
+}
+
+impl Follower {
+    /// Starts reading `partial` from its start. `payload_end` is where the complete payload
+    /// entry's data ends (bytes before it are final); `stored_from` is where it starts when
+    /// stored.
+    pub(crate) fn start(
+        partial: &Path,
+        payload_end: u64,
+        stored_from: Option<u64>,
+        progress: Arc<Progress>,
+    ) -> io::Result<Follower> {
+        let mut tail = TailReader {
+            file: File::open(partial)?,
+            pos: 0,
+            payload_only: false,
+            settled: payload_end,
+            progress,
+        };
+        let stored = stored_from.map(|start| (start, payload_end));
+        let handle = std::thread::Builder::new()
+            .name("lrvault-follow".into())
+            .spawn(move || follow(&mut tail, stored))?;
+        Ok(Follower { handle })
+    }
+
+    /// Waits for the thread to read the whole file (call after [`Progress::end`]).
+    pub(crate) fn finish(self) -> io::Result<Followed> {
+        self.handle
+            .join()
+            .map_err(|_| io::Error::other("the read-back thread failed"))?
+    }
+}
+
+/// Hashes everything `tail` yields, and CRCs the bytes of `stored` (start, end) on the way.
+fn follow(tail: &mut TailReader, stored: Option<(u64, u64)>) -> io::Result<Followed> {
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut sha = Sha256::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut at = 0u64;
+    loop {
+        let n = match tail.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let bytes = &buf[..n];
+        sha.update(bytes);
+        if let Some((start, end)) = stored {
+            let to = at + n as u64;
+            let (from, until) = (start.clamp(at, to), end.clamp(at, to));
+            if from < until {
+                crc.update(&bytes[(from - at) as usize..(until - at) as usize]);
+            }
+        }
+        at += n as u64;
+    }
+    Ok(Followed {
+        package_size: at,
+        package_sha256: hex::encode(sha.finalize()),
+        stored: stored.map(|(start, end)| ReadBack {
+            data_start: start,
+            data_end: end.min(at),
+            size: end.min(at).saturating_sub(start),
+            crc32: crc.finalize(),
+            md5: None,
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -190,7 +339,7 @@ mod tests {
         let progress = Arc::new(Progress::default());
         file.write_all(b"HEADER").unwrap();
         progress.written_to(6);
-        let reader = Reader::start(&path, 6, progress.clone()).unwrap();
+        let reader = Reader::start(&path, 6, true, true, progress.clone()).unwrap();
         let mut at = 6u64;
         for chunk in deflated.chunks(501) {
             file.write_all(chunk).unwrap();
@@ -200,13 +349,15 @@ mod tests {
         // What follows the entry is never read as payload.
         file.write_all(b"NEXT ENTRY").unwrap();
         progress.written_to(at + 10);
-        progress.close();
+        progress.payload_ends(at);
         assert_eq!(
             reader.finish().unwrap(),
             ReadBack {
                 data_start: 6,
+                data_end: at,
                 size: text.len() as u64,
                 crc32: crc32fast::hash(&text),
+                md5: Some(Md5::digest(&text).into()),
             }
         );
     }
@@ -217,11 +368,12 @@ mod tests {
         let path = dir.path().join("p.partial");
         let text = b"evidence ".repeat(50_000);
         let deflated = deflate(&text);
-        std::fs::write(&path, &deflated[..deflated.len() / 2]).unwrap();
+        let half = (deflated.len() / 2) as u64;
+        std::fs::write(&path, &deflated[..half as usize]).unwrap();
         let progress = Arc::new(Progress::default());
-        let reader = Reader::start(&path, 0, progress.clone()).unwrap();
-        progress.written_to((deflated.len() / 2) as u64);
-        progress.close();
+        let reader = Reader::start(&path, 0, true, false, progress.clone()).unwrap();
+        progress.written_to(half);
+        progress.payload_ends(half);
         // Whether the inflater calls it an error or an early end, what was read back is not
         // the payload, and the final check compares it with what the zip recorded.
         if let Ok(found) = reader.finish() {
@@ -229,8 +381,43 @@ mod tests {
         }
 
         let progress = Arc::new(Progress::default());
-        let reader = Reader::start(&path, 0, progress.clone()).unwrap();
+        let reader = Reader::start(&path, 0, true, false, progress.clone()).unwrap();
         progress.abandon();
         assert!(reader.finish().is_err());
+    }
+
+    #[test]
+    fn the_follower_hashes_the_whole_file_but_waits_for_the_end_past_the_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.partial");
+        let payload = b"stored payload bytes".repeat(10_000);
+        let mut file = File::create(&path).unwrap();
+        let progress = Arc::new(Progress::default());
+        file.write_all(b"HEAD").unwrap();
+        file.write_all(&payload).unwrap();
+        let payload_end = 4 + payload.len() as u64;
+        // A tag file's header, not final yet: the zip writer will fill it in.
+        file.write_all(b"TAG?").unwrap();
+        progress.written_to(payload_end + 4);
+        progress.payload_ends(payload_end);
+        let follower = Follower::start(&path, payload_end, Some(4), progress.clone()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        file.write_all_at(b"TAG!", payload_end).unwrap();
+        progress.end();
+        let followed = follower.finish().unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        assert!(whole.ends_with(b"TAG!"));
+        assert_eq!(followed.package_size, whole.len() as u64);
+        assert_eq!(followed.package_sha256, hex::encode(Sha256::digest(&whole)));
+        assert_eq!(
+            followed.stored,
+            Some(ReadBack {
+                data_start: 4,
+                data_end: payload_end,
+                size: payload.len() as u64,
+                crc32: crc32fast::hash(&payload),
+                md5: None,
+            })
+        );
     }
 }

@@ -4,8 +4,11 @@
 //! Memory stays flat: the payload goes into the zip entry in batches of about a MiB (the first
 //! batch is held back only until `auto` compression has judged it), the hashes run on their own
 //! threads over the same buffers ([`super::hashers`]), and the gunzipped stream of a gzip
-//! payload is only hashed, never stored. A deflated payload entry is inflated back from the
-//! file while it is written ([`super::readback`]): that is its re-check.
+//! payload is only hashed, never stored. The re-check reads the file back while it is written
+//! ([`super::readback`]): the payload entry right behind the writer (inflated when deflated;
+//! its MD5 when the server sent one), and the whole file, for the package hash, from the
+//! moment the payload entry is complete. What is left at the end reads only the zip's
+//! directory and tag files.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -63,8 +66,15 @@ pub struct PackageWriter {
     abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// How far the file is written, for the read-back.
     progress: std::sync::Arc<Progress>,
-    /// Inflates a deflated payload entry back as it is written; started with the entry.
+    /// Reads the payload entry back as it is written (when deflated, or for its MD5).
     reader: Option<readback::Reader>,
+    /// What the reader found, once the payload entry is complete.
+    read_back: Option<readback::ReadBack>,
+    /// Reads the whole file back from the moment the payload entry is complete.
+    follower: Option<readback::Follower>,
+    /// Where the payload's data starts in the file, and whether it is stored.
+    payload_at: Option<(u64, bool)>,
+    compute_md5: bool,
     mtime: zip::DateTime,
     /// (name inside the bag, sha256 hex) of tag files already written.
     tag_hashes: Vec<(String, String)>,
@@ -134,7 +144,7 @@ impl PackageWriter {
         let progress = std::sync::Arc::new(Progress::default());
         let file = PartialFile::new(file, abandoned.clone(), progress.clone());
         let zip = ZipWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file));
-        let hashers = PayloadHashers::start(spec.compute_md5)
+        let hashers = PayloadHashers::start()
             .map_err(|e| PackageError::Task(format!("cannot start the hashing threads: {e}")))?;
         let mut writer = PackageWriter {
             bag_name: spec.bag_name,
@@ -151,6 +161,10 @@ impl PackageWriter {
             abandoned,
             progress,
             reader: None,
+            read_back: None,
+            follower: None,
+            payload_at: None,
+            compute_md5: spec.compute_md5,
             mtime: zip_now(),
             tag_hashes: Vec::new(),
             batch: Vec::new(),
@@ -207,17 +221,21 @@ impl PackageWriter {
             None => choose_by_sample(&self.held),
         };
         self.choice = Some(choice.clone());
+        if !self.entry_started {
+            self.start_payload_entry()?;
+        }
         let hashes = self
             .hashers
             .take()
             .and_then(PayloadHashers::finish)
             .ok_or_else(|| PackageError::Task("a hashing thread failed".to_string()))?;
+        self.complete_payload_entry()?;
         let (original_size, original_sha256) = hashes.original.unzip();
         let digests = PayloadDigests {
             payload_name: self.payload_name(gzip),
             size: self.size,
             sha256: hashes.sha256,
-            md5: hashes.md5,
+            md5: self.read_back.as_ref().and_then(|found| found.md5),
             encoding: if gzip {
                 PayloadEncoding::Gzip
             } else {
@@ -235,14 +253,6 @@ impl PackageWriter {
     /// re-checks it, makes it read-only and moves it into place without overwriting.
     pub fn finish(mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
         let digests = self.digests()?;
-        if !self.entry_started {
-            self.start_payload_entry()?;
-        }
-        let bag_info = self.bag_info_txt(&digests);
-        self.add_tag_file("bag-info.txt", bag_info.as_bytes())?;
-        // The payload entry is closed and in the file: the zip writer seeks back to fill in
-        // its header, and a BufWriter writes its buffer out before any seek.
-        self.progress.close();
         self.add_tag_file("retrieval.json", retrieval_json)?;
         let manifest = format!(
             "{}  data/{}\n",
@@ -276,22 +286,24 @@ impl PackageWriter {
                 op: "flushing",
                 source,
             })?;
+        self.progress.end();
+        let followed = self
+            .follower
+            .take()
+            .ok_or_else(|| finished_error(&self.partial_path))?
+            .finish()
+            .map_err(|e| self.read_back_failed("the package", e))?;
+        // A stored payload's CRC-32 comes from the whole file's read-back, a deflated one's
+        // from inflating it back.
+        let Some(found) = followed.stored.as_ref().or(self.read_back.as_ref()) else {
+            return Err(finished_error(&self.partial_path));
+        };
         // The fsync waits on the disk while the re-check reads the page cache: both at once.
         let partial = &self.partial_path;
-        let streamed_sha256 = digests.sha256.as_str();
-        let read_back = match self.reader.take() {
-            Some(reader) => Some(reader.finish().map_err(|e| PackageError::Verify {
-                path: self.final_path.clone(),
-                reason: format!("inflating the payload back from the file: {e}"),
-            })?),
-            None => None,
-        };
-        let payload_check = match &read_back {
-            Some(found) => PayloadCheck::ReadBack {
-                streamed_sha256,
-                found,
-            },
-            None => PayloadCheck::Crc { streamed_sha256 },
+        let payload_check = PayloadCheck::ReadBack {
+            streamed_sha256: digests.sha256.as_str(),
+            found,
+            package: (followed.package_size, followed.package_sha256.as_str()),
         };
         let (synced, check) = std::thread::scope(|scope| {
             let syncing = scope.spawn(move || file.sync_all());
@@ -468,25 +480,87 @@ impl PackageWriter {
                 op: "starting payload entry in",
                 source,
             })?;
-        if method == EntryMethod::Deflated {
-            // The data starts where the header ends: in the file, or still in the buffer.
-            let data_start = zip
-                .get_ref()
-                .map(|w| w.get_ref().position() + w.buffer().len() as u64)
-                .ok_or_else(|| finished_error(path))?;
-            let reader =
-                readback::Reader::start(path, data_start, self.progress.clone()).map_err(|e| {
-                    PackageError::Task(format!("cannot start the read-back thread: {e}"))
-                })?;
+        // The data starts where the header ends: in the file, or still in the buffer.
+        let data_start = zip
+            .get_ref()
+            .map(|w| w.get_ref().position() + w.buffer().len() as u64)
+            .ok_or_else(|| finished_error(path))?;
+        let deflated = method == EntryMethod::Deflated;
+        if deflated || self.compute_md5 {
+            let reader = readback::Reader::start(
+                path,
+                data_start,
+                deflated,
+                self.compute_md5,
+                self.progress.clone(),
+            )
+            .map_err(|e| PackageError::Task(format!("cannot start the read-back thread: {e}")))?;
             self.reader = Some(reader);
         }
+        self.payload_at = Some((data_start, !deflated));
         self.entry_started = true;
         let held = std::mem::take(&mut self.held);
         self.write_entry(&held)
     }
 
-    /// Tag files are always deflated (DESIGN.md §7).
-    fn add_tag_file(&mut self, name: &str, bytes: &[u8]) -> Result<(), PackageError> {
+    /// Ends the payload entry by starting the next one, `bag-info.txt` (the zip writer goes
+    /// back to fill in the payload's header; a BufWriter writes its buffer out before any
+    /// seek), then starts reading the whole file back and waits for the payload's read-back.
+    fn complete_payload_entry(&mut self) -> Result<(), PackageError> {
+        let (data_start, stored) = self
+            .payload_at
+            .ok_or_else(|| finished_error(&self.partial_path))?;
+        // A stored payload's read-back must stop at its last byte before anything after it
+        // reaches the file; a deflate stream ends by itself, before what is in the file once
+        // the next entry is started.
+        let stored_end = data_start + self.size;
+        if stored {
+            self.progress.payload_ends(stored_end);
+        }
+        let bag_info = self.bag_info_txt(self.size);
+        let in_file = self.add_tag_file("bag-info.txt", bag_info.as_bytes())?;
+        let bound = if stored { stored_end } else { in_file };
+        self.progress.payload_ends(bound);
+        // Inflating keeps pace with deflate: that read-back is done, and says where the
+        // entry ends. A stored payload's MD5 is finished alongside the package hash.
+        if !stored {
+            self.join_reader()?;
+        }
+        let payload_end = self
+            .read_back
+            .as_ref()
+            .map_or(bound, |found| found.data_end);
+        let follower = readback::Follower::start(
+            &self.partial_path,
+            payload_end,
+            stored.then_some(data_start),
+            self.progress.clone(),
+        )
+        .map_err(|e| PackageError::Task(format!("cannot start the read-back thread: {e}")))?;
+        self.follower = Some(follower);
+        self.join_reader()
+    }
+
+    fn join_reader(&mut self) -> Result<(), PackageError> {
+        if let Some(reader) = self.reader.take() {
+            let found = reader
+                .finish()
+                .map_err(|e| self.read_back_failed("the payload", e))?;
+            self.read_back = Some(found);
+        }
+        Ok(())
+    }
+
+    fn read_back_failed(&self, what: &str, e: io::Error) -> PackageError {
+        PackageError::Verify {
+            path: self.final_path.clone(),
+            reason: format!("reading {what} back from the file: {e}"),
+        }
+    }
+
+    /// Tag files are always deflated (DESIGN.md §7). Returns how much of the file is written
+    /// once the entry is started (everything before it, at least).
+    fn add_tag_file(&mut self, name: &str, bytes: &[u8]) -> Result<u64, PackageError> {
         let options = entry_options(CompressionMethod::Deflated, self.mtime);
         let path = &self.partial_path;
         let zip = self.zip.as_mut().ok_or_else(|| finished_error(path))?;
@@ -496,6 +570,11 @@ impl PackageWriter {
                 op: "starting tag file in",
                 source,
             })?;
+        // Finishing the previous entry wrote everything before this one out to the file.
+        let in_file = zip
+            .get_ref()
+            .map(|w| w.get_ref().position())
+            .ok_or_else(|| finished_error(path))?;
         zip.write_all(bytes).map_err(|source| PackageError::Io {
             path: path.clone(),
             op: "writing tag file to",
@@ -503,10 +582,10 @@ impl PackageWriter {
         })?;
         self.tag_hashes
             .push((name.to_string(), hex::encode(Sha256::digest(bytes))));
-        Ok(())
+        Ok(in_file)
     }
 
-    fn bag_info_txt(&self, digests: &PayloadDigests) -> String {
+    fn bag_info_txt(&self, payload_size: u64) -> String {
         let info = &self.bag_info;
         let mut out = String::new();
         let mut field = |key: &str, value: &str| {
@@ -518,7 +597,7 @@ impl PackageWriter {
         field("Source-Organization", &info.source_organization);
         field("External-Identifier", &info.external_identifier);
         field("Bagging-Date", &info.bagging_date);
-        field("Payload-Oxum", &format!("{}.1", digests.size));
+        field("Payload-Oxum", &format!("{payload_size}.1"));
         if let Some(contact) = &info.contact_name {
             field("Contact-Name", contact);
         }
@@ -732,6 +811,7 @@ fn zip_now() -> zip::DateTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::package::PackageCheck;
     use crate::package::check::{PayloadCheck, check_package_with};
     use crate::package::{EntryMethod, check_package, remove_stale_partials, sha256_hex};
     use md5::Md5;
@@ -1374,44 +1454,98 @@ mod tests {
         assert!(partials_of(&path).is_empty());
     }
 
+    /// What the writer's threads find reading `file` back as it is written: where the payload
+    /// `name` starts, what reading it back found, and the whole file's read-back.
+    fn read_back(
+        file: &Path,
+        name: &str,
+        deflated: bool,
+    ) -> (u64, io::Result<readback::ReadBack>, readback::Followed) {
+        let mut zip = zip::ZipArchive::new(File::open(file).unwrap()).unwrap();
+        let entry = zip.by_name(&format!("{BAG}/data/{name}")).unwrap();
+        let (start, end) = (
+            entry.data_start().unwrap(),
+            entry.data_start().unwrap() + entry.compressed_size(),
+        );
+        drop(entry);
+        let progress = std::sync::Arc::new(Progress::default());
+        let reader =
+            deflated.then(|| readback::Reader::start(file, start, true, false, progress.clone()));
+        progress.written_to(fs::metadata(file).unwrap().len());
+        progress.payload_ends(end);
+        let stored_from = (!deflated).then_some(start);
+        let follower = readback::Follower::start(file, end, stored_from, progress.clone()).unwrap();
+        progress.end();
+        let followed = follower.finish().unwrap();
+        let payload = match reader {
+            Some(reader) => reader.unwrap().finish(),
+            None => Ok(followed.stored.clone().unwrap()),
+        };
+        (start, payload, followed)
+    }
+
+    /// The writer's re-check of `file` with what reading it back found.
+    fn recheck(
+        file: &Path,
+        streamed_sha256: &str,
+        found: &readback::ReadBack,
+        followed: &readback::Followed,
+    ) -> PackageCheck {
+        check_package_with(
+            file,
+            PayloadCheck::ReadBack {
+                streamed_sha256,
+                found,
+                package: (followed.package_size, &followed.package_sha256),
+            },
+        )
+        .unwrap()
+    }
+
     #[test]
-    fn the_writers_recheck_catches_a_payload_byte_changed_on_disk_by_its_crc() {
+    fn a_stored_payload_byte_changed_on_disk_is_caught_by_its_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let payload: Vec<u8> = (0..200_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let (digests, _) = write_package(
+        let (digests, info) = write_package(
             spec(dir.path(), "r.bin", false, Compression::Stored),
             &payload,
             4096,
         );
         let path = final_path(dir.path());
-        let copy = dir.path().join("copy.zip");
-        let mut bytes = fs::read(&path).unwrap();
+        let (_, intact, followed) = read_back(&path, "r.bin", false);
+        let intact = intact.unwrap();
+        assert_eq!(intact.size, payload.len() as u64);
+        assert_eq!(intact.crc32, crc32fast::hash(&payload));
+        // The read-back's package hash is the file's, and the one the writer recorded.
+        assert_eq!(
+            followed.package_sha256,
+            sha256_hex(&fs::read(&path).unwrap())
+        );
+        assert_eq!(followed.package_sha256, info.package_sha256);
+        let check = recheck(&path, &digests.sha256, &intact, &followed);
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        assert_eq!(check.package_sha256, info.package_sha256);
+
         // A byte in the middle of the stored payload, as a bad disk would change it.
+        let mut bytes = fs::read(&path).unwrap();
         let at = bytes
             .windows(64)
             .position(|w| w == &payload[100_000..100_064])
             .unwrap();
         bytes[at] ^= 0x01;
+        let copy = dir.path().join("copy.zip");
         fs::write(&copy, &bytes).unwrap();
-        let streamed = PayloadCheck::Crc {
-            streamed_sha256: &digests.sha256,
-        };
-        let cheap = check_package_with(&copy, streamed).unwrap();
+        let (_, changed, followed) = read_back(&copy, "r.bin", false);
+        let problems = recheck(&copy, &digests.sha256, &changed.unwrap(), &followed).problems;
         assert!(
-            cheap.problems.iter().any(|p| p.contains("checksum")),
-            "{:?}",
-            cheap.problems
+            problems.iter().any(|p| p.contains("reading it back found")),
+            "{problems:?}"
         );
-        // The untouched package passes the same check, and the full one agrees.
-        assert!(
-            check_package_with(&path, streamed)
-                .unwrap()
-                .problems
-                .is_empty()
-        );
+        // The full check agrees.
         assert_eq!(check_package(&path).unwrap().payload_sha256, digests.sha256);
+        assert!(!check_package(&copy).unwrap().problems.is_empty());
     }
 
     #[test]
@@ -1424,35 +1558,11 @@ mod tests {
             4096,
         );
         let path = final_path(dir.path());
-        // What the writer's thread finds reading a file back as it is written.
-        let read_back = |file: &Path| {
-            let mut zip = zip::ZipArchive::new(File::open(file).unwrap()).unwrap();
-            let start = zip
-                .by_name(&format!("{BAG}/data/log.txt"))
-                .unwrap()
-                .data_start()
-                .unwrap();
-            let progress = std::sync::Arc::new(Progress::default());
-            let reader = readback::Reader::start(file, start, progress.clone()).unwrap();
-            progress.written_to(fs::metadata(file).unwrap().len());
-            progress.close();
-            (start, reader.finish())
-        };
-        let check = |file: &Path, found| {
-            check_package_with(
-                file,
-                PayloadCheck::ReadBack {
-                    streamed_sha256: &digests.sha256,
-                    found,
-                },
-            )
-            .unwrap()
-            .problems
-        };
-        let (start, intact) = read_back(&path);
+        let (start, intact, followed) = read_back(&path, "log.txt", true);
         let intact = intact.unwrap();
         assert_eq!(intact.size, payload.len() as u64);
-        assert!(check(&path, &intact).is_empty());
+        let check = recheck(&path, &digests.sha256, &intact, &followed);
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
 
         // A bit flipped inside the deflate stream, as a bad disk would: the inflate fails or
         // gives other bytes, and the zip's own CRC-32 no longer matches what was read back.
@@ -1460,10 +1570,11 @@ mod tests {
         bytes[start as usize + 500] ^= 0x10;
         let copy = dir.path().join("copy.zip");
         fs::write(&copy, &bytes).unwrap();
-        match read_back(&copy).1 {
+        let (_, changed, followed) = read_back(&copy, "log.txt", true);
+        match changed {
             Err(e) => assert!(!e.to_string().is_empty()),
             Ok(changed) => {
-                let problems = check(&copy, &changed);
+                let problems = recheck(&copy, &digests.sha256, &changed, &followed).problems;
                 assert!(
                     problems.iter().any(|p| p.contains("reading it back found")),
                     "{problems:?}"
