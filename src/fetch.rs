@@ -167,8 +167,10 @@ pub struct Transfer {
 }
 
 impl Transfer {
-    /// True when the server's length and MD5 (if any) agree with what was received.
-    pub fn check_complete(&self, md5: &[u8; 16]) -> Result<&'static str, FetchError> {
+    /// The `md5_check` verdict (`match` or `absent`) when the server's length and MD5 (if it
+    /// sent one) agree with what was received. `md5` is `None` when it was not computed: it is
+    /// only asked for when the first answer carried a claim.
+    pub fn check_complete(&self, md5: Option<&[u8; 16]>) -> Result<&'static str, FetchError> {
         if let Some(total) = self.total
             && total != self.received
         {
@@ -177,9 +179,12 @@ impl Transfer {
                 self.received
             )));
         }
-        match &self.server_md5 {
-            None => Ok("absent"),
-            Some(b64) => {
+        match (&self.server_md5, md5) {
+            (None, _) => Ok("absent"),
+            (Some(_), None) => Err(FetchError::Integrity(
+                "an MD5 claim arrived only on a resumed request; the MD5 was not computed".into(),
+            )),
+            (Some(b64), Some(md5)) => {
                 let claimed = base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())
                     .unwrap_or_default();
@@ -521,7 +526,7 @@ mod tests {
         }
         assert_eq!(t.total, Some(10));
         assert_eq!(rx.try_recv().unwrap(), bytes::Bytes::from_static(b"ABCD"));
-        assert!(t.check_complete(&[0; 16]).is_err());
+        assert!(t.check_complete(None).is_err());
     }
 
     #[test]
@@ -541,12 +546,20 @@ mod tests {
             total: Some(10),
             ..Default::default()
         };
-        assert_eq!(t.check_complete(&md5).unwrap(), "absent");
+        assert_eq!(t.check_complete(Some(&md5)).unwrap(), "absent");
+        assert_eq!(t.check_complete(None).unwrap(), "absent");
         t.server_md5 = Some(base64::engine::general_purpose::STANDARD.encode(md5));
-        assert_eq!(t.check_complete(&md5).unwrap(), "match");
+        assert_eq!(t.check_complete(Some(&md5)).unwrap(), "match");
+        // A claim the MD5 was not computed for (it came only with a resumed answer).
+        assert!(
+            t.check_complete(None)
+                .unwrap_err()
+                .to_string()
+                .contains("only on a resumed request")
+        );
         t.server_md5 = Some(base64::engine::general_purpose::STANDARD.encode([1u8; 16]));
         assert!(
-            t.check_complete(&md5)
+            t.check_complete(Some(&md5))
                 .unwrap_err()
                 .to_string()
                 .contains("MD5 mismatch")
@@ -554,7 +567,7 @@ mod tests {
         t.server_md5 = None;
         t.total = Some(11);
         assert!(
-            t.check_complete(&md5)
+            t.check_complete(Some(&md5))
                 .unwrap_err()
                 .to_string()
                 .contains("received 10 bytes, server announced 11")

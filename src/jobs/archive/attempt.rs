@@ -159,14 +159,7 @@ pub(super) async fn attempt(
         }
     };
     // The MD5 is computed only when the first response carried a claim.
-    let checked = match streamed.digests.md5 {
-        Some(md5) => dl.transfer.check_complete(&md5),
-        None if dl.transfer.server_md5.is_some() => Err(FetchError::Integrity(
-            "an MD5 claim arrived only on a resumed request; the MD5 was not computed".into(),
-        )),
-        None => dl.transfer.check_complete(&[0; 16]),
-    };
-    let md5_check = match checked {
+    let md5_check = match dl.transfer.check_complete(streamed.digests.md5.as_ref()) {
         Ok(check) => check,
         Err(e) => {
             streamed.abort().await;
