@@ -437,3 +437,91 @@ async fn a_restore_names_the_anchors_it_supersedes_and_verify_accepts_only_those
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("000000000002.json"), "{err}");
 }
+
+/// What is not a backup is refused with one line that says why, and the database (and its
+/// directory) stay exactly as they were: nothing is set aside, nothing replaced.
+#[tokio::test]
+async fn a_restore_refuses_what_is_not_a_backup_and_leaves_the_database_alone() {
+    let e = env(
+        SimConfig {
+            seed: 12,
+            actions: 3,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    e.discover().await;
+    e.archive().await;
+    let live = e.cfg.database.path.clone();
+    let dir = live.parent().unwrap().to_path_buf();
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+            // The instance lock a restore holds while it checks the file (flock; kept).
+            .filter(|name| !name.ends_with(".lock"))
+            .collect();
+        names.sort();
+        names
+    };
+    let elsewhere = e._dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    // A copy of a live database with its WAL beside it: its newest commits may be in the WAL.
+    let live_copy = elsewhere.join("copied.db");
+    std::fs::copy(&live, &live_copy).unwrap();
+    std::fs::write(elsewhere.join("copied.db-wal"), b"").unwrap();
+    let garbage = elsewhere.join("garbage.db");
+    std::fs::write(&garbage, b"this is not an SQLite database\n".repeat(200)).unwrap();
+    let empty = elsewhere.join("empty.db");
+    rusqlite::Connection::open(&empty)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .unwrap();
+    let missing = elsewhere.join("missing.db");
+    let before = (sha256_hex(&std::fs::read(&live).unwrap()), listing());
+
+    let cases: [(&Path, String); 6] = [
+        (
+            &missing,
+            format!("cannot read the backup {}", missing.display()),
+        ),
+        (&elsewhere, format!("{} is not a file", elsewhere.display())),
+        (
+            &live,
+            format!(
+                "{} is the database itself, not a backup of it",
+                live.display()
+            ),
+        ),
+        (
+            &live_copy,
+            format!(
+                "{}-wal exists: {} is a live database, not a backup",
+                live_copy.display(),
+                live_copy.display()
+            ),
+        ),
+        (&garbage, "not a database".to_string()),
+        (
+            &empty,
+            "not an lrvault database (schema version 0)".to_string(),
+        ),
+    ];
+    for (from, says) in cases {
+        let (code, out, err) = lrvault(&e, &["restore", "--from", &from.display().to_string()]);
+        assert_ne!(code, 0, "{from:?} was restored: {out}");
+        assert!(err.contains(&says), "{from:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{from:?}: one line, got {err}"
+        );
+        assert!(!out.contains("restored"), "{from:?}: {out}");
+        assert_eq!(
+            (sha256_hex(&std::fs::read(&live).unwrap()), listing()),
+            before,
+            "{from:?} changed the database or its directory"
+        );
+    }
+}
