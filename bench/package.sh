@@ -83,7 +83,7 @@ lrvault_archive() {
   if [ "$runs" -gt 1 ]; then
     lrvault_time "$name"
   fi
-  for i in $(seq "$runs"); do
+  for _ in $(seq "$runs"); do
     [ "$runs" -gt 1 ] && lrvault_discover "$name"
     lrvault_time "$name"
     secs+=("$L_SECS")

@@ -18,7 +18,7 @@ use sha2::Digest;
 use zip::ZipArchive;
 
 use super::readback::ReadBack;
-use super::{PackageError, Sha256Counter};
+use super::{PackageError, READ_BUFFER, Sha256Counter, for_each_chunk};
 
 /// Tag files whose text we parse; larger ones than this are reported, not read into memory.
 const MAX_PARSED_TAG_FILE: usize = 1024 * 1024;
@@ -28,7 +28,6 @@ const PARSED_TAG_FILES: [&str; 4] = [
     "manifest-sha256.txt",
     "tagmanifest-sha256.txt",
 ];
-const READ_BUFFER: usize = 1024 * 1024;
 /// Whole-file bytes handed to the hashing thread at a time, and how many may wait.
 const HASH_BATCH: usize = 1024 * 1024;
 const QUEUED_HASH_BATCHES: usize = 4;
@@ -209,7 +208,7 @@ fn read_entries<R: Read + Seek>(
             text: Vec::new(),
             keep_text,
         };
-        if let Err(e) = copy_buffered(&mut entry, &mut sink) {
+        if let Err(e) = for_each_chunk(&mut entry, |bytes| sink.write_all(bytes)) {
             found.problems.push(format!("entry {name:?}: {e}"));
             continue;
         }
@@ -654,21 +653,6 @@ impl Write for TeeSink {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-fn copy_buffered(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; READ_BUFFER];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        writer.write_all(&buf[..n])?;
-        total += n as u64;
     }
 }
 

@@ -199,6 +199,28 @@ impl io::Write for Sha256Counter {
     }
 }
 
+/// Bytes read at a time by the package checks and read-backs.
+pub(crate) const READ_BUFFER: usize = 1024 * 1024;
+
+/// Hands everything `reader` yields to `f`, a buffer at a time; returns how many bytes.
+pub(crate) fn for_each_chunk(
+    mut reader: impl io::Read,
+    mut f: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        f(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

@@ -8,8 +8,8 @@
 //! - [`Follower`] starts once the payload entry is complete (its header filled in): it hashes
 //!   the file from the start while the payload's MD5 is finished, the custody row written and
 //!   the tag files added, then reads what those added once the file is complete. That is the
-//!   package SHA-256 the custody log records; on the way it takes the CRC-32 of a stored
-//!   payload.
+//!   package SHA-256 the custody log records. On the way it takes a stored payload's CRC-32,
+//!   unless a [`Reader`] read that payload already (for its MD5).
 //!
 //! The package's final check compares these with what the zip recorded
 //! ([`super::check::PayloadCheck::ReadBack`]), so it reads no more than the zip's directory
@@ -26,7 +26,7 @@ use flate2::read::DeflateDecoder;
 use md5::Md5;
 use sha2::{Digest, Sha256};
 
-const READ_BUFFER: usize = 1024 * 1024;
+use super::for_each_chunk;
 
 /// How far the partial file is written, shared by the writer (through
 /// [`super::partial::PartialFile`]) and the read-back threads.
@@ -207,24 +207,16 @@ impl Reader {
 }
 
 /// Size, CRC-32 and (with `md5`) MD5 of everything `reader` yields.
-fn digest_of(mut reader: impl Read, md5: bool) -> io::Result<ReadBack> {
-    let mut buf = vec![0u8; READ_BUFFER];
+fn digest_of(reader: impl Read, md5: bool) -> io::Result<ReadBack> {
     let mut crc = crc32fast::Hasher::new();
     let mut md5 = md5.then(Md5::new);
-    let mut size = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        crc.update(&buf[..n]);
+    let size = for_each_chunk(reader, |bytes| {
+        crc.update(bytes);
         if let Some(m) = md5.as_mut() {
-            m.update(&buf[..n]);
+            m.update(bytes);
         }
-        size += n as u64;
-    }
+        Ok(())
+    })?;
     Ok(ReadBack {
         data_start: 0,
         data_end: 0,
@@ -252,7 +244,7 @@ pub(crate) struct Follower {
 impl Follower {
     /// Starts reading `partial` from its start. `payload_end` is where the complete payload
     /// entry's data ends (bytes before it are final); `stored_from` is where it starts when
-    /// stored.
+    /// its CRC-32 is to be taken here.
     pub(crate) fn start(
         partial: &Path,
         payload_end: u64,
@@ -283,28 +275,19 @@ impl Follower {
 
 /// Hashes everything `tail` yields, and CRCs the bytes of `stored` (start, end) on the way.
 fn follow(tail: &mut TailReader, stored: Option<(u64, u64)>) -> io::Result<Followed> {
-    let mut buf = vec![0u8; READ_BUFFER];
     let mut sha = Sha256::new();
     let mut crc = crc32fast::Hasher::new();
     let mut at = 0u64;
-    loop {
-        let n = match tail.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let bytes = &buf[..n];
+    for_each_chunk(tail, |bytes| {
         sha.update(bytes);
+        let to = at + bytes.len() as u64;
         if let Some((start, end)) = stored {
-            let to = at + n as u64;
             let (from, until) = (start.clamp(at, to), end.clamp(at, to));
-            if from < until {
-                crc.update(&bytes[(from - at) as usize..(until - at) as usize]);
-            }
+            crc.update(&bytes[(from - at) as usize..(until - at) as usize]);
         }
-        at += n as u64;
-    }
+        at = to;
+        Ok(())
+    })?;
     Ok(Followed {
         package_size: at,
         package_sha256: hex::encode(sha.finalize()),

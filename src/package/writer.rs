@@ -293,8 +293,7 @@ impl PackageWriter {
             .ok_or_else(|| finished_error(&self.partial_path))?
             .finish()
             .map_err(|e| self.read_back_failed("the package", e))?;
-        // A stored payload's CRC-32 comes from the whole file's read-back, a deflated one's
-        // from inflating it back.
+        // The payload's CRC-32 comes from its own reader, or from the whole file's read-back.
         let Some(found) = followed.stored.as_ref().or(self.read_back.as_ref()) else {
             return Err(finished_error(&self.partial_path));
         };
@@ -511,29 +510,31 @@ impl PackageWriter {
             .payload_at
             .ok_or_else(|| finished_error(&self.partial_path))?;
         // A stored payload's read-back must stop at its last byte before anything after it
-        // reaches the file; a deflate stream ends by itself, before what is in the file once
-        // the next entry is started.
+        // reaches the file. A deflate stream ends by itself, before what is in the file once
+        // the next entry is started; inflating keeps pace with deflate, so that read-back is
+        // done then, and says where the entry ends.
         let stored_end = data_start + self.size;
         if stored {
             self.progress.payload_ends(stored_end);
         }
         let bag_info = self.bag_info_txt(self.size);
         let in_file = self.add_tag_file("bag-info.txt", bag_info.as_bytes())?;
-        let bound = if stored { stored_end } else { in_file };
-        self.progress.payload_ends(bound);
-        // Inflating keeps pace with deflate: that read-back is done, and says where the
-        // entry ends. A stored payload's MD5 is finished alongside the package hash.
-        if !stored {
+        let payload_end = if stored {
+            stored_end
+        } else {
+            self.progress.payload_ends(in_file);
             self.join_reader()?;
-        }
-        let payload_end = self
-            .read_back
-            .as_ref()
-            .map_or(bound, |found| found.data_end);
+            self.read_back
+                .as_ref()
+                .map_or(in_file, |found| found.data_end)
+        };
+        // A stored payload's CRC-32 comes from the whole file's read-back, unless its MD5's
+        // reader (finished alongside the package hash) takes it already.
+        let crc_from = (stored && self.reader.is_none()).then_some(data_start);
         let follower = readback::Follower::start(
             &self.partial_path,
             payload_end,
-            stored.then_some(data_start),
+            crc_from,
             self.progress.clone(),
         )
         .map_err(|e| PackageError::Task(format!("cannot start the read-back thread: {e}")))?;
