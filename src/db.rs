@@ -408,6 +408,58 @@ mod tests {
     }
 
     #[test]
+    fn a_version_4_chain_with_every_kind_upgrades_to_kinds_as_data() {
+        use crate::custody::{self, Event, EventKind};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.db");
+        let v4_kinds = &EventKind::ALL[..13];
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            migrations().to_version(&mut conn, 4).unwrap();
+            let tx = conn.transaction().unwrap();
+            for &kind in v4_kinds {
+                custody::append(&tx, &Event::new("t", "a", Some(0), kind, "me")).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        db.call_sync(|c| {
+            // The lookup table names exactly the kinds this build writes.
+            let mut names: Vec<String> = {
+                let mut stmt = c.prepare("SELECT name FROM custody_events").unwrap();
+                stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+            };
+            let mut known: Vec<String> =
+                EventKind::ALL.iter().map(|k| k.as_str().to_string()).collect();
+            names.sort();
+            known.sort();
+            assert_eq!(names, known);
+            // Every old row came through as it was, and the new kinds append.
+            let tx = c.transaction().unwrap();
+            for &kind in &EventKind::ALL[13..] {
+                custody::append(&tx, &Event::new("t", "a", None, kind, "me")).unwrap();
+            }
+            tx.commit().unwrap();
+            let mut defects = Vec::new();
+            let walk = custody::walk(c, |d| defects.push(d), |_| {}).unwrap();
+            assert_eq!((walk.rows, defects), (EventKind::ALL.len() as i64, vec![]));
+            // A kind the table does not list is refused by the foreign key.
+            let e = c
+                .execute(
+                    "INSERT INTO custody_log (at, tenant, action_id, event, actor, detail, prev_hash, row_hash)
+                     VALUES ('t', 'x', 'a', 'LOST', 'me', '{}', 'p', 'h')",
+                    [],
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains("FOREIGN KEY"), "{e}");
+            let e = c.execute("DELETE FROM custody_events", []).unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{e}");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
     fn open_creates_schema_and_refuses_custody_edits() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("sub/lrvault.db")).unwrap();

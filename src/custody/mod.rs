@@ -33,11 +33,23 @@ pub enum EventKind {
     /// The database was put back from a backup (`lrvault restore`); the detail names the
     /// anchors written after the backup, whose rows live on in the replaced file only.
     Restored,
+    /// An attempt that failed and will be retried: its scope and reason.
+    AttemptFailed,
+    /// A checkpoint received its RFC 3161 token (DESIGN §7a rule 8).
+    Anchored,
+    /// A package is about to be placed in the store: the intent crash recovery adopts by.
+    Publishing,
+    /// A file found at a result's path was set aside instead of adopted.
+    Quarantined,
+    CaseTagged,
+    CaseUntagged,
+    LegalHoldSet,
+    LegalHoldReleased,
 }
 
 impl EventKind {
-    /// Every event, in the order DESIGN §6 lists them.
-    pub const ALL: [EventKind; 13] = [
+    /// Every event, in the order DESIGN §6 lists them; each is a row of `custody_events`.
+    pub const ALL: [EventKind; 21] = [
         EventKind::Discovered,
         EventKind::Queued,
         EventKind::LinkIssued,
@@ -51,6 +63,14 @@ impl EventKind {
         EventKind::Exported,
         EventKind::BackedUp,
         EventKind::Restored,
+        EventKind::AttemptFailed,
+        EventKind::Anchored,
+        EventKind::Publishing,
+        EventKind::Quarantined,
+        EventKind::CaseTagged,
+        EventKind::CaseUntagged,
+        EventKind::LegalHoldSet,
+        EventKind::LegalHoldReleased,
     ];
 
     /// The event named `name` as stored in `custody_log.event`.
@@ -73,6 +93,14 @@ impl EventKind {
             EventKind::Exported => "EXPORTED",
             EventKind::BackedUp => "BACKED_UP",
             EventKind::Restored => "RESTORED",
+            EventKind::AttemptFailed => "ATTEMPT_FAILED",
+            EventKind::Anchored => "ANCHORED",
+            EventKind::Publishing => "PUBLISHING",
+            EventKind::Quarantined => "QUARANTINED",
+            EventKind::CaseTagged => "CASE_TAGGED",
+            EventKind::CaseUntagged => "CASE_UNTAGGED",
+            EventKind::LegalHoldSet => "LEGAL_HOLD_SET",
+            EventKind::LegalHoldReleased => "LEGAL_HOLD_RELEASED",
         }
     }
 }
@@ -336,14 +364,26 @@ pub struct Head {
 /// Appends `ev` inside the caller's write transaction (which serialises appends, so `seq`
 /// has no gaps). Returns the new row, now the chain's head.
 pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {
-    let (last_seq, prev_hash) = head(tx)?;
+    let (last_seq, prev_hash, last_at): (i64, String, String) = tx
+        .query_row(
+            "SELECT seq, row_hash, at FROM custody_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(DbError::sql("read custody head"))?
+        .unwrap_or((0, GENESIS_HASH.to_string(), String::new()));
+    // Never earlier than the row before (DESIGN §6): a clock stepped back cannot reorder the
+    // log, so a row earlier than its predecessor can only be a forgery.
+    let now = crate::time::now_str();
+    let at = if now < last_at { last_at } else { now };
     let detail = match &ev.detail {
         Value::Null => "{}".to_string(),
         v => v.to_string(),
     };
     let mut row = Row {
         seq: last_seq + 1,
-        at: crate::time::now_str(),
+        at,
         tenant: ev.tenant.to_string(),
         action_id: ev.action_id.to_string(),
         command_index: ev.command_index.map(i64::from),

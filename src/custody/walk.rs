@@ -33,6 +33,8 @@ pub struct ChainWalk {
     /// walk takes as long as the busier of the two, whatever else shares the cores.
     pub reader_cpu_secs: f64,
     pub hasher_cpu_secs: f64,
+    /// The newest `at` seen so far: a row earlier than it is a defect (DESIGN §6).
+    pub last_at: String,
 }
 
 /// CPU time the calling thread has used so far, in seconds.
@@ -158,6 +160,7 @@ pub fn walk(
         },
         reader_cpu_secs: 0.0,
         hasher_cpu_secs: 0.0,
+        last_at: String::new(),
     };
     let reader_started = thread_cpu_secs();
     let hasher_cpu = std::thread::scope(|scope| {
@@ -273,6 +276,20 @@ impl ChainWalk {
         if text[0].is_some_and(|p| p != self.head.row_hash.as_bytes()) {
             problems.push("prev_hash does not match the previous row's row_hash".into());
         }
+        // RFC 3339 UTC with milliseconds sorts as text; a clock step back is absorbed when the
+        // row is appended, so an earlier time can only have been written by hand.
+        if let Some(at) = text[1] {
+            if at < self.last_at.as_bytes() {
+                problems.push(format!(
+                    "at {} is earlier than the previous row's {}",
+                    String::from_utf8_lossy(at),
+                    self.last_at
+                ));
+            } else {
+                self.last_at.clear();
+                self.last_at.push_str(&String::from_utf8_lossy(at));
+            }
+        }
         if let Some(event) = text[4]
             && EventKind::ALL
                 .iter()
@@ -361,7 +378,7 @@ mod tests {
         let (_dir, db) = chain(4500);
         db.call_sync(move |c| {
             c.execute_batch(
-                "PRAGMA ignore_check_constraints = ON;
+                "PRAGMA foreign_keys = OFF;
                  DROP TRIGGER custody_log_no_update; DROP TRIGGER custody_log_no_delete;
                  UPDATE custody_log SET actor = 'x' WHERE seq = 4100;
                  UPDATE custody_log SET command_index = 'two' WHERE seq = 2500;
