@@ -536,7 +536,33 @@ pub async fn commit_archived(
             return Ok(false);
         }
         let evidence_id = uuid::Uuid::now_v7().to_string();
-        let now = crate::time::now_str();
+        // Every column of the evidence row is in its ARCHIVED row, and archived_at is that
+        // row's time, so verify proves what the audit shows (DESIGN §7a rule 7).
+        let mut detail = json!({
+            "evidence_id": evidence_id,
+            "package_sha256": rec.package_sha256,
+            "package_size": rec.package_size,
+            "payload_size": rec.payload_size,
+            "payload_name": rec.payload_name,
+            "payload_md5": rec.payload_md5,
+            "original_name": rec.original_name,
+            "original_size": rec.original_size,
+            "original_sha256": rec.original_sha256,
+        });
+        if rec.adopted {
+            detail["adopted"] = json!(true);
+        }
+        if let Value::Object(d) = &mut detail {
+            d.extend(rec.extra);
+        }
+        let (_, now) = custody::append_at(
+            &tx,
+            &Event {
+                evidence_sha256: Some(&rec.payload_sha256),
+                package_path: Some(&rec.package_path),
+                ..Event::new(&k.tenant, &k.action_id, Some(k.index), EventKind::Archived, &actor).detail(detail)
+            },
+        )?;
         tx.execute(
             "INSERT INTO evidence (evidence_id, tenant, action_id, command_index, payload_name, payload_size,
                  payload_sha256, payload_md5, original_name, original_size, original_sha256, package_path,
@@ -568,26 +594,6 @@ pub async fn commit_archived(
             params![k.tenant, k.action_id, k.index, evidence_id, now],
         )
         .map_err(DbError::sql("mark result archived"))?;
-        let mut detail = json!({
-            "evidence_id": evidence_id,
-            "package_sha256": rec.package_sha256,
-            "payload_size": rec.payload_size,
-            "payload_name": rec.payload_name,
-        });
-        if rec.adopted {
-            detail["adopted"] = json!(true);
-        }
-        if let Value::Object(d) = &mut detail {
-            d.extend(rec.extra);
-        }
-        custody::append(
-            &tx,
-            &Event {
-                evidence_sha256: Some(&rec.payload_sha256),
-                package_path: Some(&rec.package_path),
-                ..Event::new(&k.tenant, &k.action_id, Some(k.index), EventKind::Archived, &actor).detail(detail)
-            },
-        )?;
         tx.commit().map_err(DbError::sql("commit archived result"))?;
         Ok(true)
     })

@@ -364,6 +364,12 @@ pub struct Head {
 /// Appends `ev` inside the caller's write transaction (which serialises appends, so `seq`
 /// has no gaps). Returns the new row, now the chain's head.
 pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {
+    append_at(tx, ev).map(|(head, _)| head)
+}
+
+/// [`append`], also returning the row's `at`: rows that record the same moment (an action's
+/// `discovered_at`, a package's `archived_at`) take it from here, so verify can prove them.
+pub fn append_at(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<(Head, String), DbError> {
     let (last_seq, prev_hash, last_at): (i64, String, String) = tx
         .query_row(
             "SELECT seq, row_hash, at FROM custody_log ORDER BY seq DESC LIMIT 1",
@@ -416,10 +422,13 @@ pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {
         ],
     )
     .map_err(DbError::sql("append custody row"))?;
-    Ok(Head {
-        seq: row.seq,
-        row_hash: row.row_hash,
-    })
+    Ok((
+        Head {
+            seq: row.seq,
+            row_hash: row.row_hash,
+        },
+        row.at,
+    ))
 }
 
 #[cfg(test)]

@@ -201,6 +201,40 @@ pub async fn record_actions(
     Ok(summary)
 }
 
+/// The DISCOVERED row's detail: the action's columns as the `actions` row stores them (verify
+/// compares the two), and the SHA-256 of its raw JSON.
+fn discovered_detail(
+    action: &RawAction,
+    source: Source,
+    created: &str,
+    commands: usize,
+) -> serde_json::Value {
+    use sha2::Digest;
+    let mut detail = json!({
+        "source": source.as_str(),
+        "status": action.status(),
+        "machine_id": action.machine_id(),
+        "computer_dns_name": action.computer_dns_name(),
+        "requestor": action.requestor(),
+        "requestor_comment": action.requestor_comment(),
+        "created_at": created,
+        "last_update_at": action.last_update().map(crate::time::fmt),
+        "raw_sha256": hex::encode(sha2::Sha256::digest(action.raw.as_bytes())),
+        "commands": commands,
+    });
+    // Indexes that contradict each other are recorded; the commands are keyed by position.
+    if let Some(problem) = action.index_discrepancy() {
+        tracing::warn!(
+            action = action.id().unwrap_or_default(),
+            problem,
+            "command indexes are inconsistent; results are keyed by position"
+        );
+        detail["index_discrepancy"] = json!(problem);
+        detail["indexed_by"] = json!("position");
+    }
+    detail
+}
+
 /// Why a command has nothing to fetch, or None when it has a result.
 pub fn skip_reason(command_type: Option<&str>, status: Option<&str>) -> Option<String> {
     match (command_type, status) {
@@ -239,12 +273,19 @@ fn record_action(
     if known.is_some() {
         return Ok(None);
     }
-    let now = crate::time::now_str();
     // Without a creation time the package date falls back to discovery time.
     let created = action
         .created()
         .map(crate::time::fmt)
-        .unwrap_or_else(|| now.clone());
+        .unwrap_or_else(crate::time::now_str);
+    let commands = action.commands();
+    let detail = discovered_detail(action, source, &created, commands.len());
+    // The DISCOVERED row comes first: the action's discovered_at is that row's time, and every
+    // column the audit shows is in its detail, so verify proves the action row (DESIGN §7a).
+    let (_, discovered_at) = custody::append_at(
+        &tx,
+        &Event::new(tenant, action_id, None, EventKind::Discovered, actor).detail(detail),
+    )?;
     tx.execute(
         "INSERT INTO actions (tenant, action_id, machine_id, computer_dns_name, requestor, requestor_comment,
                               status, created_at, last_update_at, raw_json, discovered_at, source)
@@ -260,36 +301,11 @@ fn record_action(
             created,
             action.last_update().map(crate::time::fmt),
             action.raw,
-            now,
+            discovered_at,
             source.as_str()
         ],
     )
     .map_err(DbError::sql("insert action"))?;
-    let commands = action.commands();
-    let mut detail = json!({
-        "source": source.as_str(),
-        "status": action.status(),
-        "machine_id": action.machine_id(),
-        "computer_dns_name": action.computer_dns_name(),
-        "requestor": action.requestor(),
-        "created_at": created,
-        "commands": commands.len(),
-    });
-    // Indexes that contradict each other are recorded; the commands are keyed by position.
-    if let Some(problem) = action.index_discrepancy() {
-        tracing::warn!(
-            tenant,
-            action = action_id,
-            problem,
-            "command indexes are inconsistent; results are keyed by position"
-        );
-        detail["index_discrepancy"] = json!(problem);
-        detail["indexed_by"] = json!("position");
-    }
-    custody::append(
-        &tx,
-        &Event::new(tenant, action_id, None, EventKind::Discovered, actor).detail(detail),
-    )?;
     let (mut queued, mut skipped) = (0, 0);
     for cmd in &commands {
         let new = NewResult {

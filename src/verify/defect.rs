@@ -50,6 +50,14 @@ pub enum Defect {
     },
     /// A file in a tenant's part of the store that no evidence row names (§7a item 6).
     StoreFile { path: String, problem: String },
+    /// An `actions` row that differs from its DISCOVERED custody row (§7a item 7).
+    Action {
+        tenant: String,
+        action_id: String,
+        problems: Vec<String>,
+    },
+    /// A table, view, index or trigger that is not what the migrations made (§7a item 13).
+    Schema { object: String, problem: String },
 }
 
 impl Defect {
@@ -84,6 +92,12 @@ impl Defect {
             } => format!("result {tenant}/{action_id}/{index}: {problem}"),
             Defect::Checkpoint { file, problem, .. } => format!("checkpoint {file}: {problem}"),
             Defect::StoreFile { path, problem } => format!("store file {path}: {problem}"),
+            Defect::Action {
+                tenant,
+                action_id,
+                problems,
+            } => format!("action {tenant}/{action_id}: {}", problems.join("; ")),
+            Defect::Schema { object, problem } => format!("schema object {object}: {problem}"),
         }
     }
 
@@ -91,7 +105,10 @@ impl Defect {
     pub fn is_chain_level(&self) -> bool {
         matches!(
             self,
-            Defect::Database { .. } | Defect::Chain { .. } | Defect::Checkpoint { .. }
+            Defect::Database { .. }
+                | Defect::Chain { .. }
+                | Defect::Checkpoint { .. }
+                | Defect::Schema { .. }
         )
     }
 
@@ -171,6 +188,21 @@ impl Defect {
                 None,
                 json!({ "check": "result", "problem": problem }),
             ),
+            Defect::Action {
+                tenant,
+                action_id,
+                problems,
+            } => (
+                tenant.clone(),
+                action_id.clone(),
+                None,
+                None,
+                None,
+                json!({ "check": "action", "problems": problems }),
+            ),
+            Defect::Schema { object, problem } => {
+                whole(json!({ "check": "schema", "object": object, "problem": problem }))
+            }
             Defect::StoreFile { path, problem } => {
                 // The tenant whose directory holds the file.
                 let tenant = path.split('/').next().unwrap_or(run_tenant);

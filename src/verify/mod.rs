@@ -21,6 +21,7 @@
 
 mod anchors;
 mod defect;
+mod metadata;
 mod packages;
 mod snapshot;
 mod store;

@@ -23,7 +23,8 @@ use crate::db::DbError;
 use crate::store::{Blocking, Expected, Verdict};
 
 const PAGE: i64 = 256;
-const MAX_RETRIEVAL_JSON: u64 = 1 << 20;
+/// The most a tag file may hold before it is refused (they are a few KiB).
+const MAX_TAG_FILE: u64 = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -44,12 +45,30 @@ struct EvidenceRow {
     payload_sha256: String,
     package_path: String,
     package_sha256: String,
+    /// The columns only the ARCHIVED detail of schema version 5 and later records, as
+    /// `(column, value)`, NULL as `Value::Null`.
+    more: Vec<(&'static str, Value)>,
+    archived_at: String,
+    /// The action's `raw_json` and `requestor`, looked up when the package is read.
+    action: Option<(String, Option<String>)>,
     problems: Vec<String>,
 }
+
+/// The evidence columns compared with the ARCHIVED detail key of the same name when the
+/// detail has it (every ARCHIVED row since schema version 5).
+const MORE_COLUMNS: [&str; 5] = [
+    "payload_md5",
+    "original_name",
+    "original_size",
+    "original_sha256",
+    "package_size",
+];
 
 /// What the chain says was archived: the ARCHIVED row's columns and detail.
 struct Archived {
     seq: i64,
+    at: String,
+    detail: Value,
     payload_sha256: Option<String>,
     package_path: Option<String>,
     package_sha256: Option<String>,
@@ -174,7 +193,8 @@ fn read_page(
     let mut stmt = conn
         .prepare_cached(
             "SELECT rowid, evidence_id, tenant, action_id, command_index, payload_name, payload_size,
-                    payload_sha256, package_path, package_sha256
+                    payload_sha256, package_path, package_sha256, archived_at,
+                    payload_md5, original_name, original_size, original_sha256, package_size
              FROM evidence WHERE rowid > ?1 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR archived_at >= ?3)
              ORDER BY rowid LIMIT ?4",
         )
@@ -199,6 +219,13 @@ fn read_page(
                 payload_sha256: c.text(7, "payload_sha256").unwrap_or_default().to_string(),
                 package_path: c.text(8, "package_path").unwrap_or_default().to_string(),
                 package_sha256: c.text(9, "package_sha256").unwrap_or_default().to_string(),
+                archived_at: c.text(10, "archived_at").unwrap_or_default().to_string(),
+                action: None,
+                more: MORE_COLUMNS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| (*name, cell_json(r, 11 + i)))
+                    .collect(),
                 problems: c
                     .problems
                     .into_iter()
@@ -253,6 +280,7 @@ fn check_one(
     };
     if let Some(a) = reference {
         compare_row_with_archived(&mut row, a);
+        compare_more_with_archived(&mut row, a, a.seq > snap.v5_mark);
     }
     let mut legacy = false;
     // The chain names the package; the evidence row must agree (checked above).
@@ -260,6 +288,7 @@ fn check_one(
         .and_then(|a| a.package_path.clone())
         .unwrap_or_else(|| row.package_path.clone());
     if read && !rel.is_empty() {
+        row.action = action_of(conn, &row)?;
         let head = if packages.store.store().is_object() {
             check_stored_package(packages.store, &rel, &mut row, reference)?
         } else {
@@ -300,7 +329,7 @@ fn check_one(
 fn archived_rows(conn: &Connection, row: &EvidenceRow) -> Result<Vec<Archived>, DbError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT seq, evidence_sha256, package_path, detail FROM custody_log
+            "SELECT seq, evidence_sha256, package_path, detail, at FROM custody_log
              WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND event = 'ARCHIVED' ORDER BY seq",
         )
         .map_err(DbError::sql("read ARCHIVED rows"))?;
@@ -315,6 +344,7 @@ fn archived_rows(conn: &Connection, row: &EvidenceRow) -> Result<Vec<Archived>, 
             let text = |v: &Value| v.as_str().map(str::to_string);
             Ok(Archived {
                 seq: r.get(0)?,
+                at: crate::cells::shown(r, 4),
                 payload_sha256: r.get_ref(1)?.as_str().ok().map(str::to_string),
                 package_path: r.get_ref(2)?.as_str().ok().map(str::to_string),
                 package_sha256: text(&detail["package_sha256"]),
@@ -326,6 +356,7 @@ fn archived_rows(conn: &Connection, row: &EvidenceRow) -> Result<Vec<Archived>, 
                     .zip(text(&detail["custody_head_superseded"]["row_hash"])),
                 version_id: text(&detail["version_id"]),
                 etag: text(&detail["etag"]),
+                detail,
             })
         })
         .map_err(DbError::sql("read ARCHIVED rows"))?;
@@ -376,6 +407,49 @@ fn compare_row_with_archived(row: &mut EvidenceRow, a: &Archived) {
         }
     }
     row.problems.extend(problems);
+}
+
+/// The columns of schema version 5's ARCHIVED detail, and `archived_at` against the row's
+/// time. `exact`: the row was written by version 5 or later, which records every column and
+/// stamps archived_at with the ARCHIVED row's time; an older row's time may follow it by the
+/// moments its transaction took.
+fn compare_more_with_archived(row: &mut EvidenceRow, a: &Archived, exact: bool) {
+    for (name, ours) in &row.more {
+        match a.detail.get(*name) {
+            Some(recorded) if recorded != ours => row.problems.push(format!(
+                "the evidence row's {name} is {ours}, its ARCHIVED row (seq {}) says {recorded}",
+                a.seq
+            )),
+            None if exact => row
+                .problems
+                .push(format!("its ARCHIVED row (seq {}) has no {name}", a.seq)),
+            _ => {}
+        }
+    }
+    let agree = if exact {
+        row.archived_at == a.at
+    } else {
+        row.archived_at <= a.at
+    };
+    if !agree {
+        row.problems.push(format!(
+            "the evidence row's archived_at is {}, its ARCHIVED row (seq {}) is at {}",
+            row.archived_at, a.seq, a.at
+        ));
+    }
+}
+
+/// A cell as JSON (TEXT as a string, INTEGER as a number, NULL as null), as the ARCHIVED
+/// detail holds it.
+fn cell_json(r: &rusqlite::Row<'_>, i: usize) -> Value {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(i) {
+        Ok(ValueRef::Integer(n)) => Value::from(n),
+        Ok(ValueRef::Text(t)) => Value::from(String::from_utf8_lossy(t).into_owned()),
+        Ok(ValueRef::Real(f)) => Value::from(f),
+        Ok(ValueRef::Blob(_)) => Value::from("(blob)"),
+        _ => Value::Null,
+    }
 }
 
 enum PinnedHead {
@@ -506,13 +580,15 @@ fn check_package_file(
         size.map_or("nothing".into(), |s| s.to_string()),
     );
     mismatch("payload name", check.payload_name.clone(), name);
-    let retrieval = match read_retrieval(path, &check.bag_name) {
-        Ok(v) => v,
+    let tags = match read_tags(path, &check.bag_name) {
+        Ok(tags) => tags,
         Err(problem) => {
             row.problems.push(problem);
             return (PinnedHead::Unknown, found);
         }
     };
+    check_identity(row, &check.bag_name, &tags);
+    let retrieval = tags.retrieval;
     if retrieval["sha256"].as_str() != Some(payload_sha.as_str()) {
         row.problems.push(format!(
             "retrieval.json says sha256 {}, {whose} says {payload_sha}",
@@ -540,18 +616,115 @@ fn check_package_file(
     (head, found)
 }
 
-fn read_retrieval(path: &Path, bag: &str) -> Result<Value, String> {
+/// The tag files that say whose the package is.
+struct Tags {
+    retrieval: Value,
+    bag_info: String,
+    machine_action: Vec<u8>,
+}
+
+fn read_tags(path: &Path, bag: &str) -> Result<Tags, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open the package: {e}"))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("cannot read the zip: {e}"))?;
-    let entry = zip
-        .by_name(&format!("{bag}/retrieval.json"))
-        .map_err(|_| "the package has no retrieval.json".to_string())?;
-    let mut text = Vec::new();
-    entry
-        .take(MAX_RETRIEVAL_JSON)
-        .read_to_end(&mut text)
-        .map_err(|e| format!("cannot read retrieval.json: {e}"))?;
-    serde_json::from_slice(&text).map_err(|e| format!("retrieval.json is not JSON: {e}"))
+    let mut read = |name: &str| -> Result<Vec<u8>, String> {
+        let entry = zip
+            .by_name(&format!("{bag}/{name}"))
+            .map_err(|_| format!("the package has no {name}"))?;
+        let mut bytes = Vec::new();
+        entry
+            .take(MAX_TAG_FILE)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {name}: {e}"))?;
+        Ok(bytes)
+    };
+    let retrieval = serde_json::from_slice(&read("retrieval.json")?)
+        .map_err(|e| format!("retrieval.json is not JSON: {e}"))?;
+    let bag_info = String::from_utf8(read("bag-info.txt")?)
+        .map_err(|_| "bag-info.txt is not UTF-8".to_string())?;
+    Ok(Tags {
+        retrieval,
+        bag_info,
+        machine_action: read("machine-action.json")?,
+    })
+}
+
+/// The action's raw JSON and requestor, for the package's own copies of them.
+fn action_of(
+    conn: &Connection,
+    row: &EvidenceRow,
+) -> Result<Option<(String, Option<String>)>, DbError> {
+    conn.prepare_cached(
+        "SELECT raw_json, requestor FROM actions WHERE tenant = ?1 AND action_id = ?2",
+    )
+    .map_err(DbError::sql("read the package's action"))?
+    .query_row(params![row.tenant, row.action_id], |r| {
+        Ok((crate::cells::shown(r, 0), r.get(1).ok().flatten()))
+    })
+    .optional()
+    .map_err(DbError::sql("read the package's action"))
+}
+
+/// The bag says whose result it holds (DESIGN §7): its name, `External-Identifier` and
+/// `Contact-Name`, `machine-action.json` and the original file's name, size and hash in
+/// `retrieval.json` must be this evidence row's and its action's, so a genuine package of
+/// another result cannot stand in for this one.
+fn check_identity(row: &mut EvidenceRow, bag_name: &str, tags: &Tags) {
+    let index = row.index.unwrap_or(-1);
+    let bag = format!(
+        "{}-{index:03}",
+        crate::package::path_component(&row.action_id)
+    );
+    if bag_name != bag {
+        row.problems.push(format!(
+            "the bag is named {bag_name}, this evidence's is {bag}"
+        ));
+    }
+    let field = |name: &str| {
+        tags.bag_info
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+            .map(str::to_string)
+    };
+    let identifier = format!("{}/{}/{index}", row.tenant, row.action_id);
+    if field("External-Identifier").as_deref() != Some(identifier.as_str()) {
+        row.problems.push(format!(
+            "bag-info.txt says External-Identifier {}, this evidence is {identifier}",
+            field("External-Identifier").unwrap_or_else(|| "nothing".into())
+        ));
+    }
+    if let Some((raw_json, requestor)) = &row.action {
+        if tags.machine_action != raw_json.as_bytes() {
+            row.problems.push(
+                "machine-action.json differs from the action's raw_json in the database".into(),
+            );
+        }
+        if let Some(requestor) = requestor
+            && field("Contact-Name").as_deref() != Some(requestor.as_str())
+        {
+            row.problems.push(format!(
+                "bag-info.txt says Contact-Name {}, the action's requestor is {requestor}",
+                field("Contact-Name").unwrap_or_else(|| "nothing".into())
+            ));
+        }
+    } else {
+        row.problems.push(format!(
+            "no action {} of tenant {}",
+            row.action_id, row.tenant
+        ));
+    }
+    for name in ["original_name", "original_size", "original_sha256"] {
+        let ours = row
+            .more
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(&Value::Null, |(_, v)| v);
+        let packaged = &tags.retrieval[name];
+        if packaged != ours {
+            row.problems.push(format!(
+                "retrieval.json says {name} {packaged}, the evidence row says {ours}"
+            ));
+        }
+    }
 }
 
 /// (row_hash, event, tenant, action_id, command_index, evidence_sha256) of a pinned row.

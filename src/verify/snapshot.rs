@@ -28,6 +28,9 @@ pub struct Snapshot {
     /// Custody seq at which schema version 4 was applied: packages archived up to it were
     /// written before `retrieval.json` carried `custody_head`.
     pub upgrade_mark: i64,
+    /// Custody seq at which schema version 5 was applied: DISCOVERED and ARCHIVED rows after it
+    /// record every column the audit shows (DESIGN §7a rule 7); older ones some of them.
+    pub v5_mark: i64,
 }
 
 pub fn check(
@@ -50,6 +53,7 @@ pub fn check(
         evidence: 0,
         in_scope: 0,
         upgrade_mark: 0,
+        v5_mark: 0,
     };
     if let Some(problem) = integrity_problem(&tx, scope.full) {
         snap.readable = false;
@@ -72,38 +76,51 @@ pub fn check(
         }
     }
     snap.chain_secs = started.elapsed().as_secs_f64();
-    let counts = (|| -> rusqlite::Result<(i64, i64, i64)> {
+    let counts = (|| -> rusqlite::Result<(i64, i64, i64, i64)> {
         let evidence = tx.query_row("SELECT count(*) FROM evidence", [], |r| r.get(0))?;
         let in_scope = tx.query_row(
             "SELECT count(*) FROM evidence WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR archived_at >= ?2)",
             rusqlite::params![scope.tenant, scope.since.map(crate::time::fmt)],
             |r| r.get(0),
         )?;
-        let mark = tx
-            .query_row(
-                "SELECT custody_seq FROM schema_upgrades WHERE version = 4",
-                [],
+        let mark = |version: i64| {
+            tx.query_row(
+                "SELECT custody_seq FROM schema_upgrades WHERE version = ?1",
+                [version],
                 |r| r.get(0),
             )
-            .unwrap_or(0);
-        Ok((evidence, in_scope, mark))
+            .unwrap_or(0)
+        };
+        Ok((evidence, in_scope, mark(4), mark(5)))
     })();
     match counts {
-        Ok((evidence, in_scope, mark)) => {
+        Ok((evidence, in_scope, mark, v5_mark)) => {
             snap.evidence = evidence;
             snap.in_scope = in_scope.max(0) as u64;
             snap.upgrade_mark = mark;
+            snap.v5_mark = v5_mark;
         }
         Err(e) => rec.defect(Defect::Database {
             problem: format!("the evidence table cannot be read: {e}"),
         })?,
     }
-    if !scope.chain_only
-        && let Err(e) = archived_without_evidence(&tx, scope, snap.head.seq, rec)
-    {
-        rec.defect(Defect::Database {
-            problem: format!("ARCHIVED rows cannot be matched with evidence: {e}"),
-        })?;
+    if !scope.chain_only {
+        if let Err(e) = archived_without_evidence(&tx, scope, snap.head.seq, rec) {
+            rec.defect(Defect::Database {
+                problem: format!("ARCHIVED rows cannot be matched with evidence: {e}"),
+            })?;
+        }
+        // What audit and export show, against the chain (DESIGN §7a rule 7).
+        if let Err(e) = super::metadata::check_actions(&tx, scope, snap.v5_mark, rec) {
+            rec.defect(Defect::Database {
+                problem: format!("actions cannot be matched with their DISCOVERED rows: {e}"),
+            })?;
+        }
+        if let Err(e) = super::metadata::check_package_paths(&tx, scope, rec) {
+            rec.defect(Defect::Database {
+                problem: format!("package paths cannot be checked: {e}"),
+            })?;
+        }
     }
     Ok(snap)
 }

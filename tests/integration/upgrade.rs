@@ -74,7 +74,9 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     )
     .unwrap();
     c.execute(
-        "UPDATE custody_log SET detail = json_set(detail, '$.package_sha256', ?2) WHERE seq = ?1",
+        // As version 1 wrote it: no package_size or original_* in the detail.
+        "UPDATE custody_log SET detail = json_set(json_remove(detail, '$.package_size', '$.payload_md5',
+             '$.original_name', '$.original_size', '$.original_sha256'), '$.package_sha256', ?2) WHERE seq = ?1",
         rusqlite::params![seq, sha],
     )
     .unwrap();
