@@ -342,6 +342,71 @@ pub fn online_copy(from: &Path, to: &Path) -> Result<(), DbError> {
     dest.close().map_err(|(_, e)| copy_err(e))
 }
 
+/// One schema object (table, view, index or trigger) as `sqlite_master` holds it.
+type SchemaObject = (String, String, Option<String>);
+
+/// The schema objects of `conn` by name: (type, name, sql), SQLite's internal ones left out.
+fn schema_objects(conn: &Connection) -> rusqlite::Result<Vec<SchemaObject>> {
+    let mut stmt = conn.prepare(
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    rows.collect()
+}
+
+/// Where `conn`'s schema differs from what the migrations make for its version (DESIGN §7a
+/// rule 13): each missing, altered or foreign table, view, index or trigger, as
+/// ("{type} {name}", problem). A dropped append-only trigger or a stranger's trigger shows
+/// here, whoever wrote it.
+pub fn schema_differences(conn: &Connection) -> Result<Vec<(String, String)>, DbError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(DbError::sql("read the schema version"))?;
+    let known = schema_version_known() as i64;
+    if !(1..=known).contains(&version) {
+        return Ok(vec![(
+            "schema".to_string(),
+            format!("version {version} is not one this lrvault made (1 to {known})"),
+        )]);
+    }
+    let mut reference =
+        Connection::open_in_memory().map_err(DbError::sql("open a reference schema"))?;
+    migrations()
+        .to_version(&mut reference, version as usize)
+        .map_err(|e| DbError::Migrate {
+            path: PathBuf::from(":memory:"),
+            message: e.to_string(),
+        })?;
+    let expected = schema_objects(&reference).map_err(DbError::sql("read the reference schema"))?;
+    let found = schema_objects(conn).map_err(DbError::sql("read the schema"))?;
+    let mut differences = Vec::new();
+    for (kind, name, sql) in &expected {
+        match found.iter().find(|(_, n, _)| n == name) {
+            None => differences.push((format!("{kind} {name}"), "missing".to_string())),
+            Some((k, _, s)) if k != kind || s != sql => differences.push((
+                format!("{kind} {name}"),
+                format!(
+                    "altered: it is now {k} {}",
+                    s.as_deref().unwrap_or("(no SQL)")
+                ),
+            )),
+            Some(_) => {}
+        }
+    }
+    for (kind, name, sql) in &found {
+        if !expected.iter().any(|(_, n, _)| n == name) {
+            differences.push((
+                format!("{kind} {name}"),
+                format!(
+                    "not made by lrvault's migrations: {}",
+                    sql.as_deref().unwrap_or("(no SQL)")
+                ),
+            ));
+        }
+    }
+    Ok(differences)
+}
+
 fn writer_gone() -> DbError {
     DbError::Join("the database writer thread stopped (a write panicked)".into())
 }

@@ -38,7 +38,6 @@ struct Staged {
     schema_version: i64,
     head: Head,
     chain_rows: i64,
-    chain_defects: usize,
 }
 
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
@@ -53,9 +52,10 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     // Held until the end: no daemon starts on a half-restored database.
     let _lock = crate::daemon::lock_instance(&live)
         .context("cannot restore while the daemon runs; stop it first (systemctl stop lrvault)")?;
+    let checkpoints = list_checkpoints(&cfg).await?;
     let staged = {
-        let (from, live) = (from.clone(), live.clone());
-        tokio::task::spawn_blocking(move || stage(&from, &live)).await??
+        let (from, live, checkpoints) = (from.clone(), live.clone(), checkpoints.clone());
+        tokio::task::spawn_blocking(move || stage(&from, &live, &checkpoints)).await??
     };
     let recorded = recorded_backup_row(&live, &staged.sha256);
     let aside = {
@@ -63,7 +63,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         tokio::task::spawn_blocking(move || install(&staged, &live)).await??
     };
     println!(
-        "restored {} from {} ({} bytes, sha256 {}{}; integrity_check ok; schema version {}; custody chain {} rows, head seq {} row_hash {}, {} defects)",
+        "restored {} from {} ({} bytes, sha256 {}{}; integrity_check ok; schema version {}; custody chain {} rows without a defect, head seq {} row_hash {}; it agrees with every checkpoint at or below its head)",
         live.display(),
         from.display(),
         staged.bytes,
@@ -75,7 +75,6 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         staged.chain_rows,
         staged.head.seq,
         staged.head.row_hash,
-        staged.chain_defects,
     );
     if let Some((aside, wal)) = &aside {
         println!(
@@ -85,7 +84,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let db = Db::open(&live)?;
-    let superseded = record_restore(&cfg, &db, &from, &staged, aside.as_ref()).await?;
+    let superseded = record_restore(&db, &from, &staged, aside.as_ref(), checkpoints).await?;
     if superseded > 0 {
         println!(
             "{superseded} checkpoints written after the backup pin rows that now live on only in the replaced database; the RESTORED custody row names them"
@@ -107,29 +106,44 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Appends the RESTORED row: the backup, the head it restored, the database it replaced, and
-/// the checkpoints written after the backup whose rows live on in that database only (an
-/// examiner checks them against the replaced file). Returns how many it names.
-async fn record_restore(
-    cfg: &Config,
-    db: &Db,
-    from: &Path,
-    staged: &Staged,
-    aside: Option<&(PathBuf, bool)>,
-) -> anyhow::Result<usize> {
+/// Every checkpoint in the store as (seq, row_hash, file relative to the anchors' root): what
+/// a backup must agree with at or below its head, and what a restore may supersede above it.
+async fn list_checkpoints(cfg: &Config) -> anyhow::Result<Vec<(i64, String, String)>> {
     // The checkpoints wherever they are: `store.root`, or a mirror of an object store's.
     let store = crate::store::Store::open(&cfg.store)?;
     let anchors = crate::anchor::local_root(&store, &cfg.store.root).await?;
     let listing = crate::anchor::list(anchors.path())?;
     let mut pinned = Vec::new();
     for file in &listing.checkpoints {
-        if let Ok(cp) = crate::anchor::read_bytes(&file.json)
+        let rel = file.json.strip_prefix(anchors.path()).unwrap_or(&file.json);
+        let checkpoint = crate::anchor::read_bytes(&file.json)
             .map_err(|e| e.to_string())
             .and_then(|b| crate::anchor::Checkpoint::parse(&b))
-        {
-            pinned.push((cp.seq, cp.row_hash, file.json.clone()));
-        }
+            .map_err(|e| {
+                UserError::new(format!(
+                    "the checkpoint {} cannot be read ({e}); a restore is checked against every checkpoint, so nothing was restored",
+                    rel.display()
+                ))
+            })?;
+        pinned.push((
+            checkpoint.seq,
+            checkpoint.row_hash,
+            rel.display().to_string(),
+        ));
     }
+    Ok(pinned)
+}
+
+/// Appends the RESTORED row: the backup, the head it restored, the database it replaced, and
+/// the checkpoints written after the backup whose rows live on in that database only (an
+/// examiner checks them against the replaced file). Returns how many it names.
+async fn record_restore(
+    db: &Db,
+    from: &Path,
+    staged: &Staged,
+    aside: Option<&(PathBuf, bool)>,
+    pinned: Vec<(i64, String, String)>,
+) -> anyhow::Result<usize> {
     // The replaced database's own head, read through its WAL; the `-shm` that reading makes
     // is removed again (it is only an index of the WAL), so the pair stays as it was.
     let replaced_head = aside.and_then(|(path, _)| {
@@ -151,16 +165,14 @@ async fn record_restore(
         "replaced_head": replaced_head.map(|(seq, row_hash)| Head { seq, row_hash }),
     });
     let actor = crate::custody::actor("*");
-    let root = anchors.path().to_path_buf();
     Ok(db
         .call(move |c| {
             let tx = crate::db::write_tx(c)?;
             // Checkpoints whose row is not (or no longer) in the restored chain.
             let mut superseded = Vec::new();
-            for (seq, row_hash, path) in pinned {
+            for (seq, row_hash, file) in pinned {
                 let head = Head { seq, row_hash };
                 if !crate::custody::has_row(&tx, &head)? {
-                    let file = path.strip_prefix(&root).unwrap_or(&path).display().to_string();
                     superseded.push(serde_json::json!({ "seq": head.seq, "row_hash": head.row_hash, "file": file }));
                 }
             }
@@ -239,7 +251,11 @@ fn recorded_backup_row(live: &Path, sha256: &str) -> Option<String> {
 /// Copies the backup beside the database as `<db>.restoring`, with the database's mode
 /// (0600 when there is none), and checks it: SQLite's full integrity check, a known schema,
 /// the custody chain.
-fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
+fn stage(
+    from: &Path,
+    live: &Path,
+    checkpoints: &[(i64, String, String)],
+) -> anyhow::Result<Staged> {
     let path = with_suffix(live, ".restoring");
     // Left by an interrupted restore; this process holds the lock, so no one else uses it.
     for p in [path.clone()].into_iter().chain(sqlite_sidecars(&path)) {
@@ -262,12 +278,12 @@ fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
                 );
             }
             let conn = Db::open_readonly(&path)?;
-            let mut defects = 0usize;
-            let chain = crate::custody::walk(&conn, |_| defects += 1, |_| {})?;
-            Ok((version, head, chain.rows, defects))
+            check_backup(&conn, &head, checkpoints)?;
+            let chain = crate::custody::walk(&conn, |_| {}, |_| {})?;
+            Ok((version, head, chain.rows))
         })
         .with_context(|| format!("the backup {} was not restored", from.display()));
-    let (schema_version, head, chain_rows, chain_defects) = match checked {
+    let (schema_version, head, chain_rows) = match checked {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_file(&path);
@@ -283,8 +299,50 @@ fn stage(from: &Path, live: &Path) -> anyhow::Result<Staged> {
         schema_version,
         head,
         chain_rows,
-        chain_defects,
     })
+}
+
+/// A backup is restored only when nothing in it could launder a forgery (DESIGN §7a rules
+/// 11 and 13): its schema is what the migrations made for its version, its chain recomputes
+/// from seq 1, and every checkpoint at or below its head pins a row of its chain. The first
+/// thing wrong is the error, in one line naming the object, row or checkpoint.
+fn check_backup(
+    conn: &rusqlite::Connection,
+    head: &Head,
+    checkpoints: &[(i64, String, String)],
+) -> anyhow::Result<()> {
+    if let Some((object, problem)) = crate::db::schema_differences(conn)?.into_iter().next() {
+        return Err(UserError::new(format!("its {object} is {problem}")).into());
+    }
+    let mut first = None;
+    crate::custody::walk(
+        conn,
+        |d| {
+            first.get_or_insert(d);
+        },
+        |_| {},
+    )?;
+    if let Some(d) = first {
+        return Err(UserError::new(format!(
+            "its custody chain has a defect at seq {}: {}",
+            d.seq, d.problem
+        ))
+        .into());
+    }
+    for (seq, row_hash, file) in checkpoints.iter().filter(|(seq, ..)| *seq <= head.seq) {
+        let pinned = Head {
+            seq: *seq,
+            row_hash: row_hash.clone(),
+        };
+        if !crate::custody::has_row(conn, &pinned)? {
+            return Err(UserError::new(format!(
+                "its custody chain contradicts the checkpoint {file} (seq {seq}, at or below the backup's head seq {}): the backup was altered after that checkpoint was written",
+                head.seq
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Moves the current database aside together with its `-wal` (as `<db>.replaced-<time>` and

@@ -334,8 +334,10 @@ pub fn first_restore(conn: &rusqlite::Connection) -> Result<Option<i64>, DbError
     .map_err(DbError::sql("look up RESTORED rows"))
 }
 
-/// Checkpoints that RESTORED rows declared superseded: (seq, row_hash) of rows that live on
-/// in a replaced database only.
+/// Checkpoints that genuine RESTORED rows declared superseded: (seq, row_hash) of rows that
+/// live on in a replaced database only. Only a checkpoint above the restored head counts,
+/// and only from a RESTORED row that directly follows that head (DESIGN §7a rule 11); a
+/// RESTORED row anywhere else is a defect ([`restore_defects`]) and supersedes nothing.
 pub fn superseded_checkpoints(
     conn: &rusqlite::Connection,
 ) -> Result<std::collections::HashSet<(i64, String)>, DbError> {
@@ -343,7 +345,10 @@ pub fn superseded_checkpoints(
         .prepare(
             "SELECT json_extract(c.value, '$.seq'), json_extract(c.value, '$.row_hash')
              FROM custody_log l, json_each(l.detail, '$.superseded_checkpoints') c
-             WHERE l.event = 'RESTORED' AND json_valid(l.detail)",
+             JOIN custody_log h ON h.seq = json_extract(l.detail, '$.restored_head.seq')
+             WHERE l.event = 'RESTORED' AND json_valid(l.detail)
+               AND h.seq = l.seq - 1 AND h.row_hash = json_extract(l.detail, '$.restored_head.row_hash')
+               AND json_extract(c.value, '$.seq') > h.seq",
         )
         .map_err(DbError::sql("read RESTORED rows"))?;
     let rows = stmt
@@ -351,6 +356,60 @@ pub fn superseded_checkpoints(
         .map_err(DbError::sql("read RESTORED rows"))?;
     rows.collect::<Result<_, _>>()
         .map_err(DbError::sql("read RESTORED rows"))
+}
+
+/// RESTORED rows that are not what a restore writes: the row right after the head it
+/// restored (same seq and hash), naming only checkpoints above that head. (seq, problem).
+pub fn restore_defects(conn: &rusqlite::Connection) -> Result<Vec<(i64, String)>, DbError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT l.seq, json_extract(l.detail, '$.restored_head.seq'),
+                    json_extract(l.detail, '$.restored_head.row_hash'), h.row_hash,
+                    (SELECT min(json_extract(c.value, '$.seq'))
+                     FROM json_each(l.detail, '$.superseded_checkpoints') c)
+             FROM custody_log l LEFT JOIN custody_log h ON h.seq = l.seq - 1
+             WHERE l.event = 'RESTORED'",
+        )
+        .map_err(DbError::sql("read RESTORED rows"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<i64>>(1).ok().flatten(),
+                r.get::<_, Option<String>>(2).ok().flatten(),
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<i64>>(4).ok().flatten(),
+            ))
+        })
+        .map_err(DbError::sql("read RESTORED rows"))?;
+    let mut defects = Vec::new();
+    for row in rows {
+        let (seq, head_seq, head_hash, before_hash, lowest) =
+            row.map_err(DbError::sql("read RESTORED rows"))?;
+        // A backup with an empty chain is restored at seq 0, before the genesis hash.
+        let before_hash = before_hash.or_else(|| (seq == 1).then(|| GENESIS_HASH.to_string()));
+        if head_seq != Some(seq - 1) || head_hash.is_none() || head_hash != before_hash {
+            defects.push((
+                seq,
+                format!(
+                    "a RESTORED row must directly follow the head it restored; it names seq {} ({}), the row before it is seq {} ({})",
+                    head_seq.map_or("nothing".into(), |s| s.to_string()),
+                    head_hash.as_deref().unwrap_or("no hash"),
+                    seq - 1,
+                    before_hash.as_deref().unwrap_or("none")
+                ),
+            ));
+        } else if let Some(lowest) = lowest.filter(|&l| l <= seq - 1) {
+            defects.push((
+                seq,
+                format!(
+                    "a RESTORED row supersedes checkpoint seq {lowest}, at or below the head it restored (seq {})",
+                    seq - 1
+                ),
+            ));
+        }
+    }
+    Ok(defects)
 }
 
 /// A row of the chain that pins every row up to it: `{"seq": N, "row_hash": "…"}` in a

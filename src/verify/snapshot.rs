@@ -60,6 +60,18 @@ pub fn check(
         rec.defect(Defect::Database { problem })?;
         return Ok(snap);
     }
+    // The append-only triggers and every view the auditor reads are what the migrations
+    // made (DESIGN §7a rule 13); anything dropped, altered or added is a defect.
+    match crate::db::schema_differences(&tx) {
+        Ok(differences) => {
+            for (object, problem) in differences {
+                rec.defect(Defect::Schema { object, problem })?;
+            }
+        }
+        Err(e) => rec.defect(Defect::Database {
+            problem: format!("the schema cannot be compared with the migrations: {e}"),
+        })?,
+    }
     let started = Instant::now();
     match walk_chain(&tx, scope, rec) {
         Ok(walk) => {
@@ -76,6 +88,17 @@ pub fn check(
         }
     }
     snap.chain_secs = started.elapsed().as_secs_f64();
+    // A RESTORED row only a restore could have written (DESIGN §7a rule 11).
+    match custody::restore_defects(&tx) {
+        Ok(found) => {
+            for (seq, problem) in found {
+                rec.defect(Defect::Chain { seq, problem })?;
+            }
+        }
+        Err(e) => rec.defect(Defect::Database {
+            problem: format!("RESTORED rows cannot be read: {e}"),
+        })?,
+    }
     let counts = (|| -> rusqlite::Result<(i64, i64, i64, i64)> {
         let evidence = tx.query_row("SELECT count(*) FROM evidence", [], |r| r.get(0))?;
         let in_scope = tx.query_row(

@@ -210,7 +210,7 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
     );
     assert!(
         lines[0].ends_with(&format!(
-            "; integrity_check ok; schema version {}; custody chain {seq} rows, head seq {seq} row_hash {hash}, 0 defects)",
+            "; integrity_check ok; schema version {}; custody chain {seq} rows without a defect, head seq {seq} row_hash {hash}; it agrees with every checkpoint at or below its head)",
             lrvault::db::schema_version_known()
         )),
         "{out}"

@@ -104,7 +104,10 @@ async fn what_audit_and_export_show_is_proven_by_the_chain_and_the_package() {
         }
     };
     for (column, value) in [
-        ("original_sha256", "0000000000000000000000000000000000000000000000000000000000000000"),
+        (
+            "original_sha256",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        ),
         ("original_name", "C:\\innocent.txt"),
         ("original_size", "1"),
         ("archived_at", "2020-01-01T00:00:00.000Z"),
@@ -114,7 +117,9 @@ async fn what_audit_and_export_show_is_proven_by_the_chain_and_the_package() {
             &vault,
             column,
             set_evidence(column, value),
-            &[format!("evidence {id} ({path}): the evidence row's {column} is")],
+            &[format!(
+                "evidence {id} ({path}): the evidence row's {column} is"
+            )],
         );
     }
     // The result's command type changed: its package path no longer fits.
@@ -129,7 +134,9 @@ async fn what_audit_and_export_show_is_proven_by_the_chain_and_the_package() {
                 )
                 .unwrap();
         },
-        &[format!("evidence {id} ({path}): the package path should be")],
+        &[format!(
+            "evidence {id} ({path}): the package path should be"
+        )],
     );
 }
 
@@ -243,8 +250,15 @@ async fn a_row_earlier_than_its_predecessor_is_a_forgery() {
                      evidence_sha256, package_path, detail, prev_hash, row_hash)
                  VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, NULL, NULL, ?7, ?8, ?9)",
                 rusqlite::params![
-                    row.seq, row.at, row.tenant, row.action_id, row.event, row.actor, row.detail,
-                    row.prev_hash, row.row_hash
+                    row.seq,
+                    row.at,
+                    row.tenant,
+                    row.action_id,
+                    row.event,
+                    row.actor,
+                    row.detail,
+                    row.prev_hash,
+                    row.row_hash
                 ],
             )
             .unwrap();

@@ -16,6 +16,7 @@ mod export;
 mod faults;
 mod forgery;
 mod insider;
+mod laundering;
 mod local_tsa;
 mod object_stores;
 mod operations_doc;
