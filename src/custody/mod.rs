@@ -399,7 +399,7 @@ pub fn restore_defects(conn: &rusqlite::Connection) -> Result<Vec<(i64, String)>
                     before_hash.as_deref().unwrap_or("none")
                 ),
             ));
-        } else if let Some(lowest) = lowest.filter(|&l| l <= seq - 1) {
+        } else if let Some(lowest) = lowest.filter(|&l| l < seq) {
             defects.push((
                 seq,
                 format!(
