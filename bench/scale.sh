@@ -2,7 +2,9 @@
 # Scale benchmark (issue 8): a generated database of 1,000,000 custody rows and 200,000
 # evidence rows (bench/scale_db.py, a valid chain), then, with the release binary:
 #   - `audit evidence --machine X --since D`, whole command, median of 5 runs (target < 100 ms);
-#   - `verify --chain-only`: the chain walk's rows/s (target >= 500,000), and the whole run.
+#   - `verify --chain-only`: the chain walk's rows/s (target >= 500,000), and the whole run;
+#   - `verify --sample 0`: chain, schema, every action against its DISCOVERED row and every
+#     evidence row against its ARCHIVED row and path, packages not read (target < 10 s).
 # Prints the query plan of the audit query, so the indexes it uses are visible.
 #
 # Usage: bench/scale.sh [ACTIONS]   (4 evidence rows and 20 custody rows per action; default 50000)
@@ -45,3 +47,7 @@ sort -n "$OUT/audit.times" | sed -n 3p | awk -v rows="$ROWS" '{printf "audit evi
 /usr/bin/time -f "%e %M" -o "$OUT/verify.time" "$BIN" --config "$OUT/lrvault.toml" -q verify --chain-only | tee "$OUT/verify.out"
 read -r V_SECS V_RSS <"$OUT/verify.time"
 echo "verify --chain-only: whole run ${V_SECS}s (quick_check included), peak RSS $((V_RSS / 1024)) MiB"
+
+/usr/bin/time -f "%e %M" -o "$OUT/verify-meta.time" "$BIN" --config "$OUT/lrvault.toml" -q verify --sample 0 | tee "$OUT/verify-meta.out"
+read -r M_SECS M_RSS <"$OUT/verify-meta.time"
+echo "verify --sample 0 (chain + metadata, no package read): whole run ${M_SECS}s, peak RSS $((M_RSS / 1024)) MiB"

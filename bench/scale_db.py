@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Fills an lrvault database (already migrated by `lrvault migrate`) with a large, valid
 archive history for bench/scale.sh: ACTIONS actions of 4 commands each, every command
-archived, and a custody chain whose rows hash exactly as DESIGN §6 says (so verify finds
-no defect). With the defaults: 50,000 actions, 200,000 evidence rows, 1,000,000 custody rows.
+archived, and a custody chain whose rows hash exactly as DESIGN §6 says and whose DISCOVERED
+and ARCHIVED rows say what the actions and evidence rows say (so verify finds no defect). With the defaults: 50,000 actions, 200,000 evidence rows, 1,000,000 custody rows.
 
 Usage: bench/scale_db.py DB [ACTIONS]
 """
@@ -20,6 +20,7 @@ MACHINES = 2_000
 REQUESTORS = 50
 rng = random.Random(8)
 start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+RAW_SHA256 = hashlib.sha256(b"{}").hexdigest()  # every action's raw_json is "{}"
 ACTOR = "lrvault/0.1.0 app=11111111-1111-1111-1111-111111111111 host=bench uid=998"
 
 
@@ -63,7 +64,8 @@ for a in range(actions):
     append(ts(at), "contoso", action_id, None, "DISCOVERED", None, None,
            {"commands": COMMANDS, "computer_dns_name": dns, "created_at": ts(created),
             "machine_id": machine_id, "requestor": requestor, "source": "discover",
-            "status": "Succeeded"})
+            "status": "Succeeded", "requestor_comment": f"IR-{a}", "last_update_at": ts(at),
+            "raw_sha256": RAW_SHA256})
     for i in range(COMMANDS):
         ctype = "GetFile" if i % 2 else "RunScript"
         path = f"contoso/{created:%Y/%m/%d}/{action_id}/{i:03d}-{ctype}.zip"
@@ -82,7 +84,8 @@ for a in range(actions):
                {"bytes": size, "http_status": 200, "link_issues": 1, "md5_check": "match", "ranges": []})
         append(ts(t), "contoso", action_id, i, "ARCHIVED", sha, path,
                {"evidence_id": evidence_id, "package_sha256": pkg, "payload_name": "result.bin",
-                "payload_size": size})
+                "payload_size": size, "package_size": size + 900, "payload_md5": None,
+                "original_name": None, "original_size": None, "original_sha256": None})
         res_rows.append(("contoso", action_id, i, ctype, "{}", "Completed", "archived", 1, None, None,
                          evidence_id, ts(t)))
         ev_rows.append((evidence_id, "contoso", action_id, i, "result.bin", size, sha, None, None, None,
