@@ -120,10 +120,10 @@ async fn list_checkpoints(cfg: &Config) -> anyhow::Result<Vec<(i64, String, Stri
             .map_err(|e| e.to_string())
             .and_then(|b| crate::anchor::Checkpoint::parse(&b))
             .map_err(|e| {
-                UserError::new(format!(
+                anyhow::anyhow!(
                     "the checkpoint {} cannot be read ({e}); a restore is checked against every checkpoint, so nothing was restored",
                     rel.display()
-                ))
+                )
             })?;
         pinned.push((
             checkpoint.seq,
@@ -312,7 +312,7 @@ fn check_backup(
     checkpoints: &[(i64, String, String)],
 ) -> anyhow::Result<()> {
     if let Some((object, problem)) = crate::db::schema_differences(conn)?.into_iter().next() {
-        return Err(UserError::new(format!("its {object} is {problem}")).into());
+        anyhow::bail!("its {object} is {problem}");
     }
     let mut first = None;
     crate::custody::walk(
@@ -323,11 +323,11 @@ fn check_backup(
         |_| {},
     )?;
     if let Some(d) = first {
-        return Err(UserError::new(format!(
+        anyhow::bail!(
             "its custody chain has a defect at seq {}: {}",
-            d.seq, d.problem
-        ))
-        .into());
+            d.seq,
+            d.problem
+        );
     }
     for (seq, row_hash, file) in checkpoints.iter().filter(|(seq, ..)| *seq <= head.seq) {
         let pinned = Head {
@@ -335,11 +335,10 @@ fn check_backup(
             row_hash: row_hash.clone(),
         };
         if !crate::custody::has_row(conn, &pinned)? {
-            return Err(UserError::new(format!(
+            anyhow::bail!(
                 "its custody chain contradicts the checkpoint {file} (seq {seq}, at or below the backup's head seq {}): the backup was altered after that checkpoint was written",
                 head.seq
-            ))
-            .into());
+            );
         }
     }
     Ok(())

@@ -43,7 +43,10 @@ fn refused(vault: &Vault, name: &str, forge: impl FnOnce(&rusqlite::Connection),
         &vault.config,
         &["restore", "--from", &backup.display().to_string()],
     );
-    assert_ne!(code, 0, "{name}: the forged backup was restored:\n{out}");
+    assert_eq!(
+        code, 1,
+        "{name}: the forged backup must be refused:\n{out}{err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{name}: one line:\n{err}");
     assert!(lines[0].contains(expect), "{name}: {expect:?} not in {err}");
