@@ -434,11 +434,13 @@ pub enum Settlement {
     Unavailable { reason: String, detail: Value },
     /// Terminal: `failed` (custody FAILED with the reason and the attempts spent).
     Failed { reason: String },
-    /// Back to `pending`, due again after `backoff`; `charge` spends one attempt.
+    /// Back to `pending`, due again after `backoff`; `charge` spends one attempt. Custody
+    /// ATTEMPT_FAILED with `scope` (who pays: `result`, `tenant` or `process`) and the reason.
     Retry {
         reason: String,
         backoff: Duration,
         charge: bool,
+        scope: &'static str,
     },
 }
 
@@ -464,9 +466,10 @@ pub async fn settle(
                 let detail = json!({ "reason": reason, "attempts": attempts });
                 (ResultState::Failed, reason, true, None, Some((EventKind::Failed, detail)))
             }
-            Settlement::Retry { reason, backoff, charge } => {
-                let at = now + chrono::Duration::from_std(backoff).unwrap_or_default();
-                (ResultState::Pending, reason, charge, Some(crate::time::fmt(at)), None)
+            Settlement::Retry { reason, backoff, charge, scope } => {
+                let at = crate::time::fmt(now + chrono::Duration::from_std(backoff).unwrap_or_default());
+                let detail = attempt_failed(scope, &reason, attempts - u32::from(!charge), &at);
+                (ResultState::Pending, reason, charge, Some(at), Some((EventKind::AttemptFailed, detail)))
             }
         };
         let n = tx
@@ -488,6 +491,29 @@ pub async fn settle(
         Ok(true)
     })
     .await
+}
+
+/// The detail of an ATTEMPT_FAILED row (DESIGN §6): who pays, why (a URL's query, where a
+/// SAS signature would be, never goes in), the attempts spent so far, when it is due again.
+fn attempt_failed(scope: &str, reason: &str, attempts: u32, next_attempt_at: &str) -> Value {
+    json!({
+        "scope": scope,
+        "reason": without_queries(reason),
+        "attempts": attempts,
+        "next_attempt_at": next_attempt_at,
+    })
+}
+
+/// `reason` with the query of every URL in it cut off.
+fn without_queries(reason: &str) -> String {
+    reason
+        .split(' ')
+        .map(|word| match (word.contains("://"), word.find('?')) {
+            (true, Some(q)) => format!("{}?[query removed]", &word[..q]),
+            _ => word.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// What an archived result's `evidence` row holds (DESIGN §5).
@@ -651,19 +677,56 @@ pub async fn recover(db: &Db, me: &str) -> Result<Recovered, DbError> {
                 continue;
             }
             let k = &flight.key;
-            tx.execute(
-                "UPDATE results SET state = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = ?4,
-                        last_error = 'interrupted download (process stopped); retrying'
-                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'downloading'",
-                params![k.tenant, k.action_id, k.index, now],
-            )
-            .map_err(DbError::sql("recover result"))?;
+            let n = tx
+                .execute(
+                    "UPDATE results SET state = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = ?4,
+                            last_error = ?5
+                     WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'downloading'",
+                    params![k.tenant, k.action_id, k.index, now, INTERRUPTED],
+                )
+                .map_err(DbError::sql("recover result"))?;
+            if n > 0 {
+                record_interrupted(&tx, k, &now)?;
+            }
             out.returned.push(flight);
         }
         tx.commit().map_err(DbError::sql("commit recovery"))?;
         Ok(out)
     })
     .await
+}
+
+/// Why recovery returned a result to the queue.
+const INTERRUPTED: &str = "interrupted download (process stopped); retrying";
+
+/// The ATTEMPT_FAILED row of a download a stopped process left (scope `process`, nothing
+/// charged, due at once), by the application the result's own rows name.
+fn record_interrupted(tx: &rusqlite::Transaction<'_>, k: &Key, now: &str) -> Result<(), DbError> {
+    let (attempts, actor): (u32, Option<String>) = tx
+        .query_row(
+            "SELECT r.attempts, (SELECT c.actor FROM custody_log c
+                 WHERE c.tenant = r.tenant AND c.action_id = r.action_id AND c.command_index = r.command_index
+                 ORDER BY c.seq DESC LIMIT 1)
+             FROM results r WHERE r.tenant = ?1 AND r.action_id = ?2 AND r.command_index = ?3",
+            params![k.tenant, k.action_id, k.index],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(DbError::sql("read recovered result"))?;
+    let app = actor
+        .as_deref()
+        .and_then(|a| a.split(' ').find_map(|w| w.strip_prefix("app=")))
+        .unwrap_or("*");
+    let actor = custody::actor(app);
+    let detail = attempt_failed("process", INTERRUPTED, attempts, now);
+    let event = Event::new(
+        &k.tenant,
+        &k.action_id,
+        Some(k.index),
+        EventKind::AttemptFailed,
+        &actor,
+    );
+    custody::append(tx, &event.detail(detail))?;
+    Ok(())
 }
 
 /// `host:pid:start-ms`: names this process in leases, unique per start even when pids are
@@ -761,12 +824,92 @@ mod tests {
             reason: "blob host answered HTTP 503".into(),
             backoff: Duration::from_secs(3600),
             charge: true,
+            scope: "result",
         };
         assert!(settle(&db, &a, "host-a:1:1", "actor", retry).await.unwrap());
         // B's claim comes just after: the result is pending again, but not due for an hour.
         assert!(claim(&db, &key, "host-b:2:2").await.unwrap().is_none());
         let due = due(&db, "t", &Scope::default()).await.unwrap();
         assert!(due.is_empty(), "{due:?}");
+    }
+
+    /// The (event, detail) of every custody row.
+    fn custody_rows(db: &Db) -> Vec<(String, Value)> {
+        db.call_sync(|c| {
+            let mut stmt = c
+                .prepare("SELECT event, detail FROM custody_log ORDER BY seq")
+                .unwrap();
+            let rows = stmt
+                .query_map([], |r| {
+                    let detail: String = r.get(1)?;
+                    Ok((r.get(0)?, serde_json::from_str(&detail).unwrap()))
+                })
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            Ok(rows)
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_retried_attempt_leaves_one_attempt_failed_row_without_a_query() {
+        let (_dir, db, key) = one_result();
+        let claimed = claim(&db, &key, "me:1:1").await.unwrap().unwrap();
+        let retry = Settlement::Retry {
+            reason:
+                "blob host refused https://blob.example/x.bin?sv=1&sig=SECRET after 2 re-issues"
+                    .into(),
+            backoff: Duration::ZERO,
+            charge: true,
+            scope: "result",
+        };
+        assert!(
+            settle(&db, &claimed, "me:1:1", "actor", retry)
+                .await
+                .unwrap()
+        );
+        let claimed = claim(&db, &key, "me:1:1").await.unwrap().unwrap();
+        let deferred = Settlement::Retry {
+            reason: "API answered HTTP 503".into(),
+            backoff: Duration::ZERO,
+            charge: false,
+            scope: "tenant",
+        };
+        assert!(
+            settle(&db, &claimed, "me:1:1", "actor", deferred)
+                .await
+                .unwrap()
+        );
+        let rows = custody_rows(&db);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().all(|(e, _)| e == "ATTEMPT_FAILED"));
+        let (first, second) = (&rows[0].1, &rows[1].1);
+        assert_eq!(first["scope"], "result");
+        assert_eq!(
+            first["reason"],
+            "blob host refused https://blob.example/x.bin?[query removed] after 2 re-issues"
+        );
+        assert_eq!(first["attempts"], 1);
+        assert!(first["next_attempt_at"].is_string());
+        assert_eq!(second["scope"], "tenant");
+        assert_eq!(second["attempts"], 1, "an uncharged retry spends nothing");
+    }
+
+    #[tokio::test]
+    async fn a_download_a_stopped_process_left_leaves_an_attempt_failed_row() {
+        let (_dir, db, key) = one_result();
+        claim(&db, &key, "h:999999999:5").await.unwrap().unwrap();
+        let found = recover(&db, &format!("h:{}:1", std::process::id()))
+            .await
+            .unwrap();
+        assert_eq!(found.returned.len(), 1);
+        let rows = custody_rows(&db);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].0, "ATTEMPT_FAILED");
+        assert_eq!(rows[0].1["scope"], "process");
+        assert_eq!(rows[0].1["reason"], INTERRUPTED);
+        assert_eq!(rows[0].1["attempts"], 0);
     }
 
     #[tokio::test]

@@ -210,13 +210,24 @@ impl Failure {
         })
     }
 
+    /// Who pays, as the ATTEMPT_FAILED row says it: `result`, `tenant` or `process`.
+    pub fn scope(&self) -> &'static str {
+        match self {
+            Failure::Result(_) => "result",
+            Failure::Tenant(_) => "tenant",
+            Failure::Process(_) => "process",
+        }
+    }
+
     /// How the queue records this failure for a result that had spent `attempts` before.
     pub fn settlement(&self, attempts: u32, cfg: &DownloadConfig) -> Settlement {
         let reason = self.reason().to_string();
+        let scope = self.scope();
         let uncharged = |backoff| Settlement::Retry {
             reason: reason.clone(),
             backoff,
             charge: false,
+            scope,
         };
         match self {
             Failure::Result(ResultFailure::Unavailable {
@@ -233,6 +244,7 @@ impl Failure {
                 backoff: backoff(attempts + 1, cfg.retry_base, cfg.retry_max),
                 reason,
                 charge: true,
+                scope,
             },
             // Not the result's fault: back to the queue as it was; the breaker paces retries.
             Failure::Tenant(_) | Failure::Process(ProcessFailure::Stopping) => {
@@ -451,6 +463,20 @@ mod tests {
         })));
         assert!(!charged(&Failure::Process(ProcessFailure::Stopping)));
         assert!(!charged(&Failure::database("locked")));
+        // Each retry names who pays, for its ATTEMPT_FAILED row.
+        let scope = |f: &Failure| match f.settlement(0, &cfg) {
+            Settlement::Retry { scope, .. } => scope,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(scope(&Failure::retry("x")), "result");
+        assert_eq!(
+            scope(&Failure::tenant(TenantTrouble::Outage, "x".into())),
+            "tenant"
+        );
+        assert_eq!(
+            scope(&Failure::Process(ProcessFailure::Stopping)),
+            "process"
+        );
         // The last attempt of a retryable failure ends in `failed`.
         assert_eq!(
             Failure::retry("x").settlement(cfg.max_attempts - 1, &cfg),

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
 pub use compression::{CompressionChoice, EntryMethod};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
-pub use sink::{PackageSink, StreamedPackage};
+pub use sink::{PackageSink, SealedPackage, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::{PackageWriter, partial_path_for, partial_target, partials_of};
 

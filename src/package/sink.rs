@@ -7,7 +7,7 @@
 //! Life of a sink: [`PackageSink::create`] → the download sends chunks to
 //! [`PackageSink::sender`] → [`PackageSink::close`] hands back a [`StreamedPackage`] with the
 //! digests → [`StreamedPackage::finish`] writes the tag files and moves the package into
-//! place. Every other way out ([`PackageSink::abort`], [`StreamedPackage::abort`], an error,
+//! place (or [`StreamedPackage::seal`], then [`SealedPackage::place`], with a step between). Every other way out ([`PackageSink::abort`], [`StreamedPackage::abort`], an error,
 //! a drop) removes the partial file.
 
 use bytes::Bytes;
@@ -113,10 +113,39 @@ impl StreamedPackage {
             .map_err(task_error)?
     }
 
+    /// Writes the tag files and re-checks the package, short of moving it into place: what
+    /// is placed later is known (and can be recorded) first.
+    pub async fn seal(self, retrieval_json: Vec<u8>) -> Result<SealedPackage, PackageError> {
+        let mut writer = self.writer;
+        tokio::task::spawn_blocking(move || {
+            let info = writer.seal(&retrieval_json)?;
+            Ok(SealedPackage { writer, info })
+        })
+        .await
+        .map_err(task_error)?
+    }
+
     /// Gives up on the package and removes the partial.
     pub async fn abort(self) {
         let writer = self.writer;
         let _ = tokio::task::spawn_blocking(move || writer.abort()).await;
+    }
+}
+
+/// A finished, checked, read-only package under its partial name; dropping it removes it.
+pub struct SealedPackage {
+    writer: PackageWriter,
+    pub info: PackageInfo,
+}
+
+impl SealedPackage {
+    /// Moves the package into place without overwriting.
+    pub async fn place(self) -> Result<PackageInfo, PackageError> {
+        let (writer, info) = (self.writer, self.info);
+        tokio::task::spawn_blocking(move || writer.place())
+            .await
+            .map_err(task_error)??;
+        Ok(info)
     }
 }
 

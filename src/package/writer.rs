@@ -252,6 +252,15 @@ impl PackageWriter {
     /// Writes the tag files (with `retrieval_json` verbatim), closes and fsyncs the zip,
     /// re-checks it, makes it read-only and moves it into place without overwriting.
     pub fn finish(mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
+        let info = self.seal(retrieval_json)?;
+        self.place()?;
+        Ok(info)
+    }
+
+    /// [`finish`](Self::finish) up to the move: the package is complete, checked and
+    /// read-only under its partial name, and its SHA-256 is known (for a publishing intent
+    /// recorded before [`place`](Self::place)). Dropping the writer still removes it.
+    pub fn seal(&mut self, retrieval_json: &[u8]) -> Result<PackageInfo, PackageError> {
         let digests = self.digests()?;
         self.add_tag_file("retrieval.json", retrieval_json)?;
         let manifest = format!(
@@ -354,13 +363,18 @@ impl PackageWriter {
                 source,
             },
         )?;
-        self.move_into_place()?;
-        self.done = true;
         Ok(PackageInfo {
             rel_path: self.rel_path.clone(),
             package_size: check.package_size,
             package_sha256: check.package_sha256,
         })
+    }
+
+    /// Moves a [`seal`](Self::seal)ed package into place without overwriting.
+    pub fn place(mut self) -> Result<(), PackageError> {
+        self.move_into_place()?;
+        self.done = true;
+        Ok(())
     }
 
     /// The partial file this writer writes.

@@ -516,18 +516,64 @@ impl Store {
         fs::spool_walk(&self.staging_root).try_collect().await
     }
 
-    /// Sets the spool copy of `key` aside under `_quarantine/` (the store holds another
-    /// object under its key, or the copy changed after its check): it is never uploaded, and
-    /// stays for an operator to examine. Returns where it went. Object stores only.
+    /// Sets the file at `staging_path(key)` aside under `_quarantine/` of the same
+    /// directory: a spool copy the store refused or that changed after its check, or (`fs`
+    /// and spool alike) a package found at a result's path that this database was not
+    /// writing (DESIGN §7a rule 14). It is never uploaded nor adopted, and stays for an
+    /// operator to examine. Returns where it went.
     pub async fn quarantine(&self, key: &str) -> Result<PathBuf, StoreError> {
         check_key(key)?;
-        if !self.is_object() {
-            return Err(StoreError::InvalidKey {
-                key: key.to_string(),
-                reason: "the fs store has no spool to set packages aside in".into(),
-            });
-        }
         fs::quarantine(&self.staging_root, key, QUARANTINE_DIR).await
+    }
+
+    /// Keeps a local copy of an object that cannot be moved (a locked version, or a store
+    /// without versions) under the spool's `_quarantine/`, named after `key`. Returns where.
+    pub async fn keep_aside(&self, key: &str, copy: LocalCopy) -> Result<PathBuf, StoreError> {
+        check_key(key)?;
+        let LocalCopy::Temp(temp) = copy else {
+            return self.quarantine(key).await;
+        };
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+        let to = self
+            .staging_root
+            .join(QUARANTINE_DIR)
+            .join(format!("{key}.{stamp}"));
+        if let Some(parent) = to.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|source| StoreError::Io {
+                    path: parent.to_path_buf(),
+                    op: "creating directory",
+                    source,
+                })?;
+        }
+        temp.persist(&to).map_err(|e| StoreError::Io {
+            path: to.clone(),
+            op: "keeping a copy aside at",
+            source: e.error,
+        })?;
+        Ok(to)
+    }
+
+    /// Publishes like [`publish`](Self::publish), but over the object `over` that the key
+    /// serves now (one a QUARANTINED custody row recorded): a single PUT conditional on that
+    /// object's ETag, so nothing else is ever replaced. A versioned store (Object Lock always
+    /// is) keeps `over` as an older version; a package too large for a single PUT is refused,
+    /// as multipart uploads cannot be conditional. `fs` has nothing to go over.
+    pub async fn publish_over(
+        &self,
+        key: &str,
+        expected: &Expected,
+        over: &ObjectVersion,
+    ) -> Result<Stored, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(f) => f.locate(key, expected).await,
+            Inner::Object(o) => {
+                o.publish_over(key, &self.staging_root.join(key), expected, over)
+                    .await
+            }
+        }
     }
 
     /// Removes read-back copies in the spool's `_tmp` older than `age` (left by a crash).

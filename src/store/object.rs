@@ -214,7 +214,7 @@ impl ObjectBackend {
             tracing::info!(location = %found.location, "package already in the store (a crash before its commit); not uploading it again");
             return Ok(found);
         }
-        let uploaded = match self.upload(key, local, expected).await {
+        let uploaded = match self.upload(key, local, expected, None).await {
             // Someone else's object appeared between the HEAD and the create-only PUT.
             Err(StoreError::Object {
                 source: object_store::Error::AlreadyExists { .. },
@@ -222,9 +222,18 @@ impl ObjectBackend {
             }) => return self.adopt_existing(key, expected).await,
             other => other?,
         };
+        self.read_back_azure(key, expected, uploaded).await
+    }
+
+    /// object_store sends Azure no transfer checksum (Azure offers MD5/CRC64, not SHA-256),
+    /// so an upload there is proven by reading the version back.
+    async fn read_back_azure(
+        &self,
+        key: &str,
+        expected: &Expected,
+        uploaded: Stored,
+    ) -> Result<Stored, StoreError> {
         if let Client::Azure { .. } = self.client {
-            // object_store sends Azure no transfer checksum (Azure offers MD5/CRC64, not
-            // SHA-256), so the upload is proven by reading the version back.
             let (sha256, size) =
                 hash_stream(self.read(key, uploaded.version_id.as_deref()).await?).await?;
             if sha256 != expected.sha256 || size != expected.size {
@@ -237,12 +246,43 @@ impl ObjectBackend {
         Ok(uploaded)
     }
 
-    /// Uploads `local`, checking on the way that its bytes still are `expected`.
+    /// See [`Store::publish_over`](super::Store::publish_over).
+    pub(super) async fn publish_over(
+        &self,
+        key: &str,
+        local: &Path,
+        expected: &Expected,
+        over: &ObjectVersion,
+    ) -> Result<Stored, StoreError> {
+        if expected.size > SINGLE_PUT_MAX || over.etag.is_none() {
+            return Err(StoreError::Conflict {
+                location: self.location(key),
+                reason: "holds a quarantined object that a package too large for one conditional PUT (or one without an ETag) cannot go over".into(),
+            });
+        }
+        let uploaded = match self.upload(key, local, expected, Some(over)).await {
+            Err(StoreError::Object {
+                source: object_store::Error::Precondition { .. },
+                ..
+            }) => {
+                return Err(StoreError::Conflict {
+                    location: self.location(key),
+                    reason: "changed after its object was quarantined".into(),
+                });
+            }
+            other => other?,
+        };
+        self.read_back_azure(key, expected, uploaded).await
+    }
+
+    /// Uploads `local`, checking on the way that its bytes still are `expected`: create-only,
+    /// or (a single PUT only) conditional on the key still serving `over`.
     async fn upload(
         &self,
         key: &str,
         local: &Path,
         expected: &Expected,
+        over: Option<&ObjectVersion>,
     ) -> Result<Stored, StoreError> {
         let io = |op: &'static str| {
             let path = local.to_path_buf();
@@ -277,8 +317,15 @@ impl ObjectBackend {
                 .map_err(io("reading spooled package"))?;
             hasher.update(&buf);
             check_digest(local, hasher, expected)?;
+            let mode = match over {
+                Some(o) => PutMode::Update(object_store::UpdateVersion {
+                    e_tag: o.etag.clone(),
+                    version: None,
+                }),
+                None => PutMode::Create,
+            };
             let options = PutOptions {
-                mode: PutMode::Create,
+                mode,
                 attributes,
                 ..Default::default()
             };

@@ -426,10 +426,20 @@ async fn fs_local_copies_are_the_files_themselves() {
     assert_eq!(copy.path(), dir.path().join(key));
     assert!(matches!(copy, LocalCopy::InPlace(_)));
     assert!(store.local_copy(key, Some("v1")).await.is_err());
-    assert!(
-        store.quarantine(key).await.is_err(),
-        "never moves an fs package"
-    );
+    assert!(store.quarantine(key).await.is_err(), "nothing to move");
     assert_eq!(store.spool_files().await.unwrap(), vec![]);
     assert_eq!(store.current(key).await.unwrap(), None);
+    // A file found at a package's path that is not this database's goes aside, out of the
+    // tenant's directories.
+    let path = dir.path().join(key);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"planted").unwrap();
+    let aside = store.quarantine(key).await.unwrap();
+    assert!(aside.starts_with(dir.path().join("_quarantine/contoso/2026/11/27/a")));
+    assert_eq!(std::fs::read(&aside).unwrap(), b"planted");
+    assert!(!path.exists());
+    assert!(
+        !dir.path().join("contoso").exists(),
+        "emptied directories go"
+    );
 }

@@ -8,7 +8,8 @@
 //!    (streamed, memory flat), and the ARCHIVED rows and archived results without evidence.
 //! 2. `packages`: every evidence row against its ARCHIVED row, its package's bytes, BagIt
 //!    manifests and `retrieval.json`, and the `custody_head` the package pins.
-//! 3. `store`: files under a tenant's directory that no evidence row names.
+//! 3. `store`: files under a tenant's directory that no evidence row names; `adopted`: each
+//!    adopted package follows this database's DOWNLOADED and PUBLISHING rows (rule 14).
 //! 4. `anchors`: every checkpoint against the chain, every token against its checkpoint and
 //!    `tsa_ca_file`; then this run's checkpoint and the tokens still missing.
 //!
@@ -19,6 +20,7 @@
 //! Each defect is one VERIFY_FAILED row; the run ends with one VERIFIED row. `--chain-only`
 //! does steps 1 (without the evidence checks) and 4.
 
+mod adopted;
 mod anchors;
 mod defect;
 mod metadata;
@@ -293,6 +295,7 @@ impl Checks {
             report.packages_checked = stats.checked;
             report.legacy_packages = stats.legacy;
             store::check(&conn, &self.root, &self.store, &self.scope, rec)?;
+            adopted::check(&conn, &self.scope, rec)?;
         }
         let missing = anchors::check(&conn, &self.anchors, &snap, self.trust.as_ref(), rec)?;
         rec.flush()?;

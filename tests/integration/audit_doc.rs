@@ -255,6 +255,7 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
             "QUEUED",
             "LINK_ISSUED",
             "DOWNLOADED",
+            "PUBLISHING",
             "ARCHIVED",
             "EXPORTED"
         ],

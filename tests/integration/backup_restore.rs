@@ -1,9 +1,10 @@
 //! Issue 10: `lrvault backup` while the daemon is in the middle of an archive pass, then a
 //! crash that leaves a WAL, then `lrvault restore` from that backup. The backup is a sound
 //! mid-pass snapshot (0600, integrity-checked, its SHA-256 in a BACKED_UP row); the restore
-//! sets the crashed database aside with its WAL, adopts the packages written after the backup,
-//! and after the next passes every result is archived exactly once and `verify` finds 0
-//! defects.
+//! sets the crashed database aside with its WAL, adopts the packages written after the backup
+//! only where the backup holds their DOWNLOADED and PUBLISHING rows (DESIGN §7a rule 14; the
+//! others are quarantined and downloaded again), and after the next passes every result is
+//! archived exactly once and `verify` finds 0 defects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -275,21 +276,28 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
         "{out}"
     );
     let adopted = final_state(&e);
-    // Everything archived after the backup was adopted by the restore, not fetched again (a
-    // package moved into place just before the crash, not yet committed, is adopted too).
+    // DESIGN §7a rule 14: the restore adopted only what the restored database itself was
+    // writing (its DOWNLOADED and PUBLISHING rows are in the backup); every other package
+    // written after the backup was quarantined and its result downloaded again.
     let archived_after_backup: BTreeSet<(String, u32)> = in_backup
         .iter()
         .filter(|(k, s)| *s != "archived" && crashed.get(*k).is_some_and(|c| c == "archived"))
         .map(|(k, _)| k.clone())
         .collect();
     assert!(!archived_after_backup.is_empty());
+    let intents_in_backup = publishing_rows(&backup);
+    let quarantined = quarantined_rows(&e);
+    for key in &archived_after_backup {
+        if intents_in_backup.contains(key) {
+            assert!(adopted.contains_key(key), "{key:?} adopted");
+        } else {
+            assert!(!adopted.contains_key(key), "{key:?} not adopted");
+            assert!(quarantined.contains_key(key), "{key:?} quarantined");
+        }
+    }
     assert!(
-        adopted
-            .keys()
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .is_superset(&archived_after_backup),
-        "{adopted:?} vs {archived_after_backup:?}"
+        adopted.keys().all(|k| intents_in_backup.contains(k)),
+        "{adopted:?} vs {intents_in_backup:?}"
     );
     assert_eq!(
         adopted.len(),
@@ -302,6 +310,47 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
             "{path:?} was in the store before the restore"
         );
     }
+    // Each quarantined package is kept under `_quarantine/`, as it was at the crash.
+    let aside = files_under(&e.store().join("_quarantine"));
+    assert_eq!(aside.len(), quarantined.len(), "{aside:?}");
+    for (key, (rel, moved_to, sha)) in &quarantined {
+        assert!(store_at_crash.contains(&e.store().join(rel)), "{key:?}");
+        assert_eq!(
+            sha256_hex(&std::fs::read(e.store().join(moved_to)).unwrap()),
+            *sha
+        );
+    }
+}
+
+/// The results that have a PUBLISHING row in the database at `path`.
+fn publishing_rows(path: &Path) -> BTreeSet<(String, u32)> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut st = c
+        .prepare("SELECT action_id, command_index FROM custody_log WHERE event = 'PUBLISHING'")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The QUARANTINED rows: result → (package path, where it went, its SHA-256).
+fn quarantined_rows(e: &Env) -> BTreeMap<(String, u32), (String, String, String)> {
+    let c = e.reader();
+    let mut st = c
+        .prepare(
+            "SELECT action_id, command_index, package_path, json_extract(detail, '$.moved_to'),
+                    json_extract(detail, '$.sha256')
+             FROM custody_log WHERE event = 'QUARANTINED'",
+        )
+        .unwrap();
+    st.query_map([], |r| {
+        Ok(((r.get(0)?, r.get(1)?), (r.get(2)?, r.get(3)?, r.get(4)?)))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
 }
 
 /// Every queued result archived once, with the simulator's bytes; nothing else in the store.
@@ -343,9 +392,10 @@ fn final_state(e: &Env) -> BTreeMap<(String, u32), PathBuf> {
         files_under(e.store())
             .iter()
             .filter(|f| !f.starts_with(e.store().join("_checkpoints")))
+            .filter(|f| !f.starts_with(e.store().join("_quarantine")))
             .count(),
         rows.len(),
-        "nothing else in the store (beside verify's checkpoints)"
+        "nothing else in the store (beside verify's checkpoints and the quarantine)"
     );
     custody_chain::recheck(&e.reader());
     adopted
@@ -406,12 +456,18 @@ async fn a_restore_names_the_anchors_it_supersedes_and_verify_accepts_only_those
         checkpoint.1
     );
     assert!(detail["replaced_head"]["seq"].as_i64().unwrap() >= checkpoint.0);
-    // The packages written after the backup were adopted, each with the head it pins.
-    let superseded = e.count(&format!(
-        "SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED' AND seq > {restored_seq}
-           AND json_extract(detail, '$.custody_head_superseded.seq') IS NOT NULL"
+    // The packages written after the backup were not this database's (DESIGN §7a rule 14):
+    // quarantined, none adopted, and their results downloaded again by the next pass.
+    let quarantined = e.count(&format!(
+        "SELECT count(*) FROM custody_log WHERE event = 'QUARANTINED' AND seq > {restored_seq}"
     ));
-    assert!(superseded >= 1);
+    assert_eq!(quarantined, archived_before - 2);
+    assert_eq!(
+        e.count("SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED' AND detail LIKE '%\"adopted\":true%'"),
+        0
+    );
+    let (code, out, err) = lrvault(&e, &["archive"]);
+    assert_eq!(code, 0, "{out}{err}");
     assert_eq!(e.count("SELECT count(*) FROM evidence"), archived_before);
     let (code, out, err) = lrvault(&e, &["verify"]);
     assert_eq!(code, 0, "{out}{err}");

@@ -293,12 +293,33 @@ async fn a_package_renamed_before_the_commit_is_adopted_not_fetched_again() {
         (row.action_id.as_str(), row.state.as_str(), row.attempts),
         (first.action_id.as_str(), "archived", 1)
     );
+    // The intent was committed before the package was placed, and recovery recorded the
+    // interrupted attempt (issue 16): adopted because this database was writing it.
     assert_eq!(
         e.events(&row.action_id, row.index),
-        ["LINK_ISSUED", "DOWNLOADED", "ARCHIVED"]
+        [
+            "LINK_ISSUED",
+            "DOWNLOADED",
+            "PUBLISHING",
+            "ATTEMPT_FAILED",
+            "ARCHIVED"
+        ]
+    );
+    let rows = e.custody(&row.action_id, row.index);
+    let publishing = &rows.iter().find(|(ev, _)| ev == "PUBLISHING").unwrap().1;
+    let interrupted = &rows
+        .iter()
+        .find(|(ev, _)| ev == "ATTEMPT_FAILED")
+        .unwrap()
+        .1;
+    assert_eq!(interrupted["scope"], "process");
+    assert_eq!(
+        interrupted["reason"],
+        "interrupted download (process stopped); retrying"
     );
     let (_, detail) = e.custody(&row.action_id, row.index).pop().unwrap();
     assert_eq!(detail["adopted"], true);
+    assert_eq!(publishing["package_sha256"], detail["package_sha256"]);
     let x = e
         .sim
         .sim

@@ -140,7 +140,17 @@ async fn a_403_reissues_the_link_then_backs_off_past_max_link_reissues() {
     assert_eq!(link_issues(&e, first), vec![1, 2, 3]);
     assert_eq!(
         e.events(&first.action_id, first.index),
-        ["LINK_ISSUED", "LINK_ISSUED", "LINK_ISSUED"]
+        [
+            "LINK_ISSUED",
+            "LINK_ISSUED",
+            "LINK_ISSUED",
+            "ATTEMPT_FAILED"
+        ]
+    );
+    let (_, retried) = e.custody(&first.action_id, first.index).pop().unwrap();
+    assert_eq!(
+        (&retried["scope"], &retried["reason"], &retried["attempts"]),
+        (&json!("result"), &json!(reason), &json!(1))
     );
     assert_eq!(e.api_calls("liveresponse.link"), 3);
     invariants(&e);
@@ -195,7 +205,32 @@ async fn link_5xx_opens_the_breaker_uncharged_and_blob_5xx_backs_off() {
     // The 500s issued no link; the 503 met the first link, the second one was downloaded.
     assert_eq!(
         e.events(&rows[0].action_id, rows[0].index),
-        vec!["LINK_ISSUED", "LINK_ISSUED", "DOWNLOADED", "ARCHIVED"]
+        vec![
+            "ATTEMPT_FAILED",
+            "ATTEMPT_FAILED",
+            "LINK_ISSUED",
+            "ATTEMPT_FAILED",
+            "LINK_ISSUED",
+            "DOWNLOADED",
+            "PUBLISHING",
+            "ARCHIVED"
+        ]
+    );
+    // Who paid for each retried attempt: the tenant's side twice (nothing charged), then the
+    // result itself.
+    let retried: Vec<(serde_json::Value, serde_json::Value)> = e
+        .custody(&rows[0].action_id, rows[0].index)
+        .into_iter()
+        .filter(|(ev, _)| ev == "ATTEMPT_FAILED")
+        .map(|(_, d)| (d["scope"].clone(), d["attempts"].clone()))
+        .collect();
+    assert_eq!(
+        retried,
+        [
+            (json!("tenant"), json!(0)),
+            (json!("tenant"), json!(0)),
+            (json!("result"), json!(1))
+        ]
     );
     assert_eq!(archived_package(&e, &rows[0])["attempts"], 2);
     assert_eq!(
@@ -247,7 +282,14 @@ async fn max_attempts_ends_in_failed_and_status_shows_it() {
     let reason = "blob host answered HTTP 503 ServerBusy";
     assert_eq!(
         e.events(&first.action_id, first.index),
-        ["LINK_ISSUED", "LINK_ISSUED", "LINK_ISSUED", "FAILED"]
+        [
+            "LINK_ISSUED",
+            "ATTEMPT_FAILED",
+            "LINK_ISSUED",
+            "ATTEMPT_FAILED",
+            "LINK_ISSUED",
+            "FAILED"
+        ]
     );
     let (_, detail) = e.custody(&first.action_id, first.index).pop().unwrap();
     assert_eq!(detail, json!({ "reason": reason, "attempts": 3 }));
@@ -361,7 +403,10 @@ async fn a_wrong_md5_is_never_archived_and_is_retried() {
         "{first:?}"
     );
     // No package, no evidence row, no DOWNLOADED row for the rejected bytes.
-    assert_eq!(e.events(&first.action_id, first.index), ["LINK_ISSUED"]);
+    assert_eq!(
+        e.events(&first.action_id, first.index),
+        ["LINK_ISSUED", "ATTEMPT_FAILED"]
+    );
     invariants(&e);
     e.wait_due().await;
     assert_eq!(e.archive().await.archived, 1);
@@ -371,7 +416,14 @@ async fn a_wrong_md5_is_never_archived_and_is_retried() {
     assert_eq!(retrieval["md5_check"], "match");
     assert_eq!(
         e.events(&first.action_id, first.index),
-        ["LINK_ISSUED", "LINK_ISSUED", "DOWNLOADED", "ARCHIVED"]
+        [
+            "LINK_ISSUED",
+            "ATTEMPT_FAILED",
+            "LINK_ISSUED",
+            "DOWNLOADED",
+            "PUBLISHING",
+            "ARCHIVED"
+        ]
     );
     invariants(&e);
 }
@@ -638,7 +690,8 @@ async fn a_full_store_keeps_the_result_pending_and_the_rest_going() {
     // finished after a verified download: DOWNLOADED then, but never ARCHIVED.
     let events = e.events(&row.action_id, row.index);
     assert!(
-        events == ["LINK_ISSUED"] || events == ["LINK_ISSUED", "DOWNLOADED"],
+        events == ["LINK_ISSUED", "ATTEMPT_FAILED"]
+            || events == ["LINK_ISSUED", "DOWNLOADED", "ATTEMPT_FAILED"],
         "{events:?}"
     );
     assert_eq!(

@@ -3,6 +3,7 @@
 //! also start moto's S3 server and Azurite on loopback ports.
 
 mod anchors;
+mod attempts;
 mod audit_doc;
 mod backup_restore;
 mod cli;
@@ -21,6 +22,7 @@ mod local_tsa;
 mod object_stores;
 mod operations_doc;
 mod pipeline;
+mod planted;
 mod quota;
 mod start_checks;
 mod store_azure;

@@ -391,6 +391,7 @@ async fn requeue(m: &Machine) {
             "FAILED",
             "LINK_ISSUED",
             "DOWNLOADED",
+            "PUBLISHING",
             "ARCHIVED"
         ],
         "{action}/{index}"
@@ -401,8 +402,9 @@ async fn requeue(m: &Machine) {
 /// has every package and no partial file.
 async fn backup_during_a_pass(m: &Machine) -> PathBuf {
     m.wait_for(
-        "a download in progress",
-        "SELECT count(*) FROM results WHERE state = 'downloading'",
+        "a download in progress, after a package was archived",
+        "SELECT (SELECT count(*) FROM results WHERE state = 'downloading') > 0
+            AND (SELECT count(*) FROM results WHERE state = 'archived') > 0",
     )
     .await;
     // A partial package beside the finished ones, as a running download leaves it.
@@ -437,7 +439,7 @@ async fn backup_during_a_pass(m: &Machine) -> PathBuf {
         "written in the state directory, then moved out"
     );
     let copied = files_under(&m.at("/var/backups/lrvault/evidence"));
-    assert!(!copied.is_empty());
+    assert!(!copied.is_empty(), "{}", m.journal());
     assert!(
         copied
             .iter()
@@ -498,16 +500,23 @@ async fn restore_after_a_crash(m: &Machine, backup: &Path) {
         out.contains("; integrity_check ok; schema version"),
         "{out}"
     );
-    // At least the package archived after the backup is adopted, not fetched again.
-    let adopted: usize = out
-        .lines()
-        .find_map(|l| l.strip_prefix("recovery: "))
-        .and_then(|l| l.split(", ").nth(2))
-        .and_then(|l| l.strip_suffix(" packages already in the store adopted"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{out}"));
-    assert!(adopted >= 1, "{out}");
+    // The packages archived after the backup were not the restored database's own (no
+    // DOWNLOADED and PUBLISHING rows in it): quarantined, as the guide says, not adopted.
     assert!(out.contains(" adopted, 0 refused\n"), "{out}");
+    let quarantined: i64 =
+        rusqlite::Connection::open_with_flags(m.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM custody_log WHERE event = 'QUARANTINED'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+    assert!(quarantined >= 1, "{out}");
+    assert_eq!(
+        files_under(&m.at("/var/lib/lrvault/evidence/_quarantine")).len() as i64,
+        quarantined
+    );
     assert!(
         out.contains("(0 defects); custody chain:") && out.contains(" rows (0 defects)"),
         "verify after the restore: {out}"
@@ -603,9 +612,10 @@ fn everything_archived_once(m: &Machine, sim: &SimHandle) {
         files_under(&store)
             .iter()
             .filter(|f| !f.starts_with(store.join("_checkpoints")))
+            .filter(|f| !f.starts_with(store.join("_quarantine")))
             .count(),
         rows.len(),
-        "nothing else in the store (beside verify's checkpoints)"
+        "nothing else in the store (beside verify's checkpoints and the quarantine)"
     );
     custody_chain::recheck(&conn);
     let (code, out, err) = m.sh(

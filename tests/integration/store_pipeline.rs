@@ -16,7 +16,7 @@ use lrvault::sim::{SimConfig, Simulator};
 use lrvault::store::{Expected, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{Env, archivable, check_bag, files_under, sha256_hex};
+use crate::common::{Env, archivable, files_under, sha256_hex};
 use crate::object_stores::{
     AZURITE_ACCOUNT, S3_KEY_ID, S3_SECRET, Server, azurite, azurite_credentials, create_bucket,
     create_container, get_version, moto, s3_client, s3_credentials, versions,
@@ -621,7 +621,7 @@ async fn overwrite_azure(e: &Env, key: &str, bytes: &'static [u8]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_restore_the_packages_already_in_the_bucket_are_adopted_not_fetched_again() {
+async fn after_a_restore_the_packages_in_the_bucket_are_quarantined_in_place_and_fetched_again() {
     let sim = SimConfig {
         seed: 5,
         actions: 6,
@@ -651,25 +651,29 @@ async fn after_a_restore_the_packages_already_in_the_bucket_are_adopted_not_fetc
     let (code, out, err) = run(lrvault_s3(&e).arg("archive"));
     assert_eq!(code, 0, "{out}\n{err}");
 
-    // Each package was read back from the bucket, checked and adopted as it is: no link
-    // minted, no byte uploaded, the same version recorded.
-    assert_eq!(e.sim_requests("link").len(), links);
+    // The restored database was not writing those objects (DESIGN §7a rule 14): each is
+    // recorded QUARANTINED in place, under its lock, and never adopted; its result is fetched
+    // again and goes up as a second version over it.
+    assert_eq!(e.sim_requests("link").len(), links + expected);
     let after = archived(&e);
     assert_eq!(after.len(), expected);
     for (old, new) in before.iter().zip(&after) {
-        assert_eq!(
-            (&old.path, &old.package_sha256),
-            (&new.path, &new.package_sha256)
-        );
-        assert_eq!(new.detail["version_id"], old.detail["version_id"]);
-        assert_eq!(new.detail["adopted"], true);
-        assert!(
-            new.detail["custody_head_superseded"].is_object(),
-            "{}",
-            new.detail
-        );
+        assert_eq!(old.path, new.path);
+        assert_eq!(new.detail.get("adopted"), None, "{}", new.detail);
         let key = format!("lrvault/{}", new.path);
-        assert_eq!(versions(&s3, "evidence", &key).await.len(), 1);
+        let all = versions(&s3, "evidence", &key).await;
+        assert_eq!(all.len(), 2, "{all:?}");
+        let old_version = old.detail["version_id"].as_str().unwrap();
+        assert!(all.iter().any(|(v, _)| v == old_version));
+        assert_ne!(new.detail["version_id"], old.detail["version_id"]);
+        let q = e
+            .custody(&new.action_id, new.index)
+            .into_iter()
+            .find(|(ev, _)| ev == "QUARANTINED")
+            .unwrap()
+            .1;
+        assert_eq!(q["version_id"], old_version);
+        assert_eq!(q["sha256"], old.package_sha256.as_str());
     }
     assert_eq!(spooled(&e), Vec::<String>::new());
     let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
@@ -807,7 +811,7 @@ async fn checkpoints_and_their_tokens_go_to_the_bucket_and_verify_checks_them_th
 
 /// The package key (relative to the prefix) of each pending result, in the order the
 /// archive pass takes them.
-fn pending_keys(e: &Env) -> Vec<(String, u32, String)> {
+pub(crate) fn pending_keys(e: &Env) -> Vec<(String, u32, String)> {
     let conn = e.reader();
     let mut stmt = conn
         .prepare(
@@ -830,7 +834,7 @@ fn pending_keys(e: &Env) -> Vec<(String, u32, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_that_holds_another_object_fails_its_result_and_nothing_goes_over_it() {
+async fn a_key_that_holds_another_object_is_quarantined_in_place_and_the_package_goes_beside_it() {
     let sim = SimConfig {
         seed: 8,
         actions: 4,
@@ -867,41 +871,40 @@ async fn a_key_that_holds_another_object_fails_its_result_and_nothing_goes_over_
             [],
         )
         .unwrap();
-    let (_, out, err) = run(lrvault_s3(&e).arg("archive"));
-    assert!(out.contains("2 failed"), "{out}\n{err}");
+    let (code, out, err) = run(lrvault_s3(&e).arg("archive"));
+    assert_eq!(code, 0, "{out}\n{err}");
 
-    let result = |key: &(String, u32, String)| {
-        e.results()
-            .into_iter()
-            .find(|r| r.action_id == key.0 && r.index == key.1)
+    // Neither foreign object is adopted or replaced: each is recorded QUARANTINED where it
+    // is (it cannot be moved from a locked bucket), and the result's own package goes up as
+    // a new version beside it, conditional on the key still serving exactly that object.
+    // B's spool copy was this database's and is published over it; A is downloaded.
+    for (action, index, rel) in [a, b] {
+        let key = format!("lrvault/{rel}");
+        let all = versions(&s3, "evidence", &key).await;
+        assert_eq!(all.len(), 2, "{key}: {all:?}");
+        let rows = e.custody(action, *index);
+        let q = &rows.iter().find(|(ev, _)| ev == "QUARANTINED").unwrap().1;
+        assert_eq!(q["left_in_place"], format!("s3://evidence/{key}"));
+        assert_eq!(q["sha256"], sha256_hex(b"someone else's object").as_str());
+        let kept = std::path::PathBuf::from(q["kept_copy"].as_str().unwrap());
+        assert_eq!(std::fs::read(&kept).unwrap(), b"someone else's object");
+        let row = archived(&e).into_iter().find(|r| r.path == *rel).unwrap();
+        assert_ne!(row.detail["version_id"], q["version_id"]);
+        assert!(all.iter().any(|(v, _)| q["version_id"] == v.as_str()));
+    }
+    let rb = e.custody(&b.0, b.1);
+    assert!(
+        rb.iter().find(|(ev, _)| ev == "QUARANTINED").unwrap().1["reason"]
+            .as_str()
             .unwrap()
-    };
-    // B's spool copy was refused at publication and set aside, never uploaded.
-    let rb = result(b);
-    assert_eq!(rb.state, "failed");
-    let why = rb.last_error.unwrap();
-    assert!(
-        why.starts_with(&format!(
-            "s3://evidence/lrvault/{} already holds a different object (",
-            b.2
-        )),
-        "{why}"
+            .starts_with("the store holds another object under s3://evidence/lrvault/"),
+        "{rb:?}"
     );
-    let aside: Vec<_> = files_under(&spool(&e).join("_quarantine"));
-    assert_eq!(aside.len(), 1, "{aside:?}");
-    let aside_rel = aside[0]
-        .strip_prefix(spool(&e).join("_quarantine"))
-        .unwrap();
-    assert!(
-        aside_rel
-            .to_string_lossy()
-            .starts_with(&format!("{}.", b.2))
-    );
-    check_bag(&aside[0]);
-    // A was never downloaded: the object under its key is not a package.
-    let ra = result(a);
-    assert_eq!(ra.state, "failed");
-    let why = ra.last_error.unwrap();
+    let ra = e.custody(&a.0, a.1);
+    let why = ra.iter().find(|(ev, _)| ev == "QUARANTINED").unwrap().1["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
         why.starts_with(&format!(
             "the store already holds s3://evidence/lrvault/{} (version ",
@@ -916,19 +919,92 @@ async fn a_key_that_holds_another_object_fails_its_result_and_nothing_goes_over_
             .filter(|r| r.path.contains(&k.0) && r.path.contains(&format!("index={})", k.1)))
             .count()
     };
-    assert_eq!((linked(b), linked(a)), (1, 0));
-    // Only the foreign objects are under those keys; everything else is archived.
-    for (_, _, rel) in [a, b] {
-        assert_eq!(
-            versions(&s3, "evidence", &format!("lrvault/{rel}"))
-                .await
-                .len(),
-            1
-        );
-    }
+    assert_eq!((linked(b), linked(a)), (1, 1));
     assert_eq!(
         archived(&e).len(),
-        archivable(&e.sim.sim, &e.tenant_id()).len() - 2
+        archivable(&e.sim.sim, &e.tenant_id()).len()
     );
     assert_eq!(spooled(&e), Vec::<String>::new());
+    let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
+    assert_eq!(code, 0, "{out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bag_planted_under_a_pending_key_is_quarantined_in_place_and_the_package_goes_over_it() {
+    // Issue 16, DESIGN §7a rule 14, on a locked bucket: the planted object cannot be moved,
+    // so it is recorded (QUARANTINED, with its version) and never adopted; the result is
+    // downloaded and its package goes up as a new version, conditional on the key still
+    // serving exactly the planted object, which stays locked beside it.
+    let sim = SimConfig {
+        seed: 9,
+        actions: 4,
+        ..SimConfig::default()
+    };
+    let extra = "[download]\nconcurrency = 1\n";
+    let (_moto, s3, e) = s3_env("evidence", true, sim, "", extra).await;
+    e.discover().await;
+    let keys = pending_keys(&e);
+    assert!(keys.len() >= 2, "{keys:?}");
+    let first = e.archive_max(1).await;
+    assert_eq!(first.archived, 1, "{first:?}");
+    let (a, b) = (&keys[0], &keys[1]);
+    // Result A's genuine package, put under B's key by anyone with PutObject on the prefix.
+    let a_key = format!("lrvault/{}", a.2);
+    let a_version = versions(&s3, "evidence", &a_key).await[0].0.clone();
+    let bag = get_version(&s3, "evidence", &a_key, &a_version).await;
+    let b_key = format!("lrvault/{}", b.2);
+    s3.put_object()
+        .bucket("evidence")
+        .key(&b_key)
+        .body(bag.clone().into())
+        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+        .send()
+        .await
+        .unwrap();
+    let planted_version = versions(&s3, "evidence", &b_key).await[0].0.clone();
+
+    let (code, out, err) = run(lrvault_s3(&e).arg("archive"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        e.events(&b.0, b.1),
+        [
+            "QUARANTINED",
+            "LINK_ISSUED",
+            "DOWNLOADED",
+            "PUBLISHING",
+            "ARCHIVED"
+        ]
+    );
+    let rows = e.custody(&b.0, b.1);
+    let q = &rows.iter().find(|(ev, _)| ev == "QUARANTINED").unwrap().1;
+    assert_eq!(q["left_in_place"], format!("s3://evidence/{b_key}"));
+    assert_eq!(q["version_id"], planted_version.as_str());
+    assert_eq!(q["sha256"], sha256_hex(&bag).as_str());
+    assert_eq!(
+        q["reason"],
+        format!(
+            "the store already holds s3://evidence/{b_key} (version {planted_version}) but this database has no DOWNLOADED row of this result with its payload (SHA-256 {})",
+            archived(&e)
+                .into_iter()
+                .find(|r| r.path == a.2)
+                .unwrap()
+                .payload_sha256
+        )
+    );
+    let kept = std::path::PathBuf::from(q["kept_copy"].as_str().unwrap());
+    assert!(kept.starts_with(spool(&e).join("_quarantine")), "{kept:?}");
+    assert_eq!(std::fs::read(&kept).unwrap(), bag);
+    // B's own package is the new version the ARCHIVED row names; the planted one is kept.
+    let row = archived(&e).into_iter().find(|r| r.path == b.2).unwrap();
+    assert_eq!(row.detail.get("adopted"), None, "{}", row.detail);
+    let all = versions(&s3, "evidence", &b_key).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert!(all.iter().any(|(v, _)| *v == planted_version));
+    let ours = row.detail["version_id"].as_str().unwrap();
+    assert_ne!(ours, planted_version);
+    let stored = get_version(&s3, "evidence", &b_key, ours).await;
+    assert_eq!(sha256_hex(&stored), row.package_sha256);
+    assert_eq!(spooled(&e), Vec::<String>::new());
+    let (code, out, err) = run(lrvault_s3(&e).arg("verify"));
+    assert_eq!(code, 0, "{out}\n{err}");
 }

@@ -59,22 +59,29 @@ pub async fn archived_vault(seed: u64, actions: usize, extra: &str) -> Vault {
         .unwrap();
     assert!(second.ok(), "{second:?}");
     assert!(second.packages_checked > 4);
-    let crate::common::Env {
-        _dir,
-        sim,
-        config_path,
-        cfg,
-        ctx,
-        tenants,
-    } = e;
-    drop(tenants);
-    drop(ctx);
-    Vault {
-        dir: _dir,
-        config: config_path,
-        db: cfg.database.path.clone(),
-        store: cfg.store.root.clone(),
-        _sim: sim,
+    Vault::from_env(e)
+}
+
+impl Vault {
+    /// The vault of an environment, its database connections closed.
+    pub fn from_env(e: crate::common::Env) -> Vault {
+        let crate::common::Env {
+            _dir,
+            sim,
+            config_path,
+            cfg,
+            ctx,
+            tenants,
+        } = e;
+        drop(tenants);
+        drop(ctx);
+        Vault {
+            dir: _dir,
+            config: config_path,
+            db: cfg.database.path.clone(),
+            store: cfg.store.root.clone(),
+            _sim: sim,
+        }
     }
 }
 

@@ -43,24 +43,12 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     } = e;
     drop((ctx, tenants));
 
-    // The newest package as lrvault wrote them before retrieval.json carried custody_head:
-    // rebuilt without it, its ARCHIVED row and evidence row as they would have been, the chain
-    // then hashed as it was (no anchors existed to pin it, and no later package pins its rows).
+    // The archive as a version-1 lrvault wrote it: its packages pinned no custody row (each
+    // rebuilt without custody_head, its ARCHIVED row and evidence row as they would have
+    // been), its chain held none of the later kinds (PUBLISHING, ...), and was hashed as it
+    // was (no anchors existed to pin it).
     let c = rusqlite::Connection::open(&db).unwrap();
-    let (id, rel, seq): (String, String, i64) = c
-        .query_row(
-            "SELECT e.evidence_id, e.package_path, c.seq FROM evidence e JOIN custody_log c
-             ON c.event = 'ARCHIVED' AND c.package_path = e.package_path ORDER BY c.seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
-    let path = store.join(&rel);
-    strip_custody_head(&path);
-    let (sha, size) = (
-        crate::tamper::file_sha256(&path),
-        std::fs::metadata(&path).unwrap().len() as i64,
-    );
+    c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
     for t in [
         "custody_log_no_update",
         "custody_log_no_delete",
@@ -68,19 +56,47 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     ] {
         c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
     }
-    c.execute(
-        "UPDATE evidence SET package_sha256 = ?2, package_size = ?3 WHERE evidence_id = ?1",
-        rusqlite::params![id, sha, size],
+    let packages: Vec<(String, String, i64)> = c
+        .prepare(
+            "SELECT e.evidence_id, e.package_path, c.seq FROM evidence e JOIN custody_log c
+             ON c.event = 'ARCHIVED' AND c.package_path = e.package_path ORDER BY c.seq",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (id, rel, seq) in &packages {
+        let path = store.join(rel);
+        strip_custody_head(&path);
+        let (sha, size) = (
+            crate::tamper::file_sha256(&path),
+            std::fs::metadata(&path).unwrap().len() as i64,
+        );
+        c.execute(
+            "UPDATE evidence SET package_sha256 = ?2, package_size = ?3 WHERE evidence_id = ?1",
+            rusqlite::params![id, sha, size],
+        )
+        .unwrap();
+        c.execute(
+            // As version 1 wrote it: no package_size or original_* in the detail.
+            "UPDATE custody_log SET detail = json_set(json_remove(detail, '$.package_size', '$.payload_md5',
+                 '$.original_name', '$.original_size', '$.original_sha256'), '$.package_sha256', ?2) WHERE seq = ?1",
+            rusqlite::params![seq, sha],
+        )
+        .unwrap();
+    }
+    let id = packages.last().unwrap().0.clone();
+    c.execute_batch(
+        "DELETE FROM custody_log WHERE event NOT IN ('DISCOVERED', 'QUEUED', 'LINK_ISSUED', 'DOWNLOADED',
+             'ARCHIVED', 'UNAVAILABLE', 'SKIPPED', 'FAILED', 'VERIFIED', 'VERIFY_FAILED');
+         CREATE TEMP TABLE renumbered AS
+             SELECT seq AS old, row_number() OVER (ORDER BY seq) AS new FROM custody_log;
+         UPDATE custody_log SET seq = -(SELECT new FROM renumbered WHERE old = custody_log.seq);
+         UPDATE custody_log SET seq = -seq;",
     )
     .unwrap();
-    c.execute(
-        // As version 1 wrote it: no package_size or original_* in the detail.
-        "UPDATE custody_log SET detail = json_set(json_remove(detail, '$.package_size', '$.payload_md5',
-             '$.original_name', '$.original_size', '$.original_sha256'), '$.package_sha256', ?2) WHERE seq = ?1",
-        rusqlite::params![seq, sha],
-    )
-    .unwrap();
-    rehash_chain_from(&c, seq);
+    rehash_chain_from(&c, 1);
     let hashes_before: Vec<String> = c
         .prepare("SELECT row_hash FROM custody_log ORDER BY seq")
         .unwrap()
@@ -129,7 +145,7 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(legacy, 1);
+    assert_eq!(legacy, packages.len() as i64);
     // The new rules hold on the upgraded file.
     let e = c
         .execute(

@@ -167,7 +167,7 @@ pub(super) async fn attempt(
         }
     };
     let head = record_downloaded(ctx, tenant, &plan, &dl, &streamed, md5_check).await?;
-    let record = finish_package(&plan, &dl, streamed, md5_check, head).await?;
+    let record = finish_package(ctx, tenant, &plan, &dl, streamed, md5_check, head).await?;
     super::publish::record(ctx, &tenant.actor, plan.key(), record).await
 }
 
@@ -347,8 +347,11 @@ async fn record_downloaded(
     custody_event(ctx, event).await.map_err(Failure::database)
 }
 
-/// Writes `retrieval.json` and the tag files, re-checks the package and moves it into place.
+/// Writes `retrieval.json` and the tag files, re-checks the package, records the publishing
+/// intent and only then moves it into place.
 async fn finish_package(
+    ctx: &Context,
+    tenant: &Tenant,
     plan: &Plan<'_>,
     dl: &Download,
     streamed: StreamedPackage,
@@ -386,8 +389,16 @@ async fn finish_package(
         "host": custody::hostname(),
     });
     let bytes = serde_json::to_vec_pretty(&retrieval).unwrap_or_default();
-    let info = streamed
-        .finish(bytes)
+    let sealed = streamed
+        .seal(bytes)
+        .await
+        .map_err(|e| Failure::from_package(&e))?;
+    // Committed before the package is placed: crash recovery adopts only what this
+    // database itself was writing (DESIGN §7a rule 14). A failure here drops the sealed
+    // package, which removes it.
+    record_publishing(ctx, tenant, plan, &d.sha256, &sealed.info).await?;
+    let info = sealed
+        .place()
         .await
         .map_err(|e| Failure::from_package(&e))?;
     Ok(EvidenceRecord {
@@ -406,6 +417,37 @@ async fn finish_package(
     })
 }
 
+/// Appends the PUBLISHING row: the package `info` describes is about to be placed at its
+/// path (and, on an object store, uploaded from there).
+async fn record_publishing(
+    ctx: &Context,
+    tenant: &Tenant,
+    plan: &Plan<'_>,
+    payload_sha256: &str,
+    info: &package::PackageInfo,
+) -> Result<(), Failure> {
+    let k = plan.key();
+    let rel = plan.rel_str();
+    let detail =
+        json!({ "package_sha256": info.package_sha256, "package_size": info.package_size });
+    let event = Event {
+        evidence_sha256: Some(payload_sha256),
+        package_path: Some(&rel),
+        ..Event::new(
+            &k.tenant,
+            &k.action_id,
+            Some(k.index),
+            EventKind::Publishing,
+            &tenant.actor,
+        )
+        .detail(detail)
+    };
+    custody_event(ctx, event)
+        .await
+        .map(|_| ())
+        .map_err(Failure::database)
+}
+
 /// Outcome of the final commit. A lost lease means another process recovered the result
 /// while this one was still working: the package stays where it is and that process adopts
 /// it, so nothing is recorded twice.
@@ -418,7 +460,7 @@ pub(super) fn archived_or_lost(committed: Result<bool, DbError>) -> Result<Outco
 }
 
 /// Appends one custody row in its own transaction; returns it (the chain's new head).
-async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<custody::Head, DbError> {
+pub(super) async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<custody::Head, DbError> {
     let owned = ev.to_owned_event();
     ctx.db
         .call(move |c| {
