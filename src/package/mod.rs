@@ -30,7 +30,9 @@ pub use compression::{CompressionChoice, EntryMethod};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
 pub use sink::{PackageSink, SealedPackage, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
-pub use writer::{PackageWriter, partial_path_for, partial_target, partials_of};
+pub use writer::{
+    PackageWriter, partial_path_for, partial_target, partial_writer_gone, partials_of,
+};
 
 pub use crate::config::Compression;
 

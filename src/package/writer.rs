@@ -754,6 +754,31 @@ pub fn partial_target(partial: &Path) -> Option<PathBuf> {
     Some(partial.with_file_name(target))
 }
 
+/// True when the process that wrote `partial` (its tag's pid) is no longer alive on this host:
+/// its partial can go however recent it is. False when the name has no tag or the process (or
+/// a process reusing its pid) is alive.
+pub fn partial_writer_gone(partial: &Path) -> bool {
+    let Some(name) = partial.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Some((_, tag)) = name
+        .strip_suffix(".partial")
+        .and_then(|n| n.rsplit_once('.'))
+    else {
+        return false;
+    };
+    match tag
+        .split_once('-')
+        .and_then(|(pid, _)| pid.parse::<i32>().ok())
+    {
+        Some(pid) if pid as u32 != std::process::id() => matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        ),
+        _ => false,
+    }
+}
+
 /// Every writer's partial file of the package at `final_path`.
 pub fn partials_of(final_path: &Path) -> Vec<PathBuf> {
     let (Some(dir), Some(name)) = (final_path.parent(), final_path.file_name()) else {
@@ -1718,5 +1743,22 @@ mod tests {
             remove_stale_partials(&root.join("missing")).unwrap(),
             Vec::<PathBuf>::new()
         );
+    }
+
+    #[test]
+    fn a_partial_whose_writer_is_gone_is_known_by_its_tag() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let at = |tag: &str| partial_path_for(Path::new("/s/t/000-GetFile.zip"), tag);
+        assert!(partial_writer_gone(&at(&format!("{dead}-0badcafe"))));
+        assert!(!partial_writer_gone(&at(&format!(
+            "{}-0badcafe",
+            std::process::id()
+        ))));
+        assert!(!partial_writer_gone(&at("1-0badcafe")), "pid 1 is alive");
+        assert!(!partial_writer_gone(Path::new(
+            "/s/t/000-GetFile.zip.partial"
+        )));
     }
 }

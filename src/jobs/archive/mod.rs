@@ -530,7 +530,11 @@ async fn sweep_orphan_partials(root: PathBuf, live: std::collections::HashSet<Pa
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .is_none_or(|age| age < queue::LEASE);
-            package::partial_target(path).is_some_and(|p| live.contains(&p)) || recent
+            // A partial written recently may belong to a download that claimed its result
+            // after `live` was read, unless its writer is gone (a crash between returning a
+            // result to the queue and removing its partial leaves exactly that).
+            package::partial_target(path).is_some_and(|p| live.contains(&p))
+                || (recent && !package::partial_writer_gone(path))
         })
     })
     .await;
