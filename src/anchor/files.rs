@@ -100,8 +100,9 @@ pub fn open_witness(cfg: &Config) -> Result<Option<Store>, StoreError> {
 
 /// [`open_witness`] with the credential variables looked up by `lookup` (tests). An object
 /// witness takes `WITNESS_<NAME>` before `<NAME>` (`WITNESS_AWS_ACCESS_KEY_ID`, ...), so it
-/// can use another account's keys than the store; its endpoint and region are `[store]`'s
-/// when the store is of the same kind, else the provider's defaults.
+/// can use another account's keys than the store. Its endpoint and region are
+/// `WITNESS_ENDPOINT` / `WITNESS_REGION` when set, else `[store]`'s when the store is of the
+/// same kind, else the provider's defaults (S3: `us-east-1`).
 pub fn open_witness_with(
     cfg: &Config,
     lookup: &dyn Fn(&str) -> Option<String>,
@@ -111,12 +112,19 @@ pub fn open_witness_with(
     };
     let like_store = |backend: StoreBackend, bucket: String, prefix: String| {
         let same = cfg.store.backend == backend;
+        let inherited = |own: &str, store: &str| {
+            lookup(own).unwrap_or_else(|| if same { store.to_string() } else { String::new() })
+        };
+        let mut region = inherited("WITNESS_REGION", &cfg.store.region);
+        if region.is_empty() && backend == StoreBackend::S3 {
+            region = "us-east-1".into();
+        }
         StoreConfig {
             backend,
             bucket,
             prefix,
-            endpoint: if same { cfg.store.endpoint.clone() } else { String::new() },
-            region: if same { cfg.store.region.clone() } else { String::new() },
+            endpoint: inherited("WITNESS_ENDPOINT", &cfg.store.endpoint),
+            region,
             ..cfg.store.clone()
         }
     };

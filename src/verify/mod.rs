@@ -233,7 +233,10 @@ pub async fn verify_with_store(
         let written = anchors::checkpoint_file(anchors.path(), path)?;
         let bytes = crate::anchor::read_bytes(&written.0.json)?;
         checkpoint_sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
-        missing.push(written);
+        // The same head as a checkpoint already waiting (an archive pass's): asked once.
+        if !missing.iter().any(|(f, _)| f.seq == written.0.seq) {
+            missing.push(written);
+        }
     }
     let tokens = crate::anchor::fetch_missing_tokens(cfg, db, &store, witness, &missing).await;
     report.tokens_fetched = tokens.fetched.len();

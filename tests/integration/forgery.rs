@@ -7,7 +7,7 @@ use crate::tamper::{Vault, archived_vault, file_sha256, rebuild_package, rehash_
 
 /// Applies `forge`, expects verify to fail with every one of `expect` in its stderr, rolls
 /// back and expects a clean verify.
-fn caught(vault: &Vault, name: &str, forge: impl FnOnce(&Vault), expect: &[String]) {
+pub fn caught(vault: &Vault, name: &str, forge: impl FnOnce(&Vault), expect: &[String]) {
     let snap = vault.snapshot();
     forge(vault);
     let err = vault.verify_fails();
