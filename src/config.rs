@@ -424,7 +424,8 @@ impl AnchorConfig {
         if self.max_token_delay.is_zero() {
             return invalid("max_token_delay must be positive".into());
         }
-        Witness::parse(&self.witness).map_err(|m| ConfigError::Invalid(format!("anchor.witness {m}")))?;
+        Witness::parse(&self.witness)
+            .map_err(|m| ConfigError::Invalid(format!("anchor.witness {m}")))?;
         Ok(())
     }
 }
@@ -457,7 +458,13 @@ impl Witness {
             if named.len() < n || named.iter().any(String::is_empty) {
                 return None;
             }
-            named.push(split.next().unwrap_or_default().trim_matches('/').to_string());
+            named.push(
+                split
+                    .next()
+                    .unwrap_or_default()
+                    .trim_matches('/')
+                    .to_string(),
+            );
             Some(named)
         };
         if let Some(rest) = value.strip_prefix("s3://") {
@@ -1009,7 +1016,9 @@ client_secret_env = "X"
                 "invalid config: anchor.witness 'ftp://host/x': only an absolute directory, s3://bucket/prefix or azure://account/container/prefix",
             ),
         ] {
-            let e = with(&format!("witness = \"{value}\"")).unwrap_err().to_string();
+            let e = with(&format!("witness = \"{value}\""))
+                .unwrap_err()
+                .to_string();
             assert_eq!(e, message);
         }
         let e = with("max_token_delay = \"0s\"").unwrap_err().to_string();

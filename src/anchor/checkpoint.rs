@@ -214,10 +214,7 @@ mod tests {
         assert_eq!(listing.checkpoints.len(), 1);
         assert_eq!(listing.checkpoints[0].seq, 7);
         assert!(listing.checkpoints[0].tsr.is_some());
-        assert_eq!(
-            listing.orphan_tokens,
-            vec![cp_dir.join("000000000009.tsr")]
-        );
+        assert_eq!(listing.orphan_tokens, vec![cp_dir.join("000000000009.tsr")]);
         assert_eq!(listing.strays, vec![cp_dir.join("notes.txt")]);
     }
 }

@@ -113,7 +113,13 @@ pub fn open_witness_with(
     let like_store = |backend: StoreBackend, bucket: String, prefix: String| {
         let same = cfg.store.backend == backend;
         let inherited = |own: &str, store: &str| {
-            lookup(own).unwrap_or_else(|| if same { store.to_string() } else { String::new() })
+            lookup(own).unwrap_or_else(|| {
+                if same {
+                    store.to_string()
+                } else {
+                    String::new()
+                }
+            })
         };
         let mut region = inherited("WITNESS_REGION", &cfg.store.region);
         if region.is_empty() && backend == StoreBackend::S3 {

@@ -29,8 +29,7 @@ pub use record::{
     write_checkpoint,
 };
 pub use tsa::{
-    TokenInfo, TokenRequest, TrustAnchors, TsaError, fetch_token, verify_token,
-    verify_token_policy,
+    TokenInfo, TokenRequest, TrustAnchors, TsaError, fetch_token, verify_token, verify_token_policy,
 };
 
 /// Failures reading or writing anchor files; each names the file.

@@ -66,9 +66,7 @@ pub async fn reconcile(cfg: &Config, db: &Db, root: &Path) -> anyhow::Result<Rec
         .tsa_ca_file()
         .map(TrustAnchors::load)
         .transpose()?;
-    let (mut recorded, anchored) = db
-        .read(|c| Ok((recorded(c)?, anchored(c)?)))
-        .await?;
+    let (mut recorded, anchored) = db.read(|c| Ok((recorded(c)?, anchored(c)?))).await?;
     let mut done = Reconciled::default();
     for file in &listing.checkpoints {
         let Ok(bytes) = checkpoint::read_bytes(&file.json) else {

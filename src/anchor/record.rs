@@ -247,7 +247,8 @@ async fn fetch_one(
     files::put_new(store, &tsr_rel, tsr.clone()).await?;
     let (cp, stamp) = (cp.clone(), Stamp::new(url, &info, &tsr));
     tracing::info!(seq = cp.seq, gen_time = %info.gen_time, "timestamp token stored");
-    db.call(move |c| record_token(c, &cp, &stamp, false)).await?;
+    db.call(move |c| record_token(c, &cp, &stamp, false))
+        .await?;
     files::to_witness(witness, &tsr_rel, &tsr).await;
     Ok(())
 }

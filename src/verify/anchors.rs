@@ -248,7 +248,9 @@ fn named_files(
     }
     for (row, path, sha) in &named.verified {
         let problem = match anchor::read_bytes(&root.join(path)) {
-            Err(_) => format!("custody seq {row} (VERIFIED) names this checkpoint; the store does not have it (deleted?)"),
+            Err(_) => format!(
+                "custody seq {row} (VERIFIED) names this checkpoint; the store does not have it (deleted?)"
+            ),
             Ok(bytes) => match sha {
                 Some(sha) if *sha != hex::encode(sha2::Sha256::digest(&bytes)) => format!(
                     "custody seq {row} (VERIFIED) recorded its SHA-256 as {sha}; the file's differs (rewritten checkpoint)"

@@ -247,7 +247,11 @@ async fn tokens_are_permanent_deleted_or_late_ones_are_caught_never_restamped() 
         assert!(err.contains(head), "{seq}: {err}");
         assert!(err.contains(tail), "{seq}: {err}");
     }
-    assert_eq!(tsa.issued.load(Ordering::SeqCst), issued, "never re-stamped");
+    assert_eq!(
+        tsa.issued.load(Ordering::SeqCst),
+        issued,
+        "never re-stamped"
+    );
     assert!(checkpoint_files(&vault.store, "tsr").is_empty());
     vault.restore(&snap);
     vault.verify_ok();
@@ -288,8 +292,9 @@ async fn tokens_are_permanent_deleted_or_late_ones_are_caught_never_restamped() 
     // 3. A checkpoint made up afterwards for an old row, dated two days back, and stamped
     // now: its token's genTime is far beyond max_token_delay after its `at`.
     let planted_seq = 3;
-    let row_hash =
-        vault.query_str(&format!("SELECT row_hash FROM custody_log WHERE seq = {planted_seq}"));
+    let row_hash = vault.query_str(&format!(
+        "SELECT row_hash FROM custody_log WHERE seq = {planted_seq}"
+    ));
     let at = lrvault::time::fmt(lrvault::time::now() - chrono::Duration::days(2));
     let planted = lrvault::anchor::Checkpoint {
         seq: planted_seq,
@@ -312,7 +317,9 @@ async fn tokens_are_permanent_deleted_or_late_ones_are_caught_never_restamped() 
         },
         &[
             format!("checkpoint _checkpoints/{planted_seq:012}.json: its token's genTime "),
-            format!("after the checkpoint's at {at} (more than anchor.max_token_delay 1day): stamped late"),
+            format!(
+                "after the checkpoint's at {at} (more than anchor.max_token_delay 1day): stamped late"
+            ),
         ],
     );
 }
@@ -332,7 +339,13 @@ async fn a_token_from_an_untrusted_tsa_never_counts_and_tsa_url_needs_its_ca() {
     let ok = openssl(
         other_dir.path(),
         &[
-            "ts", "-verify", "-data", json.to_str().unwrap(), "-in", "own.tsr", "-CAfile",
+            "ts",
+            "-verify",
+            "-data",
+            json.to_str().unwrap(),
+            "-in",
+            "own.tsr",
+            "-CAfile",
             "test-tsa-root.crt",
         ],
     );
@@ -456,9 +469,8 @@ fn plant_row(c: &rusqlite::Connection, seq: i64) {
 async fn an_archive_pass_ends_with_a_checkpoint_of_its_head_that_catches_a_planted_row() {
     let vault = archived_vault(164, 8, "").await;
     // The first pass archived 4 results and pinned the head it left, before any verify.
-    let first_verified = vault.query_i64(
-        "SELECT min(seq) FROM custody_log WHERE event = 'VERIFIED'",
-    );
+    let first_verified =
+        vault.query_i64("SELECT min(seq) FROM custody_log WHERE event = 'VERIFIED'");
     let pass_head = vault.query_i64(&format!(
         "SELECT max(seq) FROM custody_log WHERE seq < {first_verified}"
     ));
@@ -476,7 +488,9 @@ async fn an_archive_pass_ends_with_a_checkpoint_of_its_head_that_catches_a_plant
     assert_eq!(cp["evidence"], 4);
     assert_eq!(
         cp["row_hash"].as_str().unwrap(),
-        vault.query_str(&format!("SELECT row_hash FROM custody_log WHERE seq = {pass_head}"))
+        vault.query_str(&format!(
+            "SELECT row_hash FROM custody_log WHERE seq = {pass_head}"
+        ))
     );
     // The last pass's checkpoint is the head the last verify also pinned (nothing between).
     let head_before_verify = vault.query_i64(

@@ -27,3 +27,4 @@ mod store_s3;
 mod tamper;
 mod unattended;
 mod upgrade;
+mod witness;
