@@ -187,7 +187,7 @@ pub fn stamp(tsa_dir: &Path, data: &Path) -> Vec<u8> {
 }
 
 /// Seqs of the checkpoints the `anchors` table records, oldest first.
-fn anchored_seqs(vault: &Vault) -> Vec<i64> {
+pub fn anchored_seqs(vault: &Vault) -> Vec<i64> {
     let c = vault.reader();
     let mut stmt = c.prepare("SELECT seq FROM anchors ORDER BY seq").unwrap();
     stmt.query_map([], |r| r.get(0))
@@ -368,15 +368,23 @@ async fn a_token_from_an_untrusted_tsa_never_counts_and_tsa_url_needs_its_ca() {
     ));
 
     // A TSA without its CA is refused at start, in one line.
+    refused_at_start(
+        &vault,
+        &format!("tsa_ca_file = \"{}\"\n", tsa.ca_pem.display()),
+        "",
+        "invalid config: anchor.tsa_url is set but tsa_ca_file is empty: a token counts only when it verifies against the TSA's own CA certificate; set tsa_ca_file to that PEM file (docs/operations.md)",
+    );
+}
+
+/// With `from` replaced by `to` in the vault's config, verify stops with exit 2 and the one
+/// line `message`; with the config put back, it passes.
+pub fn refused_at_start(vault: &Vault, from: &str, to: &str, message: &str) {
     let config = std::fs::read_to_string(&vault.config).unwrap();
-    let ca_line = format!("tsa_ca_file = \"{}\"\n", tsa.ca_pem.display());
-    std::fs::write(&vault.config, config.replace(&ca_line, "")).unwrap();
+    assert!(config.contains(from), "{from} not in {config}");
+    std::fs::write(&vault.config, config.replace(from, to)).unwrap();
     let (code, out, err) = vault.verify(&[]);
     assert_eq!(code, 2, "{out}{err}");
-    assert_eq!(
-        err.trim_end(),
-        "lrvault: invalid config: anchor.tsa_url is set but tsa_ca_file is empty: a token counts only when it verifies against the TSA's own CA certificate; set tsa_ca_file to that PEM file (docs/operations.md)"
-    );
+    assert_eq!(err.trim_end(), format!("lrvault: {message}"));
     std::fs::write(&vault.config, config).unwrap();
     vault.verify_ok();
 }

@@ -52,14 +52,7 @@ async fn a_witness_directory_catches_a_chain_rewritten_with_every_local_anchor()
 
     // The chain rewritten from seq 1, and every local checkpoint and anchors row rewritten to
     // match it: only the witness still has the truth.
-    let seqs: Vec<i64> = {
-        let c = vault.reader();
-        let mut stmt = c.prepare("SELECT seq FROM anchors ORDER BY seq").unwrap();
-        stmt.query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    };
+    let seqs = crate::anchors::anchored_seqs(&vault);
     let newest = *seqs.last().unwrap();
     let witness_cp = witness.join(format!("_checkpoints/{newest:012}.json"));
     caught(
@@ -136,21 +129,12 @@ async fn a_witness_directory_catches_a_chain_rewritten_with_every_local_anchor()
     );
 
     // A relative witness directory is refused at start, in one line.
-    let config = std::fs::read_to_string(&vault.config).unwrap();
-    let line = format!("witness = \"{}\"", witness.display());
-    std::fs::write(
-        &vault.config,
-        config.replace(&line, "witness = \"witness\""),
-    )
-    .unwrap();
-    let (code, _, err) = vault.verify(&[]);
-    assert_eq!(code, 2, "{err}");
-    assert_eq!(
-        err.trim_end(),
-        "lrvault: invalid config: anchor.witness = \"witness\" is a relative path; write it absolute: lrvault never resolves paths against the working directory"
+    crate::anchors::refused_at_start(
+        &vault,
+        &format!("witness = \"{}\"", witness.display()),
+        "witness = \"witness\"",
+        "invalid config: anchor.witness = \"witness\" is a relative path; write it absolute: lrvault never resolves paths against the working directory",
     );
-    std::fs::write(&vault.config, config).unwrap();
-    vault.verify_ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
