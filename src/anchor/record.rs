@@ -147,7 +147,7 @@ pub async fn checkpoint_head(
     store: &Store,
     witness: Option<&Store>,
 ) -> anyhow::Result<(String, TokenRun)> {
-    let (seq, row_hash) = db.read(|c| custody::head(c)).await?;
+    let (seq, row_hash) = db.read(custody::head).await?;
     let evidence = db
         .read(|c| {
             c.query_row("SELECT count(*) FROM evidence", [], |r| r.get::<_, i64>(0))
