@@ -1,18 +1,16 @@
 //! Checkpoint files: `{store.root}/_checkpoints/{seq:012}.json` pins one custody row outside
 //! the database, and `{seq:012}.tsr` beside it is the timestamp authority's answer for it.
-//! Both are written like packages: a temp file, fsync, read-only, linked into place without
-//! ever replacing a file, then the directory is fsynced.
+//! Both are written by the store's own create-only writer (`files`): for `fs` like packages,
+//! a temp file, fsync, read-only, linked into place without ever replacing a file.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::AnchorError;
 
 /// The directory under `store.root` that holds checkpoints and tokens.
 pub const CHECKPOINT_DIR: &str = "_checkpoints";
-const FILE_MODE: u32 = 0o440;
 /// Checkpoint files are small; anything larger is not one of ours and is not read whole.
 const MAX_CHECKPOINT_BYTES: u64 = 64 * 1024;
 
@@ -31,7 +29,17 @@ pub struct Checkpoint {
     pub evidence: i64,
     pub host: Option<String>,
     pub lrvault_version: String,
+    /// What wrote it: `"verify"` (the chain was recomputed from seq 1 up to `seq` and every
+    /// check passed) or `"archive"` (the head an archive pass left, pinned without a walk;
+    /// `rows` is 0). Absent in checkpoints written before this key existed (all by verify).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
+
+/// [`Checkpoint::by`] of a verify run's checkpoint.
+pub const BY_VERIFY: &str = "verify";
+/// [`Checkpoint::by`] of an archive pass's checkpoint.
+pub const BY_ARCHIVE: &str = "archive";
 
 impl Checkpoint {
     /// The exact bytes written to the file (and hashed for the timestamp request).
@@ -139,54 +147,6 @@ pub fn read_bytes(path: &Path) -> Result<Vec<u8>, AnchorError> {
     Ok(bytes)
 }
 
-/// Writes `bytes` as a new read-only file at `path`: `{path}.partial`, fsync, mode 0440, a hard
-/// link to the final name (which fails if the name exists), then the directory is fsynced.
-/// [`AnchorError::Exists`] when a file is already there: it is never replaced.
-pub fn write_new_file(path: &Path, bytes: &[u8]) -> Result<(), AnchorError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.exists() {
-        fs::create_dir_all(dir).map_err(|source| AnchorError::io(dir, "creating", source))?;
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
-        }
-    }
-    if fs::symlink_metadata(path).is_ok() {
-        return Err(AnchorError::Exists(path.to_path_buf()));
-    }
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    let _ = fs::remove_file(&partial);
-    let written = (|| {
-        let mut file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&partial)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::set_permissions(&partial, fs::Permissions::from_mode(FILE_MODE))
-    })();
-    if let Err(source) = written {
-        let _ = fs::remove_file(&partial);
-        return Err(AnchorError::io(&partial, "writing", source));
-    }
-    let linked = fs::hard_link(&partial, path);
-    let _ = fs::remove_file(&partial);
-    match linked {
-        Ok(()) => sync_dir(dir),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            Err(AnchorError::Exists(path.to_path_buf()))
-        }
-        Err(source) => Err(AnchorError::io(path, "linking into place", source)),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), AnchorError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| AnchorError::io(dir, "fsyncing directory", source))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +160,7 @@ mod tests {
             evidence: 3,
             host: Some("vault1".into()),
             lrvault_version: "0.1.0".into(),
+            by: Some(BY_VERIFY.into()),
         }
     }
 
@@ -220,51 +181,40 @@ mod tests {
                 "rows",
                 "evidence",
                 "host",
-                "lrvault_version"
+                "lrvault_version",
+                "by"
             ]
         );
         assert!(text.ends_with("}\n"));
         assert_eq!(Checkpoint::parse(text.as_bytes()).unwrap(), checkpoint(42));
         assert!(Checkpoint::parse(b"{\"seq\": 1}").is_err());
+        // A checkpoint written before `by` existed still parses, and is written back as it was.
+        let mut old = checkpoint(42);
+        old.by = None;
+        let old_text = String::from_utf8(old.to_bytes()).unwrap();
+        assert!(!old_text.contains("\"by\""));
+        assert_eq!(Checkpoint::parse(old_text.as_bytes()).unwrap(), old);
     }
 
     #[test]
-    fn files_are_read_only_and_never_replaced() {
+    fn listing_pairs_tokens_with_checkpoints_and_names_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir
-            .path()
-            .join(CHECKPOINT_DIR)
-            .join(checkpoint_file_name(7));
-        write_new_file(&path, b"first").unwrap();
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o440);
-        assert!(matches!(
-            write_new_file(&path, b"second"),
-            Err(AnchorError::Exists(p)) if p == path
-        ));
-        assert_eq!(fs::read(&path).unwrap(), b"first");
-        fs::write(dir.path().join(CHECKPOINT_DIR).join("notes.txt"), b"x").unwrap();
-        write_new_file(
-            &dir.path().join(CHECKPOINT_DIR).join(token_file_name(7)),
-            b"t",
-        )
-        .unwrap();
-        write_new_file(
-            &dir.path().join(CHECKPOINT_DIR).join(token_file_name(9)),
-            b"t",
-        )
-        .unwrap();
+        let cp_dir = dir.path().join(CHECKPOINT_DIR);
+        fs::create_dir_all(&cp_dir).unwrap();
+        for name in [
+            checkpoint_file_name(7),
+            token_file_name(7),
+            token_file_name(9),
+            "notes.txt".into(),
+            "000000000011.json.partial".into(),
+        ] {
+            fs::write(cp_dir.join(name), b"x").unwrap();
+        }
         let listing = list(dir.path()).unwrap();
         assert_eq!(listing.checkpoints.len(), 1);
         assert_eq!(listing.checkpoints[0].seq, 7);
         assert!(listing.checkpoints[0].tsr.is_some());
-        assert_eq!(
-            listing.orphan_tokens,
-            vec![dir.path().join(CHECKPOINT_DIR).join("000000000009.tsr")]
-        );
-        assert_eq!(
-            listing.strays,
-            vec![dir.path().join(CHECKPOINT_DIR).join("notes.txt")]
-        );
+        assert_eq!(listing.orphan_tokens, vec![cp_dir.join("000000000009.tsr")]);
+        assert_eq!(listing.strays, vec![cp_dir.join("notes.txt")]);
     }
 }

@@ -1,20 +1,22 @@
-//! Where anchor files live: under `{store.root}/_checkpoints/` for the `fs` store, under the
-//! same keys in an object store (DESIGN §7b), written create-only with
-//! [`Store::put_small`]. Readers that walk the checkpoint directory get a local one either
-//! way ([`local_root`]): the store root itself, or a mirror of the store's checkpoints in the
-//! spool, removed when dropped.
+//! Where anchor files live: under `_checkpoints/` of the evidence store (`{store.root}` for
+//! `fs`, the same keys in an object store, DESIGN §7b) and, with `[anchor] witness`, under the
+//! same keys of the witness (§7a rule 9). Every write goes through the store's own
+//! create-only small-file writer ([`Store::put_small`]); every read through
+//! [`Store::read_small`]. Readers that walk the checkpoint directory get a local one either
+//! way ([`local_root`]): the store root itself, or a mirror of the store's checkpoints in a
+//! temporary directory, removed when dropped.
 
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
 
 use super::AnchorError;
-use super::checkpoint::{self, CHECKPOINT_DIR};
-use crate::config::Config;
+use super::checkpoint::CHECKPOINT_DIR;
+use crate::config::{Config, StoreBackend, StoreConfig, Witness};
 use crate::store::{Store, StoreError};
 
 /// Checkpoints and tokens are small; anything larger is not one of ours.
-const MAX_ANCHOR_BYTES: u64 = 1 << 20;
+pub const MAX_ANCHOR_BYTES: u64 = 1 << 20;
 
 /// A directory whose `_checkpoints/` holds the deployment's anchor files.
 pub struct LocalRoot {
@@ -60,20 +62,9 @@ pub async fn local_root(store: &Store, fs_root: &Path) -> Result<LocalRoot, Stor
     })
 }
 
-/// Writes a new anchor file at `rel` (under `_checkpoints/`); [`AnchorError::Exists`] when
-/// there is one already (the `fs` store), or one with other bytes (an object store).
-pub async fn put_new(
-    cfg: &Config,
-    store: &Store,
-    rel: &str,
-    bytes: Vec<u8>,
-) -> Result<(), AnchorError> {
-    if !store.is_object() {
-        let path = cfg.store.root.join(rel);
-        return tokio::task::spawn_blocking(move || checkpoint::write_new_file(&path, &bytes))
-            .await
-            .map_err(|e| AnchorError::io(Path::new(rel), "writing", std::io::Error::other(e)))?;
-    }
+/// Writes a new anchor file at `rel` (under `_checkpoints/`) create-only; the same bytes
+/// already there are fine, other bytes are [`AnchorError::Exists`] (never replaced).
+pub async fn put_new(store: &Store, rel: &str, bytes: Vec<u8>) -> Result<(), AnchorError> {
     match store.put_small(rel, bytes.into()).await {
         Ok(_) => Ok(()),
         Err(StoreError::Conflict { location, .. }) => Err(AnchorError::Exists(location.into())),
@@ -81,16 +72,92 @@ pub async fn put_new(
     }
 }
 
-/// The bytes of the anchor file at `rel`, wherever it is (bounded).
-pub async fn read(cfg: &Config, store: &Store, rel: &str) -> Result<Vec<u8>, AnchorError> {
-    if !store.is_object() {
-        let path = cfg.store.root.join(rel);
-        return tokio::task::spawn_blocking(move || checkpoint::read_bytes(&path))
-            .await
-            .map_err(|e| AnchorError::io(Path::new(rel), "reading", std::io::Error::other(e)))?;
-    }
+/// The bytes of the anchor file at `rel` (bounded).
+pub async fn read(store: &Store, rel: &str) -> Result<Vec<u8>, AnchorError> {
     store
         .read_small(rel, MAX_ANCHOR_BYTES)
         .await?
         .ok_or_else(|| AnchorError::Missing(store.location(rel).unwrap_or_else(|_| rel.into())))
+}
+
+/// Copies the anchor file `rel` to the witness, create-only. A failure is logged, not
+/// returned: the witness never holds up archiving or verify, and the next verify compares the
+/// two homes, copies what the witness lacks and reports what differs.
+pub async fn to_witness(witness: Option<&Store>, rel: &str, bytes: &[u8]) {
+    let Some(witness) = witness else {
+        return;
+    };
+    if let Err(e) = put_new(witness, rel, bytes.to_vec()).await {
+        tracing::warn!(file = rel, witness = %witness.describe(), error = %e,
+            "the witness did not take this anchor file; the next verify compares and retries");
+    }
+}
+
+/// Opens the `[anchor] witness` store (no network I/O), or `None` when there is none.
+pub fn open_witness(cfg: &Config) -> Result<Option<Store>, StoreError> {
+    open_witness_with(cfg, &crate::store::env_or_systemd_credential)
+}
+
+/// [`open_witness`] with the credential variables looked up by `lookup` (tests). An object
+/// witness takes `WITNESS_<NAME>` before `<NAME>` (`WITNESS_AWS_ACCESS_KEY_ID`, ...), so it
+/// can use another account's keys than the store. Its endpoint and region are
+/// `WITNESS_ENDPOINT` / `WITNESS_REGION` when set, else `[store]`'s when the store is of the
+/// same kind, else the provider's defaults (S3: `us-east-1`).
+pub fn open_witness_with(
+    cfg: &Config,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Store>, StoreError> {
+    let Some(witness) = cfg.anchor.witness() else {
+        return Ok(None);
+    };
+    let like_store = |backend: StoreBackend, bucket: String, prefix: String| {
+        let same = cfg.store.backend == backend;
+        let inherited = |own: &str, store: &str| {
+            lookup(own).unwrap_or_else(|| {
+                if same {
+                    store.to_string()
+                } else {
+                    String::new()
+                }
+            })
+        };
+        let mut region = inherited("WITNESS_REGION", &cfg.store.region);
+        if region.is_empty() && backend == StoreBackend::S3 {
+            region = "us-east-1".into();
+        }
+        StoreConfig {
+            backend,
+            bucket,
+            prefix,
+            endpoint: inherited("WITNESS_ENDPOINT", &cfg.store.endpoint),
+            region,
+            ..cfg.store.clone()
+        }
+    };
+    let (store_cfg, account) = match witness {
+        Witness::Dir(root) => (
+            StoreConfig {
+                backend: StoreBackend::Fs,
+                root,
+                ..StoreConfig::default()
+            },
+            None,
+        ),
+        Witness::S3 { bucket, prefix } => (like_store(StoreBackend::S3, bucket, prefix), None),
+        Witness::Azure {
+            account,
+            container,
+            prefix,
+        } => (
+            like_store(StoreBackend::Azure, container, prefix),
+            Some(account),
+        ),
+    };
+    let witness_lookup = |name: &str| {
+        if name == "AZURE_STORAGE_ACCOUNT_NAME" && account.is_some() {
+            return account.clone();
+        }
+        lookup(&format!("WITNESS_{name}")).or_else(|| lookup(name))
+    };
+    Store::open_with(&store_cfg, &witness_lookup).map(Some)
 }

@@ -1,23 +1,36 @@
 //! Anchors: the custody chain held outside the database (DESIGN §7a). A checkpoint file under
-//! `{store.root}/_checkpoints/` (or those keys of an object store, `files`) pins one chain row; an RFC 3161 token from a timestamp
-//! authority pins the checkpoint to a trusted time; the `anchors` table records both. `verify`
-//! writes a checkpoint per run, fetches missing tokens and checks them all; `export` copies
-//! the ones that cover what it hands over.
+//! `{store.root}/_checkpoints/` (or those keys of an object store, `files`) pins one chain
+//! row; an RFC 3161 token from a timestamp authority pins the checkpoint to a trusted time,
+//! and an `ANCHORED` custody row records each token for good; the `anchors` table records
+//! both files. With `[anchor] witness` every file is also written create-only to a second
+//! home out of the host's reach. `verify` writes a checkpoint per run, and so does every
+//! archive pass that archived something; verify adopts what a crash left unrecorded
+//! (`reconcile`), fetches missing tokens and checks them all; `export` copies the ones that
+//! cover what it hands over.
 
 mod checkpoint;
 mod files;
+mod reconcile;
 mod record;
 mod tsa;
 
 use std::path::{Path, PathBuf};
 
 pub use checkpoint::{
-    CHECKPOINT_DIR, Checkpoint, CheckpointFile, Listing, checkpoint_file_name, list, read_bytes,
-    rel_path, token_file_name, write_new_file,
+    BY_ARCHIVE, BY_VERIFY, CHECKPOINT_DIR, Checkpoint, CheckpointFile, Listing,
+    checkpoint_file_name, list, read_bytes, rel_path, token_file_name,
 };
-pub use files::{LocalRoot, local_root};
-pub use record::{TokenRun, fetch_missing_tokens, record_checkpoint, write_checkpoint};
-pub use tsa::{TokenInfo, TokenRequest, TrustAnchors, TsaError, fetch_token, verify_token};
+pub use files::{
+    LocalRoot, MAX_ANCHOR_BYTES, local_root, open_witness, open_witness_with, to_witness,
+};
+pub use reconcile::{Reconciled, anchored, reconcile};
+pub use record::{
+    Stamp, TokenRun, checkpoint_head, fetch_missing_tokens, late_token, record_checkpoint,
+    write_checkpoint,
+};
+pub use tsa::{
+    TokenInfo, TokenRequest, TrustAnchors, TsaError, fetch_token, verify_token, verify_token_policy,
+};
 
 /// Failures reading or writing anchor files; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +42,7 @@ pub enum AnchorError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{} already exists; anchor files are never replaced", .0.display())]
+    #[error("{} already exists with other bytes; anchor files are never replaced", .0.display())]
     Exists(PathBuf),
     #[error("{} is too large to be a checkpoint", .0.display())]
     TooLarge(PathBuf),

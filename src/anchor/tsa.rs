@@ -59,6 +59,12 @@ pub enum TsaError {
     Chain(String),
     #[error("cannot use tsa_ca_file {path}: {message}")]
     CaFile { path: String, message: String },
+    #[error(
+        "no anchor.tsa_ca_file to check it against: a token counts only when its signer chains to the TSA's own CA, never on the certificates inside it"
+    )]
+    Untrusted,
+    #[error("the token's policy is {found}, anchor.tsa_policy is {expected}")]
+    Policy { expected: String, found: String },
 }
 
 /// The certificates of `tsa_ca_file`: every one is trusted as a root, as `openssl -CAfile` does.
@@ -127,12 +133,14 @@ fn sha256_algorithm() -> cms::cert::x509::spki::AlgorithmIdentifier<Any> {
 }
 
 /// Sends `request` to the TSA at `url` and returns its answer, checked against `data` (the
-/// checkpoint's bytes), the request's nonce and `trust`: only a token that verifies is kept.
+/// checkpoint's bytes), the request's nonce, `trust` and `policy`: only a token that verifies
+/// is kept.
 pub async fn fetch_token(
     url: &str,
     request: &TokenRequest,
     data: &[u8],
-    trust: Option<&TrustAnchors>,
+    trust: &TrustAnchors,
+    policy: Option<&str>,
 ) -> Result<(Vec<u8>, TokenInfo), TsaError> {
     let unreachable = |e: reqwest::Error| TsaError::Unreachable {
         url: url.to_string(),
@@ -165,7 +173,7 @@ pub async fn fetch_token(
             }
             crate::http::BodyError::Transport(e) => unreachable(e),
         })?;
-    let info = verify_token(&body, data, trust)?;
+    let info = verify_token_policy(&body, data, Some(trust), policy)?;
     if info.nonce.as_deref() != Some(request.nonce.as_slice()) {
         return Err(TsaError::Nonce);
     }
@@ -184,12 +192,15 @@ pub struct TokenInfo {
     pub nonce: Option<Vec<u8>>,
     /// Subject of the signing certificate.
     pub signer: String,
-    /// True when the signer's chain was checked against `tsa_ca_file`.
+    /// The signer's chain was checked against `tsa_ca_file` (always: no token verifies
+    /// without it).
     pub chain_checked: bool,
 }
 
 /// Checks a stored TimeStampResp (`.tsr`) against the bytes it should timestamp: status,
-/// imprint, the CMS signature, and with `trust` the signer's chain at the token's time.
+/// imprint, the CMS signature, and the signer's chain to `trust` at the token's time. Without
+/// `trust` no token verifies ([`TsaError::Untrusted`]): the certificates a token carries are
+/// never trusted on their own.
 pub fn verify_token(
     tsr: &[u8],
     data: &[u8],
@@ -247,28 +258,26 @@ pub fn verify_token(
             CertificateChoices::Other(_) => None,
         })
         .collect();
+    let Some(trust) = trust else {
+        return Err(TsaError::Untrusted);
+    };
     let anchors: Vec<Certificate> = trust
-        .map(|t| {
-            t.certs
-                .iter()
-                .filter_map(|c| Certificate::from_der(c).ok())
-                .collect()
-        })
-        .unwrap_or_default();
+        .certs
+        .iter()
+        .filter_map(|c| Certificate::from_der(c).ok())
+        .collect();
     let signer = find_signer(&signer_info.sid, embedded.iter().chain(anchors.iter()))?;
     let signer_der = signer
         .to_der()
         .map_err(|e| malformed("signer certificate", e))?;
     check_signature(signer_info, &tst_der, &signer_der)?;
     let at = tst.gen_time.to_unix_duration();
-    if let Some(trust) = trust {
-        let intermediates: Vec<CertificateDer<'static>> = embedded
-            .iter()
-            .filter_map(|c| c.to_der().ok())
-            .map(CertificateDer::from)
-            .collect();
-        check_chain(&signer_der, &intermediates, trust, at)?;
-    }
+    let intermediates: Vec<CertificateDer<'static>> = embedded
+        .iter()
+        .filter_map(|c| c.to_der().ok())
+        .map(CertificateDer::from)
+        .collect();
+    check_chain(&signer_der, &intermediates, trust, at)?;
     Ok(TokenInfo {
         gen_time: crate::time::fmt(chrono::DateTime::UNIX_EPOCH + at),
         gen_time_unix: at.as_secs(),
@@ -276,8 +285,25 @@ pub fn verify_token(
         policy: tst.policy.to_string(),
         nonce: tst.nonce.as_ref().map(|n| n.as_bytes().to_vec()),
         signer: signer.tbs_certificate.subject.to_string(),
-        chain_checked: trust.is_some(),
+        chain_checked: true,
     })
+}
+
+/// [`verify_token`], then the token's policy against `policy` (`[anchor] tsa_policy`) when set.
+pub fn verify_token_policy(
+    tsr: &[u8],
+    data: &[u8],
+    trust: Option<&TrustAnchors>,
+    policy: Option<&str>,
+) -> Result<TokenInfo, TsaError> {
+    let info = verify_token(tsr, data, trust)?;
+    match policy {
+        Some(expected) if expected != info.policy => Err(TsaError::Policy {
+            expected: expected.to_string(),
+            found: info.policy,
+        }),
+        _ => Ok(info),
+    }
 }
 
 fn check_imprint(tst: &TstInfo, data: &[u8]) -> Result<(), TsaError> {

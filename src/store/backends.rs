@@ -16,7 +16,7 @@ use crate::config::{StoreBackend, StoreConfig, StoreCredentials};
 /// An environment variable, or else the systemd credential of the same name
 /// (`LoadCredential=AWS_SECRET_ACCESS_KEY:/etc/lrvault/aws-secret` puts it in
 /// `$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`).
-pub(super) fn env_or_systemd_credential(name: &str) -> Option<String> {
+pub fn env_or_systemd_credential(name: &str) -> Option<String> {
     match std::env::var(name) {
         Ok(value) => clean(value),
         Err(_) => systemd_credential(

@@ -39,6 +39,7 @@ use sha2::Digest;
 use crate::config::{StoreBackend, StoreConfig};
 use crate::error::UserError;
 
+pub use backends::env_or_systemd_credential;
 pub use object::{PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size};
 pub use worm::WormStatus;
 

@@ -10,8 +10,12 @@
 //!    manifests and `retrieval.json`, and the `custody_head` the package pins.
 //! 3. `store`: files under a tenant's directory that no evidence row names; `adopted`: each
 //!    adopted package follows this database's DOWNLOADED and PUBLISHING rows (rule 14).
-//! 4. `anchors`: every checkpoint against the chain, every token against its checkpoint and
-//!    `tsa_ca_file`; then this run's checkpoint and the tokens still missing.
+//! 0. `anchor::reconcile`: checkpoint and token files that a crash left without their rows
+//!    are adopted when genuine, so verify, audit and export see the same anchors.
+//! 4. `anchors`: every checkpoint against the chain, every token against its checkpoint,
+//!    `tsa_ca_file`, `tsa_policy` and `max_token_delay`, the files the chain names (ANCHORED,
+//!    VERIFIED rows), and (`witness`) the witness's copies; then this run's checkpoint and the
+//!    tokens still missing.
 //!
 //! With an object store (DESIGN §7b) the packages are read back from the store by the exact
 //! version their ARCHIVED rows name, the store's keys are listed for step 3, and the
@@ -27,6 +31,7 @@ mod metadata;
 mod packages;
 mod snapshot;
 mod store;
+mod witness;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -194,7 +199,9 @@ pub async fn verify_with_store(
         .collect();
     let mut rec =
         defect::Recorder::new(db.clone(), run_tenant, run_actor, actors, scope.interactive);
+    let witness = crate::anchor::open_witness(cfg)?.map(Arc::new);
     let anchors = crate::anchor::local_root(&store, &cfg.store.root).await?;
+    let adopted = crate::anchor::reconcile(cfg, db, anchors.path()).await?;
     let checks = Checks {
         db_path: cfg.database.path.clone(),
         root: cfg.store.root.clone(),
@@ -202,6 +209,9 @@ pub async fn verify_with_store(
         store: Blocking::new(store.clone()),
         scope: scope.clone(),
         trust,
+        policy: cfg.anchor.tsa_policy().map(str::to_string),
+        max_token_delay: cfg.anchor.max_token_delay,
+        witness: witness.clone().map(Blocking::new),
     };
     let (rec, mut report, missing_tokens) =
         tokio::task::spawn_blocking(move || checks.run(&mut rec).map(|(r, m)| (rec, r, m)))
@@ -209,10 +219,12 @@ pub async fn verify_with_store(
     if report.unrecorded.is_some() {
         return Ok(report);
     }
+    let witness = witness.as_deref();
     if !rec.counts.chain_suspect && report.chain_rows > 0 {
-        report.checkpoint = Some(anchors::write_checkpoint(cfg, db, &store, &report).await?);
+        report.checkpoint = Some(anchors::write_checkpoint(db, &store, witness, &report).await?);
     }
     let mut missing = missing_tokens;
+    let mut checkpoint_sha256 = None;
     if let Some(path) = &report.checkpoint {
         if store.is_object() {
             // The token is asked for the bytes the store holds.
@@ -221,9 +233,15 @@ pub async fn verify_with_store(
                 store.download_to(path, None, &local).await?;
             }
         }
-        missing.push(anchors::checkpoint_file(anchors.path(), path)?);
+        let written = anchors::checkpoint_file(anchors.path(), path)?;
+        let bytes = crate::anchor::read_bytes(&written.0.json)?;
+        checkpoint_sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+        // The same head as a checkpoint already waiting (an archive pass's): asked once.
+        if !missing.iter().any(|(f, _)| f.seq == written.0.seq) {
+            missing.push(written);
+        }
     }
-    let tokens = crate::anchor::fetch_missing_tokens(cfg, db, &store, &missing).await;
+    let tokens = crate::anchor::fetch_missing_tokens(cfg, db, &store, witness, &missing).await;
     report.tokens_fetched = tokens.fetched.len();
     report.tokens_pending = tokens.pending;
     report.chain_defects = rec.counts.chain;
@@ -242,6 +260,9 @@ pub async fn verify_with_store(
         "chain_defects": report.chain_defects,
         "legacy_packages": report.legacy_packages,
         "checkpoint": report.checkpoint,
+        "checkpoint_sha256": checkpoint_sha256,
+        "adopted_checkpoints": adopted.checkpoints,
+        "adopted_tokens": adopted.tokens,
         "tokens_fetched": tokens.fetched,
         "tokens_pending": tokens.pending,
         "token_error": tokens.error,
@@ -267,6 +288,9 @@ struct Checks {
     store: Blocking,
     scope: Scope,
     trust: Option<crate::anchor::TrustAnchors>,
+    policy: Option<String>,
+    max_token_delay: std::time::Duration,
+    witness: Option<Blocking>,
 }
 
 impl Checks {
@@ -297,7 +321,14 @@ impl Checks {
             store::check(&conn, &self.root, &self.store, &self.scope, rec)?;
             adopted::check(&conn, &self.scope, rec)?;
         }
-        let missing = anchors::check(&conn, &self.anchors, &snap, self.trust.as_ref(), rec)?;
+        let inputs = anchors::Inputs {
+            root: &self.anchors,
+            trust: self.trust.as_ref(),
+            policy: self.policy.as_deref(),
+            max_token_delay: self.max_token_delay,
+            witness: self.witness.as_ref(),
+        };
+        let missing = anchors::check(&conn, &snap, &inputs, rec)?;
         rec.flush()?;
         report.evidence_rows = snap.evidence;
         Ok((report, missing))

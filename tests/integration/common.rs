@@ -128,6 +128,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Every file under a store's root but its checkpoints and tokens (`_checkpoints/`, which
+/// every archive pass that archived something now adds to): the packages and strays.
+pub fn packages_under(store: &Path) -> Vec<PathBuf> {
+    let anchors = store.join("_checkpoints");
+    files_under(store)
+        .into_iter()
+        .filter(|p| !p.starts_with(&anchors))
+        .collect()
+}
+
 /// Every file under `root`, recursively.
 pub fn files_under(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

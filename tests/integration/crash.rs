@@ -108,7 +108,7 @@ fn final_state(e: &Env) {
     let in_store = packages(e);
     assert_eq!(in_store.len(), rows.len(), "one package per evidence row");
     assert_eq!(
-        files_under(e.store()).len(),
+        crate::common::packages_under(e.store()).len(),
         rows.len(),
         "nothing else in the store"
     );

@@ -69,7 +69,7 @@ fn invariants(e: &Env) {
         e.count("SELECT count(*) FROM results WHERE state = 'downloading'"),
         0
     );
-    let packages = files_under(e.store()).len() as i64;
+    let packages = crate::common::packages_under(e.store()).len() as i64;
     assert_eq!(e.count("SELECT count(*) FROM evidence"), packages);
     assert_eq!(
         e.count("SELECT count(*) FROM results WHERE state = 'archived'"),

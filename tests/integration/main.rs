@@ -31,3 +31,4 @@ mod store_s3;
 mod tamper;
 mod unattended;
 mod upgrade;
+mod witness;

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use lrvault::sim::SimConfig;
 
-use crate::common::{check_bag, env, files_under, sha256_hex};
+use crate::common::{check_bag, env, packages_under, sha256_hex};
 use crate::custody_chain;
 
 fn sim(actions: usize, seed: u64) -> SimConfig {
@@ -164,7 +164,7 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
     for p in &store_files_before_second_pass(e.store()) {
         assert!(!data_entry_is_zip64(p), "{} uses zip64", p.display());
     }
-    let store_files = files_under(e.store());
+    let store_files = packages_under(e.store());
     assert_eq!(
         store_files.len() as i64,
         evidence_rows,
@@ -186,7 +186,7 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
     assert_eq!(a2.archived, 0);
     assert_eq!(e.count("SELECT count(*) FROM evidence"), evidence_rows);
     assert_eq!(e.count("SELECT count(*) FROM custody_log"), rows);
-    assert_eq!(files_under(e.store()).len(), store_files.len());
+    assert_eq!(packages_under(e.store()).len(), store_files.len());
 
     // The simulator never throttled, and no blob request carried an Authorization header.
     assert_eq!(e.sim.sim.count_status(429), 0);
@@ -202,7 +202,7 @@ async fn every_completed_command_is_archived_once_with_the_simulators_hashes() {
 }
 
 fn store_files_before_second_pass(root: &std::path::Path) -> Vec<std::path::PathBuf> {
-    files_under(root)
+    packages_under(root)
 }
 
 /// True when the payload's local file header carries a zip64 extra field (tag 0x0001).

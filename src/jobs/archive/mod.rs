@@ -190,7 +190,29 @@ pub async fn archive(
             }
         }
     }
+    if summary.archived > 0 {
+        end_with_checkpoint(ctx).await;
+    }
     Ok(summary)
+}
+
+/// A pass that archived something ends with a checkpoint of the chain's head, its token and
+/// their witness copies (DESIGN §7a rule 12), so what is not yet anchored is at most one pass
+/// of work. Nothing here fails the pass: a TSA or witness that is down only delays its part
+/// (the next verify fetches the token and fills the witness), and a checkpoint that cannot be
+/// written is logged for verify to report.
+async fn end_with_checkpoint(ctx: &Context) {
+    let written = async {
+        let witness = crate::anchor::open_witness(&ctx.cfg)?;
+        crate::anchor::checkpoint_head(&ctx.cfg, &ctx.db, &ctx.store, witness.as_ref()).await
+    }
+    .await;
+    match written {
+        Ok((path, tokens)) => tracing::info!(checkpoint = %path, tokens = tokens.fetched.len(),
+            token_error = tokens.error.as_deref().unwrap_or(""), "archive pass anchored the chain's head"),
+        Err(e) => tracing::warn!(error = %crate::error::one_line(&e),
+            "archive pass could not write its checkpoint; the next verify writes one"),
+    }
 }
 
 async fn archive_tenant(
