@@ -15,6 +15,7 @@ mod evidence_doc;
 mod export;
 mod faults;
 mod forgery;
+mod kit_readme;
 mod local_tsa;
 mod object_stores;
 mod operations_doc;
