@@ -208,8 +208,10 @@ def check_gen_time(gen_time, checkpoint, archived_at):
     for when, seq in archived_at:
         if gen + slack < parse(when):
             problems.append(f"the token's genTime {gen_time} is earlier than ARCHIVED seq {seq} ({when})")
-    print(f"genTime {gen.strftime('%Y-%m-%dT%H:%M:%SZ')} is {(gen - at).total_seconds():.0f} s after the"
-          f" checkpoint's at {checkpoint['at']}, and after every ARCHIVED row of the kit")
+    delay = (gen - at).total_seconds()
+    when = "in the same second as" if delay < 1 else f"{delay:.0f} s after"
+    print(f"genTime {gen.strftime('%Y-%m-%dT%H:%M:%SZ')} is {when} the checkpoint's at {checkpoint['at']},"
+          f" and not before any ARCHIVED row of the kit")
 
 
 def main(argv):

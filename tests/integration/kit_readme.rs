@@ -184,7 +184,7 @@ async fn the_kit_readme_and_the_documented_steps_check_a_kit_with_standard_tools
     for expected in [
         "Verification: OK",
         "genTime: ",
-        "s after the checkpoint's at",
+        "the checkpoint's at 20",
         &format!("{packages} packages match their ARCHIVED rows, their DISCOVERED rows"),
         "custody_head seq ",
         "the decompressed payload matches original_sha256 and original_size",
@@ -197,6 +197,25 @@ async fn the_kit_readme_and_the_documented_steps_check_a_kit_with_standard_tools
         "{out}"
     );
     assert_eq!(out.matches("|1|1|").count() as i64, packages, "{out}");
+    // A genTime before the checkpoint and the packages it covers is refused.
+    let (code, out, _) = run_sh(
+        &kit,
+        "python3 check_custody.py --gen-time 'Jan  1 00:00:00 2020 GMT'",
+        &[],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "the token's genTime Jan  1 00:00:00 2020 GMT is earlier than the checkpoint's at"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("the token's genTime Jan  1 00:00:00 2020 GMT is earlier than ARCHIVED seq")
+            .count() as i64,
+        packages,
+        "{out}"
+    );
     // Without a root of one's own, the token step stops and says why.
     let (code, _, err) = run_sh(&kit, &steps[1], &[]);
     assert_ne!(code, 0);
@@ -303,11 +322,7 @@ async fn the_kit_readme_and_the_documented_steps_check_a_kit_with_standard_tools
         &format!("UPDATE evidence SET original_sha256 = '{forged}' WHERE evidence_id = '{eid}'"),
     );
     let bad = export_one(&e, &eid, "kit-forged-original");
-    let (code, out, _) = run_sh(
-        &bad,
-        &fenced(&readme_of(&bad), "sh").join("\n"),
-        &[("TSA_ROOT", &root)],
-    );
+    let (code, out, _) = run_readme(&bad, &root);
     assert_ne!(code, 0, "{out}");
     assert!(
         out.contains(&format!(
@@ -353,11 +368,7 @@ async fn the_kit_readme_and_the_documented_steps_check_a_kit_with_standard_tools
     forge(&db, &set_requestor(&requestor));
 
     let good = export_one(&e, &eid, "kit-rolled-back");
-    let (code, out, err) = run_sh(
-        &good,
-        &fenced(&readme_of(&good), "sh").join("\n"),
-        &[("TSA_ROOT", &root)],
-    );
+    let (code, out, err) = run_readme(&good, &root);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
         out.contains("1 packages match their ARCHIVED rows"),
@@ -366,8 +377,14 @@ async fn the_kit_readme_and_the_documented_steps_check_a_kit_with_standard_tools
     e.run_ok(&["verify"]);
 }
 
-fn readme_of(kit: &Path) -> String {
-    std::fs::read_to_string(kit.join("README.md")).unwrap()
+/// Every command of `kit`'s README, in one bash session, with `TSA_ROOT` = `root`.
+fn run_readme(kit: &Path, root: &str) -> (i32, String, String) {
+    let readme = std::fs::read_to_string(kit.join("README.md")).unwrap();
+    run_sh(
+        kit,
+        &fenced(&readme, "sh").join("\n"),
+        &[("TSA_ROOT", root)],
+    )
 }
 
 /// A package path in the database that would leave the kit (`../../x`), and one that runs
