@@ -27,7 +27,7 @@ pub struct Args {
     /// Only this tenant's packages
     #[arg(long, value_name = "T")]
     pub tenant: Option<String>,
-    /// Where to write the kit (a new or empty directory)
+    /// Where to write the kit: a new directory (lrvault creates it, mode 0700)
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Who receives the kit (recorded in the EXPORTED custody rows)
@@ -105,15 +105,15 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The kit goes into a new directory, or an empty one; nothing is ever overwritten.
+/// The kit goes into a new directory that export creates itself; nothing already there is
+/// used, whatever it is (an empty directory, a file, a symlink). Checked again when the
+/// finished kit is moved into place.
 fn check_out_dir(out: &Path) -> Result<(), UserError> {
-    match std::fs::read_dir(out).map(|mut entries| entries.next().is_none()) {
+    match std::fs::symlink_metadata(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(UserError::new(format!("--out {}: {e}", out.display()))),
-        Ok(true) => Ok(()),
-        Ok(false) => Err(UserError::new(format!(
-            "--out {} is not empty; an export goes into a new or empty directory",
-            out.display()
-        ))),
+        Ok(_) => Err(UserError::new(
+            crate::export::KitError::Exists(out.to_path_buf()).to_string(),
+        )),
     }
 }

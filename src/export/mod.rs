@@ -2,11 +2,16 @@
 //! copies the packages, the custody rows that concern them and every chain row from the
 //! first of those up to the checkpoint that covers them, that checkpoint and its RFC 3161
 //! token, the TSA's CA certificate, a stand-alone checking script and a README of checks with
-//! standard tools. Each exported package gets an EXPORTED custody row. From an object store
-//! (DESIGN §7b) packages are copied out by the version their ARCHIVED rows name, and the
-//! checkpoints are read from the store.
+//! standard tools. The kit is written into a new directory through its handle and appears at
+//! `--out` only when complete ([`KitDir`]). Each exported package then gets an EXPORTED
+//! custody row. From an object store (DESIGN §7b) packages are copied out by the version their
+//! ARCHIVED rows name, and the checkpoints are read from the store.
 
 mod kit;
+mod kitdir;
+mod readme;
+
+pub use kitdir::{DIR_MODE, FILE_MODE, KitDir, KitError, PACKAGE_MODE, check_rel};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,7 +76,7 @@ pub struct Coverage {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub selection: Selection,
-    /// A new or empty directory, absolute.
+    /// Where the kit goes: absolute, and nothing there yet.
     pub out: PathBuf,
     /// Who receives the kit (recorded in the EXPORTED custody rows).
     pub recipient: Option<String>,
@@ -103,7 +108,7 @@ pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Opti
         ..req.clone()
     };
     let export_id = uuid::Uuid::now_v7().to_string();
-    let written = {
+    let (written, kit) = {
         let (cfg, selection, coverage, out) = (
             cfg.clone(),
             req.selection.clone(),
@@ -120,12 +125,18 @@ pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Opti
             store: Blocking::new(store.clone()),
             anchors: anchors.path().to_path_buf(),
         };
-        tokio::task::spawn_blocking(move || {
-            kit::write(&cfg, &from, &selection, &coverage, &meta, &out)
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            // On any error the kit is dropped, which removes everything it wrote.
+            let mut kit = KitDir::create(&out, &meta.export_id).map_err(user_error)?;
+            let written = kit::write(&cfg, &from, &selection, &coverage, &meta, &mut kit)?;
+            kit.publish().map_err(user_error)?;
+            Ok((written, kit))
         })
         .await??
     };
+    // Recorded only once the kit is at --out; a kit whose rows cannot be recorded is removed.
     record(cfg, db, req, &coverage, &export_id, &written).await?;
+    kit.keep();
     Ok(Some(Exported {
         coverage,
         sums_sha256: written.sums_sha256,
@@ -193,6 +204,14 @@ async fn coverage(
     Ok(Some((coverage, anchors)))
 }
 
+/// `--out` already there is the user's to resolve (exit 2), in one line.
+fn user_error(e: KitError) -> anyhow::Error {
+    match e {
+        KitError::Exists(_) => crate::error::UserError::new(e.to_string()).into(),
+        e => e.into(),
+    }
+}
+
 /// (packages, first concerned seq, last concerned seq) of the selection.
 fn concerned(conn: &Connection, sel: &Selection) -> Result<Option<(i64, i64, i64)>, DbError> {
     let sql = format!(
@@ -216,7 +235,7 @@ fn concerned(conn: &Connection, sel: &Selection) -> Result<Option<(i64, i64, i64
 type Found = Option<(crate::anchor::Checkpoint, String, Option<String>)>;
 
 /// The earliest recorded checkpoint at or after `seq` whose file is there and pins the
-/// chain's row.
+/// chain's row. Its paths are read from the database, so they are checked as store keys.
 fn covering_checkpoint(conn: &Connection, root: &Path, seq: i64) -> anyhow::Result<Found> {
     let mut stmt = conn.prepare(
         "SELECT a.seq, a.checkpoint_path, a.tsr_path, c.row_hash FROM anchors a
@@ -224,8 +243,11 @@ fn covering_checkpoint(conn: &Connection, root: &Path, seq: i64) -> anyhow::Resu
     )?;
     let mut rows = stmt.query([seq])?;
     while let Some(r) = rows.next()? {
-        let (path, tsr, chain_hash): (String, Option<String>, String) =
-            (r.get(1)?, r.get(2)?, r.get(3)?);
+        let (cp_seq, path, tsr, chain_hash): (i64, String, Option<String>, String) =
+            (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
+        for p in std::iter::once(&path).chain(&tsr) {
+            check_rel(p).map_err(|e| anyhow::anyhow!("anchors row seq {cp_seq}: {e}"))?;
+        }
         let Ok(bytes) = crate::anchor::read_bytes(&root.join(&path)) else {
             continue;
         };

@@ -635,7 +635,7 @@ impl Store {
 }
 
 /// Keys are §7 relative paths: `/`-separated, no empty, `.` or `..` segments, no leading `/`.
-fn check_key(key: &str) -> Result<(), StoreError> {
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
     let bad = |reason: &str| {
         Err(StoreError::InvalidKey {
             key: key.to_string(),

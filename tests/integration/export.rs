@@ -67,8 +67,9 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
     // The README's steps, literally.
     let readme = std::fs::read_to_string(kit.join("README.md")).unwrap();
     let steps = fenced(&readme, "sh");
-    assert_eq!(steps.len(), 5, "{readme}");
-    let (code, out, err) = run_sh(&kit, &steps.join("\n"), &[]);
+    assert_eq!(steps.len(), 6, "{readme}");
+    let root = tsa.ca_pem.display().to_string();
+    let (code, out, err) = run_sh(&kit, &steps.join("\n"), &[("TSA_ROOT", &root)]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("Verification: OK"), "{out}");
     assert!(
@@ -100,7 +101,10 @@ async fn an_export_kit_checks_out_with_standard_tools_and_is_recorded_in_custody
         &["export", "--action", &action, "--out", kit_arg],
     );
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("is not empty"), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!("lrvault: --out {kit_arg} already exists; an export creates a new directory")
+    );
     let (code, _, err) = lrvault(
         &e.config_path,
         &[

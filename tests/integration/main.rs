@@ -17,6 +17,7 @@ mod export;
 mod faults;
 mod forgery;
 mod insider;
+mod kit_readme;
 mod laundering;
 mod local_tsa;
 mod object_stores;
