@@ -131,6 +131,35 @@ async fn list_checkpoints(cfg: &Config) -> anyhow::Result<Vec<(i64, String, Stri
             rel.display().to_string(),
         ));
     }
+    // The witness's copies too (DESIGN §7a rule 11): a host whose local checkpoints were
+    // rewritten to fit a forged backup still cannot rewrite these.
+    if let Some(witness) = crate::anchor::open_witness(cfg)? {
+        use futures_util::StreamExt;
+        let mut keys = Vec::new();
+        let mut listing = witness.list(&format!("{}/", crate::anchor::CHECKPOINT_DIR));
+        while let Some(item) = listing.next().await {
+            keys.push(item?.key);
+        }
+        drop(listing);
+        for key in keys.into_iter().filter(|k| k.ends_with(".json")) {
+            let where_ = format!("{} in the witness {}", key, witness.describe());
+            let checkpoint = witness
+                .read_small(&key, crate::anchor::MAX_ANCHOR_BYTES)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{where_} vanished while it was read"))
+                .and_then(|b| {
+                    crate::anchor::Checkpoint::parse(&b)
+                        .map_err(|e| anyhow::anyhow!("{where_} cannot be read ({e})"))
+                })?;
+            // The same checkpoint in both homes is checked (and superseded) once.
+            if !pinned
+                .iter()
+                .any(|(seq, hash, _)| *seq == checkpoint.seq && *hash == checkpoint.row_hash)
+            {
+                pinned.push((checkpoint.seq, checkpoint.row_hash, where_));
+            }
+        }
+    }
     Ok(pinned)
 }
 

@@ -38,7 +38,7 @@ fn refused(vault: &Vault, name: &str, forge: impl FnOnce(&rusqlite::Connection),
             c.execute_batch(&sql).unwrap();
         }
     }
-    let before = std::fs::read(&vault.db).unwrap();
+    let before = crate::tamper::file_sha256(&vault.db);
     let (code, out, err) = lrvault(
         &vault.config,
         &["restore", "--from", &backup.display().to_string()],
@@ -52,7 +52,7 @@ fn refused(vault: &Vault, name: &str, forge: impl FnOnce(&rusqlite::Connection),
     assert!(lines[0].contains(expect), "{name}: {expect:?} not in {err}");
     assert!(lines[0].contains(&backup.display().to_string()), "{err}");
     assert_eq!(
-        std::fs::read(&vault.db).unwrap(),
+        crate::tamper::file_sha256(&vault.db),
         before,
         "{name}: database touched"
     );
@@ -166,5 +166,113 @@ async fn the_live_schema_and_restored_rows_are_proven() {
             rehash_chain_from(&c, head + 1);
         },
         &["a RESTORED row must directly follow the head it restored; it names seq 3".to_string()],
+    );
+}
+
+/// The insider's whole laundering: a backup with an early row changed and the chain
+/// re-hashed, and every local checkpoint rewritten to pin the forged chain. Returns the
+/// forged backup's path; the vault's store now holds the rewritten checkpoints.
+fn launder(vault: &Vault) -> std::path::PathBuf {
+    let backup = vault.dir.path().join("laundered.db");
+    let (code, _, err) = lrvault(
+        &vault.config,
+        &["backup", "--to", &backup.display().to_string()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (c, triggers) = without_triggers(&backup);
+    c.execute(
+        "UPDATE custody_log SET detail = replace(detail, '\"status\"', '\"statuz\"') WHERE seq = 1",
+        [],
+    )
+    .unwrap();
+    rehash_chain_from(&c, 1);
+    let checkpoints = vault.store.join("_checkpoints");
+    crate::tamper::make_writable(&checkpoints);
+    for file in crate::common::files_under(&checkpoints) {
+        if file.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let mut cp: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let seq = cp["seq"].as_i64().unwrap();
+        let forged: String = c
+            .query_row(
+                "SELECT row_hash FROM custody_log WHERE seq = ?1",
+                [seq],
+                |r| r.get(0),
+            )
+            .unwrap();
+        cp["row_hash"] = serde_json::json!(forged);
+        std::fs::write(&file, serde_json::to_vec(&cp).unwrap()).unwrap();
+    }
+    for sql in triggers {
+        c.execute_batch(&sql).unwrap();
+    }
+    backup
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laundered_backup_is_refused_by_the_witness() {
+    let outside = tempfile::tempdir().unwrap();
+    let witness = outside.path().join("witness");
+    let vault = archived_vault(
+        173,
+        6,
+        &format!("[anchor]\nwitness = \"{}\"\n", witness.display()),
+    )
+    .await;
+    let oldest = crate::anchors::anchored_seqs(&vault)
+        .into_iter()
+        .min()
+        .unwrap();
+    let backup = launder(&vault);
+    let before = crate::tamper::file_sha256(&vault.db);
+    let (code, out, err) = lrvault(
+        &vault.config,
+        &["restore", "--from", &backup.display().to_string()],
+    );
+    assert_eq!(code, 1, "the laundered backup must be refused:\n{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "its custody chain contradicts the checkpoint _checkpoints/{oldest:012}.json in the witness {}",
+            witness.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(
+        crate::tamper::file_sha256(&vault.db),
+        before,
+        "database touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_laundered_backup_is_caught_by_the_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsa = crate::local_tsa::LocalTsa::start(&dir.path().join("tsa")).await;
+    let vault = archived_vault(174, 6, &tsa.anchor_toml()).await;
+    let stamped = vault.query_i64("SELECT count(*) FROM anchors WHERE tsr_path IS NOT NULL");
+    assert!(stamped >= 2, "{stamped}");
+    let backup = launder(&vault);
+    // Every local checkpoint agrees with the forged backup, so restore takes it; the tokens do
+    // not: each checkpoint's bytes changed after the TSA stamped them.
+    let (code, out, err) = lrvault(
+        &vault.config,
+        &["restore", "--from", &backup.display().to_string()],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let err = vault.verify_fails();
+    let oldest = crate::anchors::anchored_seqs(&vault)
+        .into_iter()
+        .min()
+        .unwrap();
+    assert!(
+        err.contains(&format!("checkpoint _checkpoints/{oldest:012}.")),
+        "{err}"
     );
 }
