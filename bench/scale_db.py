@@ -51,7 +51,8 @@ def append(at, tenant, action_id, index, event, sha, path, detail):
 
 act_rows, res_rows, ev_rows = [], [], []
 for a in range(actions):
-    created = start + timedelta(seconds=a * 600 + rng.randint(0, 599))
+    # Each action and its rows fit in its own 10 minutes, so custody times never go backwards.
+    created = start + timedelta(seconds=a * 600 + rng.randint(0, 269))
     action_id = "%08x-%04x-4%03x-8%03x-%012x" % (a, rng.getrandbits(16), rng.getrandbits(12),
                                                  rng.getrandbits(12), rng.getrandbits(48))
     machine = a % MACHINES

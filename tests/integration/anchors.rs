@@ -412,10 +412,10 @@ async fn files_a_crash_left_without_their_rows_are_adopted_and_audit_agrees() {
     assert_eq!(audit_q18(&vault), vec![waiting]);
     // A crash after the checkpoint file, before its anchors row; and a token that reached
     // the store (genuine, from the same TSA) before its row and its ANCHORED row.
-    vault
-        .forger()
-        .execute("DELETE FROM anchors WHERE seq = ?1", [waiting])
-        .unwrap();
+    vault.as_a_crash_left_it(|c| {
+        c.execute("DELETE FROM anchors WHERE seq = ?1", [waiting])
+            .unwrap();
+    });
     let token = stamp(tsa_dir.path(), &cp_path(&vault, waiting, "json"));
     std::fs::write(cp_path(&vault, waiting, "tsr"), &token).unwrap();
     assert_eq!(audit_q18(&vault), Vec::<i64>::new());

@@ -138,6 +138,25 @@ impl Vault {
         c
     }
 
+    /// Runs `edit` with every trigger dropped, then puts the triggers back as they were: a
+    /// state a crash could have left (a row never written), not a tampered schema.
+    pub fn as_a_crash_left_it(&self, edit: impl FnOnce(&rusqlite::Connection)) {
+        let c = rusqlite::Connection::open(&self.db).unwrap();
+        let triggers: Vec<String> = c
+            .prepare("SELECT sql FROM sqlite_master WHERE type = 'trigger'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        drop(c);
+        let c = self.forger();
+        edit(&c);
+        for sql in triggers {
+            c.execute_batch(&sql).unwrap();
+        }
+    }
+
     pub fn reader(&self) -> rusqlite::Connection {
         rusqlite::Connection::open_with_flags(&self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap()
