@@ -6,7 +6,8 @@
 //! The life of a package on an object store:
 //! 1. the package writer builds and checks it under [`Store::staging_root`] (the spool), at
 //!    the §7 relative path, which is also its key below `store.prefix`;
-//! 2. [`Store::publish`] uploads it create-only (or multipart when large), every request
+//! 2. [`Store::publish`] uploads it create-only (or, when large, as a multipart upload, which
+//!    `object_store` cannot make conditional: the HEAD below comes first), every request
 //!    carrying a SHA-256 the service checks, and returns what the ARCHIVED custody row records
 //!    ([`Stored::custody_detail`]). It first looks for the object (HEAD + hash), so a crash
 //!    between upload and commit is recovered without a second upload or a second version;
