@@ -117,6 +117,9 @@ def check_rows(ev, name, rows_by_event):
                          ("payload_name", ev["payload_name"], ad.get("payload_name")),
                          ("evidence_id", ev["evidence_id"], ad.get("evidence_id"))])
     differs(name, what, [(k, ev[k], ad[k]) for k in ("original_name", "original_size", "original_sha256") if k in ad])
+    # Since schema version 5 the ARCHIVED row's time is the evidence row's archived_at.
+    if "package_size" in ad and "archived_at" in ev.keys():
+        differs(name, what, [("archived_at", ev["archived_at"], a["at"])])
     what = f"DISCOVERED seq {d['seq']}"
     differs(name, what, [("machine_id", ev["machine_id"], dd.get("machine_id")),
                          ("computer_dns_name", ev["computer_dns_name"], dd.get("computer_dns_name")),

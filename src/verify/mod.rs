@@ -3,15 +3,18 @@
 //! database says so.
 //!
 //! A run, in order:
-//! 1. `snapshot`: in one read transaction on a read-only connection (the daemon keeps
-//!    writing meanwhile), SQLite's own integrity check, the chain recomputed from seq 1
-//!    (streamed, memory flat), and the ARCHIVED rows and archived results without evidence.
-//! 2. `packages`: every evidence row against its ARCHIVED row, its package's bytes, BagIt
-//!    manifests and `retrieval.json`, and the `custody_head` the package pins.
-//! 3. `store`: files under a tenant's directory that no evidence row names; `adopted`: each
-//!    adopted package follows this database's DOWNLOADED and PUBLISHING rows (rule 14).
 //! 0. `anchor::reconcile`: checkpoint and token files that a crash left without their rows
 //!    are adopted when genuine, so verify, audit and export see the same anchors.
+//! 1. `snapshot`: in one read transaction on a read-only connection (the daemon keeps
+//!    writing meanwhile), SQLite's own integrity check, the schema against the migrations,
+//!    the chain recomputed from seq 1 (streamed, memory flat; times never backwards, RESTORED
+//!    rows where only a restore puts them), the ARCHIVED rows and archived results without
+//!    evidence, and `metadata`: every action against its DISCOVERED row, every package path
+//!    against its action and result.
+//! 2. `packages`: every evidence row against its ARCHIVED row, its package's bytes, BagIt
+//!    manifests, `retrieval.json`, the bag's identity, and the `custody_head` it pins.
+//! 3. `store`: files under a tenant's directory that no evidence row names; `adopted`: each
+//!    adopted package follows this database's DOWNLOADED and PUBLISHING rows (rule 14).
 //! 4. `anchors`: every checkpoint against the chain, every token against its checkpoint,
 //!    `tsa_ca_file`, `tsa_policy` and `max_token_delay`, the files the chain names (ANCHORED,
 //!    VERIFIED rows), and (`witness`) the witness's copies; then this run's checkpoint and the
