@@ -105,23 +105,7 @@ fn mode(path: &Path) -> u32 {
 /// Runs `sql` on the live database as an insider would: every trigger dropped first, and put
 /// back exactly as it was afterwards (so a rollback leaves the schema as the migrations made it).
 fn forge(db: &Path, sql: &str) {
-    let c = rusqlite::Connection::open(db).unwrap();
-    let triggers: Vec<(String, String)> = c
-        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    assert!(!triggers.is_empty());
-    for (name, _) in &triggers {
-        c.execute_batch(&format!("DROP TRIGGER {name}")).unwrap();
-    }
-    c.execute_batch(&format!("PRAGMA foreign_keys = OFF; {sql}"))
-        .unwrap();
-    for (_, sql) in &triggers {
-        c.execute_batch(sql).unwrap();
-    }
+    crate::tamper::with_triggers_put_back(db, |c| c.execute_batch(sql).unwrap());
 }
 
 /// Exports `--evidence eid` into a new directory `name`; returns its path.

@@ -3,23 +3,7 @@
 //! views) is part of what `verify` proves (DESIGN §7a rules 11 and 13).
 
 use crate::forgery::caught;
-use crate::tamper::{Vault, archived_vault, lrvault, rehash_chain_from};
-
-/// Every trigger of `db` dropped, as an insider would: the connection and the triggers' SQL.
-fn without_triggers(db: &std::path::Path) -> (rusqlite::Connection, Vec<String>) {
-    let c = rusqlite::Connection::open(db).unwrap();
-    let triggers: Vec<(String, String)> = c
-        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    for (t, _) in &triggers {
-        c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
-    }
-    (c, triggers.into_iter().map(|(_, sql)| sql).collect())
-}
+use crate::tamper::{Vault, archived_vault, lrvault, rehash_chain_from, without_triggers};
 
 /// A backup taken now (after both checkpoints), then `forge`d; `restore` must refuse it with
 /// one line containing `expect`, and leave the database as it was.

@@ -123,38 +123,15 @@ impl Vault {
 
     /// A read-write connection with every trigger dropped, as an insider would have it.
     pub fn forger(&self) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open(&self.db).unwrap();
-        let triggers: Vec<String> = c
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let (c, triggers) = without_triggers(&self.db);
         assert!(triggers.len() >= 8, "{triggers:?}");
-        for t in triggers {
-            c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
-        }
         c
     }
 
     /// Runs `edit` with every trigger dropped, then puts the triggers back as they were: a
     /// state a crash could have left (a row never written), not a tampered schema.
     pub fn as_a_crash_left_it(&self, edit: impl FnOnce(&rusqlite::Connection)) {
-        let c = rusqlite::Connection::open(&self.db).unwrap();
-        let triggers: Vec<String> = c
-            .prepare("SELECT sql FROM sqlite_master WHERE type = 'trigger'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        drop(c);
-        let c = self.forger();
-        edit(&c);
-        for sql in triggers {
-            c.execute_batch(&sql).unwrap();
-        }
+        with_triggers_put_back(&self.db, edit);
     }
 
     pub fn reader(&self) -> rusqlite::Connection {
@@ -205,6 +182,35 @@ impl Vault {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap()
+    }
+}
+
+/// Every trigger of the database at `db` dropped, as an insider would: the connection (foreign
+/// keys off) and the triggers' SQL, to put them back with.
+pub fn without_triggers(db: &Path) -> (rusqlite::Connection, Vec<String>) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let triggers: Vec<(String, String)> = c
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (name, _) in &triggers {
+        c.execute_batch(&format!("DROP TRIGGER {name}")).unwrap();
+    }
+    c.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
+    (c, triggers.into_iter().map(|(_, sql)| sql).collect())
+}
+
+/// Runs `edit` on `db` with every trigger dropped, then puts them back exactly as they were
+/// (so only the rows changed, never the schema).
+pub fn with_triggers_put_back(db: &Path, edit: impl FnOnce(&rusqlite::Connection)) {
+    let (c, triggers) = without_triggers(db);
+    assert!(!triggers.is_empty());
+    edit(&c);
+    for sql in triggers {
+        c.execute_batch(&sql).unwrap();
     }
 }
 
