@@ -327,7 +327,10 @@ impl Default for DiscoveryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DownloadConfig {
+    /// Transfers in flight for the whole process, shared by the tenants in turn.
     pub concurrency: usize,
+    /// At most this many of them for one tenant; 0: no cap beyond `concurrency`.
+    pub per_tenant: usize,
     #[serde(with = "humantime_serde_compat")]
     pub read_timeout: Duration,
     pub max_link_reissues: u32,
@@ -342,6 +345,7 @@ impl Default for DownloadConfig {
     fn default() -> Self {
         DownloadConfig {
             concurrency: 2,
+            per_tenant: 0,
             read_timeout: Duration::from_secs(60),
             max_link_reissues: 3,
             max_attempts: 8,

@@ -113,6 +113,32 @@ impl Governor {
         }
     }
 
+    /// Waits until one more call to the bucket could be made, without reserving it: the
+    /// archive loop waits here before it takes one of the process's transfer slots, so a tenant
+    /// at its quota never holds a slot another tenant could use.
+    pub async fn ready(&self, tenant: &str, endpoint: Endpoint) -> Result<(), LedgerError> {
+        loop {
+            let tenant_owned = tenant.to_string();
+            let limits = self.limits.clone();
+            let wait = self
+                .db
+                .read(move |conn| {
+                    wait_before_call(
+                        conn,
+                        &tenant_owned,
+                        endpoint,
+                        &limits,
+                        crate::time::now_ms(),
+                    )
+                })
+                .await?;
+            match wait {
+                None => return Ok(()),
+                Some(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+            }
+        }
+    }
+
     /// Records the answer. `pause` (from a 429's Retry-After) stops the bucket until then.
     pub async fn complete(
         &self,
@@ -181,8 +207,6 @@ pub fn usage(
     })
 }
 
-/// One attempt to reserve a slot: `Ok` with the reservation, or `Err(wait)` until the earliest
-/// moment a slot can free up.
 fn try_reserve(
     conn: &mut rusqlite::Connection,
     tenant: &str,
@@ -191,8 +215,31 @@ fn try_reserve(
     now: i64,
 ) -> Result<Result<Reservation, Duration>, DbError> {
     let tx = write_tx(conn)?;
+    if let Some(wait) = wait_before_call(&tx, tenant, endpoint, limits, now)? {
+        return Ok(Err(wait));
+    }
+    tx.execute(
+        "INSERT INTO api_calls (tenant, endpoint, at_ms) VALUES (?1, ?2, ?3)",
+        params![tenant, endpoint.as_str(), now],
+    )
+    .map_err(DbError::sql("reserve quota slot"))?;
+    let id = tx.last_insert_rowid();
+    tx.commit()
+        .map_err(DbError::sql("commit quota reservation"))?;
+    Ok(Ok(Reservation { id }))
+}
+
+/// How long one more call to the bucket must wait (a 429 pause, or a full window), or `None`
+/// when it could be made now.
+fn wait_before_call(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    endpoint: Endpoint,
+    limits: &QuotaConfig,
+    now: i64,
+) -> Result<Option<Duration>, DbError> {
     let ep = endpoint.as_str();
-    let pause: Option<i64> = tx
+    let pause: Option<i64> = conn
         .query_row(
             "SELECT MAX(pause_until_ms) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND pause_until_ms > ?3",
             params![tenant, ep, now],
@@ -200,7 +247,7 @@ fn try_reserve(
         )
         .map_err(DbError::sql("read quota pause"))?;
     if let Some(until) = pause {
-        return Ok(Err(Duration::from_millis((until - now).max(1) as u64)));
+        return Ok(Some(Duration::from_millis((until - now).max(1) as u64)));
     }
     let mut wait_ms: i64 = 0;
     for (window_secs, limit) in [
@@ -210,7 +257,7 @@ fn try_reserve(
         let window_ms = (window_secs * 1000.0).ceil() as i64 + WINDOW_MARGIN_MS;
         // A row leaves the window at `expiry`; in-flight rows stay until they complete.
         let expiry_sql = "at_ms + ?3 + CASE WHEN http_status IS NULL THEN ?4 ELSE 0 END";
-        let count: i64 = tx
+        let count: i64 = conn
             .query_row(
                 &format!(
                     "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?5 - ?3 - ?4
@@ -222,7 +269,7 @@ fn try_reserve(
             .map_err(DbError::sql("count quota window"))?;
         if count >= i64::from(limit) {
             // The slot frees when the (count - limit + 1)-th earliest expiry passes.
-            let free_at: Option<i64> = tx
+            let free_at: Option<i64> = conn
                 .query_row(
                     &format!(
                         "SELECT {expiry_sql} AS expiry FROM api_calls WHERE tenant = ?1 AND endpoint = ?2
@@ -236,18 +283,7 @@ fn try_reserve(
             wait_ms = wait_ms.max(free_at.map_or(1, |t| t - now + 1));
         }
     }
-    if wait_ms > 0 {
-        return Ok(Err(Duration::from_millis(wait_ms as u64)));
-    }
-    tx.execute(
-        "INSERT INTO api_calls (tenant, endpoint, at_ms) VALUES (?1, ?2, ?3)",
-        params![tenant, ep, now],
-    )
-    .map_err(DbError::sql("reserve quota slot"))?;
-    let id = tx.last_insert_rowid();
-    tx.commit()
-        .map_err(DbError::sql("commit quota reservation"))?;
-    Ok(Ok(Reservation { id }))
+    Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
 }
 
 /// When `n` more calls to one bucket can be done at the earliest, given the calls already in

@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod breaker;
 pub mod discover;
 pub mod failure;
+pub mod transfers;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -40,6 +41,8 @@ pub struct Context {
     /// Opens when the object store fails (unreachable, refusing): archive passes start no
     /// result while it is open, and one probe per interval tests the store again.
     pub store_breaker: breaker::Breaker,
+    /// `download.concurrency` transfers for the whole process, handed to tenants in turn.
+    pub transfers: transfers::Transfers,
 }
 
 /// One tenant's client, identity and breaker.
@@ -69,6 +72,8 @@ impl Context {
         let governor = Governor::new(db.clone(), cfg.quota.clone());
         let blob = crate::fetch::blob_client(cfg.download.read_timeout)?;
         let store_breaker = breaker::Breaker::new(cfg.download.retry_base, cfg.download.retry_max);
+        let transfers =
+            transfers::Transfers::new(cfg.download.concurrency, cfg.download.per_tenant);
         Ok(Context {
             cfg,
             db,
@@ -80,6 +85,7 @@ impl Context {
             partials_swept: AtomicBool::new(false),
             store,
             store_breaker,
+            transfers,
         })
     }
 

@@ -180,6 +180,9 @@ struct Counters {
     md5_headers: AtomicUsize,
     links_issued: AtomicUsize,
     authenticated: AtomicUsize,
+    /// Blob bodies being sent now, and the most there ever were at once.
+    open_bodies: AtomicUsize,
+    peak_open_bodies: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -374,6 +377,13 @@ impl Simulator {
         self.tenant(tenant_id)
             .map(|t| t.actions.iter().map(|a| a.entity.clone()).collect())
             .unwrap_or_default()
+    }
+
+    /// The most blob bodies this simulator was ever sending at the same time (from the first
+    /// byte's request until the body ended or the client went away): the clients' concurrent
+    /// transfers, counted on the server's side.
+    pub fn peak_concurrent_blob_reads(&self) -> usize {
+        self.inner.counters.peak_open_bodies.load(Ordering::SeqCst)
     }
 
     /// The most recent requests (up to 200 000), oldest first.

@@ -678,7 +678,15 @@ async fn serve_blob(
     };
     let cut =
         (next(&inner.counters.bodies) < inner.plan.truncate).then(|| start + (end - start) / 2);
-    let body = Body::from_stream(body_stream(blob.clone(), start, end, cut, inner.plan.slow));
+    let open = OpenBody::new(app.sim.inner.clone());
+    let body = Body::from_stream(body_stream(
+        blob.clone(),
+        start,
+        end,
+        cut,
+        inner.plan.slow,
+        open,
+    ));
     blob_response(&blob, body, range.is_some(), (start, end), md5)
 }
 
@@ -850,15 +858,38 @@ fn blob_response(
 /// Streams `[start, end)` in 64 KiB chunks generated on the fly; with `cut` the stream fails
 /// at that offset (the connection is then closed short of Content-Length); with `slow` the
 /// chunks are paced to that many bytes per second.
+/// Counts one blob body as open for as long as its stream lives.
+struct OpenBody(Arc<super::Inner>);
+
+impl OpenBody {
+    fn new(inner: Arc<super::Inner>) -> OpenBody {
+        let now = inner.counters.open_bodies.fetch_add(1, Ordering::SeqCst) + 1;
+        inner
+            .counters
+            .peak_open_bodies
+            .fetch_max(now, Ordering::SeqCst);
+        OpenBody(inner)
+    }
+}
+
+impl Drop for OpenBody {
+    fn drop(&mut self) {
+        self.0.counters.open_bodies.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn body_stream(
     blob: Arc<Blob>,
     start: u64,
     end: u64,
     cut: Option<u64>,
     slow: Option<u64>,
+    open: OpenBody,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let stop = cut.unwrap_or(end);
+    // Owned by the stream: the body counts as open until hyper drops it.
     futures_util::stream::unfold(Some(start), move |pos| {
+        let _ = &open;
         let blob = blob.clone();
         async move {
             let pos = pos?;

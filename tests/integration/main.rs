@@ -30,6 +30,7 @@ mod store_azure;
 mod store_pipeline;
 mod store_s3;
 mod tamper;
+mod tenants;
 mod unattended;
 mod upgrade;
 mod witness;

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use super::breaker::{self, Admission};
 use super::failure::{Failure, ProcessFailure};
 use super::{Context, Tenant};
@@ -140,9 +138,10 @@ pub enum Outcome {
 /// Callback for progress: called once per finished result.
 pub type OnResult = Arc<dyn Fn(&Key, Outcome) + Send + Sync>;
 
-/// One pass over the due results of `tenants` in `scope`. Each tenant has its own loop and
-/// `download.concurrency` download slots, so a tenant waiting on its quota never holds up
-/// another. New results stop starting when the context is cancelled.
+/// One pass over the due results of `tenants` in `scope`. Each tenant has its own loop, and
+/// the loops take turns at the process's `download.concurrency` transfer slots
+/// ([`Context::transfers`](crate::jobs::Context)), so a tenant waiting on its quota never holds
+/// up another. New results stop starting when the context is cancelled.
 pub async fn archive(
     ctx: &Arc<Context>,
     tenants: &[Arc<Tenant>],
@@ -277,12 +276,19 @@ async fn archive_tenant(
         }
         breaker::answered(&ctx.db, tenant).await;
     }
-    let slots = Arc::new(Semaphore::new(ctx.cfg.download.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     for key in due {
-        // A download slot first: links are only minted when they can be used at once.
+        // Room in the tenant's own link quota, then a slot of the process's budget, one at a
+        // time and in turn with the other tenants: links are only minted when they can be used
+        // at once, and a tenant waiting on its quota holds no slot another could use.
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p?,
+            ready = ctx.governor.ready(&tenant.cfg.name, crate::quota::Endpoint::Link) => {
+                ready?;
+                tokio::select! {
+                    p = ctx.transfers.acquire(&tenant.cfg.name) => p,
+                    _ = ctx.cancel.cancelled() => break,
+                }
+            }
             _ = ctx.cancel.cancelled() => break,
         };
         // The tenant's side went down, or this host stopped: start nothing more.
