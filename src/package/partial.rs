@@ -34,6 +34,9 @@ pub(crate) struct PartialFile {
     progress: Arc<Progress>,
     /// Hashes what is written, in order (only when nothing is ever written twice).
     hasher: Option<PackageHasher>,
+    /// Tests: the byte at this offset is changed in the file once written, as a bad disk would.
+    #[cfg(test)]
+    pub(crate) flip_at: Option<u64>,
 }
 
 impl PartialFile {
@@ -52,6 +55,8 @@ impl PartialFile {
             pos: 0,
             progress,
             hasher,
+            #[cfg(test)]
+            flip_at: None,
         }
     }
 
@@ -86,6 +91,17 @@ impl PartialFile {
         Ok((self.file, self.hasher))
     }
 
+    #[cfg(test)]
+    fn flip(&mut self, written: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.pos + written.len() as u64;
+        if let Some(at) = self.flip_at.filter(|at| (self.pos..end).contains(at)) {
+            let byte = written[(at - self.pos) as usize] ^ 0x20;
+            self.file.write_all_at(&[byte], at)?;
+        }
+        Ok(())
+    }
+
     fn is_abandoned(&self) -> bool {
         self.abandoned.load(Ordering::Relaxed)
     }
@@ -107,6 +123,8 @@ impl Write for PartialFile {
             if let Some(hasher) = self.hasher.as_mut() {
                 hasher.update(&buf[..n]);
             }
+            #[cfg(test)]
+            self.flip(&buf[..n])?;
             self.wrote(n).map(|()| n)
         });
         self.doom(r)

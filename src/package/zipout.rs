@@ -94,6 +94,11 @@ impl<W: Write + Seek> ZipOut<W> {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn inner_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.out.write_all(bytes)?;
         self.pos += bytes.len() as u64;

@@ -608,6 +608,17 @@ impl PackageWriter {
     }
 }
 
+#[cfg(test)]
+impl PackageWriter {
+    /// Tests: the file's byte at `at` is changed on disk once written, as a bad disk would;
+    /// call before the first write.
+    pub(crate) fn change_on_disk_at(&mut self, at: u64) {
+        if let Phase::Sniffing { open, .. } = &mut self.phase {
+            open.zip.inner_mut().get_mut().flip_at = Some(at);
+        }
+    }
+}
+
 impl std::fmt::Debug for PackageWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackageWriter")

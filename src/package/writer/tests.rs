@@ -745,3 +745,203 @@ fn remove_stale_partials_removes_nested_partials_only() {
         Vec::<PathBuf>::new()
     );
 }
+
+/// Random bytes with every zip signature in the middle, a fake data descriptor among them
+/// (signature, CRC-32 and sizes of a 16-byte "entry"), as a payload an attacker could send.
+fn payload_with_fake_zip_records() -> Vec<u8> {
+    let mut payload = random_bytes(150_000);
+    let mut fake = b"PK\x03\x04\x14\x00\x08\x00\x08\x00".to_vec();
+    fake.extend_from_slice(b"PK\x07\x08");
+    fake.extend_from_slice(&crc32fast::hash(b"sixteen bytes!!!").to_le_bytes());
+    fake.extend_from_slice(&16u32.to_le_bytes());
+    fake.extend_from_slice(&16u32.to_le_bytes());
+    fake.extend_from_slice(b"PK\x01\x02PK\x05\x06PK\x06\x06PK\x06\x07");
+    payload.splice(70_000..70_000, fake.iter().copied());
+    payload.extend_from_slice(&fake);
+    payload
+}
+
+/// The payload of `package` as `unzip -p`, Python's `zipfile` and `bsdtar -xO` reading the
+/// file from a pipe (a streaming reader: it never sees the central directory) return it.
+fn payload_as_tools_read_it(package: &Path, name: &str) -> [(&'static str, Vec<u8>); 3] {
+    let member = format!("{BAG}/data/{name}");
+    let run = |cmd: &mut std::process::Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let unzip = run(
+        std::process::Command::new("unzip")
+            .arg("-p")
+            .arg(package)
+            .arg(&member),
+        "unzip (apt-get install unzip)",
+    );
+    let python = run(
+        std::process::Command::new("python3").args([
+            "-c",
+            "import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))",
+            package.to_str().unwrap(),
+            &member,
+        ]),
+        "python3",
+    );
+    let bsdtar = run(
+        std::process::Command::new("sh").args([
+            "-c",
+            "cat \"$1\" | bsdtar -xOf - \"$2\"",
+            "sh",
+            package.to_str().unwrap(),
+            &member,
+        ]),
+        "bsdtar (apt-get install libarchive-tools)",
+    );
+    [
+        ("unzip", unzip),
+        ("python3 zipfile", python),
+        ("bsdtar from a pipe", bsdtar),
+    ]
+}
+
+#[test]
+fn every_layout_opens_in_unzip_python_and_a_streaming_reader_even_with_fake_zip_records() {
+    let fake = payload_with_fake_zip_records();
+    let text = b"2026-11-27T10:00:00Z svchost.exe started PK\x07\x08\n".repeat(5_000);
+    for (compression, payload, layout, large) in [
+        (Compression::Auto, &fake, EntryLayout::StoredBlocks, false),
+        (Compression::Deflate, &fake, EntryLayout::Deflated, false),
+        (Compression::Auto, &text, EntryLayout::Deflated, true),
+        (Compression::Stored, &fake, EntryLayout::Stored, false),
+        (Compression::Stored, &text, EntryLayout::Stored, true),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path(), "p.bin", false, compression);
+        // Unknown size: a zip64 entry (8-byte data descriptor) for `large`.
+        s.expected_size = (!large).then_some(payload.len() as u64);
+        let (digests, _) = write_package(s, payload, 4096);
+        assert_eq!(digests.compression.entry, layout, "{compression:?}");
+        let path = final_path(dir.path());
+        for (tool, back) in payload_as_tools_read_it(&path, "p.bin") {
+            assert!(
+                back == *payload,
+                "{tool} read back {} bytes in {layout:?}",
+                back.len()
+            );
+        }
+        assert_eq!(check_package(&path).unwrap().problems, Vec::<String>::new());
+    }
+}
+
+#[test]
+fn stored_blocks_keep_the_bytes_with_five_bytes_of_framing_per_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = random_bytes(1 << 20);
+    write_package(
+        spec(dir.path(), "r.bin", false, Compression::Auto),
+        &payload,
+        65_536,
+    );
+    let mut zip = zip::ZipArchive::new(File::open(final_path(dir.path())).unwrap()).unwrap();
+    let entry = zip.by_name(&format!("{BAG}/data/r.bin")).unwrap();
+    assert_eq!(entry.compression(), CompressionMethod::Deflated);
+    // 16 full blocks of 65,535 bytes, then the rest in the final one.
+    assert_eq!(entry.compressed_size(), payload.len() as u64 + 17 * 5);
+}
+
+#[test]
+fn packages_of_the_previous_release_still_verify() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/package/testdata");
+    let text = b"2026-11-27T10:00:00Z svchost.exe started\n".repeat(200);
+    let random: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for (file, payload) in [
+        ("previous-deflated.zip", text),
+        ("previous-stored.zip", random),
+    ] {
+        let path = dir.join(file);
+        let check = check_package(&path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(
+            check,
+            crate::package::PackageCheck {
+                package_size: bytes.len() as u64,
+                package_sha256: sha256_hex(&bytes),
+                bag_name: "a1b2c3-002".to_string(),
+                payload_name: "log.txt".to_string(),
+                payload_size: payload.len() as u64,
+                payload_sha256: sha256_hex(&payload),
+                problems: vec![],
+            },
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn a_byte_changed_on_disk_in_each_layout_is_caught_before_the_package_is_placed() {
+    let payload = random_bytes(200_000);
+    let text = b"2026-11-27T10:00:00Z svchost.exe started\n".repeat(5_000);
+    for (compression, payload, at, layout, found) in [
+        // In the payload's data.
+        (
+            Compression::Auto,
+            &payload,
+            100_000,
+            EntryLayout::StoredBlocks,
+            "were written",
+        ),
+        (
+            Compression::Deflate,
+            &text,
+            1_000,
+            EntryLayout::Deflated,
+            "were written",
+        ),
+        (
+            Compression::Stored,
+            &payload,
+            100_000,
+            EntryLayout::Stored,
+            "reading it back found",
+        ),
+        // In a tag file's local header, before the payload.
+        (
+            Compression::Auto,
+            &text,
+            40,
+            EntryLayout::Deflated,
+            "were written",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer =
+            PackageWriter::create(spec(dir.path(), "r.bin", false, compression)).unwrap();
+        writer.change_on_disk_at(at);
+        let partial = writer.partial_path().to_path_buf();
+        for piece in payload.chunks(4096) {
+            writer.write(Bytes::copy_from_slice(piece)).unwrap();
+        }
+        assert_eq!(writer.end_payload().unwrap().compression.entry, layout);
+        let err = writer.seal(RETRIEVAL).unwrap_err();
+        let message = err.to_string();
+        let package = final_path(dir.path());
+        assert!(
+            message.starts_with(&format!(
+                "package {} failed verification: ",
+                package.display()
+            )),
+            "{layout:?} at {at}: {message}"
+        );
+        assert!(message.contains(found), "{layout:?} at {at}: {message}");
+        drop(writer);
+        assert!(
+            !partial.exists() && !package.exists(),
+            "{layout:?}: nothing is left"
+        );
+    }
+}
