@@ -150,6 +150,19 @@ pub fn choose_by_sample(sample: &[Bytes]) -> CompressionChoice {
     CompressionChoice::new(entry, reason)
 }
 
+/// The first `n` bytes of a batch (fewer when it is shorter).
+pub(crate) fn head_of(batch: &[Bytes], n: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(n);
+    for chunk in batch {
+        let take = (n - head.len()).min(chunk.len());
+        head.extend_from_slice(&chunk[..take]);
+        if head.len() == n {
+            break;
+        }
+    }
+    head
+}
+
 fn deflated_len(sample: &[Bytes]) -> u64 {
     let mut encoder = DeflateEncoder::new(ByteCount(0), flate2::Compression::new(FAST_LEVEL));
     for chunk in sample {

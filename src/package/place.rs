@@ -77,6 +77,35 @@ pub fn sync_dirs(dir: &Path, up_to: &Path) -> Result<(), PackageError> {
     Ok(())
 }
 
+/// Creates the partial file exclusively; the package must not exist yet.
+pub(crate) fn create_partial(
+    parent: &Path,
+    final_path: &Path,
+    partial: &Path,
+) -> Result<File, PackageError> {
+    fs::create_dir_all(parent).map_err(|source| PackageError::Io {
+        path: parent.to_path_buf(),
+        op: "creating directory",
+        source,
+    })?;
+    if fs::symlink_metadata(final_path).is_ok() {
+        return Err(PackageError::Exists(final_path.to_path_buf()));
+    }
+    let open = || File::options().write(true).create_new(true).open(partial);
+    // The spool's sweep removes directories it empties: one may go between the two calls.
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(parent).and_then(|()| open())
+        }
+        r => r,
+    }
+    .map_err(|source| PackageError::Io {
+        path: partial.to_path_buf(),
+        op: "creating partial package",
+        source,
+    })
+}
+
 /// The outermost directory between `store_root` (inclusive) and `dir` that does not exist yet.
 pub(crate) fn first_missing_ancestor(dir: &Path, store_root: &Path) -> Option<PathBuf> {
     let mut missing = None;

@@ -14,10 +14,11 @@
 //! hashed from the bytes as they are written (every layout but `stored` is written front to
 //! back), and one thread reads the file back right behind the writer ([`super::readback`]).
 
+mod seal;
 #[cfg(test)]
 mod tests;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufWriter};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,18 +27,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
-use super::check::{PayloadCheck, check_package_with};
 use super::compression::{
-    CompressionChoice, MAGIC_LEN, SAMPLE_LEN, choose_by_head, choose_by_sample,
+    CompressionChoice, MAGIC_LEN, SAMPLE_LEN, choose_by_head, choose_by_sample, head_of,
 };
 use super::hashers::{Batch, PackageHasher, PayloadHashers};
 use super::names::{MAX_NAME_BYTES, sanitize_with_limit};
 use super::partial::PartialFile;
 use super::place::{
-    check_rel_path, first_missing_ancestor, move_into_place, partial_path_for, writer_tag,
+    check_rel_path, create_partial, first_missing_ancestor, move_into_place, partial_path_for,
+    writer_tag,
 };
-use super::readback::{Follower, PayloadAt, Progress, ReadBack};
-use super::tagfiles::{BAGIT_TXT, TagFiles, bag_info_txt, manifest};
+use super::readback::{Follower, PayloadAt, Progress};
+use super::tagfiles::{BAGIT_TXT, TagFiles, bag_info_txt};
 use super::zipout::{PayloadEntry, ZipOut, dos_time};
 use super::{
     BagInfo, Compression, PackageError, PackageInfo, PackageSpec, PayloadDigests, PayloadEncoding,
@@ -465,112 +466,6 @@ impl PackageWriter {
         Ok(())
     }
 
-    /// Adds the last tag files and the central directory; hands back the file (flushed) and,
-    /// when it was hashed as written, its hasher.
-    fn close_zip(
-        &self,
-        mut zip: Zip,
-        mut tags: TagFiles,
-        digests: &PayloadDigests,
-        retrieval_json: &[u8],
-    ) -> Result<(File, Option<PackageHasher>), PackageError> {
-        let at = (self.bag_name.as_str(), self.partial_path.as_path());
-        add_tag_file((&mut zip, &mut tags), at, "retrieval.json", retrieval_json)?;
-        let payload_manifest = manifest(&digests.sha256, &digests.payload_name);
-        let bytes = payload_manifest.as_bytes();
-        add_tag_file((&mut zip, &mut tags), at, "manifest-sha256.txt", bytes)?;
-        let tag_manifest = tags.tag_manifest();
-        let bytes = tag_manifest.as_bytes();
-        add_tag_file((&mut zip, &mut tags), at, "tagmanifest-sha256.txt", bytes)?;
-        let parts = zip
-            .finish()
-            .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
-            .and_then(PartialFile::into_parts)
-            .map_err(self.io_err("finishing"))?;
-        self.progress.end();
-        Ok(parts)
-    }
-
-    /// The re-check of the complete partial (see `docs/evidence-format.md` §7): what was read
-    /// back must be what was written, the payload entry must decode to what was received, and
-    /// the bag must be whole.
-    fn recheck(
-        &self,
-        digests: &PayloadDigests,
-        entry: PayloadEntry,
-        follower: Option<Follower>,
-        hasher: Option<PackageHasher>,
-    ) -> Result<PackageInfo, PackageError> {
-        let read_back = |follower: io::Result<Follower>| {
-            follower
-                .and_then(Follower::finish)
-                .map_err(|e| PackageError::Verify {
-                    path: self.final_path.clone(),
-                    reason: format!("reading the package back from the file: {e}"),
-                })
-        };
-        let (found, package) = match (follower, hasher) {
-            (Some(follower), Some(hasher)) => {
-                let found: ReadBack = read_back(Ok(follower))?;
-                let written = hasher.finish().ok_or_else(|| {
-                    PackageError::Task("the package hashing thread failed".into())
-                })?;
-                if (found.file_size, found.file_crc32) != (written.size, written.crc32) {
-                    return Err(self.verify_failed(format!(
-                        "the file reads back as {} bytes with CRC-32 {:08x}, but {} bytes with CRC-32 {:08x} were written",
-                        found.file_size, found.file_crc32, written.size, written.crc32
-                    )));
-                }
-                (found, (written.size, written.sha256))
-            }
-            _ => {
-                // `stored`: the local header was filled in after the payload, so the file is
-                // hashed now, in one more pass.
-                let at = PayloadAt::Stored {
-                    from: entry.data_start,
-                    len: entry.size,
-                };
-                let found = read_back(Follower::start(
-                    &self.partial_path,
-                    at,
-                    true,
-                    self.progress.clone(),
-                ))?;
-                let package = (found.file_size, found.sha256.clone().unwrap_or_default());
-                (found, package)
-            }
-        };
-        let check = check_package_with(
-            &self.partial_path,
-            PayloadCheck::ReadBack {
-                streamed_sha256: &digests.sha256,
-                found: &found.payload,
-                package: (package.0, &package.1),
-            },
-        )?;
-        let mut mismatches = check.problems.clone();
-        if check.bag_name != self.bag_name {
-            mismatches.push(format!(
-                "bag name {:?}, expected {:?}",
-                check.bag_name, self.bag_name
-            ));
-        }
-        if (&check.payload_name, check.payload_size) != (&digests.payload_name, digests.size) {
-            mismatches.push(format!(
-                "payload {:?} ({} bytes) does not match what was streamed: {:?} ({} bytes)",
-                check.payload_name, check.payload_size, digests.payload_name, digests.size
-            ));
-        }
-        if !mismatches.is_empty() {
-            return Err(self.verify_failed(mismatches.join("; ")));
-        }
-        Ok(PackageInfo {
-            rel_path: self.rel_path.clone(),
-            package_size: check.package_size,
-            package_sha256: check.package_sha256,
-        })
-    }
-
     fn payload_name(&self, gzip: bool) -> String {
         if gzip && self.gz_suffix_if_gzip {
             let base = if self.payload_base_name.len() + 3 > MAX_NAME_BYTES {
@@ -635,33 +530,8 @@ impl Drop for PackageWriter {
     }
 }
 
-/// Creates the partial file exclusively; the package must not exist yet.
-fn create_partial(parent: &Path, final_path: &Path, partial: &Path) -> Result<File, PackageError> {
-    fs::create_dir_all(parent).map_err(|source| PackageError::Io {
-        path: parent.to_path_buf(),
-        op: "creating directory",
-        source,
-    })?;
-    if fs::symlink_metadata(final_path).is_ok() {
-        return Err(PackageError::Exists(final_path.to_path_buf()));
-    }
-    let open = || File::options().write(true).create_new(true).open(partial);
-    // The spool's sweep removes directories it empties: one may go between the two calls.
-    match open() {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(parent).and_then(|()| open())
-        }
-        r => r,
-    }
-    .map_err(|source| PackageError::Io {
-        path: partial.to_path_buf(),
-        op: "creating partial package",
-        source,
-    })
-}
-
 /// Tag files are always deflated (DESIGN.md §7), and noted for the tag manifest.
-fn add_tag_file(
+pub(super) fn add_tag_file(
     (zip, tags): (&mut Zip, &mut TagFiles),
     (bag_name, partial): (&str, &Path),
     name: &str,
@@ -687,17 +557,4 @@ fn write_payload(zip: &mut Zip, partial: &Path, chunks: &[Bytes]) -> Result<(), 
             })?;
     }
     Ok(())
-}
-
-/// The first `n` bytes of a batch (fewer when it is shorter).
-fn head_of(batch: &[Bytes], n: usize) -> Vec<u8> {
-    let mut head = Vec::with_capacity(n);
-    for chunk in batch {
-        let take = (n - head.len()).min(chunk.len());
-        head.extend_from_slice(&chunk[..take]);
-        if head.len() == n {
-            break;
-        }
-    }
-    head
 }

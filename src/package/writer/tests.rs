@@ -2,6 +2,7 @@ use super::*;
 use crate::package::compression::{EntryLayout, EntryMethod};
 use crate::package::{check_package, partials_of, remove_stale_partials, sha256_hex};
 use md5::{Digest, Md5};
+use std::fs::File;
 use std::io::{Read, Write};
 use zip::CompressionMethod;
 use zip::write::SimpleFileOptions;
