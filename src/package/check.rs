@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use sha2::Digest;
 use zip::ZipArchive;
 
-use super::readback::ReadBack;
+use super::readback::PayloadRead;
 use super::{PackageError, READ_BUFFER, Sha256Counter, for_each_chunk};
 
 /// Tag files whose text we parse; larger ones than this are reported, not read into memory.
@@ -70,15 +70,15 @@ struct BagEntries {
 pub(crate) enum PayloadCheck<'a> {
     /// Hash them, and the whole file (verify, adoption: nothing is trusted).
     Hash,
-    /// The writer's re-check of the package it just wrote: the file was read back as it was
-    /// written ([`super::readback`]), so the payload entry's recorded CRC-32, size and place
-    /// are compared with what that read-back found, the manifest with the SHA-256 taken as the
-    /// payload streamed, and the package's size and SHA-256 are the read-back's; neither the
-    /// payload nor the whole file is read a second time.
+    /// The writer's re-check of the package it just wrote: the file was read back
+    /// ([`super::readback`]), so the payload entry's recorded place, CRC-32 and size are
+    /// compared with what decoding it back found, the manifest with the SHA-256 taken as the
+    /// payload streamed, and the package's size and SHA-256 are the writer's (checked against
+    /// the read-back); neither the payload nor the whole file is read a second time here.
     ReadBack {
         streamed_sha256: &'a str,
-        found: &'a ReadBack,
-        /// The whole file's size and SHA-256 (hex), read back.
+        found: &'a PayloadRead,
+        /// The whole file's size and SHA-256 (hex).
         package: (u64, &'a str),
     },
 }
@@ -185,12 +185,23 @@ fn read_entries<R: Read + Seek>(
         } = payload
             && payload_entry
         {
-            let recorded = (entry.data_start(), entry.size(), entry.crc32());
-            let read = (Some(read_back.data_start), read_back.size, read_back.crc32);
+            let start = entry.data_start();
+            let recorded = (
+                start,
+                start.map(|s| s + entry.compressed_size()),
+                entry.size(),
+                entry.crc32(),
+            );
+            let read = (
+                Some(read_back.data_start),
+                Some(read_back.data_end),
+                read_back.size,
+                read_back.crc32,
+            );
             if recorded != read {
                 found.problems.push(format!(
-                        "entry {name:?}: the zip records (data start, size, CRC-32) {recorded:?} but reading it back found {read:?}"
-                    ));
+                    "entry {name:?}: the zip records (data start, data end, size, CRC-32) {recorded:?} but reading it back found {read:?}"
+                ));
             }
             let sink = TeeSink {
                 counter: Sha256Counter {

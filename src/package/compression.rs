@@ -1,13 +1,14 @@
-//! Whether a payload is stored or deflated inside its package (DESIGN.md §7, `[store]
-//! compression`). `auto` stores what is already compressed, recognised by its magic bytes, and
-//! what a fast deflate of its first MiB cannot shrink by [`MIN_SAVING_PERCENT`]; it deflates
-//! the rest at [`FAST_LEVEL`]. The decision and its reason go into `retrieval.json`.
+//! How a payload is laid out inside its package (DESIGN.md §7, `[store] compression`).
+//! `auto` puts what is already compressed (recognised by its magic bytes) and what a fast
+//! deflate of its first MiB cannot shrink by [`MIN_SAVING_PERCENT`] in stored blocks (deflate
+//! level 0: the bytes unchanged), and deflates the rest at [`FAST_LEVEL`]; both are DEFLATED
+//! entries followed by a data descriptor. `stored` keeps a plain STORED entry. The layout and
+//! its reason go into `retrieval.json` (`entry`, `compression`).
 
 use std::io::{self, Write};
 
 use bytes::Bytes;
 use flate2::write::DeflateEncoder;
-use zip::CompressionMethod;
 
 use super::Compression;
 
@@ -40,7 +41,7 @@ const MAGICS: [(&str, usize, &[u8]); 16] = [
     ("mp4", 4, b"ftyp"),
 ];
 
-/// How the payload entry is written.
+/// The zip compression method of the payload entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EntryMethod {
@@ -48,26 +49,49 @@ pub enum EntryMethod {
     Deflated,
 }
 
-impl EntryMethod {
-    pub(crate) fn zip_method(self) -> CompressionMethod {
+/// How the payload entry is laid out; recorded in `retrieval.json` as `entry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntryLayout {
+    /// DEFLATED at [`FAST_LEVEL`], followed by a data descriptor.
+    Deflated,
+    /// DEFLATED in stored blocks (level 0: the bytes unchanged), followed by a data descriptor.
+    StoredBlocks,
+    /// STORED, its CRC-32 and sizes in its local header (filled in after the last byte).
+    Stored,
+}
+
+impl EntryLayout {
+    /// The zip method the entry records.
+    pub fn method(self) -> EntryMethod {
         match self {
-            EntryMethod::Stored => CompressionMethod::Stored,
-            EntryMethod::Deflated => CompressionMethod::Deflated,
+            EntryLayout::Stored => EntryMethod::Stored,
+            EntryLayout::Deflated | EntryLayout::StoredBlocks => EntryMethod::Deflated,
         }
+    }
+
+    /// True when the entry is followed by a data descriptor, so the file is written front to
+    /// back and its SHA-256 can be taken from the bytes as they are written.
+    pub fn streams(self) -> bool {
+        self != EntryLayout::Stored
     }
 }
 
-/// The payload's compression and why; recorded in `retrieval.json` as `compression`.
+/// The payload's layout and why; recorded in `retrieval.json` as `compression` (the zip
+/// `method` and the `reason`) and `entry`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CompressionChoice {
     pub method: EntryMethod,
+    #[serde(skip)]
+    pub entry: EntryLayout,
     pub reason: String,
 }
 
 impl CompressionChoice {
-    fn new(method: EntryMethod, reason: impl Into<String>) -> Self {
+    fn new(entry: EntryLayout, reason: impl Into<String>) -> Self {
         CompressionChoice {
-            method,
+            method: entry.method(),
+            entry,
             reason: reason.into(),
         }
     }
@@ -86,16 +110,16 @@ pub fn compressed_format(head: &[u8]) -> Option<&'static str> {
 pub fn choose_by_head(compression: Compression, head: &[u8]) -> Option<CompressionChoice> {
     match compression {
         Compression::Stored => Some(CompressionChoice::new(
-            EntryMethod::Stored,
+            EntryLayout::Stored,
             "configured: stored",
         )),
         Compression::Deflate => Some(CompressionChoice::new(
-            EntryMethod::Deflated,
+            EntryLayout::Deflated,
             "configured: deflate",
         )),
         Compression::Auto => compressed_format(head).map(|format| {
             CompressionChoice::new(
-                EntryMethod::Stored,
+                EntryLayout::StoredBlocks,
                 format!("already compressed ({format})"),
             )
         }),
@@ -103,19 +127,19 @@ pub fn choose_by_head(compression: Compression, head: &[u8]) -> Option<Compressi
 }
 
 /// `auto` on a sample (the first [`SAMPLE_LEN`] bytes, or the whole payload if shorter):
-/// deflate it at [`FAST_LEVEL`] and store unless that saves at least [`MIN_SAVING_PERCENT`].
+/// deflate it at [`FAST_LEVEL`]; stored blocks unless that saves at least [`MIN_SAVING_PERCENT`].
 pub fn choose_by_sample(sample: &[Bytes]) -> CompressionChoice {
     let len: usize = sample.iter().map(Bytes::len).sum();
     if len == 0 {
-        return CompressionChoice::new(EntryMethod::Stored, "empty payload");
+        return CompressionChoice::new(EntryLayout::StoredBlocks, "empty payload");
     }
     let deflated = deflated_len(sample);
     // Per mille, so the reason can show one decimal.
     let saved = (len as i64 - deflated as i64) * 1000 / len as i64;
-    let method = if saved >= MIN_SAVING_PERCENT as i64 * 10 {
-        EntryMethod::Deflated
+    let entry = if saved >= MIN_SAVING_PERCENT as i64 * 10 {
+        EntryLayout::Deflated
     } else {
-        EntryMethod::Stored
+        EntryLayout::StoredBlocks
     };
     let sign = if saved < 0 { "-" } else { "" };
     let reason = format!(
@@ -123,7 +147,20 @@ pub fn choose_by_sample(sample: &[Bytes]) -> CompressionChoice {
         saved.abs() / 10,
         saved.abs() % 10,
     );
-    CompressionChoice::new(method, reason)
+    CompressionChoice::new(entry, reason)
+}
+
+/// The first `n` bytes of a batch (fewer when it is shorter).
+pub(crate) fn head_of(batch: &[Bytes], n: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(n);
+    for chunk in batch {
+        let take = (n - head.len()).min(chunk.len());
+        head.extend_from_slice(&chunk[..take]);
+        if head.len() == n {
+            break;
+        }
+    }
+    head
 }
 
 fn deflated_len(sample: &[Bytes]) -> u64 {
@@ -170,21 +207,21 @@ mod tests {
         assert_eq!(
             choose_by_head(Compression::Deflate, b"\x1f\x8b\x08"),
             Some(CompressionChoice::new(
-                EntryMethod::Deflated,
+                EntryLayout::Deflated,
                 "configured: deflate"
             ))
         );
         assert_eq!(
             choose_by_head(Compression::Stored, b"text"),
             Some(CompressionChoice::new(
-                EntryMethod::Stored,
+                EntryLayout::Stored,
                 "configured: stored"
             ))
         );
         assert_eq!(
             choose_by_head(Compression::Auto, b"BZh91AY&"),
             Some(CompressionChoice::new(
-                EntryMethod::Stored,
+                EntryLayout::StoredBlocks,
                 "already compressed (bzip2)"
             ))
         );
@@ -198,6 +235,7 @@ mod tests {
     fn the_sample_decides_the_rest() {
         let text = Bytes::from(b"2026-11-27 12:00:00 svchost.exe started\n".repeat(1000));
         let choice = choose_by_sample(&[text.slice(..20_000), text.slice(20_000..)]);
+        assert_eq!(choice.entry, EntryLayout::Deflated);
         assert_eq!(choice.method, EntryMethod::Deflated);
         assert!(
             choice
@@ -209,7 +247,8 @@ mod tests {
         let mut random = vec![0u8; 100_000];
         rand::Rng::fill(&mut rand::rng(), random.as_mut_slice());
         let choice = choose_by_sample(&[Bytes::from(random)]);
-        assert_eq!(choice.method, EntryMethod::Stored);
+        assert_eq!(choice.entry, EntryLayout::StoredBlocks);
+        assert_eq!(choice.method, EntryMethod::Deflated);
         assert!(
             choice.reason.starts_with("deflate level 2 saved ")
                 && choice
@@ -220,7 +259,7 @@ mod tests {
         );
         assert_eq!(
             choose_by_sample(&[]),
-            CompressionChoice::new(EntryMethod::Stored, "empty payload")
+            CompressionChoice::new(EntryLayout::StoredBlocks, "empty payload")
         );
     }
 }

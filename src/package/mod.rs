@@ -3,13 +3,14 @@
 //!
 //! The pieces: `names` turns API-supplied strings into safe paths and payload names
 //! ([`package_rel_path`], [`payload_base_name`], [`sanitize_file_name`]), `writer` streams a
-//! download into `<final>.partial` while hashing it and then moves it into place without
-//! overwriting ([`PackageWriter`]), `compression` decides per payload whether to store or
-//! deflate it ([`CompressionChoice`]), `hashers` runs the payload's hashes on threads of their
-//! own, `readback` inflates a deflated payload entry back from the file while it is written,
-//! `check` re-reads a package entry by entry after writing and
-//! for `lrvault verify` ([`check_package`]), and `transcript` extracts the few fields we record
-//! from RunScript output ([`parse_transcript`]).
+//! download into `<final>.<tag>.partial` while hashing it ([`PackageWriter`]), `zipout` writes
+//! the zip container front to back, `tagfiles` the BagIt tag files, `place` names partials and
+//! moves a package into place without overwriting, `compression` decides per payload how its
+//! entry is laid out ([`CompressionChoice`], [`EntryLayout`]), `hashers` runs the payload's and
+//! the package's hashes on threads of their own, `readback` reads the file back behind the
+//! writer, `check` re-reads a package entry by entry after writing and for `lrvault verify`
+//! ([`check_package`]), and `transcript` extracts the few fields we record from RunScript
+//! output ([`parse_transcript`]).
 //! All of it is synchronous std code meant to run on a blocking thread.
 
 mod check;
@@ -17,22 +18,24 @@ mod compression;
 mod hashers;
 mod names;
 mod partial;
+mod place;
 mod readback;
 mod sink;
+mod tagfiles;
 mod transcript;
 mod writer;
+mod zipout;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
-pub use compression::{CompressionChoice, EntryMethod};
+pub use compression::{CompressionChoice, EntryLayout, EntryMethod};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
+pub use place::{partial_path_for, partial_target, partial_writer_gone, partials_of, sync_dirs};
 pub use sink::{PackageSink, SealedPackage, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
-pub use writer::{
-    PackageWriter, partial_path_for, partial_target, partial_writer_gone, partials_of,
-};
+pub use writer::PackageWriter;
 
 pub use crate::config::Compression;
 

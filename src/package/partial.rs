@@ -1,7 +1,8 @@
 //! The `<final>.partial` file under the zip writer: it discards writes once the package is
 //! abandoned, gets a large package onto the disk while it is still streaming
-//! ([`Writeback`]), so the final fsync has only the tail left, and tells the read-back thread
-//! ([`super::readback`]) how far the file is written.
+//! ([`Writeback`]), so the final fsync has only the tail left, hands every byte written to the
+//! package's hasher ([`super::hashers::PackageHasher`]) when the file is written front to back,
+//! and tells the read-back thread ([`super::readback`]) how far the file is written.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -10,6 +11,7 @@ use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::hashers::PackageHasher;
 use super::readback::Progress;
 
 /// Bytes written between early syncs of a large package.
@@ -30,10 +32,20 @@ pub(crate) struct PartialFile {
     /// header).
     pos: u64,
     progress: Arc<Progress>,
+    /// Hashes what is written, in order (only when nothing is ever written twice).
+    hasher: Option<PackageHasher>,
+    /// Tests: the byte at this offset is changed in the file once written, as a bad disk would.
+    #[cfg(test)]
+    pub(crate) flip_at: Option<u64>,
 }
 
 impl PartialFile {
-    pub(crate) fn new(file: File, abandoned: Arc<AtomicBool>, progress: Arc<Progress>) -> Self {
+    pub(crate) fn new(
+        file: File,
+        abandoned: Arc<AtomicBool>,
+        progress: Arc<Progress>,
+        hasher: Option<PackageHasher>,
+    ) -> Self {
         PartialFile {
             file,
             abandoned,
@@ -42,11 +54,15 @@ impl PartialFile {
             writeback_every: WRITEBACK_EVERY,
             pos: 0,
             progress,
+            hasher,
+            #[cfg(test)]
+            flip_at: None,
         }
     }
 
     /// Where the next write goes.
-    pub(crate) fn position(&self) -> u64 {
+    #[cfg(test)]
+    fn position(&self) -> u64 {
         self.pos
     }
 
@@ -67,12 +83,23 @@ impl PartialFile {
         Ok(())
     }
 
-    /// The file, once every early sync has ended; fails if one of them failed.
-    pub(crate) fn into_file(self) -> io::Result<File> {
+    /// The file and its hasher, once every early sync has ended; fails if one of them failed.
+    pub(crate) fn into_parts(self) -> io::Result<(File, Option<PackageHasher>)> {
         if let Some(writeback) = self.writeback {
             writeback.finish()?;
         }
-        Ok(self.file)
+        Ok((self.file, self.hasher))
+    }
+
+    #[cfg(test)]
+    fn flip(&mut self, written: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = self.pos + written.len() as u64;
+        if let Some(at) = self.flip_at.filter(|at| (self.pos..end).contains(at)) {
+            let byte = written[(at - self.pos) as usize] ^ 0x20;
+            self.file.write_all_at(&[byte], at)?;
+        }
+        Ok(())
     }
 
     fn is_abandoned(&self) -> bool {
@@ -92,7 +119,14 @@ impl Write for PartialFile {
         if self.is_abandoned() {
             return Ok(buf.len());
         }
-        let r = self.file.write(buf).and_then(|n| self.wrote(n).map(|()| n));
+        let r = self.file.write(buf).and_then(|n| {
+            if let Some(hasher) = self.hasher.as_mut() {
+                hasher.update(&buf[..n]);
+            }
+            #[cfg(test)]
+            self.flip(&buf[..n])?;
+            self.wrote(n).map(|()| n)
+        });
         self.doom(r)
     }
 
@@ -107,6 +141,11 @@ impl Write for PartialFile {
 
 impl io::Seek for PartialFile {
     fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        if self.hasher.is_some() {
+            return self.doom(Err(io::Error::other(
+                "a package hashed as it is written cannot seek",
+            )));
+        }
         let r = self.file.seek(pos);
         if let Ok(at) = r {
             self.pos = at;
@@ -177,6 +216,7 @@ mod tests {
             File::create(&path).unwrap(),
             abandoned.clone(),
             progress.clone(),
+            Some(PackageHasher::start().unwrap()),
         );
         partial.writeback_every = 4096;
         let chunk: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
@@ -185,12 +225,22 @@ mod tests {
         }
         assert!(partial.writeback.is_some(), "the helper started");
         assert_eq!(partial.position(), 30_000, "every byte written is counted");
-        drop(partial.into_file().unwrap());
+        let (file, hasher) = partial.into_parts().unwrap();
+        drop(file);
         assert_eq!(std::fs::read(&path).unwrap(), chunk.repeat(10));
+        let written = hasher.unwrap().finish().unwrap();
+        assert_eq!(
+            written.sha256,
+            crate::package::sha256_hex(&chunk.repeat(10))
+        );
 
         // Once abandoned, writes go nowhere (and succeed).
-        let mut partial =
-            PartialFile::new(File::create(&path).unwrap(), abandoned.clone(), progress);
+        let mut partial = PartialFile::new(
+            File::create(&path).unwrap(),
+            abandoned.clone(),
+            progress,
+            None,
+        );
         abandoned.store(true, Ordering::Relaxed);
         partial.write_all(b"ignored").unwrap();
         drop(partial);

@@ -56,7 +56,7 @@ impl PackageSink {
                 writer.write(chunk)?;
             }
             // Waits for the hashing threads to catch up with the last byte.
-            let digests = writer.digests()?;
+            let digests = writer.end_payload()?;
             Ok(Written {
                 writer,
                 digests,

@@ -19,6 +19,7 @@ mod forgery;
 mod insider;
 mod kit_readme;
 mod laundering;
+mod layouts;
 mod local_tsa;
 mod object_stores;
 mod operations_doc;

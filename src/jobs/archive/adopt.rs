@@ -199,7 +199,8 @@ pub(super) async fn adopt(
         return Ok(None);
     }
     // The package's directory entries must be durable before the database says it exists.
-    sync_dirs(&path, root).map_err(|e| Failure::from_package(&e))?;
+    let dir = path.parent().unwrap_or(root);
+    package::sync_dirs(dir, root).map_err(|e| Failure::from_package(&e))?;
     let record = record_of(&rel, &path, check);
     let k = &plan.claimed.key;
     let outcome = super::publish::record(ctx, actor, k, record).await?;
@@ -581,27 +582,6 @@ fn checked_md5(retrieval: &Value) -> Option<String> {
         .decode(claim.trim())
         .ok()?;
     (bytes.len() == 16).then(|| hex::encode(bytes))
-}
-
-/// fsyncs the directories from the package's up to the store root, so a crash after the
-/// commit cannot lose the package's directory entry.
-fn sync_dirs(
-    package: &std::path::Path,
-    root: &std::path::Path,
-) -> Result<(), package::PackageError> {
-    for dir in package.ancestors().skip(1) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| package::PackageError::Io {
-                path: dir.to_path_buf(),
-                op: "fsyncing directory",
-                source,
-            })?;
-        if dir == root {
-            break;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

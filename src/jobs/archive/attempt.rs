@@ -377,6 +377,7 @@ async fn finish_package(
         "sha256": d.sha256,
         "md5_check": md5_check,
         "compression": d.compression,
+        "entry": d.compression.entry,
         "encoding": d.encoding,
         "original_name": original_name,
         "original_size": d.original_size,
