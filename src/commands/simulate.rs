@@ -58,6 +58,11 @@ pub struct Args {
     /// t_ms since start, endpoint, tenant_id, status, authorization, range); for benchmarks
     #[arg(long, value_name = "PATH")]
     pub request_log: Option<PathBuf>,
+    /// Write a ready config for every simulated tenant into this directory (lrvault.toml, a
+    /// database and an evidence store beside it, each secret in a 0600 file) instead of
+    /// printing the sections; for benchmarks and trials with many tenants
+    #[arg(long, value_name = "DIR")]
+    pub write_config: Option<PathBuf>,
 }
 
 impl Args {
@@ -97,26 +102,16 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let sim = Simulator::new(args.sim_config());
     let base = format!("http://{addr}");
     println!("MDE simulator listening on {base}");
-    let cwd = std::env::current_dir()?;
-    for (i, t) in sim.tenants().iter().enumerate() {
-        // Absolute: a relative name would be looked up in $CREDENTIALS_DIRECTORY or
-        // whatever directory lrvault later runs in.
-        let secret_file = cwd.join(format!("sim-secret-{i}"));
+    if let Some(dir) = &args.write_config {
+        let dir = std::path::absolute(dir)?;
+        let path = super::demo::write_sim_config(&dir, &sim, &base, "")?;
         println!(
-            "\n# tenant {i}: write the secret to a file only you can read:\n#   ( umask 077; printf '%s' {} > {} )\n# and add to your config:",
-            shell_quote(&t.client_secret),
-            shell_quote(&secret_file.to_string_lossy())
+            "config for {} tenants: {}",
+            sim.tenants().len(),
+            path.display()
         );
-        print!(
-            "{}",
-            super::demo::tenant_toml(
-                &format!("sim{i}"),
-                &t.tenant_id,
-                &t.client_id,
-                &secret_file,
-                &base
-            )
-        );
+    } else {
+        print_config(&sim, &base)?;
     }
     println!("\nCtrl-C (or SIGTERM) stops it.");
     let t0 = std::time::Instant::now();
@@ -146,4 +141,30 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::write(&path, out)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints, for each simulated tenant, how to store its secret and its config section.
+fn print_config(sim: &Simulator, base: &str) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir()?;
+    for (i, t) in sim.tenants().iter().enumerate() {
+        // Absolute: a relative name would be looked up in $CREDENTIALS_DIRECTORY or
+        // whatever directory lrvault later runs in.
+        let secret_file = cwd.join(format!("sim-secret-{i}"));
+        println!(
+            "\n# tenant {i}: write the secret to a file only you can read:\n#   ( umask 077; printf '%s' {} > {} )\n# and add to your config:",
+            shell_quote(&t.client_secret),
+            shell_quote(&secret_file.to_string_lossy())
+        );
+        print!(
+            "{}",
+            super::demo::tenant_toml(
+                &format!("sim{i}"),
+                &t.tenant_id,
+                &t.client_id,
+                &secret_file,
+                &base
+            )
+        );
+    }
+    Ok(())
 }

@@ -17,6 +17,9 @@ use crate::render::{Format, Rows};
 pub struct Args {
     #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
     pub format: StatusFormat,
+    /// Only this tenant's queue, quota and job runs
+    #[arg(long, value_name = "T")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -25,34 +28,92 @@ pub enum StatusFormat {
     Json,
 }
 
+/// Above this many tenants the table shows totals and the tenants that need attention, not a
+/// row per tenant (JSON always has every row).
+const SUMMARY_OVER: usize = 10;
+/// Rows of the attention lists shown in the table.
+const ATTENTION_ROWS: i64 = 20;
+
+/// What `status` reads, for the tenants it covers.
+struct Status {
+    queue: Rows,
+    failed: Rows,
+    jobs: Rows,
+    breakers: Rows,
+    quota: Rows,
+}
+
 pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let as_json = args.format == StatusFormat::Json;
+    let tenants: Vec<String> = cfg
+        .select_tenants(args.tenant.as_deref())?
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
     let conn = Db::open_for_reading(&cfg.database.path, config)?;
-    let q = |sql: &str| Rows::query(&conn, sql, &[]).map_err(DbError::sql("status query"));
+    let status = read_status(&conn, &cfg, &tenants, args.tenant.as_deref())?;
+    let (head_seq, head_hash) = crate::custody::head(&conn)?;
+    let store = store_status(&cfg).await;
+    if args.format == StatusFormat::Json {
+        let out = json!({
+            "database": cfg.database.path,
+            "store": store,
+            "queue": status.queue.to_json(),
+            "attention": status.failed.to_json(),
+            "quota": status.quota.to_json(),
+            "jobs": status.jobs.to_json(),
+            "breakers": status.breakers.to_json(),
+            "custody_head": { "seq": head_seq, "row_hash": head_hash },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("database: {}", cfg.database.path.display());
+    println!("{}\n", store_lines(&store));
+    if tenants.len() > SUMMARY_OVER {
+        print_summary(&conn, &cfg, &status, tenants.len())?;
+    } else {
+        print_tables(&status);
+    }
+    println!("Custody head: seq {head_seq}, row_hash {head_hash}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The queue, the results that failed or wait to retry, the job runs, the open breakers and
+/// the quota use of `tenants` (`only`: the one `--tenant` named).
+fn read_status(
+    conn: &rusqlite::Connection,
+    cfg: &Config,
+    tenants: &[String],
+    only: Option<&str>,
+) -> anyhow::Result<Status> {
+    let q = |sql: &str| Rows::query(conn, sql, &[&only]).map_err(DbError::sql("status query"));
     let queue = q(
-        "SELECT tenant, state, count(*) AS results FROM results GROUP BY tenant, state ORDER BY tenant, state",
+        "SELECT tenant, state, count(*) AS results FROM results WHERE ?1 IS NULL OR tenant = ?1
+         GROUP BY tenant, state ORDER BY tenant, state",
     )?;
     let failed = q(
         "SELECT tenant, action_id, command_index, state, attempts, next_attempt_at, last_error FROM results
-         WHERE state = 'failed' OR (state = 'pending' AND attempts > 0) ORDER BY updated_at DESC LIMIT 20",
+         WHERE (state = 'failed' OR (state = 'pending' AND attempts > 0)) AND (?1 IS NULL OR tenant = ?1)
+         ORDER BY updated_at DESC LIMIT 20",
     )?;
     let jobs = q(
-        "SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs ORDER BY job, tenant",
+        "SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs
+         WHERE ?1 IS NULL OR tenant = ?1 ORDER BY job, tenant",
     )?;
     // Open breakers (a database not yet migrated to v2 has none to show).
     let breakers = q(
         "SELECT tenant, trouble, reason, since, next_probe_at, interval_ms FROM tenant_health
-         ORDER BY tenant",
+         WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant",
     )
-    .or_else(|_| q("SELECT NULL AS tenant WHERE 0"))?;
+    .or_else(|_| q("SELECT NULL AS tenant WHERE ?1 IS NULL AND 0"))?;
     let now = crate::time::now_ms();
     let mut quota_rows = Vec::new();
-    for t in &cfg.tenants {
+    for t in tenants {
         for ep in Endpoint::ALL {
-            let u = quota::usage(&conn, &t.name, ep, &cfg.quota, now)?;
+            let u = quota::usage(conn, t, ep, &cfg.quota, now)?;
             quota_rows.push(vec![
-                json!(t.name),
+                json!(t),
                 json!(ep.as_str()),
                 json!(format!("{}/{}", u.last_minute, cfg.quota.per_minute)),
                 json!(format!("{}/{}", u.last_hour, cfg.quota.per_hour)),
@@ -60,7 +121,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
             ]);
         }
     }
-    let quota_table = Rows {
+    let quota = Rows {
         columns: [
             "tenant",
             "endpoint",
@@ -72,44 +133,114 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         .to_vec(),
         rows: quota_rows,
     };
-    let (head_seq, head_hash) = crate::custody::head(&conn)?;
-    let store = store_status(&cfg).await;
-    if as_json {
-        let out = json!({
-            "database": cfg.database.path,
-            "store": store,
-            "queue": queue.to_json(),
-            "attention": failed.to_json(),
-            "quota": quota_table.to_json(),
-            "jobs": jobs.to_json(),
-            "breakers": breakers.to_json(),
-            "custody_head": { "seq": head_seq, "row_hash": head_hash },
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        println!("database: {}", cfg.database.path.display());
-        println!("{}\n", store_lines(&store));
-        if !breakers.rows.is_empty() {
-            println!(
-                "Open breakers (the tenant's API is down or refuses us; one probe per interval):\n{}",
-                breakers.render(Format::Table)
-            );
-        }
-        println!("Queue by state:\n{}", queue.render(Format::Table));
-        if !failed.rows.is_empty() {
-            println!(
-                "Failed or retrying results:\n{}",
-                failed.render(Format::Table)
-            );
-        }
+    Ok(Status {
+        queue,
+        failed,
+        jobs,
+        breakers,
+        quota,
+    })
+}
+
+/// A row per tenant (a few tenants, or `--tenant`).
+fn print_tables(s: &Status) {
+    if !s.breakers.rows.is_empty() {
         println!(
-            "Quota use (limits per tenant and endpoint):\n{}",
-            quota_table.render(Format::Table)
+            "Open breakers (the tenant's API is down or refuses us; one probe per interval):\n{}",
+            s.breakers.render(Format::Table)
         );
-        println!("Last job runs:\n{}", jobs.render(Format::Table));
-        println!("Custody head: seq {head_seq}, row_hash {head_hash}");
     }
-    Ok(ExitCode::SUCCESS)
+    println!("Queue by state:\n{}", s.queue.render(Format::Table));
+    if !s.failed.rows.is_empty() {
+        println!(
+            "Failed or retrying results:\n{}",
+            s.failed.render(Format::Table)
+        );
+    }
+    println!(
+        "Quota use (limits per tenant and endpoint):\n{}",
+        s.quota.render(Format::Table)
+    );
+    println!("Last job runs:\n{}", s.jobs.render(Format::Table));
+}
+
+/// Many tenants: totals, then only what needs a look (`--tenant T` shows one in full).
+fn print_summary(
+    conn: &rusqlite::Connection,
+    cfg: &Config,
+    s: &Status,
+    tenants: usize,
+) -> anyhow::Result<()> {
+    let q = |sql: &str, params: &[&dyn rusqlite::ToSql]| {
+        Rows::query(conn, sql, params).map_err(DbError::sql("status query"))
+    };
+    let totals = q(
+        "SELECT state, sum(n) AS results, count(*) AS tenants FROM
+           (SELECT tenant, state, count(*) AS n FROM results GROUP BY tenant, state)
+         GROUP BY state ORDER BY state",
+        &[],
+    )?;
+    println!(
+        "Queue by state ({tenants} tenants; `status --tenant T` shows one):\n{}",
+        totals.render(Format::Table)
+    );
+    let attention = q(
+        "SELECT r.tenant,
+                sum(r.state = 'pending') AS pending,
+                sum(r.state = 'failed') AS failed,
+                sum(r.state = 'pending' AND r.attempts > 0) AS retrying,
+                min(CASE WHEN r.state = 'pending' THEN a.discovered_at END) AS oldest_pending_since,
+                h.trouble AS breaker
+         FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
+         LEFT JOIN tenant_health h ON h.tenant = r.tenant
+         GROUP BY r.tenant
+         HAVING failed > 0 OR retrying > 0 OR breaker IS NOT NULL OR pending > 0
+         ORDER BY breaker IS NULL, failed DESC, retrying DESC, oldest_pending_since
+         LIMIT ?1",
+        &[&ATTENTION_ROWS],
+    )?;
+    if attention.rows.is_empty() {
+        println!("No tenant needs attention: nothing failed, waits, or is cut off.\n");
+    } else {
+        println!(
+            "Tenants that need attention (open breaker, failed, retrying, oldest waiting first; at most {ATTENTION_ROWS}):\n{}",
+            attention.render(Format::Table)
+        );
+    }
+    let busy: Vec<Vec<serde_json::Value>> = s
+        .quota
+        .rows
+        .iter()
+        .filter(|r| {
+            let hour = r[3]
+                .as_str()
+                .and_then(|v| v.split('/').next()?.parse::<f64>().ok());
+            hour.is_some_and(|h| h >= 0.8 * f64::from(cfg.quota.per_hour))
+                || r[4].as_i64().unwrap_or(0) > 0
+        })
+        .cloned()
+        .collect();
+    println!(
+        "Quota: {} of {} tenant endpoints at 80 % or more of their hourly limit or throttled in the last hour{}",
+        busy.len(),
+        s.quota.rows.len(),
+        if busy.is_empty() { "." } else { ":" }
+    );
+    if !busy.is_empty() {
+        let rows = Rows {
+            columns: s.quota.columns.clone(),
+            rows: busy,
+        };
+        println!("{}", rows.render(Format::Table));
+    }
+    let jobs = q(
+        "SELECT job, count(*) AS tenants, sum(ok = 1) AS ok, sum(ok = 0) AS failed,
+                sum(finished_at IS NULL) AS running, max(finished_at) AS last_finished
+         FROM job_runs GROUP BY job ORDER BY job",
+        &[],
+    )?;
+    println!("\nLast job runs, per job:\n{}", jobs.render(Format::Table));
+    Ok(())
 }
 
 /// The store as `status` shows it: backend, location, WORM (asked of the store itself, so

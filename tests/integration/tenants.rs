@@ -56,3 +56,40 @@ async fn per_tenant_caps_one_tenant_below_the_process_budget() {
     assert!(expected > 2, "{expected}");
     assert_eq!(peak, 1, "one tenant, one transfer at a time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_stays_readable_with_many_tenants() {
+    let e = env(
+        SimConfig {
+            seed: 183,
+            actions: 1,
+            tenants: (0..12).map(SimTenant::default_for).collect(),
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    e.discover().await;
+    let pending = e.count("SELECT count(DISTINCT tenant) FROM results WHERE state = 'pending'");
+    assert!(pending > 0);
+    let (out, _) = e.run_ok(&["status"]);
+    assert!(
+        out.contains("Queue by state (12 tenants; `status --tenant T` shows one):"),
+        "{out}"
+    );
+    assert!(out.contains("Tenants that need attention"), "{out}");
+    // One line per state, not one per tenant and state; no quota row per tenant.
+    assert!(!out.contains("sim11   pending"), "{out}");
+    assert!(
+        out.contains("Quota: 0 of 48 tenant endpoints at 80 % or more"),
+        "{out}"
+    );
+    let (one, _) = e.run_ok(&["status", "--tenant", "sim3"]);
+    assert!(one.contains("Queue by state:\n"), "{one}");
+    let tenants_shown: std::collections::BTreeSet<&str> = one
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.starts_with("sim") && w.len() <= 5)
+        .collect();
+    assert_eq!(tenants_shown, ["sim3"].into_iter().collect(), "{one}");
+}
