@@ -162,7 +162,7 @@ fn print_config(sim: &Simulator, base: &str) -> anyhow::Result<()> {
                 &t.tenant_id,
                 &t.client_id,
                 &secret_file,
-                &base
+                base
             )
         );
     }
