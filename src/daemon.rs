@@ -238,11 +238,11 @@ impl Daemon {
     }
 
     async fn discover(&self) {
-        for tenant in self.tenants.iter() {
-            let result = tokio::select! {
-                r = discover::lookback_pass(&self.ctx, tenant) => r,
-                _ = self.ctx.cancel.cancelled() => return,
-            };
+        let results = tokio::select! {
+            r = discover::lookback_all(&self.ctx, &self.tenants) => r,
+            _ = self.ctx.cancel.cancelled() => return,
+        };
+        for (tenant, result) in self.tenants.iter().zip(results) {
             match result {
                 Ok(s) => tracing::info!(tenant = %tenant.cfg.name, "discovery: {s}"),
                 // An open breaker logs its own changes; no line per tick while it waits.

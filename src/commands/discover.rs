@@ -9,8 +9,9 @@ use crate::jobs::discover;
 pub async fn run(config: &Path, args: TenantArg) -> anyhow::Result<ExitCode> {
     let (ctx, tenants) = setup(config, args.tenant.as_deref())?;
     let mut ok = true;
-    for tenant in &tenants {
-        match discover::lookback_pass(&ctx, tenant).await {
+    let results = discover::lookback_all(&ctx, &tenants).await;
+    for (tenant, result) in tenants.iter().zip(results) {
+        match result {
             Ok(s) => println!("{}: {s}", tenant.cfg.name),
             Err(e) => {
                 ok = false;

@@ -159,6 +159,14 @@ pub async fn lookback_pass(ctx: &Context, tenant: &Tenant) -> anyhow::Result<Sum
     result
 }
 
+/// Actions recorded per writer job: a page of thousands of new actions is written in short
+/// turns, so archive commits of other tenants never wait long for the writer.
+const RECORD_BATCH: usize = 64;
+
+/// Tenants discovered at the same time: a tenant whose API is slow (up to its read timeout)
+/// holds up only its own turn, while the List calls and writes of many tenants stay spread out.
+pub const DISCOVER_PARALLEL: usize = 4;
+
 /// Records the finished ones of `actions` (others are counted as unfinished).
 pub async fn record_actions(
     ctx: &Context,
@@ -166,39 +174,65 @@ pub async fn record_actions(
     actions: Vec<RawAction>,
     source: Source,
 ) -> anyhow::Result<Summary> {
-    let statuses = ctx.cfg.discovery.statuses.clone();
-    let tenant_name = tenant.cfg.name.clone();
-    let actor = tenant.actor.clone();
-    let summary = ctx
-        .db
-        .call(move |conn| {
-            let mut s = Summary::default();
-            for action in actions {
-                // List filters on type server-side; enqueue may name any action.
-                if action.action_type().is_some_and(|t| t != "LiveResponse") {
-                    continue;
-                }
-                s.listed += 1;
-                if !action
-                    .status()
-                    .is_some_and(|st| statuses.iter().any(|x| x == st))
-                {
-                    s.unfinished += 1;
-                    continue;
-                }
-                match record_action(conn, &tenant_name, &actor, &action, source)? {
-                    None => s.known += 1,
-                    Some((queued, skipped)) => {
-                        s.new_actions += 1;
-                        s.queued += queued;
-                        s.skipped += skipped;
+    let mut summary = Summary::default();
+    let mut actions = actions.into_iter().peekable();
+    while actions.peek().is_some() {
+        let batch: Vec<RawAction> = actions.by_ref().take(RECORD_BATCH).collect();
+        let statuses = ctx.cfg.discovery.statuses.clone();
+        let tenant_name = tenant.cfg.name.clone();
+        let actor = tenant.actor.clone();
+        let s = ctx
+            .db
+            .call(move |conn| {
+                let mut s = Summary::default();
+                for action in batch {
+                    // List filters on type server-side; enqueue may name any action.
+                    if action.action_type().is_some_and(|t| t != "LiveResponse") {
+                        continue;
+                    }
+                    s.listed += 1;
+                    if !action
+                        .status()
+                        .is_some_and(|st| statuses.iter().any(|x| x == st))
+                    {
+                        s.unfinished += 1;
+                        continue;
+                    }
+                    match record_action(conn, &tenant_name, &actor, &action, source)? {
+                        None => s.known += 1,
+                        Some((queued, skipped)) => {
+                            s.new_actions += 1;
+                            s.queued += queued;
+                            s.skipped += skipped;
+                        }
                     }
                 }
-            }
-            Ok(s)
-        })
-        .await?;
+                Ok(s)
+            })
+            .await?;
+        summary += s;
+    }
     Ok(summary)
+}
+
+/// The scheduled pass of every tenant in `tenants`, [`DISCOVER_PARALLEL`] at a time; each
+/// tenant's outcome in the order given.
+pub async fn lookback_all(
+    ctx: &Context,
+    tenants: &[std::sync::Arc<Tenant>],
+) -> Vec<anyhow::Result<Summary>> {
+    let gate = tokio::sync::Semaphore::new(DISCOVER_PARALLEL);
+    let mut passes = Vec::with_capacity(tenants.len());
+    for tenant in tenants {
+        let gate = &gate;
+        let pass: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+            Box::pin(async move {
+                let _turn = gate.acquire().await;
+                lookback_pass(ctx, tenant).await
+            });
+        passes.push(pass);
+    }
+    futures_util::future::join_all(passes).await
 }
 
 /// The DISCOVERED row's detail: the action's columns as the `actions` row stores them (verify
