@@ -78,6 +78,9 @@ pub struct Db {
     path: PathBuf,
     writer: mpsc::Sender<WriterJob>,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// At most [`READER_POOL`] reads at once: the blocking threads and connections reads take
+    /// stay bounded however many tenants ask at the same moment.
+    reading: Arc<tokio::sync::Semaphore>,
 }
 
 /// Read-only connections kept for reuse.
@@ -141,6 +144,7 @@ impl Db {
             path: path.to_path_buf(),
             writer,
             readers: Arc::new(Mutex::new(Vec::new())),
+            reading: Arc::new(tokio::sync::Semaphore::new(READER_POOL)),
         })
     }
 
@@ -235,6 +239,7 @@ impl Db {
         F: FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
     {
         let (path, readers) = (self.path.clone(), self.readers.clone());
+        let _turn = self.reading.acquire().await.map_err(|_| writer_gone())?;
         tokio::task::spawn_blocking(move || {
             let pooled = readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {

@@ -409,28 +409,35 @@ pub struct MdeClient {
     token: tokio::sync::Mutex<Option<CachedToken>>,
 }
 
+/// The HTTP client for the API and token calls, one per process and shared by every tenant's
+/// [`MdeClient`]: its TLS set-up and connection pool are paid once, not per tenant. It never
+/// follows a redirect (the bearer token must not go anywhere but the API host).
+pub fn api_http() -> Result<reqwest::Client, MdeError> {
+    reqwest::Client::builder()
+        .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(30))
+        .timeout(API_TIMEOUT)
+        .build()
+        .map_err(|e| MdeError::Transport {
+            endpoint: "client",
+            message: e.to_string(),
+            timeout: false,
+        })
+}
+
 impl MdeClient {
+    /// One tenant's client over the process's shared `http` ([`api_http`]).
     pub fn new(
         tenant: Arc<TenantConfig>,
         governor: Governor,
         clock: RemoteClock,
+        http: reqwest::Client,
     ) -> Result<MdeClient, MdeError> {
         let api_base =
             Url::parse(tenant.api_base.trim_end_matches('/')).map_err(|e| MdeError::Decode {
                 endpoint: "config",
                 message: format!("api_base: {e}"),
-            })?;
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
-            // Never follow a redirect with the bearer token attached.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(30))
-            .timeout(API_TIMEOUT)
-            .build()
-            .map_err(|e| MdeError::Transport {
-                endpoint: "client",
-                message: e.to_string(),
-                timeout: false,
             })?;
         Ok(MdeClient {
             tenant,

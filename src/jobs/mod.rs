@@ -29,6 +29,8 @@ pub struct Context {
     pub db: Db,
     pub governor: Governor,
     pub blob: reqwest::Client,
+    /// The API and token calls' HTTP client, shared by every tenant.
+    pub api: reqwest::Client,
     /// The servers' clock, learned from every answer (link expiry is judged by it).
     pub clock: RemoteClock,
     pub cancel: CancellationToken,
@@ -71,6 +73,7 @@ impl Context {
     ) -> anyhow::Result<Context> {
         let governor = Governor::new(db.clone(), cfg.quota.clone());
         let blob = crate::fetch::blob_client(cfg.download.read_timeout)?;
+        let api = crate::mde::api_http()?;
         let store_breaker = breaker::Breaker::new(cfg.download.retry_base, cfg.download.retry_max);
         let transfers =
             transfers::Transfers::new(cfg.download.concurrency, cfg.download.per_tenant);
@@ -79,6 +82,7 @@ impl Context {
             db,
             governor,
             blob,
+            api,
             clock: RemoteClock::default(),
             cancel,
             owner: crate::queue::process_owner(),
@@ -109,7 +113,12 @@ impl Context {
             t.load_secret()?;
             let cfg = Arc::new(t.clone());
             out.push(Tenant {
-                client: MdeClient::new(cfg.clone(), self.governor.clone(), self.clock.clone())?,
+                client: MdeClient::new(
+                    cfg.clone(),
+                    self.governor.clone(),
+                    self.clock.clone(),
+                    self.api.clone(),
+                )?,
                 actor: crate::custody::actor(&t.client_id),
                 allow: Allowlist::new(&t.download_hosts),
                 breaker: breaker::Breaker::new(
