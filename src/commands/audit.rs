@@ -39,6 +39,9 @@ pub enum AuditCommand {
     },
     /// API calls per tenant and endpoint in the quota ledger (last hour), with 429s
     Quota {
+        /// Only this tenant (a host serving many tenants has a row per tenant and endpoint)
+        #[arg(long, value_name = "T")]
+        tenant: Option<String>,
         #[command(flatten)]
         format: FormatArg,
     },
@@ -103,7 +106,9 @@ pub async fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
             .map_err(DbError::sql("audit custody"))?;
             (rows, format.format)
         }
-        AuditCommand::Quota { format } => {
+        AuditCommand::Quota { tenant, format } => {
+            // An unknown tenant is one clear line (exit 2), not an empty table.
+            cfg.select_tenants(tenant.as_deref())?;
             let since = crate::time::now_ms() - (cfg.quota.hour_secs * 1000.0) as i64;
             let rows = Rows::query(
                 &conn,
@@ -111,8 +116,9 @@ pub async fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
                         sum(CASE WHEN http_status = 429 THEN 1 ELSE 0 END) AS throttled_429,
                         sum(CASE WHEN http_status >= 500 OR http_status = 0 THEN 1 ELSE 0 END) AS errors,
                         max(at_ms) AS last_call_ms
-                 FROM api_calls WHERE at_ms > ?1 GROUP BY tenant, endpoint ORDER BY tenant, endpoint",
-                &[&since],
+                 FROM api_calls WHERE at_ms > ?1 AND (?2 IS NULL OR tenant = ?2)
+                 GROUP BY tenant, endpoint ORDER BY tenant, endpoint",
+                &[&since, &tenant],
             )
             .map_err(DbError::sql("audit quota"))?;
             (rows, format.format)

@@ -92,4 +92,8 @@ async fn status_stays_readable_with_many_tenants() {
         .filter(|w| w.starts_with("sim") && w.len() <= 5)
         .collect();
     assert_eq!(tenants_shown, ["sim3"].into_iter().collect(), "{one}");
+    let (csv, _) = e.run_ok(&["audit", "quota", "--tenant", "sim3", "--format", "csv"]);
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert!(!rows.is_empty(), "{csv}");
+    assert!(rows.iter().all(|r| r.starts_with("sim3,")), "{csv}");
 }
