@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 HOUR=${1:-60}
 ACTIONS=${2:-3600}
 MINUTE=$(python3 -c "print($HOUR/60)")
-OUT=bench/out/quota-$(date +%Y%m%d-%H%M%S)
+OUT=$PWD/bench/out/quota-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 cargo build --locked --release -q
 BIN=target/release/lrvault

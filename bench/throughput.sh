@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-1073741824}
-OUT=bench/out/throughput-$(date +%Y%m%d-%H%M%S)
+OUT=$PWD/bench/out/throughput-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 cargo build --locked --release -q
 BIN=$PWD/target/release/lrvault
