@@ -6,8 +6,9 @@
 //! download into `<final>.<tag>.partial` while hashing it ([`PackageWriter`]), `zipout` writes
 //! the zip container front to back, `tagfiles` the BagIt tag files, `place` names partials and
 //! moves a package into place without overwriting, `compression` decides per payload how its
-//! entry is laid out ([`CompressionChoice`], [`EntryLayout`]), `hashers` runs the payload's and
-//! the package's hashes on threads of their own, `readback` reads the file back behind the
+//! entry is laid out ([`CompressionChoice`], [`EntryLayout`]), `pool` holds the process's
+//! threads for writing and hashing packages ([`PackageThreads`]), `hashers` runs the payload's
+//! and the package's hashes in lanes on them, `readback` reads the file back behind the
 //! writer, `check` re-reads a package entry by entry after writing and for `lrvault verify`
 //! ([`check_package`]), and `transcript` extracts the few fields we record from RunScript
 //! output ([`parse_transcript`]).
@@ -19,6 +20,7 @@ mod hashers;
 mod names;
 mod partial;
 mod place;
+mod pool;
 mod readback;
 mod sink;
 mod tagfiles;
@@ -33,6 +35,7 @@ pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale
 pub use compression::{CompressionChoice, EntryLayout, EntryMethod};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
 pub use place::{partial_path_for, partial_target, partial_writer_gone, partials_of, sync_dirs};
+pub use pool::PackageThreads;
 pub use sink::{PackageSink, SealedPackage, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::PackageWriter;
@@ -80,6 +83,8 @@ pub struct PackageSpec {
     pub expected_size: Option<u64>,
     /// Compute the payload's MD5: only worth its time when the server sent one to check.
     pub compute_md5: bool,
+    /// The process's threads that write and hash packages.
+    pub threads: PackageThreads,
 }
 
 /// Hashes and sizes of one payload, known once its last byte has been written.
