@@ -214,9 +214,18 @@ pub(crate) const READ_BUFFER: usize = 1024 * 1024;
 
 /// Hands everything `reader` yields to `f`, a buffer at a time; returns how many bytes.
 pub(crate) fn for_each_chunk(
-    mut reader: impl io::Read,
-    mut f: impl FnMut(&[u8]) -> io::Result<()>,
+    reader: impl io::Read,
+    f: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<u64> {
+    read_chunks(reader, |e| e, f)
+}
+
+/// [`for_each_chunk`] with errors of the caller's own: a read error becomes `read_err(e)`.
+fn read_chunks<E>(
+    mut reader: impl io::Read,
+    read_err: impl Fn(io::Error) -> E,
+    mut f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
     let mut buf = vec![0u8; READ_BUFFER];
     let mut total = 0u64;
     loop {
@@ -224,11 +233,28 @@ pub(crate) fn for_each_chunk(
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(read_err(e)),
         };
         f(&buf[..n])?;
         total += n as u64;
     }
+}
+
+/// Reads `reader` to its end, hashing every buffer and handing it to `each` (a copy's
+/// writes); returns the size and SHA-256 (hex). A read error becomes `read_err(e)`. Serves
+/// every hashed copy (the backup's files, the export kit's).
+pub(crate) fn sha256_through<E>(
+    reader: impl io::Read,
+    read_err: impl Fn(io::Error) -> E,
+    mut each: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(u64, String), E> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let size = read_chunks(reader, read_err, |chunk| {
+        hasher.update(chunk);
+        each(chunk)
+    })?;
+    Ok((size, hex::encode(hasher.finalize())))
 }
 
 #[cfg(test)]

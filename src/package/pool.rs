@@ -437,21 +437,25 @@ mod tests {
         fed: Arc<Mutex<u64>>,
     }
 
+    /// A lane whose messages each wait for a go; counts those fed.
+    fn gated(threads: &PackageThreads) -> (Lane<Gated, ()>, mpsc::Sender<()>, Arc<Mutex<u64>>) {
+        let (go, gate) = mpsc::channel();
+        let fed = Arc::new(Mutex::new(0u64));
+        let state = Gated {
+            go: gate,
+            fed: fed.clone(),
+        };
+        let lane = threads.lane(state, |g, ()| {
+            g.go.recv().unwrap();
+            *lock(&g.fed) += 1;
+        });
+        (lane, go, fed)
+    }
+
     #[test]
     fn a_small_transfer_finishes_while_a_large_one_streams() {
         let threads = PackageThreads::with_threads(1, 1);
-        let (go, gate) = mpsc::channel();
-        let fed = Arc::new(Mutex::new(0u64));
-        let large = threads.lane(
-            Gated {
-                go: gate,
-                fed: fed.clone(),
-            },
-            |g, ()| {
-                g.go.recv().unwrap();
-                *lock(&g.fed) += 1;
-            },
-        );
+        let (large, go, fed) = gated(&threads);
         for _ in 0..100 {
             large.push((), None);
         }
@@ -485,18 +489,7 @@ mod tests {
     #[test]
     fn tickets_free_the_window_once_every_lane_has_fed_them() {
         let threads = PackageThreads::with_threads(1, 1);
-        let (go, gate) = mpsc::channel();
-        let fed = Arc::new(Mutex::new(0u64));
-        let lane = threads.lane(
-            Gated {
-                go: gate,
-                fed: fed.clone(),
-            },
-            |g, ()| {
-                g.go.recv().unwrap();
-                *lock(&g.fed) += 1;
-            },
-        );
+        let (lane, go, fed) = gated(&threads);
         let window = Window::new(2);
         let first = window.take();
         lane.push((), Some(first.clone()));
