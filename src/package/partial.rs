@@ -2,8 +2,8 @@
 //! abandoned, starts the disk's writeback of a large package while it is still streaming
 //! (`sync_file_range`, no thread), so the final fsync has only the tail left, hands every byte
 //! written to the package's hasher ([`super::hashers::PackageHasher`]) when the file is
-//! written front to back, and tells the read-back lane ([`super::readback::Follower`]) how
-//! far the file is written. Both carry the [`Ticket`] of the batch being written.
+//! written front to back (with the [`Ticket`] of the batch being written), and tells the
+//! read-back lane ([`super::readback::Follower`]) how far the file is written.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -108,7 +108,7 @@ impl PartialFile {
         if let Some(follower) = &self.follower
             && self.len - self.told >= FOLLOW_EVERY
         {
-            follower.written_to(self.len, self.ticket.clone());
+            follower.written_to(self.len);
             self.told = self.len;
         }
         if self.len - self.unsynced_from >= self.writeback_every {
@@ -121,7 +121,7 @@ impl PartialFile {
     /// The file, its hasher and its read-back lane (told the file's length).
     pub(crate) fn into_parts(self) -> Parts {
         if let Some(follower) = &self.follower {
-            follower.written_to(self.len, None);
+            follower.written_to(self.len);
         }
         Parts {
             file: self.file,

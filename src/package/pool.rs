@@ -394,6 +394,11 @@ impl Window {
     pub(crate) fn in_flight(&self) -> usize {
         *lock(&self.inner.taken)
     }
+
+    /// True when a batch can start without waiting.
+    pub(crate) fn has_room(&self) -> bool {
+        *lock(&self.inner.taken) < self.inner.limit
+    }
 }
 
 #[cfg(test)]

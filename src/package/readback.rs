@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use flate2::{Decompress, FlushDecompress, Status};
 use sha2::{Digest, Sha256};
 
-use super::pool::{Lane, PackageThreads, Ticket};
+use super::pool::{Lane, PackageThreads};
 
 /// Bytes read (and inflated) at a time.
 const READ_AT_ONCE: usize = 256 * 1024;
@@ -115,9 +115,10 @@ impl Follower {
         Ok(Follower { lane })
     }
 
-    /// The file is written up to `end`: read it that far (holding `ticket` until then).
-    pub(crate) fn written_to(&self, end: u64, ticket: Option<Ticket>) {
-        self.lane.push(end, ticket);
+    /// The file is written up to `end`: read it that far. The message holds no batch's slot:
+    /// the bytes are in the page cache, not in our memory.
+    pub(crate) fn written_to(&self, end: u64) {
+        self.lane.push(end, None);
     }
 
     /// Waits for the lane to read what it was told is written: the whole file, once the last
@@ -270,16 +271,16 @@ mod tests {
         let mut file = File::create(&path).unwrap();
         file.write_all(b"HEADER").unwrap();
         let (follower, _) = start(&path, PayloadAt::Inflate { from: 6 }, false);
-        follower.written_to(6, None);
+        follower.written_to(6);
         let mut at = 6u64;
         for chunk in deflated.chunks(501) {
             file.write_all(chunk).unwrap();
             at += chunk.len() as u64;
-            follower.written_to(at, None);
+            follower.written_to(at);
         }
         // What follows the entry is never read as payload.
         file.write_all(b"PK\x07\x08NEXT ENTRY").unwrap();
-        follower.written_to(at + 14, None);
+        follower.written_to(at + 14);
         let whole = std::fs::read(&path).unwrap();
         assert_eq!(
             follower.finish().unwrap(),
@@ -305,7 +306,7 @@ mod tests {
         let half = deflated.len() / 2;
         std::fs::write(&path, &deflated[..half]).unwrap();
         let (follower, _) = start(&path, PayloadAt::Inflate { from: 0 }, false);
-        follower.written_to(half as u64, None);
+        follower.written_to(half as u64);
         let err = follower.finish().unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -314,7 +315,7 @@ mod tests {
 
         // Told of more bytes than the file holds.
         let (follower, _) = start(&path, PayloadAt::Inflate { from: 0 }, false);
-        follower.written_to(half as u64 + 1, None);
+        follower.written_to(half as u64 + 1);
         let err = follower.finish().unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -323,7 +324,7 @@ mod tests {
 
         let (follower, abandoned) = start(&path, PayloadAt::Inflate { from: 0 }, false);
         abandoned.store(true, Ordering::Relaxed);
-        follower.written_to(half as u64, None);
+        follower.written_to(half as u64);
         let err = follower.finish().unwrap_err();
         assert_eq!(err.to_string(), "the package was given up");
     }
@@ -342,7 +343,7 @@ mod tests {
             len: payload.len() as u64,
         };
         let (follower, _) = start(&path, at, true);
-        follower.written_to(whole.len() as u64, None);
+        follower.written_to(whole.len() as u64);
         let found = follower.finish().unwrap();
         assert_eq!(found.sha256, Some(hex::encode(Sha256::digest(&whole))));
         assert_eq!(

@@ -1,11 +1,12 @@
 //! The package writer fed through a bounded channel, so the task that receives the download
 //! never waits on hashing, compression or the disk. The chunks are the HTTP client's own
-//! buffers, passed on without a copy; an async task gathers them into batches of about a MiB,
-//! waits (without a thread) until the package has a free slot in its window of batches in
-//! flight, and hands each batch to the writer on a blocking thread under one of the process's
-//! writer permits ([`PackageThreads::section`]); the writer's hashing runs in lanes on the
-//! process's hashing threads. So no thread is held while a transfer waits on the network or on
-//! its hashes, and memory stays flat: at most [`CHANNEL_CHUNKS`] chunks wait here, and
+//! buffers, passed on without a copy. An async task waits (without a thread) for a chunk and
+//! for a free slot in the package's window of batches in flight, then runs a *section* on a
+//! blocking thread under one of the process's writer permits ([`PackageThreads::section`]):
+//! the writer takes that chunk and whatever else the channel already holds, while the window
+//! has room, up to [`SECTION_BYTES`]. The writer's hashing runs in lanes on the process's
+//! hashing threads. So no thread is held while a transfer waits on the network or on its
+//! hashes, and memory stays flat: at most [`CHANNEL_CHUNKS`] chunks wait here, and
 //! [`WINDOW_BATCHES`] batches in the package's lanes.
 //!
 //! Life of a sink: [`PackageSink::create`] → the download sends chunks to
@@ -19,6 +20,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::pool::Window;
 use super::writer::WINDOW_BATCHES;
 use super::{
     PackageError, PackageInfo, PackageSpec, PackageThreads, PackageWriter, PayloadDigests,
@@ -26,8 +28,8 @@ use super::{
 
 /// Chunks buffered between the download and the writer.
 const CHANNEL_CHUNKS: usize = 16;
-/// Bytes handed to the writer at a time.
-const SECTION_BYTES: usize = 1 << 20;
+/// Most bytes handed to the writer in one section (one permit held).
+const SECTION_BYTES: usize = 8 << 20;
 /// Transcripts larger than this are archived but not parsed.
 const TRANSCRIPT_PARSE_LIMIT: usize = 4 << 20;
 
@@ -157,57 +159,92 @@ impl SealedPackage {
     }
 }
 
+/// The writer's side of the channel, moved into each section and back.
+struct Feeding {
+    writer: PackageWriter,
+    rx: mpsc::Receiver<Bytes>,
+    head: Option<Vec<u8>>,
+    /// The download has ended (its sender is gone).
+    ended: bool,
+}
+
+impl Feeding {
+    fn write(&mut self, chunk: Bytes) -> Result<(), PackageError> {
+        if let Some(h) = self.head.as_mut() {
+            if h.len() + chunk.len() <= TRANSCRIPT_PARSE_LIMIT {
+                h.extend_from_slice(&chunk);
+            } else {
+                self.head = None;
+            }
+        }
+        self.writer.write(chunk)
+    }
+
+    /// A section: writes `first`, then whatever the channel already holds while the window
+    /// has room for a batch, up to [`SECTION_BYTES`]; never waits for the network or the
+    /// hashes (see the module docs).
+    fn write_ready(mut self, first: Bytes, window: &Window) -> Result<Self, PackageError> {
+        let mut written = first.len();
+        self.write(first)?;
+        while written < SECTION_BYTES && window.has_room() {
+            match self.rx.try_recv() {
+                Ok(chunk) => {
+                    written += chunk.len();
+                    self.write(chunk)?;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.ended = true;
+                    break;
+                }
+            }
+        }
+        Ok(self)
+    }
+}
+
 /// Hands the download's chunks to `writer` a section at a time (see the module docs), then
 /// ends the payload. On an error the writer is dropped, which removes the partial, and the
 /// channel closes, which stops the download.
 async fn feed(
-    mut writer: PackageWriter,
-    mut rx: mpsc::Receiver<Bytes>,
+    writer: PackageWriter,
+    rx: mpsc::Receiver<Bytes>,
     capture_head: bool,
     threads: PackageThreads,
 ) -> Result<Written, PackageError> {
-    let mut head = capture_head.then(Vec::new);
     let window = writer.window();
-    loop {
-        let (mut chunks, mut len, mut ended) = (Vec::new(), 0, false);
-        while len < SECTION_BYTES {
-            let Some(chunk) = rx.recv().await else {
-                ended = true;
-                break;
-            };
-            if let Some(h) = head.as_mut() {
-                if h.len() + chunk.len() <= TRANSCRIPT_PARSE_LIMIT {
-                    h.extend_from_slice(&chunk);
-                } else {
-                    head = None;
-                }
-            }
-            len += chunk.len();
-            chunks.push(chunk);
-        }
-        // A section writes at most two batches, and ending the payload waits for them all:
-        // wait here, holding no thread, rather than there, holding a permit.
-        let in_flight = if ended { 0 } else { WINDOW_BATCHES - 2 };
-        window.at_most(in_flight).await;
-        let (back, digests) = threads
-            .section(move || -> Result<_, PackageError> {
-                for chunk in chunks {
-                    writer.write(chunk)?;
-                }
-                let digests = ended.then(|| writer.end_payload()).transpose()?;
-                Ok((writer, digests))
-            })
+    let mut f = Feeding {
+        writer,
+        rx,
+        head: capture_head.then(Vec::new),
+        ended: false,
+    };
+    while !f.ended {
+        let Some(first) = f.rx.recv().await else {
+            break;
+        };
+        // A chunk fills at most one batch: wait for room here, holding no thread.
+        window.at_most(WINDOW_BATCHES - 1).await;
+        let w = window.clone();
+        f = threads
+            .section(move || f.write_ready(first, &w))
             .await
             .map_err(task_error)??;
-        writer = back;
-        if let Some(digests) = digests {
-            return Ok(Written {
-                writer,
-                digests,
-                head,
-            });
-        }
     }
+    // Ending the payload waits for every batch: wait here, not holding a permit.
+    window.at_most(0).await;
+    let Feeding {
+        mut writer, head, ..
+    } = f;
+    let (writer, digests) = threads
+        .section(move || writer.end_payload().map(|d| (writer, d)))
+        .await
+        .map_err(task_error)??;
+    Ok(Written {
+        writer,
+        digests,
+        head,
+    })
 }
 
 fn task_error(e: tokio::task::JoinError) -> PackageError {

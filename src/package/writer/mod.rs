@@ -55,7 +55,7 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const WRITE_BUFFER: usize = 256 * 1024;
 const PACKAGE_MODE: u32 = 0o440;
 /// Batches of one package in flight between the writer and its lanes.
-pub(crate) const WINDOW_BATCHES: usize = 3;
+pub(crate) const WINDOW_BATCHES: usize = 4;
 
 type Zip = ZipOut<BufWriter<PartialFile>>;
 

@@ -54,7 +54,7 @@ impl PackageWriter {
         let mut told = 0;
         while told < len {
             told = (told + super::super::READ_BUFFER as u64).min(len);
-            follower.written_to(told, None);
+            follower.written_to(told);
         }
         Ok(follower)
     }
