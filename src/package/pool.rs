@@ -14,15 +14,20 @@
 //!   [`PackageThreads::section`] on tokio's blocking threads;
 //! - per package, a [`Window`] of batches in flight: every message carries the [`Ticket`] of
 //!   the batch it came from, a batch's slot is free again once every lane has taken it, and a
-//!   writer starts no batch while its window is full. Memory stays flat, and a writer never
-//!   holds a permit while it waits for the hashing to catch up.
+//!   writer starts no batch while its window, or the process's budget of batches in flight
+//!   ([`BUDGET_PER_THREAD`] per hashing thread), is full. Memory stays flat however many
+//!   transfers run, and a writer never holds a permit while it waits for the hashing.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Hashing threads per transfer the budget allows, before the cap by cores.
 const HASHING_PER_TRANSFER: usize = 4;
+/// Batches in flight in the whole process, per hashing thread: enough to keep every thread
+/// busy, few enough that memory does not grow with the number of transfers.
+const BUDGET_PER_THREAD: usize = 4;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -33,6 +38,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct PackageThreads {
     shared: Arc<Shared>,
     writers: Arc<tokio::sync::Semaphore>,
+    budget: Arc<Budget>,
     /// The hashing threads end when the last handle (and so the last lane) is gone.
     _owner: Arc<Owner>,
 }
@@ -82,6 +88,7 @@ impl PackageThreads {
         });
         PackageThreads {
             _owner: Arc::new(Owner(shared.clone())),
+            budget: Budget::new(BUDGET_PER_THREAD * shared.threads),
             shared,
             writers: Arc::new(tokio::sync::Semaphore::new(writers.max(1))),
         }
@@ -318,17 +325,33 @@ impl<S: Send + 'static, M: Send + 'static> Job for LaneInner<S, M> {
     }
 }
 
-/// A package's batches in flight (see the module docs).
-#[derive(Clone)]
-pub(crate) struct Window {
-    inner: Arc<WindowInner>,
-}
-
-struct WindowInner {
+/// Batches in flight in the whole process, shared by every package's [`Window`].
+struct Budget {
     limit: usize,
+    /// Batches in flight in all, under which every window's own count changes too.
     taken: Mutex<usize>,
     freed: Condvar,
     notify: tokio::sync::Notify,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit: limit.max(1),
+            taken: Mutex::new(0),
+            freed: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+/// A package's batches in flight (see the module docs): at most its own limit, and at most
+/// the process's budget for all packages.
+#[derive(Clone)]
+pub(crate) struct Window {
+    budget: Arc<Budget>,
+    own: Arc<AtomicUsize>,
+    limit: usize,
 }
 
 /// A batch's slot in its [`Window`]; free again when the last clone is dropped.
@@ -337,67 +360,94 @@ pub(crate) struct Ticket {
     _slot: Arc<Slot>,
 }
 
-struct Slot(Arc<WindowInner>);
+struct Slot {
+    budget: Arc<Budget>,
+    own: Arc<AtomicUsize>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *lock(&self.0.taken) -= 1;
-        self.0.freed.notify_all();
-        self.0.notify.notify_waiters();
+        let mut taken = lock(&self.budget.taken);
+        *taken -= 1;
+        self.own.fetch_sub(1, Ordering::Relaxed);
+        drop(taken);
+        self.budget.freed.notify_all();
+        self.budget.notify.notify_waiters();
+    }
+}
+
+impl PackageThreads {
+    /// A new package's window of at most `limit` batches in flight, within the budget.
+    pub(crate) fn window(&self, limit: usize) -> Window {
+        Window {
+            budget: self.budget.clone(),
+            own: Arc::default(),
+            limit: limit.max(1),
+        }
     }
 }
 
 impl Window {
-    /// At most `limit` batches in flight.
+    /// At most `limit` batches in flight, with a budget of its own.
+    #[cfg(test)]
     pub(crate) fn new(limit: usize) -> Window {
         Window {
-            inner: Arc::new(WindowInner {
-                limit: limit.max(1),
-                taken: Mutex::new(0),
-                freed: Condvar::new(),
-                notify: tokio::sync::Notify::new(),
-            }),
+            budget: Budget::new(limit),
+            own: Arc::default(),
+            limit: limit.max(1),
         }
     }
 
-    /// A slot for the next batch; waits while the window is full.
+    fn room(&self, taken: usize) -> bool {
+        self.own.load(Ordering::Relaxed) < self.limit && taken < self.budget.limit
+    }
+
+    /// A slot for the next batch; waits while the window or the budget is full.
     pub(crate) fn take(&self) -> Ticket {
-        let mut taken = lock(&self.inner.taken);
-        while *taken >= self.inner.limit {
+        let mut taken = lock(&self.budget.taken);
+        while !self.room(*taken) {
             taken = self
-                .inner
+                .budget
                 .freed
                 .wait(taken)
                 .unwrap_or_else(|p| p.into_inner());
         }
         *taken += 1;
+        self.own.fetch_add(1, Ordering::Relaxed);
         Ticket {
-            _slot: Arc::new(Slot(self.inner.clone())),
+            _slot: Arc::new(Slot {
+                budget: self.budget.clone(),
+                own: self.own.clone(),
+            }),
         }
     }
 
-    /// Waits until at most `in_flight` batches are in flight.
-    pub(crate) async fn at_most(&self, in_flight: usize) {
+    /// True when a batch can start without waiting.
+    pub(crate) fn has_room(&self) -> bool {
+        self.room(*lock(&self.budget.taken))
+    }
+
+    /// Waits until a batch can start (or, with `drained`, until none is in flight).
+    pub(crate) async fn ready(&self, drained: bool) {
         loop {
-            let notified = self.inner.notify.notified();
+            let notified = self.budget.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if *lock(&self.inner.taken) <= in_flight {
+            let ok = match drained {
+                true => self.own.load(Ordering::Relaxed) == 0,
+                false => self.has_room(),
+            };
+            if ok {
                 return;
             }
             notified.await;
         }
     }
 
-    /// Batches in flight now.
+    /// This package's batches in flight now.
     #[cfg(test)]
     pub(crate) fn in_flight(&self) -> usize {
-        *lock(&self.inner.taken)
-    }
-
-    /// True when a batch can start without waiting.
-    pub(crate) fn has_room(&self) -> bool {
-        *lock(&self.inner.taken) < self.inner.limit
+        self.own.load(Ordering::Relaxed)
     }
 }
 
@@ -510,5 +560,25 @@ mod tests {
         go.send(()).unwrap();
         assert_eq!(lane.finish(|g| *lock(&g.fed)), Some(3));
         assert_eq!(window.in_flight(), 0);
+    }
+
+    #[test]
+    fn every_window_shares_the_process_budget() {
+        // One hashing thread: a budget of BUDGET_PER_THREAD batches for all packages.
+        let threads = PackageThreads::with_threads(1, 1);
+        let (large, small) = (threads.window(8), threads.window(8));
+        let mut held: Vec<Ticket> = (0..BUDGET_PER_THREAD).map(|_| large.take()).collect();
+        assert!(
+            !large.has_room() && !small.has_room(),
+            "the budget is spent"
+        );
+        held.pop();
+        assert!(small.has_room());
+        let _mine = small.take();
+        assert_eq!((large.in_flight(), small.in_flight()), (3, 1));
+        // A window's own limit binds below the budget.
+        let one = PackageThreads::with_threads(4, 1).window(1);
+        let _first = one.take();
+        assert!(!one.has_room());
     }
 }

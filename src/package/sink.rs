@@ -6,8 +6,8 @@
 //! the writer takes that chunk and whatever else the channel already holds, while the window
 //! has room, up to [`SECTION_BYTES`]. The writer's hashing runs in lanes on the process's
 //! hashing threads. So no thread is held while a transfer waits on the network or on its
-//! hashes, and memory stays flat: at most [`CHANNEL_CHUNKS`] chunks wait here, and
-//! [`WINDOW_BATCHES`] batches in the package's lanes.
+//! hashes, and memory stays flat: at most [`CHANNEL_CHUNKS`] chunks wait here, and a few
+//! batches in the package's lanes, within the process's budget (see [`super::pool`]).
 //!
 //! Life of a sink: [`PackageSink::create`] → the download sends chunks to
 //! [`PackageSink::sender`] → [`PackageSink::close`] hands back a [`StreamedPackage`] with the
@@ -21,13 +21,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::pool::Window;
-use super::writer::WINDOW_BATCHES;
 use super::{
     PackageError, PackageInfo, PackageSpec, PackageThreads, PackageWriter, PayloadDigests,
 };
 
-/// Chunks buffered between the download and the writer.
-const CHANNEL_CHUNKS: usize = 16;
+/// Chunks buffered between the download and the writer. Few: a chunk may hold on to a much
+/// larger buffer of the HTTP client, and a transfer waiting for a permit keeps them all.
+const CHANNEL_CHUNKS: usize = 4;
 /// Most bytes handed to the writer in one section (one permit held).
 const SECTION_BYTES: usize = 8 << 20;
 /// Transcripts larger than this are archived but not parsed.
@@ -224,7 +224,7 @@ async fn feed(
             break;
         };
         // A chunk fills at most one batch: wait for room here, holding no thread.
-        window.at_most(WINDOW_BATCHES - 1).await;
+        window.ready(false).await;
         let w = window.clone();
         f = threads
             .section(move || f.write_ready(first, &w))
@@ -232,7 +232,7 @@ async fn feed(
             .map_err(task_error)??;
     }
     // Ending the payload waits for every batch: wait here, not holding a permit.
-    window.at_most(0).await;
+    window.ready(true).await;
     let Feeding {
         mut writer, head, ..
     } = f;
