@@ -4,7 +4,7 @@
 //! rsync (docs/operations.md §10); [`super::restore`] puts both back.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Args as ClapArgs;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::custody::{self, Event, EventKind, Head};
@@ -220,20 +219,10 @@ pub(super) fn copy_hashed(from: &Path, to: &Path, mode: u32) -> Result<(u64, Str
 /// Reads `path` in chunks, hashing each and handing it to `each`; returns size and SHA-256.
 fn hash_through(
     path: &Path,
-    mut each: impl FnMut(&[u8]) -> Result<(), FileError>,
+    each: impl FnMut(&[u8]) -> Result<(), FileError>,
 ) -> Result<(u64, String), FileError> {
-    let mut f = File::open(path).map_err(file_err("open", path))?;
-    let (mut hasher, mut buf, mut n) = (Sha256::new(), vec![0u8; 1 << 16], 0u64);
-    loop {
-        let got = f.read(&mut buf).map_err(file_err("read", path))?;
-        if got == 0 {
-            break;
-        }
-        hasher.update(&buf[..got]);
-        each(&buf[..got])?;
-        n += got as u64;
-    }
-    Ok((n, hex::encode(hasher.finalize())))
+    let f = File::open(path).map_err(file_err("open", path))?;
+    crate::package::sha256_through(f, |e| file_err("read", path)(e), each)
 }
 
 /// `path` with `suffix` appended to its file name.

@@ -19,7 +19,6 @@ use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, OFlag, openat};
 use nix::sys::stat::{Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, fsync, unlinkat};
-use sha2::{Digest, Sha256};
 
 /// Mode of the kit's packages.
 pub const PACKAGE_MODE: u32 = 0o440;
@@ -231,21 +230,13 @@ impl KitDir {
         let mut file = self.create_file(rel)?;
         let path = self.path().join(rel);
         let io = |op, e| KitError::io(op, &path, e);
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io("reading the source of", e)),
-            };
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(|e| io("writing", e))?;
-        }
+        let (_, sha) = crate::package::sha256_through(
+            src,
+            |e| io("reading the source of", e),
+            |chunk| file.write_all(chunk).map_err(|e| io("writing", e)),
+        )?;
         fchmod(&file, mode(mode_bits)).map_err(|e| io("setting the mode of", e.into()))?;
         file.sync_all().map_err(|e| io("syncing", e))?;
-        let sha = hex::encode(hasher.finalize());
         self.sums.insert(rel.to_string(), sha.clone());
         Ok(sha)
     }

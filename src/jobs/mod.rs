@@ -45,6 +45,8 @@ pub struct Context {
     pub store_breaker: breaker::Breaker,
     /// `download.concurrency` transfers for the whole process, handed to tenants in turn.
     pub transfers: transfers::Transfers,
+    /// The threads that write and hash packages, sized from `download.concurrency`.
+    pub package_threads: crate::package::PackageThreads,
 }
 
 /// One tenant's client, identity and breaker.
@@ -77,6 +79,8 @@ impl Context {
         let store_breaker = breaker::Breaker::new(cfg.download.retry_base, cfg.download.retry_max);
         let transfers =
             transfers::Transfers::new(cfg.download.concurrency, cfg.download.per_tenant);
+        let package_threads =
+            crate::package::PackageThreads::for_transfers(cfg.download.concurrency);
         Ok(Context {
             cfg,
             db,
@@ -90,6 +94,7 @@ impl Context {
             store,
             store_breaker,
             transfers,
+            package_threads,
         })
     }
 

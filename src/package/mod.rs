@@ -6,8 +6,9 @@
 //! download into `<final>.<tag>.partial` while hashing it ([`PackageWriter`]), `zipout` writes
 //! the zip container front to back, `tagfiles` the BagIt tag files, `place` names partials and
 //! moves a package into place without overwriting, `compression` decides per payload how its
-//! entry is laid out ([`CompressionChoice`], [`EntryLayout`]), `hashers` runs the payload's and
-//! the package's hashes on threads of their own, `readback` reads the file back behind the
+//! entry is laid out ([`CompressionChoice`], [`EntryLayout`]), `pool` holds the process's
+//! threads for writing and hashing packages ([`PackageThreads`]), `hashers` runs the payload's
+//! and the package's hashes in lanes on them, `readback` reads the file back behind the
 //! writer, `check` re-reads a package entry by entry after writing and for `lrvault verify`
 //! ([`check_package`]), and `transcript` extracts the few fields we record from RunScript
 //! output ([`parse_transcript`]).
@@ -19,6 +20,7 @@ mod hashers;
 mod names;
 mod partial;
 mod place;
+mod pool;
 mod readback;
 mod sink;
 mod tagfiles;
@@ -33,6 +35,7 @@ pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale
 pub use compression::{CompressionChoice, EntryLayout, EntryMethod};
 pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
 pub use place::{partial_path_for, partial_target, partial_writer_gone, partials_of, sync_dirs};
+pub use pool::PackageThreads;
 pub use sink::{PackageSink, SealedPackage, StreamedPackage};
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::PackageWriter;
@@ -80,6 +83,8 @@ pub struct PackageSpec {
     pub expected_size: Option<u64>,
     /// Compute the payload's MD5: only worth its time when the server sent one to check.
     pub compute_md5: bool,
+    /// The process's threads that write and hash packages.
+    pub threads: PackageThreads,
 }
 
 /// Hashes and sizes of one payload, known once its last byte has been written.
@@ -209,9 +214,18 @@ pub(crate) const READ_BUFFER: usize = 1024 * 1024;
 
 /// Hands everything `reader` yields to `f`, a buffer at a time; returns how many bytes.
 pub(crate) fn for_each_chunk(
-    mut reader: impl io::Read,
-    mut f: impl FnMut(&[u8]) -> io::Result<()>,
+    reader: impl io::Read,
+    f: impl FnMut(&[u8]) -> io::Result<()>,
 ) -> io::Result<u64> {
+    read_chunks(reader, |e| e, f)
+}
+
+/// [`for_each_chunk`] with errors of the caller's own: a read error becomes `read_err(e)`.
+fn read_chunks<E>(
+    mut reader: impl io::Read,
+    read_err: impl Fn(io::Error) -> E,
+    mut f: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
     let mut buf = vec![0u8; READ_BUFFER];
     let mut total = 0u64;
     loop {
@@ -219,11 +233,28 @@ pub(crate) fn for_each_chunk(
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(read_err(e)),
         };
         f(&buf[..n])?;
         total += n as u64;
     }
+}
+
+/// Reads `reader` to its end, hashing every buffer and handing it to `each` (a copy's
+/// writes); returns the size and SHA-256 (hex). A read error becomes `read_err(e)`. Serves
+/// every hashed copy (the backup's files, the export kit's).
+pub(crate) fn sha256_through<E>(
+    reader: impl io::Read,
+    read_err: impl Fn(io::Error) -> E,
+    mut each: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(u64, String), E> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let size = read_chunks(reader, read_err, |chunk| {
+        hasher.update(chunk);
+        each(chunk)
+    })?;
+    Ok((size, hex::encode(hasher.finalize())))
 }
 
 #[cfg(test)]

@@ -1,94 +1,134 @@
 //! The `<final>.partial` file under the zip writer: it discards writes once the package is
-//! abandoned, gets a large package onto the disk while it is still streaming
-//! ([`Writeback`]), so the final fsync has only the tail left, hands every byte written to the
-//! package's hasher ([`super::hashers::PackageHasher`]) when the file is written front to back,
-//! and tells the read-back thread ([`super::readback`]) how far the file is written.
+//! abandoned, starts the disk's writeback of a large package while it is still streaming
+//! (`sync_file_range`, no thread), so the final fsync has only the tail left, hands every byte
+//! written to the package's hasher ([`super::hashers::PackageHasher`]) when the file is
+//! written front to back (with the [`Ticket`] of the batch being written), and tells the
+//! read-back lane ([`super::readback::Follower`]) how far the file is written.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use super::hashers::PackageHasher;
-use super::readback::Progress;
+use super::pool::Ticket;
+use super::readback::Follower;
 
-/// Bytes written between early syncs of a large package.
+/// Bytes written between early writebacks of a large package.
 const WRITEBACK_EVERY: u64 = 64 << 20;
+/// Bytes written between two messages to the read-back lane.
+const FOLLOW_EVERY: u64 = 1 << 20;
 
 /// The partial file under the zip writer. Once the package is abandoned (or a write to it
-/// failed, which dooms it) further writes are discarded: the zip crate finalises an archive
-/// when its writer is dropped, and on a full disk that would fail again (and print to stderr)
-/// for a file that is about to be removed anyway. The first error still reaches the caller.
+/// failed, which dooms it) further writes are discarded: the zip writer's last writes would
+/// fail again on a full disk, for a file that is about to be removed anyway. The first error
+/// still reaches the caller.
 pub(crate) struct PartialFile {
     file: File,
     abandoned: Arc<AtomicBool>,
-    /// Started once the package grows past [`WRITEBACK_EVERY`].
-    writeback: Option<Writeback>,
-    unsynced: u64,
+    /// Where the written bytes since the last early writeback start.
+    unsynced_from: u64,
     writeback_every: u64,
-    /// Where the next write goes (the zip writer seeks back once per entry to fill in its
-    /// header).
+    /// Early writebacks started.
+    writebacks: u32,
+    /// Where the next write goes (the `stored` layout seeks back once to fill in its header).
     pos: u64,
-    progress: Arc<Progress>,
+    /// The file's length.
+    len: u64,
     /// Hashes what is written, in order (only when nothing is ever written twice).
     hasher: Option<PackageHasher>,
+    /// Reads the file back behind the writer, told every [`FOLLOW_EVERY`] bytes.
+    follower: Option<Follower>,
+    told: u64,
+    /// The batch being written.
+    ticket: Option<Ticket>,
     /// Tests: the byte at this offset is changed in the file once written, as a bad disk would.
     #[cfg(test)]
     pub(crate) flip_at: Option<u64>,
+}
+
+/// A partial file once its last byte is written.
+pub(crate) struct Parts {
+    pub file: File,
+    pub len: u64,
+    pub hasher: Option<PackageHasher>,
+    /// Told the file's length.
+    pub follower: Option<Follower>,
 }
 
 impl PartialFile {
     pub(crate) fn new(
         file: File,
         abandoned: Arc<AtomicBool>,
-        progress: Arc<Progress>,
         hasher: Option<PackageHasher>,
     ) -> Self {
         PartialFile {
             file,
             abandoned,
-            writeback: None,
-            unsynced: 0,
+            unsynced_from: 0,
             writeback_every: WRITEBACK_EVERY,
+            writebacks: 0,
             pos: 0,
-            progress,
+            len: 0,
             hasher,
+            follower: None,
+            told: 0,
+            ticket: None,
             #[cfg(test)]
             flip_at: None,
         }
     }
 
-    /// Where the next write goes.
-    #[cfg(test)]
-    fn position(&self) -> u64 {
-        self.pos
+    /// Reads the file back behind the writer from now on.
+    pub(crate) fn follow(&mut self, follower: Follower) {
+        self.follower = Some(follower);
     }
 
-    /// Counts written bytes and nudges the early writeback every [`WRITEBACK_EVERY`].
-    fn wrote(&mut self, n: usize) -> io::Result<()> {
-        self.pos += n as u64;
-        self.progress.written_to(self.pos);
-        self.unsynced += n as u64;
-        if self.unsynced < self.writeback_every {
-            return Ok(());
+    /// The batch whose bytes are written next (`None`: bytes of no batch).
+    pub(crate) fn writing(&mut self, ticket: Option<Ticket>) {
+        self.ticket = ticket;
+    }
+
+    /// Hands what was just written on: to the hasher, (tests) to the bad disk, to the count.
+    fn passed(&mut self, written: &[u8]) -> io::Result<()> {
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.update(written, self.ticket.as_ref());
         }
-        self.unsynced = 0;
-        let writeback = match &mut self.writeback {
-            Some(w) => w,
-            None => self.writeback.insert(Writeback::start(&self.file)?),
-        };
-        writeback.nudge();
+        #[cfg(test)]
+        self.flip(written)?;
+        self.wrote(written.len());
         Ok(())
     }
 
-    /// The file and its hasher, once every early sync has ended; fails if one of them failed.
-    pub(crate) fn into_parts(self) -> io::Result<(File, Option<PackageHasher>)> {
-        if let Some(writeback) = self.writeback {
-            writeback.finish()?;
+    /// Counts written bytes, tells the read-back lane, and starts the early writeback every
+    /// [`WRITEBACK_EVERY`].
+    fn wrote(&mut self, n: usize) {
+        self.pos += n as u64;
+        self.len = self.len.max(self.pos);
+        if let Some(follower) = &self.follower
+            && self.len - self.told >= FOLLOW_EVERY
+        {
+            follower.written_to(self.len);
+            self.told = self.len;
         }
-        Ok((self.file, self.hasher))
+        if self.len - self.unsynced_from >= self.writeback_every {
+            start_writeback(&self.file, self.unsynced_from, self.len);
+            self.writebacks += 1;
+            self.unsynced_from = self.len;
+        }
+    }
+
+    /// The file, its hasher and its read-back lane (told the file's length).
+    pub(crate) fn into_parts(self) -> Parts {
+        if let Some(follower) = &self.follower {
+            follower.written_to(self.len);
+        }
+        Parts {
+            file: self.file,
+            len: self.len,
+            hasher: self.hasher,
+            follower: self.follower,
+        }
     }
 
     #[cfg(test)]
@@ -114,19 +154,38 @@ impl PartialFile {
     }
 }
 
+/// Asks the kernel to start writing `[from, to)` of `file` to the disk, without waiting: the
+/// final fsync then has only the tail left, and reports any error of this writeback too.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; it reads and writes no memory of ours.
+    let r = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            (to - from) as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if r != 0 {
+        // Only an optimisation: the final fsync writes (and checks) everything.
+        tracing::debug!(error = %io::Error::last_os_error(), "early writeback not started");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _from: u64, _to: u64) {}
+
 impl Write for PartialFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.is_abandoned() {
             return Ok(buf.len());
         }
-        let r = self.file.write(buf).and_then(|n| {
-            if let Some(hasher) = self.hasher.as_mut() {
-                hasher.update(&buf[..n]);
-            }
-            #[cfg(test)]
-            self.flip(&buf[..n])?;
-            self.wrote(n).map(|()| n)
-        });
+        let r = self
+            .file
+            .write(buf)
+            .and_then(|n| self.passed(&buf[..n]).map(|()| n));
         self.doom(r)
     }
 
@@ -141,7 +200,7 @@ impl Write for PartialFile {
 
 impl io::Seek for PartialFile {
     fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
-        if self.hasher.is_some() {
+        if self.hasher.is_some() || self.follower.is_some() {
             return self.doom(Err(io::Error::other(
                 "a package hashed as it is written cannot seek",
             )));
@@ -154,93 +213,50 @@ impl io::Seek for PartialFile {
     }
 }
 
-/// Gets a large package onto the disk while it is still streaming: every [`WRITEBACK_EVERY`]
-/// bytes a helper thread runs `fdatasync`, so disk and network work at the same time and the
-/// final fsync only has the tail left. The helper shares the file description, so an error it
-/// sees would not reach the final fsync: it is kept and fails the package instead.
-struct Writeback {
-    nudge: SyncSender<()>,
-    failed: Arc<Mutex<Option<io::Error>>>,
-    handle: JoinHandle<()>,
-}
-
-impl Writeback {
-    fn start(file: &File) -> io::Result<Writeback> {
-        let file = file.try_clone()?;
-        let failed = Arc::new(Mutex::new(None));
-        let (nudge, nudged) = sync_channel::<()>(1);
-        let slot = failed.clone();
-        let handle = std::thread::Builder::new()
-            .name("lrvault-writeback".into())
-            .spawn(move || {
-                for () in nudged {
-                    if let Err(e) = file.sync_data() {
-                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        return;
-                    }
-                }
-            })?;
-        Ok(Writeback {
-            nudge,
-            failed,
-            handle,
-        })
-    }
-
-    /// Asks for a sync; one already asked for and not started yet covers this one too.
-    fn nudge(&self) {
-        let _ = self.nudge.try_send(());
-    }
-
-    fn finish(self) -> io::Result<()> {
-        drop(self.nudge);
-        self.handle
-            .join()
-            .map_err(|_| io::Error::other("the writeback thread failed"))?;
-        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        failed.map_or(Ok(()), Err)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::package::pool::PackageThreads;
+    use crate::package::readback::PayloadAt;
 
     #[test]
-    fn early_syncs_run_and_the_file_comes_back_whole() {
+    fn early_writebacks_start_and_the_file_comes_back_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.partial");
         let abandoned = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(Progress::default());
+        let threads = PackageThreads::with_threads(2, 1);
         let mut partial = PartialFile::new(
             File::create(&path).unwrap(),
             abandoned.clone(),
-            progress.clone(),
-            Some(PackageHasher::start().unwrap()),
+            Some(PackageHasher::start(&threads)),
         );
         partial.writeback_every = 4096;
-        let chunk: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let at = PayloadAt::Stored { from: 0, len: 0 };
+        let follower = Follower::start(&threads, &path, at, false, abandoned.clone());
+        partial.follow(follower.unwrap());
+        let chunk: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         for _ in 0..10 {
             partial.write_all(&chunk).unwrap();
         }
-        assert!(partial.writeback.is_some(), "the helper started");
-        assert_eq!(partial.position(), 30_000, "every byte written is counted");
-        let (file, hasher) = partial.into_parts().unwrap();
-        drop(file);
-        assert_eq!(std::fs::read(&path).unwrap(), chunk.repeat(10));
-        let written = hasher.unwrap().finish().unwrap();
         assert_eq!(
-            written.sha256,
-            crate::package::sha256_hex(&chunk.repeat(10))
+            partial.writebacks, 10,
+            "one per 4096 bytes, at most one per write"
+        );
+        assert_eq!(partial.pos, 3_000_000, "every byte written is counted");
+        let parts = partial.into_parts();
+        assert_eq!(parts.len, 3_000_000);
+        assert_eq!(std::fs::read(&path).unwrap(), chunk.repeat(10));
+        let written = parts.hasher.unwrap().finish().unwrap();
+        let whole = chunk.repeat(10);
+        assert_eq!(written.sha256, crate::package::sha256_hex(&whole));
+        let read = parts.follower.unwrap().finish().unwrap();
+        assert_eq!(
+            (read.file_size, read.file_crc32),
+            (whole.len() as u64, crc32fast::hash(&whole))
         );
 
         // Once abandoned, writes go nowhere (and succeed).
-        let mut partial = PartialFile::new(
-            File::create(&path).unwrap(),
-            abandoned.clone(),
-            progress,
-            None,
-        );
+        let mut partial = PartialFile::new(File::create(&path).unwrap(), abandoned.clone(), None);
         abandoned.store(true, Ordering::Relaxed);
         partial.write_all(b"ignored").unwrap();
         drop(partial);

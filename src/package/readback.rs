@@ -1,5 +1,6 @@
-//! The writer's re-check reads the partial file back: one thread ([`Follower`]) reads it front
-//! to back, right behind the writer (the page cache is warm), and
+//! The writer's re-check reads the partial file back: one lane on the process's hashing
+//! threads ([`Follower`], see [`super::pool`]) reads it front to back, right behind the writer
+//! (the page cache is warm), about a MiB per message, and
 //!
 //! - takes the CRC-32 of every byte, which the writer compares with the CRC-32 of the bytes it
 //!   wrote (and hashed for the package SHA-256): the file holds exactly what was hashed;
@@ -16,99 +17,19 @@
 //! re-hashes every byte with SHA-256.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use flate2::{Decompress, FlushDecompress, Status};
 use sha2::{Digest, Sha256};
 
-use super::for_each_chunk;
+use super::pool::{Lane, PackageThreads};
 
-/// How far the partial file is written, shared by the writer (through
-/// [`super::partial::PartialFile`]) and the read-back thread.
-#[derive(Debug, Default)]
-pub(crate) struct Progress {
-    state: Mutex<State>,
-    moved: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    /// Bytes `[0, written)` of the file are written (not in a buffer any more).
-    written: u64,
-    /// Every byte of the file is written.
-    ended: bool,
-    /// The package is given up: the read-back stops.
-    abandoned: bool,
-}
-
-impl Progress {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn update(&self, f: impl FnOnce(&mut State)) {
-        f(&mut self.lock());
-        self.moved.notify_all();
-    }
-
-    /// The file is written up to `end`.
-    pub(crate) fn written_to(&self, end: u64) {
-        self.update(|s| s.written = s.written.max(end));
-    }
-
-    /// The whole file is written.
-    pub(crate) fn end(&self) {
-        self.update(|s| s.ended = true);
-    }
-
-    pub(crate) fn abandon(&self) {
-        self.update(|s| s.abandoned = true);
-    }
-}
-
-/// Reads the partial file from its start, waiting for the writer when it gets ahead of it.
-struct TailReader {
-    file: File,
-    pos: u64,
-    progress: Arc<Progress>,
-}
-
-impl Read for TailReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = {
-            let mut state = self.progress.lock();
-            loop {
-                if state.abandoned {
-                    return Err(io::Error::other("the package was given up"));
-                }
-                if state.written > self.pos {
-                    break buf.len().min((state.written - self.pos) as usize);
-                }
-                if state.ended {
-                    return Ok(0);
-                }
-                state = self
-                    .progress
-                    .moved
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
-        };
-        let n = self.file.read_at(&mut buf[..n], self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the partial file is shorter than what was written to it",
-            ));
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
+/// Bytes read (and inflated) at a time.
+const READ_AT_ONCE: usize = 256 * 1024;
 
 /// Where the payload entry's data is, and how to decode it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,35 +61,112 @@ pub(crate) struct ReadBack {
     pub payload: PayloadRead,
 }
 
-/// The read-back thread; see the module docs.
+/// The read-back lane; see the module docs.
 pub(crate) struct Follower {
-    handle: JoinHandle<io::Result<ReadBack>>,
+    lane: Lane<Follow, u64>,
+}
+
+/// What the read-back lane works on.
+struct Follow {
+    file: File,
+    /// Bytes `[0, pos)` are read back.
+    pos: u64,
+    crc: crc32fast::Hasher,
+    sha: Option<Sha256>,
+    payload: PayloadDecoder,
+    buf: Vec<u8>,
+    /// Set when the package is given up: the rest is not read.
+    abandoned: Arc<AtomicBool>,
+    failed: Option<io::Error>,
 }
 
 impl Follower {
-    /// Starts reading `partial` from its start; `sha256` also hashes it.
+    /// Opens `partial` to read it from its start as [`written_to`](Self::written_to) says;
+    /// `sha256` also hashes it.
     pub(crate) fn start(
+        threads: &PackageThreads,
         partial: &Path,
         payload: PayloadAt,
         sha256: bool,
-        progress: Arc<Progress>,
+        abandoned: Arc<AtomicBool>,
     ) -> io::Result<Follower> {
-        let tail = TailReader {
+        let follow = Follow {
             file: File::open(partial)?,
             pos: 0,
-            progress,
+            crc: crc32fast::Hasher::new(),
+            sha: sha256.then(Sha256::new),
+            payload: PayloadDecoder {
+                at: payload,
+                inflate: Decompress::new(false),
+                out: Vec::with_capacity(READ_AT_ONCE),
+                crc: crc32fast::Hasher::new(),
+                size: 0,
+                end: None,
+            },
+            buf: vec![0u8; READ_AT_ONCE],
+            abandoned,
+            failed: None,
         };
-        let handle = std::thread::Builder::new()
-            .name("lrvault-readback".into())
-            .spawn(move || follow(tail, payload, sha256))?;
-        Ok(Follower { handle })
+        let lane = threads.lane(follow, |f: &mut Follow, end: u64| {
+            if f.failed.is_none() && !f.abandoned.load(Ordering::Relaxed) {
+                f.failed = f.read_to(end).err();
+            }
+        });
+        Ok(Follower { lane })
     }
 
-    /// Waits for the thread to read the whole file (call after [`Progress::end`]).
+    /// The file is written up to `end`: read it that far. The message holds no batch's slot:
+    /// the bytes are in the page cache, not in our memory.
+    pub(crate) fn written_to(&self, end: u64) {
+        self.lane.push(end, None);
+    }
+
+    /// Waits for the lane to read what it was told is written: the whole file, once the last
+    /// [`written_to`](Self::written_to) gave its size.
     pub(crate) fn finish(self) -> io::Result<ReadBack> {
-        self.handle
-            .join()
-            .map_err(|_| io::Error::other("the read-back thread failed"))?
+        let follow = self
+            .lane
+            .finish(|f| f)
+            .ok_or_else(|| io::Error::other("the read-back failed"))?;
+        if let Some(e) = follow.failed {
+            return Err(e);
+        }
+        if follow.abandoned.load(Ordering::Relaxed) {
+            return Err(io::Error::other("the package was given up"));
+        }
+        Ok(ReadBack {
+            file_size: follow.pos,
+            file_crc32: follow.crc.finalize(),
+            sha256: follow.sha.map(|s| hex::encode(s.finalize())),
+            payload: follow.payload.finish()?,
+        })
+    }
+}
+
+impl Follow {
+    fn read_to(&mut self, end: u64) -> io::Result<()> {
+        while self.pos < end {
+            let want = READ_AT_ONCE.min((end - self.pos) as usize);
+            let n = match self.file.read_at(&mut self.buf[..want], self.pos) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the partial file is shorter than what was written to it",
+                    ));
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let bytes = &self.buf[..n];
+            self.crc.update(bytes);
+            if let Some(sha) = self.sha.as_mut() {
+                sha.update(bytes);
+            }
+            self.payload.feed(self.pos, bytes)?;
+            self.pos += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -246,35 +244,6 @@ impl PayloadDecoder {
     }
 }
 
-fn follow(tail: TailReader, at: PayloadAt, sha256: bool) -> io::Result<ReadBack> {
-    let mut crc = crc32fast::Hasher::new();
-    let mut sha = sha256.then(Sha256::new);
-    let mut payload = PayloadDecoder {
-        at,
-        inflate: Decompress::new(false),
-        out: Vec::with_capacity(super::READ_BUFFER),
-        crc: crc32fast::Hasher::new(),
-        size: 0,
-        end: None,
-    };
-    let mut pos = 0u64;
-    let file_size = for_each_chunk(tail, |bytes| {
-        crc.update(bytes);
-        if let Some(sha) = sha.as_mut() {
-            sha.update(bytes);
-        }
-        payload.feed(pos, bytes)?;
-        pos += bytes.len() as u64;
-        Ok(())
-    })?;
-    Ok(ReadBack {
-        file_size,
-        file_crc32: crc.finalize(),
-        sha256: sha.map(|s| hex::encode(s.finalize())),
-        payload: payload.finish()?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +255,13 @@ mod tests {
         enc.finish().unwrap()
     }
 
+    fn start(path: &Path, at: PayloadAt, sha256: bool) -> (Follower, Arc<AtomicBool>) {
+        let threads = PackageThreads::with_threads(1, 1);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let follower = Follower::start(&threads, path, at, sha256, abandoned.clone()).unwrap();
+        (follower, abandoned)
+    }
+
     #[test]
     fn inflates_behind_the_writer_and_stops_at_the_stream_end() {
         let dir = tempfile::tempdir().unwrap();
@@ -293,26 +269,18 @@ mod tests {
         let text = b"a line of a log file\n".repeat(20_000);
         let deflated = deflate(&text);
         let mut file = File::create(&path).unwrap();
-        let progress = Arc::new(Progress::default());
         file.write_all(b"HEADER").unwrap();
-        progress.written_to(6);
-        let follower = Follower::start(
-            &path,
-            PayloadAt::Inflate { from: 6 },
-            false,
-            progress.clone(),
-        )
-        .unwrap();
+        let (follower, _) = start(&path, PayloadAt::Inflate { from: 6 }, false);
+        follower.written_to(6);
         let mut at = 6u64;
         for chunk in deflated.chunks(501) {
             file.write_all(chunk).unwrap();
             at += chunk.len() as u64;
-            progress.written_to(at);
+            follower.written_to(at);
         }
         // What follows the entry is never read as payload.
         file.write_all(b"PK\x07\x08NEXT ENTRY").unwrap();
-        progress.written_to(at + 14);
-        progress.end();
+        follower.written_to(at + 14);
         let whole = std::fs::read(&path).unwrap();
         assert_eq!(
             follower.finish().unwrap(),
@@ -337,54 +305,46 @@ mod tests {
         let deflated = deflate(&b"evidence ".repeat(50_000));
         let half = deflated.len() / 2;
         std::fs::write(&path, &deflated[..half]).unwrap();
-        let progress = Arc::new(Progress::default());
-        let follower = Follower::start(
-            &path,
-            PayloadAt::Inflate { from: 0 },
-            false,
-            progress.clone(),
-        )
-        .unwrap();
-        progress.written_to(half as u64);
-        progress.end();
+        let (follower, _) = start(&path, PayloadAt::Inflate { from: 0 }, false);
+        follower.written_to(half as u64);
         let err = follower.finish().unwrap_err();
         assert_eq!(
             err.to_string(),
             "the payload's deflate data ends past the end of the file"
         );
 
-        let progress = Arc::new(Progress::default());
-        let follower = Follower::start(
-            &path,
-            PayloadAt::Inflate { from: 0 },
-            false,
-            progress.clone(),
-        )
-        .unwrap();
-        progress.abandon();
-        assert!(follower.finish().is_err());
+        // Told of more bytes than the file holds.
+        let (follower, _) = start(&path, PayloadAt::Inflate { from: 0 }, false);
+        follower.written_to(half as u64 + 1);
+        let err = follower.finish().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the partial file is shorter than what was written to it"
+        );
+
+        let (follower, abandoned) = start(&path, PayloadAt::Inflate { from: 0 }, false);
+        abandoned.store(true, Ordering::Relaxed);
+        follower.written_to(half as u64);
+        let err = follower.finish().unwrap_err();
+        assert_eq!(err.to_string(), "the package was given up");
     }
 
     #[test]
     fn a_stored_payload_and_the_whole_file_hash() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.partial");
-        let payload = b"stored payload bytes".repeat(10_000);
+        let payload = b"stored payload bytes".repeat(100_000);
         let mut whole = b"HEAD".to_vec();
         whole.extend_from_slice(&payload);
         whole.extend_from_slice(b"TAIL");
         std::fs::write(&path, &whole).unwrap();
-        let progress = Arc::new(Progress::default());
-        progress.written_to(whole.len() as u64);
-        progress.end();
         let at = PayloadAt::Stored {
             from: 4,
             len: payload.len() as u64,
         };
-        let found = Follower::start(&path, at, true, progress)
-            .unwrap()
-            .finish()
-            .unwrap();
+        let (follower, _) = start(&path, at, true);
+        follower.written_to(whole.len() as u64);
+        let found = follower.finish().unwrap();
         assert_eq!(found.sha256, Some(hex::encode(Sha256::digest(&whole))));
         assert_eq!(
             found.payload,

@@ -94,7 +94,6 @@ impl<W: Write + Seek> ZipOut<W> {
         }
     }
 
-    #[cfg(test)]
     pub(crate) fn inner_mut(&mut self) -> &mut W {
         &mut self.out
     }

@@ -5,6 +5,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
 use super::*;
+use sha2::{Digest, Sha256};
 
 fn mode_of(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)

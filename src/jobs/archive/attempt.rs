@@ -88,6 +88,7 @@ impl<'a> Plan<'a> {
             compression: ctx.cfg.store.compression,
             expected_size,
             compute_md5,
+            threads: ctx.package_threads.clone(),
         }
     }
 

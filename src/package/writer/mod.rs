@@ -10,9 +10,10 @@
 //! (an error, [`abort`](PackageWriter::abort), a drop) removes the partial file.
 //!
 //! Memory stays flat: the payload goes into the zip entry in batches of about a MiB, its hashes
-//! run on their own threads over the same buffers ([`super::hashers`]), the package file is
-//! hashed from the bytes as they are written (every layout but `stored` is written front to
-//! back), and one thread reads the file back right behind the writer ([`super::readback`]).
+//! run in lanes on the process's hashing threads over the same buffers ([`super::hashers`],
+//! [`super::pool`]), the package file is hashed from the bytes as they are written (every
+//! layout but `stored` is written front to back), and one lane reads the file back right
+//! behind the writer ([`super::readback`]). At most [`WINDOW_BATCHES`] batches are in flight.
 
 mod seal;
 #[cfg(test)]
@@ -37,7 +38,8 @@ use super::place::{
     check_rel_path, create_partial, first_missing_ancestor, move_into_place, partial_path_for,
     writer_tag,
 };
-use super::readback::{Follower, PayloadAt, Progress};
+use super::pool::{PackageThreads, Window};
+use super::readback::{Follower, PayloadAt};
 use super::tagfiles::{BAGIT_TXT, TagFiles, bag_info_txt};
 use super::zipout::{PayloadEntry, ZipOut, dos_time};
 use super::{
@@ -52,6 +54,8 @@ const ZIP64_FROM: u64 = 0xF000_0000;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const WRITE_BUFFER: usize = 256 * 1024;
 const PACKAGE_MODE: u32 = 0o440;
+/// Batches of one package in flight between the writer and its lanes.
+pub(crate) const WINDOW_BATCHES: usize = 4;
 
 type Zip = ZipOut<BufWriter<PartialFile>>;
 
@@ -76,15 +80,12 @@ enum Phase {
         open: Open,
         gzip: bool,
         choice: CompressionChoice,
-        /// Reads the file back behind the writer (every layout but `stored`).
-        follower: Option<Follower>,
     },
     Ended {
         zip: Zip,
         tags: TagFiles,
         digests: PayloadDigests,
         entry: PayloadEntry,
-        follower: Option<Follower>,
     },
     Sealed,
     /// In place: nothing is removed on drop.
@@ -121,8 +122,9 @@ pub struct PackageWriter {
     partial_path: PathBuf,
     /// Set before an abandoned zip writer is dropped, so its final writes go nowhere.
     abandoned: Arc<AtomicBool>,
-    /// How far the file is written, for the read-back.
-    progress: Arc<Progress>,
+    /// The process's hashing threads, and this package's batches in flight.
+    threads: PackageThreads,
+    window: Window,
     /// Payload chunks not handed on yet (fewer than `BATCH_LEN` bytes).
     batch: Vec<Bytes>,
     batch_len: usize,
@@ -151,21 +153,16 @@ impl PackageWriter {
         let partial_path = partial_path_for(&final_path, &writer_tag());
         let file = create_partial(&parent, &final_path, &partial_path)?;
         let abandoned = Arc::new(AtomicBool::new(false));
-        let progress = Arc::new(Progress::default());
-        let task =
-            |what: &str, e: io::Error| PackageError::Task(format!("cannot start {what}: {e}"));
+        let threads = spec.threads;
         // Every layout but `stored` is written front to back: hash it as it is written.
-        let hasher = (spec.compression != Compression::Stored)
-            .then(PackageHasher::start)
-            .transpose()
-            .map_err(|e| task("the package hashing thread", e))?;
-        let file = PartialFile::new(file, abandoned.clone(), progress.clone(), hasher);
+        let hasher =
+            (spec.compression != Compression::Stored).then(|| PackageHasher::start(&threads));
+        let file = PartialFile::new(file, abandoned.clone(), hasher);
         let zip = ZipOut::new(
             BufWriter::with_capacity(WRITE_BUFFER, file),
             dos_time(chrono::Utc::now()),
         );
-        let hashers =
-            PayloadHashers::start(spec.compute_md5).map_err(|e| task("the hashing threads", e))?;
+        let hashers = PayloadHashers::start(&threads, spec.compute_md5);
         let open = Open {
             zip,
             hashers,
@@ -184,7 +181,8 @@ impl PackageWriter {
             final_path,
             partial_path,
             abandoned,
-            progress,
+            window: threads.window(WINDOW_BATCHES),
+            threads,
             batch: Vec::new(),
             batch_len: 0,
             size: 0,
@@ -248,7 +246,6 @@ impl PackageWriter {
             mut open,
             gzip,
             choice,
-            follower,
         } = std::mem::replace(&mut self.phase, Phase::Broken)
         else {
             return Err(self.out_of_order("end the payload"));
@@ -289,7 +286,6 @@ impl PackageWriter {
             tags: open.tags,
             digests: digests.clone(),
             entry,
-            follower,
         };
         Ok(digests)
     }
@@ -312,23 +308,19 @@ impl PackageWriter {
             tags,
             digests,
             entry,
-            follower,
         } = std::mem::replace(&mut self.phase, Phase::Broken)
         else {
             return Err(self.out_of_order("seal"));
         };
-        let (file, hasher) = self.close_zip(zip, tags, &digests, retrieval_json)?;
-        // The fsync waits on the disk while the re-check reads the page cache: both at once.
-        let (synced, checked) = std::thread::scope(|scope| {
-            let syncing = scope.spawn(move || file.sync_all());
-            let checked = self.recheck(&digests, entry, follower, hasher);
-            let synced = syncing
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the fsync thread failed")));
-            (synced, checked)
-        });
-        synced.map_err(self.io_err("fsyncing"))?;
-        let info = checked?;
+        let parts = self.close_zip(zip, tags, &digests, retrieval_json)?;
+        let follower = match parts.follower {
+            Some(follower) => follower,
+            None => self.read_back_stored(&entry, parts.len)?,
+        };
+        // The fsync waits on the disk while the read-back lane reads the page cache.
+        parts.file.sync_all().map_err(self.io_err("fsyncing"))?;
+        drop(parts.file);
+        let info = self.recheck(&digests, follower, parts.hasher)?;
         fs::set_permissions(&self.partial_path, fs::Permissions::from_mode(PACKAGE_MODE))
             .map_err(self.io_err("making read-only"))?;
         self.phase = Phase::Sealed;
@@ -349,6 +341,12 @@ impl PackageWriter {
         Ok(())
     }
 
+    /// This package's batches in flight: a caller that must not wait for the hashing (a
+    /// writer permit held) waits for a free slot first.
+    pub(crate) fn window(&self) -> Window {
+        self.window.clone()
+    }
+
     /// The partial file this writer writes.
     pub fn partial_path(&self) -> &Path {
         &self.partial_path
@@ -363,9 +361,8 @@ impl PackageWriter {
         if matches!(self.phase, Phase::Placed) {
             return;
         }
-        // The read-back thread stops at once (and closes its file).
-        self.progress.abandon();
-        // The zip's last writes are discarded (the file is doomed), and the fd is closed.
+        // The zip's last writes are discarded (the file is doomed), the read-back lane reads no
+        // further, and the fds are closed.
         self.abandoned.store(true, Ordering::Relaxed);
         self.phase = Phase::Placed;
         match fs::remove_file(&self.partial_path) {
@@ -387,10 +384,15 @@ impl PackageWriter {
         }
         let batch: Batch = std::mem::take(&mut self.batch).into();
         self.batch_len = 0;
+        let ticket = self.window.take();
         let judged = match &mut self.phase {
             Phase::Payload { open, .. } => {
-                open.hashers.feed(&batch);
-                return write_payload(&mut open.zip, &self.partial_path, &batch);
+                open.hashers.feed(&batch, &ticket);
+                // What the zip writer's buffer passes on later is bounded by the buffer.
+                open.zip.inner_mut().get_mut().writing(Some(ticket));
+                let written = write_payload(&mut open.zip, &self.partial_path, &batch);
+                open.zip.inner_mut().get_mut().writing(None);
+                return written;
             }
             Phase::Sniffing {
                 open,
@@ -401,14 +403,12 @@ impl PackageWriter {
                 if gzip.is_none() {
                     let head = head_of(&batch, MAGIC_LEN);
                     if head.starts_with(&GZIP_MAGIC) {
-                        open.hashers.start_gunzip().map_err(|e| {
-                            PackageError::Task(format!("cannot start the gunzip thread: {e}"))
-                        })?;
+                        open.hashers.start_gunzip();
                     }
                     *gzip = Some(head.starts_with(&GZIP_MAGIC));
                     *choice = choose_by_head(self.compression, &head);
                 }
-                open.hashers.feed(&batch);
+                open.hashers.feed(&batch, &ticket);
                 held.extend(batch.iter().cloned());
                 if choice.is_none() && held.iter().map(Bytes::len).sum::<usize>() >= SAMPLE_LEN {
                     *choice = Some(choose_by_sample(held));
@@ -447,22 +447,16 @@ impl PackageWriter {
             .zip
             .start_payload(&name, layout, self.large_file)
             .map_err(self.io_err("starting payload entry in"))?;
-        let follower = if layout.streams() {
+        if layout.streams() {
             let at = PayloadAt::Inflate { from: data_start };
-            let started = Follower::start(&self.partial_path, at, false, self.progress.clone());
-            Some(started.map_err(|e| {
-                PackageError::Task(format!("cannot start the read-back thread: {e}"))
-            })?)
-        } else {
-            None
-        };
+            let partial = &self.partial_path;
+            let follower =
+                Follower::start(&self.threads, partial, at, false, self.abandoned.clone())
+                    .map_err(self.io_err("opening for the read-back"))?;
+            open.zip.inner_mut().get_mut().follow(follower);
+        }
         write_payload(&mut open.zip, &self.partial_path, &held)?;
-        self.phase = Phase::Payload {
-            open,
-            gzip,
-            choice,
-            follower,
-        };
+        self.phase = Phase::Payload { open, gzip, choice };
         Ok(())
     }
 

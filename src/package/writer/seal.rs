@@ -1,28 +1,25 @@
 //! The end of a package's writing: the last tag files and the zip's central directory, and the
 //! re-check of the complete partial (`docs/evidence-format.md` §7) before it may be placed.
 
-use std::fs::File;
-use std::io;
-
 use super::super::check::{PayloadCheck, check_package_with};
 use super::super::hashers::PackageHasher;
-use super::super::partial::PartialFile;
-use super::super::readback::{Follower, PayloadAt, ReadBack};
+use super::super::partial::{PartialFile, Parts};
+use super::super::readback::{Follower, PayloadAt};
 use super::super::tagfiles::{TagFiles, manifest};
 use super::super::zipout::PayloadEntry;
 use super::super::{PackageError, PackageInfo, PayloadDigests};
 use super::{PackageWriter, Zip, add_tag_file};
 
 impl PackageWriter {
-    /// Adds the last tag files and the central directory; hands back the file (flushed) and,
-    /// when it was hashed as written, its hasher.
+    /// Adds the last tag files and the central directory; hands back the file (flushed), its
+    /// hasher when it was hashed as written, and its read-back lane when it was followed.
     pub(super) fn close_zip(
         &self,
         mut zip: Zip,
         mut tags: TagFiles,
         digests: &PayloadDigests,
         retrieval_json: &[u8],
-    ) -> Result<(File, Option<PackageHasher>), PackageError> {
+    ) -> Result<Parts, PackageError> {
         let at = (self.bag_name.as_str(), self.partial_path.as_path());
         add_tag_file((&mut zip, &mut tags), at, "retrieval.json", retrieval_json)?;
         let payload_manifest = manifest(&digests.sha256, &digests.payload_name);
@@ -34,10 +31,32 @@ impl PackageWriter {
         let parts = zip
             .finish()
             .and_then(|buffered| buffered.into_inner().map_err(|e| e.into_error()))
-            .and_then(PartialFile::into_parts)
+            .map(PartialFile::into_parts)
             .map_err(self.io_err("finishing"))?;
-        self.progress.end();
         Ok(parts)
+    }
+
+    /// `stored`: the local header was filled in after the payload, so the complete file is
+    /// read back (and hashed) now, in one more pass on the hashing threads.
+    pub(super) fn read_back_stored(
+        &self,
+        entry: &PayloadEntry,
+        len: u64,
+    ) -> Result<Follower, PackageError> {
+        let at = PayloadAt::Stored {
+            from: entry.data_start,
+            len: entry.size,
+        };
+        let partial = &self.partial_path;
+        let follower = Follower::start(&self.threads, partial, at, true, self.abandoned.clone())
+            .map_err(self.io_err("opening for the read-back"))?;
+        // A message per MiB, so the lane shares the threads in turns like every other.
+        let mut told = 0;
+        while told < len {
+            told = (told + super::super::READ_BUFFER as u64).min(len);
+            follower.written_to(told);
+        }
+        Ok(follower)
     }
 
     /// The re-check of the complete partial (see `docs/evidence-format.md` §7): what was read
@@ -46,48 +65,28 @@ impl PackageWriter {
     pub(super) fn recheck(
         &self,
         digests: &PayloadDigests,
-        entry: PayloadEntry,
-        follower: Option<Follower>,
+        follower: Follower,
         hasher: Option<PackageHasher>,
     ) -> Result<PackageInfo, PackageError> {
-        let read_back = |follower: io::Result<Follower>| {
-            follower
-                .and_then(Follower::finish)
-                .map_err(|e| PackageError::Verify {
-                    path: self.final_path.clone(),
-                    reason: format!("reading the package back from the file: {e}"),
-                })
-        };
-        let (found, package) = match (follower, hasher) {
-            (Some(follower), Some(hasher)) => {
-                let found: ReadBack = read_back(Ok(follower))?;
-                let written = hasher.finish().ok_or_else(|| {
-                    PackageError::Task("the package hashing thread failed".into())
-                })?;
+        let found = follower.finish().map_err(|e| PackageError::Verify {
+            path: self.final_path.clone(),
+            reason: format!("reading the package back from the file: {e}"),
+        })?;
+        let package = match hasher {
+            Some(hasher) => {
+                let written = hasher
+                    .finish()
+                    .ok_or_else(|| PackageError::Task("the package hashing lane failed".into()))?;
                 if (found.file_size, found.file_crc32) != (written.size, written.crc32) {
                     return Err(self.verify_failed(format!(
                         "the file reads back as {} bytes with CRC-32 {:08x}, but {} bytes with CRC-32 {:08x} were written",
                         found.file_size, found.file_crc32, written.size, written.crc32
                     )));
                 }
-                (found, (written.size, written.sha256))
+                (written.size, written.sha256)
             }
-            _ => {
-                // `stored`: the local header was filled in after the payload, so the file is
-                // hashed now, in one more pass.
-                let at = PayloadAt::Stored {
-                    from: entry.data_start,
-                    len: entry.size,
-                };
-                let found = read_back(Follower::start(
-                    &self.partial_path,
-                    at,
-                    true,
-                    self.progress.clone(),
-                ))?;
-                let package = (found.file_size, found.sha256.clone().unwrap_or_default());
-                (found, package)
-            }
+            // `stored`: hashed by the read-back.
+            None => (found.file_size, found.sha256.clone().unwrap_or_default()),
         };
         let check = check_package_with(
             &self.partial_path,

@@ -29,6 +29,7 @@ fn spec(root: &Path, base: &str, gz_suffix: bool, compression: Compression) -> P
         compression,
         expected_size: None,
         compute_md5: true,
+        threads: PackageThreads::with_threads(2, 1),
     }
 }
 
