@@ -63,7 +63,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// `[store]`: where evidence packages live (DESIGN §7, §7b).
+/// `[store]`: where evidence packages live (docs/evidence-format.md, §7b).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
@@ -214,7 +214,7 @@ fn check_bucket_name(backend: StoreBackend, name: &str) -> Result<(), String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
-    /// A local directory (`store.root`), DESIGN §7.
+    /// A local directory (`store.root`), docs/evidence-format.md.
     #[default]
     Fs,
     /// Amazon S3 or an S3-compatible store, with Object Lock.
@@ -355,7 +355,7 @@ impl Default for DownloadConfig {
     }
 }
 
-/// `[anchor]`: RFC 3161 trusted time for custody checkpoints, and their witness (DESIGN §7a).
+/// `[anchor]`: RFC 3161 trusted time for custody checkpoints, and their witness (docs/evidence-format.md §9).
 /// Empty strings mean "not set", as in the example file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

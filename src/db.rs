@@ -359,7 +359,7 @@ fn schema_objects(conn: &Connection) -> rusqlite::Result<Vec<SchemaObject>> {
     rows.collect()
 }
 
-/// Where `conn`'s schema differs from what the migrations make for its version (DESIGN §7a
+/// Where `conn`'s schema differs from what the migrations make for its version (docs/evidence-format.md §9
 /// rule 13): each missing, altered or foreign table, view, index or trigger, as
 /// ("{type} {name}", problem). A dropped append-only trigger or a stranger's trigger shows
 /// here, whoever wrote it.

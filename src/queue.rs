@@ -26,7 +26,7 @@ use crate::db::{Db, DbError, write_tx};
 /// How long a claim on a result lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(600);
 
-/// The state of a result (DESIGN §5).
+/// The state of a result (docs/audit.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ResultState {
@@ -493,7 +493,7 @@ pub async fn settle(
     .await
 }
 
-/// The detail of an ATTEMPT_FAILED row (DESIGN §6): who pays, why (a URL's query, where a
+/// The detail of an ATTEMPT_FAILED row (docs/audit.md §5-§6): who pays, why (a URL's query, where a
 /// SAS signature would be, never goes in), the attempts spent so far, when it is due again.
 fn attempt_failed(scope: &str, reason: &str, attempts: u32, next_attempt_at: &str) -> Value {
     json!({
@@ -516,7 +516,7 @@ fn without_queries(reason: &str) -> String {
         .join(" ")
 }
 
-/// What an archived result's `evidence` row holds (DESIGN §5).
+/// What an archived result's `evidence` row holds (docs/audit.md §2).
 #[derive(Debug, Clone)]
 pub struct EvidenceRecord {
     pub payload_name: String,
@@ -563,7 +563,7 @@ pub async fn commit_archived(
         }
         let evidence_id = uuid::Uuid::now_v7().to_string();
         // Every column of the evidence row is in its ARCHIVED row, and archived_at is that
-        // row's time, so verify proves what the audit shows (DESIGN §7a rule 7).
+        // row's time, so verify proves what the audit shows (docs/evidence-format.md §9).
         let mut detail = json!({
             "evidence_id": evidence_id,
             "package_sha256": rec.package_sha256,

@@ -14,7 +14,7 @@ pub const CHECKPOINT_DIR: &str = "_checkpoints";
 /// Checkpoint files are small; anything larger is not one of ours and is not read whole.
 const MAX_CHECKPOINT_BYTES: u64 = 64 * 1024;
 
-/// The content of one checkpoint file (DESIGN §7a), keys in this order.
+/// The content of one checkpoint file (docs/evidence-format.md §9), keys in this order.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {

@@ -1,5 +1,5 @@
 //! Where anchor files live: under `_checkpoints/` of the evidence store (`{store.root}` for
-//! `fs`, the same keys in an object store, DESIGN §7b) and, with `[anchor] witness`, under the
+//! `fs`, the same keys in an object store, docs/operations.md §14) and, with `[anchor] witness`, under the
 //! same keys of the witness (§7a rule 9). Every write goes through the store's own
 //! create-only small-file writer ([`Store::put_small`]); every read through
 //! [`Store::read_small`]. Readers that walk the checkpoint directory get a local one either

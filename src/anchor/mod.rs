@@ -1,4 +1,4 @@
-//! Anchors: the custody chain held outside the database (DESIGN §7a). A checkpoint file under
+//! Anchors: the custody chain held outside the database (docs/evidence-format.md §9). A checkpoint file under
 //! `{store.root}/_checkpoints/` (or those keys of an object store, `files`) pins one chain
 //! row; an RFC 3161 token from a timestamp authority pins the checkpoint to a trusted time,
 //! and an `ANCHORED` custody row records each token for good; the `anchors` table records

@@ -36,8 +36,8 @@ fn recorded(conn: &Connection) -> Result<HashMap<i64, bool>, DbError> {
         .map_err(DbError::sql("read anchors"))
 }
 
-/// Checkpoint seq → the token SHA-256 its `ANCHORED` row names (the chain's record, DESIGN
-/// §7a rule 8).
+/// Checkpoint seq → the token SHA-256 its `ANCHORED` row names (the chain's record,
+/// docs/evidence-format.md §9).
 pub fn anchored(conn: &Connection) -> Result<HashMap<i64, (i64, String)>, DbError> {
     let mut stmt = conn
         .prepare(

@@ -1,6 +1,6 @@
 //! Putting anchors in place: a checkpoint file plus its `anchors` row, and the tokens that a
 //! timestamp authority was not there to give earlier, each recorded by an `ANCHORED` custody
-//! row (DESIGN §7a rule 8) and copied to the witness (rule 9). The file always comes first: a
+//! row (docs/evidence-format.md §9) and copied to the witness (rule 9). The file always comes first: a
 //! crash before the row leaves a file that the next verify adopts (`reconcile`).
 
 use std::time::Duration;
@@ -140,7 +140,7 @@ pub async fn write_checkpoint(
 
 /// Pins the chain's current head with a checkpoint (`"by": "archive"`, no chain walk), asks
 /// the TSA for its token and copies both to the witness: the end of an archive pass that
-/// archived something (DESIGN §7a rule 12). Returns the checkpoint's key and the token round.
+/// archived something (docs/evidence-format.md §9). Returns the checkpoint's key and the token round.
 pub async fn checkpoint_head(
     cfg: &Config,
     db: &Db,

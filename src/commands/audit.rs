@@ -1,4 +1,4 @@
-//! `lrvault audit`: the canned compliance queries, over the stable views of DESIGN §5
+//! `lrvault audit`: the canned compliance queries, over the stable views of docs/audit.md §2
 //! (`v_evidence`, `v_custody`) and the quota ledger. Read-only.
 
 use std::path::Path;

@@ -94,7 +94,7 @@ fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let dir = match args.dir {
-        // The config it writes must hold absolute paths (DESIGN §3).
+        // The config it writes must hold absolute paths (config.example.toml).
         Some(d) => std::path::absolute(&d)?,
         None => tempfile_dir()?,
     };

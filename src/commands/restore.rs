@@ -131,7 +131,7 @@ async fn list_checkpoints(cfg: &Config) -> anyhow::Result<Vec<(i64, String, Stri
             rel.display().to_string(),
         ));
     }
-    // The witness's copies too (DESIGN §7a rule 11): a host whose local checkpoints were
+    // The witness's copies too (docs/evidence-format.md §9): a host whose local checkpoints were
     // rewritten to fit a forged backup still cannot rewrite these.
     if let Some(witness) = crate::anchor::open_witness(cfg)? {
         use futures_util::StreamExt;
@@ -331,7 +331,7 @@ fn stage(
     })
 }
 
-/// A backup is restored only when nothing in it could launder a forgery (DESIGN §7a rules
+/// A backup is restored only when nothing in it could launder a forgery (docs/evidence-format.md §9 rules
 /// 11 and 13): its schema is what the migrations made for its version, its chain recomputes
 /// from seq 1, and every checkpoint at or below its head pins a row of its chain. The first
 /// thing wrong is the error, in one line naming the object, row or checkpoint.

@@ -1,6 +1,6 @@
 //! The chain-of-custody log: append-only rows, each hashing the previous row's hash, so any
 //! edit, deletion or reordering is detectable with sqlite3 and ten lines of any language
-//! (formula in DESIGN.md §6 and docs/audit.md).
+//! (formula in docs/audit.md §5-§6 and docs/audit.md).
 
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde_json::Value;
@@ -35,7 +35,7 @@ pub enum EventKind {
     Restored,
     /// An attempt that failed and will be retried: its scope and reason.
     AttemptFailed,
-    /// A checkpoint received its RFC 3161 token (DESIGN §7a rule 8).
+    /// A checkpoint received its RFC 3161 token (docs/evidence-format.md §9).
     Anchored,
     /// A package is about to be placed in the store: the intent crash recovery adopts by.
     Publishing,
@@ -48,7 +48,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// Every event, in the order DESIGN §6 lists them; each is a row of `custody_events`.
+    /// Every event, in the order docs/audit.md §5-§6 lists them; each is a row of `custody_events`.
     pub const ALL: [EventKind; 21] = [
         EventKind::Discovered,
         EventKind::Queued,
@@ -265,7 +265,7 @@ pub struct RowHasher {
 }
 
 impl RowHasher {
-    /// `row_hash` per DESIGN §6 as lowercase hex: SHA-256 of the compact JSON array
+    /// `row_hash` per docs/audit.md §5-§6 as lowercase hex: SHA-256 of the compact JSON array
     /// `[prev_hash, seq, at, tenant, action_id, command_index, event, actor, evidence_sha256, package_path, detail]`.
     pub fn hex(&mut self, f: &Fields<'_>) -> [u8; 64] {
         // serde_json's compact output equals Python's json.dumps(separators=(",", ":"),
@@ -292,7 +292,7 @@ impl RowHasher {
     }
 }
 
-/// `row_hash` per DESIGN §6 (see [`RowHasher::hex`]).
+/// `row_hash` per docs/audit.md §5-§6 (see [`RowHasher::hex`]).
 pub fn row_hash(row: &Row) -> String {
     let hex = RowHasher::default().hex(&Fields::from(row));
     String::from_utf8_lossy(&hex).into_owned()
@@ -336,7 +336,7 @@ pub fn first_restore(conn: &rusqlite::Connection) -> Result<Option<i64>, DbError
 
 /// Checkpoints that genuine RESTORED rows declared superseded: (seq, row_hash) of rows that
 /// live on in a replaced database only. Only a checkpoint above the restored head counts,
-/// and only from a RESTORED row that directly follows that head (DESIGN §7a rule 11); a
+/// and only from a RESTORED row that directly follows that head (docs/evidence-format.md §9); a
 /// RESTORED row anywhere else is a defect ([`restore_defects`]) and supersedes nothing.
 pub fn superseded_checkpoints(
     conn: &rusqlite::Connection,
@@ -413,7 +413,7 @@ pub fn restore_defects(conn: &rusqlite::Connection) -> Result<Vec<(i64, String)>
 }
 
 /// A row of the chain that pins every row up to it: `{"seq": N, "row_hash": "…"}` in a
-/// package's `retrieval.json` (DESIGN §7a).
+/// package's `retrieval.json` (docs/evidence-format.md §9).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Head {
     pub seq: i64,
@@ -438,7 +438,7 @@ pub fn append_at(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<(Head, String),
         .optional()
         .map_err(DbError::sql("read custody head"))?
         .unwrap_or((0, GENESIS_HASH.to_string(), String::new()));
-    // Never earlier than the row before (DESIGN §6): a clock stepped back cannot reorder the
+    // Never earlier than the row before (docs/audit.md §5-§6): a clock stepped back cannot reorder the
     // log, so a row earlier than its predecessor can only be a forgery.
     let now = crate::time::now_str();
     let at = if now < last_at { last_at } else { now };

@@ -1,4 +1,4 @@
-//! The chain walk: every custody row recomputed from seq 1 (DESIGN §6), streamed so memory
+//! The chain walk: every custody row recomputed from seq 1 (docs/audit.md §5-§6), streamed so memory
 //! stays flat however long the chain is. Reading runs on the caller's thread (SQLite, types,
 //! links and gaps) and hashing on a second one, a batch of rows at a time: each row's hash
 //! covers only its own stored fields, so the two halves never wait on each other's results.
@@ -33,7 +33,7 @@ pub struct ChainWalk {
     /// walk takes as long as the busier of the two, whatever else shares the cores.
     pub reader_cpu_secs: f64,
     pub hasher_cpu_secs: f64,
-    /// The newest `at` seen so far: a row earlier than it is a defect (DESIGN §6).
+    /// The newest `at` seen so far: a row earlier than it is a defect (docs/audit.md §5-§6).
     pub last_at: String,
 }
 

@@ -4,14 +4,14 @@
 Run it in the kit's directory:
     python3 check_custody.py [--gen-time "Nov 28 03:17:05 2026 GMT"]
 
-1. The chain segment in custody.db recomputes (DESIGN section 6 formula), each row links to
+1. The chain segment in custody.db recomputes (the formula of lrvault's docs/audit.md section 5), each row links to
    the one before it, seq has no gap, no row's time is earlier than its predecessor's, and the
    last row is the one the checkpoint file pins (seq and row_hash). The segment's first row
    follows a row that is not in the kit; what pins the segment is its last row.
 2. Each evidence row agrees with its ARCHIVED custody row (payload SHA-256 and size, package
    SHA-256, path and name, evidence id, and original_* when the row records them) and with
    the DISCOVERED row of its action (machine, device name, requestor, creation time, and the
-   comment when the row records it); its path is the one DESIGN section 7 builds from them.
+   comment when the row records it); its path is the one lrvault's docs/evidence-format.md section 1 builds from them.
 3. Each package's zip is the one its ARCHIVED row records; its bag checks (both manifests, one
    payload hashing to the ARCHIVED row's evidence_sha256, a gzip payload's decompressed
    SHA-256 and size); its bag's name and External-Identifier ({tenant}/{action_id}/{index}),
@@ -59,7 +59,7 @@ def utc(text):
 
 
 def component(raw):
-    """DESIGN section 7: an API id as one path component."""
+    """docs/evidence-format.md section 1: an API id as one path component."""
     out = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in raw)[:200]
     return out.replace(".", "_") or "_" if set(out) <= {"."} else out
 
@@ -134,7 +134,7 @@ def check_rows(ev, name, rows_by_event):
     day = (ev["action_created_at"] or "")[:10].split("-")
     expected = "/".join([component(ev["tenant"]), *day, component(ev["action_id"]),
                          f"{ev['command_index']:03d}-{component(ev['command_type'] or '')}.zip"])
-    differs(name, "DESIGN section 7", [("package_path", ev["package_path"], expected)])
+    differs(name, "docs/evidence-format.md section 1", [("package_path", ev["package_path"], expected)])
     return a
 
 

@@ -58,7 +58,7 @@ impl KitError {
 
 /// A path inside the kit or the store as the store validates its keys (`/`-separated, no
 /// empty, `.` or `..` segment, not absolute), each segment made of the characters the store's
-/// own names use (`[A-Za-z0-9._-]`, DESIGN §7), so no path read from the database can leave
+/// own names use (`[A-Za-z0-9._-]`, docs/evidence-format.md), so no path read from the database can leave
 /// the kit, nor carry anything a shell or a README would read as code.
 pub fn check_rel(rel: &str) -> Result<(), KitError> {
     let bad = |reason: String| KitError::BadPath {

@@ -1,10 +1,10 @@
-//! The examiner's handover kit of `lrvault export` (DESIGN §2, §7a). For the selected evidence it
+//! The examiner's handover kit of `lrvault export` (README.md, §7a). For the selected evidence it
 //! copies the packages, the custody rows that concern them and every chain row from the
 //! first of those up to the checkpoint that covers them, that checkpoint and its RFC 3161
 //! token, the TSA's CA certificate, a stand-alone checking script and a README of checks with
 //! standard tools. The kit is written into a new directory through its handle and appears at
 //! `--out` only when complete ([`KitDir`]). Each exported package then gets an EXPORTED
-//! custody row. From an object store (DESIGN §7b) packages are copied out by the version their
+//! custody row. From an object store (docs/operations.md §14) packages are copied out by the version their
 //! ARCHIVED rows name, and the checkpoints are read from the store.
 
 mod kit;

@@ -1,4 +1,4 @@
-//! The per-tenant circuit breaker (DESIGN §4). A tenant-scope failure opens it: the tenant's
+//! The per-tenant circuit breaker (docs/operations.md §2). A tenant-scope failure opens it: the tenant's
 //! passes stop at once and, while it is open, one probe is let through per interval (doubling
 //! from `retry_base` to `retry_max`) until the API answers again. Other tenants go on.
 //!

@@ -315,7 +315,7 @@ fn record_action(
     let commands = action.commands();
     let detail = discovered_detail(action, source, &created, commands.len());
     // The DISCOVERED row comes first: the action's discovered_at is that row's time, and every
-    // column the audit shows is in its detail, so verify proves the action row (DESIGN §7a).
+    // column the audit shows is in its detail, so verify proves the action row (docs/evidence-format.md §9).
     let (_, discovered_at) = custody::append_at(
         &tx,
         &Event::new(tenant, action_id, None, EventKind::Discovered, actor).detail(detail),

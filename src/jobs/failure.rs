@@ -1,4 +1,4 @@
-//! Why something did not work, and who pays for it (DESIGN §4, "failure scope"). Every
+//! Why something did not work, and who pays for it (docs/operations.md §2, "failure scope"). Every
 //! failure of discovery and of the archive path is classified here, once:
 //!
 //! - **result** scope: belongs to this one result (a bad body, an MD5 or length mismatch, a

@@ -38,7 +38,7 @@ pub struct Context {
     pub owner: String,
     /// Set once this process has swept the store for orphaned partial files.
     pub partials_swept: AtomicBool,
-    /// Where packages and checkpoints go (DESIGN §7, §7b); one per process.
+    /// Where packages and checkpoints go (docs/evidence-format.md, §7b); one per process.
     pub store: Arc<Store>,
     /// Opens when the object store fails (unreachable, refusing): archive passes start no
     /// result while it is open, and one probe per interval tests the store again.
@@ -98,7 +98,7 @@ impl Context {
         })
     }
 
-    /// With `require_worm` (DESIGN §7b): proves the store enforces retention, or refuses
+    /// With `require_worm` (docs/operations.md §14): proves the store enforces retention, or refuses
     /// with one line (exit 2). Writing commands and the daemon call it before any work.
     pub async fn check_worm(&self) -> anyhow::Result<Option<crate::store::WormStatus>> {
         if !self.cfg.store.worm_required() {

@@ -1,4 +1,4 @@
-//! How a payload is laid out inside its package (DESIGN.md §7, `[store] compression`).
+//! How a payload is laid out inside its package (docs/evidence-format.md, `[store] compression`).
 //! `auto` puts what is already compressed (recognised by its magic bytes) and what a fast
 //! deflate of its first MiB cannot shrink by [`MIN_SAVING_PERCENT`] in stored blocks (deflate
 //! level 0: the bytes unchanged), and deflates the rest at [`FAST_LEVEL`]; both are DEFLATED

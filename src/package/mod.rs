@@ -1,5 +1,5 @@
 //! Evidence packages: one BagIt (RFC 8493) bag per command result, zipped and written
-//! atomically into the store (DESIGN.md §7).
+//! atomically into the store (docs/evidence-format.md).
 //!
 //! The pieces: `names` turns API-supplied strings into safe paths and payload names
 //! ([`package_rel_path`], [`payload_base_name`], [`sanitize_file_name`]), `writer` streams a

@@ -1,6 +1,6 @@
 //! Where a package is written and how it is put in place: partial names (`<final>.<tag>.partial`,
 //! one per writer), the move into place that never overwrites (hard link, else
-//! `renameat2(RENAME_NOREPLACE)`), and the directory fsyncs that make it durable (DESIGN.md §7).
+//! `renameat2(RENAME_NOREPLACE)`), and the directory fsyncs that make it durable (docs/evidence-format.md).
 
 use std::fs::{self, File};
 use std::io;

@@ -1,4 +1,4 @@
-//! The BagIt tag files of a package (RFC 8493; DESIGN.md §7): `bagit.txt`, `bag-info.txt`,
+//! The BagIt tag files of a package (RFC 8493; docs/evidence-format.md): `bagit.txt`, `bag-info.txt`,
 //! the payload manifest and the tag manifest, which lists every other tag file's SHA-256.
 
 use sha2::{Digest, Sha256};

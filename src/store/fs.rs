@@ -1,4 +1,4 @@
-//! The `fs` backend (the package directory of DESIGN §7, unchanged) and the local-file work
+//! The `fs` backend (the package directory of docs/evidence-format.md, unchanged) and the local-file work
 //! every backend shares: the spool, streamed copies out of the store.
 
 use std::io;
@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use super::{ByteStream, Expected, Listed, SpoolSweep, StoreError, Stored, hash_stream};
 use crate::config::StoreBackend;
 
-/// Packages and checkpoints are read-only once in place (DESIGN §7).
+/// Packages and checkpoints are read-only once in place (docs/evidence-format.md).
 const READ_ONLY: u32 = 0o440;
 
 #[derive(Debug)]

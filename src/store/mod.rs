@@ -1,4 +1,4 @@
-//! Where evidence packages and checkpoints live (DESIGN §7, §7a, §7b), behind one type:
+//! Where evidence packages and checkpoints live (docs/evidence-format.md, §7a, §7b), behind one type:
 //! [`Store`]. The `fs` backend is the package directory of §7, exactly as before; `s3` and
 //! `azure` are object stores (through the `object_store` crate) that nobody can rewrite once
 //! their WORM retention is set.
@@ -82,7 +82,7 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// The keys the ARCHIVED custody row's detail gains on an object store (DESIGN §7b):
+    /// The keys the ARCHIVED custody row's detail gains on an object store (docs/operations.md §14):
     /// `store`, `version_id` when there is one, `etag`. Empty for `fs`, whose rows stay as
     /// they were.
     pub fn custody_detail(&self) -> serde_json::Map<String, serde_json::Value> {
@@ -521,7 +521,7 @@ impl Store {
     /// Sets the file at `staging_path(key)` aside under `_quarantine/` of the same
     /// directory: a spool copy the store refused or that changed after its check, or (`fs`
     /// and spool alike) a package found at a result's path that this database was not
-    /// writing (DESIGN §7a rule 14). It is never uploaded nor adopted, and stays for an
+    /// writing (docs/evidence-format.md §9). It is never uploaded nor adopted, and stays for an
     /// operator to examine. Returns where it went.
     pub async fn quarantine(&self, key: &str) -> Result<PathBuf, StoreError> {
         check_key(key)?;

@@ -1,4 +1,4 @@
-//! Rule 14 of DESIGN §7a, as `verify` checks it: a package is adopted (found in place after
+//! Rule 14 of docs/evidence-format.md §9, as `verify` checks it: a package is adopted (found in place after
 //! a crash and recorded without being downloaded again) only when this database itself was
 //! writing it. So every ARCHIVED row whose detail says `adopted: true` must follow the
 //! result's DOWNLOADED row with the same payload SHA-256, and a PUBLISHING row (the intent
@@ -61,7 +61,7 @@ pub fn check(conn: &Connection, scope: &Scope, rec: &mut Recorder) -> Result<(),
                     .ok()
                     .and_then(|v| v.as_str().ok())
                     .map(str::to_string),
-                problem: format!("evidence {evidence} was adopted {problem} (DESIGN §7a rule 14)"),
+                problem: format!("evidence {evidence} was adopted {problem} (docs/evidence-format.md §9)"),
             })?;
         }
     }

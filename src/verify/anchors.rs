@@ -225,7 +225,7 @@ fn recorded_files(conn: &Connection, root: &Path, rec: &mut Recorder) -> Result<
 }
 
 /// Every checkpoint the chain names (ANCHORED and VERIFIED rows) must still be in the store,
-/// with the bytes a VERIFIED row recorded (DESIGN §7a rule 8), even when its `anchors` row
+/// with the bytes a VERIFIED row recorded (docs/evidence-format.md §9), even when its `anchors` row
 /// went with it.
 fn named_files(
     root: &Path,

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::custody::{self, Event, EventKind};
 use crate::db::{Db, DbError, write_tx};
 
-/// One defect (DESIGN §7a); each names the evidence id, path or seq an examiner looks at.
+/// One defect (docs/evidence-format.md §9); each names the evidence id, path or seq an examiner looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Defect {
     /// SQLite's own integrity check failed, or a table could not be read.

@@ -1,9 +1,9 @@
-//! Rule 7 of DESIGN §7a, the database half: every column that `audit` and `export` show is
+//! Rule 7 of docs/evidence-format.md §9, the database half: every column that `audit` and `export` show is
 //! compared with its source of truth in the chain, inside the snapshot's read transaction.
 //! - `actions` against the action's DISCOVERED row (machine, device name, requestor, comment,
 //!   status, times, raw JSON, tenant);
 //! - each evidence row's `package_path` against the path its action and result give it
-//!   (`{tenant}/{created date}/{action}/{index}-{type}.zip`, DESIGN §7), so an action that was
+//!   (`{tenant}/{created date}/{action}/{index}-{type}.zip`, docs/evidence-format.md), so an action that was
 //!   backdated or moved, or a package swapped for another result's, no longer lines up.
 //!
 //! The package half (the bag's name, `External-Identifier`, `machine-action.json` and
@@ -171,7 +171,7 @@ fn shown(v: Option<&str>) -> String {
     v.map_or("NULL".to_string(), |s| format!("{s:?}"))
 }
 
-/// Every evidence row in scope at the path its action and result give it (DESIGN §7).
+/// Every evidence row in scope at the path its action and result give it (docs/evidence-format.md).
 pub fn check_package_paths(
     conn: &Connection,
     scope: &Scope,

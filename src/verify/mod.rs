@@ -1,4 +1,4 @@
-//! `lrvault verify`: checks the database against the anchors outside it (DESIGN §7a) and
+//! `lrvault verify`: checks the database against the anchors outside it (docs/evidence-format.md §9) and
 //! records the outcome. The custody chain is the reference; nothing is trusted because the
 //! database says so.
 //!
@@ -20,7 +20,7 @@
 //!    VERIFIED rows), and (`witness`) the witness's copies; then this run's checkpoint and the
 //!    tokens still missing.
 //!
-//! With an object store (DESIGN §7b) the packages are read back from the store by the exact
+//! With an object store (docs/operations.md §14) the packages are read back from the store by the exact
 //! version their ARCHIVED rows name, the store's keys are listed for step 3, and the
 //! checkpoints are read from (and written to) the store.
 //!

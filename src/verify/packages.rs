@@ -3,7 +3,7 @@
 //! the `custody_head` the package pins. Evidence rows are read a page at a time, each page in
 //! its own short read, so hours of hashing never hold a snapshot open.
 //!
-//! In an object store (DESIGN §7b) the package read is exactly the version its ARCHIVED row
+//! In an object store (docs/operations.md §14) the package read is exactly the version its ARCHIVED row
 //! names, streamed into a temporary copy in the spool (checked, then deleted); a key that
 //! now serves another version (or a delete marker) is a defect even though the recorded
 //! version is intact. With `--sample N`, N packages picked at random are read; every
@@ -77,7 +77,7 @@ struct Archived {
     evidence_id: Option<String>,
     /// The head an adopted package pins when a restore took its rows away.
     custody_head_superseded: Option<(i64, String)>,
-    /// The object version and ETag an object store gave the package (DESIGN §7b).
+    /// The object version and ETag an object store gave the package (docs/operations.md §14).
     version_id: Option<String>,
     etag: Option<String>,
 }
@@ -664,7 +664,7 @@ fn action_of(
     .map_err(DbError::sql("read the package's action"))
 }
 
-/// The bag says whose result it holds (DESIGN §7): its name, `External-Identifier` and
+/// The bag says whose result it holds (docs/evidence-format.md): its name, `External-Identifier` and
 /// `Contact-Name`, `machine-action.json` and the original file's name, size and hash in
 /// `retrieval.json` must be this evidence row's and its action's, so a genuine package of
 /// another result cannot stand in for this one.

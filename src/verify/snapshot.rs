@@ -29,7 +29,7 @@ pub struct Snapshot {
     /// written before `retrieval.json` carried `custody_head`.
     pub upgrade_mark: i64,
     /// Custody seq at which schema version 5 was applied: DISCOVERED and ARCHIVED rows after it
-    /// record every column the audit shows (DESIGN §7a rule 7); older ones some of them.
+    /// record every column the audit shows (docs/evidence-format.md §9); older ones some of them.
     pub v5_mark: i64,
 }
 
@@ -61,7 +61,7 @@ pub fn check(
         return Ok(snap);
     }
     // The append-only triggers and every view the auditor reads are what the migrations
-    // made (DESIGN §7a rule 13); anything dropped, altered or added is a defect.
+    // made (docs/evidence-format.md §9); anything dropped, altered or added is a defect.
     match crate::db::schema_differences(&tx) {
         Ok(differences) => {
             for (object, problem) in differences {
@@ -88,7 +88,7 @@ pub fn check(
         }
     }
     snap.chain_secs = started.elapsed().as_secs_f64();
-    // A RESTORED row only a restore could have written (DESIGN §7a rule 11).
+    // A RESTORED row only a restore could have written (docs/evidence-format.md §9).
     match custody::restore_defects(&tx) {
         Ok(found) => {
             for (seq, problem) in found {
@@ -133,7 +133,7 @@ pub fn check(
                 problem: format!("ARCHIVED rows cannot be matched with evidence: {e}"),
             })?;
         }
-        // What audit and export show, against the chain (DESIGN §7a rule 7).
+        // What audit and export show, against the chain (docs/evidence-format.md §9).
         if let Err(e) = super::metadata::check_actions(&tx, scope, snap.v5_mark, rec) {
             rec.defect(Defect::Database {
                 problem: format!("actions cannot be matched with their DISCOVERED rows: {e}"),

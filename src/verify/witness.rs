@@ -1,4 +1,4 @@
-//! The witness part of step 4 (DESIGN §7a rule 9): every file the witness holds under
+//! The witness part of step 4 (docs/evidence-format.md §9): every file the witness holds under
 //! `_checkpoints/` must be in the store with the same bytes, and the witness's newest
 //! checkpoint must pin a row of the chain with that row's hash, so a chain cut or rewritten
 //! below it shows even when every local anchor was rewritten to match. Files the witness

@@ -1,4 +1,4 @@
-//! Issue 16, DESIGN §7a rule 14: crash recovery adopts only what this database itself was
+//! Issue 16, docs/evidence-format.md §9: crash recovery adopts only what this database itself was
 //! writing. A valid bag planted at a pending result's path is quarantined (a QUARANTINED
 //! row, the file moved under `_quarantine/`), never adopted, and the result is downloaded as
 //! usual; an ARCHIVED row forged to say `adopted: true` without this database's DOWNLOADED
@@ -132,7 +132,7 @@ async fn an_archived_row_forged_as_adopted_without_its_publishing_intent_fails_v
     let err = v.verify_fails();
     assert!(
         err.contains(&format!(
-            "custody seq {archived_seq} (ARCHIVED {path}): evidence {evidence_id} was adopted without an earlier publishing intent (PUBLISHING) for its path and package SHA-256 (DESIGN §7a rule 14)"
+            "custody seq {archived_seq} (ARCHIVED {path}): evidence {evidence_id} was adopted without an earlier publishing intent (PUBLISHING) for its path and package SHA-256 (docs/evidence-format.md §9)"
         )),
         "{err}"
     );

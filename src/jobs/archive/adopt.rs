@@ -1,4 +1,4 @@
-//! Adoption (DESIGN §7a rule 14): a package found at a result's path (`fs`), in the spool,
+//! Adoption (docs/evidence-format.md §9): a package found at a result's path (`fs`), in the spool,
 //! or already in the object store, without an evidence row, is adopted only when this
 //! database was writing it: the result's DOWNLOADED row with the package's payload SHA-256,
 //! then a PUBLISHING row for that path with the package's own SHA-256, recorded before the

@@ -314,7 +314,7 @@ async fn writer_failure(sink: Option<PackageSink>) -> Failure {
 }
 
 /// Appends the DOWNLOADED row; it is the newest committed row when the package is finished,
-/// so the package pins the chain up to it (DESIGN §7a).
+/// so the package pins the chain up to it (docs/evidence-format.md §9).
 async fn record_downloaded(
     ctx: &Context,
     tenant: &Tenant,
@@ -396,7 +396,7 @@ async fn finish_package(
         .await
         .map_err(|e| Failure::from_package(&e))?;
     // Committed before the package is placed: crash recovery adopts only what this
-    // database itself was writing (DESIGN §7a rule 14). A failure here drops the sealed
+    // database itself was writing (docs/evidence-format.md §9). A failure here drops the sealed
     // package, which removes it.
     record_publishing(ctx, tenant, plan, &d.sha256, &sealed.info).await?;
     let info = sealed

@@ -196,7 +196,7 @@ pub async fn archive(
 }
 
 /// A pass that archived something ends with a checkpoint of the chain's head, its token and
-/// their witness copies (DESIGN §7a rule 12), so what is not yet anchored is at most one pass
+/// their witness copies (docs/evidence-format.md §9), so what is not yet anchored is at most one pass
 /// of work. Nothing here fails the pass: a TSA or witness that is down only delays its part
 /// (the next verify fetches the token and fills the witness), and a checkpoint that cannot be
 /// written is logged for verify to report.

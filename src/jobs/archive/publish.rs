@@ -1,8 +1,8 @@
-//! The last step of an attempt (DESIGN §7b): the checked package goes to the store, the
+//! The last step of an attempt (docs/operations.md §14): the checked package goes to the store, the
 //! ARCHIVED row records where (`store`, `version_id`, `etag`), and only then is the spool
 //! copy removed. For `fs` the package is already in place and the row is as it always was.
 //! An object someone else put under the key is quarantined in place first, and the package
-//! goes over it conditionally (DESIGN §7a rule 14).
+//! goes over it conditionally (docs/evidence-format.md §9).
 //!
 //! Also the pass's guards for an object store: the store breaker (a store that failed
 //! pauses every pass; one cheap probe per interval tests it again) and the spool bound (no
@@ -31,7 +31,7 @@ pub(super) async fn record(
     };
     let stored = match ctx.store.publish(&rel, &expected).await {
         Ok(stored) => stored,
-        // Someone else's object under the key (DESIGN §7a rule 14): quarantined in place,
+        // Someone else's object under the key (docs/evidence-format.md §9): quarantined in place,
         // and this package goes over it only while the key still serves exactly that object.
         Err(StoreError::Conflict { .. })
             if let Some(over) = super::adopt::squatted(ctx, actor, key, &rel).await? =>

@@ -1,6 +1,6 @@
 //! Streams one command result into a BagIt zip at `<final>.<tag>.partial`, hashing as the
 //! bytes pass, then re-checks the partial and moves it into place without ever overwriting a
-//! package (DESIGN.md §7; `docs/evidence-format.md` §7).
+//! package (docs/evidence-format.md; `docs/evidence-format.md` §7).
 //!
 //! A writer goes through [`Phase`]s, each holding what it needs:
 //! `Sniffing` (the first bytes are held until `auto` has judged them) → `Payload` (the payload
@@ -524,7 +524,7 @@ impl Drop for PackageWriter {
     }
 }
 
-/// Tag files are always deflated (DESIGN.md §7), and noted for the tag manifest.
+/// Tag files are always deflated (docs/evidence-format.md), and noted for the tag manifest.
 pub(super) fn add_tag_file(
     (zip, tags): (&mut Zip, &mut TagFiles),
     (bag_name, partial): (&str, &Path),

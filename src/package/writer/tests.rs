@@ -384,7 +384,7 @@ fn zip_file_bytes() -> Vec<u8> {
     zip.finish().unwrap().into_inner()
 }
 
-/// `auto` as DESIGN.md §7 has it, checked end to end: the method in the zip, the reason in
+/// `auto` as docs/evidence-format.md has it, checked end to end: the method in the zip, the reason in
 /// the digests, and the exact bytes and hashes back through the real `unzip`.
 #[test]
 fn auto_compression_round_trips_through_unzip() {
