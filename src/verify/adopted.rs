@@ -61,7 +61,9 @@ pub fn check(conn: &Connection, scope: &Scope, rec: &mut Recorder) -> Result<(),
                     .ok()
                     .and_then(|v| v.as_str().ok())
                     .map(str::to_string),
-                problem: format!("evidence {evidence} was adopted {problem} (docs/evidence-format.md §9)"),
+                problem: format!(
+                    "evidence {evidence} was adopted {problem} (docs/evidence-format.md §9)"
+                ),
             })?;
         }
     }
