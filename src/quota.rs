@@ -91,52 +91,32 @@ impl Governor {
         tenant: &str,
         endpoint: Endpoint,
     ) -> Result<Reservation, LedgerError> {
-        loop {
-            let tenant_owned = tenant.to_string();
-            let limits = self.limits.clone();
-            let outcome = self
-                .db
-                .call(move |conn| {
-                    try_reserve(
-                        conn,
-                        &tenant_owned,
-                        endpoint,
-                        &limits,
-                        crate::time::now_ms(),
-                    )
-                })
-                .await?;
-            match outcome {
-                Ok(reservation) => return Ok(reservation),
-                Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
-            }
-        }
+        until_free(|| {
+            let (tenant, limits) = (tenant.to_string(), self.limits.clone());
+            self.db.call(move |conn| {
+                try_reserve(conn, &tenant, endpoint, &limits, crate::time::now_ms())
+            })
+        })
+        .await
     }
 
     /// Waits until one more call to the bucket could be made, without reserving it: the
     /// archive loop waits here before it takes one of the process's transfer slots, so a tenant
     /// at its quota never holds a slot another tenant could use.
     pub async fn ready(&self, tenant: &str, endpoint: Endpoint) -> Result<(), LedgerError> {
-        loop {
-            let tenant_owned = tenant.to_string();
-            let limits = self.limits.clone();
-            let wait = self
-                .db
-                .read(move |conn| {
-                    wait_before_call(
-                        conn,
-                        &tenant_owned,
-                        endpoint,
-                        &limits,
-                        crate::time::now_ms(),
-                    )
-                })
-                .await?;
-            match wait {
-                None => return Ok(()),
-                Some(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
-            }
-        }
+        until_free(|| {
+            let (tenant, limits) = (tenant.to_string(), self.limits.clone());
+            self.db.read(move |conn| {
+                let now = crate::time::now_ms();
+                Ok(
+                    match wait_before_call(conn, &tenant, endpoint, &limits, now)? {
+                        None => Ok(()),
+                        Some(wait) => Err(wait),
+                    },
+                )
+            })
+        })
+        .await
     }
 
     /// Records the answer. `pause` (from a 429's Retry-After) stops the bucket until then.
@@ -205,6 +185,21 @@ pub fn usage(
             now_ms - hour_ms,
         )?,
     })
+}
+
+/// Asks `attempt` until it succeeds, sleeping for as long as it says the bucket needs
+/// (at most [`MAX_SLEEP`] at a time, so a changed ledger is seen soon).
+async fn until_free<T, F, Fut>(mut attempt: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Result<T, Duration>, DbError>>,
+{
+    loop {
+        match attempt().await? {
+            Ok(done) => return Ok(done),
+            Err(wait) => tokio::time::sleep(wait.min(MAX_SLEEP)).await,
+        }
+    }
 }
 
 fn try_reserve(
