@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    self, TenantArg, archive, audit, backfill, backup, demo, enqueue, export, restore, simulate,
-    status, verify,
+    self, TenantArg, archive, audit, backfill, backup, enqueue, export, restore, status, verify,
 };
+#[cfg(feature = "simulator")]
+use crate::commands::{demo, simulate};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,8 +79,10 @@ pub enum Command {
     /// old database and its WAL set aside, start-up recovery
     Restore(restore::Args),
     /// Run the built-in MDE API + blob simulator
+    #[cfg(feature = "simulator")]
     Simulate(simulate::Args),
     /// Run the whole pipeline against the simulator on loopback and show the result
+    #[cfg(feature = "simulator")]
     Demo(demo::Args),
 }
 
@@ -99,7 +102,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => commands::migrate::run(config).await,
         Command::Backup(args) => backup::run(config, args).await,
         Command::Restore(args) => restore::run(config, args).await,
+        #[cfg(feature = "simulator")]
         Command::Simulate(args) => simulate::run(args).await,
+        #[cfg(feature = "simulator")]
         Command::Demo(args) => demo::run(args).await,
     }
 }

@@ -5,8 +5,9 @@
 //! `mde` (remote client), `quota` → `fetch` → `package` (BagIt zip) → `store` (where
 //! packages live: fs, S3, Azure) → `custody`, `anchor` → `queue` (a result's life) → `jobs`
 //! (discover, archive, backfill) → `verify`, `export` → `daemon`; then the command layer:
-//! `commands` (one module per command, with `render` and `progress`) and `cli`. `sim` (the
-//! simulator) stands apart.
+//! `commands` (one module per command, with `render` and `progress`) and `cli`. The simulator is its
+//! own crate (`lrvault-sim`, under `crates/`), used by `demo` and `simulate` behind the default
+//! `simulator` feature and by the tests.
 //! Arrows point one way: nothing below the command layer imports `commands` or `cli`.
 
 pub mod access;
@@ -29,7 +30,6 @@ pub mod progress;
 pub mod queue;
 pub mod quota;
 pub mod render;
-pub mod sim;
 pub mod store;
 pub mod time;
 pub mod verify;

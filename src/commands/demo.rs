@@ -11,7 +11,7 @@ use clap::Args as ClapArgs;
 use crate::db::Db;
 use crate::jobs::{archive, discover};
 use crate::render::Format;
-use crate::sim::{SimConfig, Simulator};
+use lrvault_sim::{SimConfig, Simulator};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {

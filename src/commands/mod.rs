@@ -6,6 +6,7 @@ pub mod archive;
 pub mod audit;
 pub mod backfill;
 pub mod backup;
+#[cfg(feature = "simulator")]
 pub mod demo;
 pub mod discover;
 pub mod enqueue;
@@ -13,6 +14,7 @@ pub mod export;
 pub mod migrate;
 pub mod restore;
 pub mod run;
+#[cfg(feature = "simulator")]
 pub mod simulate;
 pub mod status;
 pub mod verify;

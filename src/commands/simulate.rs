@@ -1,4 +1,4 @@
-//! `lrvault simulate`: the built-in MDE API + blob simulator on its own (see [`crate::sim`]),
+//! `lrvault simulate`: the built-in MDE API + blob simulator on its own (see [`lrvault_sim`]),
 //! printing the config sections a user needs to point lrvault at it.
 
 use std::net::SocketAddr;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args as ClapArgs;
 
-use crate::sim::{Fault, SimConfig, Simulator};
+use lrvault_sim::{Fault, SimConfig, Simulator};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -48,7 +48,7 @@ pub struct Args {
     /// Add one raw GetFile result, queued first, for benchmarks (repeatable): random:BYTES
     /// (incompressible), random-md5:BYTES (with Content-MD5), text:BYTES; K, M, G suffixes
     #[arg(long = "payload", value_name = "KIND:BYTES")]
-    pub payloads: Vec<crate::sim::Payload>,
+    pub payloads: Vec<lrvault_sim::Payload>,
     /// Fault switch, repeatable: link-5xx=N, list-5xx=N, blob-5xx=N, 429=N, slow=BYTES_PER_SEC,
     /// truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names,
     /// foreign-host=N, http-link=N, redirect=N, gone=N
@@ -71,7 +71,7 @@ impl Args {
             seed: self.seed,
             actions: self.actions,
             tenants: (0..self.tenants.max(1))
-                .map(crate::sim::SimTenant::default_for)
+                .map(lrvault_sim::SimTenant::default_for)
                 .collect(),
             spread: self.spread,
             per_minute: self.per_minute,

@@ -28,7 +28,7 @@ async fn tokens_pass_openssl_altered_checkpoints_fail_and_a_down_tsa_only_delays
         .port();
     let down_url = format!("http://127.0.0.1:{closed}/tsr");
     let e = env(
-        lrvault::sim::SimConfig {
+        lrvault_sim::SimConfig {
             seed: 12,
             actions: 6,
             ..Default::default()

@@ -3,7 +3,7 @@
 //! a download interrupted for good left only its LINK_ISSUED row. (The tenant scope is in
 //! `faults.rs`, the process scope of a crashed download in `crash.rs`.)
 
-use lrvault::sim::{Fault, SimConfig};
+use lrvault_sim::{Fault, SimConfig};
 
 use crate::common::env;
 

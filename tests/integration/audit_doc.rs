@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use lrvault::sim::{Fault, SimConfig};
+use lrvault_sim::{Fault, SimConfig};
 use rusqlite::types::Value;
 
 use crate::common::env;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use lrvault::sim::{Fault, SimConfig};
+use lrvault_sim::{Fault, SimConfig};
 
 use crate::common::{Env, check_bag, env, files_under, sha256_hex, wait_until};
 use crate::custody_chain;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use lrvault::config::Config;
 use lrvault::db::Db;
 use lrvault::jobs::{self, Context, archive, discover};
-use lrvault::sim::{SimConfig, SimHandle, Simulator};
+use lrvault_sim::{SimConfig, SimHandle, Simulator};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -241,9 +241,9 @@ pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// Results lrvault should archive: the simulator has a result and the action has finished
 /// (running actions are picked up by a later pass).
 pub fn archivable(
-    sim: &lrvault::sim::Simulator,
+    sim: &lrvault_sim::Simulator,
     tenant_id: &str,
-) -> Vec<lrvault::sim::ExpectedResult> {
+) -> Vec<lrvault_sim::ExpectedResult> {
     sim.expected_results(tenant_id)
         .into_iter()
         .filter(|x| {
@@ -350,7 +350,7 @@ impl Env {
     }
 
     /// Requests the simulator answered for one endpoint (`blob`, `link`, `token`, ...).
-    pub fn sim_requests(&self, endpoint: &str) -> Vec<lrvault::sim::LoggedRequest> {
+    pub fn sim_requests(&self, endpoint: &str) -> Vec<lrvault_sim::LoggedRequest> {
         self.sim
             .sim
             .requests()

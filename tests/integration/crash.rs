@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use lrvault::sim::{Fault, SimConfig};
+use lrvault_sim::{Fault, SimConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::common::{Env, check_bag, env, files_under, sha256_hex, wait_until};

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use lrvault::sim::SimConfig;
+use lrvault_sim::SimConfig;
 
 use crate::common::{env, wait_until};
 use crate::custody_chain;

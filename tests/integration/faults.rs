@@ -7,7 +7,7 @@
 
 use std::process::Stdio;
 
-use lrvault::sim::{ExpectedResult, Fault, SimConfig};
+use lrvault_sim::{ExpectedResult, Fault, SimConfig};
 use serde_json::json;
 
 use crate::common::{Env, ResultRow, check_bag, env, files_under, sha256_hex};

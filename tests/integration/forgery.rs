@@ -242,7 +242,7 @@ async fn every_forgery_is_caught_and_its_rollback_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_download_is_not_a_stray_file_but_an_orphan_partial_is() {
     let e = crate::common::env(
-        lrvault::sim::SimConfig {
+        lrvault_sim::SimConfig {
             seed: 5,
             actions: 6,
             ..Default::default()

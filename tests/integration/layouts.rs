@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use lrvault::sim::{SimConfig, Simulator};
+use lrvault_sim::{SimConfig, Simulator};
 
 use crate::common::{Env, env_from, packages_under};
 

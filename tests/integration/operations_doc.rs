@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use lrvault::sim::{Fault, SimConfig, SimHandle, Simulator};
+use lrvault_sim::{Fault, SimConfig, SimHandle, Simulator};
 
 use crate::common::{check_bag, files_under, sha256_hex, wait_until};
 use crate::custody_chain;

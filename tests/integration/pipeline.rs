@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 
-use lrvault::sim::SimConfig;
+use lrvault_sim::SimConfig;
 
 use crate::common::{check_bag, env, packages_under, sha256_hex};
 use crate::custody_chain;

@@ -5,7 +5,7 @@
 //! and PUBLISHING rows makes `verify` exit 3 naming it. (The object-store case is in
 //! `store_pipeline.rs`, beside its moto fixtures.)
 
-use lrvault::sim::SimConfig;
+use lrvault_sim::SimConfig;
 
 use crate::common::{check_bag, env};
 use crate::store_pipeline::pending_keys;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use lrvault::config::Config;
 use lrvault::db::Db;
 use lrvault::jobs::{Context, archive};
-use lrvault::sim::SimConfig;
+use lrvault_sim::SimConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{env, wait_until};
@@ -55,7 +55,7 @@ fn max_in_window(times: &[Instant], w: Duration) -> usize {
     best
 }
 
-fn endpoint_times(sim: &lrvault::sim::Simulator, endpoint: &str) -> Vec<Instant> {
+fn endpoint_times(sim: &lrvault_sim::Simulator, endpoint: &str) -> Vec<Instant> {
     let mut t: Vec<Instant> = sim
         .requests()
         .iter()
@@ -66,7 +66,7 @@ fn endpoint_times(sim: &lrvault::sim::Simulator, endpoint: &str) -> Vec<Instant>
     t
 }
 
-fn assert_windows_respected(sim: &lrvault::sim::Simulator) {
+fn assert_windows_respected(sim: &lrvault_sim::Simulator) {
     for ep in ["link", "list", "get"] {
         let times = endpoint_times(sim, ep);
         assert!(
@@ -341,7 +341,7 @@ async fn backfill_dry_run_counts_and_changes_nothing_then_backfill_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_uses_its_own_budget_at_the_same_time() {
     let mut cfg = sim(14, 31);
-    cfg.tenants = (0..2).map(lrvault::sim::SimTenant::default_for).collect();
+    cfg.tenants = (0..2).map(lrvault_sim::SimTenant::default_for).collect();
     let e = env(cfg, &quota_toml()).await;
     e.discover().await;
     let summary = e.archive().await;

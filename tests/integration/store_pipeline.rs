@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use lrvault::config::Config;
 use lrvault::jobs::{Context, archive};
-use lrvault::sim::{SimConfig, Simulator};
 use lrvault::store::{Expected, Store};
+use lrvault_sim::{SimConfig, Simulator};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{Env, archivable, files_under, sha256_hex};

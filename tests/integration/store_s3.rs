@@ -29,7 +29,7 @@ async fn the_pipelines_packages_go_up_with_matching_sha256_and_the_spool_empties
     // The archive path builds and checks real packages in a directory; here that directory
     // is the spool of an S3 store, as the archive path will use it.
     let big = 20 * 1024 * 1024; // above the single-PUT limit: one package goes multipart
-    let sim = lrvault::sim::SimConfig {
+    let sim = lrvault_sim::SimConfig {
         seed: 5,
         actions: 4,
         big_getfile: Some(big),

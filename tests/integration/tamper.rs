@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use lrvault::sim::SimConfig;
+use lrvault_sim::SimConfig;
 use sha2::{Digest, Sha256};
 
 use crate::common::{env, files_under, sha256_hex};
@@ -19,7 +19,7 @@ pub struct Vault {
     pub db: PathBuf,
     pub store: PathBuf,
     /// Keeps the simulator alive for as long as the vault.
-    _sim: lrvault::sim::SimHandle,
+    _sim: lrvault_sim::SimHandle,
 }
 
 /// A simulator of `actions` actions, and a context for a config written for it plus `extra`.

@@ -2,7 +2,7 @@
 //! transfers in flight across every tenant, `download.per_tenant` bounds one tenant, counted
 //! on the simulator's side as blob bodies it was sending at the same time.
 
-use lrvault::sim::{Fault, SimConfig, SimTenant};
+use lrvault_sim::{Fault, SimConfig, SimTenant};
 
 use crate::common::{archivable, env};
 

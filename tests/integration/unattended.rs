@@ -7,7 +7,7 @@
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use lrvault::sim::{Fault, SimConfig};
+use lrvault_sim::{Fault, SimConfig};
 
 use crate::common::{Env, archivable, env, wait_until};
 use crate::custody_chain;

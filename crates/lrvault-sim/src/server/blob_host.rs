@@ -102,10 +102,7 @@ pub(super) async fn serve_blob(
 }
 
 /// The `redirect`, `blob-5xx` and `blob-403` faults, for the `k`-th blob request.
-pub(super) fn injected_blob_fault(
-    plan: &crate::sim::fault::FaultPlan,
-    k: usize,
-) -> Option<Response> {
+pub(super) fn injected_blob_fault(plan: &crate::fault::FaultPlan, k: usize) -> Option<Response> {
     if k < plan.redirect {
         return Some(
             (
@@ -273,10 +270,10 @@ pub(super) fn blob_response(
 /// at that offset (the connection is then closed short of Content-Length); with `slow` the
 /// chunks are paced to that many bytes per second.
 /// Counts one blob body as open for as long as its stream lives.
-pub(super) struct OpenBody(Arc<crate::sim::Inner>);
+pub(super) struct OpenBody(Arc<crate::Inner>);
 
 impl OpenBody {
-    fn new(inner: Arc<crate::sim::Inner>) -> OpenBody {
+    fn new(inner: Arc<crate::Inner>) -> OpenBody {
         let now = inner.counters.open_bodies.fetch_add(1, Ordering::SeqCst) + 1;
         inner
             .counters
