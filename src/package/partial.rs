@@ -1,5 +1,5 @@
-//! The `<final>.partial` file under the zip writer: it discards writes once the package is
-//! abandoned, starts the disk's writeback of a large package while it is still streaming
+//! The partial file (`<final>.<tag>.partial`, named in `place.rs`) under the zip writer: it
+//! discards writes once the package is abandoned, starts the disk's writeback of a large package while it is still streaming
 //! (`sync_file_range`, no thread), so the final fsync has only the tail left, hands every byte
 //! written to the package's hasher ([`super::hashers::PackageHasher`]) when the file is
 //! written front to back (with the [`Ticket`] of the batch being written), and tells the

@@ -1,4 +1,4 @@
-//! Issue 16, DESIGN §6: every attempt that fails and will be retried leaves one
+//! Issue 16, docs/design.md §6: every attempt that fails and will be retried leaves one
 //! ATTEMPT_FAILED custody row with its scope, reason, attempts and next due time. Before,
 //! a download interrupted for good left only its LINK_ISSUED row. (The tenant scope is in
 //! `faults.rs`, the process scope of a crashed download in `crash.rs`.)

@@ -2,7 +2,7 @@
 //! crash that leaves a WAL, then `lrvault restore` from that backup. The backup is a sound
 //! mid-pass snapshot (0600, integrity-checked, its SHA-256 in a BACKED_UP row); the restore
 //! sets the crashed database aside with its WAL, adopts the packages written after the backup
-//! only where the backup holds their DOWNLOADED and PUBLISHING rows (DESIGN §7a rule 14; the
+//! only where the backup holds their DOWNLOADED and PUBLISHING rows (docs/design.md §7a rule 14; the
 //! others are quarantined and downloaded again), and after the next passes every result is
 //! archived exactly once and `verify` finds 0 defects.
 
@@ -276,7 +276,7 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
         "{out}"
     );
     let adopted = final_state(&e);
-    // DESIGN §7a rule 14: the restore adopted only what the restored database itself was
+    // docs/design.md §7a rule 14: the restore adopted only what the restored database itself was
     // writing (its DOWNLOADED and PUBLISHING rows are in the backup); every other package
     // written after the backup was quarantined and its result downloaded again.
     let archived_after_backup: BTreeSet<(String, u32)> = in_backup
@@ -456,7 +456,7 @@ async fn a_restore_names_the_anchors_it_supersedes_and_verify_accepts_only_those
         checkpoint.1
     );
     assert!(detail["replaced_head"]["seq"].as_i64().unwrap() >= checkpoint.0);
-    // The packages written after the backup were not this database's (DESIGN §7a rule 14):
+    // The packages written after the backup were not this database's (docs/design.md §7a rule 14):
     // quarantined, none adopted, and their results downloaded again by the next pass.
     let quarantined = e.count(&format!(
         "SELECT count(*) FROM custody_log WHERE event = 'QUARANTINED' AND seq > {restored_seq}"

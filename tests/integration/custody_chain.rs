@@ -1,4 +1,4 @@
-//! An independent implementation of the custody hash (DESIGN §6): its own JSON encoder,
+//! An independent implementation of the custody hash (docs/design.md §6): its own JSON encoder,
 //! not serde_json, so a bug in the crate's encoding cannot hide.
 
 use sha2::{Digest, Sha256};

@@ -127,7 +127,7 @@ async fn a_403_reissues_the_link_then_backs_off_past_max_link_reissues() {
     assert_eq!(archived_package(&e, first)["link_issues"], 3);
     invariants(&e);
 
-    // More 403s than max_link_reissues: the attempt ends, charged, and backs off (DESIGN §4:
+    // More 403s than max_link_reissues: the attempt ends, charged, and backs off (docs/design.md §4:
     // running out of re-issues is a retryable result failure, not a terminal one).
     let extra = format!("{FAST}max_link_reissues = 2\n");
     let e = faulty(3, 22, &["blob-403=50"], &extra).await;

@@ -1,7 +1,7 @@
 //! Issue 16: an insider with write access to the database file and the evidence store (not to
 //! a TSA's key) edits what the audit and the export kit show, and what the chain's times say.
 //! Every edit is done with plain SQL after dropping every trigger, or by editing files, and
-//! `verify` must exit 3 naming the row or package (DESIGN §7a rules 7 and 10); once it is
+//! `verify` must exit 3 naming the row or package (docs/design.md §7a rules 7 and 10); once it is
 //! rolled back, `verify` exits 0.
 
 use crate::forgery::caught;
@@ -211,7 +211,7 @@ async fn another_results_genuine_package_cannot_stand_in() {
 }
 
 /// A row planted after the newest checkpoint, hashed into the chain, with a time a day
-/// before its predecessor's (DESIGN §6: times never go backwards).
+/// before its predecessor's (docs/design.md §6: times never go backwards).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_earlier_than_its_predecessor_is_a_forgery() {
     let vault = archived_vault(163, 4, "").await;

@@ -1,6 +1,6 @@
 //! Issue 16: a forged backup cannot be laundered by `restore`, a RESTORED row cannot be
 //! planted to excuse a rewritten chain, and the schema (the append-only triggers, the audit
-//! views) is part of what `verify` proves (DESIGN §7a rules 11 and 13).
+//! views) is part of what `verify` proves (docs/design.md §7a rules 11 and 13).
 
 use crate::forgery::caught;
 use crate::tamper::{Vault, archived_vault, lrvault, rehash_chain_from, without_triggers};

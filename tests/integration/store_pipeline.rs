@@ -1,4 +1,4 @@
-//! Issue 12, the object store wired in (DESIGN §7b): the real pipeline archives the
+//! Issue 12, the object store wired in (docs/design.md §7b): the real pipeline archives the
 //! simulator's results into moto's S3 (a bucket with Object Lock and a default COMPLIANCE
 //! retention) and into Azurite; `verify` reads every package back by the version custody
 //! names and fails after someone uploads a new version over a key; a store that is down
@@ -651,7 +651,7 @@ async fn after_a_restore_the_packages_in_the_bucket_are_quarantined_in_place_and
     let (code, out, err) = run(lrvault_s3(&e).arg("archive"));
     assert_eq!(code, 0, "{out}\n{err}");
 
-    // The restored database was not writing those objects (DESIGN §7a rule 14): each is
+    // The restored database was not writing those objects (docs/design.md §7a rule 14): each is
     // recorded QUARANTINED in place, under its lock, and never adopted; its result is fetched
     // again and goes up as a second version over it.
     assert_eq!(e.sim_requests("link").len(), links + expected);
@@ -937,7 +937,7 @@ async fn a_key_that_holds_another_object_is_quarantined_in_place_and_the_package
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bag_planted_under_a_pending_key_is_quarantined_in_place_and_the_package_goes_over_it() {
-    // Issue 16, DESIGN §7a rule 14, on a locked bucket: the planted object cannot be moved,
+    // Issue 16, docs/design.md §7a rule 14, on a locked bucket: the planted object cannot be moved,
     // so it is recorded (QUARANTINED, with its version) and never adopted; the result is
     // downloaded and its package goes up as a new version, conditional on the key still
     // serving exactly the planted object, which stays locked beside it.
