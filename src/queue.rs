@@ -1,14 +1,19 @@
 //! The queue of command results, and the one owner of a result's life. Every change of
-//! `results.state` is a typed transition here, and each appends its custody row in the same
-//! transaction, so the custody log never contradicts the table:
+//! `results.state` is a typed transition here. Each one but `claim` appends its custody row in
+//! the same transaction, so the custody log never contradicts the table; a claim appends none
+//! (the attempt's own rows, LINK_ISSUED, DOWNLOADED and PUBLISHING, follow in transactions of
+//! their own, and a process that stops before it settles leaves recover's ATTEMPT_FAILED):
 //!
 //! - [`insert`] (discovery): a new result, `pending` (QUEUED) or `skipped` (SKIPPED);
-//! - [`claim`]: `pending` and due → `downloading`, under a lease this process renews;
-//! - [`settle`]: `downloading` → `pending` (retry later, charged or not), `unavailable`
-//!   (UNAVAILABLE) or `failed` (FAILED);
+//! - [`claim`]: `pending` and due → `downloading`, under a lease this process renews (no row);
+//! - [`settle`]: `downloading` → `pending` to retry later, charged or not (ATTEMPT_FAILED),
+//!   `unavailable` (UNAVAILABLE) or `failed` (FAILED);
 //! - [`commit_archived`]: `downloading` → `archived` with its `evidence` row (ARCHIVED);
-//! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone.
+//! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone
+//!   (ATTEMPT_FAILED, scope `process`, nothing charged).
 //!
+//! The states themselves are data: [`ResultState`] names the rows of `result_states`, and
+//! SQL elsewhere binds them as parameters instead of spelling them.
 //! The due queries share one scope filter ([`Scope`]). The state diagram is in
 //! `docs/architecture.md`.
 
@@ -26,39 +31,49 @@ use crate::db::{Db, DbError, write_tx};
 /// How long a claim on a result lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(600);
 
-/// The state of a result (docs/audit.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResultState {
-    Pending,
-    Downloading,
-    Archived,
-    Unavailable,
-    Skipped,
-    Failed,
+/// Declares [`ResultState`] from one table: each state's variant, its name in
+/// `results.state` (an identifier here, so the names are spelled once) and its meaning, as
+/// migration 06 lists them in `result_states`.
+macro_rules! result_states {
+    ($($variant:ident = $name:ident: $meaning:literal,)*) => {
+        /// The state of a result (docs/audit.md §2): a row of `result_states`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum ResultState {
+            $($variant,)*
+        }
+
+        impl ResultState {
+            pub const ALL: [ResultState; [$(stringify!($name)),*].len()] =
+                [$(ResultState::$variant),*];
+
+            /// The state's name, as `results.state` holds it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ResultState::$variant => stringify!($name),)*
+                }
+            }
+
+            /// What the state means (`result_states.meaning`).
+            pub fn meaning(self) -> &'static str {
+                match self {
+                    $(ResultState::$variant => $meaning,)*
+                }
+            }
+        }
+    };
+}
+
+result_states! {
+    Pending = pending: "waiting for its next download attempt (new, or retrying after an error)",
+    Downloading = downloading: "a process holds it under a lease and is fetching it",
+    Archived = archived: "its package is in the evidence store, with its evidence row",
+    Unavailable = unavailable: "the API says the result no longer exists",
+    Skipped = skipped: "the command has no result to archive",
+    Failed = failed: "it ran out of attempts or cannot be fetched",
 }
 
 impl ResultState {
-    pub const ALL: [ResultState; 6] = [
-        ResultState::Pending,
-        ResultState::Downloading,
-        ResultState::Archived,
-        ResultState::Unavailable,
-        ResultState::Skipped,
-        ResultState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResultState::Pending => "pending",
-            ResultState::Downloading => "downloading",
-            ResultState::Archived => "archived",
-            ResultState::Unavailable => "unavailable",
-            ResultState::Skipped => "skipped",
-            ResultState::Failed => "failed",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<ResultState> {
         ResultState::ALL.into_iter().find(|st| st.as_str() == s)
     }
@@ -781,7 +796,7 @@ mod tests {
     /// A database with one action and one pending result; returns its key.
     fn one_result() -> (tempfile::TempDir, Db, Key) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("q.db")).unwrap();
+        let db = Db::open_migrated(&dir.path().join("q.db")).unwrap();
         db.call_sync(|c| {
             c.execute_batch(
                 "INSERT INTO actions (tenant, action_id, created_at, raw_json, discovered_at, source)

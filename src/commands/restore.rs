@@ -50,7 +50,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir).map_err(file_err("create directory", dir))?;
     }
     // Held until the end: no daemon starts on a half-restored database.
-    let _lock = crate::daemon::lock_instance(&live)
+    let lock = crate::db::InstanceLock::take(&live)
         .context("cannot restore while the daemon runs; stop it first (systemctl stop lrvault)")?;
     let checkpoints = list_checkpoints(&cfg).await?;
     let staged = {
@@ -83,6 +83,8 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
             if *wal { " with its -wal" } else { "" }
         );
     }
+    // A backup from an older schema is brought to this build's, under the lock.
+    crate::db::migrate(&lock)?;
     let db = Db::open(&live)?;
     let superseded = record_restore(&db, &from, &staged, aside.as_ref(), checkpoints).await?;
     if superseded > 0 {
