@@ -4,15 +4,13 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-
 use crate::config::Config;
-use crate::db::InstanceLock;
 
 pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
     let path = &cfg.database.path;
-    let lock = InstanceLock::take(path).context(
+    let lock = super::take_lock(
+        path,
         "cannot migrate while the daemon runs; restart it, which migrates when it starts, or stop it first (systemctl stop lrvault)",
     )?;
     let done = crate::db::migrate(&lock)?;

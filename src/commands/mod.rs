@@ -53,6 +53,15 @@ fn open_db(cfg: &Config, config: &Path) -> Result<Db, crate::db::DbError> {
     Db::open(&cfg.database.path).map_err(|e| e.for_config(config))
 }
 
+/// Takes the instance lock of the database at `db` for a command that changes it as a whole
+/// (`migrate`, `restore`); a running daemon's lock is refused with `why` in front.
+fn take_lock(db: &Path, why: &'static str) -> anyhow::Result<crate::db::InstanceLock> {
+    crate::db::InstanceLock::take(db).map_err(|e| match e {
+        crate::db::DbError::Locked(_) => anyhow::Error::new(e).context(why),
+        e => e.into(),
+    })
+}
+
 /// 0 when everything worked, 1 when work is left or failed.
 fn exit_code(ok: bool) -> ExitCode {
     if ok {
