@@ -3,7 +3,7 @@
 //! instance lock ([`InstanceLock`]: `run`, `migrate`, `restore`) creates or migrates the
 //! database ([`migrate`]); every other opening ([`Db::open`], [`Db::open_for_reading`])
 //! refuses a database at another schema version than this build's, so a newer command never
-//! changes the schema under an older daemon (docs/operations.md §11). That connection lives on
+//! changes the schema under an older daemon (docs/operations.md §11). The writing connection lives on
 //! its own thread: every write is a closure sent to it through [`Db::call`], so writes are
 //! serialised without a lock anyone could hold too long. Reads that may take a while go to
 //! read-only connections ([`Db::read`]) and never hold the writer. Other processes (a daemon

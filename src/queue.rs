@@ -12,8 +12,9 @@
 //! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone
 //!   (ATTEMPT_FAILED, scope `process`, nothing charged).
 //!
-//! The states themselves are data: [`ResultState`] names the rows of `result_states`, and
-//! SQL elsewhere binds them as parameters instead of spelling them.
+//! The states themselves are data: [`ResultState`] names the rows of `result_states`, and the
+//! SQL, here and elsewhere, binds them as parameters instead of spelling them.
+//!
 //! The due queries share one scope filter ([`Scope`]). The state diagram is in
 //! `docs/architecture.md`.
 
@@ -137,8 +138,7 @@ const SCOPED_RESULTS: &str =
     "FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id";
 
 /// Pending and due (its backoff has passed) at `:now`.
-const DUE: &str =
-    "r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)";
+const DUE: &str = "r.state = :pending AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)";
 
 /// Owned values of a scope's SQL parameters (movable onto the DB thread).
 struct ScopeParams {
@@ -180,13 +180,14 @@ impl ScopeParams {
         let mut stmt = conn
             .prepare_cached(&sql)
             .map_err(DbError::sql("query the result queue"))?;
-        let named: [(&str, &dyn ToSql); 6] = [
+        let named: [(&str, &dyn ToSql); 7] = [
             (":tenant", &self.tenant),
             (":since", &self.since),
             (":until", &self.until),
             (":machine", &self.machine),
             (":now", &self.now),
             (":limit", &limit),
+            (":pending", &ResultState::Pending),
         ];
         // Only the parameters the statement uses may be bound.
         let used: Vec<(&str, &dyn ToSql)> =
@@ -266,7 +267,7 @@ pub async fn next_retry(
             bound.query(
                 c,
                 "min(r.next_attempt_at)",
-                Some("r.state = 'pending'"),
+                Some("r.state = :pending"),
                 "",
                 None,
                 |r| r.get::<_, Option<String>>(0),
@@ -369,10 +370,10 @@ pub async fn claim(db: &Db, key: &Key, owner: &str) -> Result<Option<Claimed>, D
         let now = crate::time::now_str();
         let n = tx
             .execute(
-                "UPDATE results SET state = 'downloading', lease_owner = ?4, lease_until = ?5, updated_at = ?6
-                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'pending'
+                "UPDATE results SET state = ?7, lease_owner = ?4, lease_until = ?5, updated_at = ?6
+                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = ?8
                    AND (next_attempt_at IS NULL OR next_attempt_at <= ?6)",
-                params![k.tenant, k.action_id, k.index, owner, lease_until(), now],
+                params![k.tenant, k.action_id, k.index, owner, lease_until(), now, ResultState::Downloading, ResultState::Pending],
             )
             .map_err(DbError::sql("claim result"))?;
         if n == 0 {
@@ -409,8 +410,8 @@ async fn renew_lease(db: &Db, key: &Key, owner: &str) -> Result<(), DbError> {
     db.call(move |c| {
         c.execute(
             "UPDATE results SET lease_until = ?5 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
-             AND lease_owner = ?4 AND state = 'downloading'",
-            params![k.tenant, k.action_id, k.index, owner, lease_until()],
+             AND lease_owner = ?4 AND state = ?6",
+            params![k.tenant, k.action_id, k.index, owner, lease_until(), ResultState::Downloading],
         )
         .map(|_| ())
         .map_err(DbError::sql("renew lease"))
@@ -492,8 +493,8 @@ pub async fn settle(
                 "UPDATE results SET state = ?4, attempts = attempts + ?5, last_error = ?6, next_attempt_at = ?7,
                         lease_owner = NULL, lease_until = NULL, updated_at = ?8
                  WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
-                   AND state = 'downloading' AND lease_owner = ?9",
-                params![k.tenant, k.action_id, k.index, state, i64::from(charge), reason, next, crate::time::fmt(now), owner],
+                   AND state = ?10 AND lease_owner = ?9",
+                params![k.tenant, k.action_id, k.index, state, i64::from(charge), reason, next, crate::time::fmt(now), owner, ResultState::Downloading],
             )
             .map_err(DbError::sql("settle result"))?;
         if n == 0 {
@@ -567,8 +568,8 @@ pub async fn commit_archived(
         let held: Option<i64> = tx
             .query_row(
                 "SELECT 1 FROM results WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
-                   AND state = 'downloading' AND lease_owner = ?4",
-                params![k.tenant, k.action_id, k.index, owner],
+                   AND state = ?5 AND lease_owner = ?4",
+                params![k.tenant, k.action_id, k.index, owner, ResultState::Downloading],
                 |r| r.get(0),
             )
             .optional()
@@ -629,10 +630,10 @@ pub async fn commit_archived(
         )
         .map_err(DbError::sql("insert evidence"))?;
         tx.execute(
-            "UPDATE results SET state = 'archived', evidence_id = ?4, attempts = attempts + 1, last_error = NULL,
+            "UPDATE results SET state = ?6, evidence_id = ?4, attempts = attempts + 1, last_error = NULL,
                     next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = ?5
              WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3",
-            params![k.tenant, k.action_id, k.index, evidence_id, now],
+            params![k.tenant, k.action_id, k.index, evidence_id, now, ResultState::Archived],
         )
         .map_err(DbError::sql("mark result archived"))?;
         tx.commit().map_err(DbError::sql("commit archived result"))?;
@@ -670,10 +671,10 @@ pub async fn recover(db: &Db, me: &str) -> Result<Recovered, DbError> {
                     "SELECT r.tenant, r.action_id, r.command_index, r.lease_owner, r.lease_until, a.created_at,
                             coalesce(r.command_type, '')
                      FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE r.state = 'downloading'",
+                     WHERE r.state = ?1",
                 )
                 .map_err(DbError::sql("select downloading results"))?;
-            stmt.query_map([], |r| {
+            stmt.query_map([ResultState::Downloading], |r| {
                 let key = Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? };
                 let created = crate::time::parse_api(&r.get::<_, String>(5)?);
                 Ok((InFlight { key, created, command_type: r.get(6)? }, r.get(3)?, r.get(4)?))
@@ -694,10 +695,10 @@ pub async fn recover(db: &Db, me: &str) -> Result<Recovered, DbError> {
             let k = &flight.key;
             let n = tx
                 .execute(
-                    "UPDATE results SET state = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = ?4,
+                    "UPDATE results SET state = ?6, lease_owner = NULL, lease_until = NULL, updated_at = ?4,
                             last_error = ?5
-                     WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'downloading'",
-                    params![k.tenant, k.action_id, k.index, now, INTERRUPTED],
+                     WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = ?7",
+                    params![k.tenant, k.action_id, k.index, now, INTERRUPTED, ResultState::Pending, ResultState::Downloading],
                 )
                 .map_err(DbError::sql("recover result"))?;
             if n > 0 {
