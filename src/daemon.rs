@@ -3,8 +3,6 @@
 //! WATCHDOG, STOPPING) and on SIGTERM/SIGINT stops scheduling, lets running downloads end
 //! and waits for them (bounded).
 
-use std::fs::File;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,43 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::db::Db;
+use crate::db::{Db, InstanceLock};
 use crate::error::UserError;
 use crate::jobs::{self, Context, archive, discover};
 
 /// How long shutdown waits for running jobs before giving up on them.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(90);
-
-/// Holds the daemon's lock file open (and locked) for its lifetime.
-pub struct InstanceLock {
-    _file: File,
-    pub path: PathBuf,
-}
-
-/// Takes `<db>.lock` exclusively; a second daemon on the same DB gets a clear error.
-pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> {
-    let mut path = db_path.as_os_str().to_owned();
-    path.push(".lock");
-    let path = PathBuf::from(path);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| UserError::new(format!("cannot open lock file {}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(InstanceLock { _file: file, path }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(UserError::new(format!(
-            "another lrvault daemon is already running on {} (lock {} is held)",
-            db_path.display(),
-            path.display()
-        ))
-        .into()),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(UserError::new(format!("cannot lock {}: {e}", path.display())).into())
-        }
-    }
-}
 
 fn notify(states: &[NotifyState<'_>]) {
     // No-op without NOTIFY_SOCKET (not under systemd).
@@ -64,8 +31,10 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     // scheduler torn down mid-start (which logs its own errors).
     check_schedules(&cfg.schedule)?;
     cfg.check_writable()?;
+    // The lock first: only its holder changes the schema (docs/operations.md §11).
+    let lock = InstanceLock::take(&cfg.database.path)?;
+    crate::db::migrate(&lock)?;
     let db = Db::open(&cfg.database.path)?;
-    let _lock = lock_instance(&cfg.database.path)?;
     let cancel = CancellationToken::new();
     let ctx = Arc::new(Context::new(cfg.clone(), db, cancel.clone())?);
     ctx.check_worm().await?;

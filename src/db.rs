@@ -1,5 +1,9 @@
 //! The SQLite database: opening it (WAL, foreign keys, busy timeout), the embedded
-//! migrations, and the one connection of this process that writes. That connection lives on
+//! migrations, and the one connection of this process that writes. Only the holder of the
+//! instance lock ([`InstanceLock`]: `run`, `migrate`, `restore`) creates or migrates the
+//! database ([`migrate`]); every other opening ([`Db::open`], [`Db::open_for_reading`])
+//! refuses a database at another schema version than this build's, so a newer command never
+//! changes the schema under an older daemon (docs/operations.md §11). The writing connection lives on
 //! its own thread: every write is a closure sent to it through [`Db::call`], so writes are
 //! serialised without a lock anyone could hold too long. Reads that may take a while go to
 //! read-only connections ([`Db::read`]) and never hold the writer. Other processes (a daemon
@@ -34,14 +38,20 @@ pub enum DbError {
     },
     #[error("cannot migrate database {path}: {message}")]
     Migrate { path: PathBuf, message: String },
-    #[error(
-        "database {path} has schema version {found}, newer than this lrvault knows ({known}); upgrade lrvault"
-    )]
-    TooNew {
+    /// The database does not exist yet: only `run` and `migrate` create it (exit code 2).
+    #[error("{hint}")]
+    NotCreated {
         path: PathBuf,
-        found: usize,
-        known: usize,
+        #[source]
+        hint: crate::error::UserError,
     },
+    /// The database is at another schema version than this build's: only `run` and `migrate`
+    /// change it, and only under the instance lock (exit code 2).
+    #[error("{0}")]
+    Schema(#[source] crate::error::UserError),
+    /// Another process holds the instance lock (exit code 2).
+    #[error("{0}")]
+    Locked(#[source] crate::error::UserError),
     #[error("database error during {op}: {source}")]
     Sql {
         op: &'static str,
@@ -103,28 +113,167 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-impl Db {
-    /// Opens (creating if needed) the database and applies pending migrations.
-    pub fn open(path: &Path) -> Result<Db, DbError> {
-        check_writable(path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// WAL lets auditors read while the daemon writes; FULL makes every commit durable.
+fn set_journal(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+    conn.pragma_update(None, "synchronous", "FULL")
+}
+
+/// The schema version of `conn` (SQLite's `user_version`: how many migrations it has had).
+fn schema_version(conn: &Connection, path: &Path) -> Result<usize, DbError> {
+    conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+        .map(|v| v.max(0) as usize)
+        .map_err(|source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The refusal of a database at schema `found` when this build knows `known`: an older one is
+/// migrated by the service's start or `lrvault migrate`, a newer one needs a newer lrvault.
+fn schema_mismatch(path: &Path, found: usize, known: usize) -> DbError {
+    let what = if found < known {
+        "restart the service, which migrates it when it starts, or run `lrvault migrate` while it is stopped"
+    } else {
+        "upgrade lrvault (a newer one migrated it)"
+    };
+    DbError::Schema(crate::error::UserError::new(format!(
+        "database {} is at schema {found}, this lrvault knows {known}: {what}",
+        path.display()
+    )))
+}
+
+/// Refuses a database at any other schema version than this build's.
+fn check_version(conn: &Connection, path: &Path) -> Result<(), DbError> {
+    let (found, known) = (schema_version(conn, path)?, schema_version_known());
+    if found == known {
+        Ok(())
+    } else {
+        Err(schema_mismatch(path, found, known))
+    }
+}
+
+fn not_created(path: &Path, config: Option<&Path>) -> DbError {
+    DbError::NotCreated {
+        path: path.to_path_buf(),
+        hint: crate::error::UserError::new(first_start_hint(path, config)),
+    }
+}
+
+impl DbError {
+    /// The same error, its first-start hint naming the config file the command was given.
+    pub fn for_config(self, config: &Path) -> DbError {
+        match self {
+            DbError::NotCreated { path, .. } => not_created(&path, Some(config)),
+            e => e,
+        }
+    }
+}
+
+/// `<db>.lock`, held exclusively by the one process that may change the database's schema:
+/// the daemon for its lifetime, `migrate` and `restore` while they work. Released on drop.
+pub struct InstanceLock {
+    _file: std::fs::File,
+    db: PathBuf,
+    pub path: PathBuf,
+}
+
+impl InstanceLock {
+    /// Takes the lock of the database at `db` (creating its directory, after the access
+    /// checks); a second holder gets one line naming the lock (exit code 2).
+    pub fn take(db: &Path) -> Result<InstanceLock, DbError> {
+        check_writable(db)?;
+        if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
+        let mut path = db.as_os_str().to_owned();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        let refused = |m: String| DbError::Locked(crate::error::UserError::new(m));
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| refused(format!("cannot open lock file {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(InstanceLock {
+                _file: file,
+                db: db.to_path_buf(),
+                path,
+            }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(refused(format!(
+                "another lrvault daemon is already running on {} (lock {} is held)",
+                db.display(),
+                path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(refused(format!("cannot lock {}: {e}", path.display())))
+            }
+        }
+    }
+}
+
+/// The schema versions of a database before and after [`migrate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    pub from: usize,
+    pub to: usize,
+}
+
+/// Creates the database the lock guards if it does not exist, and applies the pending
+/// migrations (docs/operations.md §11). Only the lock's holder changes the schema, so no
+/// running daemon ever sees it change under it. A newer database is refused.
+pub fn migrate(lock: &InstanceLock) -> Result<Migrated, DbError> {
+    let path = lock.db.as_path();
+    let open_err = |source| DbError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(open_err)?;
+    configure(&conn).map_err(open_err)?;
+    let (from, known) = (schema_version(&conn, path)?, schema_version_known());
+    if from > known {
+        return Err(schema_mismatch(path, from, known));
+    }
+    set_journal(&conn).map_err(open_err)?;
+    migrations()
+        .to_latest(&mut conn)
+        .map_err(|e| DbError::Migrate {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(Migrated { from, to: known })
+}
+
+impl Db {
+    /// Opens the database's writer at the schema version this build knows. It never creates
+    /// or migrates the database (only [`migrate`] does, under the instance lock): a database
+    /// that does not exist yet, or one at another version, is refused in one line saying what
+    /// to run (docs/operations.md §11), before anything is written.
+    pub fn open(path: &Path) -> Result<Db, DbError> {
+        check_writable(path)?;
+        if path.symlink_metadata().is_err() {
+            return Err(not_created(path, None));
+        }
         let open_err = |source| DbError::Open {
             path: path.to_path_buf(),
             source,
         };
-        let mut conn = Connection::open(path).map_err(open_err)?;
+        // Without CREATE: a file removed meanwhile is an error, never a new empty database.
+        let mut conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
         configure(&conn).map_err(open_err)?;
-        // WAL lets auditors read while the daemon writes.
-        conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        Self::migrate_conn(&mut conn, path)?;
+        check_version(&conn, path)?;
+        set_journal(&conn).map_err(open_err)?;
         let (writer, jobs) = mpsc::channel::<WriterJob>();
         std::thread::Builder::new()
             .name("lrvault-db-writer".into())
@@ -148,28 +297,16 @@ impl Db {
         })
     }
 
-    fn migrate_conn(conn: &mut Connection, path: &Path) -> Result<(), DbError> {
-        let found: usize = conn
-            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
-            .map_err(|source| DbError::Open {
-                path: path.to_path_buf(),
-                source,
-            })? as usize;
-        let known = schema_version_known();
-        if found > known {
-            return Err(DbError::TooNew {
-                path: path.to_path_buf(),
-                found,
-                known,
-            });
-        }
-        migrations().to_latest(conn).map_err(|e| DbError::Migrate {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+    /// Creates or migrates the database under the instance lock (taken for the migration
+    /// only), then opens it: for a process that owns its database (the demo, tests). A
+    /// running daemon holds the lock, so this never changes the schema under it.
+    pub fn open_migrated(path: &Path) -> Result<Db, DbError> {
+        migrate(&InstanceLock::take(path)?)?;
+        Db::open(path)
     }
 
-    /// A read-only connection (status, audit): never blocks the writer, never migrates.
+    /// A read-only connection (status, audit): never blocks the writer, never migrates, and
+    /// does not look at the schema version (a backup being checked, a damaged file).
     pub fn open_readonly(path: &Path) -> Result<Connection, DbError> {
         let conn = Connection::open_with_flags(
             path,
@@ -187,13 +324,16 @@ impl Db {
     }
 
     /// A read-only connection for the reporting commands (`config` is the file they were
-    /// given, for the hint). A database that does not exist yet is not created here: the
-    /// message says how to create it as the service user (exit code 2).
-    pub fn open_for_reading(path: &Path, config: &Path) -> anyhow::Result<Connection> {
+    /// given, for the hint), at the schema version this build knows. A database that does
+    /// not exist yet is not created here: the message says how to create it as the service
+    /// user (exit code 2).
+    pub fn open_for_reading(path: &Path, config: &Path) -> Result<Connection, DbError> {
         if !path.exists() {
-            return Err(crate::error::UserError::new(first_start_hint(path, config)).into());
+            return Err(not_created(path, Some(config)));
         }
-        Ok(Self::open_readonly(path)?)
+        let conn = Self::open_readonly(path)?;
+        check_version(&conn, path)?;
+        Ok(conn)
     }
 
     pub fn path(&self) -> &Path {
@@ -261,11 +401,14 @@ impl Db {
 /// What to do before the first start: start the service, or run `migrate` as the service
 /// user. Never a writing command as root: the files it would create (the database, its
 /// `-wal`, the state directory) would belong to root and lock the service out.
-pub fn first_start_hint(db: &Path, config: &Path) -> String {
+pub fn first_start_hint(db: &Path, config: Option<&Path>) -> String {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/usr/local/bin/lrvault".into());
-    let migrate = format!("{exe} --config {} migrate", config.display());
+    let migrate = match config {
+        Some(config) => format!("{exe} --config {} migrate", config.display()),
+        None => format!("{exe} migrate"),
+    };
     format!(
         "database {} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p DynamicUser=yes -p User=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (with a static user: sudo -u lrvault {migrate}); not as root, whose files would lock the service out",
         db.display()
@@ -426,6 +569,7 @@ pub fn write_tx(conn: &mut Connection) -> Result<rusqlite::Transaction<'_>, DbEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     #[test]
     fn migrations_are_valid() {
@@ -450,7 +594,7 @@ mod tests {
             }
             tx.commit().unwrap();
         }
-        let db = Db::open(&path).unwrap();
+        let db = Db::open_migrated(&path).unwrap();
         db.call_sync(|c| {
             let mut defects = Vec::new();
             let walk = custody::walk(c, |d| defects.push(d), |_| {}).unwrap();
@@ -492,7 +636,7 @@ mod tests {
             }
             tx.commit().unwrap();
         }
-        let db = Db::open(&path).unwrap();
+        let db = Db::open_migrated(&path).unwrap();
         db.call_sync(|c| {
             // The lookup table names exactly the kinds this build writes.
             let mut names: Vec<String> = {
@@ -529,10 +673,181 @@ mod tests {
         .unwrap();
     }
 
+    /// The schema as `sqlite_master` holds it, and the version: what must not change under a
+    /// command that refuses a database.
+    fn schema_of(path: &Path) -> (i64, Vec<SchemaObject>) {
+        let c = Connection::open(path).unwrap();
+        let v = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        (v, schema_objects(&c).unwrap())
+    }
+
+    #[test]
+    fn only_migrate_changes_the_schema_and_open_refuses_any_other_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        let missing = Db::open(&path).err().unwrap();
+        assert!(matches!(missing, DbError::NotCreated { .. }), "{missing}");
+        assert!(!path.exists(), "open never creates the database");
+        migrations()
+            .to_version(&mut Connection::open(&path).unwrap(), 5)
+            .unwrap();
+        let known = schema_version_known();
+        let before = schema_of(&path);
+        let e = Db::open(&path).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "database {} is at schema 5, this lrvault knows {known}: restart the service, which migrates it when it starts, or run `lrvault migrate` while it is stopped",
+                path.display()
+            )
+        );
+        let e = Db::open_for_reading(&path, Path::new("c.toml"))
+            .err()
+            .unwrap();
+        assert!(matches!(e, DbError::Schema(_)), "{e}");
+        assert_eq!(
+            schema_of(&path),
+            before,
+            "nothing changed under the refusal"
+        );
+        // The holder of the instance lock migrates; nobody else can take it meanwhile.
+        let lock = InstanceLock::take(&path).unwrap();
+        let e = InstanceLock::take(&path).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "another lrvault daemon is already running on {} (lock {}.lock is held)",
+                path.display(),
+                path.display()
+            )
+        );
+        assert_eq!(migrate(&lock).unwrap(), Migrated { from: 5, to: known });
+        assert_eq!(
+            migrate(&lock).unwrap(),
+            Migrated {
+                from: known,
+                to: known
+            }
+        );
+        drop(lock);
+        Db::open(&path).unwrap();
+        // A newer database: upgrade lrvault; migrate refuses it too.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", known as i64 + 1)
+            .unwrap();
+        let newer = format!(
+            "database {} is at schema {}, this lrvault knows {known}: upgrade lrvault (a newer one migrated it)",
+            path.display(),
+            known + 1
+        );
+        assert_eq!(Db::open(&path).err().unwrap().to_string(), newer);
+        let lock = InstanceLock::take(&path).unwrap();
+        assert_eq!(migrate(&lock).err().unwrap().to_string(), newer);
+    }
+
+    /// Every row of `results`, as text, in key order.
+    fn result_rows(c: &Connection) -> Vec<Vec<String>> {
+        let mut stmt = c
+            .prepare("SELECT * FROM results ORDER BY tenant, action_id, command_index")
+            .unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    r.get::<_, rusqlite::types::Value>(i)
+                        .map(|v| format!("{v:?}"))
+                })
+                .collect()
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+
+    #[test]
+    fn a_version_5_database_with_results_in_every_state_upgrades_to_states_as_data() {
+        use crate::custody::{self, Event, EventKind};
+        use crate::queue::ResultState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v5.db");
+        let before = {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+            migrations().to_version(&mut conn, 5).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute(
+                "INSERT INTO actions (tenant, action_id, created_at, raw_json, discovered_at, source)
+                 VALUES ('t', 'a', '2026-12-01T00:00:00.000Z', '{}', '2026-12-01T00:00:00.000Z', 'discover')",
+                [],
+            )
+            .unwrap();
+            for (i, state) in ResultState::ALL.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO results (tenant, action_id, command_index, command_type, command_json, state,
+                                          attempts, last_error, updated_at, lease_owner)
+                     VALUES ('t', 'a', ?1, 'GetFile', '{}', ?2, ?1, 'why', '2026-12-01T00:00:01.000Z', 'h:1:2')",
+                    params![i as i64, state],
+                )
+                .unwrap();
+                custody::append(
+                    &tx,
+                    &Event::new("t", "a", Some(i as u32), EventKind::Queued, "me"),
+                )
+                .unwrap();
+            }
+            tx.execute(
+                "INSERT INTO evidence (evidence_id, tenant, action_id, command_index, payload_name, payload_size,
+                     payload_sha256, package_path, package_size, package_sha256, archived_at)
+                 VALUES ('e', 't', 'a', 2, 'p', 1, 's', 'pp', 1, 'ps', '2026-12-01T00:00:02.000Z')",
+                [],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+            result_rows(&conn)
+        };
+        let db = Db::open_migrated(&path).unwrap();
+        db.call_sync(move |c| {
+            assert_eq!(result_rows(c), before, "every row copied exactly");
+            let mut stmt = c.prepare("SELECT name, meaning FROM result_states ORDER BY name").unwrap();
+            let table: Vec<(String, String)> =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+            let mut known: Vec<(String, String)> = ResultState::ALL
+                .iter()
+                .map(|s| (s.as_str().to_string(), s.meaning().to_string()))
+                .collect();
+            known.sort();
+            assert_eq!(table, known, "the table lists exactly the states this build writes");
+            assert_eq!(schema_differences(c).unwrap(), vec![]);
+            let n: i64 = c.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| r.get(0)).unwrap();
+            assert_eq!(n, 0);
+            let mut defects = Vec::new();
+            let walk = custody::walk(c, |d| defects.push(d), |_| {}).unwrap();
+            assert_eq!((walk.rows, defects), (ResultState::ALL.len() as i64, vec![]));
+            let (evidence, mark): (i64, i64) = c
+                .query_row(
+                    "SELECT (SELECT count(*) FROM v_evidence), custody_seq FROM schema_upgrades WHERE version = 6",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!((evidence, mark), (1, ResultState::ALL.len() as i64));
+            // A state the table does not list is refused by the foreign key.
+            let e = c.execute("UPDATE results SET state = 'lost' WHERE command_index = 0", []).unwrap_err();
+            assert!(e.to_string().contains("FOREIGN KEY"), "{e}");
+            let e = c.execute("DELETE FROM result_states WHERE name = 'failed'", []).unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{e}");
+            Ok(())
+        })
+        .unwrap();
+    }
+
     #[test]
     fn open_creates_schema_and_refuses_custody_edits() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("sub/lrvault.db")).unwrap();
+        let db = Db::open_migrated(&dir.path().join("sub/lrvault.db")).unwrap();
         db.call_sync(|c| {
             let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
             assert_eq!(mode, "wal");
@@ -554,6 +869,6 @@ mod tests {
         .unwrap();
         // Reopening is a no-op migration.
         drop(db);
-        Db::open(&dir.path().join("sub/lrvault.db")).unwrap();
+        Db::open_migrated(&dir.path().join("sub/lrvault.db")).unwrap();
     }
 }

@@ -1,13 +1,19 @@
 //! The queue of command results, and the one owner of a result's life. Every change of
-//! `results.state` is a typed transition here, and each appends its custody row in the same
-//! transaction, so the custody log never contradicts the table:
+//! `results.state` is a typed transition here. Each one but `claim` appends its custody row in
+//! the same transaction, so the custody log never contradicts the table; a claim appends none
+//! (the attempt's own rows, LINK_ISSUED, DOWNLOADED and PUBLISHING, follow in transactions of
+//! their own, and a process that stops before it settles leaves recover's ATTEMPT_FAILED):
 //!
 //! - [`insert`] (discovery): a new result, `pending` (QUEUED) or `skipped` (SKIPPED);
-//! - [`claim`]: `pending` and due → `downloading`, under a lease this process renews;
-//! - [`settle`]: `downloading` → `pending` (retry later, charged or not), `unavailable`
-//!   (UNAVAILABLE) or `failed` (FAILED);
+//! - [`claim`]: `pending` and due → `downloading`, under a lease this process renews (no row);
+//! - [`settle`]: `downloading` → `pending` to retry later, charged or not (ATTEMPT_FAILED),
+//!   `unavailable` (UNAVAILABLE) or `failed` (FAILED);
 //! - [`commit_archived`]: `downloading` → `archived` with its `evidence` row (ARCHIVED);
-//! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone.
+//! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone
+//!   (ATTEMPT_FAILED, scope `process`, nothing charged).
+//!
+//! The states themselves are data: [`ResultState`] names the rows of `result_states`, and the
+//! SQL, here and elsewhere, binds them as parameters instead of spelling them.
 //!
 //! The due queries share one scope filter ([`Scope`]). The state diagram is in
 //! `docs/architecture.md`.
@@ -26,39 +32,49 @@ use crate::db::{Db, DbError, write_tx};
 /// How long a claim on a result lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(600);
 
-/// The state of a result (docs/audit.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ResultState {
-    Pending,
-    Downloading,
-    Archived,
-    Unavailable,
-    Skipped,
-    Failed,
+/// Declares [`ResultState`] from one table: each state's variant, its name in
+/// `results.state` (an identifier here, so the names are spelled once) and its meaning, as
+/// migration 06 lists them in `result_states`.
+macro_rules! result_states {
+    ($($variant:ident = $name:ident: $meaning:literal,)*) => {
+        /// The state of a result (docs/audit.md §2): a row of `result_states`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum ResultState {
+            $($variant,)*
+        }
+
+        impl ResultState {
+            pub const ALL: [ResultState; [$(stringify!($name)),*].len()] =
+                [$(ResultState::$variant),*];
+
+            /// The state's name, as `results.state` holds it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ResultState::$variant => stringify!($name),)*
+                }
+            }
+
+            /// What the state means (`result_states.meaning`).
+            pub fn meaning(self) -> &'static str {
+                match self {
+                    $(ResultState::$variant => $meaning,)*
+                }
+            }
+        }
+    };
+}
+
+result_states! {
+    Pending = pending: "waiting for its next download attempt (new, or retrying after an error)",
+    Downloading = downloading: "a process holds it under a lease and is fetching it",
+    Archived = archived: "its package is in the evidence store, with its evidence row",
+    Unavailable = unavailable: "the API says the result no longer exists",
+    Skipped = skipped: "the command has no result to archive",
+    Failed = failed: "it ran out of attempts or cannot be fetched",
 }
 
 impl ResultState {
-    pub const ALL: [ResultState; 6] = [
-        ResultState::Pending,
-        ResultState::Downloading,
-        ResultState::Archived,
-        ResultState::Unavailable,
-        ResultState::Skipped,
-        ResultState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ResultState::Pending => "pending",
-            ResultState::Downloading => "downloading",
-            ResultState::Archived => "archived",
-            ResultState::Unavailable => "unavailable",
-            ResultState::Skipped => "skipped",
-            ResultState::Failed => "failed",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<ResultState> {
         ResultState::ALL.into_iter().find(|st| st.as_str() == s)
     }
@@ -122,8 +138,7 @@ const SCOPED_RESULTS: &str =
     "FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id";
 
 /// Pending and due (its backoff has passed) at `:now`.
-const DUE: &str =
-    "r.state = 'pending' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)";
+const DUE: &str = "r.state = :pending AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= :now)";
 
 /// Owned values of a scope's SQL parameters (movable onto the DB thread).
 struct ScopeParams {
@@ -165,13 +180,14 @@ impl ScopeParams {
         let mut stmt = conn
             .prepare_cached(&sql)
             .map_err(DbError::sql("query the result queue"))?;
-        let named: [(&str, &dyn ToSql); 6] = [
+        let named: [(&str, &dyn ToSql); 7] = [
             (":tenant", &self.tenant),
             (":since", &self.since),
             (":until", &self.until),
             (":machine", &self.machine),
             (":now", &self.now),
             (":limit", &limit),
+            (":pending", &ResultState::Pending),
         ];
         // Only the parameters the statement uses may be bound.
         let used: Vec<(&str, &dyn ToSql)> =
@@ -251,7 +267,7 @@ pub async fn next_retry(
             bound.query(
                 c,
                 "min(r.next_attempt_at)",
-                Some("r.state = 'pending'"),
+                Some("r.state = :pending"),
                 "",
                 None,
                 |r| r.get::<_, Option<String>>(0),
@@ -354,10 +370,10 @@ pub async fn claim(db: &Db, key: &Key, owner: &str) -> Result<Option<Claimed>, D
         let now = crate::time::now_str();
         let n = tx
             .execute(
-                "UPDATE results SET state = 'downloading', lease_owner = ?4, lease_until = ?5, updated_at = ?6
-                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'pending'
+                "UPDATE results SET state = ?7, lease_owner = ?4, lease_until = ?5, updated_at = ?6
+                 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = ?8
                    AND (next_attempt_at IS NULL OR next_attempt_at <= ?6)",
-                params![k.tenant, k.action_id, k.index, owner, lease_until(), now],
+                params![k.tenant, k.action_id, k.index, owner, lease_until(), now, ResultState::Downloading, ResultState::Pending],
             )
             .map_err(DbError::sql("claim result"))?;
         if n == 0 {
@@ -394,8 +410,8 @@ async fn renew_lease(db: &Db, key: &Key, owner: &str) -> Result<(), DbError> {
     db.call(move |c| {
         c.execute(
             "UPDATE results SET lease_until = ?5 WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
-             AND lease_owner = ?4 AND state = 'downloading'",
-            params![k.tenant, k.action_id, k.index, owner, lease_until()],
+             AND lease_owner = ?4 AND state = ?6",
+            params![k.tenant, k.action_id, k.index, owner, lease_until(), ResultState::Downloading],
         )
         .map(|_| ())
         .map_err(DbError::sql("renew lease"))
@@ -477,8 +493,8 @@ pub async fn settle(
                 "UPDATE results SET state = ?4, attempts = attempts + ?5, last_error = ?6, next_attempt_at = ?7,
                         lease_owner = NULL, lease_until = NULL, updated_at = ?8
                  WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
-                   AND state = 'downloading' AND lease_owner = ?9",
-                params![k.tenant, k.action_id, k.index, state, i64::from(charge), reason, next, crate::time::fmt(now), owner],
+                   AND state = ?10 AND lease_owner = ?9",
+                params![k.tenant, k.action_id, k.index, state, i64::from(charge), reason, next, crate::time::fmt(now), owner, ResultState::Downloading],
             )
             .map_err(DbError::sql("settle result"))?;
         if n == 0 {
@@ -552,8 +568,8 @@ pub async fn commit_archived(
         let held: Option<i64> = tx
             .query_row(
                 "SELECT 1 FROM results WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3
-                   AND state = 'downloading' AND lease_owner = ?4",
-                params![k.tenant, k.action_id, k.index, owner],
+                   AND state = ?5 AND lease_owner = ?4",
+                params![k.tenant, k.action_id, k.index, owner, ResultState::Downloading],
                 |r| r.get(0),
             )
             .optional()
@@ -614,10 +630,10 @@ pub async fn commit_archived(
         )
         .map_err(DbError::sql("insert evidence"))?;
         tx.execute(
-            "UPDATE results SET state = 'archived', evidence_id = ?4, attempts = attempts + 1, last_error = NULL,
+            "UPDATE results SET state = ?6, evidence_id = ?4, attempts = attempts + 1, last_error = NULL,
                     next_attempt_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = ?5
              WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3",
-            params![k.tenant, k.action_id, k.index, evidence_id, now],
+            params![k.tenant, k.action_id, k.index, evidence_id, now, ResultState::Archived],
         )
         .map_err(DbError::sql("mark result archived"))?;
         tx.commit().map_err(DbError::sql("commit archived result"))?;
@@ -655,10 +671,10 @@ pub async fn recover(db: &Db, me: &str) -> Result<Recovered, DbError> {
                     "SELECT r.tenant, r.action_id, r.command_index, r.lease_owner, r.lease_until, a.created_at,
                             coalesce(r.command_type, '')
                      FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-                     WHERE r.state = 'downloading'",
+                     WHERE r.state = ?1",
                 )
                 .map_err(DbError::sql("select downloading results"))?;
-            stmt.query_map([], |r| {
+            stmt.query_map([ResultState::Downloading], |r| {
                 let key = Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? };
                 let created = crate::time::parse_api(&r.get::<_, String>(5)?);
                 Ok((InFlight { key, created, command_type: r.get(6)? }, r.get(3)?, r.get(4)?))
@@ -679,10 +695,10 @@ pub async fn recover(db: &Db, me: &str) -> Result<Recovered, DbError> {
             let k = &flight.key;
             let n = tx
                 .execute(
-                    "UPDATE results SET state = 'pending', lease_owner = NULL, lease_until = NULL, updated_at = ?4,
+                    "UPDATE results SET state = ?6, lease_owner = NULL, lease_until = NULL, updated_at = ?4,
                             last_error = ?5
-                     WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = 'downloading'",
-                    params![k.tenant, k.action_id, k.index, now, INTERRUPTED],
+                     WHERE tenant = ?1 AND action_id = ?2 AND command_index = ?3 AND state = ?7",
+                    params![k.tenant, k.action_id, k.index, now, INTERRUPTED, ResultState::Pending, ResultState::Downloading],
                 )
                 .map_err(DbError::sql("recover result"))?;
             if n > 0 {
@@ -781,7 +797,7 @@ mod tests {
     /// A database with one action and one pending result; returns its key.
     fn one_result() -> (tempfile::TempDir, Db, Key) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("q.db")).unwrap();
+        let db = Db::open_migrated(&dir.path().join("q.db")).unwrap();
         db.call_sync(|c| {
             c.execute_batch(
                 "INSERT INTO actions (tenant, action_id, created_at, raw_json, discovered_at, source)

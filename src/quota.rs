@@ -372,7 +372,7 @@ mod tests {
 
     fn db() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("q.db")).unwrap();
+        let db = Db::open_migrated(&dir.path().join("q.db")).unwrap();
         (dir, db)
     }
 

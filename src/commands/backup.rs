@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::custody::{self, Event, EventKind, Head};
-use crate::db::{self, Db, DbError, write_tx};
+use crate::db::{self, DbError};
 use crate::error::UserError;
 
 #[derive(Debug, ClapArgs)]
@@ -61,7 +61,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
-    let db = Db::open(&cfg.database.path)?;
+    let db = super::open_db(&cfg, config)?;
     let (from, dest) = (cfg.database.path.clone(), to.clone());
     let copy = tokio::task::spawn_blocking(move || make_copy(&from, &dest)).await??;
     let (tenant, actor) = match cfg.tenants.as_slice() {
@@ -76,17 +76,8 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         "custody_head": copy.custody_head,
         "integrity_check": "ok",
     });
-    let row = db
-        .call(move |c| {
-            let tx = write_tx(c)?;
-            let head = custody::append(
-                &tx,
-                &Event::new(&tenant, "*", None, EventKind::BackedUp, &actor).detail(detail),
-            )?;
-            tx.commit().map_err(DbError::sql("commit backup row"))?;
-            Ok(head)
-        })
-        .await?;
+    let event = Event::new(&tenant, "*", None, EventKind::BackedUp, &actor).detail(detail);
+    let row = custody::record(&db, event).await?;
     println!(
         "backed up {} to {}: {} bytes, sha256 {}, integrity_check ok, custody head seq {}; recorded as BACKED_UP seq {}",
         cfg.database.path.display(),

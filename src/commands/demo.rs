@@ -113,6 +113,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?;
     println!("simulator: {base}\nconfig:    {}", config_path.display());
 
+    // The demo owns its database: it creates it as `migrate` does, under the instance lock.
+    let db_path = crate::config::Config::load(&config_path)?.database.path;
+    crate::db::migrate(&crate::db::InstanceLock::take(&db_path)?)?;
     let (ctx, tenants) = super::setup(&config_path, None)?;
     let (cfg, db) = (ctx.cfg.clone(), ctx.db.clone());
     for t in &tenants {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::db::Db;
+
 use crate::error::UserError;
 use crate::export::{Request, Selection};
 
@@ -82,7 +82,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         description: args.describe(),
     };
     check_out_dir(&request.out)?;
-    let db = Db::open(&cfg.database.path)?;
+    let db = super::open_db(&cfg, config)?;
     let Some(done) = crate::export::export(&cfg, &db, &request).await? else {
         eprintln!("lrvault: no archived evidence matches the selection; nothing exported");
         return Ok(ExitCode::from(1));

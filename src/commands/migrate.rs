@@ -1,18 +1,28 @@
-//! `lrvault migrate`: apply pending database migrations.
+//! `lrvault migrate`: create the database, or apply its pending migrations, under the
+//! instance lock: never while a daemon runs on it (docs/operations.md §11).
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::db::Db;
 
 pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let db = Db::open(&cfg.database.path)?;
+    let path = &cfg.database.path;
+    let lock = super::take_lock(
+        path,
+        "cannot migrate while the daemon runs; restart it, which migrates when it starts, or stop it first (systemctl stop lrvault)",
+    )?;
+    let done = crate::db::migrate(&lock)?;
+    let was = match done.from {
+        0 => " (created)".to_string(),
+        from if from == done.to => String::new(),
+        from => format!(" (was {from})"),
+    };
     println!(
-        "database {} is at schema version {}",
-        db.path().display(),
-        crate::db::schema_version_known()
+        "database {} is at schema version {}{was}",
+        path.display(),
+        done.to
     );
     Ok(ExitCode::SUCCESS)
 }

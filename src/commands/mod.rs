@@ -38,15 +38,30 @@ pub struct TenantArg {
     pub tenant: Option<String>,
 }
 
-/// Loads the config, opens (and migrates) the database and builds the selected tenants'
-/// clients (reading their secrets).
+/// Loads the config, opens the database (at this lrvault's schema: it never migrates) and
+/// builds the selected tenants' clients (reading their secrets).
 fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
     let cfg = Arc::new(Config::load(config)?);
     cfg.check_writable()?;
-    let db = Db::open(&cfg.database.path)?;
+    let db = open_db(&cfg, config)?;
     let ctx = Context::new(cfg, db, CancellationToken::new())?;
     let tenants = ctx.tenants(tenant)?.into_iter().map(Arc::new).collect();
     Ok((Arc::new(ctx), tenants))
+}
+
+/// Opens the database `cfg` names at this lrvault's schema; a database that does not exist
+/// yet is refused with the first-start hint for `config` (exit code 2).
+fn open_db(cfg: &Config, config: &Path) -> Result<Db, crate::db::DbError> {
+    Db::open(&cfg.database.path).map_err(|e| e.for_config(config))
+}
+
+/// Takes the instance lock of the database at `db` for a command that changes it as a whole
+/// (`migrate`, `restore`); a running daemon's lock is refused with `why` in front.
+fn take_lock(db: &Path, why: &'static str) -> anyhow::Result<crate::db::InstanceLock> {
+    crate::db::InstanceLock::take(db).map_err(|e| match e {
+        crate::db::DbError::Locked(_) => anyhow::Error::new(e).context(why),
+        e => e.into(),
+    })
 }
 
 /// 0 when everything worked, 1 when work is left or failed.

@@ -50,8 +50,10 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir).map_err(file_err("create directory", dir))?;
     }
     // Held until the end: no daemon starts on a half-restored database.
-    let _lock = crate::daemon::lock_instance(&live)
-        .context("cannot restore while the daemon runs; stop it first (systemctl stop lrvault)")?;
+    let lock = super::take_lock(
+        &live,
+        "cannot restore while the daemon runs; stop it first (systemctl stop lrvault)",
+    )?;
     let checkpoints = list_checkpoints(&cfg).await?;
     let staged = {
         let (from, live, checkpoints) = (from.clone(), live.clone(), checkpoints.clone());
@@ -83,6 +85,8 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
             if *wal { " with its -wal" } else { "" }
         );
     }
+    // A backup from an older schema is brought to this build's, under the lock.
+    crate::db::migrate(&lock)?;
     let db = Db::open(&live)?;
     let superseded = record_restore(&db, &from, &staged, aside.as_ref(), checkpoints).await?;
     if superseded > 0 {

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::queue::ResultState;
 use crate::quota::{self, Endpoint};
 use crate::render::{Format, Rows};
 
@@ -92,21 +93,23 @@ fn read_status(
         "SELECT tenant, state, count(*) AS results FROM results WHERE ?1 IS NULL OR tenant = ?1
          GROUP BY tenant, state ORDER BY tenant, state",
     )?;
-    let failed = q(
+    let failed = Rows::query(
+        conn,
         "SELECT tenant, action_id, command_index, state, attempts, next_attempt_at, last_error FROM results
-         WHERE (state = 'failed' OR (state = 'pending' AND attempts > 0)) AND (?1 IS NULL OR tenant = ?1)
+         WHERE (state = ?2 OR (state = ?3 AND attempts > 0)) AND (?1 IS NULL OR tenant = ?1)
          ORDER BY updated_at DESC LIMIT 20",
-    )?;
+        &[&only, &ResultState::Failed, &ResultState::Pending],
+    )
+    .map_err(DbError::sql("status query"))?;
     let jobs = q(
         "SELECT job, tenant, started_at, finished_at, ok, summary FROM job_runs
          WHERE ?1 IS NULL OR tenant = ?1 ORDER BY job, tenant",
     )?;
-    // Open breakers (a database not yet migrated to v2 has none to show).
+    // Open breakers (the database is at this build's schema: `tenant_health` exists).
     let breakers = q(
         "SELECT tenant, trouble, reason, since, next_probe_at, interval_ms FROM tenant_health
          WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant",
-    )
-    .or_else(|_| q("SELECT NULL AS tenant WHERE ?1 IS NULL AND 0"))?;
+    )?;
     let now = crate::time::now_ms();
     let mut quota_rows = Vec::new();
     for t in tenants {
@@ -186,10 +189,10 @@ fn print_summary(
     );
     let attention = q(
         "SELECT r.tenant,
-                sum(r.state = 'pending') AS pending,
-                sum(r.state = 'failed') AS failed,
-                sum(r.state = 'pending' AND r.attempts > 0) AS retrying,
-                min(CASE WHEN r.state = 'pending' THEN a.discovered_at END) AS oldest_pending_since,
+                sum(r.state = ?2) AS pending,
+                sum(r.state = ?3) AS failed,
+                sum(r.state = ?2 AND r.attempts > 0) AS retrying,
+                min(CASE WHEN r.state = ?2 THEN a.discovered_at END) AS oldest_pending_since,
                 h.trouble AS breaker
          FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
          LEFT JOIN tenant_health h ON h.tenant = r.tenant
@@ -197,7 +200,7 @@ fn print_summary(
          HAVING failed > 0 OR retrying > 0 OR breaker IS NOT NULL OR pending > 0
          ORDER BY breaker IS NULL, failed DESC, retrying DESC, oldest_pending_since
          LIMIT ?1",
-        &[&ATTENTION_ROWS],
+        &[&ATTENTION_ROWS, &ResultState::Pending, &ResultState::Failed],
     )?;
     if attention.rows.is_empty() {
         println!("No tenant needs attention: nothing failed, waits, or is cut off.\n");

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::db::Db;
+
 use crate::verify::{Scope, is_damaged, verify_scope};
 
 /// `lrvault verify` flags.
@@ -38,7 +38,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
         .since
         .map(|s| crate::time::parse_user_date(&s, crate::time::now()))
         .transpose()?;
-    let db = match Db::open(&cfg.database.path) {
+    let db = match super::open_db(&cfg, config) {
         Ok(db) => db,
         Err(e) if is_damaged(&e) => {
             eprintln!(

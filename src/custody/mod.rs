@@ -420,6 +420,20 @@ pub struct Head {
     pub row_hash: String,
 }
 
+/// Appends `ev` as one custody row in its own write transaction, on the database's writer
+/// thread, and returns it (the chain's new head). A row that must commit together with other
+/// changes is appended with [`append`] inside the caller's transaction instead.
+pub async fn record(db: &crate::db::Db, ev: Event<'_>) -> Result<Head, DbError> {
+    let owned = ev.to_owned_event();
+    db.call(move |c| {
+        let tx = crate::db::write_tx(c)?;
+        let head = append(&tx, &owned.as_event())?;
+        tx.commit().map_err(DbError::sql("commit custody row"))?;
+        Ok(head)
+    })
+    .await
+}
+
 /// Appends `ev` inside the caller's write transaction (which serialises appends, so `seq`
 /// has no gaps). Returns the new row, now the chain's head.
 pub fn append(tx: &Transaction<'_>, ev: &Event<'_>) -> Result<Head, DbError> {

@@ -337,7 +337,7 @@ mod tests {
 
     fn chain(rows: u32) -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("l.db")).unwrap();
+        let db = Db::open_migrated(&dir.path().join("l.db")).unwrap();
         db.call_sync(move |c| {
             let tx = write_tx(c)?;
             for i in 0..rows {

@@ -359,15 +359,7 @@ impl Recorder {
         tokio::task::spawn_blocking(move || self.flush())
             .await
             .map_err(|e| DbError::Join(e.to_string()))??;
-        db.call(move |c| {
-            let tx = write_tx(c)?;
-            let head = custody::append(
-                &tx,
-                &Event::new(&tenant, "*", None, EventKind::Verified, &actor).detail(detail),
-            )?;
-            tx.commit().map_err(DbError::sql("commit verify run"))?;
-            Ok(head)
-        })
-        .await
+        let event = Event::new(&tenant, "*", None, EventKind::Verified, &actor).detail(detail);
+        custody::record(&db, event).await
     }
 }

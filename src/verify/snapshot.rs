@@ -11,6 +11,7 @@ use super::defect::{Defect, Recorder};
 use crate::cells::shown;
 use crate::custody::{self, Head};
 use crate::db::DbError;
+use crate::queue::ResultState;
 
 /// What the snapshot saw.
 #[derive(Debug, Clone)]
@@ -250,13 +251,17 @@ fn archived_without_evidence(
     let mut stmt = conn
         .prepare(
             "SELECT r.tenant, r.action_id, r.command_index FROM results r
-             WHERE r.state = 'archived' AND (?1 IS NULL OR r.tenant = ?1) AND (?2 IS NULL OR r.updated_at >= ?2)
+             WHERE r.state = ?3 AND (?1 IS NULL OR r.tenant = ?1) AND (?2 IS NULL OR r.updated_at >= ?2)
                AND NOT EXISTS (SELECT 1 FROM evidence e WHERE e.tenant = r.tenant
                                AND e.action_id = r.action_id AND e.command_index = r.command_index)",
         )
         .map_err(DbError::sql("find archived results without evidence"))?;
     let mut rows = stmt
-        .query(rusqlite::params![scope.tenant, since])
+        .query(rusqlite::params![
+            scope.tenant,
+            since,
+            ResultState::Archived
+        ])
         .map_err(DbError::sql("find archived results without evidence"))?;
     while let Some(r) = rows.next().map_err(DbError::sql("read result row"))? {
         rec.defect(Defect::Result {

@@ -14,6 +14,7 @@ use rusqlite::{Connection, OptionalExtension};
 use super::Scope;
 use super::defect::{Defect, Recorder};
 use crate::db::DbError;
+use crate::queue::ResultState;
 use crate::store::Blocking;
 
 pub fn check(
@@ -181,11 +182,11 @@ fn downloading(conn: &Connection) -> Result<HashSet<String>, DbError> {
         .prepare_cached(
             "SELECT r.tenant, r.action_id, r.command_index, a.created_at, coalesce(r.command_type, '')
              FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-             WHERE r.state = 'downloading'",
+             WHERE r.state = ?1",
         )
         .map_err(DbError::sql("read downloading results"))?;
     let rows = stmt
-        .query_map([], |r| {
+        .query_map([ResultState::Downloading], |r| {
             // Read leniently: a mistyped row explains no file, it does not stop the check.
             let text = |i| crate::cells::shown(r, i);
             Ok((

@@ -109,6 +109,9 @@ fn bad_tenant_name_and_missing_secret_are_one_clear_line() {
             "{line}"
         );
     }
+    // The first start creates it; the other commands only open it.
+    let (code, _, err) = run(lrvault().arg("--config").arg(&cfg).arg("migrate"));
+    assert_eq!(code, 0, "{err}");
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("discover"));
     assert!(
         line.contains("tenant 'contoso': cannot read client_secret_file /nonexistent/secret"),

@@ -41,7 +41,7 @@ pub fn env_from(
     store: Option<Arc<lrvault::store::Store>>,
 ) -> Env {
     let cfg = Arc::new(Config::load(&config_path).unwrap());
-    let db = Db::open(&cfg.database.path).unwrap();
+    let db = Db::open_migrated(&cfg.database.path).unwrap();
     let cancel = CancellationToken::new();
     let ctx = Arc::new(match store {
         None => Context::new(cfg.clone(), db, cancel).unwrap(),

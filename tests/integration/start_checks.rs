@@ -243,8 +243,15 @@ fn discover_with_secret(dir: &Path, bytes: &[u8], mode: u32) -> (i32, String, Pa
         &store,
         &format!("client_secret_file = {:?}", secret.display().to_string()),
     );
+    created(&cfg);
     let (code, _, err) = run(lrvault().arg("--config").arg(&cfg).arg("discover"));
     (code, err, secret)
+}
+
+/// Creates the database `cfg` names, as the first start does: `discover` only opens it.
+fn created(cfg: &Path) {
+    let (code, _, err) = run(lrvault().arg("--config").arg(cfg).arg("migrate"));
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
@@ -358,6 +365,7 @@ fn a_relative_secret_name_says_where_it_was_looked_up() {
     let (_t, dir) = open_dir();
     let (db, store) = paths(&dir);
     let cfg = config(&dir, &db, &store, "client_secret_file = \"contoso\"");
+    created(&cfg);
     let line = one_line_error(
         lrvault()
             .arg("--config")
@@ -405,7 +413,8 @@ fn a_bad_schedule_is_one_line_before_anything_starts() {
 }
 
 #[test]
-fn before_the_first_start_status_and_audit_show_how_to_migrate_as_the_service_user() {
+fn before_the_first_start_every_command_but_run_and_migrate_shows_how_to_migrate_as_the_service_user()
+ {
     let (_t, dir) = open_dir();
     let (db, store) = paths(&dir);
     let cfg = config(&dir, &db, &store, "client_secret_env = \"X\"");
@@ -414,11 +423,20 @@ fn before_the_first_start_status_and_audit_show_how_to_migrate_as_the_service_us
     let expected = format!(
         "lrvault: database {db} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p DynamicUser=yes -p User=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (with a static user: sudo -u lrvault {migrate}); not as root, whose files would lock the service out"
     );
-    for cmd in [&["status"][..], &["audit", "evidence"], &["audit", "quota"]] {
+    let backup = dir.join("b.db").display().to_string();
+    for cmd in [
+        &["status"][..],
+        &["audit", "evidence"],
+        &["audit", "quota"],
+        &["discover"],
+        &["archive"],
+        &["verify"],
+        &["backup", "--to", &backup],
+    ] {
         let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(cmd));
-        assert_eq!(line, expected);
+        assert_eq!(line, expected, "{cmd:?}");
     }
-    assert!(!Path::new(&db).exists(), "status and audit never create it");
+    assert!(!Path::new(&db).exists(), "only run and migrate create it");
     // The unit the hint imitates runs as the user and state directory it names.
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -1,12 +1,180 @@
 //! Issue 8 (schema v2) and issue 10 (integrity): a database made by the version-1 schema, with
 //! rows and a package from before `custody_head` existed, upgrades in place and still verifies;
-//! a damaged database page makes verify exit 3.
+//! a damaged database page makes verify exit 3. Issue 19: a newer command under an older
+//! daemon refuses the older database and changes nothing; only `migrate` (or `run`), under the
+//! instance lock, upgrades it.
 
 use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
 
 use crate::tamper::{archived, lrvault, rebuild_package_with, rehash_chain_from};
 
 const V1_SCHEMA: &str = include_str!("../../migrations/01-initial/up.sql");
+
+/// Migrations 01 to 05, as the previous lrvault (schema 5) embedded them.
+const V5_MIGRATIONS: [&str; 5] = [
+    V1_SCHEMA,
+    include_str!("../../migrations/02-tenant-health/up.sql"),
+    include_str!("../../migrations/03-custody-events/up.sql"),
+    include_str!("../../migrations/04-anchors/up.sql"),
+    include_str!("../../migrations/05-custody-kinds/up.sql"),
+];
+
+/// Rows of every table, copied from the current schema into a fresh version-5 database (its
+/// `schema_upgrades` marks at 0, as a database created at version 5 has them).
+fn downgrade_to_5(current: &Path, v5: &Path) {
+    let c = rusqlite::Connection::open(v5).unwrap();
+    for sql in V5_MIGRATIONS {
+        c.execute_batch(sql).unwrap();
+    }
+    c.pragma_update(None, "user_version", 5).unwrap();
+    c.execute("ATTACH DATABASE ?1 AS cur", [current.to_str().unwrap()])
+        .unwrap();
+    for table in [
+        "actions",
+        "results",
+        "evidence",
+        "api_calls",
+        "job_runs",
+        "tenant_health",
+        "anchors",
+        "custody_log",
+    ] {
+        c.execute_batch(&format!("INSERT INTO {table} SELECT * FROM cur.{table}"))
+            .unwrap();
+    }
+}
+
+/// The schema version and every schema object as `sqlite_master` holds it: what a refused
+/// command must leave as it was.
+fn schema(db: &Path) -> (i64, Vec<(String, String, Option<String>)>) {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let version = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    let objects = c
+        .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    (version, objects)
+}
+
+/// Every result's state, in key order.
+fn states(db: &Path) -> Vec<(String, String, i64, String)> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    c.prepare("SELECT tenant, action_id, command_index, state FROM results ORDER BY 1, 2, 3")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_command_under_an_older_daemon_changes_nothing_and_migrate_upgrades_after_it() {
+    let e = archived(62, 4, "").await;
+    let (dir, config, db) = (
+        e._dir.path().to_path_buf(),
+        e.config_path.clone(),
+        e.cfg.database.path.clone(),
+    );
+    let crate::common::Env {
+        _dir, ctx, tenants, ..
+    } = e;
+    drop((ctx, tenants));
+    let v5 = dir.join("v5.db");
+    downgrade_to_5(&db, &v5);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    std::fs::rename(&v5, &db).unwrap();
+    let (before, rows) = (schema(&db), states(&db));
+    assert_eq!(before.0, 5);
+    assert!(rows.iter().any(|r| r.3 == "archived"), "{rows:?}");
+
+    // The older daemon: it holds the instance lock and its connection, as `run` does.
+    let daemon_lock = lrvault::db::InstanceLock::take(&db).unwrap();
+    let daemon_conn = rusqlite::Connection::open(&db).unwrap();
+    daemon_conn
+        .pragma_update(None, "foreign_keys", "ON")
+        .unwrap();
+    let known = lrvault::db::schema_version_known();
+    let refused = format!(
+        "lrvault: database {} is at schema 5, this lrvault knows {known}: restart the service, which migrates it when it starts, or run `lrvault migrate` while it is stopped\n",
+        db.display()
+    );
+    let backup = dir.join("b.db");
+    let backup = backup.to_str().unwrap();
+    for cmd in [
+        &["status"][..],
+        &["audit", "evidence"],
+        &["verify"],
+        &["archive"],
+        &["discover"],
+        &["backup", "--to", backup],
+    ] {
+        let (code, out, err) = lrvault(&config, cmd);
+        assert_eq!(
+            (code, err.as_str(), out.as_str()),
+            (2, refused.as_str(), ""),
+            "{cmd:?}"
+        );
+        assert_eq!(schema(&db), before, "{cmd:?} changed the schema");
+    }
+    let held = format!(
+        "another lrvault daemon is already running on {} (lock {}.lock is held)",
+        db.display(),
+        db.display()
+    );
+    let (code, _, err) = lrvault(&config, &["migrate"]);
+    assert_eq!(
+        (code, err),
+        (
+            2,
+            format!(
+                "lrvault: cannot migrate while the daemon runs; restart it, which migrates when it starts, or stop it first (systemctl stop lrvault): {held}\n"
+            )
+        )
+    );
+    let (code, _, err) = lrvault(&config, &["run"]);
+    assert_eq!((code, err), (2, format!("lrvault: {held}\n")));
+    assert_eq!(schema(&db), before, "migrate and run wait for the lock");
+    assert_eq!(states(&db), rows);
+    let n: i64 = daemon_conn
+        .query_row("SELECT count(*) FROM results", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n as usize, rows.len(), "the older daemon reads on");
+
+    // The older daemon stops; migrate upgrades in place, and the archive verifies.
+    drop((daemon_conn, daemon_lock));
+    let (code, out, err) = lrvault(&config, &["migrate"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "database {} is at schema version {known} (was 5)\n",
+            db.display()
+        )
+    );
+    assert_eq!(schema(&db).0, known as i64);
+    assert_eq!(states(&db), rows, "every result kept its state");
+    let (code, out, err) = lrvault(&config, &["verify"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("(0 defects)"), "{out}");
+    let (code, out, _) = lrvault(&config, &["migrate"]);
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            format!("database {} is at schema version {known}\n", db.display())
+        )
+    );
+}
 
 /// Rows of every table, copied from the current schema into a fresh version-1 database.
 fn downgrade(current: &std::path::Path, v1: &std::path::Path) {
@@ -114,6 +282,8 @@ async fn a_version_1_database_with_rows_upgrades_in_place_and_still_verifies() {
     std::fs::rename(&v1, &db).unwrap();
     let _ = std::fs::remove_dir_all(store.join("_checkpoints"));
 
+    let (code, out, err) = lrvault(&config, &["migrate"]);
+    assert_eq!(code, 0, "{out}\n{err}");
     let (code, out, err) = lrvault(&config, &["verify"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("(0 defects)"), "{out}");

@@ -20,13 +20,13 @@ use serde_json::{Value, json};
 use std::path::Path;
 
 use super::Outcome;
-use super::attempt::{Plan, archived_or_lost, custody_event, read_retrieval};
+use super::attempt::{Plan, archived_or_lost, read_retrieval};
 use crate::custody::{self, Event, EventKind};
 use crate::db::DbError;
 use crate::jobs::Context;
 use crate::jobs::failure::{Failure, ProcessFailure};
 use crate::package::{self, PackageCheck};
-use crate::queue::{self, EvidenceRecord, Key};
+use crate::queue::{self, EvidenceRecord, Key, ResultState};
 use crate::store::{LocalCopy, ObjectVersion, Stored};
 
 /// What [`adopt_in_place`] did.
@@ -108,11 +108,11 @@ fn pending_in_place(c: &rusqlite::Connection, root: &Path) -> Result<Vec<Key>, D
         .prepare(
             "SELECT r.tenant, r.action_id, r.command_index, a.created_at, coalesce(r.command_type, '')
              FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-             WHERE r.state = 'pending' ORDER BY a.created_at, r.action_id, r.command_index",
+             WHERE r.state = ?1 ORDER BY a.created_at, r.action_id, r.command_index",
         )
         .map_err(DbError::sql("select pending results"))?;
     let mut rows = stmt
-        .query([])
+        .query([ResultState::Pending])
         .map_err(DbError::sql("select pending results"))?;
     let mut keys = Vec::new();
     while let Some(r) = rows
@@ -459,7 +459,7 @@ async fn record_quarantined(
         )
         .detail(detail)
     };
-    custody_event(ctx, event)
+    custody::record(&ctx.db, event)
         .await
         .map(|_| ())
         .map_err(Failure::database)

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::Outcome;
 use crate::custody::{self, Event, EventKind};
-use crate::db::{DbError, write_tx};
+use crate::db::DbError;
 use crate::fetch::{self, FetchError, Transfer};
 use crate::jobs::failure::{Failure, ProcessFailure};
 use crate::jobs::{Context, Tenant};
@@ -228,7 +228,9 @@ async fn mint_link(
         &tenant.actor,
     )
     .detail(detail);
-    custody_event(ctx, event).await.map_err(Failure::database)?;
+    custody::record(&ctx.db, event)
+        .await
+        .map_err(Failure::database)?;
     checked.map_err(|refused| Failure::refused(refused.to_string()))
 }
 
@@ -345,7 +347,9 @@ async fn record_downloaded(
         )
         .detail(detail)
     };
-    custody_event(ctx, event).await.map_err(Failure::database)
+    custody::record(&ctx.db, event)
+        .await
+        .map_err(Failure::database)
 }
 
 /// Writes `retrieval.json` and the tag files, re-checks the package, records the publishing
@@ -444,7 +448,7 @@ async fn record_publishing(
         )
         .detail(detail)
     };
-    custody_event(ctx, event)
+    custody::record(&ctx.db, event)
         .await
         .map(|_| ())
         .map_err(Failure::database)
@@ -459,19 +463,6 @@ pub(super) fn archived_or_lost(committed: Result<bool, DbError>) -> Result<Outco
         Ok(false) => Ok(Outcome::ClaimedElsewhere),
         Err(e) => Err(Failure::database(e)),
     }
-}
-
-/// Appends one custody row in its own transaction; returns it (the chain's new head).
-pub(super) async fn custody_event(ctx: &Context, ev: Event<'_>) -> Result<custody::Head, DbError> {
-    let owned = ev.to_owned_event();
-    ctx.db
-        .call(move |c| {
-            let tx = write_tx(c)?;
-            let head = custody::append(&tx, &owned.as_event())?;
-            tx.commit().map_err(DbError::sql("commit custody row"))?;
-            Ok(head)
-        })
-        .await
 }
 
 /// The `retrieval.json` of a package, when it can be read.
