@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::sync::Mutex;
-use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Schedule, ScheduleConfig};
 use crate::db::Db;
 use crate::error::UserError;
 use crate::jobs::{self, Context, archive, discover};
@@ -60,9 +59,6 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
-    // Every schedule is parsed before anything starts: a bad one is one line, not a
-    // scheduler torn down mid-start (which logs its own errors).
-    check_schedules(&cfg.schedule)?;
     cfg.check_writable()?;
     let db = Db::open(&cfg.database.path)?;
     let _lock = lock_instance(&cfg.database.path)?;
@@ -80,17 +76,9 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
         store_line: Mutex::new(None),
     });
 
-    let mut sched = JobScheduler::new().await?;
-    for (kind, cron) in schedules(&cfg.schedule) {
-        let d = daemon.clone();
-        let job = CronJob::new_async(cron, move |_, _| {
-            let d = d.clone();
-            Box::pin(async move { d.spawn(kind) })
-        })
-        .map_err(|e| cron_error(kind, cron, e))?;
-        sched.add(job).await?;
+    for (kind, schedule) in schedules(&cfg.schedule) {
+        tokio::spawn(daemon.clone().tick(kind, schedule.clone()));
     }
-    sched.start().await?;
     // Work at once rather than waiting for the first tick.
     daemon.spawn(JobKind::Discover);
 
@@ -117,7 +105,6 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     ]);
     tracing::info!("stopping: no new work; waiting for running jobs");
     cancel.cancel();
-    sched.shutdown().await.ok();
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_WAIT, tracker.wait())
         .await
@@ -132,34 +119,26 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The three `[schedule]` expressions, each with its job.
-fn schedules(s: &crate::config::ScheduleConfig) -> [(JobKind, &str); 3] {
+/// The three `[schedule]` expressions (parsed with the config), each with its job.
+fn schedules(s: &ScheduleConfig) -> [(JobKind, &Schedule); 3] {
     [
-        (JobKind::Discover, s.discover.as_str()),
-        (JobKind::Archive, s.archive.as_str()),
-        (JobKind::Verify, s.verify.as_str()),
+        (JobKind::Discover, &s.discover),
+        (JobKind::Archive, &s.archive),
+        (JobKind::Verify, &s.verify),
     ]
 }
 
-fn cron_error(kind: JobKind, cron: &str, e: impl std::fmt::Display) -> UserError {
-    UserError::new(format!(
-        "invalid cron expression for schedule.{} '{cron}': {e} (6 fields, seconds first)",
-        kind.name()
-    ))
-}
-
-/// Parses every schedule with the parser and settings tokio-cron-scheduler uses (seconds
-/// required, day-of-month and day-of-week both), without starting anything; its own error
-/// only says `ParseSchedule`, croner's says what is wrong.
-pub fn check_schedules(s: &crate::config::ScheduleConfig) -> Result<(), UserError> {
-    let parser = croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build();
-    for (kind, cron) in schedules(s) {
-        parser.parse(cron).map_err(|e| cron_error(kind, cron, e))?;
-    }
-    Ok(())
+/// How long to wait at `now` for the tick after `last` (the previous one, or the start):
+/// never a tick at or before `last`, so a wall clock that lags the timer cannot start a job
+/// twice, and ticks missed while busy are skipped. `None` when the schedule never fires
+/// again.
+fn next_tick(
+    schedule: &Schedule,
+    last: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<(chrono::DateTime<chrono::Utc>, Duration)> {
+    let next = schedule.next_after(last.max(now))?;
+    Some((next, (next - now).to_std().unwrap_or_default()))
 }
 
 fn watchdog_interval() -> Option<Duration> {
@@ -203,7 +182,7 @@ struct Daemon {
     ctx: Arc<Context>,
     tenants: Arc<Vec<Arc<jobs::Tenant>>>,
     /// One guard per job (indexed by `JobKind as usize`): a run that is still going makes
-    /// the next tick a no-op (runs of one tokio-cron-scheduler job would otherwise overlap).
+    /// the next tick a no-op (runs of one job would otherwise overlap).
     busy: [Arc<Mutex<()>>; 3],
     tracker: TaskTracker,
     /// Why the last archive pass started no new download (the store), to log changes only.
@@ -211,6 +190,18 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `kind` at every tick of `schedule` (UTC) until shutdown.
+    async fn tick(self: Arc<Self>, kind: JobKind, schedule: Schedule) {
+        let mut last = chrono::Utc::now();
+        while let Some((next, wait)) = next_tick(&schedule, last, chrono::Utc::now()) {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => self.spawn(kind),
+                _ = self.ctx.cancel.cancelled() => return,
+            }
+            last = next;
+        }
+    }
+
     fn spawn(self: &Arc<Self>, kind: JobKind) {
         if self.ctx.cancel.is_cancelled() {
             return;
@@ -336,5 +327,35 @@ impl Daemon {
             }
             Err(e) => tracing::error!(error = %crate::error::one_line(&e), "verify failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> chrono::DateTime<chrono::Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_tick_waits_for_the_next_match_and_never_repeats_one() {
+        let every_30 = Schedule::parse("schedule.archive", "30 * * * * *".into()).unwrap();
+        let start = at("2026-01-01T12:00:10Z");
+        assert_eq!(
+            next_tick(&every_30, start, start),
+            Some((at("2026-01-01T12:00:30Z"), Duration::from_secs(20)))
+        );
+        // The timer woke a little before the wall clock reached the tick: not the same
+        // tick again, the next one.
+        let fired = at("2026-01-01T12:00:30Z");
+        let (next, wait) = next_tick(&every_30, fired, at("2026-01-01T12:00:29.9Z")).unwrap();
+        assert_eq!(next, at("2026-01-01T12:01:30Z"));
+        assert_eq!(wait, Duration::from_millis(60_100));
+        // A job that ran past several ticks: the missed ones are skipped.
+        assert_eq!(
+            next_tick(&every_30, fired, at("2026-01-01T12:03:40Z")),
+            Some((at("2026-01-01T12:04:30Z"), Duration::from_secs(50)))
+        );
     }
 }

@@ -113,7 +113,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     )?;
     println!("simulator: {base}\nconfig:    {}", config_path.display());
 
-    let (ctx, tenants) = super::setup(&config_path, None)?;
+    // Its secret files are absolute: no credentials directory.
+    let config = crate::config::ConfigFile {
+        path: config_path.clone(),
+        credentials: crate::config::Credentials::default(),
+    };
+    let (ctx, tenants) = super::setup(&config, None)?;
     let (cfg, db) = (ctx.cfg.clone(), ctx.db.clone());
     for t in &tenants {
         let s = discover::lookback_pass(&ctx, t).await?;

@@ -1,13 +1,12 @@
 //! `lrvault migrate`: apply pending database migrations.
 
-use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 use crate::db::Db;
 
-pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
+pub async fn run(config: &ConfigFile) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
     let db = Db::open(&cfg.database.path)?;
     println!(
         "database {} is at schema version {}",

@@ -17,14 +17,13 @@ pub mod simulate;
 pub mod status;
 pub mod verify;
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 use crate::db::Db;
 use crate::jobs::{Context, Tenant};
 
@@ -38,8 +37,11 @@ pub struct TenantArg {
 
 /// Loads the config, opens (and migrates) the database and builds the selected tenants'
 /// clients (reading their secrets).
-fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
-    let cfg = Arc::new(Config::load(config)?);
+fn setup(
+    config: &ConfigFile,
+    tenant: Option<&str>,
+) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
+    let cfg = Arc::new(config.load()?);
     cfg.check_writable()?;
     let db = Db::open(&cfg.database.path)?;
     let ctx = Context::new(cfg, db, CancellationToken::new())?;
