@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use lrvault::config::Config;
+use lrvault::config::{Config, Credentials};
 use lrvault::store::{Expected, Store};
 
 #[tokio::main]
@@ -15,8 +15,10 @@ async fn main() -> anyhow::Result<()> {
     let [config, key, sha256] = args.as_slice() else {
         anyhow::bail!("usage: store_upload CONFIG KEY SHA256");
     };
-    let cfg = Config::load(Path::new(config))?;
-    let store = Store::open(&cfg.store)?;
+    // A main of its own: it reads the credentials directory as lrvault's main does.
+    let credentials = Credentials::new(std::env::var_os("CREDENTIALS_DIRECTORY").map(Into::into));
+    let cfg = Config::load(Path::new(config), credentials)?;
+    let store = Store::open(&cfg.store, &cfg.credentials)?;
     let size = std::fs::metadata(store.staging_path(key)?)?.len();
     let expected = Expected {
         sha256: sha256.clone(),

@@ -96,6 +96,24 @@ pub fn check_dir_writable(what: &str, dir: &Path) -> Result<(), String> {
     ))
 }
 
+/// Before opening the database at `path` for writing: this process must be able to write its
+/// directory and the database files that exist, and must not be root over a database the
+/// service user owns. Each refusal is one line naming the path, its owner and mode, and this
+/// user. The one write check of the database, made at start-up and by every open for
+/// writing.
+pub fn check_database_writable(path: &Path) -> Result<(), String> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let [wal, shm] = sqlite_sidecars(path);
+    check_not_root_over("database", path)?;
+    check_dir_writable("the database directory", dir)?;
+    check_file_writable("database file", path)?;
+    check_file_writable("database file", &wal)?;
+    check_file_writable("database file", &shm)
+}
+
 /// Checks that an existing file can be read and written (the database and its `-wal` and
 /// `-shm`, which a command run as root may have left owned by root).
 pub fn check_file_writable(what: &str, file: &Path) -> Result<(), String> {

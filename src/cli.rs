@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::config::{ConfigFile, Credentials};
+
 use crate::commands::{
     self, TenantArg, archive, audit, backfill, backup, enqueue, export, restore, status, verify,
 };
@@ -86,9 +88,14 @@ pub enum Command {
     Demo(demo::Args),
 }
 
-/// Runs the parsed command; `Ok` carries the exit code.
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = cli.config.as_path();
+/// Runs the parsed command; `Ok` carries the exit code. `credentials` is where relative
+/// secret files and the object store's credentials are looked up (`main` reads
+/// `$CREDENTIALS_DIRECTORY` once).
+pub async fn run(cli: Cli, credentials: Credentials) -> anyhow::Result<ExitCode> {
+    let config = &ConfigFile {
+        path: cli.config,
+        credentials,
+    };
     match cli.command {
         Command::Run => commands::run::run(config).await,
         Command::Discover(args) => commands::discover::run(config, args).await,

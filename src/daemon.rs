@@ -13,9 +13,8 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, Schedule, ScheduleConfig};
 use crate::db::{Db, InstanceLock};
-use crate::error::UserError;
 use crate::jobs::{self, Context, archive, discover};
 
 /// How long shutdown waits for running jobs before giving up on them.
@@ -27,9 +26,6 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
-    // Every schedule is parsed before anything starts: a bad one is one line, not a
-    // scheduler torn down mid-start (which logs its own errors).
-    check_schedules(&cfg.schedule)?;
     cfg.check_writable()?;
     // The lock first: only its holder changes the schema (docs/operations.md §11).
     let lock = InstanceLock::take(&cfg.database.path)?;
@@ -50,13 +46,14 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     });
 
     let mut sched = JobScheduler::new().await?;
-    for (kind, cron) in schedules(&cfg.schedule) {
+    for (kind, schedule) in schedules(&cfg.schedule) {
         let d = daemon.clone();
-        let job = CronJob::new_async(cron, move |_, _| {
+        // The config parsed the expression with the scheduler's own settings; the scheduler
+        // takes text only, so it gets the text that parse accepted.
+        let job = CronJob::new_async(schedule.as_str(), move |_, _| {
             let d = d.clone();
             Box::pin(async move { d.spawn(kind) })
-        })
-        .map_err(|e| cron_error(kind, cron, e))?;
+        })?;
         sched.add(job).await?;
     }
     sched.start().await?;
@@ -101,34 +98,13 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The three `[schedule]` expressions, each with its job.
-fn schedules(s: &crate::config::ScheduleConfig) -> [(JobKind, &str); 3] {
+/// The three `[schedule]` expressions (parsed with the config), each with its job.
+fn schedules(s: &ScheduleConfig) -> [(JobKind, &Schedule); 3] {
     [
-        (JobKind::Discover, s.discover.as_str()),
-        (JobKind::Archive, s.archive.as_str()),
-        (JobKind::Verify, s.verify.as_str()),
+        (JobKind::Discover, &s.discover),
+        (JobKind::Archive, &s.archive),
+        (JobKind::Verify, &s.verify),
     ]
-}
-
-fn cron_error(kind: JobKind, cron: &str, e: impl std::fmt::Display) -> UserError {
-    UserError::new(format!(
-        "invalid cron expression for schedule.{} '{cron}': {e} (6 fields, seconds first)",
-        kind.name()
-    ))
-}
-
-/// Parses every schedule with the parser and settings tokio-cron-scheduler uses (seconds
-/// required, day-of-month and day-of-week both), without starting anything; its own error
-/// only says `ParseSchedule`, croner's says what is wrong.
-pub fn check_schedules(s: &crate::config::ScheduleConfig) -> Result<(), UserError> {
-    let parser = croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build();
-    for (kind, cron) in schedules(s) {
-        parser.parse(cron).map_err(|e| cron_error(kind, cron, e))?;
-    }
-    Ok(())
 }
 
 fn watchdog_interval() -> Option<Duration> {

@@ -415,20 +415,10 @@ pub fn first_start_hint(db: &Path, config: Option<&Path>) -> String {
     )
 }
 
-/// Before opening `path` for writing: this process must be able to write its directory and
-/// the database files that exist, and must not be root over a database the service user
-/// owns. Each refusal is one line naming the path, its owner and mode, and this user.
+/// Before opening `path` for writing: the one write check of the database
+/// ([`crate::access::check_database_writable`]), which commands also make at start-up.
 fn check_writable(path: &Path) -> Result<(), DbError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let [wal, shm] = crate::access::sqlite_sidecars(path);
-    crate::access::check_not_root_over("database", path)
-        .and_then(|()| crate::access::check_dir_writable("the database directory", dir))
-        .and_then(|()| crate::access::check_file_writable("database file", path))
-        .and_then(|()| crate::access::check_file_writable("database file", &wal))
-        .and_then(|()| crate::access::check_file_writable("database file", &shm))
+    crate::access::check_database_writable(path)
         .map_err(|m| DbError::Access(crate::error::UserError::new(m)))
 }
 

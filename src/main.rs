@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use lrvault::cli::{Cli, LogFormat};
+use lrvault::config::Credentials;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -26,6 +27,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_tracing(&cli);
+    // systemd's LoadCredential= directory, read here once and passed down: nothing below
+    // reads or changes the process environment for it.
+    let credentials = Credentials::new(std::env::var_os("CREDENTIALS_DIRECTORY").map(Into::into));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -36,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(lrvault::cli::run(cli)) {
+    match runtime.block_on(lrvault::cli::run(cli, credentials)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("lrvault: {}", lrvault::error::one_line(&err));

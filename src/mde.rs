@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use url::Url;
 
-use crate::config::TenantConfig;
+use crate::config::{ExposeSecret, TenantConfig};
 use crate::http::{RemoteClock, code_suffix, redact_reqwest};
 use crate::quota::{Endpoint, Governor, LedgerError, parse_retry_after};
 
@@ -434,11 +434,7 @@ impl MdeClient {
         clock: RemoteClock,
         http: reqwest::Client,
     ) -> Result<MdeClient, MdeError> {
-        let api_base =
-            Url::parse(tenant.api_base.trim_end_matches('/')).map_err(|e| MdeError::Decode {
-                endpoint: "config",
-                message: format!("api_base: {e}"),
-            })?;
+        let api_base = tenant.api_base.clone();
         Ok(MdeClient {
             tenant,
             http,
@@ -461,7 +457,7 @@ impl MdeClient {
         }
         let url = format!(
             "{}/{}/oauth2/v2.0/token",
-            self.tenant.login_base.trim_end_matches('/'),
+            self.tenant.login_base.as_str().trim_end_matches('/'),
             self.tenant.tenant_id
         );
         // Read at every refresh, so a rotated secret is picked up without a restart.
@@ -469,7 +465,7 @@ impl MdeClient {
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.tenant.client_id.as_str()),
-            ("client_secret", secret.expose()),
+            ("client_secret", secret.expose_secret()),
             ("scope", self.tenant.scope.as_str()),
         ];
         let endpoint = Endpoint::Token;

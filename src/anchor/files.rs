@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 
 use super::AnchorError;
 use super::checkpoint::CHECKPOINT_DIR;
-use crate::config::{Config, StoreBackend, StoreConfig, Witness};
+use crate::config::{Backend, Config, ObjectStoreConfig, StoreBackend, StoreConfig, Witness};
 use crate::store::{Store, StoreError};
 
 /// Checkpoints and tokens are small; anything larger is not one of ours.
@@ -95,14 +95,15 @@ pub async fn to_witness(witness: Option<&Store>, rel: &str, bytes: &[u8]) {
 
 /// Opens the `[anchor] witness` store (no network I/O), or `None` when there is none.
 pub fn open_witness(cfg: &Config) -> Result<Option<Store>, StoreError> {
-    open_witness_with(cfg, &crate::store::env_or_systemd_credential)
+    open_witness_with(cfg, &|name| cfg.credentials.lookup(name))
 }
 
 /// [`open_witness`] with the credential variables looked up by `lookup` (tests). An object
 /// witness takes `WITNESS_<NAME>` before `<NAME>` (`WITNESS_AWS_ACCESS_KEY_ID`, ...), so it
 /// can use another account's keys than the store. Its endpoint and region are
 /// `WITNESS_ENDPOINT` / `WITNESS_REGION` when set, else `[store]`'s when the store is of the
-/// same kind, else the provider's defaults (S3: `us-east-1`).
+/// same kind, else the provider's defaults (S3: `us-east-1`). Its other object-store keys
+/// (credentials, retries, spool) are the store's, or their defaults beside an `fs` store.
 pub fn open_witness_with(
     cfg: &Config,
     lookup: &dyn Fn(&str) -> Option<String>,
@@ -110,47 +111,48 @@ pub fn open_witness_with(
     let Some(witness) = cfg.anchor.witness() else {
         return Ok(None);
     };
-    let like_store = |backend: StoreBackend, bucket: String, prefix: String| {
-        let same = cfg.store.backend == backend;
-        let inherited = |own: &str, store: &str| {
-            lookup(own).unwrap_or_else(|| {
-                if same {
-                    store.to_string()
-                } else {
-                    String::new()
-                }
-            })
+    let like_store = |kind: StoreBackend, bucket: &str, prefix: &str| {
+        let same = cfg.store.kind() == kind;
+        let mut object = match cfg.store.object_store() {
+            Some(o) => o.clone(),
+            None => ObjectStoreConfig::new(bucket),
         };
-        let mut region = inherited("WITNESS_REGION", &cfg.store.region);
-        if region.is_empty() && backend == StoreBackend::S3 {
-            region = "us-east-1".into();
-        }
-        StoreConfig {
-            backend,
-            bucket,
-            prefix,
-            endpoint: inherited("WITNESS_ENDPOINT", &cfg.store.endpoint),
-            region,
-            ..cfg.store.clone()
-        }
+        object.bucket = bucket.to_string();
+        object.prefix = prefix.to_string();
+        object.endpoint = match lookup("WITNESS_ENDPOINT") {
+            Some(e) => Some(url::Url::parse(&e).map_err(|err| {
+                StoreError::Refused(crate::error::UserError::new(format!(
+                    "WITNESS_ENDPOINT '{e}' is not a URL: {err}"
+                )))
+            })?),
+            None if same => object.endpoint,
+            None => None,
+        };
+        let backend = match (kind, &cfg.store.backend) {
+            (StoreBackend::S3, store) => {
+                let region = lookup("WITNESS_REGION").or_else(|| match store {
+                    Backend::S3 { region, .. } => Some(region.clone()),
+                    _ => None,
+                });
+                Backend::S3 {
+                    object,
+                    region: region.unwrap_or_else(|| "us-east-1".into()),
+                }
+            }
+            _ => Backend::Azure(object),
+        };
+        Ok::<_, StoreError>(StoreConfig::object(backend))
     };
     let (store_cfg, account) = match witness {
-        Witness::Dir(root) => (
-            StoreConfig {
-                backend: StoreBackend::Fs,
-                root,
-                ..StoreConfig::default()
-            },
-            None,
-        ),
-        Witness::S3 { bucket, prefix } => (like_store(StoreBackend::S3, bucket, prefix), None),
+        Witness::Dir(root) => (StoreConfig::fs(root.clone()), None),
+        Witness::S3 { bucket, prefix } => (like_store(StoreBackend::S3, bucket, prefix)?, None),
         Witness::Azure {
             account,
             container,
             prefix,
         } => (
-            like_store(StoreBackend::Azure, container, prefix),
-            Some(account),
+            like_store(StoreBackend::Azure, container, prefix)?,
+            Some(account.clone()),
         ),
     };
     let witness_lookup = |name: &str| {

@@ -1,12 +1,12 @@
 //! `lrvault archive`: drain the queue once now, within the quota.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args as ClapArgs;
 
 use super::{TenantArg, cancel_on_ctrl_c, exit_code, names, setup};
+use crate::config::ConfigFile;
 use crate::jobs::{self, archive};
 use crate::queue::{self, Scope};
 
@@ -19,7 +19,7 @@ pub struct Args {
     pub max: Option<usize>,
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let (ctx, tenants) = setup(config, args.tenant.tenant.as_deref())?;
     ctx.check_worm().await?;
     let scope = Scope {

@@ -1,12 +1,11 @@
 //! `lrvault audit`: the canned compliance queries, over the stable views of docs/audit.md §2
 //! (`v_evidence`, `v_custody`) and the quota ledger. Read-only.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 use crate::db::{Db, DbError};
 use crate::render::{Format, Rows};
 
@@ -64,9 +63,9 @@ pub struct FormatArg {
     format: Format,
 }
 
-pub async fn run(config: &Path, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
-    let conn = Db::open_for_reading(&cfg.database.path, config)?;
+pub async fn run(config: &ConfigFile, cmd: AuditCommand) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
+    let conn = Db::open_for_reading(&cfg.database.path, &config.path)?;
     let (rows, format) = match cmd {
         AuditCommand::Evidence {
             tenant,

@@ -1,13 +1,13 @@
 //! `lrvault backfill`: harvest a past window (see [`crate::jobs::backfill`]), with a progress
 //! bar whose ETA comes from the quota ledger; `--dry-run` counts and changes nothing.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args as ClapArgs;
 
 use super::{TenantArg, cancel_on_ctrl_c, exit_code, setup};
+use crate::config::ConfigFile;
 use crate::error::UserError;
 use crate::jobs::backfill::{self, fmt_duration};
 use crate::jobs::discover::Window;
@@ -64,7 +64,7 @@ impl Args {
     }
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let window = args.window()?;
     let (ctx, tenants) = setup(config, args.tenant.tenant.as_deref())?;
     let span = format!(

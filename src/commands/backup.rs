@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::Args as ClapArgs;
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 use crate::custody::{self, Event, EventKind, Head};
 use crate::db::{self, DbError};
 use crate::error::UserError;
@@ -51,8 +51,8 @@ pub struct Checked {
     pub custody_head: Head,
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
     let to = std::path::absolute(&args.to).map_err(file_err("resolve", &args.to))?;
     if to.symlink_metadata().is_ok() {
         return Err(UserError::new(format!(

@@ -114,9 +114,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("simulator: {base}\nconfig:    {}", config_path.display());
 
     // The demo owns its database: it creates it as `migrate` does, under the instance lock.
-    let db_path = crate::config::Config::load(&config_path)?.database.path;
+    // Its secret files are absolute: no credentials directory.
+    let config = crate::config::ConfigFile {
+        path: config_path.clone(),
+        credentials: crate::config::Credentials::default(),
+    };
+    let db_path = config.load()?.database.path;
     crate::db::migrate(&crate::db::InstanceLock::take(&db_path)?)?;
-    let (ctx, tenants) = super::setup(&config_path, None)?;
+    let (ctx, tenants) = super::setup(&config, None)?;
     let (cfg, db) = (ctx.cfg.clone(), ctx.db.clone());
     for t in &tenants {
         let s = discover::lookback_pass(&ctx, t).await?;

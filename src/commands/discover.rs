@@ -1,12 +1,12 @@
 //! `lrvault discover`: one discovery pass now.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use super::{TenantArg, exit_code, setup};
+use crate::config::ConfigFile;
 use crate::jobs::discover;
 
-pub async fn run(config: &Path, args: TenantArg) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &ConfigFile, args: TenantArg) -> anyhow::Result<ExitCode> {
     let (ctx, tenants) = setup(config, args.tenant.as_deref())?;
     let mut ok = true;
     let results = discover::lookback_all(&ctx, &tenants).await;

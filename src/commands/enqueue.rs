@@ -1,12 +1,12 @@
 //! `lrvault enqueue`: fetch the given machine actions (Get MachineAction) and queue their
 //! commands.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
 
 use super::{TenantArg, exit_code, setup};
+use crate::config::ConfigFile;
 use crate::error::UserError;
 use crate::jobs::discover;
 
@@ -19,7 +19,7 @@ pub struct Args {
     pub ids: Vec<String>,
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let (ctx, tenants) = setup(config, args.tenant.tenant.as_deref())?;
     let [tenant] = tenants.as_slice() else {
         return Err(

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 
 use crate::error::UserError;
 use crate::export::{Request, Selection};
@@ -72,8 +72,8 @@ impl Args {
     }
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
     cfg.select_tenants(args.tenant.as_deref())?;
     let request = Request {
         selection: args.selection()?,

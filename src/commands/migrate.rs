@@ -1,13 +1,12 @@
 //! `lrvault migrate`: create the database, or apply its pending migrations, under the
 //! instance lock: never while a daemon runs on it (docs/operations.md §11).
 
-use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 
-pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
+pub async fn run(config: &ConfigFile) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
     let path = &cfg.database.path;
     let lock = super::take_lock(
         path,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use clap::Args;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigFile};
 use crate::db::Db;
 use crate::jobs::{Context, Tenant};
 
@@ -40,8 +40,11 @@ pub struct TenantArg {
 
 /// Loads the config, opens the database (at this lrvault's schema: it never migrates) and
 /// builds the selected tenants' clients (reading their secrets).
-fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
-    let cfg = Arc::new(Config::load(config)?);
+fn setup(
+    config: &ConfigFile,
+    tenant: Option<&str>,
+) -> anyhow::Result<(Arc<Context>, Vec<Arc<Tenant>>)> {
+    let cfg = Arc::new(config.load()?);
     cfg.check_writable()?;
     let db = open_db(&cfg, config)?;
     let ctx = Context::new(cfg, db, CancellationToken::new())?;
@@ -51,8 +54,8 @@ fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, V
 
 /// Opens the database `cfg` names at this lrvault's schema; a database that does not exist
 /// yet is refused with the first-start hint for `config` (exit code 2).
-fn open_db(cfg: &Config, config: &Path) -> Result<Db, crate::db::DbError> {
-    Db::open(&cfg.database.path).map_err(|e| e.for_config(config))
+fn open_db(cfg: &Config, config: &ConfigFile) -> Result<Db, crate::db::DbError> {
+    Db::open(&cfg.database.path).map_err(|e| e.for_config(&config.path))
 }
 
 /// Takes the instance lock of the database at `db` for a command that changes it as a whole

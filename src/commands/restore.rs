@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::backup::{check_copy, copy_hashed, file_err, with_suffix};
 use crate::access::sqlite_sidecars;
-use crate::config::Config;
+use crate::config::{Config, ConfigFile};
 use crate::custody::Head;
 use crate::db::Db;
 use crate::error::UserError;
@@ -40,8 +40,8 @@ struct Staged {
     chain_rows: i64,
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = Arc::new(Config::load(config)?);
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = Arc::new(config.load()?);
     cfg.check_writable()?;
     let live = cfg.database.path.clone();
     let from = std::path::absolute(&args.from).map_err(file_err("resolve", &args.from))?;
@@ -114,7 +114,7 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
 /// a backup must agree with at or below its head, and what a restore may supersede above it.
 async fn list_checkpoints(cfg: &Config) -> anyhow::Result<Vec<(i64, String, String)>> {
     // The checkpoints wherever they are: `store.root`, or a mirror of an object store's.
-    let store = crate::store::Store::open(&cfg.store)?;
+    let store = crate::store::Store::open(&cfg.store, &cfg.credentials)?;
     let anchors = crate::anchor::local_root(&store, &cfg.store.root).await?;
     let listing = crate::anchor::list(anchors.path())?;
     let mut pinned = Vec::new();

@@ -1,12 +1,11 @@
 //! `lrvault run`: the daemon (see [`crate::daemon`]).
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 
-pub async fn run(config: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = Arc::new(Config::load(config)?);
+pub async fn run(config: &ConfigFile) -> anyhow::Result<ExitCode> {
+    let cfg = Arc::new(config.load()?);
     crate::daemon::run(cfg).await
 }

@@ -2,13 +2,12 @@
 //! runs and the custody head, read through a read-only connection; and the evidence store
 //! (where it is, its WORM retention as the store reports it, packages waiting in the spool).
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, ValueEnum};
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigFile};
 use crate::db::{Db, DbError};
 use crate::queue::ResultState;
 use crate::quota::{self, Endpoint};
@@ -44,14 +43,14 @@ struct Status {
     quota: Rows,
 }
 
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
     let tenants: Vec<String> = cfg
         .select_tenants(args.tenant.as_deref())?
         .iter()
         .map(|t| t.name.clone())
         .collect();
-    let conn = Db::open_for_reading(&cfg.database.path, config)?;
+    let conn = Db::open_for_reading(&cfg.database.path, &config.path)?;
     let status = read_status(&conn, &cfg, &tenants, args.tenant.as_deref())?;
     let (head_seq, head_hash) = crate::custody::head(&conn)?;
     let store = store_status(&cfg).await;
@@ -249,8 +248,8 @@ fn print_summary(
 /// The store as `status` shows it: backend, location, WORM (asked of the store itself, so
 /// this is the one network call of `status`), and the spool of an object store.
 async fn store_status(cfg: &Config) -> serde_json::Value {
-    let backend = cfg.store.backend.to_string();
-    let store = match crate::store::Store::open(&cfg.store) {
+    let backend = cfg.store.kind().to_string();
+    let store = match crate::store::Store::open(&cfg.store, &cfg.credentials) {
         Ok(store) => store,
         Err(e) => return json!({ "backend": backend, "error": e.to_string() }),
     };
@@ -269,7 +268,7 @@ async fn store_status(cfg: &Config) -> serde_json::Value {
             "path": store.staging_root(),
             "waiting": files.len(),
             "bytes": files.iter().map(|f| f.size).sum::<u64>(),
-            "max_waiting": cfg.store.spool_max_waiting,
+            "max_waiting": cfg.store.object_store().map(|o| o.spool_max_waiting),
         }),
         Ok(_) => serde_json::Value::Null,
         Err(e) => json!({ "path": store.staging_root(), "error": e.to_string() }),

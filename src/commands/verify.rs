@@ -1,10 +1,9 @@
 //! `lrvault verify`: the database, every package and the custody chain against their
 //! anchors (see [`crate::verify`]); exit 3 on any defect.
 
-use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::config::ConfigFile;
 
 use crate::verify::{Scope, is_damaged, verify_scope};
 
@@ -31,8 +30,8 @@ pub struct Args {
 }
 
 /// The command: exit 0 when everything verifies, 3 on any defect.
-pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(config)?;
+pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = config.load()?;
     cfg.select_tenants(args.tenant.as_deref())?;
     let since = args
         .since

@@ -1,39 +1,32 @@
 //! `[anchor]`: RFC 3161 trusted time for the custody checkpoints and their witness
-//! (docs/evidence-format.md §9), checked like the rest of the file.
+//! (docs/evidence-format.md §9), checked like the rest of the file into a URL, an absolute
+//! path, an object identifier and a parsed [`Witness`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use url::Url;
 
-use super::{ConfigError, check_base_url, humantime_serde_compat};
+use super::{ConfigError, absolute, check_base_url};
 
-/// `[anchor]`: RFC 3161 trusted time for custody checkpoints, and their witness (docs/evidence-format.md §9).
-/// Empty strings mean "not set", as in the example file.
-#[derive(Debug, Clone, Deserialize)]
+/// `[anchor]` as written. Empty strings mean "not set", as in the example file.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AnchorConfig {
-    /// The timestamp authority's URL; empty: checkpoints are written without tokens.
-    pub tsa_url: String,
-    /// PEM file of the certificates the TSA's signing chain must verify against (absolute);
-    /// required with `tsa_url`: a token counts only when it verifies against it.
-    pub tsa_ca_file: String,
-    /// Policy OID to request (dotted form); when set, a token under another policy is a defect.
-    pub tsa_policy: String,
-    /// A token whose genTime is later than this after its checkpoint's `at` is a defect
-    /// (§7a rule 8).
-    #[serde(with = "humantime_serde_compat")]
-    pub max_token_delay: Duration,
-    /// A second, create-only home for every checkpoint and token (§7a rule 9): an absolute
-    /// directory, `s3://bucket/prefix` or `azure://account/container/prefix`; empty: none.
-    pub witness: String,
+pub(super) struct RawAnchor {
+    tsa_url: String,
+    tsa_ca_file: PathBuf,
+    tsa_policy: String,
+    #[serde(with = "humantime_serde")]
+    max_token_delay: Duration,
+    witness: String,
 }
 
-impl Default for AnchorConfig {
+impl Default for RawAnchor {
     fn default() -> Self {
-        AnchorConfig {
+        RawAnchor {
             tsa_url: String::new(),
-            tsa_ca_file: String::new(),
+            tsa_ca_file: PathBuf::new(),
             tsa_policy: String::new(),
             max_token_delay: Duration::from_secs(24 * 3600),
             witness: String::new(),
@@ -41,49 +34,77 @@ impl Default for AnchorConfig {
     }
 }
 
+/// `[anchor]`, checked: RFC 3161 trusted time for custody checkpoints, and their witness
+/// (docs/evidence-format.md §9).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnchorConfig {
+    /// The timestamp authority's URL; `None`: checkpoints are written without tokens.
+    tsa_url: Option<Url>,
+    /// PEM file of the certificates the TSA's signing chain must verify against (absolute);
+    /// always set with `tsa_url`: a token counts only when it verifies against it.
+    tsa_ca_file: Option<PathBuf>,
+    /// Policy OID to request (dotted form); when set, a token under another policy is a defect.
+    tsa_policy: Option<String>,
+    /// A token whose genTime is later than this after its checkpoint's `at` is a defect
+    /// (§7a rule 8); positive.
+    pub max_token_delay: Duration,
+    /// A second, create-only home for every checkpoint and token (§7a rule 9).
+    witness: Option<Witness>,
+}
+
 impl AnchorConfig {
     pub fn tsa_url(&self) -> Option<&str> {
-        Some(self.tsa_url.as_str()).filter(|u| !u.is_empty())
+        self.tsa_url.as_ref().map(Url::as_str)
     }
 
     pub fn tsa_ca_file(&self) -> Option<&Path> {
-        Some(Path::new(&self.tsa_ca_file)).filter(|p| !p.as_os_str().is_empty())
+        self.tsa_ca_file.as_deref()
     }
 
     pub fn tsa_policy(&self) -> Option<&str> {
-        Some(self.tsa_policy.as_str()).filter(|p| !p.is_empty())
+        self.tsa_policy.as_deref()
     }
 
-    /// The witness, parsed (validation has refused anything else).
-    pub fn witness(&self) -> Option<Witness> {
-        Witness::parse(&self.witness).ok().flatten()
+    pub fn witness(&self) -> Option<&Witness> {
+        self.witness.as_ref()
     }
+}
 
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(format!("anchor.{m}")));
-        if let Some(url) = self.tsa_url()
-            && let Err(m) = check_base_url(url)
-        {
-            return invalid(format!("tsa_url {m}"));
-        }
-        if self.tsa_url().is_some() && self.tsa_ca_file().is_none() {
-            return invalid(
+impl RawAnchor {
+    pub(super) fn check(self) -> Result<AnchorConfig, ConfigError> {
+        let invalid = |m: String| ConfigError::Invalid(format!("anchor.{m}"));
+        let tsa_ca_file = match self.tsa_ca_file.as_os_str().is_empty() {
+            true => None,
+            false => Some(absolute("anchor.tsa_ca_file", self.tsa_ca_file)?),
+        };
+        let tsa_url = match self.tsa_url.as_str() {
+            "" => None,
+            url => Some(check_base_url(url).map_err(|m| invalid(format!("tsa_url {m}")))?),
+        };
+        if tsa_url.is_some() && tsa_ca_file.is_none() {
+            return Err(invalid(
                 "tsa_url is set but tsa_ca_file is empty: a token counts only when it verifies against the TSA's own CA certificate; set tsa_ca_file to that PEM file (docs/operations.md)".into(),
-            );
-        }
-        if let Some(policy) = self.tsa_policy()
-            && der::oid::ObjectIdentifier::new(policy).is_err()
-        {
-            return invalid(format!(
-                "tsa_policy '{policy}' is not an object identifier (e.g. \"1.3.6.1.4.1.4146.2.3\")"
             ));
         }
-        if self.max_token_delay.is_zero() {
-            return invalid("max_token_delay must be positive".into());
+        let tsa_policy = Some(self.tsa_policy).filter(|p| !p.is_empty());
+        if let Some(policy) = &tsa_policy
+            && der::oid::ObjectIdentifier::new(policy).is_err()
+        {
+            return Err(invalid(format!(
+                "tsa_policy '{policy}' is not an object identifier (e.g. \"1.3.6.1.4.1.4146.2.3\")"
+            )));
         }
-        Witness::parse(&self.witness)
-            .map_err(|m| ConfigError::Invalid(format!("anchor.witness {m}")))?;
-        Ok(())
+        if self.max_token_delay.is_zero() {
+            return Err(invalid("max_token_delay must be positive".into()));
+        }
+        let witness = Witness::parse(&self.witness).map_err(|m| invalid(format!("witness {m}")))?;
+        Ok(AnchorConfig {
+            tsa_url,
+            tsa_ca_file,
+            tsa_policy,
+            max_token_delay: self.max_token_delay,
+            witness,
+        })
     }
 }
 

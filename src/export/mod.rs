@@ -95,7 +95,7 @@ pub struct Exported {
 /// Writes the kit for `req` and records one EXPORTED row per package. `Ok(None)` when no
 /// archived evidence matches the selection (nothing is written).
 pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Option<Exported>> {
-    let store = Arc::new(Store::open(&cfg.store)?);
+    let store = Arc::new(Store::open(&cfg.store, &cfg.credentials)?);
     let Some((coverage, anchors)) = coverage(cfg, db, &store, &req.selection).await? else {
         return Ok(None);
     };

@@ -62,7 +62,7 @@ pub struct Tenant {
 impl Context {
     /// A context with the store `cfg.store` names (no network I/O yet).
     pub fn new(cfg: Arc<Config>, db: Db, cancel: CancellationToken) -> anyhow::Result<Context> {
-        let store = Arc::new(Store::open(&cfg.store)?);
+        let store = Arc::new(Store::open(&cfg.store, &cfg.credentials)?);
         Context::with_store(cfg, db, cancel, store)
     }
 

@@ -1,6 +1,7 @@
 //! Builds the `object_store` client of an `s3` or `azure` store from `[store]` and the
-//! credentials of the environment. Secrets are read here and handed to the client; they are
-//! never stored in the config, printed, or logged.
+//! credentials looked up for it (the environment, or systemd credentials of the same names:
+//! `config::Credentials`). Secrets are read here and handed to the client; they are never
+//! stored in the config, printed, or logged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,30 +12,7 @@ use object_store::{ClientOptions, RetryConfig};
 
 use super::StoreError;
 use super::object::{Client, ObjectBackend};
-use crate::config::{StoreBackend, StoreConfig, StoreCredentials};
-
-/// An environment variable, or else the systemd credential of the same name
-/// (`LoadCredential=AWS_SECRET_ACCESS_KEY:/etc/lrvault/aws-secret` puts it in
-/// `$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`).
-pub fn env_or_systemd_credential(name: &str) -> Option<String> {
-    match std::env::var(name) {
-        Ok(value) => clean(value),
-        Err(_) => systemd_credential(
-            std::path::Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?),
-            name,
-        ),
-    }
-}
-
-/// The credential file `name` in `dir`, trailing newlines removed; `None` if absent or empty.
-pub(super) fn systemd_credential(dir: &std::path::Path, name: &str) -> Option<String> {
-    clean(std::fs::read_to_string(dir.join(name)).ok()?)
-}
-
-fn clean(value: String) -> Option<String> {
-    let value = value.trim_end_matches(['\r', '\n']).to_string();
-    (!value.is_empty()).then_some(value)
-}
+use crate::config::{Backend, ObjectStoreConfig, StoreBackend, StoreConfig, StoreCredentials};
 
 /// Variables that select a platform identity for `credentials = "instance"` (web identity,
 /// ECS task roles, EKS pod identity, the metadata endpoint). None of them is a secret.
@@ -52,122 +30,146 @@ pub(super) fn build(
     cfg: &StoreConfig,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<ObjectBackend, StoreError> {
-    let endpoint =
-        (!cfg.endpoint.is_empty()).then(|| cfg.endpoint.trim_end_matches('/').to_string());
-    // Plain http passed config validation only for loopback hosts (emulators, tests).
-    let allow_http = endpoint
-        .as_deref()
-        .is_some_and(|e| e.starts_with("http://"));
-    let options = ClientOptions::new()
-        .with_allow_http(allow_http)
-        .with_connect_timeout(Duration::from_secs(10))
-        // Per request: a part is at most a few MiB, a stalled one is retried.
-        .with_timeout(Duration::from_secs(300));
-    let retry = retry_config(cfg);
-    let bucket = cfg.bucket.clone();
-    let client = match cfg.backend {
-        StoreBackend::S3 => {
-            // Every PUT and part carries x-amz-checksum-sha256 (checked by S3). Buckets with
-            // a default retention also want the SDKs' algorithm header on uploads (moto
-            // insists on it); it is signed like every x-amz-* header and ignored elsewhere.
-            let mut headers = reqwest::header::HeaderMap::new();
-            headers.insert(
-                "x-amz-sdk-checksum-algorithm",
-                reqwest::header::HeaderValue::from_static("SHA256"),
-            );
-            let mut b = AmazonS3Builder::new()
-                .with_bucket_name(&bucket)
-                .with_region(&cfg.region)
-                .with_checksum_algorithm(Checksum::SHA256)
-                .with_client_options(options.with_default_headers(headers))
-                .with_retry(retry);
-            if let Some(e) = &endpoint {
-                b = b.with_endpoint(e);
-            }
-            b = match cfg.credentials {
-                StoreCredentials::Env => {
-                    let need = |name: &str| {
-                        lookup(name).ok_or_else(|| {
-                            StoreError::refused(format!(
-                                "store.credentials = \"env\": {name} is not set (an environment variable or a systemd credential of that name; see docs/operations.md)"
-                            ))
-                        })
-                    };
-                    let mut b = b
-                        .with_access_key_id(need("AWS_ACCESS_KEY_ID")?)
-                        .with_secret_access_key(need("AWS_SECRET_ACCESS_KEY")?);
-                    if let Some(token) = lookup("AWS_SESSION_TOKEN") {
-                        b = b.with_token(token);
-                    }
-                    b
-                }
-                StoreCredentials::Instance => AWS_INSTANCE_VARS.iter().fold(b, |b, name| {
-                    match (
-                        lookup(name),
-                        name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>(),
-                    ) {
-                        (Some(value), Ok(key)) => b.with_config(key, value),
-                        _ => b,
-                    }
-                }),
-            };
-            let s3 = b.build().map_err(|e| setup_error(cfg, e))?;
-            Client::S3(Arc::new(s3))
-        }
-        StoreBackend::Azure => {
-            let account = lookup("AZURE_STORAGE_ACCOUNT_NAME").ok_or_else(|| {
-                StoreError::refused(
-                    "store.backend = \"azure\": AZURE_STORAGE_ACCOUNT_NAME is not set (the storage account's name)",
-                )
-            })?;
-            let service = endpoint
-                .clone()
-                .unwrap_or_else(|| format!("https://{account}.blob.core.windows.net"));
-            let mut b = MicrosoftAzureBuilder::new()
-                .with_account(&account)
-                .with_container_name(&bucket)
-                .with_endpoint(service.clone())
-                .with_allow_http(allow_http)
-                .with_client_options(options)
-                .with_retry(retry);
-            b = match cfg.credentials {
-                StoreCredentials::Env => azure_env_credentials(b, lookup)?,
-                StoreCredentials::Instance => {
-                    let b = b.with_credential_type("managed_identity");
-                    match lookup("AZURE_CLIENT_ID") {
-                        Some(id) => b.with_client_id(id),
-                        None => b,
-                    }
-                }
-            };
-            let azure = b.build().map_err(|e| setup_error(cfg, e))?;
-            let service = url::Url::parse(&service).map_err(|e| {
-                StoreError::refused(format!("store.endpoint '{service}' is not a URL: {e}"))
-            })?;
-            Client::Azure {
-                store: Arc::new(azure),
-                account,
-                service,
-            }
-        }
-        StoreBackend::Fs => {
+    let (object, region) = match &cfg.backend {
+        Backend::S3 { object, region } => (object, region.as_str()),
+        Backend::Azure(object) => (object, ""),
+        Backend::Fs => {
             return Err(StoreError::refused(
                 "store.backend = \"fs\" uses no object store",
             ));
         }
     };
+    let endpoint = object
+        .endpoint
+        .as_ref()
+        .map(|e| e.as_str().trim_end_matches('/').to_string());
+    // Plain http passed config validation only for loopback hosts (emulators, tests).
+    let allow_http = object
+        .endpoint
+        .as_ref()
+        .is_some_and(|e| e.scheme() == "http");
+    let options = ClientOptions::new()
+        .with_allow_http(allow_http)
+        .with_connect_timeout(Duration::from_secs(10))
+        // Per request: a part is at most a few MiB, a stalled one is retried.
+        .with_timeout(Duration::from_secs(300));
+    let client = match cfg.kind() {
+        StoreBackend::Azure => azure_client(object, endpoint.as_deref(), options, lookup)?,
+        _ => s3_client(object, region, endpoint.as_deref(), options, lookup)?,
+    };
     Ok(ObjectBackend::new(
         client,
-        bucket,
-        cfg.prefix.trim_matches('/').to_string(),
-        cfg.region.clone(),
+        object.bucket.clone(),
+        object.prefix.trim_matches('/').to_string(),
+        region.to_string(),
         endpoint,
     ))
 }
 
+fn s3_client(
+    cfg: &ObjectStoreConfig,
+    region: &str,
+    endpoint: Option<&str>,
+    options: ClientOptions,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Client, StoreError> {
+    // Every PUT and part carries x-amz-checksum-sha256 (checked by S3). Buckets with a
+    // default retention also want the SDKs' algorithm header on uploads (moto insists on
+    // it); it is signed like every x-amz-* header and ignored elsewhere.
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "x-amz-sdk-checksum-algorithm",
+        reqwest::header::HeaderValue::from_static("SHA256"),
+    );
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(&cfg.bucket)
+        .with_region(region)
+        .with_checksum_algorithm(Checksum::SHA256)
+        .with_client_options(options.with_default_headers(headers))
+        .with_retry(retry_config(cfg));
+    if let Some(e) = endpoint {
+        b = b.with_endpoint(e);
+    }
+    b = match cfg.credentials {
+        StoreCredentials::Env => {
+            let need = |name: &str| {
+                lookup(name).ok_or_else(|| {
+                    StoreError::refused(format!(
+                        "store.credentials = \"env\": {name} is not set (an environment variable or a systemd credential of that name; see docs/operations.md)"
+                    ))
+                })
+            };
+            let mut b = b
+                .with_access_key_id(need("AWS_ACCESS_KEY_ID")?)
+                .with_secret_access_key(need("AWS_SECRET_ACCESS_KEY")?);
+            if let Some(token) = lookup("AWS_SESSION_TOKEN") {
+                b = b.with_token(token);
+            }
+            b
+        }
+        StoreCredentials::Instance => AWS_INSTANCE_VARS.iter().fold(b, |b, name| {
+            match (
+                lookup(name),
+                name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>(),
+            ) {
+                (Some(value), Ok(key)) => b.with_config(key, value),
+                _ => b,
+            }
+        }),
+    };
+    let s3 = b
+        .build()
+        .map_err(|e| setup_error(StoreBackend::S3, cfg, e))?;
+    Ok(Client::S3(Arc::new(s3)))
+}
+
+fn azure_client(
+    cfg: &ObjectStoreConfig,
+    endpoint: Option<&str>,
+    options: ClientOptions,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Client, StoreError> {
+    let account = lookup("AZURE_STORAGE_ACCOUNT_NAME").ok_or_else(|| {
+        StoreError::refused(
+            "store.backend = \"azure\": AZURE_STORAGE_ACCOUNT_NAME is not set (the storage account's name)",
+        )
+    })?;
+    let service = endpoint
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("https://{account}.blob.core.windows.net"));
+    let mut b = MicrosoftAzureBuilder::new()
+        .with_account(&account)
+        .with_container_name(&cfg.bucket)
+        .with_endpoint(service.clone())
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+        .with_client_options(options)
+        .with_retry(retry_config(cfg));
+    b = match cfg.credentials {
+        StoreCredentials::Env => azure_env_credentials(b, lookup)?,
+        StoreCredentials::Instance => {
+            let b = b.with_credential_type("managed_identity");
+            match lookup("AZURE_CLIENT_ID") {
+                Some(id) => b.with_client_id(id),
+                None => b,
+            }
+        }
+    };
+    let azure = b
+        .build()
+        .map_err(|e| setup_error(StoreBackend::Azure, cfg, e))?;
+    let service = url::Url::parse(&service).map_err(|e| {
+        StoreError::refused(format!("store.endpoint '{service}' is not a URL: {e}"))
+    })?;
+    Ok(Client::Azure {
+        store: Arc::new(azure),
+        account,
+        service,
+    })
+}
+
 /// A store that stays down past `retry_timeout` fails the request; the archive pass then
 /// pauses instead of every attempt waiting out its own retries.
-fn retry_config(cfg: &StoreConfig) -> RetryConfig {
+fn retry_config(cfg: &ObjectStoreConfig) -> RetryConfig {
     RetryConfig {
         retry_timeout: cfg.retry_timeout,
         ..RetryConfig::default()
@@ -212,9 +214,9 @@ fn azure_env_credentials(
 }
 
 /// The builders refuse only bad settings; their messages carry no secret.
-fn setup_error(cfg: &StoreConfig, e: object_store::Error) -> StoreError {
+fn setup_error(kind: StoreBackend, cfg: &ObjectStoreConfig, e: object_store::Error) -> StoreError {
     StoreError::refused(format!(
-        "store.backend = \"{}\": cannot set up the client for '{}': {e}",
-        cfg.backend, cfg.bucket
+        "store.backend = \"{kind}\": cannot set up the client for '{}': {e}",
+        cfg.bucket
     ))
 }

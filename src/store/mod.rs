@@ -37,10 +37,9 @@ use bytes::Bytes;
 use futures_util::Stream;
 use sha2::Digest;
 
-use crate::config::{StoreBackend, StoreConfig};
+use crate::config::{Backend, Credentials, StoreBackend, StoreConfig};
 use crate::error::UserError;
 
-pub use backends::env_or_systemd_credential;
 pub use object::{PART_SIZE, PARTS_IN_FLIGHT, SINGLE_PUT_MAX, part_size};
 pub use worm::WormStatus;
 
@@ -226,8 +225,8 @@ impl Store {
     /// `AZURE_STORAGE_*`, ...) or from systemd credentials of the same names
     /// (`$CREDENTIALS_DIRECTORY/AWS_SECRET_ACCESS_KEY`, ...), or from the instance's identity
     /// with `credentials = "instance"`. No network I/O happens here.
-    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        Store::open_with(cfg, &backends::env_or_systemd_credential)
+    pub fn open(cfg: &StoreConfig, credentials: &Credentials) -> Result<Store, StoreError> {
+        Store::open_with(cfg, &|name| credentials.lookup(name))
     }
 
     /// [`Store::open`] with the credential variables looked up by `lookup` (tests).
@@ -235,16 +234,13 @@ impl Store {
         cfg: &StoreConfig,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Store, StoreError> {
-        let (staging_root, inner) = match cfg.backend {
-            StoreBackend::Fs => (cfg.root.clone(), Inner::Fs(fs::FsStore::new(&cfg.root))),
-            StoreBackend::S3 | StoreBackend::Azure => (
-                cfg.spool.clone(),
-                Inner::Object(backends::build(cfg, lookup)?),
-            ),
+        let inner = match &cfg.backend {
+            Backend::Fs => Inner::Fs(fs::FsStore::new(&cfg.root)),
+            Backend::S3 { .. } | Backend::Azure(_) => Inner::Object(backends::build(cfg, lookup)?),
         };
         Ok(Store {
-            backend: cfg.backend,
-            staging_root,
+            backend: cfg.kind(),
+            staging_root: cfg.staging_dir().to_path_buf(),
             inner,
         })
     }

@@ -8,18 +8,14 @@ use futures_util::TryStreamExt;
 
 use super::worm::{azure_status, s3_status};
 use super::*;
-use crate::config::{StoreConfig, StoreCredentials};
+use crate::config::{Backend, ObjectStoreConfig, StoreConfig, StoreCredentials};
 
 fn sha(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
 fn fs_store(root: &Path) -> Store {
-    let cfg = StoreConfig {
-        root: root.to_path_buf(),
-        ..StoreConfig::default()
-    };
-    Store::open_with(&cfg, &|_| None).unwrap()
+    Store::open_with(&StoreConfig::fs(root.to_path_buf()), &|_| None).unwrap()
 }
 
 #[tokio::test]
@@ -203,14 +199,18 @@ async fn keys_must_be_relative_paths() {
 }
 
 fn object_cfg(backend: StoreBackend) -> StoreConfig {
-    StoreConfig {
-        backend,
+    let object = ObjectStoreConfig {
         spool: "/var/spool/lrvault-test".into(),
-        bucket: "evidence".into(),
         prefix: "lrvault/".into(),
-        region: "eu-west-1".into(),
-        ..StoreConfig::default()
-    }
+        ..ObjectStoreConfig::new("evidence")
+    };
+    StoreConfig::object(match backend {
+        StoreBackend::Azure => Backend::Azure(object),
+        _ => Backend::S3 {
+            object,
+            region: "eu-west-1".into(),
+        },
+    })
 }
 
 #[test]
@@ -244,7 +244,7 @@ fn missing_credentials_are_refused_with_the_variable_to_set() {
 
     // Instance credentials need no variable; secrets never reach Debug output.
     let mut cfg = object_cfg(StoreBackend::S3);
-    cfg.credentials = StoreCredentials::Instance;
+    cfg.object_store_mut().unwrap().credentials = StoreCredentials::Instance;
     let store = Store::open_with(&cfg, &|_| None).unwrap();
     assert_eq!(store.describe(), "s3://evidence/lrvault/");
     assert_eq!(
@@ -259,24 +259,6 @@ fn missing_credentials_are_refused_with_the_variable_to_set() {
     let store = Store::open_with(&object_cfg(StoreBackend::S3), &secret).unwrap();
     assert_eq!(store.staging_root(), Path::new("/var/spool/lrvault-test"));
     assert!(!format!("{store:?}").contains("very-secret-value"));
-}
-
-#[test]
-fn systemd_credentials_are_files_named_after_the_variables() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("AWS_SECRET_ACCESS_KEY"), "from-systemd\n").unwrap();
-    std::fs::write(dir.path().join("AWS_SESSION_TOKEN"), "\n").unwrap();
-    let read = |name| backends::systemd_credential(dir.path(), name);
-    assert_eq!(
-        read("AWS_SECRET_ACCESS_KEY").as_deref(),
-        Some("from-systemd")
-    );
-    assert_eq!(
-        read("AWS_SESSION_TOKEN"),
-        None,
-        "an empty credential is no credential"
-    );
-    assert_eq!(read("AWS_ACCESS_KEY_ID"), None);
 }
 
 #[tokio::test]
@@ -358,14 +340,14 @@ fn object_custody_detail_names_store_version_and_etag() {
 #[tokio::test]
 async fn the_spool_lists_waiting_packages_sets_refused_ones_aside_and_forgets_old_copies() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        backend: StoreBackend::S3,
-        spool: dir.path().to_path_buf(),
-        bucket: "evidence".into(),
+    let cfg = StoreConfig::object(Backend::S3 {
+        object: ObjectStoreConfig {
+            spool: dir.path().to_path_buf(),
+            endpoint: Some("http://127.0.0.1:9".parse().unwrap()),
+            ..ObjectStoreConfig::new("evidence")
+        },
         region: "us-east-1".into(),
-        endpoint: "http://127.0.0.1:9".into(),
-        ..StoreConfig::default()
-    };
+    });
     let store = Store::open_with(&cfg, &|name| Some(format!("test-{name}"))).unwrap();
     assert!(store.is_object());
     let waiting = "contoso/2026/11/27/a/000-GetFile.zip";

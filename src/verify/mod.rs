@@ -173,7 +173,7 @@ pub async fn verify(
 
 /// One verify run over `scope`, with the store `cfg.store` names; see the module docs.
 pub async fn verify_scope(cfg: &Config, db: &Db, scope: &Scope) -> anyhow::Result<Report> {
-    let store = Arc::new(Store::open(&cfg.store)?);
+    let store = Arc::new(Store::open(&cfg.store, &cfg.credentials)?);
     verify_with_store(cfg, db, store, scope).await
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lrvault::config::Config;
+use lrvault::config::{Config, Credentials};
 use lrvault::db::Db;
 use lrvault::jobs::{self, Context, archive, discover};
 use lrvault_sim::{SimConfig, SimHandle, Simulator};
@@ -40,7 +40,7 @@ pub fn env_from(
     config_path: PathBuf,
     store: Option<Arc<lrvault::store::Store>>,
 ) -> Env {
-    let cfg = Arc::new(Config::load(&config_path).unwrap());
+    let cfg = Arc::new(Config::load(&config_path, Credentials::default()).unwrap());
     let db = Db::open_migrated(&cfg.database.path).unwrap();
     let cancel = CancellationToken::new();
     let ctx = Arc::new(match store {

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-use lrvault::config::{StoreBackend, StoreConfig, StoreCredentials};
+use lrvault::config::{Backend, ObjectStoreConfig, StoreConfig, StoreCredentials};
 
 /// Dummy credentials: moto checks none, but lrvault requires them with `credentials = "env"`.
 pub const S3_KEY_ID: &str = "testing-key-id";
@@ -367,17 +367,17 @@ pub async fn get_version(
 }
 
 pub fn s3_config(moto: &Server, bucket: &str, spool: PathBuf) -> StoreConfig {
-    StoreConfig {
-        backend: StoreBackend::S3,
-        spool,
-        bucket: bucket.into(),
-        prefix: "lrvault/".into(),
-        endpoint: moto.url(),
+    StoreConfig::object(Backend::S3 {
+        object: ObjectStoreConfig {
+            spool,
+            prefix: "lrvault/".into(),
+            endpoint: Some(moto.url().parse().unwrap()),
+            credentials: StoreCredentials::Env,
+            require_worm: true,
+            ..ObjectStoreConfig::new(bucket)
+        },
         region: "us-east-1".into(),
-        credentials: StoreCredentials::Env,
-        require_worm: Some(true),
-        ..StoreConfig::default()
-    }
+    })
 }
 
 pub fn s3_credentials(name: &str) -> Option<String> {

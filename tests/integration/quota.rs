@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lrvault::config::Config;
+use lrvault::config::{Config, Credentials};
 use lrvault::db::Db;
 use lrvault::jobs::{Context, archive};
 use lrvault_sim::SimConfig;
@@ -107,7 +107,7 @@ async fn drain_stays_inside_both_windows_across_a_restart() {
     drop(e.ctx.clone());
 
     // "Restart": a new context on the same database; the budget is still spent.
-    let cfg = Arc::new(Config::load(&e.config_path).unwrap());
+    let cfg = Arc::new(Config::load(&e.config_path, Credentials::default()).unwrap());
     let ctx = Arc::new(
         Context::new(
             cfg.clone(),

@@ -209,8 +209,7 @@ fn root_is_refused_over_files_the_service_user_owns() {
     assert_eq!(
         line,
         format!(
-            "lrvault: refusing to write to the database directory {} as root: it belongs to {}, and files root creates there would lock the service out; run the command as that user (docs/operations.md §4)",
-            state.display(),
+            "lrvault: refusing to write to database {db} as root: it belongs to {}, and files root creates there would lock the service out; run the command as that user (docs/operations.md §4)",
             user(NOBODY)
         )
     );

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use lrvault::config::{StoreBackend, StoreConfig, StoreCredentials};
+use lrvault::config::{Backend, ObjectStoreConfig, StoreConfig, StoreCredentials};
 use lrvault::store::{Expected, Store, StoreError, Verdict, WormStatus};
 use object_store::{ObjectStoreExt, PutPayload};
 
@@ -16,16 +16,14 @@ use crate::object_stores::{
 };
 
 fn azure_config(endpoint: String, container: &str, spool: std::path::PathBuf) -> StoreConfig {
-    StoreConfig {
-        backend: StoreBackend::Azure,
+    StoreConfig::object(Backend::Azure(ObjectStoreConfig {
         spool,
-        bucket: container.into(),
         prefix: "lrvault".into(),
-        endpoint,
+        endpoint: Some(endpoint.parse().unwrap()),
         credentials: StoreCredentials::Env,
-        require_worm: Some(false),
-        ..StoreConfig::default()
-    }
+        require_worm: false,
+        ..ObjectStoreConfig::new(container)
+    }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

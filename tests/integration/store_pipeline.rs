@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lrvault::config::Config;
+use lrvault::config::{Config, Credentials};
 use lrvault::jobs::{Context, archive};
 use lrvault::store::{Expected, Store};
 use lrvault_sim::{SimConfig, Simulator};
@@ -49,7 +49,7 @@ async fn object_env(
         text.replacen("[store]\n", &format!("[store]\n{keys}"), 1),
     )
     .unwrap();
-    let cfg = Config::load(&config_path).unwrap();
+    let cfg = Config::load(&config_path, Credentials::default()).unwrap();
     let store = Arc::new(Store::open_with(&cfg.store, &credentials).unwrap());
     crate::common::env_from(dir, sim, config_path, Some(store))
 }
@@ -95,7 +95,7 @@ fn run(c: &mut std::process::Command) -> (i32, String, String) {
 }
 
 fn spool(e: &Env) -> PathBuf {
-    e.cfg.store.spool.clone()
+    e.cfg.store.staging_dir().to_path_buf()
 }
 
 /// Finished packages in the spool (not its `_tmp` / `_quarantine`), as keys.
@@ -359,10 +359,10 @@ async fn require_worm_refuses_a_bucket_without_object_lock_through_the_binary() 
 /// endpoint or bucket), with its own store breaker.
 fn context_with(
     e: &Env,
-    change: impl FnOnce(&mut lrvault::config::StoreConfig),
+    change: impl FnOnce(&mut lrvault::config::ObjectStoreConfig),
 ) -> (Arc<Context>, Vec<Arc<lrvault::jobs::Tenant>>) {
     let mut cfg = (*e.cfg).clone();
-    change(&mut cfg.store);
+    change(cfg.store.object_store_mut().unwrap());
     let store = Arc::new(Store::open_with(&cfg.store, &s3_credentials).unwrap());
     let ctx = Context::with_store(
         Arc::new(cfg),
@@ -429,7 +429,7 @@ async fn a_store_that_fails_pauses_the_pass_the_spool_stays_bounded_and_nothing_
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
     let (down, tenants) = context_with(&up, |s| {
-        s.endpoint = dead_url;
+        s.endpoint = Some(dead_url.parse().unwrap());
         s.retry_timeout = std::time::Duration::from_secs(1);
     });
     let pass = archive::archive(&down, &tenants, &scope, None)
@@ -607,7 +607,18 @@ async fn overwrite_azure(e: &Env, key: &str, bytes: &'static [u8]) {
         .with_account(AZURITE_ACCOUNT)
         .with_access_key(crate::object_stores::AZURITE_KEY)
         .with_container_name("evidence")
-        .with_endpoint(e.cfg.store.endpoint.clone())
+        .with_endpoint(
+            e.cfg
+                .store
+                .object_store()
+                .unwrap()
+                .endpoint
+                .as_ref()
+                .unwrap()
+                .as_str()
+                .trim_end_matches('/')
+                .to_string(),
+        )
         .with_allow_http(true)
         .build()
         .unwrap();

@@ -138,7 +138,7 @@ pub(super) async fn spool_full(ctx: &Context) -> Option<String> {
     if !ctx.store.is_object() {
         return None;
     }
-    let max = ctx.cfg.store.spool_max_waiting;
+    let max = ctx.cfg.store.object_store()?.spool_max_waiting;
     let files = match ctx.store.spool_files().await {
         Ok(files) => files,
         Err(e) => return Some(format!("the spool cannot be read: {e}")),
