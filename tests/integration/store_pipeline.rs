@@ -703,6 +703,8 @@ async fn killing_the_binary_at_random_moments_never_makes_a_second_version() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // A kill at a random moment on purpose (not a wait for anything): the checks below
+        // hold whatever the moment was.
         tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(50..900))).await;
         let _ = child.kill();
         let _ = child.wait();
