@@ -124,6 +124,24 @@ impl Env {
     }
 }
 
+/// The SHA-256 (hex) and size of what `store` serves under `key` (exactly `version` when
+/// given), streamed.
+pub async fn stored_hash(
+    store: &lrvault::store::Store,
+    key: &str,
+    version: Option<&str>,
+) -> (String, u64) {
+    use futures_util::StreamExt;
+    let mut stream = store.read(key, version).await.unwrap();
+    let (mut hasher, mut size) = (Sha256::new(), 0u64);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    (hex::encode(hasher.finalize()), size)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
