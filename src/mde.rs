@@ -460,8 +460,13 @@ impl MdeClient {
             self.tenant.login_base.as_str().trim_end_matches('/'),
             self.tenant.tenant_id
         );
-        // Read at every refresh, so a rotated secret is picked up without a restart.
-        let secret = self.tenant.load_secret().map_err(MdeError::Secret)?;
+        // Read at every refresh, so a rotated secret is picked up without a restart; the
+        // file is read on a blocking thread, not on the runtime's.
+        let tenant = self.tenant.clone();
+        let secret = tokio::task::spawn_blocking(move || tenant.load_secret())
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+            .map_err(MdeError::Secret)?;
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.tenant.client_id.as_str()),

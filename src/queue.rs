@@ -928,7 +928,7 @@ mod tests {
         assert_eq!(rows[0].1["attempts"], 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_panicking_attempt_leaves_no_lease_renewing() {
         let (_dir, db, key) = one_result();
         claim(&db, &key, "me:1:1").await.unwrap().unwrap();
@@ -938,24 +938,30 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let (db2, key2) = (db.clone(), key.clone());
+        let never = Some("renewed-never".to_string());
+        let every = Duration::from_secs(60);
+        let (db2, key2, db3) = (db.clone(), key.clone(), db.clone());
         let attempt = tokio::spawn(async move {
-            let every = Duration::from_millis(10);
-            hold_lease(&db2, &key2, "me:1:1", every, async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            hold_lease(&db2, &key2, "me:1:1", every, async move {
+                // The attempt runs (on the paused clock) until a renewal has landed.
+                for _ in 0..3 {
+                    tokio::time::sleep(every).await;
+                    if lease_until(&db3) != Some("renewed-never".to_string()) {
+                        break;
+                    }
+                }
                 panic!("the attempt panics");
             })
             .await
         });
         assert!(attempt.await.unwrap_err().is_panic());
-        let renewed = lease_until(&db).unwrap();
-        assert_ne!(renewed, "renewed-never", "renewed while the attempt ran");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(
-            lease_until(&db).unwrap(),
-            renewed,
-            "no renewal after the panic"
-        );
+        let renewed = lease_until(&db);
+        assert_ne!(renewed, never, "renewed while the attempt ran");
+        // Three more intervals: a renewal that outlived the attempt would have run by now
+        // (the sleep lets any task the clock woke send its write before the read below).
+        tokio::time::advance(every * 3).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(lease_until(&db), renewed, "no renewal after the panic");
     }
 
     #[test]

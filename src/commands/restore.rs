@@ -98,7 +98,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let returned = jobs::archive::recover(&ctx).await?;
     // The daemon is stopped: a partial file no live lease covers is a dead writer's.
     let removed = jobs::archive::sweep_partials(&ctx).await?;
-    let in_place = jobs::archive::adopt_in_place(&ctx).await?;
+    let in_place = jobs::archive::adopt_in_place(&ctx, None).await?;
     println!(
         "recovery: {returned} interrupted downloads returned to the queue, {removed} partial files removed, {} packages already in the store adopted, {} refused",
         in_place.adopted,

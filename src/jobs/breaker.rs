@@ -3,10 +3,14 @@
 //! from `retry_base` to `retry_max`) until the API answers again. Other tenants go on.
 //!
 //! The breaker lives in the process ([`super::Tenant`]); its state is also written to the
-//! `tenant_health` table so `lrvault status` (another process) can show it.
+//! `tenant_health` table so `lrvault status` (another process) can show it. Its intervals run
+//! on tokio's clock ([`Instant`]), the one the passes sleep on, so tests drive it with
+//! `tokio::time::pause` and `advance`.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rusqlite::params;
 
@@ -270,35 +274,60 @@ mod tests {
         }
     }
 
-    #[test]
-    fn one_probe_per_interval_doubling_to_the_cap() {
+    /// Moves the paused tokio clock on by `ms` milliseconds.
+    async fn advance(ms: u64) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_probe_per_interval_doubling_to_the_cap() {
         let b = Breaker::new(Duration::from_millis(40), Duration::from_millis(100));
         assert_eq!(b.admit(), Admission::Go);
         let (open, trip) = b.trip(&outage());
         assert_eq!((open.interval_ms, trip), (40, Trip::Opened));
-        assert!(matches!(b.admit(), Admission::Wait { .. }));
+        assert_eq!(
+            b.admit(),
+            Admission::Wait {
+                left: Duration::from_millis(40),
+                reason: "token endpoint unavailable (HTTP 503)".into()
+            }
+        );
+        advance(39).await;
+        assert_eq!(b.until_probe(), Some(Duration::from_millis(1)));
+        assert!(matches!(b.admit(), Admission::Wait { .. }), "1 ms early");
         // A second failure of a call already in flight changes nothing.
-        assert_eq!(b.trip(&outage()).0.interval_ms, 40);
-        std::thread::sleep(Duration::from_millis(45));
+        let (again, trip) = b.trip(&outage());
+        assert_eq!((again.interval_ms, trip), (40, Trip::AlreadyOpen));
+        assert_eq!(
+            b.until_probe(),
+            Some(Duration::from_millis(1)),
+            "not pushed back"
+        );
+        advance(1).await;
         assert_eq!(b.admit(), Admission::Probe);
         // Only one caller probes.
         assert!(matches!(b.admit(), Admission::Wait { .. }));
         assert_eq!(b.trip(&outage()).0.interval_ms, 80);
-        std::thread::sleep(Duration::from_millis(85));
+        advance(79).await;
+        assert!(matches!(b.admit(), Admission::Wait { .. }), "1 ms early");
+        advance(1).await;
         assert_eq!(b.admit(), Admission::Probe);
         assert_eq!(b.trip(&outage()).0.interval_ms, 100, "capped at retry_max");
-        std::thread::sleep(Duration::from_millis(105));
+        advance(99).await;
+        assert!(matches!(b.admit(), Admission::Wait { .. }), "1 ms early");
+        advance(1).await;
         assert_eq!(b.admit(), Admission::Probe);
         assert!(b.close());
         assert_eq!(b.admit(), Admission::Go);
         assert!(b.open().is_none());
+        assert_eq!(b.until_probe(), None);
     }
 
-    #[test]
-    fn a_probe_that_ends_without_a_verdict_lets_the_next_one_through() {
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_ends_without_a_verdict_lets_the_next_one_through() {
         let b = Breaker::new(Duration::from_millis(1), Duration::from_millis(1));
         b.trip(&outage());
-        std::thread::sleep(Duration::from_millis(5));
+        advance(1).await;
         assert_eq!(b.admit(), Admission::Probe);
         {
             // The pass ends on a process-scope failure or an error: no trip, no close.

@@ -10,7 +10,7 @@
 //! threads for writing and hashing packages ([`PackageThreads`]), `hashers` runs the payload's
 //! and the package's hashes in lanes on them, `readback` reads the file back behind the
 //! writer, `check` re-reads a package entry by entry after writing and for `lrvault verify`
-//! ([`check_package`]), and `transcript` extracts the few fields we record from RunScript
+//! ([`check_package`]), `tags` reads a finished package's tag files back ([`TagFiles`]), and `transcript` extracts the few fields we record from RunScript
 //! output ([`parse_transcript`]).
 //! All of it is synchronous std code meant to run on a blocking thread.
 
@@ -24,6 +24,7 @@ mod pool;
 mod readback;
 mod sink;
 mod tagfiles;
+mod tags;
 mod transcript;
 mod writer;
 mod zipout;
@@ -37,6 +38,7 @@ pub use names::{package_rel_path, path_component, payload_base_name, sanitize_fi
 pub use place::{partial_path_for, partial_target, partial_writer_gone, partials_of, sync_dirs};
 pub use pool::PackageThreads;
 pub use sink::{PackageSink, SealedPackage, StreamedPackage};
+pub use tags::TagFiles;
 pub use transcript::{Transcript, parse_transcript};
 pub use writer::PackageWriter;
 

@@ -78,6 +78,9 @@ struct Follow {
     /// Set when the package is given up: the rest is not read.
     abandoned: Arc<AtomicBool>,
     failed: Option<io::Error>,
+    /// Tests: told how far the file is read after each message.
+    #[cfg(test)]
+    caught_up: Option<std::sync::mpsc::Sender<u64>>,
 }
 
 impl Follower {
@@ -90,29 +93,22 @@ impl Follower {
         sha256: bool,
         abandoned: Arc<AtomicBool>,
     ) -> io::Result<Follower> {
-        let follow = Follow {
-            file: File::open(partial)?,
-            pos: 0,
-            crc: crc32fast::Hasher::new(),
-            sha: sha256.then(Sha256::new),
-            payload: PayloadDecoder {
-                at: payload,
-                inflate: Decompress::new(false),
-                out: Vec::with_capacity(READ_AT_ONCE),
-                crc: crc32fast::Hasher::new(),
-                size: 0,
-                end: None,
-            },
-            buf: vec![0u8; READ_AT_ONCE],
-            abandoned,
-            failed: None,
-        };
+        let follow = Follow::open(partial, payload, sha256, abandoned)?;
+        Ok(Follower::on(threads, follow))
+    }
+
+    /// The lane that feeds `follow`.
+    fn on(threads: &PackageThreads, follow: Follow) -> Follower {
         let lane = threads.lane(follow, |f: &mut Follow, end: u64| {
             if f.failed.is_none() && !f.abandoned.load(Ordering::Relaxed) {
                 f.failed = f.read_to(end).err();
             }
+            #[cfg(test)]
+            if let Some(tx) = &f.caught_up {
+                let _ = tx.send(f.pos);
+            }
         });
-        Ok(Follower { lane })
+        Follower { lane }
     }
 
     /// The file is written up to `end`: read it that far. The message holds no batch's slot:
@@ -144,6 +140,33 @@ impl Follower {
 }
 
 impl Follow {
+    fn open(
+        partial: &Path,
+        payload: PayloadAt,
+        sha256: bool,
+        abandoned: Arc<AtomicBool>,
+    ) -> io::Result<Follow> {
+        Ok(Follow {
+            file: File::open(partial)?,
+            pos: 0,
+            crc: crc32fast::Hasher::new(),
+            sha: sha256.then(Sha256::new),
+            payload: PayloadDecoder {
+                at: payload,
+                inflate: Decompress::new(false),
+                out: Vec::with_capacity(READ_AT_ONCE),
+                crc: crc32fast::Hasher::new(),
+                size: 0,
+                end: None,
+            },
+            buf: vec![0u8; READ_AT_ONCE],
+            abandoned,
+            failed: None,
+            #[cfg(test)]
+            caught_up: None,
+        })
+    }
+
     fn read_to(&mut self, end: u64) -> io::Result<()> {
         while self.pos < end {
             let want = READ_AT_ONCE.min((end - self.pos) as usize);
@@ -270,17 +293,35 @@ mod tests {
         let deflated = deflate(&text);
         let mut file = File::create(&path).unwrap();
         file.write_all(b"HEADER").unwrap();
-        let (follower, _) = start(&path, PayloadAt::Inflate { from: 6 }, false);
+        let threads = PackageThreads::with_threads(1, 1);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let mut follow =
+            Follow::open(&path, PayloadAt::Inflate { from: 6 }, false, abandoned).unwrap();
+        let (tx, read_to) = std::sync::mpsc::channel();
+        follow.caught_up = Some(tx);
+        let follower = Follower::on(&threads, follow);
+        // After each write the lane catches up with the writer before the next bytes exist:
+        // it reads behind the writer and waits for it, never past what is written.
         follower.written_to(6);
+        assert_eq!(read_to.recv().unwrap(), 6);
         let mut at = 6u64;
+        let mut messages = 1;
         for chunk in deflated.chunks(501) {
             file.write_all(chunk).unwrap();
             at += chunk.len() as u64;
             follower.written_to(at);
+            assert_eq!(read_to.recv().unwrap(), at);
+            messages += 1;
         }
+        assert_eq!(
+            messages,
+            1 + deflated.len().div_ceil(501),
+            "one catch-up per write"
+        );
         // What follows the entry is never read as payload.
         file.write_all(b"PK\x07\x08NEXT ENTRY").unwrap();
         follower.written_to(at + 14);
+        assert_eq!(read_to.recv().unwrap(), at + 14);
         let whole = std::fs::read(&path).unwrap();
         assert_eq!(
             follower.finish().unwrap(),

@@ -305,12 +305,11 @@ pub(super) async fn remove_with_empty_parents(root: &Path, key: &str) -> Result<
 
 pub(super) async fn sweep_spool(
     root: &Path,
+    files: Vec<Listed>,
     is_archived: impl Fn(&str) -> bool,
 ) -> Result<SpoolSweep, StoreError> {
     let mut sweep = SpoolSweep::default();
-    let mut files = std::pin::pin!(spool_walk(root));
-    while let Some(file) = files.next().await {
-        let file = file?;
+    for file in files {
         if is_archived(&file.key) {
             remove_with_empty_parents(root, &file.key).await?;
             tracing::info!(key = %file.key, "removed the spool copy of an archived package");

@@ -16,7 +16,7 @@
 //!    key is archived, and which the archive path publishes again when it is not.
 //!
 //! `verify` reads back exactly the version custody names ([`Store::local_copy`] into the
-//! spool, then [`Store::judge`]), lists keys for its "file no evidence row names" check
+//! spool), checks it, then asks whether the key still serves it ([`Store::judge`]); it lists keys for its "file no evidence row names" check
 //! ([`Store::list`]); `export` copies packages out ([`Store::download_to`]); checkpoints and
 //! their tokens go up with [`Store::put_small`]. Code on a blocking thread reaches the store
 //! through [`Blocking`].
@@ -100,17 +100,13 @@ impl Stored {
     }
 }
 
-/// What `verify` learns about one recorded object.
+/// What `verify` learns about one recorded object whose bytes it found intact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// The recorded version hashes to the recorded SHA-256 and is still what the key serves.
+    /// The key still serves the recorded version.
     Intact,
-    /// Neither the recorded version nor (without versions) any object is under the key.
-    Missing,
-    /// The recorded version's bytes are not the recorded ones.
-    Altered { sha256: String, size: u64 },
-    /// The recorded version is intact, but the key now serves something else: a new version
-    /// uploaded over it, or a delete marker (`current` is `None`).
+    /// The key now serves something else: a new version uploaded over the recorded one, or
+    /// a delete marker (`current` is `None`).
     Superseded { current: Option<ObjectVersion> },
 }
 
@@ -245,10 +241,6 @@ impl Store {
         })
     }
 
-    pub fn backend(&self) -> StoreBackend {
-        self.backend
-    }
-
     /// An object store (packages pass through the spool), not the `fs` directory.
     pub fn is_object(&self) -> bool {
         matches!(self.inner, Inner::Object(_))
@@ -317,16 +309,18 @@ impl Store {
         }
     }
 
-    /// At start: removes the spool copies whose key `is_archived` (a crash between commit
-    /// and release) and reports the ones still waiting for publication. Partial packages are
-    /// the package writer's own sweep. A no-op for `fs`.
+    /// Of the spool's `files` ([`spool_files`](Self::spool_files), walked once by the
+    /// caller): removes the copies whose key `is_archived` (a crash between commit and
+    /// release) and reports the ones still waiting for publication. Partial packages are the
+    /// package writer's own sweep. A no-op for `fs`.
     pub async fn sweep_spool(
         &self,
+        files: Vec<Listed>,
         is_archived: impl Fn(&str) -> bool,
     ) -> Result<SpoolSweep, StoreError> {
         match &self.inner {
             Inner::Fs(_) => Ok(SpoolSweep::default()),
-            Inner::Object(_) => fs::sweep_spool(&self.staging_root, is_archived).await,
+            Inner::Object(_) => fs::sweep_spool(&self.staging_root, files, is_archived).await,
         }
     }
 
@@ -365,51 +359,16 @@ impl Store {
         Ok(Some(bytes))
     }
 
-    /// The SHA-256 and size of one object (exactly `version_id` when given), streamed.
-    pub async fn hash(
-        &self,
-        key: &str,
-        version_id: Option<&str>,
-    ) -> Result<(String, u64), StoreError> {
-        hash_stream(self.read(key, version_id).await?).await
-    }
-
-    /// Checks an object as [`publish`](Self::publish) recorded it: hashes that version
-    /// (without versions, whatever the key holds), then asks the store whether the key still
-    /// serves it (same version id, or same `etag` on unversioned stores). `verify` does the
-    /// same in two steps ([`local_copy`](Self::local_copy), then [`judge`](Self::judge)), as
-    /// it also checks the zip.
-    pub async fn check(
-        &self,
-        key: &str,
-        recorded: &Stored,
-        expected: &Expected,
-    ) -> Result<Verdict, StoreError> {
-        check_key(key)?;
-        let (version_id, etag) = (recorded.version_id.as_deref(), recorded.etag.as_deref());
-        let found = match self.hash(key, version_id).await {
-            Ok(h) => h,
-            Err(e) if e.is_not_found() => return Ok(Verdict::Missing),
-            Err(e) => return Err(e),
-        };
-        self.judge(key, version_id, etag, expected, found).await
-    }
-
-    /// The verdict on a recorded object whose bytes (the version the ARCHIVED row names, read
-    /// by the caller) hashed to `found` (SHA-256, size): `Altered` when they are not the
-    /// recorded ones, else whether the key still serves that version (`Superseded`).
+    /// Whether the key still serves the version an ARCHIVED row recorded (`version_id`, or
+    /// on unversioned stores its `etag`). The caller has already read that version and found
+    /// its bytes intact. `fs` keeps no versions: its file is the one the caller read.
     pub async fn judge(
         &self,
         key: &str,
         version_id: Option<&str>,
         etag: Option<&str>,
-        expected: &Expected,
-        found: (String, u64),
     ) -> Result<Verdict, StoreError> {
-        let (sha256, size) = found;
-        if sha256 != expected.sha256 || size != expected.size {
-            return Ok(Verdict::Altered { sha256, size });
-        }
+        check_key(key)?;
         let current = match &self.inner {
             Inner::Fs(_) => return Ok(Verdict::Intact),
             Inner::Object(o) => o.head(key, None).await?,

@@ -45,34 +45,31 @@ async fn fs_publish_locates_the_package_in_place_and_records_nothing_new() {
         store.find(key, &expected).await.unwrap(),
         Some(stored.clone())
     );
-    assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
-        Verdict::Intact
-    );
+    // fs keeps no versions: the file verify reads is the one the key serves.
+    assert_eq!(store.judge(key, None, None).await.unwrap(), Verdict::Intact);
     // release and the spool sweep leave the fs store alone.
     store.release(key).await.unwrap();
     assert!(path.exists());
     assert_eq!(
-        store.sweep_spool(|_| true).await.unwrap(),
+        store
+            .sweep_spool(store.spool_files().await.unwrap(), |_| true)
+            .await
+            .unwrap(),
         SpoolSweep::default()
     );
 
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
     std::fs::write(&path, b"altered").unwrap();
     assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
-        Verdict::Altered {
-            sha256: sha(b"altered"),
-            size: 7
-        }
+        hash_stream(store.read(key, None).await.unwrap())
+            .await
+            .unwrap(),
+        (sha(b"altered"), 7)
     );
     let e = store.find(key, &expected).await.unwrap_err();
     assert!(matches!(e, StoreError::Conflict { .. }), "{e}");
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
-        Verdict::Missing
-    );
+    assert!(store.read(key, None).await.err().unwrap().is_not_found());
     assert_eq!(store.find(key, &expected).await.unwrap(), None);
     let e = store.publish(key, &expected).await.unwrap_err();
     assert!(e.to_string().starts_with("reading size of package"), "{e}");
@@ -373,7 +370,10 @@ async fn the_spool_lists_waiting_packages_sets_refused_ones_aside_and_forgets_ol
         }]
     );
     // The sweep sees the same: neither the spool's own directories nor partials.
-    let sweep = store.sweep_spool(|_| false).await.unwrap();
+    let sweep = store
+        .sweep_spool(store.spool_files().await.unwrap(), |_| false)
+        .await
+        .unwrap();
     assert_eq!(sweep.waiting, vec![waiting.to_string()]);
 
     let aside = store.quarantine(waiting).await.unwrap();

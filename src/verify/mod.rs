@@ -232,7 +232,7 @@ pub async fn verify_with_store(
         if store.is_object() {
             // The token is asked for the bytes the store holds.
             let local = anchors.path().join(path);
-            if !local.exists() {
+            if !tokio::fs::try_exists(&local).await? {
                 store.download_to(path, None, &local).await?;
             }
         }

@@ -124,6 +124,24 @@ impl Env {
     }
 }
 
+/// The SHA-256 (hex) and size of what `store` serves under `key` (exactly `version` when
+/// given), streamed.
+pub async fn stored_hash(
+    store: &lrvault::store::Store,
+    key: &str,
+    version: Option<&str>,
+) -> (String, u64) {
+    use futures_util::StreamExt;
+    let mut stream = store.read(key, version).await.unwrap();
+    let (mut hasher, mut size) = (Sha256::new(), 0u64);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    (hex::encode(hasher.finalize()), size)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -226,7 +244,11 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
     )
 }
 
-/// Polls `f` every 50 ms until it is true or `limit` passes.
+/// Polls `f` every 50 ms until it is true or `limit` passes. Only for a condition that
+/// something outside the test's control brings about and that offers no signal to wait on: a
+/// child process (`lrvault run`, an emulator, a script) writing its database or opening a
+/// port, or the simulator (its own server tasks, over HTTP) answering a request. `limit`
+/// is a bound for a broken run, not a timing the test relies on.
 pub async fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + limit;
     while std::time::Instant::now() < end {
@@ -367,23 +389,29 @@ impl Env {
             .collect()
     }
 
-    /// Waits until every pending result is due again (tiny `retry_base` in the test config).
+    /// Waits until every pending result is due again (tiny `retry_base` in the test config):
+    /// sleeps until the latest `next_attempt_at` the queue recorded, on the clock the queue
+    /// reads (the wall clock), then checks that nothing pending is still in backoff.
     pub async fn wait_due(&self) {
-        let path = self.cfg.database.path.clone();
-        let due = || {
-            let c = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        let latest: Option<String> = self
+            .reader()
+            .query_row(
+                "SELECT max(next_attempt_at) FROM results WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
             )
             .unwrap();
-            c.query_row(
-                "SELECT count(*) FROM results WHERE state = 'pending' AND next_attempt_at > ?1",
-                [lrvault::time::now_str()],
-                |r| r.get::<_, i64>(0),
-            )
-            .unwrap()
-                == 0
-        };
-        assert!(wait_until(Duration::from_secs(10), due).await);
+        if let Some(at) = latest.as_deref().and_then(lrvault::time::parse_api) {
+            let left = (at - lrvault::time::now()).to_std().unwrap_or_default();
+            // Stored times are whole milliseconds: one more and `now` is past every one.
+            tokio::time::sleep(left + Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            self.count(&format!(
+                "SELECT count(*) FROM results WHERE state = 'pending' AND next_attempt_at > '{}'",
+                lrvault::time::now_str()
+            )),
+            0
+        );
     }
 }

@@ -197,6 +197,8 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
             // Long enough for the larger results to finish now and then.
             _ => rng.random_range(500..1500),
         };
+        // The kill comes at a random moment on purpose (not a wait for anything): what is
+        // checked after it holds whatever the moment was.
         tokio::time::sleep(Duration::from_millis(delay)).await;
         if !e.partials().is_empty() {
             with_partial += 1;

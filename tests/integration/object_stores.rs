@@ -226,6 +226,8 @@ async fn start(
                     read_log()
                 );
             }
+            // The emulator is a child process that says nothing when it is ready: bounded
+            // polling of its port is the only signal there is.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

@@ -10,7 +10,7 @@ use lrvault::config::{Backend, ObjectStoreConfig, StoreConfig, StoreCredentials}
 use lrvault::store::{Expected, Store, StoreError, Verdict, WormStatus};
 use object_store::{ObjectStoreExt, PutPayload};
 
-use crate::common::sha256_hex;
+use crate::common::{sha256_hex, stored_hash};
 use crate::object_stores::{
     AZURITE_ACCOUNT, AZURITE_KEY, azurite, azurite_credentials, create_container, noise,
 };
@@ -64,7 +64,7 @@ async fn azure_publishes_reads_back_recovers_and_detects_overwrites_on_azurite()
         assert!(stored.etag.is_some());
         assert_eq!(stored.version_id, None, "Azurite keeps no versions");
         assert_eq!(
-            store.hash(key, None).await.unwrap(),
+            stored_hash(&store, key, None).await,
             (expected.sha256.clone(), expected.size)
         );
         // A crash before the commit: publishing again adopts the same blob.
@@ -75,7 +75,10 @@ async fn azure_publishes_reads_back_recovers_and_detects_overwrites_on_azurite()
             .unwrap();
         assert_eq!(again, stored);
         assert_eq!(
-            store.check(key, &stored, &expected).await.unwrap(),
+            store
+                .judge(key, stored.version_id.as_deref(), stored.etag.as_deref())
+                .await
+                .unwrap(),
             Verdict::Intact
         );
         store.release(key).await.unwrap();
@@ -135,14 +138,22 @@ async fn azure_publishes_reads_back_recovers_and_detects_overwrites_on_azurite()
     )
     .await
     .unwrap();
-    let (key, stored, expected) = &published[0];
+    let (key, stored, _) = &published[0];
     assert_eq!(
-        store.check(key, stored, expected).await.unwrap(),
-        Verdict::Altered {
-            sha256: sha256_hex(&forged),
-            size: 50_000
-        }
+        stored_hash(&store, key, None).await,
+        (sha256_hex(&forged), 50_000)
     );
+    match store
+        .judge(key, None, stored.etag.as_deref())
+        .await
+        .unwrap()
+    {
+        Verdict::Superseded { current: Some(c) } => {
+            assert_ne!(c.etag, stored.etag);
+            assert_eq!(c.size, 50_000);
+        }
+        other => panic!("expected Superseded, got {other:?}"),
+    }
     // Its WORM check refuses the account key lrvault was given here.
     let e = store.check_worm().await.unwrap_err();
     assert!(

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use lrvault::store::{Expected, SpoolSweep, Store, StoreError, Verdict, WormStatus};
 
-use crate::common::{env, sha256_hex};
+use crate::common::{env, sha256_hex, stored_hash};
 use crate::object_stores::{
     create_bucket, get_version, moto, noise, s3_client, s3_config, s3_credentials, versions,
 };
@@ -97,7 +97,7 @@ async fn the_pipelines_packages_go_up_with_matching_sha256_and_the_spool_empties
         // The object's SHA-256, read back by lrvault and independently through the SDK,
         // is the evidence row's.
         assert_eq!(
-            store.hash(key, Some(&version)).await.unwrap(),
+            stored_hash(&store, key, Some(version.as_str())).await,
             (sha256.clone(), *size)
         );
         let object_key = format!("lrvault/{key}");
@@ -127,7 +127,10 @@ async fn the_pipelines_packages_go_up_with_matching_sha256_and_the_spool_empties
             );
         }
         assert_eq!(
-            store.check(key, &stored, &expected).await.unwrap(),
+            store
+                .judge(key, stored.version_id.as_deref(), stored.etag.as_deref())
+                .await
+                .unwrap(),
             Verdict::Intact
         );
         store.release(key).await.unwrap();
@@ -183,7 +186,10 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
     let stored = store.publish(key, &expected).await.unwrap();
     let version = stored.version_id.clone().unwrap();
     assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
+        store
+            .judge(key, stored.version_id.as_deref(), stored.etag.as_deref())
+            .await
+            .unwrap(),
         Verdict::Intact
     );
 
@@ -200,7 +206,11 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
         .unwrap();
     let forged_version = put.version_id().unwrap().to_string();
     assert_ne!(forged_version, version);
-    match store.check(key, &stored, &expected).await.unwrap() {
+    match store
+        .judge(key, stored.version_id.as_deref(), stored.etag.as_deref())
+        .await
+        .unwrap()
+    {
         Verdict::Superseded { current: Some(c) } => {
             assert_eq!(c.version_id.as_deref(), Some(forged_version.as_str()));
             assert_eq!(c.size, 300_000);
@@ -209,7 +219,7 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
     }
     // Reading the version custody names still yields the original bytes.
     assert_eq!(
-        store.hash(key, Some(&version)).await.unwrap(),
+        stored_hash(&store, key, Some(version.as_str())).await,
         (expected.sha256.clone(), 300_000)
     );
     // Publishing the package again is refused: the key now holds other bytes.
@@ -224,7 +234,10 @@ async fn a_locked_version_survives_deletes_and_overwrites_and_verify_sees_them()
         .await
         .unwrap();
     assert_eq!(
-        store.check(key, &stored, &expected).await.unwrap(),
+        store
+            .judge(key, stored.version_id.as_deref(), stored.etag.as_deref())
+            .await
+            .unwrap(),
         Verdict::Superseded { current: None }
     );
     let refused = s3
@@ -283,7 +296,10 @@ async fn a_crash_between_upload_and_commit_is_recovered_without_a_second_version
     // Process 2 finds the spool copies and publishes them again: HEAD + hash find the
     // objects, nothing is uploaded a second time.
     let store = Store::open_with(&cfg, &s3_credentials).unwrap();
-    let sweep = store.sweep_spool(|_| false).await.unwrap();
+    let sweep = store
+        .sweep_spool(store.spool_files().await.unwrap(), |_| false)
+        .await
+        .unwrap();
     assert_eq!(
         sweep.waiting,
         vec![small_key.to_string(), large_key.to_string()]
@@ -308,9 +324,9 @@ async fn a_crash_between_upload_and_commit_is_recovered_without_a_second_version
 
     // Process 2 commits the small package's row, then dies before releasing its spool copy;
     // process 3's start-up sweep removes it and leaves the uncommitted one for publication.
-    let sweep = Store::open_with(&cfg, &s3_credentials)
-        .unwrap()
-        .sweep_spool(|key| key == small_key)
+    let third = Store::open_with(&cfg, &s3_credentials).unwrap();
+    let sweep = third
+        .sweep_spool(third.spool_files().await.unwrap(), |key| key == small_key)
         .await
         .unwrap();
     assert_eq!(

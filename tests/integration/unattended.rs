@@ -17,7 +17,8 @@ const UNATTENDED: &str = "[schedule]\ndiscover = \"*/2 * * * * *\"\narchive = \"
 [download]\nconcurrency = 2\nmax_attempts = 3\nretry_base = \"200ms\"\nretry_max = \"800ms\"\n";
 const BASE: Duration = Duration::from_millis(200);
 const MAX: Duration = Duration::from_millis(800);
-/// Longer than the backoffs of max_attempts added up (200 + 400 + 800 ms).
+/// Longer than the backoffs of max_attempts added up (200 + 400 + 800 ms): the least an
+/// outage lasts.
 const OUTAGE: Duration = Duration::from_secs(5);
 
 /// A simulator whose GetFile bodies trickle, so the daemon is mid-queue when the outage hits.
@@ -131,6 +132,29 @@ fn assert_outage_cost_nothing(e: &Env, expected: i64, log: &str) {
     custody_chain::recheck(&e.reader());
 }
 
+/// Keeps the outage on (the daemon is a child process; its breaker row is polled) until it
+/// has lasted [`OUTAGE`] and the daemon has met it: its tenant's breaker is open and has
+/// doubled its interval to the cap, so probes failed through the whole backoff ladder.
+/// On a loaded machine that takes longer than `OUTAGE`; the outage then lasts longer.
+async fn ride_out(e: &Env, start: Instant) {
+    let at_cap = || {
+        e.reader()
+            .query_row(
+                "SELECT count(*) FROM tenant_health WHERE interval_ms = ?1",
+                [MAX.as_millis() as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+            == 1
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || start.elapsed() >= OUTAGE
+            && at_cap())
+        .await,
+        "the daemon's breaker never reached its cap during the outage"
+    );
+}
+
 /// A running daemon that has archived some of the queue, but not all of it.
 struct Midway {
     daemon: Child,
@@ -178,7 +202,7 @@ async fn a_503_outage_costs_no_evidence_no_attempts_and_one_probe_per_interval()
     let midway = start_midway(&e).await;
     e.sim.sim.set_outage(true);
     let (t0, start) = (lrvault::time::now_ms(), Instant::now());
-    tokio::time::sleep(OUTAGE).await;
+    ride_out(&e, start).await;
     e.sim.sim.set_outage(false);
     let (t1, lasted) = (lrvault::time::now_ms(), start.elapsed());
     // Requests the API answered with 503 while it was down.
@@ -205,7 +229,7 @@ async fn a_host_that_refuses_connections_costs_no_evidence_and_one_probe_per_int
     let midway = start_midway(&e).await;
     e.sim.go_down().await;
     let (t0, start) = (lrvault::time::now_ms(), Instant::now());
-    tokio::time::sleep(OUTAGE).await;
+    ride_out(&e, start).await;
     let (t1, lasted) = (lrvault::time::now_ms(), start.elapsed());
     e.sim.come_up().await.unwrap();
     // Refused connections never reach the simulator: count them in lrvault's own ledger,
@@ -316,8 +340,16 @@ async fn a_secret_refused_mid_pass_stops_the_pass_without_charging_anything() {
     let queued = e.queued().len();
     let secret = e._dir.path().join("sim-secret-0");
     let (pass, ()) = tokio::join!(e.archive(), async {
-        // The pass has its token; rotate the secret under it.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Once the pass has its token, rotate the secret under it. (The simulator answers on
+        // its own task; its request log is polled.)
+        let issued = || {
+            e.sim
+                .sim
+                .requests()
+                .iter()
+                .any(|r| r.endpoint == "token" && r.status == 200)
+        };
+        assert!(wait_until(Duration::from_secs(30), issued).await);
         std::fs::write(&secret, "rotated-on-the-app-only\n").unwrap();
     });
     assert!(pass.archived < queued, "the pass stopped early: {pass:?}");

@@ -268,14 +268,20 @@ async fn token_is_issued_and_bad_credentials_are_refused() {
 
 #[tokio::test]
 async fn tokens_expire() {
-    let rig = Rig::new(SimConfig {
-        token_ttl: Duration::from_millis(300),
+    // The simulator keeps time by the wall clock. A token with no time to live is expired by
+    // the first call, whatever the machine's load; one that lives an hour is honoured.
+    let expired = Rig::new(SimConfig {
+        token_ttl: Duration::ZERO,
         ..cfg(2)
     })
     .await;
-    assert_eq!(rig.api("/api/machineactions").await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(rig.api("/api/machineactions").await.status(), 401);
+    assert_eq!(expired.api("/api/machineactions").await.status(), 401);
+    let live = Rig::new(SimConfig {
+        token_ttl: Duration::from_secs(3600),
+        ..cfg(2)
+    })
+    .await;
+    assert_eq!(live.api("/api/machineactions").await.status(), 200);
 }
 
 #[tokio::test]
@@ -596,26 +602,32 @@ async fn expired_or_tampered_links_are_403() {
 
 #[tokio::test]
 async fn link_quota_answers_429_with_retry_after() {
+    // A window of a minute that no slow machine outlasts between the first call and the
+    // refusal; when a slot frees is the quota's own test (sim/quota.rs, with injected times).
     let rig = Rig::new(SimConfig {
         per_minute: 5,
-        minute: Duration::from_secs(1),
+        minute: Duration::from_secs(60),
         ..cfg(4)
     })
     .await;
     let e = rig.largest_result("RunScript");
+    let first = Instant::now();
     for _ in 0..5 {
         assert_eq!(rig.link(&e.action_id, e.index).await.status(), 200);
     }
     let refused = rig.link(&e.action_id, e.index).await;
+    let since_first = first.elapsed().as_secs();
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(header(&refused, "retry-after").as_deref(), Some("1"));
+    // The first call leaves the window 60 s after it was admitted, rounded up to a second.
+    let retry_after: u64 = header(&refused, "retry-after").unwrap().parse().unwrap();
+    assert!(
+        (60 - since_first.min(59)..=60).contains(&retry_after),
+        "Retry-After {retry_after}, {since_first} s after the first call"
+    );
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "TooManyRequests");
     // Other endpoints have their own bucket.
     assert_eq!(rig.api("/api/machineactions").await.status(), 200);
-    // The slot frees once the first call leaves the window.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(rig.link(&e.action_id, e.index).await.status(), 200);
     assert_eq!(rig.h.sim.count_status(429), 1);
 }
 

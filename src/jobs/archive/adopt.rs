@@ -17,10 +17,11 @@
 
 use serde_json::{Value, json};
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use super::Outcome;
-use super::attempt::{Plan, archived_or_lost, read_retrieval};
+use super::attempt::{Plan, archived_or_lost};
 use crate::custody::{self, Event, EventKind};
 use crate::db::DbError;
 use crate::jobs::Context;
@@ -50,9 +51,19 @@ pub struct InPlace {
 /// is published (at most a HEAD and a hash when it is already in the store). Each adopted
 /// package is re-checked from scratch and gets one ARCHIVED row (`adopted: true`); results of
 /// tenants no longer configured are left alone. A store failure stops the round.
-pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
+///
+/// `listed`: the keys a walk of the spool just found (a pass); `None` looks at each pending
+/// result's path instead (after a restore, where the store may be large and the pending few).
+pub async fn adopt_in_place(
+    ctx: &Context,
+    listed: Option<&HashSet<String>>,
+) -> Result<InPlace, DbError> {
     let root = ctx.store.staging_root().to_path_buf();
-    let in_place: Vec<Key> = ctx.db.read(move |c| pending_in_place(c, &root)).await?;
+    let listed = listed.cloned();
+    let in_place: Vec<Key> = ctx
+        .db
+        .read(move |c| pending_in_place(c, &root, listed.as_ref()))
+        .await?;
     let mut out = InPlace::default();
     for key in in_place {
         let Some(t) = ctx.cfg.tenants.iter().find(|t| t.name == key.tenant) else {
@@ -102,8 +113,13 @@ pub async fn adopt_in_place(ctx: &Context) -> Result<InPlace, DbError> {
 /// Why a result whose found package was quarantined goes back to the queue.
 const QUARANTINED_RETRY: &str = "the package found at its path was quarantined (not written by this database); downloading it afresh";
 
-/// The `pending` results whose package path under `root` holds a file.
-fn pending_in_place(c: &rusqlite::Connection, root: &Path) -> Result<Vec<Key>, DbError> {
+/// The `pending` results whose package path is one of the `listed` keys, or without a
+/// list, whose path under `root` holds a file.
+fn pending_in_place(
+    c: &rusqlite::Connection,
+    root: &Path,
+    listed: Option<&HashSet<String>>,
+) -> Result<Vec<Key>, DbError> {
     let mut stmt = c
         .prepare(
             "SELECT r.tenant, r.action_id, r.command_index, a.created_at, coalesce(r.command_type, '')
@@ -134,7 +150,11 @@ fn pending_in_place(c: &rusqlite::Connection, root: &Path) -> Result<Vec<Key>, D
             key.index,
             &command_type,
         );
-        if root.join(rel).exists() {
+        let found = match listed {
+            Some(listed) => listed.contains(rel.to_string_lossy().as_ref()),
+            None => root.join(rel).exists(),
+        };
+        if found {
             keys.push(key);
         }
     }
@@ -150,7 +170,10 @@ pub(super) async fn leftover(
     actor: &str,
     plan: &Plan<'_>,
 ) -> Result<Option<Outcome>, Failure> {
-    if ctx.store.staging_root().join(&plan.rel_path).exists() {
+    let local = ctx.store.staging_root().join(&plan.rel_path);
+    // An error other than "not there" (a directory that cannot be searched) is the
+    // adoption's to report, as it reads the file.
+    if tokio::fs::try_exists(&local).await.unwrap_or(true) {
         return adopt(ctx, actor, plan).await;
     }
     if !ctx.store.is_object() {
@@ -180,14 +203,14 @@ pub(super) async fn adopt(
     } else {
         format!("a package is already at {rel}")
     };
-    let check = match check_whole(&path, &whence).await? {
-        Ok(check) => check,
+    let (check, retrieval) = match check_whole(&path, &whence).await? {
+        Ok(checked) => checked,
         Err(refused) => {
             quarantine_file(ctx, actor, plan, None, &refused).await?;
             return Ok(None);
         }
     };
-    if let Err(why) = own_package(ctx, plan, &check, &path).await? {
+    if let Err(why) = own_package(ctx, plan, &check, retrieval.as_ref()).await? {
         quarantine_file(
             ctx,
             actor,
@@ -199,9 +222,15 @@ pub(super) async fn adopt(
         return Ok(None);
     }
     // The package's directory entries must be durable before the database says it exists.
-    let dir = path.parent().unwrap_or(root);
-    package::sync_dirs(dir, root).map_err(|e| Failure::from_package(&e))?;
-    let record = record_of(&rel, &path, check);
+    let (dir, up_to) = (
+        path.parent().unwrap_or(root).to_path_buf(),
+        root.to_path_buf(),
+    );
+    tokio::task::spawn_blocking(move || package::sync_dirs(&dir, &up_to))
+        .await
+        .map_err(|e| Failure::retry(e.to_string()))?
+        .map_err(|e| Failure::from_package(&e))?;
+    let record = record_of(&rel, check, retrieval.as_ref());
     let k = &plan.claimed.key;
     let outcome = super::publish::record(ctx, actor, k, record).await?;
     if outcome == Outcome::Archived {
@@ -226,19 +255,19 @@ async fn adopt_published(
         stored.location,
         stored.version_id.as_deref().unwrap_or("-")
     );
-    let check = match check_whole(copy.path(), &whence).await? {
-        Ok(check) => check,
+    let (check, retrieval) = match check_whole(copy.path(), &whence).await? {
+        Ok(checked) => checked,
         Err(refused) => {
             quarantine_object(ctx, actor, plan, stored, copy, &refused).await?;
             return Ok(None);
         }
     };
-    if let Err(why) = own_package(ctx, plan, &check, copy.path()).await? {
+    if let Err(why) = own_package(ctx, plan, &check, retrieval.as_ref()).await? {
         let reason = format!("{whence} but {why}");
         quarantine_object(ctx, actor, plan, stored, copy, &reason).await?;
         return Ok(None);
     }
-    let mut record = record_of(&rel, copy.path(), check);
+    let mut record = record_of(&rel, check, retrieval.as_ref());
     drop(copy);
     record.extra.extend(stored.custody_detail());
     let k = &plan.claimed.key;
@@ -250,32 +279,43 @@ async fn adopt_published(
     Ok(Some(outcome))
 }
 
-/// The BagIt check of a whole package; `whence` says where it was found. The inner `Err` is
-/// why it is no package (unreadable, or not a valid bag).
-async fn check_whole(path: &Path, whence: &str) -> Result<Result<PackageCheck, String>, Failure> {
+/// The BagIt check of a whole package, and its `retrieval.json` when it can be read (on a
+/// blocking thread); `whence` says where it was found. The inner `Err` is why it is no
+/// package (unreadable, or not a valid bag).
+async fn check_whole(
+    path: &Path,
+    whence: &str,
+) -> Result<Result<(PackageCheck, Option<Value>), String>, Failure> {
     let owned = path.to_path_buf();
-    let check = tokio::task::spawn_blocking(move || package::check_package(&owned))
-        .await
-        .map_err(|e| Failure::retry(e.to_string()))?;
-    Ok(match check {
+    let checked = tokio::task::spawn_blocking(move || {
+        package::check_package(&owned).map(|check| {
+            let retrieval = package::TagFiles::open(&owned, &check.bag_name)
+                .and_then(|mut tags| tags.retrieval())
+                .ok();
+            (check, retrieval)
+        })
+    })
+    .await
+    .map_err(|e| Failure::retry(e.to_string()))?;
+    Ok(match checked {
         Err(e) => Err(format!("{whence} and cannot be read: {e}")),
-        Ok(check) if !check.problems.is_empty() => Err(format!(
+        Ok((check, _)) if !check.problems.is_empty() => Err(format!(
             "{whence} and does not verify: {}",
             check.problems.join("; ")
         )),
-        Ok(check) => Ok(check),
+        Ok(checked) => Ok(checked),
     })
 }
 
-/// Was this database writing the checked package at `path`? Its result's DOWNLOADED row
-/// with the package's payload SHA-256, a PUBLISHING row after it for this path with the
-/// package's SHA-256, and the package's `custody_head` naming that DOWNLOADED row. The inner
-/// `Err` says what is missing.
+/// Was this database writing the checked package (its `retrieval.json`)? Its result's
+/// DOWNLOADED row with the package's payload SHA-256, a PUBLISHING row after it for this path
+/// with the package's SHA-256, and the package's `custody_head` naming that DOWNLOADED row.
+/// The inner `Err` says what is missing.
 async fn own_package(
     ctx: &Context,
     plan: &Plan<'_>,
     check: &PackageCheck,
-    path: &Path,
+    retrieval: Option<&Value>,
 ) -> Result<Result<(), String>, Failure> {
     let k = plan.claimed.key.clone();
     let (rel, payload, package) = (
@@ -292,7 +332,7 @@ async fn own_package(
         Err(why) => return Ok(Err(why)),
         Ok(head) => head,
     };
-    let pinned = read_retrieval(path, &check.bag_name)
+    let pinned = retrieval
         .and_then(|r| r.get("custody_head").cloned())
         .and_then(|h| serde_json::from_value::<custody::Head>(h).ok());
     Ok(match pinned {
@@ -545,17 +585,16 @@ async fn file_sha256(path: &Path) -> Result<(String, u64), Failure> {
     hashed.map_err(|e| Failure::retry(format!("{}: {e}", path.display())))
 }
 
-/// The evidence record of a checked package at `path` (its key `rel`), from what the
-/// package itself says.
-fn record_of(rel: &str, path: &Path, check: PackageCheck) -> EvidenceRecord {
-    let retrieval = read_retrieval(path, &check.bag_name);
-    let get = |k: &str| retrieval.as_ref().and_then(|r| r.get(k)).cloned();
+/// The evidence record of a checked package (its key `rel`), from what the package itself
+/// says (its `retrieval.json`).
+fn record_of(rel: &str, check: PackageCheck, retrieval: Option<&Value>) -> EvidenceRecord {
+    let get = |k: &str| retrieval.and_then(|r| r.get(k)).cloned();
     let text = |k: &str| get(k).as_ref().and_then(Value::as_str).map(str::to_string);
     EvidenceRecord {
         payload_name: check.payload_name.clone(),
         payload_size: check.payload_size,
         payload_sha256: check.payload_sha256.clone(),
-        payload_md5: retrieval.as_ref().and_then(checked_md5),
+        payload_md5: retrieval.and_then(checked_md5),
         original_name: text("original_name"),
         original_size: get("original_size").as_ref().and_then(Value::as_u64),
         original_sha256: text("original_sha256"),

@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::Outcome;
 use crate::custody::{self, Event, EventKind};
@@ -463,12 +463,4 @@ pub(super) fn archived_or_lost(committed: Result<bool, DbError>) -> Result<Outco
         Ok(false) => Ok(Outcome::ClaimedElsewhere),
         Err(e) => Err(Failure::database(e)),
     }
-}
-
-/// The `retrieval.json` of a package, when it can be read.
-pub(super) fn read_retrieval(path: &std::path::Path, bag: &str) -> Option<Value> {
-    let file = std::fs::File::open(path).ok()?;
-    let mut zip = zip::ZipArchive::new(file).ok()?;
-    let entry = zip.by_name(&format!("{bag}/retrieval.json")).ok()?;
-    serde_json::from_reader(std::io::Read::take(entry, 1 << 20)).ok()
 }

@@ -426,16 +426,10 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
         let Some(package) = package_of(&root, flight) else {
             continue;
         };
-        for p in package::partials_of(&package) {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {
-                    tracing::info!(path = %p.display(), "removed the partial package of an interrupted download")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "could not remove a partial package")
-                }
-            }
+        // A directory listing and file removals: on a blocking thread.
+        let removed = tokio::task::spawn_blocking(move || remove_partials_of(&package)).await;
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "could not remove the partial packages of an interrupted download");
         }
     }
     if !ctx.partials_swept.swap(true, Ordering::SeqCst) {
@@ -453,8 +447,24 @@ pub async fn recover(ctx: &Context) -> Result<usize, DbError> {
     Ok(found.returned.len())
 }
 
-/// Object stores, at the start of each pass: removes the spool copies of packages already
-/// archived (a crash between the commit and the removal), then publishes and adopts the ones
+/// Removes the partial files of the package `package` (blocking).
+fn remove_partials_of(package: &std::path::Path) {
+    for p in package::partials_of(package) {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                tracing::info!(path = %p.display(), "removed the partial package of an interrupted download")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove a partial package")
+            }
+        }
+    }
+}
+
+/// Object stores, at the start of each pass, from one walk of the spool: removes the spool
+/// copies of packages already archived (a crash between the commit and the removal), then
+/// publishes and adopts the ones
 /// whose results wait (a crash before the upload or the commit, or a store that was down),
 /// before any new download; returns what it adopted and refused. `Err(line)` when the
 /// store is paused and they must wait.
@@ -468,9 +478,13 @@ async fn recover_spool(ctx: &Context) -> Result<Result<InPlace, String>, DbError
             return none();
         }
     };
-    let keys: Vec<String> = files.into_iter().map(|f| f.key).collect();
+    let keys: Vec<String> = files.iter().map(|f| f.key.clone()).collect();
     let archived = ctx.db.read(move |c| archived_paths(c, &keys)).await?;
-    let sweep = match ctx.store.sweep_spool(|key| archived.contains(key)).await {
+    let sweep = match ctx
+        .store
+        .sweep_spool(files, |key| archived.contains(key))
+        .await
+    {
         Ok(sweep) => sweep,
         Err(e) => {
             tracing::warn!(error = %e, "could not sweep the spool");
@@ -488,7 +502,9 @@ async fn recover_spool(ctx: &Context) -> Result<Result<InPlace, String>, DbError
     if let Err(line) = publish::store_admits(ctx).await {
         return Ok(Err(line));
     }
-    let adopted = adopt_in_place(ctx).await?;
+    // The walk above is the pass's one look at the spool: adoption takes its list.
+    let waiting = sweep.waiting.into_iter().collect();
+    let adopted = adopt_in_place(ctx, Some(&waiting)).await?;
     for reason in &adopted.refused {
         tracing::error!(
             reason,

@@ -3,13 +3,12 @@
 //! and the original file's name, size and hash in `retrieval.json` must be this evidence row's
 //! and its action's, so a genuine package of another result cannot stand in for this one.
 
-use std::io::Read;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use super::{EvidenceRow, MAX_TAG_FILE};
+use super::EvidenceRow;
 use crate::db::DbError;
 
 /// The tag files that say whose the package is.
@@ -20,27 +19,14 @@ pub(super) struct Tags {
 }
 
 pub(super) fn read_tags(path: &Path, bag: &str) -> Result<Tags, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open the package: {e}"))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("cannot read the zip: {e}"))?;
-    let mut read = |name: &str| -> Result<Vec<u8>, String> {
-        let entry = zip
-            .by_name(&format!("{bag}/{name}"))
-            .map_err(|_| format!("the package has no {name}"))?;
-        let mut bytes = Vec::new();
-        entry
-            .take(MAX_TAG_FILE)
-            .read_to_end(&mut bytes)
-            .map_err(|e| format!("cannot read {name}: {e}"))?;
-        Ok(bytes)
-    };
-    let retrieval = serde_json::from_slice(&read("retrieval.json")?)
-        .map_err(|e| format!("retrieval.json is not JSON: {e}"))?;
-    let bag_info = String::from_utf8(read("bag-info.txt")?)
+    let mut files = crate::package::TagFiles::open(path, bag)?;
+    let retrieval = files.retrieval()?;
+    let bag_info = String::from_utf8(files.read("bag-info.txt")?)
         .map_err(|_| "bag-info.txt is not UTF-8".to_string())?;
     Ok(Tags {
         retrieval,
         bag_info,
-        machine_action: read("machine-action.json")?,
+        machine_action: files.read("machine-action.json")?,
     })
 }
 
