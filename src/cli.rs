@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::commands::{
-    self, TenantArg, archive, audit, backfill, backup, demo, enqueue, export, restore, simulate,
-    status, verify,
+    self, TenantArg, archive, audit, backfill, backup, check_credentials, demo, enqueue, export,
+    requeue, restore, simulate, status, verify,
 };
 
 #[derive(Debug, Parser)]
@@ -71,6 +71,12 @@ pub enum Command {
     Status(status::Args),
     /// Apply pending database migrations
     Migrate,
+    /// Take a token with the configured (or given) client secret and make one cheap API call;
+    /// changes nothing (exit 0 works, 1 refused, 2 configuration)
+    CheckCredentials(check_credentials::Args),
+    /// Put failed (or unavailable) results back to pending with their attempts reset
+    /// (custody QUEUED); exit 1 when none matches
+    Requeue(requeue::Args),
     /// Copy the database while the daemon runs (SQLite online backup, mode 0600,
     /// integrity-checked, custody BACKED_UP)
     Backup(backup::Args),
@@ -85,7 +91,10 @@ pub enum Command {
 
 /// Runs the parsed command; `Ok` carries the exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = cli.config.as_path();
+    // Absolute from here on: messages that paste it into a command for another working
+    // directory (systemd-run runs in /) stay right.
+    let config = std::path::absolute(&cli.config).unwrap_or(cli.config);
+    let config = config.as_path();
     match cli.command {
         Command::Run => commands::run::run(config).await,
         Command::Discover(args) => commands::discover::run(config, args).await,
@@ -97,6 +106,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => audit::run(config, cmd).await,
         Command::Status(args) => status::run(config, args).await,
         Command::Migrate => commands::migrate::run(config).await,
+        Command::CheckCredentials(args) => check_credentials::run(config, args).await,
+        Command::Requeue(args) => requeue::run(config, args).await,
         Command::Backup(args) => backup::run(config, args).await,
         Command::Restore(args) => restore::run(config, args).await,
         Command::Simulate(args) => simulate::run(args).await,

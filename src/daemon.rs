@@ -29,28 +29,66 @@ pub struct InstanceLock {
     pub path: PathBuf,
 }
 
-/// Takes `<db>.lock` exclusively; a second daemon on the same DB gets a clear error.
+/// Takes `<db>.lock` exclusively and writes this process's pid into it; a second daemon on
+/// the same DB gets a clear error naming the pid that holds it.
 pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> {
+    use std::io::{Read, Seek, Write};
     let mut path = db_path.as_os_str().to_owned();
     path.push(".lock");
     let path = PathBuf::from(path);
-    let file = File::options()
+    let mut file = File::options()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(|e| UserError::new(format!("cannot open lock file {}: {e}", path.display())))?;
     match file.try_lock() {
-        Ok(()) => Ok(InstanceLock { _file: file, path }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(UserError::new(format!(
-            "another lrvault daemon is already running on {} (lock {} is held)",
-            db_path.display(),
-            path.display()
-        ))
-        .into()),
+        Ok(()) => {
+            // The holder's pid, for the refusal a second daemon prints (best effort).
+            let _ = file
+                .set_len(0)
+                .and_then(|()| file.rewind())
+                .and_then(|()| writeln!(file, "{}", std::process::id()));
+            Ok(InstanceLock { _file: file, path })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let holder = match file.read_to_string(&mut text).map(|_| text.trim().parse::<u32>()) {
+                Ok(Ok(pid)) => format!("pid {pid} holds lock {}", path.display()),
+                _ => format!("lock {} is held", path.display()),
+            };
+            Err(UserError::new(format!(
+                "another lrvault daemon is already running on {} ({holder})",
+                db_path.display(),
+            ))
+            .into())
+        }
         Err(std::fs::TryLockError::Error(e)) => {
             Err(UserError::new(format!("cannot lock {}: {e}", path.display())).into())
         }
+    }
+}
+
+/// Folds the WAL into the database file and truncates it (`PRAGMA wal_checkpoint(TRUNCATE)`),
+/// so a clean stop leaves every commit in `lrvault.db` itself: a `-wal` deleted or lost while
+/// the service is stopped then loses nothing. Best effort: a reader of another process may
+/// keep the WAL busy; that is logged, and SQLite checkpoints again later.
+pub async fn checkpoint_wal(db: &Db) {
+    let done = db
+        .call(|c| {
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(crate::db::DbError::sql("checkpoint the WAL"))
+        })
+        .await;
+    match done {
+        Ok((0, _)) => tracing::debug!("WAL checkpointed and truncated"),
+        Ok((_, pages)) => {
+            tracing::warn!(pages, "WAL checkpoint incomplete: another process is reading the database")
+        }
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
     }
 }
 
@@ -128,6 +166,8 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
             SHUTDOWN_WAIT.as_secs()
         );
     }
+    drop(sched);
+    checkpoint_wal(&ctx.db).await;
     tracing::info!("lrvault daemon stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -148,6 +188,10 @@ fn cron_error(kind: JobKind, cron: &str, e: impl std::fmt::Display) -> UserError
     ))
 }
 
+/// The fields of a schedule: exactly six, seconds first (croner would also take a seventh,
+/// a year, and says so; lrvault's scheduler does not).
+const CRON_FIELDS: &str = "sec min hour day-of-month month day-of-week";
+
 /// Parses every schedule with the parser and settings tokio-cron-scheduler uses (seconds
 /// required, day-of-month and day-of-week both), without starting anything; its own error
 /// only says `ParseSchedule`, croner's says what is wrong.
@@ -157,6 +201,13 @@ pub fn check_schedules(s: &crate::config::ScheduleConfig) -> Result<(), UserErro
         .dom_and_dow(true)
         .build();
     for (kind, cron) in schedules(s) {
+        let n = cron.split_whitespace().count();
+        if n != 6 {
+            return Err(UserError::new(format!(
+                "invalid cron expression for schedule.{} '{cron}': it has {n} fields; lrvault takes exactly 6, seconds first ({CRON_FIELDS}), in UTC",
+                kind.name()
+            )));
+        }
         parser.parse(cron).map_err(|e| cron_error(kind, cron, e))?;
     }
     Ok(())

@@ -399,7 +399,7 @@ fn a_bad_schedule_is_one_line_before_anything_starts() {
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("run"));
     assert_eq!(
         line,
-        "lrvault: invalid cron expression for schedule.discover '*/5 * * * *': Invalid pattern: Pattern must have 6 or 7 fields when seconds are required and years are optional. (6 fields, seconds first)"
+        "lrvault: invalid cron expression for schedule.discover '*/5 * * * *': it has 5 fields; lrvault takes exactly 6, seconds first (sec min hour day-of-month month day-of-week), in UTC"
     );
     assert!(!Path::new(&db).exists(), "nothing was opened");
 }
