@@ -543,6 +543,7 @@ fn whitespace_name(c: char) -> &'static str {
 impl Config {
     /// Loads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        crate::access::check_config_file(path).map_err(ConfigError::Access)?;
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
