@@ -89,13 +89,29 @@ pub enum Command {
     Demo(demo::Args),
 }
 
+impl Command {
+    /// A one-shot command that writes the database (its WAL is checkpointed when it ends;
+    /// `run` checkpoints its own at a clean stop).
+    fn writes(&self) -> bool {
+        !matches!(
+            self,
+            Command::Run
+                | Command::Audit(_)
+                | Command::Status(_)
+                | Command::Simulate(_)
+                | Command::Demo(_)
+        )
+    }
+}
+
 /// Runs the parsed command; `Ok` carries the exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // Absolute from here on: messages that paste it into a command for another working
     // directory (systemd-run runs in /) stay right.
     let config = std::path::absolute(&cli.config).unwrap_or(cli.config);
     let config = config.as_path();
-    match cli.command {
+    let wrote = cli.command.writes();
+    let result = match cli.command {
         Command::Run => commands::run::run(config).await,
         Command::Discover(args) => commands::discover::run(config, args).await,
         Command::Archive(args) => archive::run(config, args).await,
@@ -112,5 +128,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Restore(args) => restore::run(config, args).await,
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+    };
+    if wrote {
+        commands::checkpoint_after(config);
     }
+    result
 }

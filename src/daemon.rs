@@ -54,7 +54,10 @@ pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> 
         }
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut text = String::new();
-            let holder = match file.read_to_string(&mut text).map(|_| text.trim().parse::<u32>()) {
+            let holder = match file
+                .read_to_string(&mut text)
+                .map(|_| text.trim().parse::<u32>())
+            {
                 Ok(Ok(pid)) => format!("pid {pid} holds lock {}", path.display()),
                 _ => format!("lock {} is held", path.display()),
             };
@@ -75,19 +78,28 @@ pub fn lock_instance(db_path: &std::path::Path) -> anyhow::Result<InstanceLock> 
 /// the service is stopped then loses nothing. Best effort: a reader of another process may
 /// keep the WAL busy; that is logged, and SQLite checkpoints again later.
 pub async fn checkpoint_wal(db: &Db) {
-    let done = db
-        .call(|c| {
-            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })
-            .map_err(crate::db::DbError::sql("checkpoint the WAL"))
-        })
-        .await;
+    log_checkpoint(db.call(|c| truncate_wal(c)).await);
+}
+
+/// The checkpoint itself: (busy, frames not yet checkpointed); busy 0 means done.
+pub fn truncate_wal(c: &rusqlite::Connection) -> Result<(i64, i64), crate::db::DbError> {
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)? - r.get::<_, i64>(2)?,
+        ))
+    })
+    .map_err(crate::db::DbError::sql("checkpoint the WAL"))
+}
+
+/// One line for a checkpoint that did not finish; nothing for one that did.
+pub fn log_checkpoint(done: Result<(i64, i64), crate::db::DbError>) {
     match done {
         Ok((0, _)) => tracing::debug!("WAL checkpointed and truncated"),
-        Ok((_, pages)) => {
-            tracing::warn!(pages, "WAL checkpoint incomplete: another process is reading the database")
-        }
+        Ok((_, left)) => tracing::debug!(
+            frames_left = left,
+            "WAL not truncated: another process is using the database (it checkpoints later)"
+        ),
         Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
     }
 }

@@ -248,7 +248,10 @@ mod tests {
         let (line, n) = p.last_line().unwrap();
         assert_eq!(n, 1);
         // Other tests of this process may download too: bytes are at least ours.
-        assert!(line.starts_with("backfill contoso: 0/2 results, "), "{line}");
+        assert!(
+            line.starts_with("backfill contoso: 0/2 results, "),
+            "{line}"
+        );
         assert!(line.ends_with(" downloaded in 10s"), "{line}");
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(p.last_line().unwrap().1, 4, "10 s, 20 s, 30 s, 40 s");
@@ -259,13 +262,19 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (line, n) = p.last_line().unwrap();
         assert_eq!(n, 5);
-        assert!(line.starts_with("backfill contoso: 1/2 results, "), "{line}");
+        assert!(
+            line.starts_with("backfill contoso: 1/2 results, "),
+            "{line}"
+        );
         assert!(line.ends_with(" downloaded in 50s; ETA 2 min"), "{line}");
         // The last result is a line at once.
         p.inc();
         let (line, n) = p.last_line().unwrap();
         assert_eq!(n, 6);
-        assert!(line.starts_with("backfill contoso: 2/2 results, "), "{line}");
+        assert!(
+            line.starts_with("backfill contoso: 2/2 results, "),
+            "{line}"
+        );
         p.finish();
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(p.last_line().unwrap().1, 6, "no heartbeat after finish");

@@ -768,7 +768,10 @@ pub fn owner_is_dead(owner: &str, me: &str) -> bool {
 #[derive(Debug, Clone)]
 pub enum Requeue {
     /// The `failed` or `unavailable` results of one action (or its command `index`).
-    Action { action_id: String, index: Option<u32> },
+    Action {
+        action_id: String,
+        index: Option<u32>,
+    },
     /// Every `failed` result, last changed at or after `since`.
     Failed { since: Option<DateTime<Utc>> },
     /// These results when `failed`, `unavailable` or `skipped` (a restore found their
@@ -821,10 +824,15 @@ fn requeue_candidates(
     tenant: &str,
     select: &Requeue,
 ) -> Result<Vec<(Key, ResultState, i64)>, DbError> {
-    const COLUMNS: &str = "SELECT tenant, action_id, command_index, state, attempts FROM results WHERE tenant = ?1";
+    const COLUMNS: &str =
+        "SELECT tenant, action_id, command_index, state, attempts FROM results WHERE tenant = ?1";
     let map = |r: &rusqlite::Row<'_>| {
         Ok((
-            Key { tenant: r.get(0)?, action_id: r.get(1)?, index: r.get(2)? },
+            Key {
+                tenant: r.get(0)?,
+                action_id: r.get(1)?,
+                index: r.get(2)?,
+            },
             r.get::<_, ResultState>(3)?,
             r.get::<_, i64>(4)?,
         ))
@@ -833,29 +841,51 @@ fn requeue_candidates(
     let mut out = Vec::new();
     match select {
         Requeue::Action { action_id, index } => {
-            let sql = format!("{COLUMNS} AND action_id = ?2 AND (?3 IS NULL OR command_index = ?3)
-                 AND state IN ('failed', 'unavailable') ORDER BY command_index");
+            let sql = format!(
+                "{COLUMNS} AND action_id = ?2 AND (?3 IS NULL OR command_index = ?3)
+                 AND state IN (?4, ?5) ORDER BY command_index"
+            );
             let mut st = tx.prepare(&sql).map_err(read)?;
-            let rows = st.query_map(params![tenant, action_id, index], map).map_err(DbError::sql("select results to re-queue"))?;
+            let (failed, unavailable) = (ResultState::Failed, ResultState::Unavailable);
+            let rows = st
+                .query_map(params![tenant, action_id, index, failed, unavailable], map)
+                .map_err(DbError::sql("select results to re-queue"))?;
             for r in rows {
                 out.push(r.map_err(DbError::sql("read a result to re-queue"))?);
             }
         }
         Requeue::Failed { since } => {
-            let sql = format!("{COLUMNS} AND state = 'failed' AND (?2 IS NULL OR updated_at >= ?2)
-                 ORDER BY updated_at, action_id, command_index");
+            let sql = format!(
+                "{COLUMNS} AND state = ?3 AND (?2 IS NULL OR updated_at >= ?2)
+                 ORDER BY updated_at, action_id, command_index"
+            );
             let mut st = tx.prepare(&sql).map_err(read)?;
-            let rows = st.query_map(params![tenant, since.map(crate::time::fmt)], map).map_err(DbError::sql("select results to re-queue"))?;
+            let since = since.map(crate::time::fmt);
+            let rows = st
+                .query_map(params![tenant, since, ResultState::Failed], map)
+                .map_err(DbError::sql("select results to re-queue"))?;
             for r in rows {
                 out.push(r.map_err(DbError::sql("read a result to re-queue"))?);
             }
         }
         Requeue::Keys(keys) => {
-            let sql = format!("{COLUMNS} AND action_id = ?2 AND command_index = ?3
-                 AND state IN ('failed', 'unavailable', 'skipped')");
+            let sql = format!(
+                "{COLUMNS} AND action_id = ?2 AND command_index = ?3
+                 AND state IN (?4, ?5, ?6)"
+            );
             let mut st = tx.prepare(&sql).map_err(read)?;
+            let terminal = [
+                ResultState::Failed,
+                ResultState::Unavailable,
+                ResultState::Skipped,
+            ];
             for k in keys.iter().filter(|k| k.tenant == tenant) {
-                if let Some(r) = st.query_row(params![tenant, k.action_id, k.index], map).optional().map_err(DbError::sql("select a result to re-queue"))? {
+                let [a, b, c] = terminal;
+                if let Some(r) = st
+                    .query_row(params![tenant, k.action_id, k.index, a, b, c], map)
+                    .optional()
+                    .map_err(DbError::sql("select a result to re-queue"))?
+                {
                     out.push(r);
                 }
             }

@@ -225,7 +225,12 @@ mod tests {
             "comment\nok\\u{1b}[2K\\u{1b}[31mINC-1\\u{7}\na\\u{202e}txt.exe\\u{2066}b\\u{9b}c\\\\u{1b}\n"
         );
         let json = rows.render(Format::Json);
-        assert!(!json.chars().any(|c| (c.is_control() && c != '\n') || is_bidi(c)), "{json}");
+        assert!(
+            !json
+                .chars()
+                .any(|c| (c.is_control() && c != '\n') || is_bidi(c)),
+            "{json}"
+        );
         let back: Value = serde_json::from_str(&json).unwrap();
         assert_eq!(back, rows.to_json(), "JSON escapes keep the value");
     }

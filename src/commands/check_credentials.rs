@@ -86,7 +86,6 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    crate::daemon::checkpoint_wal(&db).await;
     Ok(super::exit_code(all_work))
 }
 

@@ -49,6 +49,25 @@ fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, V
     Ok((Arc::new(ctx), tenants))
 }
 
+/// At the end of a one-shot command that wrote (successful or not): folds the WAL into the
+/// database file and truncates it, as a clean stop of the daemon does, so no commit of this
+/// command lives only in `lrvault.db-wal`. Only when this process may write the database
+/// (never root over the service user's files), and never waiting: a daemon using the
+/// database at that moment keeps its WAL and checkpoints it itself.
+pub fn checkpoint_after(config: &Path) {
+    let Ok(cfg) = Config::load(config) else {
+        return;
+    };
+    let [wal, _] = crate::access::sqlite_sidecars(&cfg.database.path);
+    if wal.metadata().is_ok_and(|m| m.len() > 0) && cfg.check_writable().is_ok() {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE;
+        match rusqlite::Connection::open_with_flags(&cfg.database.path, flags) {
+            Ok(conn) => crate::daemon::log_checkpoint(crate::daemon::truncate_wal(&conn)),
+            Err(e) => tracing::debug!(error = %e, "no WAL checkpoint: the database does not open"),
+        }
+    }
+}
+
 /// 0 when everything worked, 1 when work is left or failed.
 fn exit_code(ok: bool) -> ExitCode {
     if ok {

@@ -77,7 +77,6 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     };
     let detail = json!({ "requeued_by": requeued_by(), "reason": args.reason });
     let keys = queue::requeue(&db, actors, select, detail).await?;
-    crate::daemon::checkpoint_wal(&db).await;
     if keys.is_empty() {
         let scope = match &args.tenant {
             Some(t) => format!(" of tenant '{t}'"),

@@ -110,7 +110,6 @@ pub async fn run(config: &Path, args: Args) -> anyhow::Result<ExitCode> {
     for reason in &in_place.refused {
         println!("refused (the result is now failed): {reason}");
     }
-    crate::daemon::checkpoint_wal(&ctx.db).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -285,7 +285,10 @@ mod tests {
         let before = crate::time::now();
         let (tripped, _) = b.trip(&outage());
         let open = b.open().unwrap();
-        assert_eq!((open.interval_ms, open.kind), (30_000, TenantTrouble::Outage));
+        assert_eq!(
+            (open.interval_ms, open.kind),
+            (30_000, TenantTrouble::Outage)
+        );
         let at = chrono::DateTime::parse_from_rfc3339(&open.next_probe_at).unwrap();
         let ahead = (at.to_utc() - before).num_seconds();
         assert!((29..=31).contains(&ahead), "{}", open.next_probe_at);

@@ -364,7 +364,10 @@ async fn requeue(m: &Machine) -> (String, u32) {
         m.count("SELECT count(*) FROM custody_log WHERE json_extract(detail, '$.requeued_by') IS NOT NULL")
     };
     let before = rows();
-    let (code, out, err) = m.sh(&with("no-such-action", &index)(m.guide["requeue"].clone()), &[]);
+    let (code, out, err) = m.sh(
+        &with("no-such-action", &index)(m.guide["requeue"].clone()),
+        &[],
+    );
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     assert_eq!(
         err,
@@ -376,7 +379,9 @@ async fn requeue(m: &Machine) -> (String, u32) {
     let out = m.step("requeue", with(&action, &index), &[]);
     assert_eq!(
         out,
-        format!("re-queued 1 result; the next archive pass fetches it:\ncontoso {action} {index}\n")
+        format!(
+            "re-queued 1 result; the next archive pass fetches it:\ncontoso {action} {index}\n"
+        )
     );
     m.wait_for(
         "the re-queued result to be archived",
@@ -411,7 +416,10 @@ async fn requeue(m: &Machine) -> (String, u32) {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert_eq!((reason.as_str(), from.as_str()), ("ticket IR-1234", "failed"));
+    assert_eq!(
+        (reason.as_str(), from.as_str()),
+        ("ticket IR-1234", "failed")
+    );
     (action, index)
 }
 
@@ -607,14 +615,18 @@ async fn restore_after_a_crash(m: &Machine, backup: &Path, requeued: &(String, u
 async fn rotate_the_secret(m: &Machine, sim: &SimHandle, old: &str) {
     let tenant_id = sim.sim.tenants()[0].tenant_id.clone();
     let file = m.at("/etc/lrvault/secrets/contoso");
-    let pid = || std::fs::read_to_string(m.at("/run/lrvault.pid")).unwrap();
+    let pid = || std::fs::read_to_string(m.root.join("run/lrvault.pid")).unwrap();
     let running = pid();
-    let (code, out, err) = m.sh(&m.guide["rotate-secret"], &[("NEW_SECRET", "not-the-secret")]);
+    let (code, out, err) = m.sh(
+        &m.guide["rotate-secret"],
+        &[("NEW_SECRET", "not-the-secret")],
+    );
     assert_eq!((code, out.as_str()), (1, ""), "{err}");
     let refused: Vec<&str> = err.lines().filter(|l| l.starts_with("lrvault: ")).collect();
     assert_eq!(refused.len(), 1, "{err}");
     assert!(
-        refused[0].starts_with("lrvault: tenant 'contoso': refused: token request refused (HTTP 401)")
+        refused[0]
+            .starts_with("lrvault: tenant 'contoso': refused: token request refused (HTTP 401)")
             && refused[0].ends_with("/contoso.new)"),
         "{err}"
     );
@@ -637,7 +649,11 @@ async fn rotate_the_secret(m: &Machine, sim: &SimHandle, old: &str) {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), new);
     assert_eq!(mode(&file), 0o600);
     let kept = m.at("/etc/lrvault/secrets/contoso.old");
-    assert_eq!(std::fs::read_to_string(&kept).unwrap(), old, "the old one is kept");
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        old,
+        "the old one is kept"
+    );
     assert_eq!(mode(&kept), 0o600);
     sim.sim.remove_client_secret(&tenant_id, old);
     let seen = sim.sim.requests().len();

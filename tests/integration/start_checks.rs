@@ -459,7 +459,10 @@ fn a_config_others_can_change_is_refused() {
         )
     );
     chmod(&dir, 0o755);
-    assert!(!Path::new(&db).exists(), "refused before anything was opened");
+    assert!(
+        !Path::new(&db).exists(),
+        "refused before anything was opened"
+    );
 }
 
 /// Issue 20: an unreadable config says why (owner, mode, this user), not "set --config".
@@ -531,5 +534,8 @@ fn backup_to_a_relative_or_unwritable_path_is_refused() {
             found(&locked)
         )
     );
-    assert!(!Path::new(&db).exists(), "refused before the database was opened");
+    assert!(
+        !Path::new(&db).exists(),
+        "refused before the database was opened"
+    );
 }
