@@ -418,6 +418,13 @@ fn before_the_first_start_status_and_audit_show_how_to_migrate_as_the_service_us
         let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(cmd));
         assert_eq!(line, expected);
     }
+    // Issue 20: a relative --config is pasted absolute (systemd-run runs the command in /).
+    let line = one_line_error(
+        lrvault()
+            .args(["--config", "c.toml", "status"])
+            .current_dir(&dir),
+    );
+    assert_eq!(line, expected);
     assert!(!Path::new(&db).exists(), "status and audit never create it");
     // The unit the hint imitates runs as the user and state directory it names.
     let unit = std::fs::read_to_string(concat!(
