@@ -129,7 +129,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(args) => simulate::run(args).await,
         Command::Demo(args) => demo::run(args).await,
     };
-    if wrote {
+    // A command refused with an error wrote nothing of its own: its database stays as it was.
+    if wrote && result.is_ok() {
         commands::checkpoint_after(config);
     }
     result

@@ -49,7 +49,8 @@ fn setup(config: &Path, tenant: Option<&str>) -> anyhow::Result<(Arc<Context>, V
     Ok((Arc::new(ctx), tenants))
 }
 
-/// At the end of a one-shot command that wrote (successful or not): folds the WAL into the
+/// At the end of a one-shot command that wrote (whatever its exit code, unless it was refused
+/// with an error): folds the WAL into the
 /// database file and truncates it, as a clean stop of the daemon does, so no commit of this
 /// command lives only in `lrvault.db-wal`. Only when this process may write the database
 /// (never root over the service user's files), and never waiting: a daemon using the
