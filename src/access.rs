@@ -169,6 +169,74 @@ pub fn sqlite_sidecars(db: &Path) -> [PathBuf; 2] {
     })
 }
 
+/// Who besides root and this process's user could change `meta`'s file: its owner when it
+/// is another user, a group other than root's and this process's, or every user. `None`
+/// when nobody else can. A sticky directory (`/tmp`) lets others add entries, not replace
+/// this one, so `sticky_ok` accepts it for directories.
+fn other_writers(meta: &Metadata, sticky_ok: bool) -> Option<String> {
+    let me = Uid::effective().as_raw();
+    let mode = meta.mode();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Some(format!("its owner {}", user_label(meta.uid())));
+    }
+    if mode & 0o002 != 0 && !(sticky_ok && mode & 0o1000 != 0) {
+        return Some("every user".into());
+    }
+    let gid = meta.gid();
+    if mode & 0o020 != 0 && gid != 0 && gid != Gid::effective().as_raw() {
+        return Some(format!("the group {}", group_label(gid)));
+    }
+    None
+}
+
+/// Before the config is read: it decides where the client secret is sent (`login_base`) and
+/// where evidence goes, so only root and the user this process runs as may change it (the
+/// file and its directory); and when it cannot be read, the message says why (owner, mode,
+/// this user), not which option names it. A missing file is left to the caller.
+pub fn check_config_file(path: &Path) -> Result<(), String> {
+    let Ok(meta) = path.metadata() else {
+        return Ok(());
+    };
+    if let Err(e) = nix::unistd::eaccess(path, AccessFlags::R_OK) {
+        return Err(format!(
+            "cannot read config file {}: {}: it is {}, and this process runs as {}; make it readable by the service user (chmod 0644: it holds no secrets)",
+            path.display(),
+            std::io::Error::from(e),
+            describe(&meta),
+            process_user()
+        ));
+    }
+    if let Some(who) = other_writers(&meta, false) {
+        return Err(format!(
+            "config file {} can be changed by {who} ({}); it decides where the client secret is sent: make it root's and not writable by others (chown root:root, chmod 0644)",
+            path.display(),
+            describe(&meta)
+        ));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some((dir, meta)) = dir.and_then(|d| Some((d, d.metadata().ok()?)))
+        && let Some(who) = other_writers(&meta, true)
+    {
+        return Err(format!(
+            "config file {} is in the directory {}, which {who} can change ({}); whoever can write the directory can replace the file: make it root's and not writable by others (chown root:root, chmod 0755)",
+            path.display(),
+            dir.display(),
+            describe(&meta)
+        ));
+    }
+    Ok(())
+}
+
+/// The daemon never runs as root unless told to: the database, its `-wal` and every package it
+/// creates would belong to root and lock the service user out (docs/operations.md §1.6).
+/// `allow` is `LRVAULT_ALLOW_ROOT=1`, for a container where root is the only user.
+pub fn check_daemon_user(euid: u32, allow: bool) -> Result<(), String> {
+    if euid != 0 || allow {
+        return Ok(());
+    }
+    Err("refusing to run the daemon as root: the database, its -wal and the packages it creates would belong to root and lock the service user out; start the service (systemctl start lrvault), which runs it as the service user, or set LRVAULT_ALLOW_ROOT=1 where root is the only user (a container)".into())
+}
+
 /// Who besides the owner can read a secret file, judged from its mode and group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretExposure {
@@ -220,6 +288,51 @@ mod tests {
         assert_eq!(at(0o602), SecretExposure::World);
         // The file's group is this process's own: allowed.
         assert_eq!(at(0o640), SecretExposure::Private);
+    }
+
+    #[test]
+    fn only_root_or_this_user_may_change_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = dir.path().join("lrvault.toml");
+        std::fs::write(&p, "").unwrap();
+        let set = |mode: u32| {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            check_config_file(&p)
+        };
+        assert_eq!(set(0o644), Ok(()));
+        let meta = p.metadata().unwrap();
+        assert_eq!(
+            set(0o666),
+            Err(format!(
+                "config file {} can be changed by every user (owned by {}, group {}, mode 0666); it decides where the client secret is sent: make it root's and not writable by others (chown root:root, chmod 0644)",
+                p.display(),
+                user_label(meta.uid()),
+                group_label(meta.gid())
+            ))
+        );
+        set(0o644).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(
+            check_config_file(&p)
+                .unwrap_err()
+                .contains("which every user can change (")
+        );
+        // A sticky directory (/tmp) lets others add files, not replace this one.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(check_config_file(&p), Ok(()));
+        assert_eq!(check_config_file(&dir.path().join("missing.toml")), Ok(()));
+    }
+
+    #[test]
+    fn the_daemon_refuses_root_unless_allowed() {
+        assert_eq!(check_daemon_user(1000, false), Ok(()));
+        assert_eq!(check_daemon_user(0, true), Ok(()));
+        assert!(
+            check_daemon_user(0, false)
+                .unwrap_err()
+                .starts_with("refusing to run the daemon as root: ")
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{ConfigFile, Credentials};
 
 use crate::commands::{
-    self, TenantArg, archive, audit, backfill, backup, enqueue, export, restore, status, verify,
+    self, TenantArg, archive, audit, backfill, backup, check_credentials, enqueue, export, requeue,
+    restore, status, verify,
 };
 #[cfg(feature = "simulator")]
 use crate::commands::{demo, simulate};
@@ -74,6 +75,12 @@ pub enum Command {
     Status(status::Args),
     /// Apply pending database migrations
     Migrate,
+    /// Take a token with the configured (or given) client secret and make one cheap API call;
+    /// changes nothing (exit 0 works, 1 refused, 2 configuration)
+    CheckCredentials(check_credentials::Args),
+    /// Put failed (or unavailable) results back to pending with their attempts reset
+    /// (custody QUEUED); exit 1 when none matches
+    Requeue(requeue::Args),
     /// Copy the database while the daemon runs (SQLite online backup, mode 0600,
     /// integrity-checked, custody BACKED_UP)
     Backup(backup::Args),
@@ -88,15 +95,29 @@ pub enum Command {
     Demo(demo::Args),
 }
 
+impl Command {
+    /// A one-shot command that writes the database (its WAL is checkpointed when it ends;
+    /// `run` checkpoints its own at a clean stop).
+    fn writes(&self) -> bool {
+        match self {
+            Command::Run | Command::Audit(_) | Command::Status(_) => false,
+            #[cfg(feature = "simulator")]
+            Command::Simulate(_) | Command::Demo(_) => false,
+            _ => true,
+        }
+    }
+}
+
 /// Runs the parsed command; `Ok` carries the exit code. `credentials` is where relative
 /// secret files and the object store's credentials are looked up (`main` reads
 /// `$CREDENTIALS_DIRECTORY` once).
 pub async fn run(cli: Cli, credentials: Credentials) -> anyhow::Result<ExitCode> {
-    let config = &ConfigFile {
-        path: cli.config,
-        credentials,
-    };
-    match cli.command {
+    // Absolute from here on: messages that paste it into a command for another working
+    // directory (systemd-run runs in /) stay right.
+    let path = std::path::absolute(&cli.config).unwrap_or(cli.config);
+    let config = &ConfigFile { path, credentials };
+    let wrote = cli.command.writes();
+    let result = match cli.command {
         Command::Run => commands::run::run(config).await,
         Command::Discover(args) => commands::discover::run(config, args).await,
         Command::Archive(args) => archive::run(config, args).await,
@@ -107,11 +128,18 @@ pub async fn run(cli: Cli, credentials: Credentials) -> anyhow::Result<ExitCode>
         Command::Audit(cmd) => audit::run(config, cmd).await,
         Command::Status(args) => status::run(config, args).await,
         Command::Migrate => commands::migrate::run(config).await,
+        Command::CheckCredentials(args) => check_credentials::run(config, args).await,
+        Command::Requeue(args) => requeue::run(config, args).await,
         Command::Backup(args) => backup::run(config, args).await,
         Command::Restore(args) => restore::run(config, args).await,
         #[cfg(feature = "simulator")]
         Command::Simulate(args) => simulate::run(args).await,
         #[cfg(feature = "simulator")]
         Command::Demo(args) => demo::run(args).await,
+    };
+    // A command refused with an error wrote nothing of its own: its database stays as it was.
+    if wrote && result.is_ok() {
+        commands::checkpoint_after(config);
     }
+    result
 }

@@ -182,6 +182,7 @@ impl InstanceLock {
     /// Takes the lock of the database at `db` (creating its directory, after the access
     /// checks); a second holder gets one line naming the lock (exit code 2).
     pub fn take(db: &Path) -> Result<InstanceLock, DbError> {
+        use std::io::{Read, Seek, Write};
         check_writable(db)?;
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
@@ -193,23 +194,40 @@ impl InstanceLock {
         path.push(".lock");
         let path = PathBuf::from(path);
         let refused = |m: String| DbError::Locked(crate::error::UserError::new(m));
-        let file = std::fs::File::options()
+        let mut file = std::fs::File::options()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&path)
             .map_err(|e| refused(format!("cannot open lock file {}: {e}", path.display())))?;
         match file.try_lock() {
-            Ok(()) => Ok(InstanceLock {
-                _file: file,
-                db: db.to_path_buf(),
-                path,
-            }),
-            Err(std::fs::TryLockError::WouldBlock) => Err(refused(format!(
-                "another lrvault daemon is already running on {} (lock {} is held)",
-                db.display(),
-                path.display()
-            ))),
+            Ok(()) => {
+                // The holder's pid, for the refusal a second process prints (best effort).
+                let _ = file
+                    .set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| writeln!(file, "{}", std::process::id()));
+                Ok(InstanceLock {
+                    _file: file,
+                    db: db.to_path_buf(),
+                    path,
+                })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let holder = match file
+                    .read_to_string(&mut text)
+                    .map(|_| text.trim().parse::<u32>())
+                {
+                    Ok(Ok(pid)) => format!("pid {pid} holds lock {}", path.display()),
+                    _ => format!("lock {} is held", path.display()),
+                };
+                Err(refused(format!(
+                    "another lrvault daemon is already running on {} ({holder})",
+                    db.display(),
+                )))
+            }
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(refused(format!("cannot lock {}: {e}", path.display())))
             }

@@ -347,6 +347,9 @@ pub async fn open(
     Ok(Opened { response, body_len })
 }
 
+/// Blob bytes this process has received, all transfers together (progress lines show them).
+pub static RECEIVED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Streams an opened body into `sink`. Returns when the body ended cleanly; integrity
 /// (length, MD5) is checked by the caller once the writer has the digests.
 pub async fn stream(
@@ -370,6 +373,7 @@ pub async fn stream(
         }
         sink.send(chunk).await.map_err(|_| FetchError::Sink)?;
         transfer.received += n;
+        RECEIVED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
     if let Some(len) = body_len {
         let got = transfer.received - start;

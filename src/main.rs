@@ -25,6 +25,13 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
+    // No core dump and no ptrace by other processes of this user: the memory holds client
+    // secrets, bearer tokens and SAS links (the unit also sets LimitCORE=0).
+    // SAFETY: prctl(PR_SET_DUMPABLE) only changes this process's attribute.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     let cli = Cli::parse();
     init_tracing(&cli);
     // systemd's LoadCredential= directory, read here once and passed down: nothing below

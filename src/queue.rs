@@ -10,7 +10,8 @@
 //!   `unavailable` (UNAVAILABLE) or `failed` (FAILED);
 //! - [`commit_archived`]: `downloading` → `archived` with its `evidence` row (ARCHIVED);
 //! - [`recover`]: `downloading` → `pending` when the lease expired or its process is gone
-//!   (ATTEMPT_FAILED, scope `process`, nothing charged).
+//!   (ATTEMPT_FAILED, scope `process`, nothing charged);
+//! - [`requeue`] (an operator, or a restore): `failed`/`unavailable` → `pending` (QUEUED).
 //!
 //! The states themselves are data: [`ResultState`] names the rows of `result_states`, and the
 //! SQL, here and elsewhere, binds them as parameters instead of spelling them.
@@ -28,6 +29,9 @@ use serde_json::{Value, json};
 
 use crate::custody::{self, Event, EventKind};
 use crate::db::{Db, DbError, write_tx};
+
+mod requeue;
+pub use requeue::{Requeue, requeue};
 
 /// How long a claim on a result lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(600);

@@ -1,4 +1,9 @@
-//! Rendering query results as an aligned table, CSV or JSON (status and audit output).
+//! Rendering query results as an aligned table, CSV or JSON (status and audit output). Text
+//! from the API (a `requestorComment`, a file name) reaches an auditor's terminal here: in
+//! table and CSV output every control character and every bidirectional formatting character
+//! is shown escaped (`\u{1b}`), never sent as is, so it cannot move the cursor, recolour,
+//! hide or reorder what is printed. JSON escapes control characters itself; bidirectional
+//! ones are escaped there too.
 
 use serde_json::Value;
 
@@ -65,9 +70,7 @@ impl Rows {
 
     pub fn render(&self, format: Format) -> String {
         match format {
-            Format::Json => {
-                serde_json::to_string_pretty(&self.to_json()).unwrap_or_default() + "\n"
-            }
+            Format::Json => json_text(&self.to_json()) + "\n",
             Format::Csv => {
                 let mut out = String::new();
                 let line = |cells: Vec<String>| {
@@ -80,7 +83,7 @@ impl Rows {
                 };
                 out += &line(self.columns.clone());
                 for r in &self.rows {
-                    out += &line(r.iter().map(cell_text).collect());
+                    out += &line(r.iter().map(|v| escape_text(&cell_text(v))).collect());
                 }
                 out
             }
@@ -90,7 +93,7 @@ impl Rows {
                     .iter()
                     .map(|r| {
                         r.iter()
-                            .map(|v| cell_text(v).replace(['\n', '\r', '\t'], " "))
+                            .map(|v| escape_text(&cell_text(v).replace(['\n', '\r', '\t'], " ")))
                             .collect()
                     })
                     .collect();
@@ -131,6 +134,45 @@ fn cell_text(v: &Value) -> String {
     }
 }
 
+/// Pretty JSON in which nothing a terminal obeys is left raw: serde escapes C0 controls;
+/// DEL, C1 controls and bidirectional characters, legal in JSON strings as they are, are
+/// written `\uXXXX` too (the same value once parsed).
+pub fn json_text(value: &Value) -> String {
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.chars()
+        .map(|c| match is_bidi(c) || (c.is_control() && c != '\n') {
+            true => format!("\\u{:04x}", c as u32),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
+/// Bidirectional formatting characters: they reorder how the text around them is shown
+/// (U+061C, U+200E-U+200F, U+202A-U+202E, U+2066-U+2069).
+fn is_bidi(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with every control character (C0, DEL, C1) and bidirectional formatting character
+/// written as `\u{…}`, so a terminal shows it instead of obeying it. A backslash that could
+/// be read as the start of such an escape is doubled. CSV keeps its line breaks and tabs
+/// (quoted, they are data); the table turned them into spaces before.
+fn escape_text(s: &str) -> String {
+    if !s.chars().any(|c| c.is_control() || is_bidi(c) || c == '\\') {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' | '\r' | '\t' => out.push(c),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || is_bidi(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -161,5 +203,35 @@ mod tests {
             rows.to_json(),
             serde_json::json!([{"a":1,"bb":"x,\"y\""},{"a":null,"bb":"z"}])
         );
+    }
+
+    #[test]
+    fn control_and_bidi_characters_are_shown_escaped_never_sent() {
+        // A comment that would clear the line and recolour it, one that reorders the text
+        // after it (U+202E), an isolate (U+2066), a C1 control (U+009B, CSI) and a backslash.
+        let rows = Rows {
+            columns: vec!["comment".into()],
+            rows: vec![
+                vec![Value::from("ok\u{1b}[2K\u{1b}[31mINC-1\u{7}")],
+                vec![Value::from("a\u{202e}txt.exe\u{2066}b\u{9b}c\\u{1b}")],
+            ],
+        };
+        assert_eq!(
+            rows.render(Format::Table),
+            "comment\n---------------------------------------\nok\\u{1b}[2K\\u{1b}[31mINC-1\\u{7}\na\\u{202e}txt.exe\\u{2066}b\\u{9b}c\\\\u{1b}\n"
+        );
+        assert_eq!(
+            rows.render(Format::Csv),
+            "comment\nok\\u{1b}[2K\\u{1b}[31mINC-1\\u{7}\na\\u{202e}txt.exe\\u{2066}b\\u{9b}c\\\\u{1b}\n"
+        );
+        let json = rows.render(Format::Json);
+        assert!(
+            !json
+                .chars()
+                .any(|c| (c.is_control() && c != '\n') || is_bidi(c)),
+            "{json}"
+        );
+        let back: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, rows.to_json(), "JSON escapes keep the value");
     }
 }

@@ -114,6 +114,7 @@ pub async fn run(config: &ConfigFile, cmd: AuditCommand) -> anyhow::Result<ExitC
                 "SELECT tenant, endpoint, count(*) AS calls_last_hour,
                         sum(CASE WHEN http_status = 429 THEN 1 ELSE 0 END) AS throttled_429,
                         sum(CASE WHEN http_status >= 500 OR http_status = 0 THEN 1 ELSE 0 END) AS errors,
+                        strftime('%Y-%m-%dT%H:%M:%fZ', max(at_ms) / 1000.0, 'unixepoch') AS last_call_at,
                         max(at_ms) AS last_call_ms
                  FROM api_calls WHERE at_ms > ?1 AND (?2 IS NULL OR tenant = ?2)
                  GROUP BY tenant, endpoint ORDER BY tenant, endpoint",

@@ -53,7 +53,7 @@ pub struct Checked {
 
 pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let cfg = config.load()?;
-    let to = std::path::absolute(&args.to).map_err(file_err("resolve", &args.to))?;
+    let to = destination(&args.to)?;
     if to.symlink_metadata().is_ok() {
         return Err(UserError::new(format!(
             "{} already exists; a backup never overwrites a file: choose a new name",
@@ -88,6 +88,21 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
         row.seq
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--to`, checked before anything is opened: absolute (a one-shot under `systemd-run` runs
+/// in `/`, where a relative name means something else), in a directory this user can create
+/// files in.
+fn destination(to: &Path) -> Result<PathBuf, UserError> {
+    if to.is_relative() {
+        return Err(UserError::new(format!(
+            "backup --to {} is a relative path; write it absolute, in a directory the service user can write (e.g. /var/lib/lrvault/backup/lrvault-$(date -u +%Y%m%dT%H%M%SZ).db)",
+            to.display()
+        )));
+    }
+    let dir = to.parent().unwrap_or(Path::new("/"));
+    crate::access::check_dir_writable("the backup directory", dir).map_err(UserError::new)?;
+    Ok(to.to_path_buf())
 }
 
 /// Writes the copy as `<to>.partial` (0600), checks it, and links it to `to` only when it

@@ -6,12 +6,14 @@ pub mod archive;
 pub mod audit;
 pub mod backfill;
 pub mod backup;
+pub mod check_credentials;
 #[cfg(feature = "simulator")]
 pub mod demo;
 pub mod discover;
 pub mod enqueue;
 pub mod export;
 pub mod migrate;
+pub mod requeue;
 pub mod restore;
 pub mod run;
 #[cfg(feature = "simulator")]
@@ -65,6 +67,25 @@ fn take_lock(db: &Path, why: &'static str) -> anyhow::Result<crate::db::Instance
         crate::db::DbError::Locked(_) => anyhow::Error::new(e).context(why),
         e => e.into(),
     })
+}
+
+/// At the end of a one-shot command that wrote (whatever its exit code, unless it was refused
+/// with an error): folds the WAL into the database file and truncates it, as a clean stop of the daemon does, so no commit of this
+/// command lives only in `lrvault.db-wal`. Only when this process may write the database
+/// (never root over the service user's files), and never waiting: a daemon using the
+/// database at that moment keeps its WAL and checkpoints it itself.
+pub fn checkpoint_after(config: &ConfigFile) {
+    let Ok(cfg) = config.load() else {
+        return;
+    };
+    let [wal, _] = crate::access::sqlite_sidecars(&cfg.database.path);
+    if wal.metadata().is_ok_and(|m| m.len() > 0) && cfg.check_writable().is_ok() {
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE;
+        match rusqlite::Connection::open_with_flags(&cfg.database.path, flags) {
+            Ok(conn) => crate::daemon::log_checkpoint(crate::daemon::truncate_wal(&conn)),
+            Err(e) => tracing::debug!(error = %e, "no WAL checkpoint: the database does not open"),
+        }
+    }
 }
 
 /// 0 when everything worked, 1 when work is left or failed.

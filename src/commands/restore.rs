@@ -3,8 +3,9 @@
 //! integrity-checked before anything is touched; the database it replaces is set aside
 //! *with its own `-wal`* (so that WAL can never be applied to the restored file, and nothing
 //! is destroyed); the staged copy is renamed into place; then the recovery a start runs:
-//! interrupted downloads back to the queue, stray partial files removed, and packages
-//! already in the store (written after the backup) adopted, each archived once.
+//! interrupted downloads back to the queue, stray partial files removed, the results whose
+//! packages the store holds but the backup does not hold as archived back to the queue, and
+//! packages already in the store (written after the backup) adopted, each archived once.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -98,6 +99,12 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let returned = jobs::archive::recover(&ctx).await?;
     // The daemon is stopped: a partial file no live lease covers is a dead writer's.
     let removed = jobs::archive::sweep_partials(&ctx).await?;
+    let requeued = jobs::archive::requeue_found(&ctx).await?;
+    if requeued > 0 {
+        println!(
+            "{requeued} results the backup holds as failed, unavailable or skipped have a package in the store (archived after the backup): re-queued, so their packages are adopted or quarantined like every other package written after the backup"
+        );
+    }
     let in_place = jobs::archive::adopt_in_place(&ctx, None).await?;
     println!(
         "recovery: {returned} interrupted downloads returned to the queue, {removed} partial files removed, {} packages already in the store adopted, {} refused",

@@ -65,7 +65,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
             "breakers": status.breakers.to_json(),
             "custody_head": { "seq": head_seq, "row_hash": head_hash },
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", crate::render::json_text(&out));
         return Ok(ExitCode::SUCCESS);
     }
     println!("database: {}", cfg.database.path.display());

@@ -37,7 +37,7 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid config: {0}")]
     Invalid(String),
-    #[error("invalid cron expression for {key} '{text}': {message} (6 fields, seconds first)")]
+    #[error("invalid cron expression for {key} '{text}': {message}")]
     Schedule {
         key: &'static str,
         text: String,
@@ -207,6 +207,7 @@ impl Config {
     /// Loads and checks the file at `path`; relative secret files and the object store's
     /// credentials are looked up in `credentials`.
     pub fn load(path: &Path, credentials: Credentials) -> Result<Config, ConfigError> {
+        crate::access::check_config_file(path).map_err(ConfigError::Access)?;
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,

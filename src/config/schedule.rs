@@ -6,6 +6,9 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
+/// The fields of a schedule, in order.
+const CRON_FIELDS: &str = "sec min hour day-of-month month day-of-week";
+
 /// `[schedule]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -59,14 +62,20 @@ impl Schedule {
             .seconds(croner::parser::Seconds::Required)
             .dom_and_dow(true)
             .build();
-        match parser.parse(&text) {
-            Ok(_) => Ok(Schedule { text }),
-            Err(e) => Err(ConfigError::Schedule {
-                key,
-                text,
-                message: e.to_string(),
-            }),
-        }
+        // croner would also take a seventh field (a year) and its message says so; lrvault's
+        // schedules are exactly six, so that is what a wrong count is told.
+        let fields = text.split_whitespace().count();
+        let message = if fields != 6 {
+            format!(
+                "it has {fields} fields; lrvault takes exactly 6, seconds first ({CRON_FIELDS}), in UTC"
+            )
+        } else {
+            match parser.parse(&text) {
+                Ok(_) => return Ok(Schedule { text }),
+                Err(e) => format!("{e} (6 fields, seconds first: {CRON_FIELDS})"),
+            }
+        };
+        Err(ConfigError::Schedule { key, text, message })
     }
 
     /// The expression as written.

@@ -54,7 +54,7 @@ impl Credentials {
     /// `LoadCredential=`, so one config serves the daemon and `systemd-run` one-shots alike;
     /// otherwise it is relative to the working directory (and a file not found there says
     /// so).
-    fn resolve(&self, path: &Path) -> PathBuf {
+    pub fn resolve(&self, path: &Path) -> PathBuf {
         match &self.dir {
             Some(dir) if path.is_relative() => dir.join(path),
             _ => path.to_path_buf(),

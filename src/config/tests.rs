@@ -445,7 +445,7 @@ fn schedules_are_parsed_once_and_name_their_key() {
         .to_string();
     assert_eq!(
         e,
-        "invalid cron expression for schedule.discover '*/5 * * * *': Invalid pattern: Pattern must have 6 or 7 fields when seconds are required and years are optional. (6 fields, seconds first)"
+        "invalid cron expression for schedule.discover '*/5 * * * *': it has 5 fields; lrvault takes exactly 6, seconds first (sec min hour day-of-month month day-of-week), in UTC"
     );
 }
 

@@ -56,6 +56,21 @@ struct Tripped {
     probing: bool,
 }
 
+impl Tripped {
+    /// The open breaker as messages and `status` show it: the next probe as an RFC 3339 time
+    /// (never empty), its interval in milliseconds.
+    fn shown(&self) -> Open {
+        let left = self.next_probe.saturating_duration_since(Instant::now());
+        Open {
+            interval_ms: self.interval.as_millis() as u64,
+            next_probe_at: crate::time::fmt(
+                crate::time::now() + chrono::Duration::from_std(left).unwrap_or_default(),
+            ),
+            ..self.open.clone()
+        }
+    }
+}
+
 /// One tenant's breaker; see the module docs.
 #[derive(Debug)]
 pub struct Breaker {
@@ -127,13 +142,7 @@ impl Breaker {
                 probing: false,
             },
         };
-        let mut open = t.open.clone();
-        open.interval_ms = t.interval.as_millis() as u64;
-        open.next_probe_at = crate::time::fmt(
-            crate::time::now()
-                + chrono::Duration::from_std(t.next_probe.saturating_duration_since(now))
-                    .unwrap_or_default(),
-        );
+        let open = t.shown();
         *state = Some(t);
         (open, trip)
     }
@@ -157,9 +166,9 @@ impl Breaker {
             .map(|t| t.next_probe.saturating_duration_since(Instant::now()))
     }
 
-    /// The open breaker, if it is.
+    /// The open breaker, if it is, with its interval and the time of its next probe.
     pub fn open(&self) -> Option<Open> {
-        self.state().as_ref().map(|t| t.open.clone())
+        self.state().as_ref().map(Tripped::shown)
     }
 }
 
@@ -277,6 +286,22 @@ mod tests {
     /// Moves the paused tokio clock on by `ms` milliseconds.
     async fn advance(ms: u64) {
         tokio::time::advance(Duration::from_millis(ms)).await;
+    }
+
+    #[test]
+    fn an_open_breaker_shows_when_it_probes_next() {
+        let b = Breaker::new(Duration::from_secs(30), Duration::from_secs(60));
+        let before = crate::time::now();
+        let (tripped, _) = b.trip(&outage());
+        let open = b.open().unwrap();
+        assert_eq!(
+            (open.interval_ms, open.kind),
+            (30_000, TenantTrouble::Outage)
+        );
+        let at = chrono::DateTime::parse_from_rfc3339(&open.next_probe_at).unwrap();
+        let ahead = (at.to_utc() - before).num_seconds();
+        assert!((29..=31).contains(&ahead), "{}", open.next_probe_at);
+        assert!(!tripped.next_probe_at.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

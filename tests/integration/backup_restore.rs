@@ -163,8 +163,9 @@ async fn a_restore_from_a_backup_taken_mid_pass_archives_every_result_once() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "lrvault: cannot restore while the daemon runs; stop it first (systemctl stop lrvault): another lrvault daemon is already running on {} (lock {}.lock is held)",
+            "lrvault: cannot restore while the daemon runs; stop it first (systemctl stop lrvault): another lrvault daemon is already running on {} (pid {} holds lock {}.lock)",
             live.display(),
+            running.id(),
             live.display()
         )
     );

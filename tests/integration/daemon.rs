@@ -1,5 +1,6 @@
 //! The daemon binary: `lrvault run` archives on its schedule, the DB stays readable by a
-//! separate reader meanwhile, a second daemon is refused, and SIGTERM stops it cleanly.
+//! separate reader meanwhile, a second daemon is refused (naming the pid that holds the lock),
+//! and SIGTERM stops it cleanly, with the WAL folded into the database (issue 20).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -45,9 +46,13 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     let second = e.lrvault().arg("run").output().unwrap();
     assert_eq!(second.status.code(), Some(2));
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(
-        err.contains("another lrvault daemon is already running on"),
-        "{err}"
+    let db_shown = db_path.display();
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "lrvault: another lrvault daemon is already running on {db_shown} (pid {} holds lock {db_shown}.lock)",
+            daemon.id()
+        )
     );
 
     nix::sys::signal::kill(
@@ -65,7 +70,51 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     );
     assert_eq!(status.code(), Some(0), "clean shutdown; log:\n{log}");
     assert!(log.contains("lrvault daemon stopped"), "{log}");
+    // A clean stop leaves every commit in the database file: the WAL is empty or gone.
+    let [wal, _] = lrvault::access::sqlite_sidecars(&db_path);
+    assert_eq!(
+        std::fs::metadata(&wal).map_or(0, |m| m.len()),
+        0,
+        "{}",
+        wal.display()
+    );
     assert!(!log.contains("sig="), "no SAS signature in logs");
     custody_chain::recheck(&e.reader());
     assert_eq!(e.sim.sim.count_status(429), 0);
+}
+
+/// Issue 20: a one-shot command that wrote folds the WAL into the database when it ends, as
+/// the daemon's clean stop does: the `-wal` is empty or gone, and the file alone holds it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_that_wrote_leaves_an_empty_wal() {
+    let e = env(
+        SimConfig {
+            seed: 4,
+            actions: 3,
+            ..SimConfig::default()
+        },
+        "",
+    )
+    .await;
+    let db_path = e.cfg.database.path.clone();
+    let [wal, _] = lrvault::access::sqlite_sidecars(&db_path);
+    let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    for args in [&["discover"][..], &["archive"], &["verify"]] {
+        e.run_ok(args);
+        assert_eq!(wal_len(), 0, "after lrvault {args:?}");
+    }
+    let in_file = |sql: &str| -> i64 {
+        // The database file alone, as a copy without its WAL would be read.
+        let copy = e.store().parent().unwrap().join("copy.db");
+        std::fs::copy(&db_path, &copy).unwrap();
+        let n = rusqlite::Connection::open(&copy)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap();
+        std::fs::remove_file(&copy).unwrap();
+        n
+    };
+    let verified = "SELECT count(*) FROM custody_log WHERE event = 'VERIFIED'";
+    assert_eq!(in_file(verified), 1, "verify's row is in the file itself");
+    assert_eq!(in_file(verified), e.count(verified));
 }

@@ -1,7 +1,9 @@
 //! Issue 10: `docs/operations.md`, run as written. Every shell block the guide marks
 //! `<!-- test: NAME -->` is taken from the file itself and run with bash, in order, against
-//! the simulator: install layout, first start, a backup while an archive pass runs, a restore
-//! after a crash that left a WAL, re-queueing a failed result, a secret rotation, an upgrade.
+//! the simulator: install layout, first start, a backup while an archive pass runs,
+//! re-queueing a failed result (and a wrong id, exit 1), a restore after a crash that left a
+//! WAL, of a backup that holds that result as failed (issue 20: `verify` ends clean), a secret
+//! rotation whose wrong new secret leaves the service running on the old one, an upgrade.
 //!
 //! What a test cannot do without root and systemd is stood in for, and only that:
 //! - the guide's absolute paths (`/etc/lrvault`, `/var/lib/lrvault`, …) are moved under a
@@ -46,9 +48,9 @@ const STEPS: [&str; 12] = [
     "first-start",
     "service-user",
     "backup",
-    "restore",
     "find-failed",
     "requeue",
+    "restore",
     "rotate-secret",
     "upgrade",
 ];
@@ -277,10 +279,11 @@ async fn the_operations_guide_runs_as_written() {
     install(&m, &sim, &secret);
     first_start(&m).await;
     let backup = backup_during_a_pass(&m).await;
-    restore_after_a_crash(&m, &backup).await;
-    requeue(&m).await;
+    let requeued = requeue(&m).await;
+    restore_after_a_crash(&m, &backup, &requeued).await;
     rotate_the_secret(&m, &sim, &secret).await;
-    m.step("upgrade", |s| s, &[]);
+    let out = m.step("upgrade", |s| s, &[]);
+    assert_eq!(out, "1\n", "one start since the binary was replaced");
     let (code, out, _) = m.sh("systemctl is-active lrvault", &[]);
     assert_eq!((code, out.as_str()), (0, "active\n"));
 
@@ -335,29 +338,50 @@ async fn first_start(m: &Machine) {
     assert!(m.db().exists());
 }
 
-/// Section 9: the simulator's one failing download leaves a `failed` result; the guide finds
-/// it and re-queues it as the service user, and it is archived.
-async fn requeue(m: &Machine) {
-    m.wait_for(
-        "a failed result",
-        "SELECT count(*) FROM results WHERE state = 'failed'",
-    )
-    .await;
+/// Section 9: the simulator's one failing download left a `failed` result (in the backup
+/// too); the guide finds it and re-queues it with `lrvault requeue` as the service user, and
+/// it is archived. A wrong id is refused with exit 1 and nothing written. Returns the
+/// result's (action, index).
+async fn requeue(m: &Machine) -> (String, u32) {
     let out = m.step("find-failed", |s| s, &[]);
     let failed: Vec<&str> = out.lines().filter(|l| l.contains("|failed|")).collect();
     assert_eq!(failed.len(), 1, "{out}");
     let f: Vec<&str> = failed[0].split('|').collect();
     assert_eq!(f[0], "contoso", "{out}");
     let (action, index) = (f[1].to_string(), f[2].to_string());
-    m.step(
-        "requeue",
-        |s| {
+    let with = |action: &str, index: &str| {
+        let action = action.to_string();
+        let index = index.to_string();
+        move |s: String| {
             assert_eq!(s.matches("'<action id>'").count(), 1);
-            assert_eq!(s.matches("command_index = 2").count(), 1);
+            assert_eq!(s.matches("--index 2 ").count(), 1);
             s.replace("'<action id>'", &format!("'{action}'"))
-                .replace("command_index = 2", &format!("command_index = {index}"))
-        },
+                .replace("--index 2 ", &format!("--index {index} "))
+        }
+    };
+    // A wrong id: exit 1, one line, no re-queue row (the daemon goes on writing its own).
+    let rows = || {
+        m.count("SELECT count(*) FROM custody_log WHERE json_extract(detail, '$.requeued_by') IS NOT NULL")
+    };
+    let before = rows();
+    let (code, out, err) = m.sh(
+        &with("no-such-action", &index)(m.guide["requeue"].clone()),
         &[],
+    );
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "lrvault: no failed or unavailable result of tenant 'contoso' matches --action no-such-action --index {index}; nothing re-queued\n"
+        )
+    );
+    assert_eq!(rows(), before, "nothing written");
+    let out = m.step("requeue", with(&action, &index), &[]);
+    assert_eq!(
+        out,
+        format!(
+            "re-queued 1 result; the next archive pass fetches it:\ncontoso {action} {index}\n"
+        )
     );
     m.wait_for(
         "the re-queued result to be archived",
@@ -366,29 +390,17 @@ async fn requeue(m: &Machine) {
         ),
     )
     .await;
-    // The history stays: the FAILED row, then the new attempt's rows.
+    let index: u32 = index.parse().unwrap();
+    // The history stays: the FAILED row, the QUEUED row that says who and why, the new attempt.
     let conn =
         rusqlite::Connection::open_with_flags(m.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();
-    let mut st = conn
-        .prepare(
-            "SELECT event FROM custody_log WHERE action_id = ?1 AND command_index = ?2
-               AND event NOT IN ('DISCOVERED', 'QUEUED') ORDER BY seq",
-        )
-        .unwrap();
-    let events: Vec<String> = st
-        .query_map(
-            rusqlite::params![action, index.parse::<i64>().unwrap()],
-            |r| r.get(0),
-        )
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
     assert_eq!(
-        events,
+        events(&conn, &action, index),
         [
             "LINK_ISSUED",
             "FAILED",
+            "QUEUED",
             "LINK_ISSUED",
             "DOWNLOADED",
             "PUBLISHING",
@@ -396,15 +408,44 @@ async fn requeue(m: &Machine) {
         ],
         "{action}/{index}"
     );
+    let (reason, from): (String, String) = conn
+        .query_row(
+            "SELECT json_extract(detail, '$.reason'), json_extract(detail, '$.from_state') FROM custody_log
+             WHERE event = 'QUEUED' AND action_id = ?1 AND command_index = ?2 ORDER BY seq DESC LIMIT 1",
+            rusqlite::params![action, index],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (reason.as_str(), from.as_str()),
+        ("ticket IR-1234", "failed")
+    );
+    (action, index)
+}
+
+/// A result's custody events after its discovery, in order.
+fn events(conn: &rusqlite::Connection, action: &str, index: u32) -> Vec<String> {
+    let mut st = conn
+        .prepare(
+            "SELECT event FROM custody_log WHERE action_id = ?1 AND command_index = ?2
+               AND event <> 'DISCOVERED' AND seq > (SELECT min(seq) FROM custody_log
+                 WHERE event = 'QUEUED' AND action_id = ?1 AND command_index = ?2) ORDER BY seq",
+        )
+        .unwrap();
+    st.query_map(rusqlite::params![action, index], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
 }
 
 /// Section 10, while a download is running: the copy is 0600 and recorded; the evidence copy
 /// has every package and no partial file.
 async fn backup_during_a_pass(m: &Machine) -> PathBuf {
     m.wait_for(
-        "a download in progress, after a package was archived",
+        "a download in progress, after a package was archived and one failed",
         "SELECT (SELECT count(*) FROM results WHERE state = 'downloading') > 0
-            AND (SELECT count(*) FROM results WHERE state = 'archived') > 0",
+            AND (SELECT count(*) FROM results WHERE state = 'archived') > 0
+            AND (SELECT count(*) FROM results WHERE state = 'failed') > 0",
     )
     .await;
     // A partial package beside the finished ones, as a running download leaves it.
@@ -460,8 +501,10 @@ async fn backup_during_a_pass(m: &Machine) -> PathBuf {
     backup
 }
 
-/// Section 10's restore, after the daemon was killed mid-pass and left a WAL.
-async fn restore_after_a_crash(m: &Machine, backup: &Path) {
+/// Section 10's restore, after the daemon was killed and left a WAL. The result
+/// `requeued` was failed in the backup and archived after it: the restore re-queues it, its
+/// package is quarantined, and it is fetched again; `verify` ends clean (exit 0).
+async fn restore_after_a_crash(m: &Machine, backup: &Path, requeued: &(String, u32)) {
     let archived_in_backup: i64 =
         rusqlite::Connection::open_with_flags(backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap()
@@ -471,11 +514,12 @@ async fn restore_after_a_crash(m: &Machine, backup: &Path) {
                 |r| r.get(0),
             )
             .unwrap();
+    // More work after the backup (the re-queued result among it); the daemon's last commits
+    // are in its WAL when it is killed.
     m.wait_for(
-        "more work after the backup, a download in progress",
+        "more work after the backup",
         &format!(
-            "SELECT (SELECT count(*) FROM results WHERE state = 'archived') > {archived_in_backup}
-                AND (SELECT count(*) FROM results WHERE state = 'downloading') > 0"
+            "SELECT (SELECT count(*) FROM results WHERE state = 'archived') > {archived_in_backup}"
         ),
     )
     .await;
@@ -503,6 +547,10 @@ async fn restore_after_a_crash(m: &Machine, backup: &Path) {
     // The packages archived after the backup were not the restored database's own (no
     // DOWNLOADED and PUBLISHING rows in it): quarantined, as the guide says, not adopted.
     assert!(out.contains(" adopted, 0 refused\n"), "{out}");
+    assert!(
+        out.contains("\n1 results the backup holds as failed, unavailable or skipped have a package in the store (archived after the backup): re-queued"),
+        "{out}"
+    );
     let quarantined: i64 =
         rusqlite::Connection::open_with_flags(m.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap()
@@ -532,19 +580,81 @@ async fn restore_after_a_crash(m: &Machine, backup: &Path) {
         2,
         "the crashed database and its WAL: {aside:?}"
     );
+    let (action, index) = requeued;
+    m.wait_for(
+        "the result failed in the backup to be archived again",
+        &format!(
+            "SELECT count(*) FROM results WHERE action_id = '{action}' AND command_index = {index} AND state = 'archived'"
+        ),
+    )
+    .await;
+    let conn =
+        rusqlite::Connection::open_with_flags(m.db(), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    assert_eq!(
+        events(&conn, action, *index),
+        [
+            "LINK_ISSUED",
+            "FAILED",
+            "QUEUED",
+            "QUARANTINED",
+            "ATTEMPT_FAILED",
+            "LINK_ISSUED",
+            "DOWNLOADED",
+            "PUBLISHING",
+            "ARCHIVED"
+        ],
+        "{action}/{index}: the backup's rows, then the restore's"
+    );
 }
 
-/// 1.7: a new secret is added (the simulator plays Entra), written, checked, the service
-/// restarted; once the old secret is deleted, the daemon's token refreshes still succeed.
+/// 1.7: a wrong new secret is refused by the check: nothing swapped, the service not
+/// restarted, still running on the old secret. Then a new secret is added (the simulator
+/// plays Entra), written, checked, swapped, the service restarted; once the old secret is
+/// deleted, the daemon's token refreshes still succeed.
 async fn rotate_the_secret(m: &Machine, sim: &SimHandle, old: &str) {
     let tenant_id = sim.sim.tenants()[0].tenant_id.clone();
+    let file = m.at("/etc/lrvault/secrets/contoso");
+    let pid = || std::fs::read_to_string(m.root.join("run/lrvault.pid")).unwrap();
+    let running = pid();
+    let (code, out, err) = m.sh(
+        &m.guide["rotate-secret"],
+        &[("NEW_SECRET", "not-the-secret")],
+    );
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    let refused: Vec<&str> = err.lines().filter(|l| l.starts_with("lrvault: ")).collect();
+    assert_eq!(refused.len(), 1, "{err}");
+    assert!(
+        refused[0]
+            .starts_with("lrvault: tenant 'contoso': refused: token request refused (HTTP 401)")
+            && refused[0].ends_with("/contoso.new)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), old, "not swapped");
+    assert!(!m.at("/etc/lrvault/secrets/contoso.old").exists());
+    assert_eq!(pid(), running, "not restarted");
+    let (code, out, _) = m.sh("systemctl is-active lrvault", &[]);
+    assert_eq!((code, out.as_str()), (0, "active\n"));
+
     let new = "rotated-secret-2";
     sim.sim.add_client_secret(&tenant_id, new);
     let out = m.step("rotate-secret", |s| s, &[("NEW_SECRET", new)]);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("tenant 'contoso': the credentials work (client_secret_file ")).count(),
+        2,
+        "checked before the swap and after the restart: {out}"
+    );
     assert!(!out.contains("Open breakers"), "{out}");
-    let file = m.at("/etc/lrvault/secrets/contoso");
+    assert_ne!(pid(), running, "restarted");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), new);
     assert_eq!(mode(&file), 0o600);
+    let kept = m.at("/etc/lrvault/secrets/contoso.old");
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        old,
+        "the old one is kept"
+    );
+    assert_eq!(mode(&kept), 0o600);
     sim.sim.remove_client_secret(&tenant_id, old);
     let seen = sim.sim.requests().len();
     let tokens_after = || {

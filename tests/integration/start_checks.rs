@@ -406,7 +406,7 @@ fn a_bad_schedule_is_one_line_before_anything_starts() {
     let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("run"));
     assert_eq!(
         line,
-        "lrvault: invalid cron expression for schedule.discover '*/5 * * * *': Invalid pattern: Pattern must have 6 or 7 fields when seconds are required and years are optional. (6 fields, seconds first)"
+        "lrvault: invalid cron expression for schedule.discover '*/5 * * * *': it has 5 fields; lrvault takes exactly 6, seconds first (sec min hour day-of-month month day-of-week), in UTC"
     );
     assert!(!Path::new(&db).exists(), "nothing was opened");
 }
@@ -435,6 +435,13 @@ fn before_the_first_start_every_command_but_run_and_migrate_shows_how_to_migrate
         let line = one_line_error(lrvault().arg("--config").arg(&cfg).args(cmd));
         assert_eq!(line, expected, "{cmd:?}");
     }
+    // Issue 20: a relative --config is pasted absolute (systemd-run runs the command in /).
+    let line = one_line_error(
+        lrvault()
+            .args(["--config", "c.toml", "status"])
+            .current_dir(&dir),
+    );
+    assert_eq!(line, expected);
     assert!(!Path::new(&db).exists(), "only run and migrate create it");
     // The unit the hint imitates runs as the user and state directory it names.
     let unit = std::fs::read_to_string(concat!(
@@ -445,4 +452,114 @@ fn before_the_first_start_every_command_but_run_and_migrate_shows_how_to_migrate
     for line in ["DynamicUser=yes", "StateDirectory=lrvault", "UMask=0027"] {
         assert!(unit.lines().any(|l| l == line), "{line}");
     }
+}
+
+/// Issue 20: a config that others can change is refused (it decides where the secret goes).
+#[test]
+fn a_config_others_can_change_is_refused() {
+    let (_t, dir) = open_dir();
+    let (db, store) = paths(&dir);
+    let cfg = config(&dir, &db, &store, "client_secret_env = \"X\"");
+    chmod(&cfg, 0o666);
+    let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("status"));
+    assert_eq!(
+        line,
+        format!(
+            "lrvault: config file {} can be changed by every user ({}); it decides where the client secret is sent: make it root's and not writable by others (chown root:root, chmod 0644)",
+            cfg.display(),
+            found(&cfg)
+        )
+    );
+    chmod(&cfg, 0o644);
+    chmod(&dir, 0o777);
+    let line = one_line_error(lrvault().arg("--config").arg(&cfg).arg("status"));
+    assert_eq!(
+        line,
+        format!(
+            "lrvault: config file {} is in the directory {}, which every user can change ({}); whoever can write the directory can replace the file: make it root's and not writable by others (chown root:root, chmod 0755)",
+            cfg.display(),
+            dir.display(),
+            found(&dir)
+        )
+    );
+    chmod(&dir, 0o755);
+    assert!(
+        !Path::new(&db).exists(),
+        "refused before anything was opened"
+    );
+}
+
+/// Issue 20: an unreadable config says why (owner, mode, this user), not "set --config".
+#[test]
+fn an_unreadable_config_names_its_owner_mode_and_this_user() {
+    let (_t, dir) = open_dir();
+    let (db, store) = paths(&dir);
+    let cfg = config(&dir, &db, &store, "client_secret_env = \"X\"");
+    // Root reads anything: as root, `nobody` is refused a 0600 file; otherwise mode 0200.
+    chmod(&cfg, if is_root() { 0o600 } else { 0o200 });
+    let (line, me) = refused(&cfg, &["status"]);
+    assert_eq!(
+        line,
+        format!(
+            "lrvault: cannot read config file {}: Permission denied (os error 13): it is {}, and this process runs as {me}; make it readable by the service user (chmod 0644: it holds no secrets)",
+            cfg.display(),
+            found(&cfg)
+        )
+    );
+}
+
+/// Issue 20: `run` as root is refused unless LRVAULT_ALLOW_ROOT=1 (a container's only user).
+/// Not root: the same binary gets past that check (to the closed API port's config).
+#[test]
+fn the_daemon_refuses_to_run_as_root() {
+    let (_t, dir) = open_dir();
+    let (db, store) = paths(&dir);
+    let cfg = config(&dir, &db, &store, "client_secret_env = \"X\"");
+    let mut cmd = lrvault();
+    cmd.env_remove("LRVAULT_ALLOW_ROOT")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run");
+    if is_root() {
+        assert_eq!(
+            one_line_error(&mut cmd),
+            "lrvault: refusing to run the daemon as root: the database, its -wal and the packages it creates would belong to root and lock the service user out; start the service (systemctl start lrvault), which runs it as the service user, or set LRVAULT_ALLOW_ROOT=1 where root is the only user (a container)"
+        );
+        assert!(!Path::new(&db).exists(), "nothing was created");
+    } else {
+        let line = one_line_error(&mut cmd);
+        assert!(!line.contains("as root"), "{line}");
+    }
+}
+
+/// Issue 20: `backup --to` a relative path, or into a directory this user cannot write, is
+/// refused before anything is opened, with the fix.
+#[test]
+fn backup_to_a_relative_or_unwritable_path_is_refused() {
+    let (_t, dir) = open_dir();
+    let state = writable_dir(&dir.join("state"));
+    let (db, store) = paths(&state);
+    let cfg = config(&dir, &db, &store, "client_secret_env = \"X\"");
+    let (line, _) = refused(&cfg, &["backup", "--to", "lrvault-copy.db"]);
+    assert_eq!(
+        line,
+        "lrvault: backup --to lrvault-copy.db is a relative path; write it absolute, in a directory the service user can write (e.g. /var/lib/lrvault/backup/lrvault-$(date -u +%Y%m%dT%H%M%SZ).db)"
+    );
+    let locked = dir.join("locked");
+    std::fs::create_dir(&locked).unwrap();
+    chmod(&locked, 0o555);
+    let to = locked.join("copy.db");
+    let (line, me) = refused(&cfg, &["backup", "--to", &to.display().to_string()]);
+    assert_eq!(
+        line,
+        format!(
+            "lrvault: the backup directory {} is not writable: it is {}, and this process runs as {me}; run lrvault as the user that owns it (the service user, see docs/operations.md §4) or give that user the directory",
+            locked.display(),
+            found(&locked)
+        )
+    );
+    assert!(
+        !Path::new(&db).exists(),
+        "refused before the database was opened"
+    );
 }

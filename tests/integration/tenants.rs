@@ -96,4 +96,15 @@ async fn status_stays_readable_with_many_tenants() {
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     assert!(!rows.is_empty(), "{csv}");
     assert!(rows.iter().all(|r| r.starts_with("sim3,")), "{csv}");
+    // Issue 20: the last call as an RFC 3339 time, beside the ledger's epoch milliseconds.
+    assert_eq!(
+        csv.lines().next(),
+        Some("tenant,endpoint,calls_last_hour,throttled_429,errors,last_call_at,last_call_ms")
+    );
+    for r in &rows {
+        let f: Vec<&str> = r.split(',').collect();
+        let ms: i64 = f[6].parse().unwrap();
+        let at = chrono::DateTime::from_timestamp_millis(ms).unwrap();
+        assert_eq!(f[5], at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(), "{r}");
+    }
 }

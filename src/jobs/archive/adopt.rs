@@ -13,7 +13,9 @@
 //! be moved stays where it is (recorded with its version, a copy kept under the spool's
 //! `_quarantine/`), and the new package goes over it only conditionally
 //! ([`crate::store::Store::publish_over`]). After a restore, and at the start of every pass
-//! for the spool, [`adopt_in_place`] does this at once for every package waiting locally.
+//! for the spool, [`adopt_in_place`] does this at once for every package waiting locally;
+//! after a restore, [`requeue_found`] first returns to the queue the results the backup did
+//! not hold as archived whose packages the store holds, whatever their state in the backup.
 
 use serde_json::{Value, json};
 
@@ -120,28 +122,43 @@ fn pending_in_place(
     root: &Path,
     listed: Option<&HashSet<String>>,
 ) -> Result<Vec<Key>, DbError> {
+    Ok(with_package_paths(c, &[ResultState::Pending])?
+        .into_iter()
+        .filter(|(_, rel)| match listed {
+            Some(listed) => listed.contains(rel),
+            None => root.join(rel).exists(),
+        })
+        .map(|(key, _)| key)
+        .collect())
+}
+
+/// The results in one of `states`, oldest action first, each with the path (and key) its
+/// package has in the store.
+fn with_package_paths(
+    c: &rusqlite::Connection,
+    states: &[ResultState],
+) -> Result<Vec<(Key, String)>, DbError> {
+    let read = |e| DbError::sql("read a result")(e);
+    let marks = vec!["?"; states.len()].join(", ");
     let mut stmt = c
-        .prepare(
+        .prepare(&format!(
             "SELECT r.tenant, r.action_id, r.command_index, a.created_at, coalesce(r.command_type, '')
              FROM results r JOIN actions a ON a.tenant = r.tenant AND a.action_id = r.action_id
-             WHERE r.state = ?1 ORDER BY a.created_at, r.action_id, r.command_index",
-        )
-        .map_err(DbError::sql("select pending results"))?;
+             WHERE r.state IN ({marks}) ORDER BY a.created_at, r.action_id, r.command_index"
+        ))
+        .map_err(DbError::sql("select results"))?;
     let mut rows = stmt
-        .query([ResultState::Pending])
-        .map_err(DbError::sql("select pending results"))?;
+        .query(rusqlite::params_from_iter(states))
+        .map_err(DbError::sql("select results"))?;
     let mut keys = Vec::new();
-    while let Some(r) = rows
-        .next()
-        .map_err(DbError::sql("select pending results"))?
-    {
+    while let Some(r) = rows.next().map_err(read)? {
         let key = Key {
-            tenant: r.get(0).map_err(DbError::sql("read pending result"))?,
-            action_id: r.get(1).map_err(DbError::sql("read pending result"))?,
-            index: r.get(2).map_err(DbError::sql("read pending result"))?,
+            tenant: r.get(0).map_err(read)?,
+            action_id: r.get(1).map_err(read)?,
+            index: r.get(2).map_err(read)?,
         };
-        let created: String = r.get(3).map_err(DbError::sql("read pending result"))?;
-        let command_type: String = r.get(4).map_err(DbError::sql("read pending result"))?;
+        let created: String = r.get(3).map_err(read)?;
+        let command_type: String = r.get(4).map_err(read)?;
         let created = crate::time::parse_api(&created).unwrap_or_else(crate::time::now);
         let rel = package::package_rel_path(
             &key.tenant,
@@ -150,15 +167,52 @@ fn pending_in_place(
             key.index,
             &command_type,
         );
-        let found = match listed {
-            Some(listed) => listed.contains(rel.to_string_lossy().as_ref()),
-            None => root.join(rel).exists(),
-        };
-        if found {
-            keys.push(key);
-        }
+        keys.push((key, rel.to_string_lossy().into_owned()));
     }
     Ok(keys)
+}
+
+/// After a restore: the results the backup holds as `failed`, `unavailable` or `skipped`
+/// whose key in the store holds a package go back to `pending` (QUEUED, `requeued_by`
+/// restore). The replaced database archived them after the backup was taken (a failed
+/// result re-queued and fetched, say); as pending results they are adopted, or their package
+/// quarantined and the result fetched again, by [`adopt_in_place`] and the next pass, like
+/// every other package written after the backup. Returns how many.
+pub async fn requeue_found(ctx: &Context) -> anyhow::Result<usize> {
+    let candidates = ctx
+        .db
+        .read(|c| {
+            with_package_paths(
+                c,
+                &[
+                    ResultState::Failed,
+                    ResultState::Unavailable,
+                    ResultState::Skipped,
+                ],
+            )
+        })
+        .await?;
+    let mut found = Vec::new();
+    for (key, rel) in candidates {
+        if ctx.store.current(&rel).await?.is_some() {
+            found.push(key);
+        }
+    }
+    if found.is_empty() {
+        return Ok(0);
+    }
+    let actors = ctx
+        .cfg
+        .tenants
+        .iter()
+        .map(|t| (t.name.clone(), custody::actor(&t.client_id)))
+        .collect();
+    let detail = json!({
+        "requeued_by": "restore",
+        "reason": "after a restore: the store holds a package for this result, which the backup does not hold as archived",
+    });
+    let keys = queue::requeue(&ctx.db, actors, queue::Requeue::Keys(found), detail).await?;
+    Ok(keys.len())
 }
 
 /// The package a crash left for `plan` before its commit, adopted: at its final path

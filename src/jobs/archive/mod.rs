@@ -23,7 +23,7 @@ use crate::package;
 use crate::queue::{self, Claimed, Settlement};
 
 pub use crate::queue::{Key, Scope};
-pub use adopt::{InPlace, adopt_in_place};
+pub use adopt::{InPlace, adopt_in_place, requeue_found};
 
 /// How often a working download renews its lease.
 const LEASE_RENEW: Duration = Duration::from_secs(60);
