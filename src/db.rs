@@ -726,8 +726,9 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "another lrvault daemon is already running on {} (lock {}.lock is held)",
+                "another lrvault daemon is already running on {} (pid {} holds lock {}.lock)",
                 path.display(),
+                std::process::id(),
                 path.display()
             )
         );

@@ -92,6 +92,8 @@ pub fn lrvault(config: &Path, args: &[&str]) -> (i32, String, String) {
         .arg(config)
         .args(args)
         .env_remove("RUST_LOG")
+        // The tests run as root where the service would not; `run` refuses root without it.
+        .env("LRVAULT_ALLOW_ROOT", "1")
         .output()
         .unwrap();
     (

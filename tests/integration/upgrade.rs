@@ -127,8 +127,9 @@ async fn a_newer_command_under_an_older_daemon_changes_nothing_and_migrate_upgra
         assert_eq!(schema(&db), before, "{cmd:?} changed the schema");
     }
     let held = format!(
-        "another lrvault daemon is already running on {} (lock {}.lock is held)",
+        "another lrvault daemon is already running on {} (pid {} holds lock {}.lock)",
         db.display(),
+        std::process::id(),
         db.display()
     );
     let (code, _, err) = lrvault(&config, &["migrate"]);
