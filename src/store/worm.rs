@@ -3,16 +3,16 @@
 //!
 //! - S3: Object Lock enabled with a *default* retention in COMPLIANCE mode (GOVERNANCE can be
 //!   bypassed with `s3:BypassGovernanceRetention`, so it does not count). `object_store` has
-//!   no call for this; the official `aws-sdk-s3` asks, with `object_store`'s own credentials.
+//!   no call for this: one `GetObjectLockConfiguration` request, signed by `object_store`'s
+//!   own SigV4 signer with the credentials it resolved, and its XML read with `quick-xml`.
 //! - Azure: the container has version-level immutability enabled and an immutability policy
 //!   (`x-ms-immutable-storage-with-versioning-enabled`, `x-ms-has-immutability-policy` of Get
 //!   Container Properties). The policy's period is only visible to the management plane,
 //!   which lrvault is given no rights to.
 
-use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
-use object_store::aws::AwsCredentialProvider;
+use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
 use object_store::azure::{AzureCredential, AzureCredentialProvider};
+use serde::Deserialize;
 
 use super::StoreError;
 
@@ -36,90 +36,141 @@ impl std::fmt::Display for WormStatus {
 
 /// The Azure REST version that reports version-level immutability.
 const AZURE_API_VERSION: &str = "2021-12-02";
+/// The largest answer either check reads (an Object Lock configuration is a few hundred bytes).
+const MAX_ANSWER: usize = 64 * 1024;
 
-/// Lets the AWS SDK sign with the credentials `object_store` resolved (env or instance).
-#[derive(Debug)]
-struct FromObjectStore(AwsCredentialProvider);
-
-impl ProvideCredentials for FromObjectStore {
-    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
-    where
-        Self: 'a,
-    {
-        future::ProvideCredentials::new(async move {
-            let c = self
-                .0
-                .get_credential()
-                .await
-                .map_err(CredentialsError::provider_error)?;
-            Ok(Credentials::new(
-                c.key_id.clone(),
-                c.secret_key.clone(),
-                c.token.clone(),
-                None,
-                "lrvault-object-store",
-            ))
-        })
-    }
+/// The client of one check: no redirects (a signed request goes where it was signed for).
+fn check_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(crate::http::redact_reqwest)
 }
 
+/// `GetObjectLockConfiguration`'s answer (only the elements the check reads).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ObjectLockConfiguration {
+    object_lock_enabled: Option<String>,
+    rule: Option<LockRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LockRule {
+    default_retention: Option<DefaultRetention>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DefaultRetention {
+    mode: Option<String>,
+    days: Option<i32>,
+    years: Option<i32>,
+}
+
+/// S3's error document.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct S3ErrorBody {
+    code: Option<String>,
+}
+
+/// `GET /{bucket}?object-lock` (path style, as `object_store` addresses the bucket), signed
+/// with SigV4 by `object_store`'s own signer and the credentials it resolved (env or instance).
 pub(super) async fn check_s3(
     credentials: AwsCredentialProvider,
     bucket: &str,
     region: &str,
     endpoint: Option<&str>,
 ) -> Result<WormStatus, StoreError> {
-    let mut conf = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(region.to_string()))
-        .credentials_provider(SharedCredentialsProvider::new(FromObjectStore(credentials)));
-    if let Some(e) = endpoint {
-        conf = conf.endpoint_url(e).force_path_style(true);
-    }
-    let client = aws_sdk_s3::Client::from_conf(conf.build());
     let target = format!("s3://{bucket}");
-    let answer = client
-        .get_object_lock_configuration()
-        .bucket(bucket)
-        .send()
-        .await;
-    let config = match answer {
-        Ok(out) => out.object_lock_configuration,
-        Err(e) => {
-            use aws_sdk_s3::error::ProvideErrorMetadata;
-            let code = e.code().unwrap_or_default().to_string();
-            return Err(match code.as_str() {
-                "ObjectLockConfigurationNotFoundError" => StoreError::refused(format!(
-                    "store.require_worm: bucket '{bucket}' has no Object Lock; create it with Object Lock and a default COMPLIANCE retention (docs/operations.md)"
-                )),
-                "NoSuchBucket" => {
-                    StoreError::refused(format!("store.bucket '{bucket}' does not exist"))
-                }
-                "AccessDenied" => StoreError::refused(format!(
-                    "store.require_worm: not allowed to read the Object Lock configuration of '{bucket}' (grant s3:GetBucketObjectLockConfiguration)"
-                )),
-                _ => StoreError::Worm {
-                    target,
-                    message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
-                },
-            });
-        }
+    let worm_error = |message: String| StoreError::Worm {
+        target: target.clone(),
+        message,
     };
-    let rule = config
-        .as_ref()
-        .and_then(|c| c.rule.as_ref())
-        .and_then(|r| r.default_retention.as_ref());
+    let base = match endpoint {
+        Some(e) => e.to_string(),
+        None => format!("https://s3.{region}.amazonaws.com"),
+    };
+    let mut url =
+        url::Url::parse(&base).map_err(|e| worm_error(format!("store.endpoint {base:?}: {e}")))?;
+    url.path_segments_mut()
+        .map_err(|()| worm_error("the S3 endpoint cannot take a path".into()))?
+        .pop_if_empty()
+        .push(bucket);
+    url.set_query(Some("object-lock"));
+    let credential = credentials
+        .get_credential()
+        .await
+        .map_err(|e| worm_error(format!("cannot get a credential: {e}")))?;
+    let mut signed = object_store::client::HttpRequest::new(bytes::Bytes::new().into());
+    *signed.uri_mut() = url
+        .as_str()
+        .parse()
+        .map_err(|e| worm_error(format!("{e}")))?;
+    AwsAuthorizer::new(&credential, "s3", region)
+        .try_authorize(&mut signed, None)
+        .map_err(|e| worm_error(format!("cannot sign the request: {e}")))?;
+    let response = check_client()
+        .map_err(&worm_error)?
+        .get(url)
+        .headers(signed.headers().clone())
+        .send()
+        .await
+        .map_err(|e| worm_error(crate::http::redact_reqwest(e)))?;
+    let status = response.status().as_u16();
+    let body = crate::http::read_capped(response, MAX_ANSWER)
+        .await
+        .map_err(|e| {
+            worm_error(match e {
+                crate::http::BodyError::TooLarge => {
+                    format!("HTTP {status}: an answer of more than {MAX_ANSWER} bytes")
+                }
+                crate::http::BodyError::Transport(e) => crate::http::redact_reqwest(e),
+            })
+        })?;
+    let body = String::from_utf8_lossy(&body);
+    if status != 200 {
+        let code = quick_xml::de::from_str::<S3ErrorBody>(&body)
+            .unwrap_or_default()
+            .code
+            .unwrap_or_default();
+        return Err(s3_refusal(bucket, status, &code).unwrap_or_else(|| {
+            worm_error(format!("HTTP {status}{}", crate::http::code_suffix(&code)))
+        }));
+    }
+    let config: ObjectLockConfiguration = quick_xml::de::from_str(&body).map_err(|e| {
+        worm_error(format!(
+            "an Object Lock configuration S3 sent cannot be read: {e}"
+        ))
+    })?;
+    let rule = config.rule.and_then(|r| r.default_retention);
     s3_status(
         bucket,
-        config
-            .as_ref()
-            .and_then(|c| c.object_lock_enabled.as_ref())
-            .map(|e| e.as_str()),
-        rule.and_then(|r| r.mode.as_ref()).map(|m| m.as_str()),
-        rule.and_then(|r| r.days),
-        rule.and_then(|r| r.years),
+        config.object_lock_enabled.as_deref(),
+        rule.as_ref().and_then(|r| r.mode.as_deref()),
+        rule.as_ref().and_then(|r| r.days),
+        rule.as_ref().and_then(|r| r.years),
     )
     .map_err(StoreError::refused)
+}
+
+/// The S3 error codes that are the operator's to fix, each as its one-line refusal.
+fn s3_refusal(bucket: &str, status: u16, code: &str) -> Option<StoreError> {
+    Some(match (status, code) {
+        (_, "ObjectLockConfigurationNotFoundError") => StoreError::refused(format!(
+            "store.require_worm: bucket '{bucket}' has no Object Lock; create it with Object Lock and a default COMPLIANCE retention (docs/operations.md)"
+        )),
+        (_, "NoSuchBucket") => {
+            StoreError::refused(format!("store.bucket '{bucket}' does not exist"))
+        }
+        (_, "AccessDenied") => StoreError::refused(format!(
+            "store.require_worm: not allowed to read the Object Lock configuration of '{bucket}' (grant s3:GetBucketObjectLockConfiguration)"
+        )),
+        _ => return None,
+    })
 }
 
 /// Judges an Object Lock configuration (pure, so every refusal is unit-tested).
@@ -184,12 +235,8 @@ pub(super) async fn check_azure(
         .pop_if_empty()
         .push(container);
     url.query_pairs_mut().append_pair("restype", "container");
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| worm_error(crate::http::redact_reqwest(e)))?;
-    let mut request = client
+    let mut request = check_client()
+        .map_err(&worm_error)?
         .get(url.clone())
         .header("x-ms-version", AZURE_API_VERSION);
     request = match credential.as_ref() {
