@@ -10,7 +10,7 @@
 //!   Container Properties). The policy's period is only visible to the management plane,
 //!   which lrvault is given no rights to.
 
-use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
+use object_store::aws::{AwsAuthorizer, AwsCredential, AwsCredentialProvider};
 use object_store::azure::{AzureCredential, AzureCredentialProvider};
 use serde::Deserialize;
 
@@ -51,7 +51,7 @@ fn check_client() -> Result<reqwest::Client, String> {
 /// `GetObjectLockConfiguration`'s answer (only the elements the check reads).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct ObjectLockConfiguration {
+pub(super) struct ObjectLockConfiguration {
     object_lock_enabled: Option<String>,
     rule: Option<LockRule>,
 }
@@ -70,6 +70,23 @@ struct DefaultRetention {
     years: Option<i32>,
 }
 
+impl ObjectLockConfiguration {
+    /// Judges the configuration of `bucket` ([`s3_status`]).
+    pub(super) fn status(&self, bucket: &str) -> Result<WormStatus, String> {
+        let rule = self
+            .rule
+            .as_ref()
+            .and_then(|r| r.default_retention.as_ref());
+        s3_status(
+            bucket,
+            self.object_lock_enabled.as_deref(),
+            rule.and_then(|r| r.mode.as_deref()),
+            rule.and_then(|r| r.days),
+            rule.and_then(|r| r.years),
+        )
+    }
+}
+
 /// S3's error document.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -85,9 +102,8 @@ pub(super) async fn check_s3(
     region: &str,
     endpoint: Option<&str>,
 ) -> Result<WormStatus, StoreError> {
-    let target = format!("s3://{bucket}");
     let worm_error = |message: String| StoreError::Worm {
-        target: target.clone(),
+        target: format!("s3://{bucket}"),
         message,
     };
     let base = match endpoint {
@@ -97,7 +113,7 @@ pub(super) async fn check_s3(
     let mut url =
         url::Url::parse(&base).map_err(|e| worm_error(format!("store.endpoint {base:?}: {e}")))?;
     url.path_segments_mut()
-        .map_err(|()| worm_error("the S3 endpoint cannot take a path".into()))?
+        .map_err(|()| worm_error(format!("store.endpoint {base:?} cannot take a path")))?
         .pop_if_empty()
         .push(bucket);
     url.set_query(Some("object-lock"));
@@ -105,39 +121,15 @@ pub(super) async fn check_s3(
         .get_credential()
         .await
         .map_err(|e| worm_error(format!("cannot get a credential: {e}")))?;
-    let mut signed = object_store::client::HttpRequest::new(bytes::Bytes::new().into());
-    *signed.uri_mut() = url
-        .as_str()
-        .parse()
-        .map_err(|e| worm_error(format!("{e}")))?;
-    AwsAuthorizer::new(&credential, "s3", region)
-        .try_authorize(&mut signed, None)
-        .map_err(|e| worm_error(format!("cannot sign the request: {e}")))?;
-    let response = check_client()
-        .map_err(&worm_error)?
-        .get(url)
-        .headers(signed.headers().clone())
-        .send()
+    let (status, body) = signed_get(&url, &credential, region)
         .await
-        .map_err(|e| worm_error(crate::http::redact_reqwest(e)))?;
-    let status = response.status().as_u16();
-    let body = crate::http::read_capped(response, MAX_ANSWER)
-        .await
-        .map_err(|e| {
-            worm_error(match e {
-                crate::http::BodyError::TooLarge => {
-                    format!("HTTP {status}: an answer of more than {MAX_ANSWER} bytes")
-                }
-                crate::http::BodyError::Transport(e) => crate::http::redact_reqwest(e),
-            })
-        })?;
-    let body = String::from_utf8_lossy(&body);
+        .map_err(worm_error)?;
     if status != 200 {
         let code = quick_xml::de::from_str::<S3ErrorBody>(&body)
             .unwrap_or_default()
             .code
             .unwrap_or_default();
-        return Err(s3_refusal(bucket, status, &code).unwrap_or_else(|| {
+        return Err(s3_refusal(bucket, &code).unwrap_or_else(|| {
             worm_error(format!("HTTP {status}{}", crate::http::code_suffix(&code)))
         }));
     }
@@ -146,27 +138,49 @@ pub(super) async fn check_s3(
             "an Object Lock configuration S3 sent cannot be read: {e}"
         ))
     })?;
-    let rule = config.rule.and_then(|r| r.default_retention);
-    s3_status(
-        bucket,
-        config.object_lock_enabled.as_deref(),
-        rule.as_ref().and_then(|r| r.mode.as_deref()),
-        rule.as_ref().and_then(|r| r.days),
-        rule.as_ref().and_then(|r| r.years),
-    )
-    .map_err(StoreError::refused)
+    config.status(bucket).map_err(StoreError::refused)
+}
+
+/// One GET of `url`, signed with SigV4 for S3 in `region`; its status and (capped) body.
+async fn signed_get(
+    url: &url::Url,
+    credential: &AwsCredential,
+    region: &str,
+) -> Result<(u16, String), String> {
+    let mut signed = object_store::client::HttpRequest::new(bytes::Bytes::new().into());
+    *signed.uri_mut() = url
+        .as_str()
+        .parse()
+        .map_err(|e| format!("{url} is not a request URI: {e}"))?;
+    AwsAuthorizer::new(credential, "s3", region)
+        .try_authorize(&mut signed, None)
+        .map_err(|e| format!("cannot sign the request: {e}"))?;
+    let response = check_client()?
+        .get(url.clone())
+        .headers(signed.headers().clone())
+        .send()
+        .await
+        .map_err(crate::http::redact_reqwest)?;
+    let status = response.status().as_u16();
+    let body = crate::http::read_capped(response, MAX_ANSWER)
+        .await
+        .map_err(|e| match e {
+            crate::http::BodyError::TooLarge => {
+                format!("HTTP {status}: an answer of more than {MAX_ANSWER} bytes")
+            }
+            crate::http::BodyError::Transport(e) => crate::http::redact_reqwest(e),
+        })?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The S3 error codes that are the operator's to fix, each as its one-line refusal.
-fn s3_refusal(bucket: &str, status: u16, code: &str) -> Option<StoreError> {
-    Some(match (status, code) {
-        (_, "ObjectLockConfigurationNotFoundError") => StoreError::refused(format!(
+fn s3_refusal(bucket: &str, code: &str) -> Option<StoreError> {
+    Some(match code {
+        "ObjectLockConfigurationNotFoundError" => StoreError::refused(format!(
             "store.require_worm: bucket '{bucket}' has no Object Lock; create it with Object Lock and a default COMPLIANCE retention (docs/operations.md)"
         )),
-        (_, "NoSuchBucket") => {
-            StoreError::refused(format!("store.bucket '{bucket}' does not exist"))
-        }
-        (_, "AccessDenied") => StoreError::refused(format!(
+        "NoSuchBucket" => StoreError::refused(format!("store.bucket '{bucket}' does not exist")),
+        "AccessDenied" => StoreError::refused(format!(
             "store.require_worm: not allowed to read the Object Lock configuration of '{bucket}' (grant s3:GetBucketObjectLockConfiguration)"
         )),
         _ => return None,
