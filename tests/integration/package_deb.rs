@@ -5,6 +5,8 @@
 //! `--version`; `systemd-analyze verify` and `systemd-analyze security --offline=yes` accept
 //! the unit it holds (exposure at most 2.0); `lintian` reports no error.
 //!
+//! It is the one release build of the test suite (`cargo deb` builds `target/release`).
+//!
 //! Every tool is required: `.ci/run` installs cargo-deb (pinned) and lintian; a missing one
 //! fails the test with the command that installs it.
 
@@ -156,14 +158,21 @@ fn cargo_deb_builds_a_package_that_installs_the_service() {
             .unwrap()
     );
     let analyze = "apt-get install systemd";
-    let root_arg = format!("--root={}", root.display());
+    // verify checks that ExecStart= names an executable: this copy names the extracted one
+    // (with --root=, verify would want a whole system's units under the root).
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    let exec = "ExecStart=/usr/bin/lrvault ";
+    assert_eq!(unit_text.matches(exec).count(), 1, "{unit_text}");
+    let check = tmp.path().join("check");
+    std::fs::create_dir(&check).unwrap();
+    std::fs::write(
+        check.join("lrvault.service"),
+        unit_text.replace(exec, &format!("ExecStart={} ", bin.display())),
+    )
+    .unwrap();
     let verify = run(
         "systemd-analyze",
-        &[
-            "verify",
-            &root_arg,
-            "/usr/lib/systemd/system/lrvault.service",
-        ],
+        &["verify", check.join("lrvault.service").to_str().unwrap()],
         tmp.path(),
         analyze,
     );
@@ -179,7 +188,7 @@ fn cargo_deb_builds_a_package_that_installs_the_service() {
             &[
                 "security",
                 "--offline=yes",
-                &root_arg,
+                &format!("--root={}", root.display()),
                 "/usr/lib/systemd/system/lrvault.service",
             ],
             tmp.path(),
