@@ -1,7 +1,8 @@
 //! Issue 20: the `.deb` an operator installs. `cargo deb` (configured in `Cargo.toml`) builds
 //! it from a release build; the test then checks it with the tools a packager would:
 //! `dpkg-deb -c` lists the binary, the unit, the sysusers.d and tmpfiles.d entries, the
-//! example config and the docs; the binary extracted with `dpkg-deb -x` is stripped and runs
+//! example config and the docs (its debug info goes into a `-dbgsym` package beside it); the
+//! binary extracted with `dpkg-deb -x` is stripped and runs
 //! `--version`; `systemd-analyze verify` and `systemd-analyze security --offline=yes` accept
 //! the unit it holds (exposure at most 2.0); `lintian` reports no error.
 //!
@@ -16,8 +17,8 @@ use std::process::{Command, Output};
 /// The cargo-deb version `.ci/run` installs.
 const CARGO_DEB: &str = "3.8.0";
 
-/// What the package must hold, besides the Debian files cargo-deb adds (copyright, changelog).
-const HELD: [&str; 11] = [
+/// What the package must hold.
+const HELD: [&str; 12] = [
     "./usr/bin/lrvault",
     "./usr/lib/systemd/system/lrvault.service",
     "./usr/lib/sysusers.d/lrvault.conf",
@@ -29,6 +30,7 @@ const HELD: [&str; 11] = [
     "./usr/share/doc/lrvault/evidence-format.md",
     "./usr/share/doc/lrvault/architecture.md",
     "./usr/share/doc/lrvault/copyright",
+    "./usr/share/doc/lrvault/changelog.Debian.gz",
 ];
 
 /// Runs `program` with `args`; panics naming the install command when it is missing.
@@ -75,8 +77,17 @@ fn build_deb(dir: &Path) -> std::path::PathBuf {
         .output()
         .unwrap();
     let stdout = ok(out, "cargo deb");
-    let deb = dir.join(format!("lrvault_{}-1_amd64.deb", env!("CARGO_PKG_VERSION")));
-    assert_eq!(stdout.trim(), deb.display().to_string());
+    // The package, and its debug info in a package of its own.
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = dir.join(format!("lrvault_{version}-1_amd64.deb"));
+    let dbgsym = dir.join(format!("lrvault-dbgsym_{version}-1_amd64.ddeb"));
+    let mut made: Vec<&str> = stdout.lines().collect();
+    made.sort();
+    assert_eq!(
+        made,
+        [dbgsym.to_str().unwrap(), deb.to_str().unwrap()],
+        "{stdout}"
+    );
     deb
 }
 
@@ -112,7 +123,7 @@ fn cargo_deb_builds_a_package_that_installs_the_service() {
     assert!(
         listing
             .lines()
-            .any(|l| l.starts_with("-rwxr-xr-x root/root") && l.ends_with(" ./usr/bin/lrvault")),
+            .any(|l| l.starts_with("-rwxr-xr-x 0/0 ") && l.ends_with(" ./usr/bin/lrvault")),
         "{listing}"
     );
 
@@ -147,8 +158,9 @@ fn cargo_deb_builds_a_package_that_installs_the_service() {
         ),
         "readelf -S",
     );
-    assert!(!sections.contains(".debug_"), "{sections}");
-    assert!(!sections.contains(" .symtab "), "{sections}");
+    for section in [" .debug_info ", " .debug_line ", " .symtab "] {
+        assert!(!sections.contains(section), "{section} in:\n{sections}");
+    }
 
     // The unit as installed, beside the binary it starts.
     let unit = root.join("usr/lib/systemd/system/lrvault.service");

@@ -425,7 +425,7 @@ fn before_the_first_start_status_and_audit_show_how_to_migrate_as_the_service_us
         "/systemd/lrvault.service"
     ))
     .unwrap();
-    for line in ["DynamicUser=yes", "StateDirectory=lrvault", "UMask=0027"] {
+    for line in ["User=lrvault", "StateDirectory=lrvault", "UMask=0027"] {
         assert!(unit.lines().any(|l| l == line), "{line}");
     }
 }
