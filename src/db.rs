@@ -422,13 +422,13 @@ impl Db {
 pub fn first_start_hint(db: &Path, config: Option<&Path>) -> String {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "/usr/local/bin/lrvault".into());
+        .unwrap_or_else(|_| "/usr/bin/lrvault".into());
     let migrate = match config {
         Some(config) => format!("{exe} --config {} migrate", config.display()),
         None => format!("{exe} migrate"),
     };
     format!(
-        "database {} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p DynamicUser=yes -p User=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (with a static user: sudo -u lrvault {migrate}); not as root, whose files would lock the service out",
+        "database {} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p User=lrvault -p Group=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (or: sudo -u lrvault {migrate}); not as root, whose files would lock the service out",
         db.display()
     )
 }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 
-use super::worm::{azure_status, s3_status};
+use super::worm::{ObjectLockConfiguration, azure_status, s3_status};
 use super::*;
 use crate::config::{Backend, ObjectStoreConfig, StoreConfig, StoreCredentials};
 
@@ -292,6 +292,34 @@ fn s3_object_lock_is_judged_by_mode_and_period() {
         assert!(e.starts_with("store.require_worm: bucket 'b' "), "{e}");
         assert!(e.contains(want), "{e}");
     }
+}
+
+#[test]
+fn s3_object_lock_answers_are_read_from_s3s_xml() {
+    let read = |xml: &str| quick_xml::de::from_str::<ObjectLockConfiguration>(xml).unwrap();
+    // As S3 sends it (namespace, declaration), with a period in years.
+    let locked = read(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<ObjectLockConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention><Mode>COMPLIANCE</Mode><Years>7</Years></DefaultRetention></Rule></ObjectLockConfiguration>"#,
+    );
+    assert_eq!(
+        locked.status("b").unwrap().to_string(),
+        "COMPLIANCE, 7 years"
+    );
+    let governed = read(
+        "<ObjectLockConfiguration><ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention><Mode>GOVERNANCE</Mode><Days>30</Days></DefaultRetention></Rule></ObjectLockConfiguration>",
+    );
+    assert_eq!(
+        governed.status("b").unwrap_err(),
+        "store.require_worm: bucket 'b' has a default GOVERNANCE retention; only COMPLIANCE stops every user, root included"
+    );
+    let no_rule = read(
+        "<ObjectLockConfiguration><ObjectLockEnabled>Enabled</ObjectLockEnabled></ObjectLockConfiguration>",
+    );
+    assert_eq!(
+        no_rule.status("b").unwrap_err(),
+        "store.require_worm: bucket 'b' has Object Lock but no default retention; set a default COMPLIANCE retention"
+    );
 }
 
 #[test]

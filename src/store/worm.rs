@@ -3,16 +3,16 @@
 //!
 //! - S3: Object Lock enabled with a *default* retention in COMPLIANCE mode (GOVERNANCE can be
 //!   bypassed with `s3:BypassGovernanceRetention`, so it does not count). `object_store` has
-//!   no call for this; the official `aws-sdk-s3` asks, with `object_store`'s own credentials.
+//!   no call for this: one `GetObjectLockConfiguration` request, signed by `object_store`'s
+//!   own SigV4 signer with the credentials it resolved, and its XML read with `quick-xml`.
 //! - Azure: the container has version-level immutability enabled and an immutability policy
 //!   (`x-ms-immutable-storage-with-versioning-enabled`, `x-ms-has-immutability-policy` of Get
 //!   Container Properties). The policy's period is only visible to the management plane,
 //!   which lrvault is given no rights to.
 
-use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, SharedCredentialsProvider};
-use object_store::aws::AwsCredentialProvider;
+use object_store::aws::{AwsAuthorizer, AwsCredential, AwsCredentialProvider};
 use object_store::azure::{AzureCredential, AzureCredentialProvider};
+use serde::Deserialize;
 
 use super::StoreError;
 
@@ -36,90 +36,155 @@ impl std::fmt::Display for WormStatus {
 
 /// The Azure REST version that reports version-level immutability.
 const AZURE_API_VERSION: &str = "2021-12-02";
+/// The largest answer either check reads (an Object Lock configuration is a few hundred bytes).
+const MAX_ANSWER: usize = 64 * 1024;
 
-/// Lets the AWS SDK sign with the credentials `object_store` resolved (env or instance).
-#[derive(Debug)]
-struct FromObjectStore(AwsCredentialProvider);
+/// The client of one check: no redirects (a signed request goes where it was signed for).
+fn check_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(crate::http::redact_reqwest)
+}
 
-impl ProvideCredentials for FromObjectStore {
-    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
-    where
-        Self: 'a,
-    {
-        future::ProvideCredentials::new(async move {
-            let c = self
-                .0
-                .get_credential()
-                .await
-                .map_err(CredentialsError::provider_error)?;
-            Ok(Credentials::new(
-                c.key_id.clone(),
-                c.secret_key.clone(),
-                c.token.clone(),
-                None,
-                "lrvault-object-store",
-            ))
-        })
+/// `GetObjectLockConfiguration`'s answer (only the elements the check reads).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub(super) struct ObjectLockConfiguration {
+    object_lock_enabled: Option<String>,
+    rule: Option<LockRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LockRule {
+    default_retention: Option<DefaultRetention>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DefaultRetention {
+    mode: Option<String>,
+    days: Option<i32>,
+    years: Option<i32>,
+}
+
+impl ObjectLockConfiguration {
+    /// Judges the configuration of `bucket` ([`s3_status`]).
+    pub(super) fn status(&self, bucket: &str) -> Result<WormStatus, String> {
+        let rule = self
+            .rule
+            .as_ref()
+            .and_then(|r| r.default_retention.as_ref());
+        s3_status(
+            bucket,
+            self.object_lock_enabled.as_deref(),
+            rule.and_then(|r| r.mode.as_deref()),
+            rule.and_then(|r| r.days),
+            rule.and_then(|r| r.years),
+        )
     }
 }
 
+/// S3's error document.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct S3ErrorBody {
+    code: Option<String>,
+}
+
+/// `GET /{bucket}?object-lock` (path style, as `object_store` addresses the bucket), signed
+/// with SigV4 by `object_store`'s own signer and the credentials it resolved (env or instance).
 pub(super) async fn check_s3(
     credentials: AwsCredentialProvider,
     bucket: &str,
     region: &str,
     endpoint: Option<&str>,
 ) -> Result<WormStatus, StoreError> {
-    let mut conf = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .region(Region::new(region.to_string()))
-        .credentials_provider(SharedCredentialsProvider::new(FromObjectStore(credentials)));
-    if let Some(e) = endpoint {
-        conf = conf.endpoint_url(e).force_path_style(true);
-    }
-    let client = aws_sdk_s3::Client::from_conf(conf.build());
-    let target = format!("s3://{bucket}");
-    let answer = client
-        .get_object_lock_configuration()
-        .bucket(bucket)
-        .send()
-        .await;
-    let config = match answer {
-        Ok(out) => out.object_lock_configuration,
-        Err(e) => {
-            use aws_sdk_s3::error::ProvideErrorMetadata;
-            let code = e.code().unwrap_or_default().to_string();
-            return Err(match code.as_str() {
-                "ObjectLockConfigurationNotFoundError" => StoreError::refused(format!(
-                    "store.require_worm: bucket '{bucket}' has no Object Lock; create it with Object Lock and a default COMPLIANCE retention (docs/operations.md)"
-                )),
-                "NoSuchBucket" => {
-                    StoreError::refused(format!("store.bucket '{bucket}' does not exist"))
-                }
-                "AccessDenied" => StoreError::refused(format!(
-                    "store.require_worm: not allowed to read the Object Lock configuration of '{bucket}' (grant s3:GetBucketObjectLockConfiguration)"
-                )),
-                _ => StoreError::Worm {
-                    target,
-                    message: aws_sdk_s3::error::DisplayErrorContext(&e).to_string(),
-                },
-            });
-        }
+    let worm_error = |message: String| StoreError::Worm {
+        target: format!("s3://{bucket}"),
+        message,
     };
-    let rule = config
-        .as_ref()
-        .and_then(|c| c.rule.as_ref())
-        .and_then(|r| r.default_retention.as_ref());
-    s3_status(
-        bucket,
-        config
-            .as_ref()
-            .and_then(|c| c.object_lock_enabled.as_ref())
-            .map(|e| e.as_str()),
-        rule.and_then(|r| r.mode.as_ref()).map(|m| m.as_str()),
-        rule.and_then(|r| r.days),
-        rule.and_then(|r| r.years),
-    )
-    .map_err(StoreError::refused)
+    let base = match endpoint {
+        Some(e) => e.to_string(),
+        None => format!("https://s3.{region}.amazonaws.com"),
+    };
+    let mut url =
+        url::Url::parse(&base).map_err(|e| worm_error(format!("store.endpoint {base:?}: {e}")))?;
+    url.path_segments_mut()
+        .map_err(|()| worm_error(format!("store.endpoint {base:?} cannot take a path")))?
+        .pop_if_empty()
+        .push(bucket);
+    url.set_query(Some("object-lock"));
+    let credential = credentials
+        .get_credential()
+        .await
+        .map_err(|e| worm_error(format!("cannot get a credential: {e}")))?;
+    let (status, body) = signed_get(&url, &credential, region)
+        .await
+        .map_err(worm_error)?;
+    if status != 200 {
+        let code = quick_xml::de::from_str::<S3ErrorBody>(&body)
+            .unwrap_or_default()
+            .code
+            .unwrap_or_default();
+        return Err(s3_refusal(bucket, &code).unwrap_or_else(|| {
+            worm_error(format!("HTTP {status}{}", crate::http::code_suffix(&code)))
+        }));
+    }
+    let config: ObjectLockConfiguration = quick_xml::de::from_str(&body).map_err(|e| {
+        worm_error(format!(
+            "an Object Lock configuration S3 sent cannot be read: {e}"
+        ))
+    })?;
+    config.status(bucket).map_err(StoreError::refused)
+}
+
+/// One GET of `url`, signed with SigV4 for S3 in `region`; its status and (capped) body.
+async fn signed_get(
+    url: &url::Url,
+    credential: &AwsCredential,
+    region: &str,
+) -> Result<(u16, String), String> {
+    let mut signed = object_store::client::HttpRequest::new(bytes::Bytes::new().into());
+    *signed.uri_mut() = url
+        .as_str()
+        .parse()
+        .map_err(|e| format!("{url} is not a request URI: {e}"))?;
+    AwsAuthorizer::new(credential, "s3", region)
+        .try_authorize(&mut signed, None)
+        .map_err(|e| format!("cannot sign the request: {e}"))?;
+    let response = check_client()?
+        .get(url.clone())
+        .headers(signed.headers().clone())
+        .send()
+        .await
+        .map_err(crate::http::redact_reqwest)?;
+    let status = response.status().as_u16();
+    let body = crate::http::read_capped(response, MAX_ANSWER)
+        .await
+        .map_err(|e| match e {
+            crate::http::BodyError::TooLarge => {
+                format!("HTTP {status}: an answer of more than {MAX_ANSWER} bytes")
+            }
+            crate::http::BodyError::Transport(e) => crate::http::redact_reqwest(e),
+        })?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The S3 error codes that are the operator's to fix, each as its one-line refusal.
+fn s3_refusal(bucket: &str, code: &str) -> Option<StoreError> {
+    Some(match code {
+        "ObjectLockConfigurationNotFoundError" => StoreError::refused(format!(
+            "store.require_worm: bucket '{bucket}' has no Object Lock; create it with Object Lock and a default COMPLIANCE retention (docs/operations.md)"
+        )),
+        "NoSuchBucket" => StoreError::refused(format!("store.bucket '{bucket}' does not exist")),
+        "AccessDenied" => StoreError::refused(format!(
+            "store.require_worm: not allowed to read the Object Lock configuration of '{bucket}' (grant s3:GetBucketObjectLockConfiguration)"
+        )),
+        _ => return None,
+    })
 }
 
 /// Judges an Object Lock configuration (pure, so every refusal is unit-tested).
@@ -184,12 +249,8 @@ pub(super) async fn check_azure(
         .pop_if_empty()
         .push(container);
     url.query_pairs_mut().append_pair("restype", "container");
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| worm_error(crate::http::redact_reqwest(e)))?;
-    let mut request = client
+    let mut request = check_client()
+        .map_err(&worm_error)?
         .get(url.clone())
         .header("x-ms-version", AZURE_API_VERSION);
     request = match credential.as_ref() {

@@ -23,6 +23,7 @@ mod layouts;
 mod local_tsa;
 mod object_stores;
 mod operations_doc;
+mod package_deb;
 mod pipeline;
 mod planted;
 mod quota;

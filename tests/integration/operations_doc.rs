@@ -9,9 +9,11 @@
 //! - the guide's absolute paths (`/etc/lrvault`, `/var/lib/lrvault`, …) are moved under a
 //!   temporary root ([`MOVED`]), and `lrvault` without `--config` finds the moved config
 //!   through `LRVAULT_CONFIG`;
-//! - `systemctl`, `journalctl`, `systemd-run` and `cargo` are stand-ins (`ops_stubs/`): the
-//!   unit the guide installed is run by its own `ExecStart=`, `StateDirectory=`, `UMask=` and
-//!   `LoadCredential=` lines, but as this user and without a sandbox;
+//! - `systemctl`, `journalctl`, `systemd-run`, `systemd-sysusers`, `systemd-tmpfiles` and
+//!   `cargo` are stand-ins (`ops_stubs/`): the unit the guide installed is run by its own
+//!   `ExecStart=`, `StateDirectory=`, `UMask=` and `LoadCredential=` lines, but as this user
+//!   and without a sandbox; the tmpfiles.d directories are made with their modes, no user is
+//!   created and nothing is chowned;
 //! - the config is edited as 1.3 says an operator edits it: the tenant's ids and URLs (the
 //!   simulator), `client_secret_file = "contoso"` (1.4), and quicker schedules;
 //! - the crash is a SIGKILL, and the secret rotation's "add a secret in Entra" is the
@@ -29,10 +31,12 @@ use crate::common::{check_bag, files_under, sha256_hex, wait_until};
 use crate::custody_chain;
 
 /// The paths the guide names that the test moves under its temporary root.
-const MOVED: [&str; 7] = [
+const MOVED: [&str; 9] = [
     "/etc/lrvault",
     "/etc/systemd/system",
-    "/usr/local/bin",
+    "/usr/bin",
+    "/usr/lib/sysusers.d",
+    "/usr/lib/tmpfiles.d",
     "/usr/share/doc/lrvault",
     "/var/lib/lrvault",
     "/var/backups/lrvault",
@@ -107,7 +111,9 @@ impl Machine {
         let root = tmp.path().canonicalize().unwrap();
         for d in [
             "etc/systemd/system",
-            "usr/local/bin",
+            "usr/bin",
+            "usr/lib/sysusers.d",
+            "usr/lib/tmpfiles.d",
             "usr/share/doc",
             "var/lib",
             "var/backups",
@@ -126,7 +132,7 @@ impl Machine {
         // The checkout the install steps run in, with the binary already built.
         let checkout = root.join("src/lrvault");
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for d in ["target/release", "systemd", "docs"] {
+        for d in ["target/release", "systemd", "packaging", "docs"] {
             std::fs::create_dir_all(checkout.join(d)).unwrap();
         }
         std::fs::copy(
@@ -134,7 +140,13 @@ impl Machine {
             checkout.join("target/release/lrvault"),
         )
         .unwrap();
-        for f in ["config.example.toml", "systemd/lrvault.service"] {
+        for f in [
+            "config.example.toml",
+            "README.md",
+            "systemd/lrvault.service",
+            "packaging/lrvault.sysusers",
+            "packaging/lrvault.tmpfiles",
+        ] {
             std::fs::copy(repo.join(f), checkout.join(f)).unwrap();
         }
         for e in std::fs::read_dir(repo.join("docs")).unwrap() {
@@ -168,7 +180,7 @@ impl Machine {
         let path = format!(
             "{}:{}:{}",
             self.root.join("stub-bin").display(),
-            self.root.join("usr/local/bin").display(),
+            self.root.join("usr/bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
         let out = Command::new("bash")
@@ -304,7 +316,8 @@ fn install(m: &Machine, sim: &SimHandle, secret: &str) {
     edit_config(m, sim);
     m.step("install-secret", |s| s, &[("CONTOSO_SECRET", secret)]);
     m.step("install-unit", |s| s, &[]);
-    assert_eq!(mode(&m.at("/usr/local/bin/lrvault")), 0o755);
+    assert_eq!(mode(&m.at("/usr/bin/lrvault")), 0o755);
+    assert_eq!(mode(&m.at("/var/lib/lrvault")), 0o750);
     assert_eq!(mode(&m.at("/etc/lrvault/lrvault.toml")), 0o644);
     assert_eq!(mode(&m.at("/etc/lrvault/secrets")), 0o700);
     let file = m.at("/etc/lrvault/secrets/contoso");
@@ -729,7 +742,7 @@ fn everything_archived_once(m: &Machine, sim: &SimHandle) {
     );
     custody_chain::recheck(&conn);
     let (code, out, err) = m.sh(
-        "as_lrvault /usr/local/bin/lrvault --config /etc/lrvault/lrvault.toml verify",
+        "as_lrvault /usr/bin/lrvault --config /etc/lrvault/lrvault.toml verify",
         &[],
     );
     assert_eq!(code, 0, "{out}{err}");

@@ -420,7 +420,7 @@ fn before_the_first_start_every_command_but_run_and_migrate_shows_how_to_migrate
     let exe = env!("CARGO_BIN_EXE_lrvault");
     let migrate = format!("{exe} --config {} migrate", cfg.display());
     let expected = format!(
-        "lrvault: database {db} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p DynamicUser=yes -p User=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (with a static user: sudo -u lrvault {migrate}); not as root, whose files would lock the service out"
+        "lrvault: database {db} does not exist yet: start the service (systemctl start lrvault), which creates it as the service user, or run migrate as that user: systemd-run --wait --pty --collect -p User=lrvault -p Group=lrvault -p StateDirectory=lrvault -p UMask=0027 {migrate} (or: sudo -u lrvault {migrate}); not as root, whose files would lock the service out"
     );
     let backup = dir.join("b.db").display().to_string();
     for cmd in [
@@ -449,7 +449,12 @@ fn before_the_first_start_every_command_but_run_and_migrate_shows_how_to_migrate
         "/systemd/lrvault.service"
     ))
     .unwrap();
-    for line in ["DynamicUser=yes", "StateDirectory=lrvault", "UMask=0027"] {
+    for line in [
+        "User=lrvault",
+        "Group=lrvault",
+        "StateDirectory=lrvault",
+        "UMask=0027",
+    ] {
         assert!(unit.lines().any(|l| l == line), "{line}");
     }
 }
