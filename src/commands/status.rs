@@ -1,13 +1,14 @@
 //! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
 //! runs and the custody head, read through a read-only connection; and the evidence store
-//! (where it is, its WORM retention as the store reports it, packages waiting in the spool).
+//! (where it is, its WORM retention as the store reports it, packages waiting in the spool);
+//! and each tenant's cloud with the hosts in force.
 
 use std::process::ExitCode;
 
 use clap::{Args as ClapArgs, ValueEnum};
 use serde_json::json;
 
-use crate::config::{Config, ConfigFile};
+use crate::config::{Cloud, Config, ConfigFile};
 use crate::db::{Db, DbError};
 use crate::queue::ResultState;
 use crate::quota::{self, Endpoint};
@@ -36,6 +37,8 @@ const ATTENTION_ROWS: i64 = 20;
 
 /// What `status` reads, for the tenants it covers.
 struct Status {
+    /// Each tenant's cloud and the hosts in force (its preset or the keys written).
+    tenants: Rows,
     queue: Rows,
     failed: Rows,
     jobs: Rows,
@@ -58,6 +61,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
         let out = json!({
             "database": cfg.database.path,
             "store": store,
+            "tenants": status.tenants.to_json(),
             "queue": status.queue.to_json(),
             "attention": status.failed.to_json(),
             "quota": status.quota.to_json(),
@@ -110,6 +114,32 @@ fn read_status(
          WHERE ?1 IS NULL OR tenant = ?1 ORDER BY tenant",
     )?;
     let now = crate::time::now_ms();
+    let tenant_rows = cfg
+        .tenants
+        .iter()
+        .filter(|t| tenants.contains(&t.name))
+        .map(|t| {
+            vec![
+                json!(t.name),
+                json!(t.cloud.as_str()),
+                json!(t.login_base.as_str()),
+                json!(t.api_base.as_str()),
+                json!(t.download_hosts.join(" ")),
+            ]
+        })
+        .collect();
+    let tenants_in_force = Rows {
+        columns: [
+            "tenant",
+            "cloud",
+            "login_base",
+            "api_base",
+            "download_hosts",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: tenant_rows,
+    };
     let mut quota_rows = Vec::new();
     for t in tenants {
         for ep in Endpoint::ALL {
@@ -136,6 +166,7 @@ fn read_status(
         rows: quota_rows,
     };
     Ok(Status {
+        tenants: tenants_in_force,
         queue,
         failed,
         jobs,
@@ -146,6 +177,7 @@ fn read_status(
 
 /// A row per tenant (a few tenants, or `--tenant`).
 fn print_tables(s: &Status) {
+    println!("Tenants:\n{}", s.tenants.render(Format::Table));
     if !s.breakers.rows.is_empty() {
         println!(
             "Open breakers (the tenant's API is down or refuses us; one probe per interval):\n{}",
@@ -182,6 +214,7 @@ fn print_summary(
          GROUP BY state ORDER BY state",
         &[],
     )?;
+    println!("Clouds: {}\n", cloud_counts(&s.tenants));
     println!(
         "Queue by state ({tenants} tenants; `status --tenant T` shows one):\n{}",
         totals.render(Format::Table)
@@ -243,6 +276,20 @@ fn print_summary(
     )?;
     println!("\nLast job runs, per job:\n{}", jobs.render(Format::Table));
     Ok(())
+}
+
+/// `commercial 9, gcc 3`: how many tenants are in each cloud (the order of [`Cloud::ALL`]).
+fn cloud_counts(tenants: &Rows) -> String {
+    Cloud::ALL
+        .iter()
+        .map(|c| {
+            let n = tenants.rows.iter().filter(|r| r[1] == c.as_str()).count();
+            (c, n)
+        })
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The store as `status` shows it: backend, location, WORM (asked of the store itself, so

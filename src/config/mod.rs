@@ -11,12 +11,14 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod anchor;
+mod cloud;
 mod schedule;
 mod secret;
 mod store;
 mod tenant;
 
 pub use anchor::{AnchorConfig, Witness};
+pub use cloud::{Cloud, Preset};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::{Credentials, ExposeSecret, Secret, SecretSource, check_secret_text};
 pub use store::{

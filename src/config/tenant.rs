@@ -1,11 +1,13 @@
 //! `[[tenant]]`: one Defender tenant's app registration, checked: its name (used in paths
-//! and rows), where its client secret comes from, and the URLs its bearer token may reach.
+//! and rows), where its client secret comes from, its cloud, and the URLs its bearer token
+//! may reach (the cloud's preset, key by key unless written).
 
 use std::path::PathBuf;
 
 use serde::Deserialize;
 use url::Url;
 
+use super::cloud::Cloud;
 use super::secret::{Credentials, Secret, SecretSource};
 use super::{ConfigError, check_base_url};
 
@@ -23,27 +25,17 @@ pub(super) struct RawTenant {
     /// Only here to refuse it with a clear message: secrets never live in the TOML.
     #[serde(default)]
     client_secret: Option<toml::Value>,
-    #[serde(default = "default_api_base")]
-    api_base: String,
-    #[serde(default = "default_login_base")]
-    login_base: String,
-    #[serde(default = "default_scope")]
-    scope: String,
-    #[serde(default = "default_download_hosts")]
-    download_hosts: Vec<String>,
-}
-
-fn default_api_base() -> String {
-    "https://api.security.microsoft.com".into()
-}
-fn default_login_base() -> String {
-    "https://login.microsoftonline.com".into()
-}
-fn default_scope() -> String {
-    "https://api.securitycenter.microsoft.com/.default".into()
-}
-fn default_download_hosts() -> Vec<String> {
-    vec!["*.blob.core.windows.net".into()]
+    /// `commercial` (the default) | `gcc` | `gcc-high` | `dod`: presets for the four keys below.
+    #[serde(default)]
+    cloud: Option<String>,
+    #[serde(default)]
+    api_base: Option<String>,
+    #[serde(default)]
+    login_base: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    download_hosts: Option<Vec<String>>,
 }
 
 /// One `[[tenant]]`, checked.
@@ -54,6 +46,8 @@ pub struct TenantConfig {
     pub tenant_id: String,
     pub client_id: String,
     pub secret: SecretSource,
+    /// Whose presets filled the host keys the tenant left out.
+    pub cloud: Cloud,
     /// https, or http to a loopback host.
     pub api_base: Url,
     pub login_base: Url,
@@ -102,19 +96,32 @@ impl RawTenant {
         if self.tenant_id.trim().is_empty() || self.client_id.trim().is_empty() {
             return Err(bad("tenant_id and client_id are required".into()));
         }
+        let cloud = match &self.cloud {
+            None => Cloud::default(),
+            Some(text) => Cloud::parse(text).map_err(bad)?,
+        };
+        let preset = cloud.preset();
+        let or_preset = |key: Option<String>, value: &str| key.unwrap_or_else(|| value.into());
         let url =
             |key: &str, value: &str| check_base_url(value).map_err(|m| bad(format!("{key} {m}")));
-        let api_base = url("api_base", &self.api_base)?;
-        let login_base = url("login_base", &self.login_base)?;
-        if self.download_hosts.is_empty() {
+        let api_base = url("api_base", &or_preset(self.api_base, preset.api_base))?;
+        let login_base = url("login_base", &or_preset(self.login_base, preset.login_base))?;
+        let scope = or_preset(self.scope, preset.scope);
+        let download_hosts = self.download_hosts.unwrap_or_else(|| {
+            preset
+                .download_hosts
+                .iter()
+                .map(|h| h.to_string())
+                .collect()
+        });
+        if download_hosts.is_empty() {
             return Err(bad(
                 "download_hosts must list at least one host pattern".into()
             ));
         }
-        if !self.scope.ends_with("/.default") {
+        if !scope.ends_with("/.default") {
             return Err(bad(format!(
-                "scope '{}' must end in /.default for client credentials",
-                self.scope
+                "scope '{scope}' must end in /.default for client credentials"
             )));
         }
         Ok(TenantConfig {
@@ -122,10 +129,11 @@ impl RawTenant {
             tenant_id: self.tenant_id,
             client_id: self.client_id,
             secret,
+            cloud,
             api_base,
             login_base,
-            scope: self.scope,
-            download_hosts: self.download_hosts,
+            scope,
+            download_hosts,
         })
     }
 }

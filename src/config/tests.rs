@@ -52,6 +52,11 @@ fn example_config_parses_with_documented_values() {
         cfg.tenants[0].api_base.as_str(),
         "https://api.security.microsoft.com/"
     );
+    assert_eq!(cfg.tenants[0].cloud, Cloud::Commercial);
+    assert_eq!(
+        cfg.tenants[0].download_hosts,
+        vec!["*.blob.core.windows.net".to_string()]
+    );
     assert_eq!(cfg.anchor.tsa_url(), None);
     assert_eq!(cfg.anchor.tsa_ca_file(), None);
 }
@@ -161,6 +166,96 @@ fn defaults_fill_every_section() {
     assert_eq!(
         cfg.tenants[0].download_hosts,
         vec!["*.blob.core.windows.net".to_string()]
+    );
+}
+
+/// The four host values a tenant of `cloud` ends up with, as written in docs/operations.md's
+/// table of clouds.
+fn hosts(extra: &str) -> (Cloud, String, String, String, Vec<String>) {
+    let cfg = parse(&format!("{TENANT}{extra}")).unwrap();
+    let t = &cfg.tenants[0];
+    (
+        t.cloud,
+        t.login_base.to_string(),
+        t.api_base.to_string(),
+        t.scope.clone(),
+        t.download_hosts.clone(),
+    )
+}
+
+#[test]
+fn each_cloud_presets_exactly_its_four_values() {
+    let commercial = (
+        "https://login.microsoftonline.com/".to_string(),
+        "https://api.security.microsoft.com/".to_string(),
+        "https://api.securitycenter.microsoft.com/.default".to_string(),
+        vec!["*.blob.core.windows.net".to_string()],
+    );
+    let gcc = (
+        "https://login.microsoftonline.com/".to_string(),
+        "https://api-gcc.securitycenter.microsoft.us/".to_string(),
+        "https://api-gcc.securitycenter.microsoft.us/.default".to_string(),
+        vec!["*.blob.core.usgovcloudapi.net".to_string()],
+    );
+    let gov = (
+        "https://login.microsoftonline.us/".to_string(),
+        "https://api-gov.securitycenter.microsoft.us/".to_string(),
+        "https://api-gov.securitycenter.microsoft.us/.default".to_string(),
+        vec!["*.blob.core.usgovcloudapi.net".to_string()],
+    );
+    let cases = [
+        ("", Cloud::Commercial, &commercial),
+        ("cloud = \"commercial\"\n", Cloud::Commercial, &commercial),
+        ("cloud = \"gcc\"\n", Cloud::Gcc, &gcc),
+        ("cloud = \"gcc-high\"\n", Cloud::GccHigh, &gov),
+        ("cloud = \"dod\"\n", Cloud::Dod, &gov),
+    ];
+    for (extra, cloud, (login, api, scope, blobs)) in cases {
+        assert_eq!(
+            hosts(extra),
+            (
+                cloud,
+                login.clone(),
+                api.clone(),
+                scope.clone(),
+                blobs.clone()
+            ),
+            "{extra:?}"
+        );
+    }
+}
+
+#[test]
+fn a_written_key_overrides_its_cloud_preset_and_only_that_key() {
+    let (cloud, login, api, scope, blobs) = hosts(
+        "cloud = \"gcc-high\"\napi_base = \"https://api.example.us\"\ndownload_hosts = [\"*.blob.example.us\"]\n",
+    );
+    assert_eq!(cloud, Cloud::GccHigh);
+    assert_eq!(api, "https://api.example.us/");
+    assert_eq!(blobs, vec!["*.blob.example.us".to_string()]);
+    assert_eq!(login, "https://login.microsoftonline.us/");
+    assert_eq!(
+        scope,
+        "https://api-gov.securitycenter.microsoft.us/.default"
+    );
+    let (_, login, _, scope, _) = hosts(
+        "cloud = \"dod\"\nlogin_base = \"http://127.0.0.1:9\"\nscope = \"api://x/.default\"\n",
+    );
+    assert_eq!(login, "http://127.0.0.1:9/");
+    assert_eq!(scope, "api://x/.default");
+}
+
+#[test]
+fn an_unknown_cloud_is_one_line_naming_the_allowed_ones() {
+    let e = parse(&format!("{TENANT}cloud = \"gov\"\n")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid config: tenant 'contoso': cloud 'gov' is not one of commercial, gcc, gcc-high, dod"
+    );
+    let e = parse(&format!("{TENANT}cloud = \"GCC\"\n")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid config: tenant 'contoso': cloud 'GCC' is not one of commercial, gcc, gcc-high, dod"
     );
 }
 

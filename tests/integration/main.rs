@@ -7,6 +7,7 @@ mod attempts;
 mod audit_doc;
 mod backup_restore;
 mod cli;
+mod clouds;
 mod common;
 mod crash;
 mod custody_chain;

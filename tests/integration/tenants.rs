@@ -73,6 +73,7 @@ async fn status_stays_readable_with_many_tenants() {
     let pending = e.count("SELECT count(DISTINCT tenant) FROM results WHERE state = 'pending'");
     assert!(pending > 0);
     let (out, _) = e.run_ok(&["status"]);
+    assert!(out.contains("\nClouds: commercial 12\n"), "{out}");
     assert!(
         out.contains("Queue by state (12 tenants; `status --tenant T` shows one):"),
         "{out}"
