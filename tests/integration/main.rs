@@ -27,6 +27,7 @@ mod operations_doc;
 mod package_deb;
 mod pipeline;
 mod planted;
+mod proxies;
 mod quota;
 mod start_checks;
 mod store_azure;
