@@ -106,6 +106,16 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
         NotifyState::Status("archiving live-response results"),
     ]);
     tracing::info!(db = %cfg.database.path.display(), tenants = daemon.tenants.len(), "lrvault daemon started");
+    for t in &cfg.tenants {
+        tracing::info!(
+            tenant = %t.name,
+            cloud = %t.cloud,
+            login_base = %t.login_base,
+            api_base = %t.api_base,
+            download_hosts = %t.download_hosts.join(" "),
+            "tenant's cloud and hosts in force"
+        );
+    }
 
     wait_for_signal().await;
     notify(&[

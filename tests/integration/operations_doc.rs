@@ -239,9 +239,9 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
-/// 1.3's "then edit it": the simulator's tenant, the secret by its credential name, schedules
-/// of seconds, one attempt per result (so the simulator's one failing download leaves a
-/// `failed` result to re-queue) and short retries.
+/// 1.3's "then edit it": the simulator's tenant (its URLs written over the cloud's preset),
+/// the secret by its credential name, schedules of seconds, one attempt per result (so the
+/// simulator's one failing download leaves a `failed` result to re-queue) and short retries.
 fn edit_config(m: &Machine, sim: &SimHandle) {
     let path = m.at("/etc/lrvault/lrvault.toml");
     let t = &sim.sim.tenants()[0];
@@ -262,7 +262,9 @@ fn edit_config(m: &Machine, sim: &SimHandle) {
     let text = m.map(&std::fs::read_to_string(&path).unwrap());
     let mut out = String::new();
     for line in text.lines() {
-        match set.iter().find(|(k, _)| line.starts_with(k)) {
+        // The example leaves the cloud's host keys commented out: set means uncommented.
+        let key = line.strip_prefix("# ").unwrap_or(line);
+        match set.iter().find(|(k, _)| key.starts_with(k)) {
             Some((k, v)) => out += &format!("{k}{v}\n"),
             None => out += &format!("{line}\n"),
         }
