@@ -20,37 +20,6 @@ use crate::jobs::{self, Context, archive, discover};
 /// How long shutdown waits for running jobs before giving up on them.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(90);
 
-/// Folds the WAL into the database file and truncates it (`PRAGMA wal_checkpoint(TRUNCATE)`),
-/// so a clean stop leaves every commit in `lrvault.db` itself: a `-wal` deleted or lost while
-/// the service is stopped then loses nothing. Best effort: a reader of another process may
-/// keep the WAL busy; that is logged, and SQLite checkpoints again later.
-pub async fn checkpoint_wal(db: &Db) {
-    log_checkpoint(db.call(|c| truncate_wal(c)).await);
-}
-
-/// The checkpoint itself: (busy, frames not yet checkpointed); busy 0 means done.
-pub fn truncate_wal(c: &rusqlite::Connection) -> Result<(i64, i64), crate::db::DbError> {
-    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, i64>(1)? - r.get::<_, i64>(2)?,
-        ))
-    })
-    .map_err(crate::db::DbError::sql("checkpoint the WAL"))
-}
-
-/// One line for a checkpoint that did not finish; nothing for one that did.
-pub fn log_checkpoint(done: Result<(i64, i64), crate::db::DbError>) {
-    match done {
-        Ok((0, _)) => tracing::debug!("WAL checkpointed and truncated"),
-        Ok((_, left)) => tracing::debug!(
-            frames_left = left,
-            "WAL not truncated: another process is using the database (it checkpoints later)"
-        ),
-        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
-    }
-}
-
 fn notify(states: &[NotifyState<'_>]) {
     // No-op without NOTIFY_SOCKET (not under systemd).
     let _ = sd_notify::notify(states);
@@ -136,7 +105,14 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
         );
     }
     drop(sched);
-    checkpoint_wal(&ctx.db).await;
+    // A clean stop leaves every commit in the database file itself (docs/operations.md §2).
+    let folded = ctx.db.call(|c| {
+        crate::db::fold_wal(c);
+        Ok(())
+    });
+    if let Err(e) = folded.await {
+        tracing::warn!(error = %e, "WAL checkpoint failed");
+    }
     tracing::info!("lrvault daemon stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -416,6 +416,28 @@ impl Db {
     }
 }
 
+/// Folds the WAL into the database file and truncates it (`PRAGMA wal_checkpoint(TRUNCATE)`),
+/// so every commit lives in `lrvault.db` itself and a `-wal` lost while nothing runs loses
+/// nothing: at the daemon's clean stop and after a one-shot command that wrote. Best effort,
+/// never waiting: another process's reader may keep the WAL busy, and SQLite checkpoints
+/// again later; that, or a failure, is logged.
+pub fn fold_wal(c: &Connection) {
+    let done = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)? - r.get::<_, i64>(2)?,
+        ))
+    });
+    match done {
+        Ok((0, _)) => tracing::debug!("WAL checkpointed and truncated"),
+        Ok((_, left)) => tracing::debug!(
+            frames_left = left,
+            "WAL not truncated: another process is using the database (it checkpoints later)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed"),
+    }
+}
+
 /// What to do before the first start: start the service, or run `migrate` as the service
 /// user. Never a writing command as root: the files it would create (the database, its
 /// `-wal`, the state directory) would belong to root and lock the service out.

@@ -82,7 +82,7 @@ pub fn checkpoint_after(config: &ConfigFile) {
     if wal.metadata().is_ok_and(|m| m.len() > 0) && cfg.check_writable().is_ok() {
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE;
         match rusqlite::Connection::open_with_flags(&cfg.database.path, flags) {
-            Ok(conn) => crate::daemon::log_checkpoint(crate::daemon::truncate_wal(&conn)),
+            Ok(conn) => crate::db::fold_wal(&conn),
             Err(e) => tracing::debug!(error = %e, "no WAL checkpoint: the database does not open"),
         }
     }
