@@ -125,6 +125,14 @@ impl Env {
     pub fn count(&self, sql: &str) -> i64 {
         self.reader().query_row(sql, [], |r| r.get(0)).unwrap()
     }
+
+    /// The one text value `sql` selects (empty for NULL).
+    pub fn count_text(&self, sql: &str) -> String {
+        self.reader()
+            .query_row(sql, [], |r| r.get::<_, Option<String>>(0))
+            .unwrap()
+            .unwrap_or_default()
+    }
 }
 
 /// The SHA-256 (hex) and size of what `store` serves under `key` (exactly `version` when
