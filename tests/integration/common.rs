@@ -255,6 +255,38 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
     )
 }
 
+/// Starts `lrvault run` on `e`'s config, its stderr appended to `daemon.log` beside the
+/// database (a restart adds to the same log); the child and the log's path.
+pub fn start_daemon(e: &Env) -> (std::process::Child, PathBuf) {
+    let log = e._dir.path().join("daemon.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let daemon = e
+        .lrvault()
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    (daemon, log)
+}
+
+/// SIGTERM to the daemon; asserts the clean stop (exit 0) and returns its log.
+pub fn stop_daemon(mut daemon: std::process::Child, log: &Path) -> String {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait().unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert_eq!(status.code(), Some(0), "clean shutdown; log:\n{log}");
+    log
+}
+
 /// Polls `f` every 50 ms until it is true or `limit` passes. Only for a condition that
 /// something outside the test's control brings about and that offers no signal to wait on: a
 /// child process (`lrvault run`, an emulator, a script) writing its database or opening a

@@ -19,7 +19,7 @@ use lrvault_sim::{Fault, SimConfig};
 use serde_json::Value;
 use sha2::Sha256;
 
-use crate::common::{Env, env, wait_until};
+use crate::common::{Env, env, start_daemon, stop_daemon, wait_until};
 
 /// The webhook's key as written to its file (the key is the bytes less the final newline).
 const KEY: &str = "k3y-for-the-webhook-0123456789";
@@ -83,20 +83,6 @@ fn config(events: &str) -> String {
     )
 }
 
-fn daemon(e: &Env, log: &std::path::Path) -> std::process::Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    e.lrvault()
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
 /// The seqs of the ARCHIVED custody rows, in order, with each row's payload hash.
 fn archived_rows(e: &Env) -> Vec<(i64, String)> {
     let c = e.reader();
@@ -109,15 +95,6 @@ fn archived_rows(e: &Env) -> Vec<(i64, String)> {
         .unwrap()
         .map(Result::unwrap)
         .collect()
-}
-
-fn stop(daemon: &mut std::process::Child) -> Option<i32> {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    daemon.wait().unwrap().code()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,8 +119,7 @@ async fn webhook_gets_every_archived_event_once_in_order_signed_across_500s_and_
     };
     let e = env(sim, &config(&events)).await;
     let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len();
-    let log = e.config_path.with_file_name("daemon.log");
-    let mut first = daemon(&e, &log);
+    let (mut first, log) = start_daemon(&e);
 
     // The receiver refuses while results are archived: they wait in the outbox.
     let refusing = wait_until(Duration::from_secs(60), || {
@@ -167,7 +143,7 @@ async fn webhook_gets_every_archived_event_once_in_order_signed_across_500s_and_
     );
 
     // A second start sends what the first left, then the rest of the pass.
-    let mut second = daemon(&e, &log);
+    let (second, _) = start_daemon(&e);
     let all = wait_until(Duration::from_secs(120), || {
         let want: Vec<i64> = archived_rows(&e).iter().map(|(s, _)| *s).collect();
         let got = r.accepted.lock().unwrap();
@@ -181,8 +157,8 @@ async fn webhook_gets_every_archived_event_once_in_order_signed_across_500s_and_
     })
     .await;
     let (status, _) = e.run_ok(&["status", "--format", "json"]);
-    assert_eq!(stop(&mut second), Some(0));
-    assert!(all, "{}", std::fs::read_to_string(&log).unwrap());
+    let log = stop_daemon(second, &log);
+    assert!(all, "{log}");
 
     let rows = archived_rows(&e);
     let accepted = r.accepted.lock().unwrap().clone();
@@ -420,8 +396,7 @@ async fn rsyslog_parses_the_events_as_rfc_5424_over_tcp_and_udp() {
     };
     let e = env(sim, &config(&events)).await;
     let expected = crate::common::archivable(&e.sim.sim, &e.tenant_id()).len();
-    let log = e.config_path.with_file_name("daemon.log");
-    let mut d = daemon(&e, &log);
+    let (d, log) = start_daemon(&e);
     let arrived = wait_until(Duration::from_secs(60), || {
         let archived = archived_rows(&e).len();
         archived == expected
@@ -432,8 +407,8 @@ async fn rsyslog_parses_the_events_as_rfc_5424_over_tcp_and_udp() {
                 == archived
     })
     .await;
-    assert_eq!(stop(&mut d), Some(0));
-    assert!(arrived, "{}", std::fs::read_to_string(&log).unwrap());
+    let log = stop_daemon(d, &log);
+    assert!(arrived, "{log}");
     let rows = archived_rows(&e);
     let got: Vec<_> = lines(&rs.out).iter().map(|l| parse_5424(l)).collect();
     let archived: Vec<_> = got.iter().filter(|g| g.3 == "ARCHIVED").collect();
