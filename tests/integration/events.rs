@@ -74,6 +74,36 @@ fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// What the receiver check in docs/operations.md §16.1 (its Python block, run as written)
+/// says of `body` and `header` under [`KEY`]: `True` or `False`.
+fn guide_check(body: &[u8], header: &str) -> String {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    let check = crate::doc_steps::fenced(&guide, "python")
+        .into_iter()
+        .find(|b| b.contains("def signed_by_lrvault"))
+        .expect("docs/operations.md shows the signature check");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("body"), body).unwrap();
+    let script = format!(
+        "{check}\nimport sys\nprint(signed_by_lrvault(open(sys.argv[1], 'rb').read(), sys.argv[2], sys.argv[3].encode()))\n"
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path().join("body"))
+        .arg(header)
+        .arg(KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 /// The daemon's config: a tick a second, short sink backoff, plus `events`.
 fn config(events: &str) -> String {
     format!(
@@ -207,6 +237,11 @@ async fn webhook_gets_every_archived_event_once_in_order_signed_across_500s_and_
         assert_eq!(v["evidence_id"], evidence_id);
     }
     assert_eq!(e.count("SELECT count(*) FROM event_outbox"), 0);
+    let (body, header) = &accepted[0];
+    assert_eq!(guide_check(body, header), "True");
+    let mut tampered = body.to_vec();
+    tampered[2] ^= 1;
+    assert_eq!(guide_check(&tampered, header), "False");
     let status: Value = serde_json::from_str(&status).unwrap();
     let sink = &status["event_sinks"][0];
     assert_eq!(sink["sink"], "webhook");
