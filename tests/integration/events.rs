@@ -3,7 +3,8 @@
 //! order, with a valid signature, across a receiver that answers 500 for a while and a kill -9
 //! of the daemon mid-pass; no event carries a secret, token or query. A sink that is down
 //! does not change what a pass archives. rsyslog (a real daemon writing a file) receives RFC
-//! 5424 lines with app-name `lrvault` and msgid = kind, over TCP from the daemon and over UDP.
+//! 5424 lines with app-name `lrvault` and msgid = kind, over TCP from the daemon, over UDP and
+//! over a unix socket.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ use hmac::{Hmac, Mac};
 use lrvault_sim::{Fault, SimConfig};
 use serde_json::Value;
 use sha2::Sha256;
+
+use lrvault::config::SyslogTarget;
 
 use crate::common::{Env, env, start_daemon, stop_daemon, wait_until};
 
@@ -317,6 +320,8 @@ struct Rsyslog {
     child: std::process::Child,
     tcp: u16,
     udp: u16,
+    /// A unix datagram socket like /dev/log, read with rsyslog's regular parsers.
+    sock: std::path::PathBuf,
     out: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -342,15 +347,19 @@ async fn rsyslog() -> Rsyslog {
         .unwrap()
         .port();
     let out = dir.path().join("messages.log");
+    let sock = dir.path().join("log.sock");
     let conf = dir.path().join("rsyslog.conf");
     std::fs::write(
         &conf,
         format!(
             "global(workDirectory=\"{d}\")\nmodule(load=\"imtcp\")\nmodule(load=\"imudp\")\n\
+             module(load=\"imuxsock\" SysSock.Use=\"off\")\n\
+             input(type=\"imuxsock\" Socket=\"{s}\" UseSpecialParser=\"off\" ParseHostname=\"on\")\n\
              input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{tcp}\")\n\
              input(type=\"imudp\" address=\"127.0.0.1\" port=\"{udp}\")\n\
              action(type=\"omfile\" file=\"{o}\" template=\"RSYSLOG_SyslogProtocol23Format\")\n",
             d = dir.path().display(),
+            s = sock.display(),
             o = out.display()
         ),
     )
@@ -366,7 +375,7 @@ async fn rsyslog() -> Rsyslog {
         .spawn()
         .expect("rsyslogd is required for this test (.ci/run installs rsyslog)");
     let up = wait_until(Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", tcp)).is_ok()
+        std::net::TcpStream::connect(("127.0.0.1", tcp)).is_ok() && sock.exists()
     })
     .await;
     assert!(up, "rsyslogd did not open its TCP port");
@@ -374,6 +383,7 @@ async fn rsyslog() -> Rsyslog {
         child,
         tcp,
         udp,
+        sock,
         out,
         _dir: dir,
     }
@@ -421,7 +431,7 @@ fn lines(path: &std::path::Path) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rsyslog_parses_the_events_as_rfc_5424_over_tcp_and_udp() {
+async fn rsyslog_parses_the_events_as_rfc_5424_over_tcp_udp_and_a_unix_socket() {
     let rs = rsyslog().await;
     let events = format!("[events]\nsyslog = \"tcp://127.0.0.1:{}\"\n", rs.tcp);
     let sim = SimConfig {
@@ -456,28 +466,58 @@ async fn rsyslog_parses_the_events_as_rfc_5424_over_tcp_and_udp() {
         assert_eq!(msg["sha256"], *sha);
     }
 
-    // UDP: one datagram per event, the same format.
-    let sink = lrvault::events::syslog::SyslogSink::new(lrvault::config::SyslogTarget::Udp(
-        format!("127.0.0.1:{}", rs.udp),
-    ));
-    let mut sink = sink;
-    let body = br#"{"kind":"CHECKPOINT","seq":7}"#;
-    sink.send("CHECKPOINT", "2026-12-07T15:00:00.123Z", body)
-        .await
-        .unwrap();
-    let udp = wait_until(Duration::from_secs(20), || {
-        lines(&rs.out).iter().any(|l| l.contains(" CHECKPOINT "))
-    })
-    .await;
-    assert!(udp, "the UDP message did not arrive");
-    let line = lines(&rs.out)
-        .into_iter()
-        .find(|l| l.contains(" CHECKPOINT "))
-        .unwrap();
-    let (facility, _, app, msgid, msg) = parse_5424(&line);
-    assert_eq!(
-        (facility, app.as_str(), msgid.as_str()),
-        (16, "lrvault", "CHECKPOINT")
+    // UDP and a unix socket: one datagram per event, the same format.
+    let targets = [
+        (
+            "CHECKPOINT",
+            SyslogTarget::Udp(format!("127.0.0.1:{}", rs.udp)),
+        ),
+        ("VERIFY_FAILED", SyslogTarget::Unix(rs.sock.clone())),
+    ];
+    for (kind, target) in targets {
+        let mut sink = lrvault::events::syslog::SyslogSink::new(target);
+        let body = format!(r#"{{"kind":"{kind}","seq":7}}"#);
+        sink.send(kind, "2026-12-07T15:00:00.123Z", body.as_bytes())
+            .await
+            .unwrap();
+        let mark = format!(" {kind} ");
+        let arrived = wait_until(Duration::from_secs(20), || {
+            lines(&rs.out).iter().any(|l| l.contains(&mark))
+        })
+        .await;
+        assert!(arrived, "the {kind} message did not arrive");
+        let line = lines(&rs.out)
+            .into_iter()
+            .find(|l| l.contains(&mark))
+            .unwrap();
+        let (facility, severity, app, msgid, msg) = parse_5424(&line);
+        assert_eq!(
+            (facility, app.as_str(), msgid.as_str()),
+            (16, "lrvault", kind)
+        );
+        let expected_severity = if kind == "VERIFY_FAILED" { 3 } else { 5 };
+        assert_eq!(severity, expected_severity);
+        assert_eq!(msg, serde_json::json!({"kind": kind, "seq": 7}));
+    }
+}
+
+/// A webhook key that cannot be read stops the daemon at start: one line, exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_key_that_cannot_be_read_stops_the_start_with_one_line() {
+    let keys = tempfile::tempdir().unwrap();
+    let missing = keys.path().join("absent");
+    let events = format!(
+        "[events]\nwebhook_url = \"https://siem.example.org/in\"\nwebhook_secret_file = \"{}\"\n",
+        missing.display()
     );
-    assert_eq!(msg, serde_json::json!({"kind": "CHECKPOINT", "seq": 7}));
+    let e = env(SimConfig::default(), &events).await;
+    let out = e.lrvault().arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "lrvault: cannot read events.webhook_secret_file {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
 }

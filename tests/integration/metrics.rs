@@ -240,3 +240,24 @@ async fn a_scrape_during_and_after_a_pass_matches_the_database() {
     names.dedup();
     eprintln!("metrics: {} samples, {} names", s.len(), names.len());
 }
+
+/// A metrics address another process holds stops the daemon at start: one line, exit 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_port_stops_the_start_with_one_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let e = env(
+        SimConfig::default(),
+        &format!("[metrics]\nlisten = \"{addr}\"\n"),
+    )
+    .await;
+    let out = e.lrvault().arg("run").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        format!(
+            "lrvault: cannot serve metrics on metrics.listen {addr}: Address already in use (os error 98)"
+        )
+    );
+    drop(taken);
+}
