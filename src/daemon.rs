@@ -1,5 +1,6 @@
 //! `lrvault run`: the daemon. Takes the single-instance lock, schedules the discover,
-//! archive and verify jobs (cron, UTC), tells systemd how it is doing (READY, STATUS,
+//! archive and verify jobs (cron, UTC), starts the event sinks' delivery and the metrics
+//! endpoint when configured, tells systemd how it is doing (READY, STATUS,
 //! WATCHDOG, STOPPING) and on SIGTERM/SIGINT stops scheduling, lets running downloads end
 //! and waits for them (bounded).
 
@@ -37,6 +38,15 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     let tenants: Arc<Vec<Arc<jobs::Tenant>>> =
         Arc::new(ctx.tenants(None)?.into_iter().map(Arc::new).collect());
     let tracker = TaskTracker::new();
+    // Events and metrics (docs/operations.md §16): a sink's key or the metrics address that
+    // cannot be used stops the start (exit 2) before any work.
+    crate::events::start(&cfg, &ctx.db, &cancel, &tracker).await?;
+    if let Some(addr) = cfg.metrics.listen {
+        let served = crate::metrics::serve(addr, cfg.clone(), ctx.db.clone(), cancel.clone());
+        served
+            .await
+            .map_err(|e| crate::error::UserError::new(e.to_string()))?;
+    }
     let daemon = Arc::new(Daemon {
         ctx: ctx.clone(),
         tenants,

@@ -4,7 +4,8 @@
 //! The pipeline reads one way: `access` (who may write where), `config` → `db` → `http`,
 //! `mde` (remote client), `quota` → `fetch` → `package` (BagIt zip) → `store` (where
 //! packages live: fs, S3, Azure) → `custody`, `anchor` → `queue` (a result's life) → `jobs`
-//! (discover, archive, backfill) → `verify`, `export` → `daemon`; then the command layer:
+//! (discover, archive, backfill) → `verify`, `export`, `events` (off the host), `metrics` →
+//! `daemon`; then the command layer:
 //! `commands` (one module per command, with `render` and `progress`) and `cli`. The simulator is its
 //! own crate (`lrvault-sim`, under `crates/`), used by `demo` and `simulate` behind the default
 //! `simulator` feature and by the tests.
@@ -20,11 +21,13 @@ pub mod custody;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod export;
 pub mod fetch;
 pub mod http;
 pub mod jobs;
 pub mod mde;
+pub mod metrics;
 pub mod package;
 pub mod progress;
 pub mod queue;

@@ -1,7 +1,8 @@
 //! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
 //! runs and the custody head, read through a read-only connection; and the evidence store
 //! (where it is, its WORM retention as the store reports it, packages waiting in the spool);
-//! and each tenant's cloud with the hosts in force.
+//! and each tenant's cloud with the hosts in force; and each event sink's backlog and last
+//! error.
 
 use std::process::ExitCode;
 
@@ -44,6 +45,8 @@ struct Status {
     jobs: Rows,
     breakers: Rows,
     quota: Rows,
+    /// Each event sink: backlog, oldest waiting, last delivery, last error.
+    sinks: Rows,
 }
 
 pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
@@ -67,6 +70,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
             "quota": status.quota.to_json(),
             "jobs": status.jobs.to_json(),
             "breakers": status.breakers.to_json(),
+            "event_sinks": status.sinks.to_json(),
             "custody_head": { "seq": head_seq, "row_hash": head_hash },
         });
         println!("{}", crate::render::json_text(&out));
@@ -79,6 +83,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     } else {
         print_tables(&status);
     }
+    print_sinks(&status);
     println!("Custody head: seq {head_seq}, row_hash {head_hash}");
     Ok(ExitCode::SUCCESS)
 }
@@ -166,6 +171,7 @@ fn read_status(
         rows: quota_rows,
     };
     Ok(Status {
+        sinks: sink_rows(conn)?,
         tenants: tenants_in_force,
         queue,
         failed,
@@ -173,6 +179,43 @@ fn read_status(
         breakers,
         quota,
     })
+}
+
+/// The event sinks (docs/operations.md §16) as `status` shows them.
+fn sink_rows(conn: &rusqlite::Connection) -> anyhow::Result<Rows> {
+    let rows = crate::events::outbox::sink_states(conn)?
+        .into_iter()
+        .map(|s| {
+            vec![
+                json!(s.sink),
+                json!(s.backlog),
+                json!(s.oldest_waiting),
+                json!(s.delivered_at),
+                json!(s.last_error),
+                json!(s.last_error_at),
+            ]
+        })
+        .collect();
+    Ok(Rows {
+        columns: [
+            "sink",
+            "backlog",
+            "oldest_waiting",
+            "last_delivered_at",
+            "last_error",
+            "last_error_at",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    })
+}
+
+/// The event sinks, when there are any (both layouts).
+fn print_sinks(s: &Status) {
+    if !s.sinks.rows.is_empty() {
+        println!("Event sinks:\n{}", s.sinks.render(Format::Table));
+    }
 }
 
 /// A row per tenant (a few tenants, or `--tenant`).

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 mod anchor;
 mod cloud;
+mod events;
 mod schedule;
 mod secret;
 mod store;
@@ -19,8 +20,11 @@ mod tenant;
 
 pub use anchor::{AnchorConfig, Witness};
 pub use cloud::{Cloud, Preset};
+pub use events::{EVENT_KINDS, EventsConfig, MetricsConfig, SyslogTarget, Webhook};
 pub use schedule::{Schedule, ScheduleConfig};
-pub use secret::{Credentials, ExposeSecret, Secret, SecretSource, check_secret_text};
+pub use secret::{
+    Credentials, ExposeSecret, Secret, SecretSource, check_secret_text, load_secret_file,
+};
 pub use store::{
     Backend, Compression, ObjectStoreConfig, StoreBackend, StoreConfig, StoreCredentials,
 };
@@ -71,6 +75,10 @@ struct RawConfig {
     download: DownloadConfig,
     #[serde(default)]
     anchor: anchor::RawAnchor,
+    #[serde(default)]
+    events: events::RawEvents,
+    #[serde(default)]
+    metrics: events::RawMetrics,
     #[serde(default, rename = "tenant")]
     tenants: Vec<tenant::RawTenant>,
 }
@@ -85,6 +93,10 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub download: DownloadConfig,
     pub anchor: AnchorConfig,
+    /// Where events go off the host, and which (docs/operations.md §16).
+    pub events: EventsConfig,
+    /// The OpenMetrics endpoint's address, if any.
+    pub metrics: MetricsConfig,
     /// At least one, with distinct names.
     pub tenants: Vec<TenantConfig>,
     /// Where the object store's credentials and relative secret files are looked up.
@@ -294,6 +306,8 @@ impl RawConfig {
         }
         let anchor = self.anchor.check()?;
         let schedule = self.schedule.check()?;
+        let events = self.events.check(&credentials)?;
+        let metrics = self.metrics.check()?;
         let tenants = check_tenants(self.tenants, &credentials)?;
         Ok(Config {
             database,
@@ -303,6 +317,8 @@ impl RawConfig {
             discovery: self.discovery,
             download: self.download,
             anchor,
+            events,
+            metrics,
             tenants,
             credentials,
         })

@@ -59,6 +59,64 @@ fn example_config_parses_with_documented_values() {
     );
     assert_eq!(cfg.anchor.tsa_url(), None);
     assert_eq!(cfg.anchor.tsa_ca_file(), None);
+    assert_eq!(cfg.events.webhook, None);
+    assert_eq!(cfg.events.syslog, None);
+    assert_eq!(
+        cfg.events.kinds,
+        crate::config::EVENT_KINDS.map(String::from)
+    );
+    assert_eq!(cfg.metrics.listen, None);
+}
+
+#[test]
+fn events_and_metrics_are_checked_one_line_each() {
+    let with = |section: &str| parse(&format!("{section}\n{TENANT}"));
+    let err = |section: &str| with(section).unwrap_err().to_string();
+    let cfg = with(
+        "[events]\nwebhook_url = \"https://siem.example.org/in?x=1\"\nwebhook_secret_file = \"hook\"\nsyslog = \"tcp://siem:601\"\nkinds = [\"ARCHIVED\", \"CHECKPOINT\", \"ARCHIVED\"]\n[metrics]\nlisten = \"127.0.0.1:9464\"",
+    )
+    .unwrap();
+    let hook = cfg.events.webhook.as_ref().unwrap();
+    assert_eq!(hook.url.as_str(), "https://siem.example.org/in?x=1");
+    assert_eq!(hook.secret_path, std::path::PathBuf::from("hook"));
+    assert_eq!(
+        cfg.events.syslog,
+        Some(SyslogTarget::Tcp("siem:601".into()))
+    );
+    assert_eq!(cfg.events.kinds, ["ARCHIVED", "CHECKPOINT"]);
+    assert_eq!(cfg.events.sinks(), ["webhook", "syslog"]);
+    assert_eq!(cfg.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert_eq!(
+        err("[events]\nwebhook_url = \"http://siem.example.org/in\"\nwebhook_secret_file = \"/k\""),
+        "invalid config: events.webhook_url 'http://siem.example.org/in' must use https (http is allowed only for loopback hosts)"
+    );
+    assert_eq!(
+        err("[events]\nwebhook_url = \"https://siem.example.org/in\""),
+        "invalid config: events.webhook_url is set but webhook_secret_file is empty: every request is signed with its key"
+    );
+    assert_eq!(
+        err("[events]\nsyslog = \"siem:514\""),
+        "invalid config: events.syslog 'siem:514' is not a syslog address: write udp://host:port, tcp://host:port or unix:///absolute/socket"
+    );
+    assert_eq!(
+        err("[events]\nkinds = [\"DOWNLOADED\"]"),
+        "invalid config: events.kinds: 'DOWNLOADED' is not an event kind (one of ARCHIVED, FAILED, UNAVAILABLE, VERIFY_FAILED, CHECKPOINT, BREAKER_OPEN, BREAKER_CLOSED, CASE_TAGGED)"
+    );
+    assert_eq!(
+        err("[metrics]\nlisten = \"0.0.0.0:9464\""),
+        "invalid config: metrics.listen 0.0.0.0:9464 is not a loopback address: the metrics name tenants and queue sizes; set metrics.allow_remote = true to serve them beyond this host"
+    );
+    assert_eq!(
+        err("[metrics]\nlisten = \"localhost\""),
+        "invalid config: metrics.listen 'localhost' is not an address and port (e.g. \"127.0.0.1:9464\")"
+    );
+    let remote = with("[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true").unwrap();
+    assert_eq!(remote.metrics.listen, Some("0.0.0.0:9464".parse().unwrap()));
+    let unix = with("[events]\nsyslog = \"unix:///dev/log\"").unwrap();
+    assert_eq!(
+        unix.events.syslog,
+        Some(SyslogTarget::Unix("/dev/log".into()))
+    );
 }
 
 #[test]

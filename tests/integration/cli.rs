@@ -190,9 +190,15 @@ fn example_config_loads_through_the_binary() {
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = run(lrvault().arg("--config").arg(&cfg).arg("migrate"));
     assert_eq!(code, 0, "{err}");
+    // The schema version is the highest migration number (`NN-name`).
     let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
         .unwrap()
-        .count();
+        .map(|d| {
+            let name = d.unwrap().file_name().into_string().unwrap();
+            name.split('-').next().unwrap().parse::<usize>().unwrap()
+        })
+        .max()
+        .unwrap();
     assert!(
         out.contains(&format!("schema version {migrations}")),
         "{out}"

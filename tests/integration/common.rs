@@ -125,6 +125,14 @@ impl Env {
     pub fn count(&self, sql: &str) -> i64 {
         self.reader().query_row(sql, [], |r| r.get(0)).unwrap()
     }
+
+    /// The one text value `sql` selects (empty for NULL).
+    pub fn count_text(&self, sql: &str) -> String {
+        self.reader()
+            .query_row(sql, [], |r| r.get::<_, Option<String>>(0))
+            .unwrap()
+            .unwrap_or_default()
+    }
 }
 
 /// The SHA-256 (hex) and size of what `store` serves under `key` (exactly `version` when
@@ -245,6 +253,38 @@ pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {
         payload.to_vec(),
         retrieval,
     )
+}
+
+/// Starts `lrvault run` on `e`'s config, its stderr appended to `daemon.log` beside the
+/// database (a restart adds to the same log); the child and the log's path.
+pub fn start_daemon(e: &Env) -> (std::process::Child, PathBuf) {
+    let log = e._dir.path().join("daemon.log");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let daemon = e
+        .lrvault()
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    (daemon, log)
+}
+
+/// SIGTERM to the daemon; asserts the clean stop (exit 0) and returns its log.
+pub fn stop_daemon(mut daemon: std::process::Child, log: &Path) -> String {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait().unwrap();
+    let log = std::fs::read_to_string(log).unwrap();
+    assert_eq!(status.code(), Some(0), "clean shutdown; log:\n{log}");
+    log
 }
 
 /// Polls `f` every 50 ms until it is true or `limit` passes. Only for a condition that

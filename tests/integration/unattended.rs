@@ -4,12 +4,12 @@
 //! on the outage, and the API hears at most one probe per breaker interval while it lasts.
 //! A simulator whose clock runs an hour off ours still archives without re-issuing links.
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use lrvault_sim::{Fault, SimConfig};
 
-use crate::common::{Env, archivable, env, wait_until};
+use crate::common::{Env, archivable, env, start_daemon, stop_daemon, wait_until};
 use crate::custody_chain;
 
 /// Short schedules and backoffs so an outage of a few seconds outlasts every backoff.
@@ -31,30 +31,6 @@ async fn slow_env(seed: u64) -> Env {
         ..SimConfig::default()
     };
     env(cfg, UNATTENDED).await
-}
-
-fn start_daemon(e: &Env) -> (Child, std::path::PathBuf) {
-    let log = e._dir.path().join("daemon.log");
-    let daemon = e
-        .lrvault()
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (daemon, log)
-}
-
-fn stop_daemon(mut daemon: Child, log: &std::path::Path) -> String {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = daemon.wait().unwrap();
-    let log = std::fs::read_to_string(log).unwrap();
-    assert_eq!(status.code(), Some(0), "clean shutdown; log:\n{log}");
-    log
 }
 
 fn archived(e: &Env) -> i64 {
