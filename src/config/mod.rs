@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod anchor;
+mod case_pattern;
 mod cloud;
 mod schedule;
 mod secret;
@@ -18,6 +19,7 @@ mod store;
 mod tenant;
 
 pub use anchor::{AnchorConfig, Witness};
+pub use case_pattern::{CasePattern, DEFAULT_CASE_PATTERN, MAX_CASE_ID, case_id};
 pub use cloud::{Cloud, Preset};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::{Credentials, ExposeSecret, Secret, SecretSource, check_secret_text};

@@ -1,6 +1,7 @@
 //! Step 1 of a verify run, in one read transaction on a read-only connection (one snapshot;
 //! the daemon's writers go on): SQLite's integrity check, the custody chain recomputed from
-//! seq 1, and the rows that say something was archived while its evidence row is gone.
+//! seq 1, the rows that say something was archived while its evidence row is gone, and the
+//! case marks against the chain's CASE_* rows.
 
 use std::time::Instant;
 
@@ -71,6 +72,18 @@ pub fn check(
         }
         Err(e) => rec.defect(Defect::Database {
             problem: format!("the schema cannot be compared with the migrations: {e}"),
+        })?,
+    }
+    // Case membership is the chain's (docs/audit.md §8): `case_marks` holds exactly the latest
+    // CASE_* row of every target, so a membership edited behind the chain's back is a defect.
+    match crate::cases::chain_differences(&tx) {
+        Ok(differences) => {
+            for (case, problem) in differences {
+                rec.defect(Defect::Case { case, problem })?;
+            }
+        }
+        Err(e) => rec.defect(Defect::Database {
+            problem: format!("case marks cannot be compared with the chain: {e}"),
         })?,
     }
     let started = Instant::now();
