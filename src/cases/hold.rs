@@ -109,6 +109,52 @@ pub async fn apply(
     Ok(applied)
 }
 
+/// A checkpoint just written (`_checkpoints/{seq}.json` at `key`) that covers packages of held
+/// cases is held too, on S3, with a LEGAL_HOLD_SET row per case (`by: "checkpoint"`); the
+/// cases. Called by the checkpoint writer; a failure there is logged, and `case hold` run
+/// again holds the checkpoint.
+pub async fn hold_checkpoint(
+    db: &Db,
+    store: &Store,
+    seq: i64,
+    key: &str,
+) -> Result<Vec<String>, HoldError> {
+    if !store.enforces_legal_hold() {
+        return Ok(Vec::new());
+    }
+    let cases = db.read(move |c| covered_held_cases(c, seq)).await?;
+    if cases.is_empty() {
+        return Ok(cases);
+    }
+    let versions = store
+        .legal_hold(key, true)
+        .await
+        .map_err(|source| HoldError::Store { done: 0, source })?;
+    let objects = BTreeMap::from([(key.to_string(), versions)]);
+    let actor = custody::actor("*");
+    for case in &cases {
+        record(db, store, case, true, "checkpoint", &actor, &objects).await?;
+    }
+    Ok(cases)
+}
+
+/// The held cases with a package whose ARCHIVED row the checkpoint at `seq` is the first to
+/// cover.
+fn covered_held_cases(conn: &Connection, seq: i64) -> Result<Vec<String>, DbError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT DISTINCT v.case_id FROM v_case_evidence v
+             JOIN v_case_holds h ON h.case_id = v.case_id AND h.held = 1
+             JOIN custody_log c ON c.event = 'ARCHIVED' AND c.package_path = v.package_path
+             WHERE c.seq <= ?1 AND c.seq > coalesce((SELECT max(a.seq) FROM anchors a WHERE a.seq < ?1), 0)
+             ORDER BY v.case_id",
+        )
+        .map_err(DbError::sql("read the held cases of a checkpoint"))?;
+    stmt.query_map([seq], |r| r.get(0))
+        .and_then(Iterator::collect)
+        .map_err(DbError::sql("read the held cases of a checkpoint"))
+}
+
 /// The case-level LEGAL_HOLD_SET / LEGAL_HOLD_RELEASED row.
 async fn record(
     db: &Db,

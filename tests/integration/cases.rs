@@ -300,3 +300,191 @@ async fn cases_from_comments_and_by_hand_scope_audit_export_and_verify() {
         "{err}"
     );
 }
+
+/// The legal hold status moto gives one version (`None`: it has never had one).
+async fn legal_hold(s3: &aws_sdk_s3::Client, key: &str, version: &str) -> Option<String> {
+    s3.get_object_legal_hold()
+        .bucket("held")
+        .key(key)
+        .version_id(version)
+        .send()
+        .await
+        .ok()
+        .and_then(|h| {
+            h.legal_hold()
+                .and_then(|l| l.status())
+                .map(|s| s.as_str().to_string())
+        })
+}
+
+/// Every (key, version) of case INC-7 in the bucket: its packages and, for each, the first
+/// checkpoint at or after its ARCHIVED row.
+async fn case_objects(e: &Env, s3: &aws_sdk_s3::Client) -> Vec<(String, String)> {
+    let mut keys = BTreeSet::new();
+    {
+        let c = e.reader();
+        let anchors: Vec<(i64, String)> = c
+            .prepare("SELECT seq, checkpoint_path FROM anchors ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut stmt = c
+            .prepare(
+                "SELECT v.package_path, c.seq FROM v_case_evidence v
+                 JOIN custody_log c ON c.event = 'ARCHIVED' AND c.package_path = v.package_path
+                 WHERE v.case_id = 'INC-7'",
+            )
+            .unwrap();
+        let packages = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .unwrap()
+            .map(Result::unwrap);
+        for (path, archived) in packages {
+            keys.insert(path);
+            if let Some((_, cp)) = anchors.iter().find(|(seq, _)| *seq >= archived) {
+                keys.insert(cp.clone());
+            }
+        }
+    }
+    let mut objects = Vec::new();
+    for key in keys {
+        let key = format!("lrvault/{key}");
+        for (version, _) in crate::object_stores::versions(s3, "held", &key).await {
+            objects.push((key.clone(), version));
+        }
+    }
+    objects
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_a_held_case_survives_a_shortened_retention_new_packages_are_held_and_release_lifts_it()
+ {
+    use crate::object_stores::{create_bucket, moto, s3_client, s3_credentials};
+    use crate::store_pipeline::{lrvault_s3, object_env, s3_keys};
+    let moto = moto().await;
+    let s3 = s3_client(&moto);
+    // GOVERNANCE, so the test can shorten a retention (as a privileged user could).
+    create_bucket(&s3, "held", Some(("GOVERNANCE", 1))).await;
+    let sim = SimConfig {
+        seed: 5,
+        actions: 6,
+        comments: vec!["Sentinel Incident INC-7: collect".into()],
+        ..SimConfig::default()
+    };
+    let keys = s3_keys(&moto, "held", "require_worm = false\n");
+    let e = object_env(sim, keys, "", s3_credentials).await;
+    let run = |args: &[&str]| {
+        let (code, out, err) = crate::cli::run(lrvault_s3(&e).args(args));
+        assert_eq!(code, 0, "{args:?}: {out}\n{err}");
+        out
+    };
+    run(&["discover"]);
+    run(&["archive", "--max", "2"]);
+    run(&["verify"]);
+    let out = run(&["case", "hold", "INC-7"]);
+    let held = case_objects(&e, &s3).await;
+    assert_eq!(held.len(), 3, "two packages and their checkpoint: {held:?}");
+    let seq = e.count("SELECT max(seq) FROM custody_log WHERE event = 'LEGAL_HOLD_SET'");
+    assert_eq!(
+        out,
+        format!(
+            "case INC-7: legal hold set on 3 versions of 3 objects in s3://held/lrvault/; recorded as LEGAL_HOLD_SET seq {seq}\n"
+        )
+    );
+    for (key, version) in &held {
+        assert_eq!(
+            legal_hold(&s3, key, version).await.as_deref(),
+            Some("ON"),
+            "{key}"
+        );
+    }
+
+    // Archived into the held case: held as it is published, and the ARCHIVED row says so.
+    run(&["archive"]);
+    let total = e.count("SELECT count(*) FROM evidence");
+    assert!(total > 3, "{total}");
+    assert_eq!(
+        e.count("SELECT count(*) FROM custody_log WHERE event = 'ARCHIVED'
+                 AND json_extract(detail, '$.legal_hold.cases[0]') = 'INC-7'
+                 AND json_extract(detail, '$.legal_hold.versions[0]') = json_extract(detail, '$.version_id')"),
+        total - 2
+    );
+    let all = case_objects(&e, &s3).await;
+    assert_eq!(
+        all.len() as i64,
+        total + 2,
+        "the packages and two checkpoints: {all:?}"
+    );
+    for (key, version) in &all {
+        assert_eq!(
+            legal_hold(&s3, key, version).await.as_deref(),
+            Some("ON"),
+            "{key}"
+        );
+    }
+
+    // A shortened retention does not free a held version: the delete is refused.
+    let (key, version) = &held[0];
+    let soon = aws_sdk_s3::primitives::DateTime::from_secs(
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60) as i64,
+    );
+    let retention = aws_sdk_s3::types::ObjectLockRetention::builder()
+        .mode(aws_sdk_s3::types::ObjectLockRetentionMode::Governance)
+        .retain_until_date(soon)
+        .build();
+    s3.put_object_retention()
+        .bucket("held")
+        .key(key)
+        .version_id(version)
+        .retention(retention)
+        .bypass_governance_retention(true)
+        .send()
+        .await
+        .unwrap();
+    let delete = |key: String, version: String| {
+        let s3 = s3.clone();
+        async move {
+            s3.delete_object()
+                .bucket("held")
+                .key(key)
+                .version_id(version)
+                .bypass_governance_retention(true)
+                .send()
+                .await
+        }
+    };
+    let refused = delete(key.clone(), version.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.into_service_error().meta().code(),
+        Some("AccessDenied"),
+    );
+    assert_eq!(case_objects(&e, &s3).await, all, "nothing was deleted");
+
+    // Released: moto shows no hold on any of the case's versions, and the retention alone
+    // (bypassable in GOVERNANCE) no longer stops the delete.
+    let out = run(&["case", "release", "INC-7"]);
+    let seq = e.count("SELECT max(seq) FROM custody_log WHERE event = 'LEGAL_HOLD_RELEASED'");
+    assert_eq!(
+        out,
+        format!(
+            "case INC-7: legal hold released on {n} versions of {n} objects in s3://held/lrvault/; recorded as LEGAL_HOLD_RELEASED seq {seq}\n",
+            n = all.len()
+        )
+    );
+    for (key, version) in &all {
+        assert_eq!(
+            legal_hold(&s3, key, version).await.as_deref(),
+            Some("OFF"),
+            "{key}"
+        );
+    }
+    if let Err(e) = delete(key.clone(), version.clone()).await {
+        panic!("{:?}", e.into_service_error());
+    }
+}
