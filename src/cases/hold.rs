@@ -1,4 +1,4 @@
-//! A case's legal hold (docs/operations.md §17). On `s3`, `case hold` puts an Object Lock legal
+//! A case's legal hold (docs/operations.md §16). On `s3`, `case hold` puts an Object Lock legal
 //! hold on every version of the case's packages and of the checkpoints (and tokens) that cover
 //! them, and `case release` lifts it; the retention period still applies either way. Each is a
 //! case-level custody row (`LEGAL_HOLD_SET` / `LEGAL_HOLD_RELEASED`, tenant and action `*`,

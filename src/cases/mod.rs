@@ -1,4 +1,4 @@
-//! Cases (docs/operations.md §17): the incidents evidence is collected for. An action joins a
+//! Cases (docs/operations.md §16): the incidents evidence is collected for. An action joins a
 //! case at discovery when its `requestorComment` names it (`case_pattern`), and an operator
 //! adds or removes an action or a package by hand. Each change is a `CASE_TAGGED` /
 //! `CASE_UNTAGGED` custody row (detail `{case, note, by}`), written in the same transaction as

@@ -1,4 +1,4 @@
-//! `lrvault case`: evidence grouped by incident (docs/operations.md §17, see [`crate::cases`]).
+//! `lrvault case`: evidence grouped by incident (docs/operations.md §16, see [`crate::cases`]).
 //! `list` and `show` read the case views of docs/audit.md §8; `tag` and `untag` write
 //! CASE_TAGGED / CASE_UNTAGGED rows with the operator's identity (unknown ids: exit 1, nothing
 //! written); `hold` and `release` set or lift the case's legal hold.

@@ -18,7 +18,7 @@ pub struct Args {
     /// Every package of one machine action
     #[arg(long, value_name = "ID")]
     pub action: Option<String>,
-    /// Every package of one case (docs/operations.md §17)
+    /// Every package of one case (docs/operations.md §16)
     #[arg(long, value_name = "CASE")]
     pub case: Option<String>,
     /// Packages of the actions created since DATE (YYYY-MM-DD, RFC 3339, or an age like 30d)

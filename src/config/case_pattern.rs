@@ -1,5 +1,5 @@
 //! `case_pattern` (per tenant): the regex that names cases in an action's `requestorComment`
-//! (docs/operations.md §17). Every match is a case; its id is the first capture group (or the
+//! (docs/operations.md §16). Every match is a case; its id is the first capture group (or the
 //! whole match), trimmed and upper-cased, so `inc-4711` and `INC-4711` are one case.
 
 /// What a tenant uses when it writes no `case_pattern`.

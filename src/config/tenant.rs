@@ -37,7 +37,7 @@ pub(super) struct RawTenant {
     scope: Option<String>,
     #[serde(default)]
     download_hosts: Option<Vec<String>>,
-    /// Regex over `requestorComment` naming the action's cases (docs/operations.md §17).
+    /// Regex over `requestorComment` naming the action's cases (docs/operations.md §16).
     #[serde(default)]
     case_pattern: Option<String>,
 }

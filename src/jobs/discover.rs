@@ -343,7 +343,7 @@ fn record_action(
         ],
     )
     .map_err(DbError::sql("insert action"))?;
-    // The cases the comment names join the action now (docs/operations.md §17).
+    // The cases the comment names join the action now (docs/operations.md §16).
     crate::cases::tag_from_comment(
         &tx,
         tenant,

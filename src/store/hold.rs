@@ -1,4 +1,4 @@
-//! S3 Object Lock legal holds (docs/operations.md §17): `case hold` puts one on every version
+//! S3 Object Lock legal holds (docs/operations.md §16): `case hold` puts one on every version
 //! of a case's objects, `case release` lifts it, and a package archived into a held case gets
 //! one as it is published. `object_store` has no call for either request, so, like the WORM
 //! check, each is signed by `object_store`'s own SigV4 signer with the credentials it resolved:

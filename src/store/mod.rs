@@ -580,7 +580,7 @@ impl Store {
     }
 
     /// Whether a legal hold on this store is enforced by the store itself (S3 Object Lock);
-    /// on `fs` and `azure` a case's hold is recorded only (docs/operations.md §17).
+    /// on `fs` and `azure` a case's hold is recorded only (docs/operations.md §16).
     pub fn enforces_legal_hold(&self) -> bool {
         self.backend == StoreBackend::S3
     }

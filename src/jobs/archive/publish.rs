@@ -59,7 +59,7 @@ pub(super) async fn record(
 }
 
 /// A package of an action in a held case is held as it is published, before its ARCHIVED
-/// row (docs/operations.md §17): a crash in between publishes (adopts) and holds it again. The
+/// row (docs/operations.md §16): a crash in between publishes (adopts) and holds it again. The
 /// row's `legal_hold` names the cases and, on S3, the versions held.
 async fn hold_if_held(
     ctx: &Context,
