@@ -16,6 +16,15 @@ use crate::custody::{self, Event, EventKind};
 use crate::db::{Db, DbError};
 use crate::store::{Store, StoreError};
 
+/// One hold or release: the case, which way, who asked (`by`) and the custody actor.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    pub case: &'a str,
+    pub on: bool,
+    pub by: &'a str,
+    pub actor: &'a str,
+}
+
 /// What one `case hold` / `case release` did.
 #[derive(Debug, Clone, Default)]
 pub struct Applied {
@@ -64,20 +73,13 @@ pub fn keys(conn: &Connection, case: &str) -> Result<Vec<String>, DbError> {
 /// Puts (`on`) or lifts the case's hold and records it. Keys are changed first, then the row
 /// is written; packages published meanwhile (which saw the old state) are changed after the
 /// row, with a second row naming them.
-pub async fn apply(
-    db: &Db,
-    store: &Store,
-    case: &str,
-    on: bool,
-    by: &str,
-    actor: &str,
-) -> Result<Applied, HoldError> {
+pub async fn apply(db: &Db, store: &Store, change: Change<'_>) -> Result<Applied, HoldError> {
     let mut applied = Applied {
         enforced: store.enforces_legal_hold(),
         ..Applied::default()
     };
     for round in 0..2 {
-        let case_owned = case.to_string();
+        let case_owned = change.case.to_string();
         let all = db.read(move |c| keys(c, &case_owned)).await?;
         let todo: Vec<String> = all
             .into_iter()
@@ -88,14 +90,14 @@ pub async fn apply(
         }
         let mut changed = BTreeMap::new();
         for key in todo {
-            match store.legal_hold(&key, on).await {
+            match store.legal_hold(&key, change.on).await {
                 Ok(versions) => changed.insert(key, versions),
                 Err(source) => {
                     let done = applied.objects.len() + changed.len();
                     if !changed.is_empty() {
                         applied
                             .rows
-                            .push(record(db, store, case, on, by, actor, &changed).await?);
+                            .push(record(db, store, change, &changed).await?);
                     }
                     return Err(HoldError::Store { done, source });
                 }
@@ -103,7 +105,7 @@ pub async fn apply(
         }
         applied
             .rows
-            .push(record(db, store, case, on, by, actor, &changed).await?);
+            .push(record(db, store, change, &changed).await?);
         applied.objects.extend(changed);
     }
     Ok(applied)
@@ -133,7 +135,13 @@ pub async fn hold_checkpoint(
     let objects = BTreeMap::from([(key.to_string(), versions)]);
     let actor = custody::actor("*");
     for case in &cases {
-        record(db, store, case, true, "checkpoint", &actor, &objects).await?;
+        let change = Change {
+            case,
+            on: true,
+            by: "checkpoint",
+            actor: &actor,
+        };
+        record(db, store, change, &objects).await?;
     }
     Ok(cases)
 }
@@ -159,13 +167,10 @@ fn covered_held_cases(conn: &Connection, seq: i64) -> Result<Vec<String>, DbErro
 async fn record(
     db: &Db,
     store: &Store,
-    case: &str,
-    on: bool,
-    by: &str,
-    actor: &str,
+    change: Change<'_>,
     objects: &BTreeMap<String, Vec<String>>,
 ) -> Result<i64, DbError> {
-    let kind = if on {
+    let kind = if change.on {
         EventKind::LegalHoldSet
     } else {
         EventKind::LegalHoldReleased
@@ -175,12 +180,16 @@ async fn record(
         .map(|(key, versions)| json!({ "key": key, "versions": versions }))
         .collect();
     let detail = json!({
-        "case": case,
-        "by": by,
+        "case": change.case,
+        "by": change.by,
         "enforced": store.enforces_legal_hold(),
         "store": store.describe(),
         "objects": objects,
     });
-    let head = custody::record(db, Event::new("*", "*", None, kind, actor).detail(detail)).await?;
+    let head = custody::record(
+        db,
+        Event::new("*", "*", None, kind, change.actor).detail(detail),
+    )
+    .await?;
     Ok(head.seq)
 }

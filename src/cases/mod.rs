@@ -15,6 +15,9 @@ use crate::config::CasePattern;
 use crate::custody::{self, Event, EventKind};
 use crate::db::DbError;
 
+/// The `case_marks` line of one (case, target): ?1 case, ?2 tenant, ?3 action, ?4 index.
+const MARK_OF: &str = "case_id = ?1 AND tenant = ?2 AND action_id = ?3 AND command_index IS ?4";
+
 /// What a mark names: a whole action (every package it has or will have) or one package.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -50,6 +53,11 @@ impl Target {
             Target::Action { .. } => None,
             Target::Package { command_index, .. } => Some(*command_index),
         }
+    }
+
+    /// The parameters of [`MARK_OF`]: `case` and this target.
+    fn mark_params<'a>(&'a self, case: &'a str) -> impl rusqlite::Params + 'a {
+        (case, self.tenant(), self.action_id(), self.command_index())
     }
 
     /// `action <id>` or `package <evidence id>`, for messages.
@@ -105,14 +113,8 @@ pub fn mark(
     }
     let head = custody::append(tx, &event.detail(detail))?;
     tx.execute(
-        "DELETE FROM case_marks WHERE case_id = ?1 AND tenant = ?2 AND action_id = ?3
-           AND command_index IS ?4",
-        params![
-            case,
-            target.tenant(),
-            target.action_id(),
-            target.command_index()
-        ],
+        &format!("DELETE FROM case_marks WHERE {MARK_OF}"),
+        target.mark_params(case),
     )
     .map_err(DbError::sql("replace case mark"))?;
     tx.execute(
@@ -224,14 +226,8 @@ pub fn would_change(
 ) -> Result<bool, DbError> {
     let own: Option<bool> = conn
         .query_row(
-            "SELECT tagged FROM case_marks WHERE case_id = ?1 AND tenant = ?2 AND action_id = ?3
-               AND command_index IS ?4",
-            params![
-                case,
-                target.tenant(),
-                target.action_id(),
-                target.command_index()
-            ],
+            &format!("SELECT tagged FROM case_marks WHERE {MARK_OF}"),
+            target.mark_params(case),
             |r| r.get(0),
         )
         .optional()

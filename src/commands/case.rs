@@ -227,8 +227,14 @@ async fn hold(
     let db = super::open_db(cfg, config)?;
     let store = crate::store::Store::open(&cfg.store, &cfg.credentials)?;
     let actor = crate::custody::actor("*");
-    let applied = match cases::hold::apply(&db, &store, case, on, &super::operator(), &actor).await
-    {
+    let by = super::operator();
+    let change = cases::hold::Change {
+        case,
+        on,
+        by: &by,
+        actor: &actor,
+    };
+    let applied = match cases::hold::apply(&db, &store, change).await {
         Ok(applied) => applied,
         Err(e) => {
             eprintln!("lrvault: case {case}: {e}");
