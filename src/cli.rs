@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{ConfigFile, Credentials};
 
 use crate::commands::{
-    self, TenantArg, archive, audit, backfill, backup, check_credentials, enqueue, export, requeue,
-    restore, status, verify,
+    self, TenantArg, archive, audit, backfill, backup, case, check_credentials, enqueue, export,
+    requeue, restore, status, verify,
 };
 #[cfg(feature = "simulator")]
 use crate::commands::{demo, simulate};
@@ -71,6 +71,9 @@ pub enum Command {
     /// Compliance queries over the audit views
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Evidence grouped by case: list, show, tag and untag actions or packages, legal hold
+    #[command(subcommand)]
+    Case(case::CaseCommand),
     /// Queue depth by state, quota use, last job runs and the custody head
     Status(status::Args),
     /// Apply pending database migrations
@@ -101,6 +104,7 @@ impl Command {
     fn writes(&self) -> bool {
         match self {
             Command::Run | Command::Audit(_) | Command::Status(_) => false,
+            Command::Case(case::CaseCommand::List { .. } | case::CaseCommand::Show { .. }) => false,
             #[cfg(feature = "simulator")]
             Command::Simulate(_) | Command::Demo(_) => false,
             _ => true,
@@ -126,6 +130,7 @@ pub async fn run(cli: Cli, credentials: Credentials) -> anyhow::Result<ExitCode>
         Command::Verify(args) => verify::run(config, args).await,
         Command::Export(args) => export::run(config, args).await,
         Command::Audit(cmd) => audit::run(config, cmd).await,
+        Command::Case(cmd) => case::run(config, cmd).await,
         Command::Status(args) => status::run(config, args).await,
         Command::Migrate => commands::migrate::run(config).await,
         Command::CheckCredentials(args) => check_credentials::run(config, args).await,

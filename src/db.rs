@@ -96,44 +96,15 @@ pub struct Db {
 /// Read-only connections kept for reuse.
 const READER_POOL: usize = 4;
 
-/// The embedded migrations in the order of their numbers (`NN-name/up.sql`). A number no
-/// directory carries is an empty step, so a branch that adds migration N+1 can be built and
-/// tested before the one adding N lands; merged, the step is the real one.
 fn migrations() -> Migrations<'static> {
     // The directory is embedded at build time; a malformed one is a build bug, caught by tests.
-    let mut steps: Vec<Option<&'static str>> = vec![None; schema_version_known()];
-    for dir in MIGRATIONS_DIR.dirs() {
-        let number = migration_number(dir).expect("a migration directory is named NN-name");
-        let up = dir
-            .get_file(dir.path().join("up.sql"))
-            .and_then(|f| f.contents_utf8())
-            .expect("each migration directory holds a UTF-8 up.sql");
-        assert!(
-            steps[number - 1].replace(up).is_none(),
-            "two migrations numbered {number}"
-        );
-    }
-    Migrations::new(
-        steps
-            .into_iter()
-            .map(|up| rusqlite_migration::M::up(up.unwrap_or("")))
-            .collect(),
-    )
+    Migrations::from_directory(&MIGRATIONS_DIR)
+        .expect("embedded migrations directory is well-formed")
 }
 
-/// `7` for `07-cases`.
-fn migration_number(dir: &include_dir::Dir<'_>) -> Option<usize> {
-    let name = dir.path().file_name()?.to_str()?;
-    name.split('-').next()?.parse().ok().filter(|n| *n > 0)
-}
-
-/// Number of migrations this build knows: the highest migration number.
+/// Number of migrations this build knows.
 pub fn schema_version_known() -> usize {
-    MIGRATIONS_DIR
-        .dirs()
-        .filter_map(migration_number)
-        .max()
-        .unwrap_or(0)
+    MIGRATIONS_DIR.dirs().count()
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {

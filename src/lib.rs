@@ -3,7 +3,7 @@
 //!
 //! The pipeline reads one way: `access` (who may write where), `config` → `db` → `http`,
 //! `mde` (remote client), `quota` → `fetch` → `package` (BagIt zip) → `store` (where
-//! packages live: fs, S3, Azure) → `custody`, `anchor` → `queue` (a result's life) → `jobs`
+//! packages live: fs, S3, Azure) → `custody`, `anchor`, `cases` → `queue` (a result's life) → `jobs`
 //! (discover, archive, backfill) → `verify`, `export`, `events` (off the host), `metrics` →
 //! `daemon`; then the command layer:
 //! `commands` (one module per command, with `render` and `progress`) and `cli`. The simulator is its
@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod anchor;
+pub mod cases;
 pub mod cells;
 pub mod cli;
 pub mod commands;

@@ -131,9 +131,13 @@ pub async fn write_checkpoint(
             return Err(AnchorError::Conflict { path, seq, found }.into());
         }
     }
-    let (cp, rel_row) = (cp.clone(), rel.clone());
+    let (seq, cp, rel_row) = (cp.seq, cp.clone(), rel.clone());
     db.call(move |c| record_checkpoint(c, &cp, &rel_row))
         .await?;
+    // A checkpoint covering packages of a held case is held like them (docs/operations.md §17).
+    if let Err(e) = crate::cases::hold::hold_checkpoint(db, store, seq, &rel).await {
+        tracing::warn!(checkpoint = rel, error = %e, "could not put the legal hold of its cases on a checkpoint; `lrvault case hold` run again holds it");
+    }
     files::to_witness(witness, &rel, &bytes).await;
     Ok(rel)
 }

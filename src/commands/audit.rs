@@ -1,5 +1,5 @@
 //! `lrvault audit`: the canned compliance queries, over the stable views of docs/audit.md §2
-//! (`v_evidence`, `v_custody`) and the quota ledger. Read-only.
+//! (`v_evidence`, `v_custody`, and `v_case_evidence` of §8) and the quota ledger. Read-only.
 
 use std::process::ExitCode;
 
@@ -20,6 +20,9 @@ pub enum AuditCommand {
         machine: Option<String>,
         #[arg(long)]
         requestor: Option<String>,
+        /// Only the packages of this case (docs/audit.md §8)
+        #[arg(long, value_name = "CASE")]
+        case: Option<String>,
         /// Actions created at or after DATE (YYYY-MM-DD, RFC 3339, or an age like 30d)
         #[arg(long, value_name = "DATE")]
         since: Option<String>,
@@ -71,10 +74,18 @@ pub async fn run(config: &ConfigFile, cmd: AuditCommand) -> anyhow::Result<ExitC
             tenant,
             machine,
             requestor,
+            case,
             since,
             until,
             format,
         } => {
+            let case = case
+                .map(|c| {
+                    crate::config::case_id(&c).ok_or_else(|| {
+                        crate::error::UserError::new(format!("--case {c:?} is not a case id"))
+                    })
+                })
+                .transpose()?;
             let now = crate::time::now();
             let since = since
                 .map(|s| crate::time::parse_user_date(&s, now))
@@ -85,7 +96,7 @@ pub async fn run(config: &ConfigFile, cmd: AuditCommand) -> anyhow::Result<ExitC
                 .transpose()?
                 .map(crate::time::fmt);
             (
-                evidence(&conn, tenant, machine, requestor, since, until)?,
+                evidence(&conn, tenant, machine, requestor, case, since, until)?,
                 format.format,
             )
         }
@@ -136,15 +147,21 @@ pub fn evidence(
     tenant: Option<String>,
     machine: Option<String>,
     requestor: Option<String>,
+    case: Option<String>,
     since: Option<String>,
     until: Option<String>,
 ) -> Result<Rows, DbError> {
     let mut conditions = vec!["1"];
     let mut params: Vec<&dyn rusqlite::ToSql> = Vec::new();
-    let filters: [(&str, &Option<String>, usize); 5] = [
+    let filters: [(&str, &Option<String>, usize); 6] = [
         ("tenant = ?", &tenant, 1),
         ("(machine_id = ? OR computer_dns_name = ?)", &machine, 2),
         ("requestor = ?", &requestor, 1),
+        (
+            "evidence_id IN (SELECT evidence_id FROM v_case_evidence WHERE case_id = ?)",
+            &case,
+            1,
+        ),
         ("action_created_at >= ?", &since, 1),
         ("action_created_at < ?", &until, 1),
     ];

@@ -10,7 +10,7 @@ use crate::export::{Request, Selection};
 
 /// `lrvault export` flags.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("selection").required(true).args(["evidence", "action", "since"])))]
+#[command(group(clap::ArgGroup::new("selection").required(true).args(["evidence", "action", "case", "since"])))]
 pub struct Args {
     /// One package, by evidence id
     #[arg(long, value_name = "ID")]
@@ -18,6 +18,9 @@ pub struct Args {
     /// Every package of one machine action
     #[arg(long, value_name = "ID")]
     pub action: Option<String>,
+    /// Every package of one case (docs/operations.md §17)
+    #[arg(long, value_name = "CASE")]
+    pub case: Option<String>,
     /// Packages of the actions created since DATE (YYYY-MM-DD, RFC 3339, or an age like 30d)
     #[arg(long, value_name = "DATE")]
     pub since: Option<String>,
@@ -51,6 +54,14 @@ impl Args {
             until: date(&self.until)?,
             tenant: self.tenant.clone(),
             archived_through: None,
+            case: self
+                .case
+                .as_deref()
+                .map(|c| {
+                    crate::config::case_id(c)
+                        .ok_or_else(|| UserError::new(format!("--case {c:?} is not a case id")))
+                })
+                .transpose()?,
         })
     }
 
@@ -60,6 +71,7 @@ impl Args {
         for (flag, value) in [
             ("--evidence", &self.evidence),
             ("--action", &self.action),
+            ("--case", &self.case),
             ("--since", &self.since),
             ("--until", &self.until),
             ("--tenant", &self.tenant),

@@ -6,6 +6,7 @@ pub mod archive;
 pub mod audit;
 pub mod backfill;
 pub mod backup;
+pub mod case;
 pub mod check_credentials;
 #[cfg(feature = "simulator")]
 pub mod demo;
@@ -38,6 +39,16 @@ pub struct TenantArg {
     /// Act on this tenant only (default: every configured tenant)
     #[arg(long, value_name = "T")]
     pub tenant: Option<String>,
+}
+
+/// Who ran a command that records an operator's act (`requeue`, `case`): the user this
+/// process runs as, and the login behind `sudo` when there is one.
+pub(crate) fn operator() -> String {
+    let me = crate::access::process_user();
+    match std::env::var("SUDO_USER") {
+        Ok(u) if !u.is_empty() => format!("{me} (sudo by {u})"),
+        _ => me,
+    }
 }
 
 /// Loads the config, opens the database (at this lrvault's schema: it never migrates) and

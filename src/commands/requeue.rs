@@ -74,7 +74,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
             },
         ),
     };
-    let detail = json!({ "requeued_by": requeued_by(), "reason": args.reason });
+    let detail = json!({ "requeued_by": super::operator(), "reason": args.reason });
     let keys = queue::requeue(&db, actors, select, detail).await?;
     if keys.is_empty() {
         let scope = match &args.tenant {
@@ -133,13 +133,4 @@ async fn evidence_result(db: &Db, id: &str) -> anyhow::Result<Result<Requeue, St
         action_id,
         index: Some(index),
     }))
-}
-
-/// Who asked: the user this process runs as, and the login behind `sudo` when there is one.
-fn requeued_by() -> String {
-    let me = crate::access::process_user();
-    match std::env::var("SUDO_USER") {
-        Ok(u) if !u.is_empty() => format!("{me} (sudo by {u})"),
-        _ => me,
-    }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod anchor;
+mod case_pattern;
 mod cloud;
 mod events;
 mod schedule;
@@ -19,6 +20,7 @@ mod store;
 mod tenant;
 
 pub use anchor::{AnchorConfig, Witness};
+pub use case_pattern::{CasePattern, DEFAULT_CASE_PATTERN, MAX_CASE_ID, case_id};
 pub use cloud::{Cloud, Preset};
 pub use events::{EVENT_KINDS, EventsConfig, MetricsConfig, SyslogTarget, Webhook};
 pub use schedule::{Schedule, ScheduleConfig};

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use url::Url;
 
+use super::case_pattern::CasePattern;
 use super::cloud::Cloud;
 use super::secret::{Credentials, Secret, SecretSource};
 use super::{ConfigError, check_base_url};
@@ -36,6 +37,9 @@ pub(super) struct RawTenant {
     scope: Option<String>,
     #[serde(default)]
     download_hosts: Option<Vec<String>>,
+    /// Regex over `requestorComment` naming the action's cases (docs/operations.md §17).
+    #[serde(default)]
+    case_pattern: Option<String>,
 }
 
 /// One `[[tenant]]`, checked.
@@ -55,6 +59,7 @@ pub struct TenantConfig {
     pub scope: String,
     /// At least one host pattern.
     pub download_hosts: Vec<String>,
+    pub case_pattern: CasePattern,
 }
 
 impl TenantConfig {
@@ -124,6 +129,10 @@ impl RawTenant {
                 "scope '{scope}' must end in /.default for client credentials"
             )));
         }
+        let case_pattern = match &self.case_pattern {
+            Some(text) => CasePattern::new(text).map_err(bad)?,
+            None => CasePattern::default(),
+        };
         Ok(TenantConfig {
             name: self.name,
             tenant_id: self.tenant_id,
@@ -134,6 +143,7 @@ impl RawTenant {
             login_base,
             scope,
             download_hosts,
+            case_pattern,
         })
     }
 }

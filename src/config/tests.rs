@@ -66,6 +66,7 @@ fn example_config_parses_with_documented_values() {
         crate::config::EVENT_KINDS.map(String::from)
     );
     assert_eq!(cfg.metrics.listen, None);
+    assert_eq!(cfg.tenants[0].case_pattern.as_str(), DEFAULT_CASE_PATTERN);
 }
 
 #[test]
@@ -116,6 +117,19 @@ fn events_and_metrics_are_checked_one_line_each() {
     assert_eq!(
         unix.events.syslog,
         Some(SyslogTarget::Unix("/dev/log".into()))
+    );
+}
+
+#[test]
+fn case_pattern_defaults_and_a_bad_one_is_one_line() {
+    let cfg = parse(TENANT).unwrap();
+    assert_eq!(cfg.tenants[0].case_pattern.as_str(), DEFAULT_CASE_PATTERN);
+    let cfg = parse(&format!("{TENANT}case_pattern = 'T-(\\d+)'\n")).unwrap();
+    assert_eq!(cfg.tenants[0].case_pattern.cases("t-1 T-22"), vec!["22"]);
+    let e = parse(&format!("{TENANT}case_pattern = '(INC'\n")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid config: tenant 'contoso': case_pattern is not a valid regular expression: unclosed group"
     );
 }
 

@@ -29,6 +29,8 @@ pub struct Meta {
     pub export_id: String,
     pub recipient: Option<String>,
     pub selection: String,
+    /// The case the kit was made for (`export --case`).
+    pub case: Option<String>,
     pub actor: String,
 }
 
@@ -197,7 +199,9 @@ fn write_custody_db(
         params![coverage.first_seq, coverage.checkpoint.seq],
     )?;
     // The filter's custody_log is the source's, as everywhere else.
-    let filter = Selection::FILTER.replace("FROM custody_log", "FROM src.custody_log");
+    let filter = Selection::FILTER
+        .replace("FROM custody_log", "FROM src.custody_log")
+        .replace("FROM v_case_evidence", "FROM src.v_case_evidence");
     tx.execute(
         &format!(
             "INSERT INTO evidence SELECT e.*, ev.original_size FROM src.v_evidence e
@@ -228,6 +232,7 @@ fn write_custody_db(
         ("actor", Some(meta.actor.clone())),
         ("recipient", meta.recipient.clone()),
         ("selection", Some(meta.selection.clone())),
+        ("case", meta.case.clone()),
     ] {
         tx.execute(
             "INSERT INTO export (key, value) VALUES (?1, ?2)",

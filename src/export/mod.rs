@@ -37,18 +37,22 @@ pub struct Selection {
     /// extent is known, so that every later read (packages, `custody.db`, EXPORTED rows)
     /// sees the same packages while the daemon goes on archiving.
     pub archived_through: Option<i64>,
+    /// Only the packages of this case (`v_case_evidence`, docs/audit.md §8).
+    pub case: Option<String>,
 }
 
 impl Selection {
-    /// `WHERE` clause over `v_evidence e`, with parameters ?1..?6.
+    /// `WHERE` clause over `v_evidence e`, with parameters ?1..?7.
     pub const FILTER: &'static str =
         "(?1 IS NULL OR e.evidence_id = ?1) AND (?2 IS NULL OR e.action_id = ?2)
          AND (?3 IS NULL OR e.action_created_at >= ?3) AND (?4 IS NULL OR e.action_created_at < ?4)
          AND (?5 IS NULL OR e.tenant = ?5)
          AND (?6 IS NULL OR EXISTS (SELECT 1 FROM custody_log c WHERE c.event = 'ARCHIVED'
-                                    AND c.package_path = e.package_path AND c.seq <= ?6))";
+                                    AND c.package_path = e.package_path AND c.seq <= ?6))
+         AND (?7 IS NULL OR EXISTS (SELECT 1 FROM v_case_evidence k
+                                    WHERE k.case_id = ?7 AND k.evidence_id = e.evidence_id))";
 
-    pub fn params(&self) -> [&dyn rusqlite::ToSql; 6] {
+    pub fn params(&self) -> [&dyn rusqlite::ToSql; 7] {
         [
             &self.evidence,
             &self.action,
@@ -56,6 +60,7 @@ impl Selection {
             &self.until,
             &self.tenant,
             &self.archived_through,
+            &self.case,
         ]
     }
 }
@@ -119,6 +124,7 @@ pub async fn export(cfg: &Config, db: &Db, req: &Request) -> anyhow::Result<Opti
             export_id: export_id.clone(),
             recipient: req.recipient.clone(),
             selection: req.description.clone(),
+            case: req.selection.case.clone(),
             actor: custody::actor("*"),
         };
         let from = kit::Source {

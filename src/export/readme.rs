@@ -25,6 +25,15 @@ pub(super) fn readme(meta: &Meta, coverage: &Coverage, token: Option<&TokenInfo>
         actor = one_line(&meta.actor),
         recipient = one_line(meta.recipient.as_deref().unwrap_or("(not given)")),
         selection = one_line(&meta.selection),
+        case_line = match &meta.case {
+            Some(case) => format!(
+                "\n\nThis kit was made for case `{}`: it holds every package the archive's chain of custody \
+                 had in that case when the kit was made (tagged from the responder's comment or by an operator; \
+                 lrvault's docs/audit.md section 8); the `export` table of `custody.db` names the case too.",
+                one_line(case)
+            ),
+            None => String::new(),
+        },
         packages = coverage.packages,
         first = coverage.first_seq,
         last = coverage.last_concerned_seq,

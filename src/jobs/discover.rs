@@ -10,6 +10,7 @@ use serde_json::json;
 use super::breaker::{self, Admission};
 use super::failure::Failure;
 use super::{Context, Tenant};
+use crate::config::CasePattern;
 use crate::custody::{self, Event, EventKind};
 use crate::db::{DbError, write_tx};
 use crate::mde::RawAction;
@@ -181,6 +182,7 @@ pub async fn record_actions(
         let statuses = ctx.cfg.discovery.statuses.clone();
         let tenant_name = tenant.cfg.name.clone();
         let actor = tenant.actor.clone();
+        let pattern = tenant.cfg.case_pattern.clone();
         let s = ctx
             .db
             .call(move |conn| {
@@ -198,7 +200,7 @@ pub async fn record_actions(
                         s.unfinished += 1;
                         continue;
                     }
-                    match record_action(conn, &tenant_name, &actor, &action, source)? {
+                    match record_action(conn, &tenant_name, &actor, &pattern, &action, source)? {
                         None => s.known += 1,
                         Some((queued, skipped)) => {
                             s.new_actions += 1;
@@ -289,6 +291,7 @@ fn record_action(
     conn: &mut rusqlite::Connection,
     tenant: &str,
     actor: &str,
+    pattern: &CasePattern,
     action: &RawAction,
     source: Source,
 ) -> Result<Option<(usize, usize)>, DbError> {
@@ -340,6 +343,15 @@ fn record_action(
         ],
     )
     .map_err(DbError::sql("insert action"))?;
+    // The cases the comment names join the action now (docs/operations.md §17).
+    crate::cases::tag_from_comment(
+        &tx,
+        tenant,
+        action_id,
+        actor,
+        pattern,
+        action.requestor_comment(),
+    )?;
     let (mut queued, mut skipped) = (0, 0);
     for cmd in &commands {
         let new = NewResult {

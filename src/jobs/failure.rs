@@ -195,11 +195,12 @@ impl Failure {
                 })
             }
             StoreError::Io { .. } => Failure::retry(text),
-            StoreError::Refused(_) | StoreError::Object { .. } | StoreError::Worm { .. } => {
-                Failure::Process(ProcessFailure::Store {
-                    reason: format!("evidence store: {text}"),
-                })
-            }
+            StoreError::Refused(_)
+            | StoreError::Object { .. }
+            | StoreError::Worm { .. }
+            | StoreError::Hold { .. } => Failure::Process(ProcessFailure::Store {
+                reason: format!("evidence store: {text}"),
+            }),
         }
     }
 

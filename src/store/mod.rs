@@ -27,6 +27,7 @@
 
 mod backends;
 mod fs;
+mod hold;
 mod object;
 mod worm;
 
@@ -166,6 +167,9 @@ pub enum StoreError {
     /// The store could not answer a WORM check (network, permissions, bad answer).
     #[error("checking the retention of {target}: {message}")]
     Worm { target: String, message: String },
+    /// A legal hold could not be put on or lifted from an object.
+    #[error("legal hold on {location}: {message}")]
+    Hold { location: String, message: String },
 }
 
 impl StoreError {
@@ -573,6 +577,22 @@ impl Store {
     ) -> Result<(String, u64), StoreError> {
         let stream = self.read(key, version_id).await?;
         fs::write_stream(stream, dest).await
+    }
+
+    /// Whether a legal hold on this store is enforced by the store itself (S3 Object Lock);
+    /// on `fs` and `azure` a case's hold is recorded only (docs/operations.md §17).
+    pub fn enforces_legal_hold(&self) -> bool {
+        self.backend == StoreBackend::S3
+    }
+
+    /// Puts (`on`) or lifts the S3 Object Lock legal hold on every version of `key`; the
+    /// version ids. Nothing happens (and no version is named) where holds are not enforced.
+    pub async fn legal_hold(&self, key: &str, on: bool) -> Result<Vec<String>, StoreError> {
+        check_key(key)?;
+        match &self.inner {
+            Inner::Fs(_) => Ok(Vec::new()),
+            Inner::Object(o) => o.legal_hold(key, on).await,
+        }
     }
 
     /// Proves the store enforces retention: S3 Object Lock with a default COMPLIANCE

@@ -463,6 +463,28 @@ impl ObjectBackend {
         }
     }
 
+    /// [`super::Store::legal_hold`]: S3 only (an Azure container's holds are not lrvault's).
+    pub(super) async fn legal_hold(&self, key: &str, on: bool) -> Result<Vec<String>, StoreError> {
+        let Client::S3(s3) = &self.client else {
+            return Ok(Vec::new());
+        };
+        let credential = s3
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(|e| StoreError::Hold {
+                location: self.location(key),
+                message: format!("cannot get a credential: {e}"),
+            })?;
+        let target = super::hold::S3Target {
+            credential: &credential,
+            bucket: &self.bucket,
+            region: &self.region,
+            endpoint: self.endpoint.as_deref(),
+        };
+        super::hold::set_legal_hold(&target, &self.full_key(key), on).await
+    }
+
     pub(super) async fn check_worm(&self) -> Result<WormStatus, StoreError> {
         match &self.client {
             Client::S3(s3) => {

@@ -10,7 +10,7 @@
 //!   Container Properties). The policy's period is only visible to the management plane,
 //!   which lrvault is given no rights to.
 
-use object_store::aws::{AwsAuthorizer, AwsCredential, AwsCredentialProvider};
+use object_store::aws::AwsCredentialProvider;
 use object_store::azure::{AzureCredential, AzureCredentialProvider};
 use serde::Deserialize;
 
@@ -36,11 +36,9 @@ impl std::fmt::Display for WormStatus {
 
 /// The Azure REST version that reports version-level immutability.
 const AZURE_API_VERSION: &str = "2021-12-02";
-/// The largest answer either check reads (an Object Lock configuration is a few hundred bytes).
-const MAX_ANSWER: usize = 64 * 1024;
 
 /// The client of one check: no redirects (a signed request goes where it was signed for).
-fn check_client() -> Result<reqwest::Client, String> {
+pub(super) fn check_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
@@ -87,13 +85,6 @@ impl ObjectLockConfiguration {
     }
 }
 
-/// S3's error document.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct S3ErrorBody {
-    code: Option<String>,
-}
-
 /// `GET /{bucket}?object-lock` (path style, as `object_store` addresses the bucket), signed
 /// with SigV4 by `object_store`'s own signer and the credentials it resolved (env or instance).
 pub(super) async fn check_s3(
@@ -106,29 +97,23 @@ pub(super) async fn check_s3(
         target: format!("s3://{bucket}"),
         message,
     };
-    let base = match endpoint {
-        Some(e) => e.to_string(),
-        None => format!("https://s3.{region}.amazonaws.com"),
-    };
-    let mut url =
-        url::Url::parse(&base).map_err(|e| worm_error(format!("store.endpoint {base:?}: {e}")))?;
-    url.path_segments_mut()
-        .map_err(|()| worm_error(format!("store.endpoint {base:?} cannot take a path")))?
-        .pop_if_empty()
-        .push(bucket);
-    url.set_query(Some("object-lock"));
     let credential = credentials
         .get_credential()
         .await
         .map_err(|e| worm_error(format!("cannot get a credential: {e}")))?;
-    let (status, body) = signed_get(&url, &credential, region)
+    let target = super::hold::S3Target {
+        credential: &credential,
+        bucket,
+        region,
+        endpoint,
+    };
+    let mut url = target.url("").map_err(worm_error)?;
+    url.set_query(Some("object-lock"));
+    let (status, body) = super::hold::signed(&target, reqwest::Method::GET, &url, Vec::new())
         .await
         .map_err(worm_error)?;
     if status != 200 {
-        let code = quick_xml::de::from_str::<S3ErrorBody>(&body)
-            .unwrap_or_default()
-            .code
-            .unwrap_or_default();
+        let code = super::hold::error_code(&body);
         return Err(s3_refusal(bucket, &code).unwrap_or_else(|| {
             worm_error(format!("HTTP {status}{}", crate::http::code_suffix(&code)))
         }));
@@ -139,38 +124,6 @@ pub(super) async fn check_s3(
         ))
     })?;
     config.status(bucket).map_err(StoreError::refused)
-}
-
-/// One GET of `url`, signed with SigV4 for S3 in `region`; its status and (capped) body.
-async fn signed_get(
-    url: &url::Url,
-    credential: &AwsCredential,
-    region: &str,
-) -> Result<(u16, String), String> {
-    let mut signed = object_store::client::HttpRequest::new(bytes::Bytes::new().into());
-    *signed.uri_mut() = url
-        .as_str()
-        .parse()
-        .map_err(|e| format!("{url} is not a request URI: {e}"))?;
-    AwsAuthorizer::new(credential, "s3", region)
-        .try_authorize(&mut signed, None)
-        .map_err(|e| format!("cannot sign the request: {e}"))?;
-    let response = check_client()?
-        .get(url.clone())
-        .headers(signed.headers().clone())
-        .send()
-        .await
-        .map_err(crate::http::redact_reqwest)?;
-    let status = response.status().as_u16();
-    let body = crate::http::read_capped(response, MAX_ANSWER)
-        .await
-        .map_err(|e| match e {
-            crate::http::BodyError::TooLarge => {
-                format!("HTTP {status}: an answer of more than {MAX_ANSWER} bytes")
-            }
-            crate::http::BodyError::Transport(e) => crate::http::redact_reqwest(e),
-        })?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// The S3 error codes that are the operator's to fix, each as its one-line refusal.

@@ -58,6 +58,8 @@ pub enum Defect {
     },
     /// A table, view, index or trigger that is not what the migrations made (§7a item 13).
     Schema { object: String, problem: String },
+    /// A case mark in `case_marks` that the chain's CASE_* rows do not make (docs/audit.md §8).
+    Case { case: String, problem: String },
 }
 
 impl Defect {
@@ -98,6 +100,7 @@ impl Defect {
                 problems,
             } => format!("action {tenant}/{action_id}: {}", problems.join("; ")),
             Defect::Schema { object, problem } => format!("schema object {object}: {problem}"),
+            Defect::Case { case, problem } => format!("case {case}: {problem}"),
         }
     }
 
@@ -202,6 +205,9 @@ impl Defect {
             ),
             Defect::Schema { object, problem } => {
                 whole(json!({ "check": "schema", "object": object, "problem": problem }))
+            }
+            Defect::Case { case, problem } => {
+                whole(json!({ "check": "case", "case": case, "problem": problem }))
             }
             Defect::StoreFile { path, problem } => {
                 // The tenant whose directory holds the file.

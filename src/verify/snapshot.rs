@@ -1,6 +1,7 @@
 //! Step 1 of a verify run, in one read transaction on a read-only connection (one snapshot;
 //! the daemon's writers go on): SQLite's integrity check, the custody chain recomputed from
-//! seq 1, and the rows that say something was archived while its evidence row is gone.
+//! seq 1, the rows that say something was archived while its evidence row is gone, and the
+//! case marks against the chain's CASE_* rows.
 
 use std::time::Instant;
 
@@ -61,18 +62,7 @@ pub fn check(
         rec.defect(Defect::Database { problem })?;
         return Ok(snap);
     }
-    // The append-only triggers and every view the auditor reads are what the migrations
-    // made (docs/evidence-format.md §9); anything dropped, altered or added is a defect.
-    match crate::db::schema_differences(&tx) {
-        Ok(differences) => {
-            for (object, problem) in differences {
-                rec.defect(Defect::Schema { object, problem })?;
-            }
-        }
-        Err(e) => rec.defect(Defect::Database {
-            problem: format!("the schema cannot be compared with the migrations: {e}"),
-        })?,
-    }
+    schema_and_cases(&tx, rec)?;
     let started = Instant::now();
     match walk_chain(&tx, scope, rec) {
         Ok(walk) => {
@@ -274,6 +264,35 @@ fn archived_without_evidence(
                 .unwrap_or(-1),
             problem: "state archived but no evidence row".into(),
         })?;
+    }
+    Ok(())
+}
+
+/// The schema against the migrations, and the case marks against the chain.
+fn schema_and_cases(tx: &Connection, rec: &mut Recorder) -> Result<(), DbError> {
+    // The append-only triggers and every view the auditor reads are what the migrations
+    // made (docs/evidence-format.md §9); anything dropped, altered or added is a defect.
+    match crate::db::schema_differences(tx) {
+        Ok(differences) => {
+            for (object, problem) in differences {
+                rec.defect(Defect::Schema { object, problem })?;
+            }
+        }
+        Err(e) => rec.defect(Defect::Database {
+            problem: format!("the schema cannot be compared with the migrations: {e}"),
+        })?,
+    }
+    // Case membership is the chain's (docs/audit.md §8): `case_marks` holds exactly the latest
+    // CASE_* row of every target, so a membership edited behind the chain's back is a defect.
+    match crate::cases::chain_differences(tx) {
+        Ok(differences) => {
+            for (case, problem) in differences {
+                rec.defect(Defect::Case { case, problem })?;
+            }
+        }
+        Err(e) => rec.defect(Defect::Database {
+            problem: format!("case marks cannot be compared with the chain: {e}"),
+        })?,
     }
     Ok(())
 }

@@ -142,6 +142,34 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
         .await
         .unwrap();
 
+    // The simulator's comments name cases ("IR-1234 triage collection", "Collect event logs
+    // for case 1234"): the largest case gets a recorded hold (fs: not enforced).
+    let mut cases: BTreeMap<String, (BTreeSet<String>, BTreeSet<String>)> = BTreeMap::new();
+    for (action, evidence, comment) in e
+        .reader()
+        .prepare("SELECT a.action_id, e.evidence_id, a.requestor_comment FROM actions a LEFT JOIN evidence e USING (tenant, action_id)")
+        .unwrap()
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+    {
+        let case = match (comment.strip_prefix("IR-"), comment.strip_prefix("Collect event logs for case ")) {
+            (Some(rest), _) => format!("IR-{}", rest.split(' ').next().unwrap()),
+            (_, Some(n)) => format!("CASE {n}"),
+            _ => continue,
+        };
+        let entry = cases.entry(case).or_default();
+        entry.0.insert(action);
+        entry.1.extend(evidence);
+    }
+    let (case, (case_actions, case_packages)) = cases
+        .iter()
+        .max_by_key(|(c, (_, p))| (p.len(), std::cmp::Reverse((*c).clone())))
+        .map(|(c, v)| (c.clone(), v.clone()))
+        .unwrap();
+    assert!(!case_packages.is_empty(), "{cases:?}");
+    e.run_ok(&["case", "hold", &case]);
+
     // The facts the answers are checked against, read plainly.
     let conn = e.reader();
     let (machine, requestor, dns): (String, String, String) = conn
@@ -169,12 +197,13 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
         (":requestor", Value::Text(requestor.clone())),
         (":days", Value::Integer(30)),
         (":evidence_id", Value::Text(exported.clone())),
+        (":case", Value::Text(case.clone())),
     ]);
 
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/audit.md")).unwrap();
     let queries = fenced(&doc, "sql");
-    assert_eq!(queries.len(), 19, "the guide's questions");
+    assert_eq!(queries.len(), 23, "the guide's questions");
     let answers: Vec<Rows> = queries.iter().map(|q| run(&conn, q, &params)).collect();
     let q = |n: usize| &answers[n - 1];
 
@@ -247,7 +276,23 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
         .map(|r| text(r, "packages").parse::<i64>().unwrap())
         .sum();
     assert_eq!(per_day, all.len() as i64, "Q9");
-    let events: Vec<String> = q(10).iter().map(|r| text(r, "event")).collect();
+    // The exported package's action joined a case at discovery when its comment names one.
+    let in_case = cases
+        .values()
+        .any(|(_, packages)| packages.contains(&exported));
+    let events: Vec<String> = q(10)
+        .iter()
+        .map(|r| text(r, "event"))
+        .filter(|ev| !(in_case && ev == "CASE_TAGGED"))
+        .collect();
+    assert_eq!(
+        q(10)
+            .iter()
+            .filter(|r| text(r, "event") == "CASE_TAGGED")
+            .count(),
+        usize::from(in_case),
+        "Q10 {exported}"
+    );
     assert_eq!(
         events,
         [
@@ -306,4 +351,32 @@ async fn every_query_in_the_audit_guide_answers_correctly() {
     assert_eq!(text(&q(17)[0], "sha256"), "ab".repeat(32));
     assert_eq!(q(18).len(), 3, "Q18: no TSA configured, no token");
     assert_eq!(q(19).len(), 0, "Q19: never restored");
+    assert_eq!(column(q(20), "evidence_id"), case_packages, "Q20 {case}");
+    assert_eq!(
+        column(q(21), "case_id"),
+        cases.keys().cloned().collect::<BTreeSet<_>>(),
+        "Q21"
+    );
+    let row = q(21).iter().find(|r| text(r, "case_id") == case).unwrap();
+    assert_eq!(
+        (text(row, "packages"), text(row, "legal_hold")),
+        (case_packages.len().to_string(), "1".to_string()),
+        "Q21 {case}"
+    );
+    assert_eq!(column(q(22), "action_id"), case_actions, "Q22 {case}");
+    assert!(
+        q(22)
+            .iter()
+            .all(|r| text(r, "event") == "CASE_TAGGED" && text(r, "tagged_by") == "pattern")
+    );
+    assert_eq!(q(23).len(), 1, "Q23");
+    assert_eq!(
+        (
+            text(&q(23)[0], "event"),
+            text(&q(23)[0], "case_id"),
+            text(&q(23)[0], "enforced")
+        ),
+        ("LEGAL_HOLD_SET".to_string(), case.clone(), "0".to_string()),
+        "Q23"
+    );
 }

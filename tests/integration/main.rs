@@ -6,6 +6,7 @@ mod anchors;
 mod attempts;
 mod audit_doc;
 mod backup_restore;
+mod cases;
 mod cli;
 mod clouds;
 mod common;

@@ -31,7 +31,7 @@ fn toml_str(p: &Path) -> String {
 /// A simulator environment whose `[store]` section gets `store_keys` (the backend, bucket,
 /// ...), with its context on a store opened with `credentials` (the tests' own lookup; the
 /// binary reads the same values from its environment).
-async fn object_env(
+pub(crate) async fn object_env(
     sim_cfg: SimConfig,
     store_keys: impl Fn(&Path) -> String,
     extra: &str,
@@ -72,7 +72,7 @@ async fn s3_env(
 }
 
 /// `[store]` keys of an S3 store on moto, the spool beside the database.
-fn s3_keys(moto: &Server, bucket: &str, more: &str) -> impl Fn(&Path) -> String {
+pub(crate) fn s3_keys(moto: &Server, bucket: &str, more: &str) -> impl Fn(&Path) -> String {
     let (url, bucket, more) = (moto.url(), bucket.to_string(), more.to_string());
     move |dir: &Path| {
         format!(
@@ -83,7 +83,7 @@ fn s3_keys(moto: &Server, bucket: &str, more: &str) -> impl Fn(&Path) -> String 
 }
 
 /// The binary with the S3 credentials in its environment (as systemd would pass them).
-fn lrvault_s3(e: &Env) -> std::process::Command {
+pub(crate) fn lrvault_s3(e: &Env) -> std::process::Command {
     let mut c = e.lrvault();
     c.env("AWS_ACCESS_KEY_ID", S3_KEY_ID)
         .env("AWS_SECRET_ACCESS_KEY", S3_SECRET);

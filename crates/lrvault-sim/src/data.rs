@@ -258,12 +258,18 @@ pub(crate) fn generate_tenant(
     let mut actions = Vec::new();
     for i in 0..cfg.actions {
         let created = g.creation_time();
-        actions.push(g.live_response(
+        let mut action = g.live_response(
             &tenant.tenant_id,
             i,
             created,
             STATUS_PATTERN[i % STATUS_PATTERN.len()],
-        ));
+        );
+        if !cfg.comments.is_empty() {
+            let comment = json!(cfg.comments[i % cfg.comments.len()]);
+            action.entity["requestorComment"] = comment.clone();
+            action.list_entity["requestorComment"] = comment;
+        }
+        actions.push(action);
     }
     for i in 0..2 + cfg.actions / 10 {
         let created = g.creation_time();

@@ -86,6 +86,9 @@ pub struct SimConfig {
     /// How far the simulator's clock runs off the host's (its `Date` headers and SAS
     /// expiry times), to test clock skew.
     pub clock_offset: chrono::Duration,
+    /// When not empty, the `requestorComment` of the i-th live-response action of each tenant
+    /// is `comments[i % len]` (tests of cases named in comments); otherwise a generated one.
+    pub comments: Vec<String>,
 }
 
 impl Default for SimConfig {
@@ -108,6 +111,7 @@ impl Default for SimConfig {
             md5_limit: 256 * 1024 * 1024,
             faults: Vec::new(),
             clock_offset: chrono::Duration::zero(),
+            comments: Vec::new(),
         }
     }
 }

@@ -45,6 +45,9 @@ pub(super) async fn record(
     };
     store_answered(ctx);
     rec.extra.extend(stored.custody_detail());
+    if let Some(hold) = hold_if_held(ctx, key, &rel).await? {
+        rec.extra.insert("legal_hold".into(), hold);
+    }
     let committed = queue::commit_archived(&ctx.db, key, &ctx.owner, actor, rec).await;
     let outcome = archived_or_lost(committed)?;
     if outcome == Outcome::Archived
@@ -53,6 +56,34 @@ pub(super) async fn record(
         tracing::warn!(package = rel, error = %e, "could not remove the spool copy of an archived package; the next pass's sweep removes it");
     }
     Ok(outcome)
+}
+
+/// A package of an action in a held case is held as it is published, before its ARCHIVED
+/// row (docs/operations.md §17): a crash in between publishes (adopts) and holds it again. The
+/// row's `legal_hold` names the cases and, on S3, the versions held.
+async fn hold_if_held(
+    ctx: &Context,
+    key: &Key,
+    rel: &str,
+) -> Result<Option<serde_json::Value>, Failure> {
+    let (tenant, action) = (key.tenant.clone(), key.action_id.clone());
+    let cases = ctx
+        .db
+        .read(move |c| crate::cases::held_cases(c, &tenant, &action))
+        .await
+        .map_err(Failure::database)?;
+    if cases.is_empty() {
+        return Ok(None);
+    }
+    let versions = match ctx.store.legal_hold(rel, true).await {
+        Ok(versions) => versions,
+        Err(e) => return Err(refused(ctx, rel, &e).await),
+    };
+    Ok(Some(serde_json::json!({
+        "cases": cases,
+        "enforced": ctx.store.enforces_legal_hold(),
+        "versions": versions,
+    })))
 }
 
 /// The failure a refused publication is. A spool copy the store cannot take as it is (the
