@@ -14,6 +14,7 @@ mod anchor;
 mod cloud;
 mod schedule;
 mod secret;
+mod signin;
 mod store;
 mod tenant;
 
@@ -21,6 +22,7 @@ pub use anchor::{AnchorConfig, Witness};
 pub use cloud::{Cloud, Preset};
 pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::{Credentials, ExposeSecret, Secret, SecretSource, check_secret_text};
+pub use signin::{ClientCertificate, CredentialFile, SignIn, read_federated_token};
 pub use store::{
     Backend, Compression, ObjectStoreConfig, StoreBackend, StoreConfig, StoreCredentials,
 };

@@ -114,7 +114,9 @@ impl SecretSource {
     pub fn load(&self) -> Result<Secret, String> {
         // The text as read is wiped too, not only the value taken from it.
         let raw = Zeroizing::new(match self {
-            SecretSource::File { configured, path } => read_secret_file(configured, path)?,
+            SecretSource::File { configured, path } => {
+                read_secret_file("client_secret_file", configured, path)?
+            }
             SecretSource::Env(var) => std::env::var(var).map_err(|_| {
                 format!("environment variable {var} (client_secret_env) is not set or not UTF-8")
             })?,
@@ -124,11 +126,16 @@ impl SecretSource {
     }
 }
 
-/// Reads a secret file: not found under a relative name says where it was looked for, and
-/// a file every user can read is refused (a group that is not ours gets a warning).
-fn read_secret_file(configured: &Path, path: &Path) -> Result<String, String> {
+/// Reads a secret file (the file of config key `key`): not found under a relative name says
+/// where it was looked for, and a file every user can read is refused (a group that is not
+/// ours gets a warning).
+pub(super) fn read_secret_file(
+    key: &str,
+    configured: &Path,
+    path: &Path,
+) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        let mut m = format!("cannot read client_secret_file {}: {e}", path.display());
+        let mut m = format!("cannot read {key} {}: {e}", path.display());
         if configured.is_relative() && configured == path {
             let cwd = std::env::current_dir()
                 .map(|d| d.display().to_string())
@@ -140,19 +147,19 @@ fn read_secret_file(configured: &Path, path: &Path) -> Result<String, String> {
         m
     })?;
     let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot inspect client_secret_file {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot inspect {key} {}: {e}", path.display()))?;
     match crate::access::secret_exposure(&meta) {
         crate::access::SecretExposure::Private => {}
         crate::access::SecretExposure::World => {
             return Err(format!(
-                "client_secret_file {} is readable by every user ({}); chmod 0600 it (0640 with the service's group) and rotate the secret if others may have read it",
+                "{key} {} is readable by every user ({}); chmod 0600 it (0640 with the service's group) and rotate the secret if others may have read it",
                 path.display(),
                 crate::access::describe(&meta)
             ));
         }
         crate::access::SecretExposure::Group(group) => tracing::warn!(
             path = %path.display(),
-            "client_secret_file is readable by group {group}, which this process is not in; only its owner and the service need it"
+            "{key} is readable by group {group}, which this process is not in; only its owner and the service need it"
         ),
     }
     Ok(text)
