@@ -23,7 +23,7 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A client assertion is valid this long (Entra accepts at most 10 minutes).
 const ASSERTION_LIFETIME_SECS: i64 = 600;
 /// The Azure instance metadata endpoint (fixed; `IDENTITY_ENDPOINT` replaces it on App
-/// Service and Arc hosts, and in the tests).
+/// Service hosts, and in the tests).
 const IMDS_TOKEN_URL: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -76,7 +76,7 @@ impl MdeClient {
     }
 
     /// The managed-identity GET: `IDENTITY_ENDPOINT` with `IDENTITY_HEADER` when both are
-    /// set (App Service, Arc, the tests), else the instance metadata endpoint.
+    /// set (App Service, the tests), else the instance metadata endpoint.
     async fn managed_identity_token(&self, client_id: Option<&str>) -> Result<Issued, MdeError> {
         let resource = self
             .tenant
