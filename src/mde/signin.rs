@@ -258,26 +258,8 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "key.pem",
-                "-out",
-                "cert.pem",
-                "-subj",
-                "/CN=lrvault-test",
-                "-days",
-                "2",
-            ],
-        );
-        let mut pem = std::fs::read(d.join("key.pem")).unwrap();
-        pem.extend(std::fs::read(d.join("cert.pem")).unwrap());
+        let (key, cert_pem) = lrvault_sim::openssl_certificate(d, "cert").unwrap();
+        let pem = format!("{key}{cert_pem}");
         let file = d.join("app.pem");
         std::fs::write(&file, pem).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -290,7 +272,7 @@ mod tests {
         assert_eq!(parts.len(), 3);
         let part =
             |i: usize| serde_json::from_slice::<Value>(&b64.decode(parts[i]).unwrap()).unwrap();
-        let der = openssl(d, &["x509", "-in", "cert.pem", "-outform", "DER"]);
+        let der = openssl(d, &["x509", "-in", "cert.cer", "-outform", "DER"]);
         assert_eq!(
             part(0),
             json!({"alg": "PS256", "typ": "JWT", "x5t#S256": b64.encode(Sha256::digest(&der))})
@@ -308,7 +290,7 @@ mod tests {
         std::fs::write(d.join("sig"), b64.decode(parts[2]).unwrap()).unwrap();
         std::fs::write(
             d.join("pub.pem"),
-            openssl(d, &["x509", "-in", "cert.pem", "-pubkey", "-noout"]),
+            openssl(d, &["x509", "-in", "cert.cer", "-pubkey", "-noout"]),
         )
         .unwrap();
         let verified = openssl(

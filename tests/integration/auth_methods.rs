@@ -24,24 +24,10 @@ enum Method {
     Managed,
 }
 
-/// A key and self-signed certificate from openssl: the PEM lrvault reads (key, then
+/// A new key and self-signed certificate (openssl): the PEM lrvault reads (key, then
 /// certificate; mode 0600) at `path`, and the certificate alone for the app registration.
 fn make_certificate(dir: &Path, path: &Path) -> String {
-    let out = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-out", "c.pem",
-        ])
-        .args(["-subj", "/CN=lrvault-test", "-days", "2"])
-        .current_dir(dir)
-        .output()
-        .expect("openssl must be installed (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = std::fs::read_to_string(dir.join("k.pem")).unwrap();
-    let cert = std::fs::read_to_string(dir.join("c.pem")).unwrap();
+    let (key, cert) = lrvault_sim::openssl_certificate(dir, "app").unwrap();
     write_private(path, &format!("{key}{cert}"));
     cert
 }

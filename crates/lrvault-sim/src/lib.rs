@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 
 pub use blob::{Payload, PayloadKind};
 pub use fault::{FAULT_NAMES, Fault};
-pub use server::FEDERATED_ISSUER;
+pub use server::{FEDERATED_ISSUER, openssl_certificate};
 
 use blob::Blob;
 use data::{LinkKind, Rng, TenantData, mix};

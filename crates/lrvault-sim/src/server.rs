@@ -30,8 +30,8 @@ use super::{LoggedRequest, Simulator};
 mod blob_host;
 mod signin;
 use blob_host::*;
-pub use signin::FEDERATED_ISSUER;
 pub(crate) use signin::Registry;
+pub use signin::{FEDERATED_ISSUER, openssl_certificate};
 
 const CHUNK: u64 = 64 * 1024;
 const SAS_VERSION: &str = "2019-07-07";

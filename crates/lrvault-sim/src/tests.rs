@@ -882,27 +882,6 @@ async fn fault_blob_403_and_unauthorized() {
     assert_eq!(sha(&ok.bytes().await.unwrap()), e.sha256);
 }
 
-/// An RSA key (PKCS#8 PEM) and its self-signed certificate (PEM), made by openssl (installed
-/// by .ci/run; its absence fails the test).
-fn key_and_certificate(dir: &std::path::Path, name: &str) -> (String, String) {
-    let (key, cert) = (format!("{name}.key"), format!("{name}.cer"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=sim-test", "-keyout", &key, "-out", &cert])
-        .current_dir(dir)
-        .output()
-        .expect("openssl must be installed (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-    (read(&key), read(&cert))
-}
-
 async fn assertion_request(
     c: &reqwest::Client,
     base: &str,
@@ -930,8 +909,8 @@ async fn assertion_request(
 #[tokio::test]
 async fn client_assertions_are_verified_for_real() {
     let dir = TempDir::new();
-    let (key, cert) = key_and_certificate(dir.path(), "app");
-    let (other_key, _) = key_and_certificate(dir.path(), "other");
+    let (key, cert) = openssl_certificate(dir.path(), "app").unwrap();
+    let (other_key, _) = openssl_certificate(dir.path(), "other").unwrap();
     let h = Simulator::new(cfg(1)).start().await.unwrap();
     let (c, t) = (client(), h.sim.tenants()[0].clone());
     let x5t = h.sim.add_client_certificate(&t.tenant_id, &cert).unwrap();

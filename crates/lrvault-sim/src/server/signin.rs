@@ -331,6 +331,29 @@ pub(super) async fn managed_identity(
     tagged(axum::Json(body).into_response(), &tenant.tenant_id)
 }
 
+/// A new RSA key (PKCS#8 PEM) and its self-signed certificate (PEM), made in `dir` by
+/// `openssl req -x509` as `{name}.key` and `{name}.cer`: test certificates for the tests of
+/// the simulator and of lrvault. Fails when openssl is missing (`.ci/run` installs it).
+pub fn openssl_certificate(dir: &std::path::Path, name: &str) -> Result<(String, String), String> {
+    let (key, cert) = (format!("{name}.key"), format!("{name}.cer"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=lrvault-test", "-keyout", &key, "-out", &cert])
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("cannot run openssl (.ci/run installs it): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "openssl req: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("{f}: {e}"));
+    Ok((read(&key)?, read(&cert)?))
+}
+
 fn base64url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
