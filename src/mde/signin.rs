@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -48,9 +47,11 @@ impl MdeClient {
         if let SignIn::ManagedIdentity { client_id } = &tenant.sign_in {
             return self.managed_identity_token(client_id.as_deref()).await;
         }
-        // Files are read, and the assertion signed, on a blocking thread.
-        let audience = url.clone();
-        let proof = tokio::task::spawn_blocking(move || proof(&tenant, &audience))
+        // Files are read, and the assertion signed, on a blocking thread. Its times are the
+        // servers' (learned from their Date headers), so a host clock that is off by more
+        // than Entra's leeway does not make every assertion "not yet valid" or "expired".
+        let (audience, now) = (url.clone(), self.clock.now().timestamp());
+        let proof = tokio::task::spawn_blocking(move || proof(&tenant, &audience, now))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
         let (key, value) = match &proof {
@@ -147,13 +148,13 @@ fn identity_endpoint() -> Option<(String, Secret)> {
 /// The proof for a client-credentials POST, read now: the secret, a fresh assertion signed
 /// with the certificate, or the federated token. An unreadable credential is the tenant's
 /// configuration error (the refused case: no result spends an attempt on it).
-fn proof(tenant: &TenantConfig, audience: &str) -> Result<Proof, MdeError> {
+fn proof(tenant: &TenantConfig, audience: &str, now: i64) -> Result<Proof, MdeError> {
     let failed = |m: String| MdeError::Secret(tenant.credential_error(m));
     match &tenant.sign_in {
         SignIn::Secret(source) => source.load().map(Proof::Secret).map_err(failed),
         SignIn::Certificate(file) => {
             let cert = ClientCertificate::load(file).map_err(failed)?;
-            client_assertion(&cert, &tenant.client_id, audience, Utc::now().timestamp())
+            client_assertion(&cert, &tenant.client_id, audience, now)
                 .map(Proof::Assertion)
                 .map_err(|e| {
                     failed(format!(
