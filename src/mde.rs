@@ -1,5 +1,6 @@
-//! The Defender for Endpoint API client for one tenant: OAuth2 client-credentials token
-//! (cached), List / Get MachineActions and GetLiveResponseResultDownloadLink. Every request
+//! The Defender for Endpoint API client for one tenant: a bearer token (cached; taken by the
+//! tenant's sign-in method, see [`signin`]), List / Get MachineActions and
+//! GetLiveResponseResultDownloadLink. Every request
 //! passes through the quota governor first. The bearer token only ever goes to `api_base`;
 //! result downloads use a separate client (see `fetch`).
 
@@ -11,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use url::Url;
 
-use crate::config::{ExposeSecret, TenantConfig};
+use crate::config::TenantConfig;
 use crate::http::{RemoteClock, code_suffix, redact_reqwest};
 use crate::quota::{Endpoint, Governor, LedgerError, parse_retry_after};
 
@@ -19,6 +20,8 @@ use crate::quota::{Endpoint, Governor, LedgerError, parse_retry_after};
 const API_TIMEOUT: Duration = Duration::from_secs(100);
 /// A 429 is retried after its Retry-After this many times before the call gives up.
 const MAX_THROTTLE_RETRIES: u32 = 10;
+
+mod signin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MdeError {
@@ -36,13 +39,13 @@ pub enum MdeError {
         timeout: bool,
     },
     /// The identity provider refused our credentials: the operator's to fix.
-    #[error("token request refused (HTTP {status}): {error}{}; check tenant_id, client_id and the client secret ({secret})", codes_part(.codes))]
+    #[error("token request refused (HTTP {status}): {error}{}; check {credential}", codes_part(.codes))]
     TokenRefused {
         status: u16,
         error: String,
         codes: Vec<i64>,
-        /// Where the secret came from (never its value).
-        secret: String,
+        /// What to check, naming where the credential came from (never its value).
+        credential: String,
     },
     /// The token endpoint is down or overloaded: an outage, not a configuration problem.
     #[error(
@@ -58,7 +61,8 @@ pub enum MdeError {
     Throttled { endpoint: &'static str },
     #[error(transparent)]
     Ledger(#[from] LedgerError),
-    /// The client secret could not be read when a token was needed.
+    /// The credential (secret, certificate, federated token) could not be read, or no
+    /// assertion could be signed with it, when a token was needed.
     #[error(transparent)]
     Secret(crate::config::ConfigError),
     #[error("{endpoint}: the answer is larger than {cap} bytes; refusing to read it")]
@@ -91,8 +95,8 @@ async fn read_body(
         })
 }
 
-/// A token request that did not succeed: an outage (5xx, 408, 429, `temporarily_unavailable`)
-/// or a refusal of our credentials (400/401 with AAD error codes).
+/// A token request that did not succeed: an outage ([`signin::is_outage`]) or a refusal of
+/// our credentials (400/401 with AAD error codes; 400/404 from a managed-identity endpoint).
 fn token_error(status: StatusCode, json: &Value, tenant: &TenantConfig) -> MdeError {
     let error = json
         .get("error")
@@ -100,7 +104,7 @@ fn token_error(status: StatusCode, json: &Value, tenant: &TenantConfig) -> MdeEr
         .unwrap_or("unknown error")
         .to_string();
     let code = status.as_u16();
-    if code >= 500 || code == 408 || code == 429 || error == "temporarily_unavailable" {
+    if signin::is_outage(status, &error) {
         return MdeError::TokenUnavailable {
             status: code,
             error,
@@ -114,7 +118,7 @@ fn token_error(status: StatusCode, json: &Value, tenant: &TenantConfig) -> MdeEr
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_i64).collect())
             .unwrap_or_default(),
-        secret: tenant.secret_source(),
+        credential: tenant.sign_in.check_hint(),
     }
 }
 
@@ -455,57 +459,16 @@ impl MdeClient {
         if !refresh && let Some(t) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
             return Ok(t.value.clone());
         }
-        let url = format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.tenant.login_base.as_str().trim_end_matches('/'),
-            self.tenant.tenant_id
-        );
-        // Read at every refresh, so a rotated secret is picked up without a restart; the
-        // file is read on a blocking thread, not on the runtime's.
-        let tenant = self.tenant.clone();
-        let secret = tokio::task::spawn_blocking(move || tenant.load_secret())
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-            .map_err(MdeError::Secret)?;
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("client_id", self.tenant.client_id.as_str()),
-            ("client_secret", secret.expose_secret()),
-            ("scope", self.tenant.scope.as_str()),
-        ];
-        let endpoint = Endpoint::Token;
-        let response = self
-            .send_counted(endpoint, || self.http.post(&url).form(&form))
-            .await?;
-        let status = response.status();
-        let body = read_body(endpoint, response).await?;
-        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(token_error(status, &json, &self.tenant));
-        }
-        let value = json
-            .get("access_token")
-            .and_then(Value::as_str)
-            .ok_or_else(|| MdeError::Decode {
-                endpoint: endpoint.as_str(),
-                message: "no access_token".into(),
-            })?
-            .to_string();
-        // v2 sends a number, v1 a string.
-        let expires_in = match json.get("expires_in") {
-            Some(Value::Number(n)) => n.as_u64(),
-            Some(Value::String(s)) => s.parse().ok(),
-            _ => None,
-        }
-        .unwrap_or(3599);
-        // Refresh five minutes early (or at half-life for short-lived tokens).
-        let margin = (expires_in / 2).min(300);
-        let refresh_at = Instant::now() + Duration::from_secs(expires_in.saturating_sub(margin));
+        let issued = self.request_token().await?;
+        // Refresh five minutes early (or at half-life for short-lived tokens); the lifetime
+        // is clamped to a day, so the sum cannot overflow.
+        let margin = (issued.lifetime / 2).min(Duration::from_secs(300));
+        let refresh_at = Instant::now() + (issued.lifetime - margin);
         *cached = Some(CachedToken {
-            value: value.clone(),
+            value: issued.value.clone(),
             refresh_at,
         });
-        Ok(value)
+        Ok(issued.value)
     }
 
     /// Gets (or reuses) a token: fails fast on refused credentials.

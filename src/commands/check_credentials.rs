@@ -1,12 +1,11 @@
-//! `lrvault check-credentials`: takes a token with a tenant's configured client secret, or
-//! with the one `--secret-file` names (a new secret written beside the old, before a
+//! `lrvault check-credentials`: takes a token the way a tenant signs in (`auth`: secret,
+//! certificate, managed identity, workload identity), or with the secret `--secret-file` or
+//! the certificate `--certificate-file` names (a new one written beside the old, before a
 //! rotation swaps them: docs/operations.md §1.7), and makes one cheap API call (a List page
 //! of one action). It changes no action, result or custody row; both calls go through the
 //! quota governor and are in the ledger. Exit 0 the credentials work, 1 refused (or the
-//! check could not be made), 2 a configuration problem (unreadable secret, unknown tenant).
-//!
-//! `--certificate-file` (certificate sign-in) is not offered: lrvault signs in with client
-//! secrets only.
+//! check could not be made), 2 a configuration problem (unreadable credential, unknown
+//! tenant).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +13,7 @@ use std::sync::Arc;
 
 use clap::Args as ClapArgs;
 
-use crate::config::{ConfigFile, SecretSource, TenantConfig};
+use crate::config::{ConfigFile, CredentialFile, SecretSource, SignIn, TenantConfig};
 use crate::db::Db;
 use crate::error::UserError;
 use crate::mde::{MdeClient, MdeError};
@@ -27,8 +26,12 @@ pub struct Args {
     pub tenant: Option<String>,
     /// Sign in with the secret in this file instead of the configured one (one tenant only;
     /// a relative name is looked up like client_secret_file: in $CREDENTIALS_DIRECTORY)
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", conflicts_with = "certificate_file")]
     pub secret_file: Option<PathBuf>,
+    /// Sign in with the certificate (PEM private key and certificate) in this file instead
+    /// (one tenant only; a relative name is looked up like client_certificate_file)
+    #[arg(long, value_name = "F")]
+    pub certificate_file: Option<PathBuf>,
 }
 
 /// How one tenant's check ended.
@@ -45,21 +48,33 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
         .into_iter()
         .cloned()
         .collect();
-    if let Some(file) = &args.secret_file {
+    let credentials = &config.credentials;
+    let given = match (&args.secret_file, &args.certificate_file) {
+        (Some(file), _) => Some((
+            "--secret-file",
+            SignIn::Secret(SecretSource::File {
+                path: credentials.resolve(file),
+                configured: file.clone(),
+            }),
+        )),
+        (None, Some(file)) => Some((
+            "--certificate-file",
+            SignIn::Certificate(CredentialFile::new(file.clone(), credentials)),
+        )),
+        (None, None) => None,
+    };
+    if let Some((flag, sign_in)) = given {
         let [tenant] = tenants.as_mut_slice() else {
-            return Err(UserError::new(
-                "--secret-file needs --tenant when several tenants are configured",
-            )
+            return Err(UserError::new(format!(
+                "{flag} needs --tenant when several tenants are configured"
+            ))
             .into());
         };
-        tenant.secret = SecretSource::File {
-            path: config.credentials.resolve(file),
-            configured: file.clone(),
-        };
+        tenant.sign_in = sign_in;
     }
-    // Every secret is read before any call: an unreadable one is a configuration error.
+    // Every credential is read before any call: an unreadable one is a configuration error.
     for t in &tenants {
-        t.load_secret()?;
+        t.check_credential()?;
     }
     cfg.check_writable()?;
     let db = Db::open(&cfg.database.path)?;
@@ -67,7 +82,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     let http = crate::mde::api_http()?;
     let mut all_work = true;
     for t in tenants {
-        let (name, source) = (t.name.clone(), t.secret_source());
+        let (name, source) = (t.name.clone(), t.credential_source());
         let client = MdeClient::new(
             Arc::new(t),
             governor.clone(),
@@ -93,7 +108,8 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
 
 /// A token, then one List page of at most one action created from now on (an empty answer
 /// costs the API nothing). A refusal by the identity provider or the API (401, 403) is
-/// `Refused`; an outage is `Unknown`; an unreadable secret or a ledger failure is the error.
+/// `Refused`; an outage is `Unknown`; an unreadable credential or a ledger failure is the
+/// error.
 async fn check(client: &MdeClient) -> anyhow::Result<Verdict> {
     let answer = match client.check_auth().await {
         Ok(()) => {

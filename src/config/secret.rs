@@ -136,9 +136,14 @@ pub fn load_secret_file(key: &str, configured: &Path, path: &Path) -> Result<Sec
     Ok(Secret::from(secret))
 }
 
-/// Reads a secret file: not found under a relative name says where it was looked for, and
-/// a file every user can read is refused (a group that is not ours gets a warning).
-fn read_secret_file(key: &str, configured: &Path, path: &Path) -> Result<String, String> {
+/// Reads a secret file (the file of config key `key`): not found under a relative name says
+/// where it was looked for, and a file every user can read is refused (a group that is not
+/// ours gets a warning).
+pub(super) fn read_secret_file(
+    key: &str,
+    configured: &Path,
+    path: &Path,
+) -> Result<String, String> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         let mut m = format!("cannot read {key} {}: {e}", path.display());
         if configured.is_relative() && configured == path {

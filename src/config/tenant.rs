@@ -1,5 +1,5 @@
 //! `[[tenant]]`: one Defender tenant's app registration, checked: its name (used in paths
-//! and rows), where its client secret comes from, its cloud, and the URLs its bearer token
+//! and rows), how it signs in (`auth`) and where its credential comes from, its cloud, and the URLs its bearer token
 //! may reach (the cloud's preset, key by key unless written).
 
 use std::path::PathBuf;
@@ -9,7 +9,8 @@ use url::Url;
 
 use super::case_pattern::CasePattern;
 use super::cloud::Cloud;
-use super::secret::{Credentials, Secret, SecretSource};
+use super::secret::Credentials;
+use super::signin::{SignIn, SignInKeys};
 use super::{ConfigError, check_base_url};
 
 /// One `[[tenant]]` as written.
@@ -19,10 +20,19 @@ pub(super) struct RawTenant {
     name: String,
     tenant_id: String,
     client_id: String,
+    /// `secret` (the default) | `certificate` | `managed-identity` | `workload-identity`.
+    #[serde(default)]
+    auth: Option<String>,
     #[serde(default)]
     client_secret_file: Option<PathBuf>,
     #[serde(default)]
     client_secret_env: Option<String>,
+    #[serde(default)]
+    client_certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    managed_identity_client_id: Option<String>,
+    #[serde(default)]
+    federated_token_file: Option<PathBuf>,
     /// Only here to refuse it with a clear message: secrets never live in the TOML.
     #[serde(default)]
     client_secret: Option<toml::Value>,
@@ -49,7 +59,8 @@ pub struct TenantConfig {
     pub name: String,
     pub tenant_id: String,
     pub client_id: String,
-    pub secret: SecretSource,
+    /// How it signs in, and where its credential comes from.
+    pub sign_in: SignIn,
     /// Whose presets filled the host keys the tenant left out.
     pub cloud: Cloud,
     /// https, or http to a loopback host.
@@ -63,17 +74,25 @@ pub struct TenantConfig {
 }
 
 impl TenantConfig {
-    /// Where the secret comes from, for messages (never its value).
-    pub fn secret_source(&self) -> String {
-        self.secret.describe()
+    /// Where the credential comes from, for messages (never its value).
+    pub fn credential_source(&self) -> String {
+        self.sign_in.to_string()
     }
 
-    /// Reads the client secret now (a rotated secret is picked up without a restart).
-    pub fn load_secret(&self) -> Result<Secret, ConfigError> {
-        self.secret.load().map_err(|message| ConfigError::Secret {
+    /// Reads the credential now, so an unreadable one stops a command at start; the token
+    /// code reads it again at every refresh (a rotated one needs no restart).
+    pub fn check_credential(&self) -> Result<(), ConfigError> {
+        self.sign_in
+            .check()
+            .map_err(|message| self.credential_error(message))
+    }
+
+    /// A credential that could not be read, as the error naming this tenant.
+    pub fn credential_error(&self, message: String) -> ConfigError {
+        ConfigError::Secret {
             tenant: self.name.clone(),
             message,
-        })
+        }
     }
 }
 
@@ -92,12 +111,15 @@ impl RawTenant {
                     .into(),
             ));
         }
-        let secret = SecretSource::new(
-            self.client_secret_file.clone(),
-            self.client_secret_env.clone(),
-            credentials,
-        )
-        .map_err(bad)?;
+        let keys = SignInKeys {
+            auth: self.auth.clone(),
+            client_secret_file: self.client_secret_file.clone(),
+            client_secret_env: self.client_secret_env.clone(),
+            client_certificate_file: self.client_certificate_file.clone(),
+            managed_identity_client_id: self.managed_identity_client_id.clone(),
+            federated_token_file: self.federated_token_file.clone(),
+        };
+        let sign_in = SignIn::new(keys, credentials).map_err(bad)?;
         if self.tenant_id.trim().is_empty() || self.client_id.trim().is_empty() {
             return Err(bad("tenant_id and client_id are required".into()));
         }
@@ -137,7 +159,7 @@ impl RawTenant {
             name: self.name,
             tenant_id: self.tenant_id,
             client_id: self.client_id,
-            secret,
+            sign_in,
             cloud,
             api_base,
             login_base,

@@ -17,6 +17,14 @@ fn write_secret(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
+/// The tenant's client secret, read now.
+fn load_secret(t: &TenantConfig) -> Result<Secret, ConfigError> {
+    match &t.sign_in {
+        SignIn::Secret(source) => source.load().map_err(|m| t.credential_error(m)),
+        other => panic!("tenant '{}' signs in with {other}", t.name),
+    }
+}
+
 const TENANT: &str = r#"
 [[tenant]]
 name = "contoso"
@@ -42,11 +50,11 @@ fn example_config_parses_with_documented_values() {
     assert_eq!(cfg.schedule.discover.as_str(), "0 */5 * * * *");
     assert_eq!(cfg.schedule.verify.as_str(), "0 17 3 * * *");
     assert_eq!(
-        cfg.tenants[0].secret,
-        SecretSource::File {
+        cfg.tenants[0].sign_in,
+        SignIn::Secret(SecretSource::File {
             configured: "contoso".into(),
             path: "contoso".into()
-        }
+        })
     );
     assert_eq!(
         cfg.tenants[0].api_base.as_str(),
@@ -513,7 +521,7 @@ fn secret_errors_name_the_source_and_never_the_value() {
         "client_secret_file = \"/nonexistent/s\"",
     ))
     .unwrap();
-    let e = cfg.tenants[0].load_secret().unwrap_err().to_string();
+    let e = load_secret(&cfg.tenants[0]).unwrap_err().to_string();
     assert!(
         e.starts_with("tenant 'contoso': cannot read client_secret_file /nonexistent/s"),
         "{e}"
@@ -526,7 +534,7 @@ fn secret_errors_name_the_source_and_never_the_value() {
         &format!("client_secret_file = {:?}", p),
     ))
     .unwrap();
-    let s = cfg.tenants[0].load_secret().unwrap();
+    let s = load_secret(&cfg.tenants[0]).unwrap();
     assert_eq!(s.expose_secret(), "s3cr3t");
     assert_eq!(format!("{s:?}"), "SecretBox<str>([REDACTED])");
 }
@@ -543,13 +551,13 @@ fn relative_secret_files_resolve_in_the_credentials_directory() {
     let cfg = Config::parse(&text, Path::new("test.toml"), credentials.clone()).unwrap();
     assert_eq!(cfg.credentials, credentials);
     assert_eq!(
-        cfg.tenants[0].secret_source(),
+        cfg.tenants[0].credential_source(),
         format!(
             "client_secret_file {}",
             dir.path().join("contoso").display()
         )
     );
-    let secret = cfg.tenants[0].load_secret().unwrap();
+    let secret = load_secret(&cfg.tenants[0]).unwrap();
     assert_eq!(secret.expose_secret(), "from-systemd");
     // An absolute name stays where it is; without the directory a relative one is looked
     // up in the working directory, and the message says why.
@@ -557,7 +565,7 @@ fn relative_secret_files_resolve_in_the_credentials_directory() {
     let source = SecretSource::new(Some("/etc/x".into()), None, &absolute).unwrap();
     assert_eq!(source.describe(), "client_secret_file /etc/x");
     let cfg = parse(&text).unwrap();
-    let e = cfg.tenants[0].load_secret().unwrap_err().to_string();
+    let e = load_secret(&cfg.tenants[0]).unwrap_err().to_string();
     let cwd = std::env::current_dir().unwrap();
     assert_eq!(
         e,
@@ -667,4 +675,107 @@ fn unknown_tenant_lists_the_configured_ones() {
         .unwrap_err()
         .to_string();
     assert_eq!(e, "unknown tenant 'fabrikam' (configured: contoso)");
+}
+
+#[test]
+fn auth_picks_the_sign_in_method_and_refuses_keys_of_another() {
+    let with = |keys: &str| {
+        let text = TENANT.replace("client_secret_env = \"X\"\n", keys);
+        Config::parse(
+            &text,
+            Path::new("test.toml"),
+            Credentials::new(Some("/run/credentials/lrvault.service".into())),
+        )
+    };
+    let cfg = with("auth = \"certificate\"\nclient_certificate_file = \"contoso.pem\"\n").unwrap();
+    let t = &cfg.tenants[0];
+    assert_eq!(
+        t.sign_in,
+        SignIn::Certificate(CredentialFile {
+            configured: "contoso.pem".into(),
+            path: "/run/credentials/lrvault.service/contoso.pem".into(),
+        })
+    );
+    assert_eq!(
+        t.credential_source(),
+        "client_certificate_file /run/credentials/lrvault.service/contoso.pem"
+    );
+    assert_eq!(t.sign_in.method(), "certificate");
+    let mi = with("auth = \"managed-identity\"\n").unwrap();
+    assert_eq!(
+        mi.tenants[0].credential_source(),
+        "managed identity (system-assigned)"
+    );
+    let user = with("auth = \"managed-identity\"\nmanaged_identity_client_id = \"u-1\"\n").unwrap();
+    assert_eq!(
+        user.tenants[0].credential_source(),
+        "managed identity (user-assigned, managed_identity_client_id u-1)"
+    );
+    let wi = with("auth = \"workload-identity\"\nfederated_token_file = \"/var/run/secrets/azure/tokens/azure-identity-token\"\n").unwrap();
+    assert_eq!(
+        wi.tenants[0].credential_source(),
+        "federated_token_file /var/run/secrets/azure/tokens/azure-identity-token"
+    );
+    let err = |keys: &str| with(keys).unwrap_err().to_string();
+    assert_eq!(
+        err("auth = \"certificate\"\n"),
+        "invalid config: tenant 'contoso': auth = \"certificate\" needs client_certificate_file"
+    );
+    assert_eq!(
+        err(
+            "auth = \"certificate\"\nclient_certificate_file = \"c.pem\"\nclient_secret_env = \"X\"\n"
+        ),
+        "invalid config: tenant 'contoso': client_secret_file/client_secret_env is for auth = \"secret\", not \"certificate\""
+    );
+    assert_eq!(
+        err("client_secret_env = \"X\"\nfederated_token_file = \"/t\"\n"),
+        "invalid config: tenant 'contoso': federated_token_file is for auth = \"workload-identity\", not \"secret\""
+    );
+    assert_eq!(
+        err("auth = \"password\"\n"),
+        "invalid config: tenant 'contoso': unknown auth 'password' (secret | certificate | managed-identity | workload-identity)"
+    );
+}
+
+#[test]
+fn a_certificate_file_is_read_like_a_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("app.pem");
+    let text = TENANT.replace(
+        "client_secret_env = \"X\"\n",
+        &format!("auth = \"certificate\"\nclient_certificate_file = {pem:?}\n"),
+    );
+    let cfg = parse(&text).unwrap();
+    let check = || cfg.tenants[0].check_credential().unwrap_err().to_string();
+    assert!(
+        check().starts_with(&format!(
+            "tenant 'contoso': cannot read client_certificate_file {}: No such file",
+            pem.display()
+        )),
+        "{}",
+        check()
+    );
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(
+        check().starts_with(&format!(
+            "tenant 'contoso': client_certificate_file {} is readable by every user",
+            pem.display()
+        )),
+        "{}",
+        check()
+    );
+    std::fs::set_permissions(&pem, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        check(),
+        format!(
+            "tenant 'contoso': client_certificate_file {} holds no PRIVATE KEY block",
+            pem.display()
+        )
+    );
 }

@@ -367,7 +367,7 @@ mod tests {
             status: 401,
             error: "invalid_client".into(),
             codes: vec![7000215],
-            secret: "client_secret_file /s".into(),
+            credential: "tenant_id, client_id and the client secret (client_secret_file /s)".into(),
         };
         assert!(matches!(
             Failure::from_api(refused),

@@ -109,13 +109,13 @@ impl Context {
         Ok(Some(status))
     }
 
-    /// Builds the clients of the selected tenants (reading their secrets).
+    /// Builds the clients of the selected tenants (reading their credentials).
     pub fn tenants(&self, name: Option<&str>) -> anyhow::Result<Vec<Tenant>> {
         let mut out = Vec::new();
         for t in self.cfg.select_tenants(name)? {
-            // Read now so a missing or unreadable secret stops the command at once (exit 2);
+            // Read now so a missing or unreadable credential stops the command at once (exit 2);
             // the client reads it again at every token refresh (rotation needs no restart).
-            t.load_secret()?;
+            t.check_credential()?;
             let cfg = Arc::new(t.clone());
             out.push(Tenant {
                 client: MdeClient::new(

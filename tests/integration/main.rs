@@ -5,6 +5,7 @@
 mod anchors;
 mod attempts;
 mod audit_doc;
+mod auth_methods;
 mod backup_restore;
 mod cases;
 mod cli;

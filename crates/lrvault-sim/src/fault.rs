@@ -48,12 +48,21 @@ pub enum Fault {
     Redirect(usize),
     /// `gone=N`: the first N result-bearing commands answer 404 ResourceNotFound on the link call.
     Gone(usize),
+    /// `assertion-refused=N`: the first N certificate assertions are refused (401
+    /// invalid_client, AADSTS700027), as for an expired or deleted certificate.
+    AssertionRefused(usize),
+    /// `federated-refused=N`: the first N federated assertions are refused (AADSTS700213).
+    FederatedRefused(usize),
+    /// `managed-identity-refused=N`: the first N managed-identity requests answer 400
+    /// "Identity not found".
+    ManagedIdentityRefused(usize),
 }
 
 /// Every switch name, as accepted by `FromStr` and printed by `Display`.
 pub const FAULT_NAMES: &str = "link-5xx=N, list-5xx=N, blob-5xx=N, blob-403=N, 429=N, \
      unauthorized=N, slow=BYTES_PER_SEC, truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names, \
-     foreign-host=N, http-link=N, redirect=N, gone=N";
+     foreign-host=N, http-link=N, redirect=N, gone=N, assertion-refused=N, federated-refused=N, \
+     managed-identity-refused=N";
 
 impl FromStr for Fault {
     type Err = String;
@@ -96,6 +105,9 @@ impl FromStr for Fault {
             "http-link" => Fault::HttpLink(count()?),
             "redirect" => Fault::Redirect(count()?),
             "gone" => Fault::Gone(count()?),
+            "assertion-refused" => Fault::AssertionRefused(count()?),
+            "federated-refused" => Fault::FederatedRefused(count()?),
+            "managed-identity-refused" => Fault::ManagedIdentityRefused(count()?),
             other => {
                 return Err(format!(
                     "unknown fault `{other}`; valid switches: {FAULT_NAMES}"
@@ -126,6 +138,9 @@ impl fmt::Display for Fault {
             Fault::HttpLink(n) => write!(f, "http-link={n}"),
             Fault::Redirect(n) => write!(f, "redirect={n}"),
             Fault::Gone(n) => write!(f, "gone={n}"),
+            Fault::AssertionRefused(n) => write!(f, "assertion-refused={n}"),
+            Fault::FederatedRefused(n) => write!(f, "federated-refused={n}"),
+            Fault::ManagedIdentityRefused(n) => write!(f, "managed-identity-refused={n}"),
         }
     }
 }
@@ -150,6 +165,9 @@ pub(crate) struct FaultPlan {
     pub http_link: usize,
     pub redirect: usize,
     pub gone: usize,
+    pub assertion_refused: usize,
+    pub federated_refused: usize,
+    pub managed_identity_refused: usize,
 }
 
 impl FaultPlan {
@@ -174,6 +192,9 @@ impl FaultPlan {
                 Fault::HttpLink(n) => plan.http_link = n,
                 Fault::Redirect(n) => plan.redirect = n,
                 Fault::Gone(n) => plan.gone = n,
+                Fault::AssertionRefused(n) => plan.assertion_refused = n,
+                Fault::FederatedRefused(n) => plan.federated_refused = n,
+                Fault::ManagedIdentityRefused(n) => plan.managed_identity_refused = n,
             }
         }
         plan
@@ -204,6 +225,9 @@ mod tests {
             "http-link=2",
             "redirect=1",
             "gone=3",
+            "assertion-refused=1",
+            "federated-refused=2",
+            "managed-identity-refused=3",
         ];
         for s in all {
             let fault: Fault = s.parse().unwrap();

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 
 pub use blob::{Payload, PayloadKind};
 pub use fault::{FAULT_NAMES, Fault};
+pub use server::{FEDERATED_ISSUER, openssl_certificate};
 
 use blob::Blob;
 use data::{LinkKind, Rng, TenantData, mix};
@@ -202,6 +203,8 @@ struct State {
     /// Client secrets each tenant's app accepts now (tenant id -> secrets); starts with the
     /// configured one. Entra allows several at once, which is how a secret is rotated.
     secrets: HashMap<String, Vec<String>>,
+    /// Certificates, federated tokens and managed identities (`server::signin`).
+    signin: server::Registry,
 }
 
 impl Simulator {
@@ -257,6 +260,7 @@ impl Simulator {
                     blob_with_authorization: 0,
                     issued: Vec::new(),
                     secrets,
+                    signin: server::Registry::default(),
                 }),
             }),
         }

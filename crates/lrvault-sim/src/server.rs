@@ -28,7 +28,10 @@ use super::odata;
 use super::{LoggedRequest, Simulator};
 
 mod blob_host;
+mod signin;
 use blob_host::*;
+pub(crate) use signin::Registry;
+pub use signin::{FEDERATED_ISSUER, openssl_certificate};
 
 const CHUNK: u64 = 64 * 1024;
 const SAS_VERSION: &str = "2019-07-07";
@@ -49,6 +52,11 @@ pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
     let app = App { sim, local };
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
+        .route(
+            "/metadata/identity/oauth2/token",
+            get(signin::managed_identity),
+        )
+        .route("/msi/token", get(signin::managed_identity))
         .route("/api/machineactions", get(list))
         .route("/api/machineactions/{id}", get(get_action))
         .route("/api/machineactions/{id}/{op}", get(action_op))
@@ -62,7 +70,10 @@ fn classify(path: &str) -> &'static str {
     if path.starts_with("/blob/") {
         return "blob";
     }
-    if path.ends_with("/oauth2/v2.0/token") {
+    if path.ends_with("/oauth2/v2.0/token")
+        || path == "/metadata/identity/oauth2/token"
+        || path == "/msi/token"
+    {
         return "token";
     }
     let Some(rest) = path.strip_prefix("/api/machineactions") else {
@@ -325,6 +336,14 @@ fn issue_token(app: &App, tenant_id: &str, headers: &HeaderMap, body: &[u8]) -> 
             ),
         );
     }
+    if form.contains_key("client_assertion_type") || form.contains_key("client_assertion") {
+        if let Err((code, message)) =
+            signin::check_assertion(app, tenant_id, &tenant.client_id, &form, headers)
+        {
+            return aad_error(StatusCode::UNAUTHORIZED, "invalid_client", code, &message);
+        }
+        return token_answer(app, tenant_id);
+    }
     let Some(secret) = secret else {
         return aad_error(
             StatusCode::UNAUTHORIZED,
@@ -344,18 +363,12 @@ fn issue_token(app: &App, tenant_id: &str, headers: &HeaderMap, body: &[u8]) -> 
             ),
         );
     }
-    let mut raw = [0u8; 48];
-    rand::fill(&mut raw[..]);
-    let access_token = URL_SAFE_NO_PAD.encode(raw);
-    let ttl = app.sim.inner.cfg.token_ttl;
-    let now = Instant::now();
-    {
-        let mut st = app.sim.inner.state();
-        st.tokens.retain(|_, (_, exp)| *exp > now);
-        st.tokens
-            .insert(access_token.clone(), (tenant_id.to_string(), now + ttl));
-        st.issued.push(access_token.clone());
-    }
+    token_answer(app, tenant_id)
+}
+
+/// A new bearer token for the tenant, as the token endpoint answers it.
+fn token_answer(app: &App, tenant_id: &str) -> Response {
+    let (access_token, ttl) = mint_access_token(app, tenant_id);
     axum::Json(json!({
         "token_type": "Bearer",
         "expires_in": ttl.as_secs(),
@@ -363,6 +376,21 @@ fn issue_token(app: &App, tenant_id: &str, headers: &HeaderMap, body: &[u8]) -> 
         "access_token": access_token,
     }))
     .into_response()
+}
+
+/// Issues a bearer token for the tenant's API, valid `token_ttl`.
+fn mint_access_token(app: &App, tenant_id: &str) -> (String, Duration) {
+    let mut raw = [0u8; 48];
+    rand::fill(&mut raw[..]);
+    let access_token = URL_SAFE_NO_PAD.encode(raw);
+    let ttl = app.sim.inner.cfg.token_ttl;
+    let now = Instant::now();
+    let mut st = app.sim.inner.state();
+    st.tokens.retain(|_, (_, exp)| *exp > now);
+    st.tokens
+        .insert(access_token.clone(), (tenant_id.to_string(), now + ttl));
+    st.issued.push(access_token.clone());
+    (access_token, ttl)
 }
 
 // ---------------------------------------------------------------------------------------------

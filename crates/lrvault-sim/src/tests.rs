@@ -881,3 +881,258 @@ async fn fault_blob_403_and_unauthorized() {
     assert_eq!(ok.status(), StatusCode::OK);
     assert_eq!(sha(&ok.bytes().await.unwrap()), e.sha256);
 }
+
+async fn assertion_request(
+    c: &reqwest::Client,
+    base: &str,
+    t: &SimTenant,
+    assertion: &str,
+) -> (u16, Value) {
+    let resp = c
+        .post(format!("{base}/{}/oauth2/v2.0/token", t.tenant_id))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", t.client_id.as_str()),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
+            ("client_assertion", assertion),
+            ("scope", "https://api.securitycenter.microsoft.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn client_assertions_are_verified_for_real() {
+    let dir = TempDir::new();
+    let (key, cert) = openssl_certificate(dir.path(), "app").unwrap();
+    let (other_key, _) = openssl_certificate(dir.path(), "other").unwrap();
+    let h = Simulator::new(cfg(1)).start().await.unwrap();
+    let (c, t) = (client(), h.sim.tenants()[0].clone());
+    let x5t = h.sim.add_client_certificate(&t.tenant_id, &cert).unwrap();
+    let aud = format!("{}/{}/oauth2/v2.0/token", h.base_url(), t.tenant_id);
+    let now = Utc::now().timestamp();
+    let sign =
+        |alg: jsonwebtoken::Algorithm, key: &str, thumbprint: Option<&str>, claims: Value| {
+            let mut header = jsonwebtoken::Header::new(alg);
+            header.x5t_s256 = thumbprint.map(str::to_string);
+            let key = jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap();
+            jsonwebtoken::encode(&header, &claims, &key).unwrap()
+        };
+    let claims = |aud: &str, iss: &str, nbf: i64, exp: i64| serde_json::json!({"aud": aud, "iss": iss, "sub": iss, "jti": "j", "nbf": nbf, "iat": nbf, "exp": exp});
+    let good = claims(&aud, &t.client_id, now, now + 600);
+    let ps256 = jsonwebtoken::Algorithm::PS256;
+    let (status, body) = assertion_request(
+        &c,
+        &h.base_url(),
+        &t,
+        &sign(ps256, &key, Some(&x5t), good.clone()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["access_token"].as_str().is_some_and(|a| !a.is_empty()));
+    let rs256 = sign(
+        jsonwebtoken::Algorithm::RS256,
+        &key,
+        Some(&x5t),
+        good.clone(),
+    );
+    assert_eq!(
+        assertion_request(&c, &h.base_url(), &t, &rs256).await.0,
+        200
+    );
+    let refused = |code: u64| {
+        move |(status, body): (u16, Value)| {
+            assert_eq!(
+                (
+                    status,
+                    body["error"].as_str(),
+                    body["error_codes"][0].as_u64()
+                ),
+                (401, Some("invalid_client"), Some(code)),
+                "{body}"
+            );
+        }
+    };
+    // Signed with another key under the registered thumbprint: a forgery.
+    refused(700027)(
+        assertion_request(
+            &c,
+            &h.base_url(),
+            &t,
+            &sign(ps256, &other_key, Some(&x5t), good.clone()),
+        )
+        .await,
+    );
+    // An unknown thumbprint.
+    refused(700027)(
+        assertion_request(
+            &c,
+            &h.base_url(),
+            &t,
+            &sign(ps256, &key, Some("AAAA"), good.clone()),
+        )
+        .await,
+    );
+    // Wrong audience, expired, not yet valid, too long, another client.
+    let other_aud = claims(
+        "https://login.microsoftonline.com/x/oauth2/v2.0/token",
+        &t.client_id,
+        now,
+        now + 600,
+    );
+    refused(700212)(
+        assertion_request(
+            &c,
+            &h.base_url(),
+            &t,
+            &sign(ps256, &key, Some(&x5t), other_aud),
+        )
+        .await,
+    );
+    let expired = claims(&aud, &t.client_id, now - 4000, now - 3400);
+    refused(700024)(
+        assertion_request(
+            &c,
+            &h.base_url(),
+            &t,
+            &sign(ps256, &key, Some(&x5t), expired),
+        )
+        .await,
+    );
+    let early = claims(&aud, &t.client_id, now + 3600, now + 4000);
+    refused(700024)(
+        assertion_request(&c, &h.base_url(), &t, &sign(ps256, &key, Some(&x5t), early)).await,
+    );
+    let long = claims(&aud, &t.client_id, now, now + 86400);
+    refused(700024)(
+        assertion_request(&c, &h.base_url(), &t, &sign(ps256, &key, Some(&x5t), long)).await,
+    );
+    let stranger = claims(&aud, "someone-else", now, now + 600);
+    refused(700021)(
+        assertion_request(
+            &c,
+            &h.base_url(),
+            &t,
+            &sign(ps256, &key, Some(&x5t), stranger),
+        )
+        .await,
+    );
+    // A deleted certificate no longer signs in.
+    h.sim.remove_client_certificate(&t.tenant_id, &x5t);
+    refused(700027)(
+        assertion_request(&c, &h.base_url(), &t, &sign(ps256, &key, Some(&x5t), good)).await,
+    );
+    // Federated: only a token the simulator issued, until it is revoked.
+    let federated = h.sim.issue_federated_token(&t.tenant_id);
+    assert_eq!(
+        assertion_request(&c, &h.base_url(), &t, &federated).await.0,
+        200
+    );
+    let made_up = sign(
+        ps256,
+        &key,
+        None,
+        claims(
+            "api://AzureADTokenExchange",
+            FEDERATED_ISSUER,
+            now,
+            now + 600,
+        ),
+    );
+    refused(700211)(assertion_request(&c, &h.base_url(), &t, &made_up).await);
+    h.sim.revoke_federated_token(&federated);
+    refused(700211)(assertion_request(&c, &h.base_url(), &t, &federated).await);
+}
+
+#[tokio::test]
+async fn the_managed_identity_endpoint_answers_in_both_forms() {
+    let h = Simulator::new(SimConfig {
+        tenants: vec![SimTenant::default_for(0), SimTenant::default_for(1)],
+        ..cfg(1)
+    })
+    .start()
+    .await
+    .unwrap();
+    let c = client();
+    let get = |path: &str, header: (&'static str, String)| {
+        c.get(format!("{}{path}", h.base_url()))
+            .header(header.0, header.1)
+            .send()
+    };
+    let resource = "resource=https%3A%2F%2Fapi.securitycenter.microsoft.com";
+    let imds = format!("/metadata/identity/oauth2/token?api-version=2018-02-01&{resource}");
+    let ok: Value = get(&imds, ("Metadata", "true".into()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ok["expires_in"], "3599");
+    assert_eq!(
+        ok["client_id"].as_str(),
+        Some(h.sim.tenants()[0].client_id.as_str())
+    );
+    let token = ok["access_token"].as_str().unwrap();
+    let list = c
+        .get(format!("{}/api/machineactions", h.base_url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status(), StatusCode::OK);
+    assert_eq!(
+        get(&imds, ("X-Other", "1".into())).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    // User-assigned: the second tenant's app.
+    let second = &h.sim.tenants()[1].client_id;
+    let user = format!("/msi/token?api-version=2019-08-01&{resource}&client_id={second}");
+    let ok: Value = get(&user, ("X-IDENTITY-HEADER", h.sim.identity_header()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ok["client_id"].as_str(), Some(second.as_str()));
+    assert_eq!(
+        get(&user, ("X-IDENTITY-HEADER", "wrong".into()))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let unknown = format!("/msi/token?api-version=2019-08-01&{resource}&client_id=nobody");
+    let refused = get(&unknown, ("X-IDENTITY-HEADER", h.sim.identity_header()))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        refused.json::<Value>().await.unwrap()["error_description"],
+        "Identity not found"
+    );
+}
+
+/// A temporary directory removed on drop (the simulator crate has no tempfile dependency).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let p = std::env::temp_dir().join(format!("lrvault-sim-test-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
