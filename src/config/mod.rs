@@ -24,7 +24,7 @@ pub use secret::{Credentials, ExposeSecret, Secret, SecretSource, check_secret_t
 pub use store::{
     Backend, Compression, ObjectStoreConfig, StoreBackend, StoreConfig, StoreCredentials,
 };
-pub use tenant::TenantConfig;
+pub use tenant::{COLLECTABLE, INVESTIGATION_PACKAGE, LIVE_RESPONSE, TenantConfig};
 
 /// Every mistake in the configuration, each naming the thing to fix.
 #[derive(Debug, thiserror::Error)]

@@ -36,7 +36,17 @@ pub(super) struct RawTenant {
     scope: Option<String>,
     #[serde(default)]
     download_hosts: Option<Vec<String>>,
+    /// Which machine-action types are archived; default: every one in [`COLLECTABLE`].
+    #[serde(default)]
+    collect: Option<Vec<String>>,
 }
+
+/// The machine-action type of a live-response session.
+pub const LIVE_RESPONSE: &str = "LiveResponse";
+/// The machine-action type of an investigation package collection.
+pub const INVESTIGATION_PACKAGE: &str = "CollectInvestigationPackage";
+/// The machine-action types `collect` may name.
+pub const COLLECTABLE: [&str; 2] = [LIVE_RESPONSE, INVESTIGATION_PACKAGE];
 
 /// One `[[tenant]]`, checked.
 #[derive(Debug, Clone)]
@@ -55,6 +65,8 @@ pub struct TenantConfig {
     pub scope: String,
     /// At least one host pattern.
     pub download_hosts: Vec<String>,
+    /// Machine-action types archived (a non-empty subset of [`COLLECTABLE`], in that order).
+    pub collect: Vec<String>,
 }
 
 impl TenantConfig {
@@ -119,6 +131,7 @@ impl RawTenant {
                 "download_hosts must list at least one host pattern".into()
             ));
         }
+        let collect = check_collect(self.collect).map_err(bad)?;
         if !scope.ends_with("/.default") {
             return Err(bad(format!(
                 "scope '{scope}' must end in /.default for client credentials"
@@ -134,6 +147,32 @@ impl RawTenant {
             login_base,
             scope,
             download_hosts,
+            collect,
         })
     }
+}
+
+/// `collect` checked: known types only, at least one; the order is [`COLLECTABLE`]'s.
+fn check_collect(written: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let Some(written) = written else {
+        return Ok(COLLECTABLE.map(String::from).to_vec());
+    };
+    if let Some(unknown) = written.iter().find(|t| !COLLECTABLE.contains(&t.as_str())) {
+        return Err(format!(
+            "collect names '{unknown}'; allowed: {}",
+            COLLECTABLE.join(", ")
+        ));
+    }
+    let collect: Vec<String> = COLLECTABLE
+        .iter()
+        .filter(|t| written.iter().any(|w| w == *t))
+        .map(|t| t.to_string())
+        .collect();
+    if collect.is_empty() {
+        return Err(format!(
+            "collect must name at least one of {}",
+            COLLECTABLE.join(", ")
+        ));
+    }
+    Ok(collect)
 }

@@ -298,7 +298,7 @@ async fn backfill_dry_run_counts_and_changes_nothing_then_backfill_drains() {
     assert!(expected.len() > to_fetch);
     let (text, _) = e.run_ok(&["backfill", "--since", "30d", "--dry-run"]);
     assert!(
-        text.contains("(+ 1 List call made for this count)"),
+        text.contains("(+ 2 List calls made for this count)"),
         "{text}"
     );
     assert!(

@@ -261,7 +261,7 @@ async fn archive_tenant(
     let mut started = 0;
     if probing {
         // While the breaker is open, one result goes alone: its calls are the probe.
-        let Some(key) = due.next() else {
+        let Some((key, _)) = due.next() else {
             unreachable!("due_count > 0")
         };
         started += 1;
@@ -277,12 +277,14 @@ async fn archive_tenant(
         breaker::answered(&ctx.db, tenant).await;
     }
     let mut tasks = tokio::task::JoinSet::new();
-    for key in due {
-        // Room in the tenant's own link quota, then a slot of the process's budget, one at a
-        // time and in turn with the other tenants: links are only minted when they can be used
-        // at once, and a tenant waiting on its quota holds no slot another could use.
+    for (key, command_type) in due {
+        // Room in the tenant's own quota for this result's link call (getPackageUri for an
+        // investigation package), then a slot of the process's budget, one at a time and in
+        // turn with the other tenants: links are only minted when they can be used at once,
+        // and a tenant waiting on its quota holds no slot another could use.
+        let endpoint = crate::mde::link_endpoint(&command_type);
         let permit = tokio::select! {
-            ready = ctx.governor.ready(&tenant.cfg.name, crate::quota::Endpoint::Link) => {
+            ready = ctx.governor.ready(&tenant.cfg.name, endpoint) => {
                 ready?;
                 tokio::select! {
                     p = ctx.transfers.acquire(&tenant.cfg.name) => p,
