@@ -48,12 +48,17 @@ pub enum Fault {
     Redirect(usize),
     /// `gone=N`: the first N result-bearing commands answer 404 ResourceNotFound on the link call.
     Gone(usize),
+    /// `package-404=N`: the first N getPackageUri requests answer 404, as while a package is
+    /// still being collected ("not ready").
+    Package404(usize),
+    /// `package-5xx=N`: the next N getPackageUri requests answer 500.
+    Package5xx(usize),
 }
 
 /// Every switch name, as accepted by `FromStr` and printed by `Display`.
 pub const FAULT_NAMES: &str = "link-5xx=N, list-5xx=N, blob-5xx=N, blob-403=N, 429=N, \
      unauthorized=N, slow=BYTES_PER_SEC, truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names, \
-     foreign-host=N, http-link=N, redirect=N, gone=N";
+     foreign-host=N, http-link=N, redirect=N, gone=N, package-404=N, package-5xx=N";
 
 impl FromStr for Fault {
     type Err = String;
@@ -96,6 +101,8 @@ impl FromStr for Fault {
             "http-link" => Fault::HttpLink(count()?),
             "redirect" => Fault::Redirect(count()?),
             "gone" => Fault::Gone(count()?),
+            "package-404" => Fault::Package404(count()?),
+            "package-5xx" => Fault::Package5xx(count()?),
             other => {
                 return Err(format!(
                     "unknown fault `{other}`; valid switches: {FAULT_NAMES}"
@@ -126,6 +133,8 @@ impl fmt::Display for Fault {
             Fault::HttpLink(n) => write!(f, "http-link={n}"),
             Fault::Redirect(n) => write!(f, "redirect={n}"),
             Fault::Gone(n) => write!(f, "gone={n}"),
+            Fault::Package404(n) => write!(f, "package-404={n}"),
+            Fault::Package5xx(n) => write!(f, "package-5xx={n}"),
         }
     }
 }
@@ -150,6 +159,8 @@ pub(crate) struct FaultPlan {
     pub http_link: usize,
     pub redirect: usize,
     pub gone: usize,
+    pub package_404: usize,
+    pub package_5xx: usize,
 }
 
 impl FaultPlan {
@@ -174,6 +185,8 @@ impl FaultPlan {
                 Fault::HttpLink(n) => plan.http_link = n,
                 Fault::Redirect(n) => plan.redirect = n,
                 Fault::Gone(n) => plan.gone = n,
+                Fault::Package404(n) => plan.package_404 = n,
+                Fault::Package5xx(n) => plan.package_5xx = n,
             }
         }
         plan
@@ -204,6 +217,8 @@ mod tests {
             "http-link=2",
             "redirect=1",
             "gone=3",
+            "package-404=2",
+            "package-5xx=1",
         ];
         for s in all {
             let fault: Fault = s.parse().unwrap();

@@ -8,6 +8,7 @@ mod blob;
 mod data;
 mod fault;
 mod odata;
+mod package;
 mod quota;
 mod server;
 #[cfg(test)]
@@ -80,6 +81,15 @@ pub struct SimConfig {
     /// Extra GetFile results (first tenant only) of a chosen kind and size, raw (not
     /// gzip-wrapped), queued ahead of every other result; for benchmarks.
     pub payloads: Vec<Payload>,
+    /// Investigation package collections per tenant (succeeded `CollectInvestigationPackage`
+    /// actions whose getPackageUri links to a generated package zip).
+    pub packages: usize,
+    /// Bytes of files in each generated package (the zip adds its headers).
+    pub package_size: u64,
+    /// getPackageUri's own quota (MDE: 2 per minute and 120 per hour), over the same
+    /// `minute` and `hour` windows as the other endpoints.
+    pub package_per_minute: u32,
+    pub package_per_hour: u32,
     /// Content-MD5 / x-ms-blob-content-md5 are sent only for blobs up to this size.
     pub md5_limit: u64,
     pub faults: Vec<Fault>,
@@ -105,6 +115,10 @@ impl Default for SimConfig {
             max_getfile_size: 2 * 1024 * 1024,
             big_getfile: None,
             payloads: Vec::new(),
+            packages: 0,
+            package_size: 32 << 20,
+            package_per_minute: 2,
+            package_per_hour: 120,
             md5_limit: 256 * 1024 * 1024,
             faults: Vec::new(),
             clock_offset: chrono::Duration::zero(),
@@ -140,7 +154,8 @@ pub struct ExpectedResult {
 pub struct LoggedRequest {
     pub at: Instant,
     pub tenant_id: Option<String>,
-    /// `token` | `list` | `get` | `link` | `blob` | `other`.
+    /// `token` | `list` | `get` | `link` | `packageuri` | `blob` | `package` (a safedownload
+    /// of an investigation package) | `other`.
     pub endpoint: &'static str,
     pub status: u16,
     /// Whether the request carried an `Authorization` header.
@@ -179,6 +194,8 @@ struct Counters {
     bodies: AtomicUsize,
     md5_headers: AtomicUsize,
     links_issued: AtomicUsize,
+    /// getPackageUri requests, for the package faults.
+    package_uri: AtomicUsize,
     authenticated: AtomicUsize,
     /// Blob bodies being sent now, and the most there ever were at once.
     open_bodies: AtomicUsize,
@@ -230,7 +247,8 @@ impl Simulator {
         for chunk in sas_key.chunks_mut(8) {
             chunk.copy_from_slice(&key_rng.next_u64().to_le_bytes());
         }
-        let quota = Quota::new(cfg.per_minute, cfg.per_hour, cfg.minute, cfg.hour);
+        let mut quota = Quota::new(cfg.per_minute, cfg.per_hour, cfg.minute, cfg.hour);
+        quota.set_limits("packageuri", cfg.package_per_minute, cfg.package_per_hour);
         let secrets = cfg
             .tenants
             .iter()
@@ -423,7 +441,7 @@ impl Inner {
     fn record(&self, req: LoggedRequest) {
         let mut st = self.state();
         *st.status_counts.entry(req.status).or_default() += 1;
-        if req.endpoint == "blob" && req.authorization {
+        if matches!(req.endpoint, "blob" | "package") && req.authorization {
             st.blob_with_authorization += 1;
         }
         if st.log.len() >= LOG_CAPACITY {

@@ -28,6 +28,7 @@ use super::odata;
 use super::{LoggedRequest, Simulator};
 
 mod blob_host;
+mod package_host;
 use blob_host::*;
 
 const CHUNK: u64 = 64 * 1024;
@@ -53,6 +54,7 @@ pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
         .route("/api/machineactions/{id}", get(get_action))
         .route("/api/machineactions/{id}/{op}", get(action_op))
         .route("/blob/{*rest}", get(blob))
+        .route("/safedownload/{*rest}", get(package_host::safedownload))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(app.clone(), log_requests))
         .with_state(app)
@@ -61,6 +63,9 @@ pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
 fn classify(path: &str) -> &'static str {
     if path.starts_with("/blob/") {
         return "blob";
+    }
+    if path.starts_with("/safedownload/") {
+        return "package";
     }
     if path.ends_with("/oauth2/v2.0/token") {
         return "token";
@@ -73,6 +78,7 @@ fn classify(path: &str) -> &'static str {
         [] => "list",
         [_] => "get",
         [_, op] if op.starts_with(LINK_FUNCTION) => "link",
+        [_, op] if package_host::is_package_uri(op) => "packageuri",
         _ => "other",
     }
 }
@@ -484,6 +490,12 @@ async fn action_op(
     let Some(tenant) = app.authenticate(&headers) else {
         return unauthorized();
     };
+    if package_host::is_package_uri(&op) {
+        return tagged(
+            package_host::package_uri(&app, &tenant, &headers, &id),
+            &tenant,
+        );
+    }
     let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
         return tagged(not_found(), &tenant);
     };
@@ -610,6 +622,14 @@ mod tests {
             "link"
         );
         assert_eq!(classify("/api/machineactions/abc/cancel"), "other");
+        assert_eq!(
+            classify("/api/machineactions/abc/getPackageUri"),
+            "packageuri"
+        );
+        assert_eq!(
+            classify("/safedownload/WDATP_Investigation_Package.zip"),
+            "package"
+        );
         assert_eq!(classify("/blob/investigation-actions-data/a/b"), "blob");
         assert_eq!(classify("/nope"), "other");
     }
