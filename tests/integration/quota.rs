@@ -43,7 +43,7 @@ fn quota_toml() -> String {
 }
 
 /// Most requests inside any window of length `w` (the simulator's rule: `t_j - t_i < w`).
-fn max_in_window(times: &[Instant], w: Duration) -> usize {
+pub fn max_in_window(times: &[Instant], w: Duration) -> usize {
     let mut best = 0;
     let mut start = 0;
     for end in 0..times.len() {
@@ -55,7 +55,7 @@ fn max_in_window(times: &[Instant], w: Duration) -> usize {
     best
 }
 
-fn endpoint_times(sim: &lrvault_sim::Simulator, endpoint: &str) -> Vec<Instant> {
+pub fn endpoint_times(sim: &lrvault_sim::Simulator, endpoint: &str) -> Vec<Instant> {
     let mut t: Vec<Instant> = sim
         .requests()
         .iter()

@@ -200,6 +200,8 @@ struct Counters {
     /// Blob bodies being sent now, and the most there ever were at once.
     open_bodies: AtomicUsize,
     peak_open_bodies: AtomicUsize,
+    /// The most bodies that were open when a link (result or package) was asked for.
+    open_bodies_at_link: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -212,6 +214,8 @@ struct State {
     blob_with_authorization: usize,
     /// Every access token ever issued, in order.
     issued: Vec<String>,
+    /// Every investigation package link's `token=` value, in order.
+    package_tokens: Vec<String>,
     /// Client secrets each tenant's app accepts now (tenant id -> secrets); starts with the
     /// configured one. Entra allows several at once, which is how a secret is rotated.
     secrets: HashMap<String, Vec<String>>,
@@ -270,6 +274,7 @@ impl Simulator {
                     status_counts: HashMap::new(),
                     blob_with_authorization: 0,
                     issued: Vec::new(),
+                    package_tokens: Vec::new(),
                     secrets,
                 }),
             }),
@@ -402,6 +407,22 @@ impl Simulator {
     /// transfers, counted on the server's side.
     pub fn peak_concurrent_blob_reads(&self) -> usize {
         self.inner.counters.peak_open_bodies.load(Ordering::SeqCst)
+    }
+
+    /// The most blob or package bodies that were being sent when a link call (result or
+    /// package) arrived: a client that mints links only for a free transfer slot keeps this
+    /// below its number of slots.
+    pub fn open_bodies_at_link(&self) -> usize {
+        self.inner
+            .counters
+            .open_bodies_at_link
+            .load(Ordering::SeqCst)
+    }
+
+    /// Every investigation package link's `token=` value issued so far, so tests can prove
+    /// that none leaked into logs, the DB or packages.
+    pub fn package_tokens(&self) -> Vec<String> {
+        self.inner.state().package_tokens.clone()
     }
 
     /// The most recent requests (up to 200 000), oldest first.

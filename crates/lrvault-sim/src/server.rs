@@ -93,6 +93,11 @@ async fn log_requests(State(app): State<App>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let endpoint = classify(&path);
+    if matches!(endpoint, "link" | "packageuri") {
+        let c = &app.sim.inner.counters;
+        let open = c.open_bodies.load(Ordering::SeqCst);
+        c.open_bodies_at_link.fetch_max(open, Ordering::SeqCst);
+    }
     // During an outage the API and the token endpoint answer 503; the blob host does not.
     let mut resp = if app.sim.in_outage() && endpoint == "token" {
         let message = "AADSTS90033: A transient error has occurred. Please try again.";

@@ -69,6 +69,7 @@ pub(super) fn package_uri(app: &App, tenant: &str, headers: &HeaderMap, id: &str
         now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
     };
     let token = package_token(&inner.sas_key, &blob.name, expiry.timestamp());
+    inner.state().package_tokens.push(token.clone());
     let base = base_url(headers, app.local);
     axum::Json(json!({
         "@odata.context": format!("{base}/api/$metadata#Edm.String"),
