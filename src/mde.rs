@@ -378,16 +378,6 @@ impl RawAction {
 /// The command type of an investigation package's result (its action has no `commands`).
 pub const PACKAGE_COMMAND: &str = "InvestigationPackage";
 
-/// The quota bucket of a result's link call: `getPackageUri` for an investigation package,
-/// GetLiveResponseResultDownloadLink for the rest.
-pub fn link_endpoint(command_type: &str) -> Endpoint {
-    if command_type == PACKAGE_COMMAND {
-        Endpoint::PackageUri
-    } else {
-        Endpoint::Link
-    }
-}
-
 /// A command's `index` when it is a whole number that fits.
 fn declared_index(command: &Value) -> Option<u32> {
     command
@@ -961,8 +951,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(failed.commands()[0].status.as_deref(), Some("Failed"));
-        assert_eq!(link_endpoint(PACKAGE_COMMAND), Endpoint::PackageUri);
-        assert_eq!(link_endpoint("GetFile"), Endpoint::Link);
         let body = br#"{"@odata.context":"x","value":"\"https://userrequests-us.securitycenter.windows.com:443/safedownload/WDATP_Investigation_Package.zip?token=abc\""}"#;
         assert_eq!(
             link_value(Endpoint::PackageUri, body).unwrap(),
