@@ -175,6 +175,53 @@ async fn packages_and_live_response_results_archive_together_within_each_quota()
         .filter(|row| row["command_type"] == "InvestigationPackage")
         .count();
     assert_eq!(listed, 5);
+    // An export of one package's action: the kit holds the package as archived.
+    let action = &expected_packages[0].action_id;
+    let kit = e._dir.path().join("kit");
+    e.run_ok(&["export", "--action", action, "--out", kit.to_str().unwrap()]);
+    let package_sha: String = e
+        .reader()
+        .query_row(
+            "SELECT package_sha256 FROM evidence WHERE action_id = ?1",
+            [action],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let in_kit: Vec<_> = crate::common::files_under(&kit)
+        .into_iter()
+        .filter(|p| p.ends_with("000-InvestigationPackage.zip"))
+        .collect();
+    assert_eq!(in_kit.len(), 1, "{in_kit:?}");
+    assert_eq!(
+        crate::common::sha256_hex(&std::fs::read(&in_kit[0]).unwrap()),
+        package_sha
+    );
+    assert_eq!(
+        e.events(action, 0).last().map(String::as_str),
+        Some("EXPORTED")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_package_download_is_resumed_with_range() {
+    let e = env(sim(47, 0, 1, &["truncate=1"]), &toml()).await;
+    e.discover().await;
+    let s = e.archive().await;
+    assert_eq!(s.archived, 1, "{s:?}");
+    let x = archivable(&e.sim.sim, &e.tenant_id()).remove(0);
+    let path: String = e
+        .reader()
+        .query_row("SELECT package_path FROM evidence", [], |r| r.get(0))
+        .unwrap();
+    let (_, payload, retrieval) = check_bag(&e.store().join(path));
+    assert_eq!(crate::common::sha256_hex(&payload), x.sha256);
+    assert_eq!(retrieval["ranges"], serde_json::json!([x.size / 2]));
+    let ranges: Vec<Option<String>> = e
+        .sim_requests("package")
+        .into_iter()
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(ranges, [None, Some(format!("bytes={}-", x.size / 2))]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
