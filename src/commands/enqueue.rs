@@ -50,7 +50,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
             .filter(|k| !tenant.cfg.collect.iter().any(|c| c == k))
         {
             eprintln!(
-                "lrvault: action {id} is a {kind} action; tenant '{}' collects {}",
+                "lrvault: action {id} has type {kind}; tenant '{}' collects {}",
                 tenant.cfg.name,
                 tenant.cfg.collect.join(", ")
             );

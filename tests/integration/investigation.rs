@@ -345,4 +345,26 @@ async fn backfill_says_up_front_how_long_the_package_quota_takes() {
         0,
         "a dry run queues nothing"
     );
+
+    // enqueue takes a package's action like any other; a type `collect` leaves out is refused.
+    let actions = e.sim.sim.actions(&e.tenant_id());
+    let id_of = |kind: &str| {
+        actions
+            .iter()
+            .find(|a| a["type"] == kind)
+            .map(|a| a["id"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let package = id_of("CollectInvestigationPackage");
+    let (out, _) = e.run_ok(&["enqueue", &package]);
+    assert_eq!(out, format!("{package}: 1 results queued, 0 skipped\n"));
+    let isolate = id_of("Isolate");
+    let refused = e.lrvault().args(["enqueue", &isolate]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        format!(
+            "lrvault: action {isolate} has type Isolate; tenant 'sim0' collects LiveResponse, CollectInvestigationPackage\n"
+        )
+    );
 }
