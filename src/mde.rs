@@ -1,6 +1,6 @@
 //! The Defender for Endpoint API client for one tenant: a bearer token (cached; taken by the
 //! tenant's sign-in method, see [`signin`]), List / Get MachineActions and
-//! GetLiveResponseResultDownloadLink. Every request
+//! GetLiveResponseResultDownloadLink and an investigation package's getPackageUri. Every request
 //! passes through the quota governor first. The bearer token only ever goes to `api_base`;
 //! result downloads use a separate client (see `fetch`).
 
@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use url::Url;
 
-use crate::config::TenantConfig;
+use crate::config::{INVESTIGATION_PACKAGE, TenantConfig};
 use crate::http::{RemoteClock, code_suffix, redact_reqwest};
 use crate::quota::{Endpoint, Governor, LedgerError, parse_retry_after};
 
@@ -74,7 +74,7 @@ pub enum MdeError {
 fn body_cap(endpoint: Endpoint) -> usize {
     match endpoint {
         Endpoint::List => 128 << 20,
-        Endpoint::Token | Endpoint::Get | Endpoint::Link => 4 << 20,
+        Endpoint::Token | Endpoint::Get | Endpoint::Link | Endpoint::PackageUri => 4 << 20,
     }
 }
 
@@ -174,7 +174,8 @@ pub struct RawAction {
 /// actions are deduplicated by id across pages (paging shifts when actions are added).
 pub struct ListPager<'a> {
     client: &'a MdeClient,
-    filter: String,
+    /// One filter per collected action type, read one after the other.
+    filters: Vec<String>,
     page_size: u32,
     skip: u64,
     done: bool,
@@ -193,7 +194,7 @@ impl ListPager<'_> {
         let endpoint = Endpoint::List;
         let mut url = self.client.url("/api/machineactions")?;
         url.query_pairs_mut()
-            .append_pair("$filter", &self.filter)
+            .append_pair("$filter", &self.filters[0])
             .append_pair("$top", &self.page_size.to_string())
             .append_pair("$skip", &self.skip.to_string());
         let body = self.client.api_get(endpoint, url).await?;
@@ -211,8 +212,13 @@ impl ListPager<'_> {
             .into_iter()
             .filter(|a| a.id().is_some_and(|id| self.seen.insert(id.to_string())))
             .collect();
-        self.done = n < u64::from(self.page_size) || n == 0;
         self.skip += n;
+        if n < u64::from(self.page_size) || n == 0 {
+            // This type's window is read; the next type's starts at its first page.
+            self.filters.remove(0);
+            self.skip = 0;
+            self.done = self.filters.is_empty();
+        }
         Ok(Some(actions))
     }
 }
@@ -298,6 +304,9 @@ impl RawAction {
     /// other command claims it, else the next index past the list; so every command is still
     /// a result of its own, and the link call tells whether it has one.
     pub fn commands(&self) -> Vec<ActionCommand> {
+        if self.action_type() == Some(INVESTIGATION_PACKAGE) {
+            return vec![self.package_command()];
+        }
         let Some(list) = self.value.get("commands").and_then(Value::as_array) else {
             return vec![];
         };
@@ -328,6 +337,22 @@ impl RawAction {
         out
     }
 
+    /// The one result of an investigation package collection (design.md §4): index 0, type
+    /// [`PACKAGE_COMMAND`], `Completed` when the action succeeded (else the action's status).
+    fn package_command(&self) -> ActionCommand {
+        let status = match self.status() {
+            Some("Succeeded") => Some("Completed"),
+            other => other,
+        };
+        let raw = serde_json::json!({
+            "index": 0,
+            "commandStatus": status,
+            "errors": [],
+            "command": { "type": PACKAGE_COMMAND, "params": [] },
+        });
+        ActionCommand::from_json(0, &raw)
+    }
+
     /// Why the commands' indexes cannot be trusted, if they cannot: a command without a
     /// numeric `index`, or two commands with the same one.
     pub fn index_discrepancy(&self) -> Option<String> {
@@ -352,6 +377,9 @@ impl RawAction {
         None
     }
 }
+
+/// The command type of an investigation package's result (its action has no `commands`).
+pub const PACKAGE_COMMAND: &str = "InvestigationPackage";
 
 /// A command's `index` when it is a whole number that fits.
 fn declared_index(command: &Value) -> Option<u32> {
@@ -556,8 +584,10 @@ impl MdeClient {
         })
     }
 
-    /// The live-response actions created in `[since, until)`, to be read page by page with
-    /// [`ListPager::next_page`] (memory holds one page, never the whole window).
+    /// The actions of the tenant's `collect` types created in `[since, until)`, to be read
+    /// page by page with [`ListPager::next_page`] (memory holds one page, never the whole
+    /// window); one type after the other, since List's documented `$filter` joins clauses
+    /// with `and` only.
     pub fn list_window(
         &self,
         since: DateTime<Utc>,
@@ -566,7 +596,7 @@ impl MdeClient {
         page_size: u32,
     ) -> Result<ListPager<'_>, MdeError> {
         let mut filter = format!(
-            "type eq 'LiveResponse' and creationDateTimeUtc ge {}",
+            "creationDateTimeUtc ge {}",
             since.format("%Y-%m-%dT%H:%M:%SZ")
         );
         if let Some(until) = until {
@@ -585,9 +615,15 @@ impl MdeClient {
             }
             filter += &format!(" and machineId eq '{m}'");
         }
+        let filters = self
+            .tenant
+            .collect
+            .iter()
+            .map(|t| format!("type eq '{t}' and {filter}"))
+            .collect();
         Ok(ListPager {
             client: self,
-            filter,
+            filters,
             page_size,
             skip: 0,
             done: false,
@@ -618,21 +654,36 @@ impl MdeClient {
             "/api/machineactions/{}/GetLiveResponseResultDownloadLink(index={index})",
             encode_segment(id)
         ))?;
-        let body = self.api_get(endpoint, url).await?;
-        let json: Value = serde_json::from_slice(&body).map_err(|e| MdeError::Decode {
-            endpoint: endpoint.as_str(),
-            message: e.to_string(),
-        })?;
-        json.get("value")
-            .and_then(Value::as_str)
-            // getPackageUri-style answers wrap the URL in literal quotes.
-            .map(|s| s.trim().trim_matches('"').to_string())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| MdeError::Decode {
-                endpoint: endpoint.as_str(),
-                message: "no link in 'value'".into(),
-            })
+        link_value(endpoint, &self.api_get(endpoint, url).await?)
     }
+
+    /// A fresh link to the investigation package of action `id` (valid "for a short time";
+    /// 404 while the collection is unfinished).
+    pub async fn package_link(&self, id: &str) -> Result<String, MdeError> {
+        let endpoint = Endpoint::PackageUri;
+        let url = self.url(&format!(
+            "/api/machineactions/{}/getPackageUri",
+            encode_segment(id)
+        ))?;
+        link_value(endpoint, &self.api_get(endpoint, url).await?)
+    }
+}
+
+/// The link in a link call's answer `{"value": "..."}`; getPackageUri wraps it in literal
+/// quotes, which are trimmed.
+fn link_value(endpoint: Endpoint, body: &[u8]) -> Result<String, MdeError> {
+    let json: Value = serde_json::from_slice(body).map_err(|e| MdeError::Decode {
+        endpoint: endpoint.as_str(),
+        message: e.to_string(),
+    })?;
+    json.get("value")
+        .and_then(Value::as_str)
+        .map(|s| s.trim().trim_matches('"').to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| MdeError::Decode {
+            endpoint: endpoint.as_str(),
+            message: "no link in 'value'".into(),
+        })
 }
 
 /// One page of a List answer, read tolerantly.
@@ -838,5 +889,35 @@ mod tests {
         assert_eq!(cmds[2].command_type.as_deref(), Some("NewType"));
         assert_eq!(cmds[2].status.as_deref(), Some("Weird"));
         assert!(RawAction::parse("[1]".into()).is_err());
+    }
+
+    #[test]
+    fn an_investigation_package_is_one_result_and_its_quoted_link_is_trimmed() {
+        let a = RawAction::parse(
+            r#"{"id":"e","type":"CollectInvestigationPackage","status":"Succeeded","commands":[]}"#
+                .into(),
+        )
+        .unwrap();
+        let cmds = a.commands();
+        assert_eq!(cmds.len(), 1);
+        assert_eq!(
+            (
+                cmds[0].index,
+                cmds[0].command_type.as_deref(),
+                cmds[0].status.as_deref()
+            ),
+            (0, Some(PACKAGE_COMMAND), Some("Completed"))
+        );
+        let failed = RawAction::parse(
+            r#"{"id":"f","type":"CollectInvestigationPackage","status":"Failed"}"#.into(),
+        )
+        .unwrap();
+        assert_eq!(failed.commands()[0].status.as_deref(), Some("Failed"));
+        let body = br#"{"@odata.context":"x","value":"\"https://userrequests-us.securitycenter.windows.com:443/safedownload/WDATP_Investigation_Package.zip?token=abc\""}"#;
+        assert_eq!(
+            link_value(Endpoint::PackageUri, body).unwrap(),
+            "https://userrequests-us.securitycenter.windows.com:443/safedownload/WDATP_Investigation_Package.zip?token=abc"
+        );
+        assert!(link_value(Endpoint::PackageUri, br#"{"value":"\"\""}"#).is_err());
     }
 }

@@ -203,23 +203,25 @@ impl ScopeParams {
     }
 }
 
-/// Due results of one tenant in `scope`, oldest action first, commands in index order.
-pub async fn due(db: &Db, tenant: &str, scope: &Scope) -> Result<Vec<Key>, DbError> {
+/// Due results of one tenant in `scope`, oldest action first, commands in index order, each
+/// with its command type (which link call, and so which quota, it needs).
+pub async fn due(db: &Db, tenant: &str, scope: &Scope) -> Result<Vec<(Key, String)>, DbError> {
     let bound = scope.bind(tenant);
     let limit = scope.max.map(|m| m as i64);
     db.read(move |c| {
         bound.query(
             c,
-            "r.tenant, r.action_id, r.command_index",
+            "r.tenant, r.action_id, r.command_index, coalesce(r.command_type, '')",
             Some(DUE),
             "ORDER BY a.created_at, r.action_id, r.command_index",
             limit,
             |r| {
-                Ok(Key {
+                let key = Key {
                     tenant: r.get(0)?,
                     action_id: r.get(1)?,
                     index: r.get(2)?,
-                })
+                };
+                Ok((key, r.get(3)?))
             },
         )
     })

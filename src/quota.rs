@@ -29,14 +29,25 @@ pub enum Endpoint {
     List,
     Get,
     Link,
+    /// `getPackageUri`: an investigation package's link, under its own, much tighter quota.
+    PackageUri,
 }
 
+/// MDE's documented `getPackageUri` limits (2/min and 120/h).
+pub const PACKAGE_PER_MINUTE: u32 = 2;
+pub const PACKAGE_PER_HOUR: u32 = 120;
+/// `getPackageUri`'s documented limits leave no count margin (a call fewer would be a quarter
+/// of the budget), so its windows are this fraction longer instead (docs/operations.md,
+/// "Investigation packages").
+const PACKAGE_TIME_MARGIN: f64 = 0.01;
+
 impl Endpoint {
-    pub const ALL: [Endpoint; 4] = [
+    pub const ALL: [Endpoint; 5] = [
         Endpoint::Token,
         Endpoint::List,
         Endpoint::Get,
         Endpoint::Link,
+        Endpoint::PackageUri,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -45,6 +56,22 @@ impl Endpoint {
             Endpoint::List => "machineactions.list",
             Endpoint::Get => "machineactions.get",
             Endpoint::Link => "liveresponse.link",
+            Endpoint::PackageUri => "machineactions.packageuri",
+        }
+    }
+
+    /// The limits this endpoint's bucket keeps: `[quota]` as configured, except
+    /// `getPackageUri`, held to its documented 2/min and 120/h (or lower, if configured lower)
+    /// over windows [`PACKAGE_TIME_MARGIN`] longer than configured.
+    pub fn limits(self, configured: &QuotaConfig) -> QuotaConfig {
+        match self {
+            Endpoint::PackageUri => QuotaConfig {
+                per_minute: configured.per_minute.min(PACKAGE_PER_MINUTE),
+                per_hour: configured.per_hour.min(PACKAGE_PER_HOUR),
+                minute_secs: configured.minute_secs * (1.0 + PACKAGE_TIME_MARGIN),
+                hour_secs: configured.hour_secs * (1.0 + PACKAGE_TIME_MARGIN),
+            },
+            _ => configured.clone(),
         }
     }
 }
@@ -143,7 +170,9 @@ impl Governor {
 
     /// Deletes ledger rows that no window can see any more.
     pub async fn prune(&self) -> Result<usize, DbError> {
-        let keep_ms = (self.limits.hour_secs * 1000.0) as i64 + INFLIGHT_GRACE_MS;
+        // getPackageUri's hour window is the longest.
+        let hour_secs = Endpoint::PackageUri.limits(&self.limits).hour_secs;
+        let keep_ms = (hour_secs.max(self.limits.hour_secs) * 1000.0) as i64 + INFLIGHT_GRACE_MS;
         self.db
             .call(move |conn| {
                 let cutoff = crate::time::now_ms() - keep_ms;
@@ -165,6 +194,7 @@ pub fn usage(
     limits: &QuotaConfig,
     now_ms: i64,
 ) -> Result<Usage, DbError> {
+    let limits = &endpoint.limits(limits);
     let minute_ms = (limits.minute_secs * 1000.0) as i64;
     let hour_ms = (limits.hour_secs * 1000.0) as i64;
     let q = |sql: &str, since: i64| -> Result<i64, DbError> {
@@ -234,6 +264,7 @@ fn wait_before_call(
     now: i64,
 ) -> Result<Option<Duration>, DbError> {
     let ep = endpoint.as_str();
+    let limits = &endpoint.limits(limits);
     let pause: Option<i64> = conn
         .query_row(
             "SELECT MAX(pause_until_ms) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND pause_until_ms > ?3",
@@ -336,6 +367,7 @@ pub fn recent_calls(
     limits: &QuotaConfig,
     now_ms: i64,
 ) -> Result<Vec<i64>, DbError> {
+    let limits = &endpoint.limits(limits);
     let hour_ms = (limits.hour_secs * 1000.0).ceil() as i64;
     let mut stmt = conn
         .prepare("SELECT at_ms FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3")
@@ -501,7 +533,8 @@ mod tests {
         let now = crate::time::now_ms();
         let gov = Governor::new(db.clone(), l);
         for at in [
-            now - 3_600_000 - INFLIGHT_GRACE_MS - 10,
+            // Older than the longest window (getPackageUri's hour, 1 % longer) and the grace.
+            now - 3_636_000 - INFLIGHT_GRACE_MS - 10,
             now - 3_000_000,
             now - 10,
         ] {
@@ -535,5 +568,31 @@ mod tests {
             Some(Duration::from_secs(30))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn package_uri_keeps_its_documented_limits_over_slightly_longer_windows() {
+        let (_d, db) = db();
+        let configured = limits(95, 1450);
+        let pkg = Endpoint::PackageUri.limits(&configured);
+        assert_eq!((pkg.per_minute, pkg.per_hour), (2, 120));
+        assert_eq!((pkg.minute_secs, pkg.hour_secs), (60.6, 3636.0));
+        let link = Endpoint::Link.limits(&configured);
+        assert_eq!(
+            (link.per_minute, link.per_hour, link.minute_secs),
+            (95, 1450, 60.0)
+        );
+        // Two calls, then the third waits until the first is 60.6 s (+ 2 ms) old.
+        for at in [1_000_000, 1_000_500] {
+            let r = reserve_in(&db, "t", Endpoint::PackageUri, &configured, at).unwrap();
+            complete(&db, r, at);
+        }
+        let wait = reserve_in(&db, "t", Endpoint::PackageUri, &configured, 1_001_000).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(60_600 + 2 - 1_000 + 1));
+        // Its bucket is its own: the link bucket is untouched.
+        assert!(reserve_in(&db, "t", Endpoint::Link, &configured, 1_001_000).is_ok());
+        // The ETA of 121 package links: 120 in the first hour window, the 121st an hour later.
+        let eta_121 = eta(&[], 121, &pkg, 0);
+        assert!(eta_121 >= Duration::from_secs(3636), "{eta_121:?}");
     }
 }

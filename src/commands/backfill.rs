@@ -13,6 +13,7 @@ use crate::jobs::backfill::{self, fmt_duration};
 use crate::jobs::discover::Window;
 use crate::jobs::{self, Context, Tenant};
 use crate::progress::Progress;
+use crate::quota::Endpoint;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -90,19 +91,41 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     Ok(exit_code(complete))
 }
 
-/// Prints what a backfill of `window` would do for `t`.
+/// Prints what a backfill of `window` would do for `t`; investigation packages first, since
+/// their quota (2/min, 120/h) decides how long a backfill with many of them takes.
 async fn dry_run(ctx: &Context, t: &Tenant, window: &Window, span: &str) -> anyhow::Result<()> {
     let q = &ctx.cfg.quota;
     let p = backfill::plan(ctx, t, window).await?;
-    let eta = backfill::quota_eta(ctx, &t.cfg.name, p.to_fetch).await?;
+    let links = p.to_fetch - p.packages;
+    let eta = backfill::quota_eta(ctx, &t.cfg.name, links, p.packages).await?;
+    if p.packages > 0 {
+        let alone = backfill::quota_eta(ctx, &t.cfg.name, 0, p.packages).await?;
+        let pq = Endpoint::PackageUri.limits(q);
+        println!(
+            "{}: {} investigation packages to fetch: their links are limited to {}/min and {}/h, so they alone take at least {}",
+            t.cfg.name,
+            p.packages,
+            pq.per_minute,
+            pq.per_hour,
+            fmt_duration(alone)
+        );
+    }
     println!(
-        "{}: window {span}: {} live-response actions ({} unfinished); {} results to fetch, {} already done, {} without a result",
-        t.cfg.name, p.actions, p.unfinished, p.to_fetch, p.already_done, p.without_result
+        "{}: window {span}: {} actions ({} live response, {} investigation packages; {} unfinished); {} results to fetch, {} already done, {} without a result",
+        t.cfg.name,
+        p.actions,
+        p.actions - p.package_actions,
+        p.package_actions,
+        p.unfinished,
+        p.to_fetch,
+        p.already_done,
+        p.without_result
     );
     println!(
-        "{}: calls needed: {} result links (+ {} List call{} made for this count); at {}/min and {}/h per endpoint: ETA {}",
+        "{}: calls needed: {} result links and {} package links (+ {} List call{} made for this count); at {}/min and {}/h per endpoint: ETA {}",
         t.cfg.name,
-        p.to_fetch,
+        links,
+        p.packages,
         p.list_calls,
         if p.list_calls == 1 { "" } else { "s" },
         q.per_minute,
@@ -165,7 +188,11 @@ async fn drain(
 async fn show_quota_eta(progress: Arc<Progress>, ctx: Arc<Context>, tenant: String) {
     loop {
         let left = progress.total().saturating_sub(progress.done());
-        if let Ok(eta) = backfill::quota_eta(&ctx, &tenant, left).await {
+        let packages = backfill::open_packages(&ctx, &tenant)
+            .await
+            .unwrap_or_default()
+            .min(left);
+        if let Ok(eta) = backfill::quota_eta(&ctx, &tenant, left - packages, packages).await {
             progress.set_note(format!("ETA {} (quota)", fmt_duration(eta)));
         }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;

@@ -27,14 +27,21 @@ pub(super) fn tenant_toml(
     client_id: &str,
     secret_file: &Path,
     base: &str,
+    packages: bool,
 ) -> String {
     let host = base
         .trim_start_matches("http://")
         .rsplit_once(':')
         .map_or("127.0.0.1", |(h, _)| h)
         .to_string();
+    // The simulator links investigation packages to the other loopback name.
+    let hosts = match (packages, host.as_str()) {
+        (true, "127.0.0.1") => format!("\"{host}\", \"localhost\""),
+        (true, "localhost") => format!("\"{host}\", \"127.0.0.1\""),
+        _ => format!("\"{host}\""),
+    };
     format!(
-        "[[tenant]]\nname = \"{name}\"\ntenant_id = \"{tenant_id}\"\nclient_id = \"{client_id}\"\nclient_secret_file = {}\napi_base = \"{base}\"\nlogin_base = \"{base}\"\ndownload_hosts = [\"{host}\"]\n",
+        "[[tenant]]\nname = \"{name}\"\ntenant_id = \"{tenant_id}\"\nclient_id = \"{client_id}\"\nclient_secret_file = {}\napi_base = \"{base}\"\nlogin_base = \"{base}\"\ndownload_hosts = [{hosts}]\n",
         toml_string(&secret_file.to_string_lossy())
     )
 }
@@ -66,6 +73,7 @@ pub fn write_sim_config(
             &t.client_id,
             &secret,
             base,
+            sim.config().packages > 0,
         );
         text += "\n";
     }

@@ -1,5 +1,5 @@
 //! `lrvault enqueue`: fetch the given machine actions (Get MachineAction) and queue their
-//! commands.
+//! commands (an investigation package's one result).
 
 use std::process::ExitCode;
 
@@ -45,6 +45,18 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
+        if let Some(kind) = action
+            .action_type()
+            .filter(|k| !tenant.cfg.collect.iter().any(|c| c == k))
+        {
+            eprintln!(
+                "lrvault: action {id} has type {kind}; tenant '{}' collects {}",
+                tenant.cfg.name,
+                tenant.cfg.collect.join(", ")
+            );
+            ok = false;
+            continue;
+        }
         let status = action.status().unwrap_or("unknown").to_string();
         if !ctx.cfg.discovery.statuses.contains(&status) {
             eprintln!(

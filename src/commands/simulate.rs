@@ -49,9 +49,21 @@ pub struct Args {
     /// (incompressible), random-md5:BYTES (with Content-MD5), text:BYTES; K, M, G suffixes
     #[arg(long = "payload", value_name = "KIND:BYTES")]
     pub payloads: Vec<lrvault_sim::Payload>,
+    /// Investigation package collections per tenant (getPackageUri: 2/min and 120/h)
+    #[arg(long, default_value_t = 0)]
+    pub packages: usize,
+    /// Bytes of files in each generated investigation package
+    #[arg(long, default_value_t = 32 << 20)]
+    pub package_size: u64,
+    /// getPackageUri calls allowed per minute window (MDE: 2)
+    #[arg(long, default_value_t = 2)]
+    pub package_per_minute: u32,
+    /// getPackageUri calls allowed per hour window (MDE: 120)
+    #[arg(long, default_value_t = 120)]
+    pub package_per_hour: u32,
     /// Fault switch, repeatable: link-5xx=N, list-5xx=N, blob-5xx=N, 429=N, slow=BYTES_PER_SEC,
     /// truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names,
-    /// foreign-host=N, http-link=N, redirect=N, gone=N
+    /// foreign-host=N, http-link=N, redirect=N, gone=N, package-404=N, package-5xx=N
     #[arg(long = "fault", value_name = "FAULT")]
     pub faults: Vec<Fault>,
     /// On exit, write every request the simulator answered to this file (JSON lines:
@@ -81,6 +93,10 @@ impl Args {
             max_getfile_size: self.max_getfile_size,
             big_getfile: self.big_getfile,
             payloads: self.payloads.clone(),
+            packages: self.packages,
+            package_size: self.package_size,
+            package_per_minute: self.package_per_minute,
+            package_per_hour: self.package_per_hour,
             faults: self.faults.clone(),
             ..SimConfig::default()
         }
@@ -162,7 +178,8 @@ fn print_config(sim: &Simulator, base: &str) -> anyhow::Result<()> {
                 &t.tenant_id,
                 &t.client_id,
                 &secret_file,
-                base
+                base,
+                sim.config().packages > 0
             )
         );
     }

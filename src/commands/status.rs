@@ -79,7 +79,7 @@ pub async fn run(config: &ConfigFile, args: Args) -> anyhow::Result<ExitCode> {
     println!("database: {}", cfg.database.path.display());
     println!("{}\n", store_lines(&store));
     if tenants.len() > SUMMARY_OVER {
-        print_summary(&conn, &cfg, &status, tenants.len())?;
+        print_summary(&conn, &status, tenants.len())?;
     } else {
         print_tables(&status);
     }
@@ -149,11 +149,12 @@ fn read_status(
     for t in tenants {
         for ep in Endpoint::ALL {
             let u = quota::usage(conn, t, ep, &cfg.quota, now)?;
+            let limits = ep.limits(&cfg.quota);
             quota_rows.push(vec![
                 json!(t),
                 json!(ep.as_str()),
-                json!(format!("{}/{}", u.last_minute, cfg.quota.per_minute)),
-                json!(format!("{}/{}", u.last_hour, cfg.quota.per_hour)),
+                json!(format!("{}/{}", u.last_minute, limits.per_minute)),
+                json!(format!("{}/{}", u.last_hour, limits.per_hour)),
                 json!(u.throttled_last_hour),
             ]);
         }
@@ -242,12 +243,7 @@ fn print_tables(s: &Status) {
 }
 
 /// Many tenants: totals, then only what needs a look (`--tenant T` shows one in full).
-fn print_summary(
-    conn: &rusqlite::Connection,
-    cfg: &Config,
-    s: &Status,
-    tenants: usize,
-) -> anyhow::Result<()> {
+fn print_summary(conn: &rusqlite::Connection, s: &Status, tenants: usize) -> anyhow::Result<()> {
     let q = |sql: &str, params: &[&dyn rusqlite::ToSql]| {
         Rows::query(conn, sql, params).map_err(DbError::sql("status query"))
     };
@@ -290,11 +286,12 @@ fn print_summary(
         .rows
         .iter()
         .filter(|r| {
-            let hour = r[3]
-                .as_str()
-                .and_then(|v| v.split('/').next()?.parse::<f64>().ok());
-            hour.is_some_and(|h| h >= 0.8 * f64::from(cfg.quota.per_hour))
-                || r[4].as_i64().unwrap_or(0) > 0
+            // "used/limit", each endpoint against its own limit (getPackageUri: 120).
+            let hour = r[3].as_str().and_then(|v| {
+                let (used, limit) = v.split_once('/')?;
+                Some((used.parse::<f64>().ok()?, limit.parse::<f64>().ok()?))
+            });
+            hour.is_some_and(|(used, limit)| used >= 0.8 * limit) || r[4].as_i64().unwrap_or(0) > 0
         })
         .cloned()
         .collect();

@@ -28,8 +28,17 @@ pub struct Preset {
     pub download_hosts: &'static [&'static str],
 }
 
-const COMMERCIAL_BLOBS: &[&str] = &["*.blob.core.windows.net"];
-const GOVERNMENT_BLOBS: &[&str] = &["*.blob.core.usgovcloudapi.net"];
+/// Result blobs, and the investigation packages' `safedownload` host (reference: MDE's
+/// `getPackageUri`, e.g. `userrequests-us.securitycenter.windows.com`).
+const COMMERCIAL_BLOBS: &[&str] = &["*.blob.core.windows.net", "*.securitycenter.windows.com"];
+/// Microsoft documents no government package host; the government clouds' Defender domains
+/// (`securitycenter.microsoft.us` serves their API, `securitycenter.windows.us` mirrors the
+/// commercial package host) are allowed, and an operator can narrow `download_hosts`.
+const GOVERNMENT_BLOBS: &[&str] = &[
+    "*.blob.core.usgovcloudapi.net",
+    "*.securitycenter.windows.us",
+    "*.securitycenter.microsoft.us",
+];
 
 impl Cloud {
     pub const ALL: [Cloud; 4] = [Cloud::Commercial, Cloud::Gcc, Cloud::GccHigh, Cloud::Dod];

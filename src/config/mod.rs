@@ -32,7 +32,7 @@ pub use signin::{ClientCertificate, CredentialFile, SignIn, read_federated_token
 pub use store::{
     Backend, Compression, ObjectStoreConfig, StoreBackend, StoreConfig, StoreCredentials,
 };
-pub use tenant::TenantConfig;
+pub use tenant::{COLLECTABLE, INVESTIGATION_PACKAGE, LIVE_RESPONSE, TenantConfig};
 
 /// Every mistake in the configuration, each naming the thing to fix.
 #[derive(Debug, thiserror::Error)]

@@ -50,7 +50,17 @@ pub(super) struct RawTenant {
     /// Regex over `requestorComment` naming the action's cases (docs/operations.md §17).
     #[serde(default)]
     case_pattern: Option<String>,
+    /// Which machine-action types are archived; default: every one in [`COLLECTABLE`].
+    #[serde(default)]
+    collect: Option<Vec<String>>,
 }
+
+/// The machine-action type of a live-response session.
+pub const LIVE_RESPONSE: &str = "LiveResponse";
+/// The machine-action type of an investigation package collection.
+pub const INVESTIGATION_PACKAGE: &str = "CollectInvestigationPackage";
+/// The machine-action types `collect` may name.
+pub const COLLECTABLE: [&str; 2] = [LIVE_RESPONSE, INVESTIGATION_PACKAGE];
 
 /// One `[[tenant]]`, checked.
 #[derive(Debug, Clone)]
@@ -71,6 +81,8 @@ pub struct TenantConfig {
     /// At least one host pattern.
     pub download_hosts: Vec<String>,
     pub case_pattern: CasePattern,
+    /// Machine-action types archived (a non-empty subset of [`COLLECTABLE`], in that order).
+    pub collect: Vec<String>,
 }
 
 impl TenantConfig {
@@ -146,6 +158,7 @@ impl RawTenant {
                 "download_hosts must list at least one host pattern".into()
             ));
         }
+        let collect = check_collect(self.collect).map_err(bad)?;
         if !scope.ends_with("/.default") {
             return Err(bad(format!(
                 "scope '{scope}' must end in /.default for client credentials"
@@ -166,6 +179,32 @@ impl RawTenant {
             scope,
             download_hosts,
             case_pattern,
+            collect,
         })
     }
+}
+
+/// `collect` checked: known types only, at least one; the order is [`COLLECTABLE`]'s.
+fn check_collect(written: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let Some(written) = written else {
+        return Ok(COLLECTABLE.map(String::from).to_vec());
+    };
+    if let Some(unknown) = written.iter().find(|t| !COLLECTABLE.contains(&t.as_str())) {
+        return Err(format!(
+            "collect names '{unknown}'; allowed: {}",
+            COLLECTABLE.join(", ")
+        ));
+    }
+    let collect: Vec<String> = COLLECTABLE
+        .iter()
+        .filter(|t| written.iter().any(|w| w == *t))
+        .map(|t| t.to_string())
+        .collect();
+    if collect.is_empty() {
+        return Err(format!(
+            "collect must name at least one of {}",
+            COLLECTABLE.join(", ")
+        ));
+    }
+    Ok(collect)
 }

@@ -63,7 +63,10 @@ fn example_config_parses_with_documented_values() {
     assert_eq!(cfg.tenants[0].cloud, Cloud::Commercial);
     assert_eq!(
         cfg.tenants[0].download_hosts,
-        vec!["*.blob.core.windows.net".to_string()]
+        vec![
+            "*.blob.core.windows.net".to_string(),
+            "*.securitycenter.windows.com".to_string()
+        ]
     );
     assert_eq!(cfg.anchor.tsa_url(), None);
     assert_eq!(cfg.anchor.tsa_ca_file(), None);
@@ -245,7 +248,10 @@ fn defaults_fill_every_section() {
     assert_eq!(cfg.schedule.archive.as_str(), "30 * * * * *");
     assert_eq!(
         cfg.tenants[0].download_hosts,
-        vec!["*.blob.core.windows.net".to_string()]
+        vec![
+            "*.blob.core.windows.net".to_string(),
+            "*.securitycenter.windows.com".to_string()
+        ]
     );
 }
 
@@ -269,19 +275,30 @@ fn each_cloud_presets_exactly_its_four_values() {
         "https://login.microsoftonline.com/".to_string(),
         "https://api.security.microsoft.com/".to_string(),
         "https://api.securitycenter.microsoft.com/.default".to_string(),
-        vec!["*.blob.core.windows.net".to_string()],
+        vec![
+            "*.blob.core.windows.net".to_string(),
+            "*.securitycenter.windows.com".to_string(),
+        ],
     );
     let gcc = (
         "https://login.microsoftonline.com/".to_string(),
         "https://api-gcc.securitycenter.microsoft.us/".to_string(),
         "https://api-gcc.securitycenter.microsoft.us/.default".to_string(),
-        vec!["*.blob.core.usgovcloudapi.net".to_string()],
+        vec![
+            "*.blob.core.usgovcloudapi.net".to_string(),
+            "*.securitycenter.windows.us".to_string(),
+            "*.securitycenter.microsoft.us".to_string(),
+        ],
     );
     let gov = (
         "https://login.microsoftonline.us/".to_string(),
         "https://api-gov.securitycenter.microsoft.us/".to_string(),
         "https://api-gov.securitycenter.microsoft.us/.default".to_string(),
-        vec!["*.blob.core.usgovcloudapi.net".to_string()],
+        vec![
+            "*.blob.core.usgovcloudapi.net".to_string(),
+            "*.securitycenter.windows.us".to_string(),
+            "*.securitycenter.microsoft.us".to_string(),
+        ],
     );
     let cases = [
         ("", Cloud::Commercial, &commercial),
@@ -777,5 +794,38 @@ fn a_certificate_file_is_read_like_a_secret() {
             "tenant 'contoso': client_certificate_file {} holds no PRIVATE KEY block",
             pem.display()
         )
+    );
+}
+
+#[test]
+fn collect_defaults_to_both_types_and_refuses_unknown_or_empty_lists() {
+    let collect =
+        |extra: &str| parse(&format!("{TENANT}{extra}")).map(|c| c.tenants[0].collect.clone());
+    let both = vec![
+        "LiveResponse".to_string(),
+        "CollectInvestigationPackage".to_string(),
+    ];
+    assert_eq!(collect("").unwrap(), both);
+    // Written in any order, kept in the documented one; a repeat counts once.
+    assert_eq!(
+        collect(
+            "collect = [\"CollectInvestigationPackage\", \"LiveResponse\", \"LiveResponse\"]\n"
+        )
+        .unwrap(),
+        both
+    );
+    assert_eq!(
+        collect("collect = [\"CollectInvestigationPackage\"]\n").unwrap(),
+        vec!["CollectInvestigationPackage".to_string()]
+    );
+    assert_eq!(
+        collect("collect = [\"Isolate\"]\n")
+            .unwrap_err()
+            .to_string(),
+        "invalid config: tenant 'contoso': collect names 'Isolate'; allowed: LiveResponse, CollectInvestigationPackage"
+    );
+    assert_eq!(
+        collect("collect = []\n").unwrap_err().to_string(),
+        "invalid config: tenant 'contoso': collect must name at least one of LiveResponse, CollectInvestigationPackage"
     );
 }

@@ -1,5 +1,5 @@
-//! `lrvault backfill`: a one-shot harvest of a past window. Lists the live-response actions
-//! created in the window (paging List MachineActions), queues them, and drains their results
+//! `lrvault backfill`: a one-shot harvest of a past window. Lists the actions of the
+//! collected types (live response, investigation packages) created in the window (paging List MachineActions), queues them, and drains their results
 //! within the quota until every one is terminal — resumable: the queue is in the database,
 //! so a stopped backfill continues where it stopped when run again. `--dry-run` lists and
 //! counts only.
@@ -22,6 +22,10 @@ pub struct Plan {
     pub unfinished: usize,
     /// Results that still need a link call (not yet archived or terminal).
     pub to_fetch: u64,
+    /// Of `to_fetch`, investigation packages (their getPackageUri quota is 2/min and 120/h).
+    pub packages: u64,
+    /// Listed actions that are investigation package collections.
+    pub package_actions: usize,
     /// Results already archived, unavailable or failed from earlier runs.
     pub already_done: u64,
     /// Commands without a result (PutFile, failed, never ran).
@@ -54,6 +58,8 @@ impl Plan {
     /// Adds one listed action, given the states of results already queued.
     fn count(&mut self, action: &RawAction, statuses: &[String], known: &KnownStates) {
         self.actions += 1;
+        let package = action.action_type() == Some(crate::config::INVESTIGATION_PACKAGE);
+        self.package_actions += usize::from(package);
         if !action
             .status()
             .is_some_and(|s| statuses.iter().any(|x| x == s))
@@ -68,7 +74,7 @@ impl Plan {
                     self.already_done += 1
                 }
                 Some(ResultState::Skipped) => self.without_result += 1,
-                Some(ResultState::Pending | ResultState::Downloading) => self.to_fetch += 1,
+                Some(ResultState::Pending | ResultState::Downloading) => self.fetch(package),
                 None if discover::skip_reason(
                     cmd.command_type.as_deref(),
                     cmd.status.as_deref(),
@@ -77,9 +83,16 @@ impl Plan {
                 {
                     self.without_result += 1
                 }
-                None => self.to_fetch += 1,
+                None => self.fetch(package),
             }
         }
+    }
+}
+
+impl Plan {
+    fn fetch(&mut self, package: bool) {
+        self.to_fetch += 1;
+        self.packages += u64::from(package);
     }
 }
 
@@ -117,15 +130,44 @@ async fn known_states(
         .await
 }
 
-/// Earliest time `n` more link calls can be made for `tenant` (from the quota ledger).
-pub async fn quota_eta(ctx: &Context, tenant: &str, n: u64) -> Result<Duration, DbError> {
+/// Earliest time `links` more result links and `packages` more package links can be made for
+/// `tenant` (from the quota ledger): each endpoint drains its own bucket at the same time, so
+/// the later of the two.
+pub async fn quota_eta(
+    ctx: &Context,
+    tenant: &str,
+    links: u64,
+    packages: u64,
+) -> Result<Duration, DbError> {
     let tenant = tenant.to_string();
     let limits = ctx.cfg.quota.clone();
     ctx.db
         .read(move |c| {
             let now = crate::time::now_ms();
-            let past = quota::recent_calls(c, &tenant, Endpoint::Link, &limits, now)?;
-            Ok(quota::eta(&past, n, &limits, now))
+            let mut eta = Duration::ZERO;
+            for (endpoint, n) in [(Endpoint::Link, links), (Endpoint::PackageUri, packages)] {
+                let past = quota::recent_calls(c, &tenant, endpoint, &limits, now)?;
+                eta = eta.max(quota::eta(&past, n, &endpoint.limits(&limits), now));
+            }
+            Ok(eta)
+        })
+        .await
+}
+
+/// Investigation packages of `tenant` still to be archived (pending or downloading), for the
+/// ETA of a running backfill.
+pub async fn open_packages(ctx: &Context, tenant: &str) -> Result<u64, DbError> {
+    let tenant = tenant.to_string();
+    ctx.db
+        .read(move |c| {
+            c.query_row(
+                "SELECT count(*) FROM results WHERE tenant = ?1 AND command_type = ?2
+                 AND state IN ('pending', 'downloading')",
+                rusqlite::params![tenant, crate::mde::PACKAGE_COMMAND],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(DbError::sql("count open investigation packages"))
         })
         .await
 }

@@ -1,5 +1,6 @@
-//! Discovery and queueing: finished live-response actions become `actions` rows, each of
-//! their commands a `results` row (`pending` when it has a result to fetch, `skipped` with the
+//! Discovery and queueing: finished actions of the tenant's `collect` types (live response,
+//! investigation packages) become `actions` rows, each of their commands — an investigation
+//! package's one result — a `results` row (`pending` when it has a result to fetch, `skipped` with the
 //! reason otherwise), with DISCOVERED / QUEUED / SKIPPED custody rows. Known actions are
 //! skipped cheaply, so every pass may re-scan the whole lookback window.
 
@@ -36,7 +37,7 @@ impl Source {
 /// What a discovery pass found.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
-    /// Live-response actions the API listed.
+    /// Actions of the collected types the API listed.
     pub listed: usize,
     /// Of those, still running (picked up by a later pass).
     pub unfinished: usize,
@@ -180,6 +181,7 @@ pub async fn record_actions(
     while actions.peek().is_some() {
         let batch: Vec<RawAction> = actions.by_ref().take(RECORD_BATCH).collect();
         let statuses = ctx.cfg.discovery.statuses.clone();
+        let collect = tenant.cfg.collect.clone();
         let tenant_name = tenant.cfg.name.clone();
         let actor = tenant.actor.clone();
         let pattern = tenant.cfg.case_pattern.clone();
@@ -189,7 +191,10 @@ pub async fn record_actions(
                 let mut s = Summary::default();
                 for action in batch {
                     // List filters on type server-side; enqueue may name any action.
-                    if action.action_type().is_some_and(|t| t != "LiveResponse") {
+                    if action
+                        .action_type()
+                        .is_some_and(|t| !collect.iter().any(|c| c == t))
+                    {
                         continue;
                     }
                     s.listed += 1;

@@ -26,6 +26,10 @@ use crate::package::PackageError;
 use crate::queue::Settlement;
 use crate::store::StoreError;
 
+/// How long after an investigation package action's last update a 404 from getPackageUri
+/// still means "not ready yet" (design.md §4); after that the package is `unavailable`.
+pub const PACKAGE_READY_WITHIN: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
 /// Why an attempt did not archive.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
@@ -47,6 +51,11 @@ pub enum ResultFailure {
     Refused { reason: String },
     /// May work later: backoff, then `failed` after `max_attempts`.
     Retry { reason: String },
+    /// Not there yet (an investigation package still being collected): no attempt spent;
+    /// retried after a quarter of the time since the action's last update (`waited`), within
+    /// `retry_base` ..= `retry_max`, so a package that stays unready costs few calls of its
+    /// 120/h budget.
+    NotReady { reason: String, waited: Duration },
 }
 
 /// A failure that says the tenant's side is down or refuses us.
@@ -114,7 +123,8 @@ impl Failure {
             Failure::Result(
                 ResultFailure::Unavailable { reason, .. }
                 | ResultFailure::Refused { reason }
-                | ResultFailure::Retry { reason },
+                | ResultFailure::Retry { reason }
+                | ResultFailure::NotReady { reason, .. },
             )
             | Failure::Tenant(TenantFailure { reason, .. })
             | Failure::Process(
@@ -156,6 +166,27 @@ impl Failure {
             }
             MdeError::Decode { .. } | MdeError::TooLarge { .. } => Failure::retry(e.to_string()),
             _ => Failure::from_api(e),
+        }
+    }
+
+    /// An API error of an investigation package's getPackageUri call. A 404 means the
+    /// package is not ready yet: retried without spending an attempt until
+    /// [`PACKAGE_READY_WITHIN`] after the action's last update (`last_update`), `unavailable`
+    /// after that; other errors as for any link call.
+    pub fn from_package_link(
+        e: MdeError,
+        last_update: Option<chrono::DateTime<chrono::Utc>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Failure {
+        let waited = last_update.map_or(chrono::TimeDelta::zero(), |t| now - t);
+        match &e {
+            MdeError::Http { status: 404, .. } if waited < PACKAGE_READY_WITHIN => {
+                Failure::Result(ResultFailure::NotReady {
+                    reason: format!("investigation package not ready yet ({e})"),
+                    waited: waited.to_std().unwrap_or_default(),
+                })
+            }
+            _ => Failure::from_link(e),
         }
     }
 
@@ -241,6 +272,12 @@ impl Failure {
             Failure::Result(ResultFailure::Retry { .. }) if attempts + 1 >= cfg.max_attempts => {
                 Settlement::Failed { reason }
             }
+            Failure::Result(ResultFailure::NotReady { waited, .. }) => Settlement::Retry {
+                backoff: (*waited / 4).clamp(cfg.retry_base, cfg.retry_max.max(cfg.retry_base)),
+                reason,
+                charge: false,
+                scope,
+            },
             Failure::Result(ResultFailure::Retry { .. }) => Settlement::Retry {
                 backoff: backoff(attempts + 1, cfg.retry_base, cfg.retry_max),
                 reason,
@@ -482,6 +519,54 @@ mod tests {
         assert_eq!(
             Failure::retry("x").settlement(cfg.max_attempts - 1, &cfg),
             Settlement::Failed { reason: "x".into() }
+        );
+    }
+
+    #[test]
+    fn a_package_not_ready_is_retried_uncharged_for_a_day_then_unavailable() {
+        let cfg = crate::config::DownloadConfig::default();
+        let now = chrono::Utc::now();
+        let not_found = || MdeError::Http {
+            endpoint: "machineactions.packageuri",
+            status: 404,
+            code: "ResourceNotFound".into(),
+            message: String::new(),
+        };
+        let fresh =
+            Failure::from_package_link(not_found(), Some(now - chrono::TimeDelta::hours(2)), now);
+        let Settlement::Retry {
+            charge,
+            backoff,
+            scope,
+            ..
+        } = fresh.settlement(3, &cfg)
+        else {
+            panic!("{fresh:?}");
+        };
+        assert_eq!((charge, scope), (false, "result"));
+        // A quarter of the two hours, capped at retry_max (30 min).
+        assert_eq!(backoff, cfg.retry_max.min(Duration::from_secs(1800)));
+        let just_done = Failure::from_package_link(not_found(), Some(now), now);
+        let Settlement::Retry { backoff, .. } = just_done.settlement(0, &cfg) else {
+            panic!("{just_done:?}");
+        };
+        assert_eq!(backoff, cfg.retry_base);
+        let old =
+            Failure::from_package_link(not_found(), Some(now - chrono::TimeDelta::hours(25)), now);
+        assert!(
+            matches!(old.settlement(0, &cfg), Settlement::Unavailable { .. }),
+            "{old:?}"
+        );
+        // Other errors are those of any link call.
+        let busy = MdeError::Http {
+            endpoint: "machineactions.packageuri",
+            status: 503,
+            code: String::new(),
+            message: String::new(),
+        };
+        assert_eq!(
+            Failure::from_package_link(busy, Some(now), now).scope(),
+            "tenant"
         );
     }
 }

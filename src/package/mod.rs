@@ -34,7 +34,10 @@ use std::path::PathBuf;
 
 pub use check::{PackageCheck, check_package, remove_stale_partials, remove_stale_partials_except};
 pub use compression::{CompressionChoice, EntryLayout, EntryMethod};
-pub use names::{package_rel_path, path_component, payload_base_name, sanitize_file_name};
+pub use names::{
+    investigation_package_name, package_rel_path, path_component, payload_base_name,
+    sanitize_file_name,
+};
 pub use place::{partial_path_for, partial_target, partial_writer_gone, partials_of, sync_dirs};
 pub use pool::PackageThreads;
 pub use sink::{PackageSink, SealedPackage, StreamedPackage};

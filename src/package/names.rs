@@ -95,6 +95,12 @@ pub fn payload_base_name(
     (FALLBACK_NAME.to_string(), None)
 }
 
+/// The payload name of an investigation package (design.md §4): the zip as delivered, named
+/// after its action, `{action_id}-investigation-package.zip`.
+pub fn investigation_package_name(action_id: &str) -> String {
+    format!("{}-investigation-package.zip", path_component(action_id))
+}
+
 /// A file name that is safe on POSIX and Windows and inside a zip: no `..`, no separators, no
 /// control or bidi-override characters, no `:` (drive letters, alternate data streams) or other
 /// characters Windows refuses, no reserved device names, no leading/trailing dots or spaces, at

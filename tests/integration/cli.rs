@@ -212,7 +212,7 @@ fn example_config_loads_through_the_binary() {
     assert_eq!(status["custody_head"]["seq"], 0);
     assert_eq!(
         status["quota"].as_array().unwrap().len(),
-        4,
+        5,
         "one row per endpoint of the one tenant"
     );
     // status has no CSV form.

@@ -29,7 +29,7 @@ async fn status_shows_each_tenants_cloud_and_the_hosts_in_force() {
             "cloud": "gcc-high",
             "login_base": format!("{base}/"),
             "api_base": format!("{base}/"),
-            "download_hosts": "*.blob.core.usgovcloudapi.net",
+            "download_hosts": "*.blob.core.usgovcloudapi.net *.securitycenter.windows.us *.securitycenter.microsoft.us",
         }])
     );
     let (table, _) = e.run_ok(&["status"]);
@@ -42,7 +42,9 @@ async fn status_shows_each_tenants_cloud_and_the_hosts_in_force() {
             "gcc-high",
             &format!("{base}/"),
             &format!("{base}/"),
-            "*.blob.core.usgovcloudapi.net"
+            "*.blob.core.usgovcloudapi.net",
+            "*.securitycenter.windows.us",
+            "*.securitycenter.microsoft.us"
         ]
     );
 }

@@ -188,6 +188,28 @@ pub fn files_under(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Asserts that no file under the store and neither the database nor its WAL holds any of
+/// `needles`, as raw bytes (secrets, bearer tokens, link credentials).
+pub fn assert_nowhere_on_disk(e: &Env, needles: &[&str]) {
+    let mut files = files_under(e.store());
+    let db = e.cfg.database.path.clone();
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.clone().into_os_string();
+        p.push(suffix);
+        files.push(p.into());
+    }
+    for f in files.iter().filter(|f| f.exists()) {
+        let bytes = std::fs::read(f).unwrap();
+        for needle in needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{} contains {needle:?}",
+                f.display()
+            );
+        }
+    }
+}
+
 /// Checks a BagIt zip from scratch (RFC 8493): bagit.txt, both manifests, Payload-Oxum.
 /// Returns (payload name, payload bytes, retrieval.json).
 pub fn check_bag(path: &Path) -> (String, Vec<u8>, serde_json::Value) {

@@ -21,6 +21,7 @@ mod export;
 mod faults;
 mod forgery;
 mod insider;
+mod investigation;
 mod kit_readme;
 mod laundering;
 mod layouts;

@@ -82,7 +82,7 @@ async fn status_stays_readable_with_many_tenants() {
     // One line per state, not one per tenant and state; no quota row per tenant.
     assert!(!out.contains("sim11   pending"), "{out}");
     assert!(
-        out.contains("Quota: 0 of 48 tenant endpoints at 80 % or more"),
+        out.contains("Quota: 0 of 60 tenant endpoints at 80 % or more"),
         "{out}"
     );
     let (one, _) = e.run_ok(&["status", "--tenant", "sim3"]);

@@ -49,6 +49,8 @@ pub(crate) enum Content {
     GetFile { seed: u64, size: u64 },
     /// A benchmark payload, served as generated (no gzip wrapping).
     Raw { seed: u64, payload: Payload },
+    /// An investigation package: a zip generated on the fly.
+    Package(Box<super::package::Layout>),
 }
 
 /// What a benchmark payload is made of.
@@ -142,6 +144,8 @@ pub(crate) struct Blob {
     pub etag: String,
     pub last_modified: DateTime<Utc>,
     crc: OnceLock<u32>,
+    /// An investigation package's entry CRCs (one pass, on first read).
+    package_crcs: OnceLock<Vec<u32>>,
     digests: OnceLock<Digests>,
 }
 
@@ -162,6 +166,7 @@ impl Blob {
             etag,
             last_modified,
             crc: OnceLock::new(),
+            package_crcs: OnceLock::new(),
             digests: OnceLock::new(),
         }
     }
@@ -172,13 +177,16 @@ impl Blob {
             Content::Transcript(bytes) => bytes.len() as u64,
             Content::GetFile { size, .. } => gz_len(*size),
             Content::Raw { payload, .. } => payload.size,
+            Content::Package(layout) => layout.len(),
         }
     }
 
     pub fn content_type(&self) -> &'static str {
         match self.content {
             Content::Transcript(_) => "application/json",
-            Content::GetFile { .. } | Content::Raw { .. } => "application/octet-stream",
+            Content::GetFile { .. } | Content::Raw { .. } | Content::Package(_) => {
+                "application/octet-stream"
+            }
         }
     }
 
@@ -187,12 +195,17 @@ impl Blob {
     pub fn sends_md5(&self, limit: u64) -> bool {
         match &self.content {
             Content::Raw { payload, .. } => payload.kind == PayloadKind::RandomMd5,
+            // The safedownload host sends no MD5.
+            Content::Package(_) => false,
             _ => self.len() <= limit,
         }
     }
 
     /// Whether reading `[start, end)` needs the gzip trailer's CRC, which costs a full pass.
     pub fn needs_crc(&self, end: u64) -> bool {
+        if let Content::Package(_) = self.content {
+            return self.package_crcs.get().is_none();
+        }
         matches!(self.content, Content::GetFile { .. })
             && self.crc.get().is_none()
             && end > self.len() - GZ_TRAILER
@@ -201,7 +214,7 @@ impl Blob {
     /// CRC-32 of the original file (GetFile only; 0 for transcripts).
     pub fn crc32(&self) -> u32 {
         *self.crc.get_or_init(|| match self.content {
-            Content::Transcript(_) | Content::Raw { .. } => 0,
+            Content::Transcript(_) | Content::Raw { .. } | Content::Package(_) => 0,
             Content::GetFile { seed, size } => {
                 let mut crc = crc32fast::Hasher::new();
                 let mut buf = Vec::with_capacity(1 << 20);
@@ -233,7 +246,7 @@ impl Blob {
                 original_sha256: None,
             },
             Content::GetFile { seed, size } => self.getfile_digests(*seed, *size),
-            Content::Raw { .. } => self.raw_digests(),
+            Content::Raw { .. } | Content::Package(_) => self.raw_digests(),
         })
     }
 
@@ -311,6 +324,12 @@ impl Blob {
                     }
                     PayloadKind::Text => fill_original(*seed, off, end - off, &mut out),
                 }
+                Bytes::from(out)
+            }
+            Content::Package(layout) => {
+                let crcs = self.package_crcs.get_or_init(|| layout.crcs());
+                let mut out = Vec::with_capacity((end - off) as usize);
+                layout.read(crcs, off, end, &mut out);
                 Bytes::from(out)
             }
         }

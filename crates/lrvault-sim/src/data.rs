@@ -174,7 +174,7 @@ const OTHER_TYPES: [(&str, Option<&str>); 4] = [
     ("Isolate", Some("Full")),
     ("RunAntiVirusScan", Some("Quick")),
     ("Unisolate", None),
-    ("CollectInvestigationPackage", None),
+    ("StopAndQuarantineFile", None),
 ];
 
 /// GetFile paths under the `hostile-names` fault.
@@ -295,6 +295,10 @@ pub(crate) fn generate_tenant(
             };
             actions.push(g.getfile_action(&tenant.tenant_id, created, payload.path(), content));
         }
+    }
+    for i in 0..cfg.packages {
+        let created = g.creation_time();
+        actions.push(g.package_action(&tenant.tenant_id, i, created));
     }
     actions.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.id.cmp(&b.id)));
     assign_link_kinds(&mut actions, plan);
@@ -535,6 +539,47 @@ impl Generator<'_> {
         a.kind = kind;
         a.entity["type"] = json!(kind);
         a.list_entity["type"] = json!(kind);
+        a
+    }
+
+    /// A succeeded investigation package collection (no `commands` in the entity) whose
+    /// package, of `package_size` bytes of files, getPackageUri links to.
+    fn package_action(&mut self, tenant_id: &str, i: usize, created: DateTime<Utc>) -> Action {
+        let seven = self.rng.percent(50);
+        let created = trunc(created, seven);
+        let last_update = trunc(created + self.secs(60_000, 600_000), seven);
+        let mut a = self.action(
+            tenant_id,
+            i,
+            created,
+            last_update,
+            "Succeeded",
+            seven,
+            None,
+            Vec::new(),
+        );
+        a.kind = "CollectInvestigationPackage";
+        for entity in [&mut a.entity, &mut a.list_entity] {
+            entity["type"] = json!(a.kind);
+            entity["requestorComment"] =
+                json!(format!("Investigation package, case IR-{}", 4000 + i));
+        }
+        let layout = super::package::Layout::new(self.rng.next_u64(), self.cfg.package_size);
+        let blob = Blob::new(
+            tenant_id.to_string(),
+            a.id.clone(),
+            self.rng.hex(32),
+            Content::Package(Box::new(layout)),
+            last_update,
+        );
+        a.commands.push(Command {
+            index: 0,
+            command_type: "InvestigationPackage",
+            status: "Completed",
+            original_name: None,
+            blob: Some(Arc::new(blob)),
+            link: LinkKind::Blob,
+        });
         a
     }
 

@@ -56,13 +56,18 @@ pub enum Fault {
     /// `managed-identity-refused=N`: the first N managed-identity requests answer 400
     /// "Identity not found".
     ManagedIdentityRefused(usize),
+    /// `package-404=N`: the first N getPackageUri requests answer 404, as while a package is
+    /// still being collected ("not ready").
+    Package404(usize),
+    /// `package-5xx=N`: the next N getPackageUri requests answer 500.
+    Package5xx(usize),
 }
 
 /// Every switch name, as accepted by `FromStr` and printed by `Display`.
 pub const FAULT_NAMES: &str = "link-5xx=N, list-5xx=N, blob-5xx=N, blob-403=N, 429=N, \
      unauthorized=N, slow=BYTES_PER_SEC, truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names, \
      foreign-host=N, http-link=N, redirect=N, gone=N, assertion-refused=N, federated-refused=N, \
-     managed-identity-refused=N";
+     managed-identity-refused=N, package-404=N, package-5xx=N";
 
 impl FromStr for Fault {
     type Err = String;
@@ -108,6 +113,8 @@ impl FromStr for Fault {
             "assertion-refused" => Fault::AssertionRefused(count()?),
             "federated-refused" => Fault::FederatedRefused(count()?),
             "managed-identity-refused" => Fault::ManagedIdentityRefused(count()?),
+            "package-404" => Fault::Package404(count()?),
+            "package-5xx" => Fault::Package5xx(count()?),
             other => {
                 return Err(format!(
                     "unknown fault `{other}`; valid switches: {FAULT_NAMES}"
@@ -141,6 +148,8 @@ impl fmt::Display for Fault {
             Fault::AssertionRefused(n) => write!(f, "assertion-refused={n}"),
             Fault::FederatedRefused(n) => write!(f, "federated-refused={n}"),
             Fault::ManagedIdentityRefused(n) => write!(f, "managed-identity-refused={n}"),
+            Fault::Package404(n) => write!(f, "package-404={n}"),
+            Fault::Package5xx(n) => write!(f, "package-5xx={n}"),
         }
     }
 }
@@ -168,6 +177,8 @@ pub(crate) struct FaultPlan {
     pub assertion_refused: usize,
     pub federated_refused: usize,
     pub managed_identity_refused: usize,
+    pub package_404: usize,
+    pub package_5xx: usize,
 }
 
 impl FaultPlan {
@@ -195,6 +206,8 @@ impl FaultPlan {
                 Fault::AssertionRefused(n) => plan.assertion_refused = n,
                 Fault::FederatedRefused(n) => plan.federated_refused = n,
                 Fault::ManagedIdentityRefused(n) => plan.managed_identity_refused = n,
+                Fault::Package404(n) => plan.package_404 = n,
+                Fault::Package5xx(n) => plan.package_5xx = n,
             }
         }
         plan
@@ -228,6 +241,8 @@ mod tests {
             "assertion-refused=1",
             "federated-refused=2",
             "managed-identity-refused=3",
+            "package-404=2",
+            "package-5xx=1",
         ];
         for s in all {
             let fault: Fault = s.parse().unwrap();

@@ -8,6 +8,7 @@ mod blob;
 mod data;
 mod fault;
 mod odata;
+mod package;
 mod quota;
 mod server;
 #[cfg(test)]
@@ -81,6 +82,15 @@ pub struct SimConfig {
     /// Extra GetFile results (first tenant only) of a chosen kind and size, raw (not
     /// gzip-wrapped), queued ahead of every other result; for benchmarks.
     pub payloads: Vec<Payload>,
+    /// Investigation package collections per tenant (succeeded `CollectInvestigationPackage`
+    /// actions whose getPackageUri links to a generated package zip).
+    pub packages: usize,
+    /// Bytes of files in each generated package (the zip adds its headers).
+    pub package_size: u64,
+    /// getPackageUri's own quota (MDE: 2 per minute and 120 per hour), over the same
+    /// `minute` and `hour` windows as the other endpoints.
+    pub package_per_minute: u32,
+    pub package_per_hour: u32,
     /// Content-MD5 / x-ms-blob-content-md5 are sent only for blobs up to this size.
     pub md5_limit: u64,
     pub faults: Vec<Fault>,
@@ -109,6 +119,10 @@ impl Default for SimConfig {
             max_getfile_size: 2 * 1024 * 1024,
             big_getfile: None,
             payloads: Vec::new(),
+            packages: 0,
+            package_size: 32 << 20,
+            package_per_minute: 2,
+            package_per_hour: 120,
             md5_limit: 256 * 1024 * 1024,
             faults: Vec::new(),
             clock_offset: chrono::Duration::zero(),
@@ -145,7 +159,8 @@ pub struct ExpectedResult {
 pub struct LoggedRequest {
     pub at: Instant,
     pub tenant_id: Option<String>,
-    /// `token` | `list` | `get` | `link` | `blob` | `other`.
+    /// `token` | `list` | `get` | `link` | `packageuri` | `blob` | `package` (a safedownload
+    /// of an investigation package) | `other`.
     pub endpoint: &'static str,
     pub status: u16,
     /// Whether the request carried an `Authorization` header.
@@ -184,10 +199,14 @@ struct Counters {
     bodies: AtomicUsize,
     md5_headers: AtomicUsize,
     links_issued: AtomicUsize,
+    /// getPackageUri requests, for the package faults.
+    package_uri: AtomicUsize,
     authenticated: AtomicUsize,
     /// Blob bodies being sent now, and the most there ever were at once.
     open_bodies: AtomicUsize,
     peak_open_bodies: AtomicUsize,
+    /// The most bodies that were open when a link (result or package) was asked for.
+    open_bodies_at_link: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -200,6 +219,8 @@ struct State {
     blob_with_authorization: usize,
     /// Every access token ever issued, in order.
     issued: Vec<String>,
+    /// Every investigation package link's `token=` value, in order.
+    package_tokens: Vec<String>,
     /// Client secrets each tenant's app accepts now (tenant id -> secrets); starts with the
     /// configured one. Entra allows several at once, which is how a secret is rotated.
     secrets: HashMap<String, Vec<String>>,
@@ -237,7 +258,8 @@ impl Simulator {
         for chunk in sas_key.chunks_mut(8) {
             chunk.copy_from_slice(&key_rng.next_u64().to_le_bytes());
         }
-        let quota = Quota::new(cfg.per_minute, cfg.per_hour, cfg.minute, cfg.hour);
+        let mut quota = Quota::new(cfg.per_minute, cfg.per_hour, cfg.minute, cfg.hour);
+        quota.set_limits("packageuri", cfg.package_per_minute, cfg.package_per_hour);
         let secrets = cfg
             .tenants
             .iter()
@@ -259,6 +281,7 @@ impl Simulator {
                     status_counts: HashMap::new(),
                     blob_with_authorization: 0,
                     issued: Vec::new(),
+                    package_tokens: Vec::new(),
                     secrets,
                     signin: server::Registry::default(),
                 }),
@@ -394,6 +417,22 @@ impl Simulator {
         self.inner.counters.peak_open_bodies.load(Ordering::SeqCst)
     }
 
+    /// The most blob or package bodies that were being sent when a link call (result or
+    /// package) arrived: a client that mints links only for a free transfer slot keeps this
+    /// below its number of slots.
+    pub fn open_bodies_at_link(&self) -> usize {
+        self.inner
+            .counters
+            .open_bodies_at_link
+            .load(Ordering::SeqCst)
+    }
+
+    /// Every investigation package link's `token=` value issued so far, so tests can prove
+    /// that none leaked into logs, the DB or packages.
+    pub fn package_tokens(&self) -> Vec<String> {
+        self.inner.state().package_tokens.clone()
+    }
+
     /// The most recent requests (up to 200 000), oldest first.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         self.inner.state().log.iter().cloned().collect()
@@ -431,7 +470,7 @@ impl Inner {
     fn record(&self, req: LoggedRequest) {
         let mut st = self.state();
         *st.status_counts.entry(req.status).or_default() += 1;
-        if req.endpoint == "blob" && req.authorization {
+        if matches!(req.endpoint, "blob" | "package") && req.authorization {
             st.blob_with_authorization += 1;
         }
         if st.log.len() >= LOG_CAPACITY {

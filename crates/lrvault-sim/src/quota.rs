@@ -11,6 +11,8 @@ pub(crate) struct Quota {
     per_hour: u32,
     minute: Duration,
     hour: Duration,
+    /// Endpoints with limits of their own (per minute, per hour).
+    own_limits: HashMap<&'static str, (u32, u32)>,
     admitted: HashMap<(String, &'static str), VecDeque<Instant>>,
 }
 
@@ -21,8 +23,14 @@ impl Quota {
             per_hour,
             minute,
             hour,
+            own_limits: HashMap::new(),
             admitted: HashMap::new(),
         }
+    }
+
+    /// Gives `endpoint` its own limits over the same windows (getPackageUri: 2/min, 120/h).
+    pub fn set_limits(&mut self, endpoint: &'static str, per_minute: u32, per_hour: u32) {
+        self.own_limits.insert(endpoint, (per_minute, per_hour));
     }
 
     /// Admits (and records) a request at `now`, or returns the whole seconds (>= 1, rounded up)
@@ -40,7 +48,12 @@ impl Quota {
             window.pop_front();
         }
         let mut wait = Duration::ZERO;
-        for (limit, len) in [(self.per_minute, self.minute), (self.per_hour, self.hour)] {
+        let (per_minute, per_hour) = self
+            .own_limits
+            .get(endpoint)
+            .copied()
+            .unwrap_or((self.per_minute, self.per_hour));
+        for (limit, len) in [(per_minute, self.minute), (per_hour, self.hour)] {
             let inside: Vec<&Instant> = window
                 .iter()
                 .filter(|t| now.saturating_duration_since(**t) < len)

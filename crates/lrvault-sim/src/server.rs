@@ -29,6 +29,7 @@ use super::{LoggedRequest, Simulator};
 
 mod blob_host;
 mod signin;
+mod package_host;
 use blob_host::*;
 pub(crate) use signin::Registry;
 pub use signin::{FEDERATED_ISSUER, openssl_certificate};
@@ -61,6 +62,7 @@ pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
         .route("/api/machineactions/{id}", get(get_action))
         .route("/api/machineactions/{id}/{op}", get(action_op))
         .route("/blob/{*rest}", get(blob))
+        .route("/safedownload/{*rest}", get(package_host::safedownload))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(app.clone(), log_requests))
         .with_state(app)
@@ -70,7 +72,10 @@ fn classify(path: &str) -> &'static str {
     if path.starts_with("/blob/") {
         return "blob";
     }
-    if path.ends_with("/oauth2/v2.0/token")
+    if path.starts_with("/safedownload/") {
+        return "package";
+    }
+        if path.ends_with("/oauth2/v2.0/token")
         || path == "/metadata/identity/oauth2/token"
         || path == "/msi/token"
     {
@@ -84,6 +89,7 @@ fn classify(path: &str) -> &'static str {
         [] => "list",
         [_] => "get",
         [_, op] if op.starts_with(LINK_FUNCTION) => "link",
+        [_, op] if package_host::is_package_uri(op) => "packageuri",
         _ => "other",
     }
 }
@@ -98,6 +104,11 @@ async fn log_requests(State(app): State<App>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let endpoint = classify(&path);
+    if matches!(endpoint, "link" | "packageuri") {
+        let c = &app.sim.inner.counters;
+        let open = c.open_bodies.load(Ordering::SeqCst);
+        c.open_bodies_at_link.fetch_max(open, Ordering::SeqCst);
+    }
     // During an outage the API and the token endpoint answer 503; the blob host does not.
     let mut resp = if app.sim.in_outage() && endpoint == "token" {
         let message = "AADSTS90033: A transient error has occurred. Please try again.";
@@ -512,6 +523,12 @@ async fn action_op(
     let Some(tenant) = app.authenticate(&headers) else {
         return unauthorized();
     };
+    if package_host::is_package_uri(&op) {
+        return tagged(
+            package_host::package_uri(&app, &tenant, &headers, &id),
+            &tenant,
+        );
+    }
     let Some(arg) = op.strip_prefix(LINK_FUNCTION) else {
         return tagged(not_found(), &tenant);
     };
@@ -638,6 +655,14 @@ mod tests {
             "link"
         );
         assert_eq!(classify("/api/machineactions/abc/cancel"), "other");
+        assert_eq!(
+            classify("/api/machineactions/abc/getPackageUri"),
+            "packageuri"
+        );
+        assert_eq!(
+            classify("/safedownload/WDATP_Investigation_Package.zip"),
+            "package"
+        );
         assert_eq!(classify("/blob/investigation-actions-data/a/b"), "blob");
         assert_eq!(classify("/nope"), "other");
     }

@@ -76,7 +76,11 @@ impl<'a> Plan<'a> {
     /// `compute_md5`: the server sent an MD5 claim to check against.
     fn spec(&self, ctx: &Context, expected_size: Option<u64>, compute_md5: bool) -> PackageSpec {
         let k = self.key();
-        let (base_name, _) = package::payload_base_name(&self.claimed.command_type, &self.params);
+        let base_name = if self.claimed.command_type == crate::mde::PACKAGE_COMMAND {
+            package::investigation_package_name(&k.action_id)
+        } else {
+            package::payload_base_name(&self.claimed.command_type, &self.params).0
+        };
         PackageSpec {
             store_root: ctx.store.staging_root().to_path_buf(),
             rel_path: self.rel_path.clone(),
@@ -92,6 +96,18 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// What the payload is, for bag-info's External-Description.
+    fn what(&self) -> String {
+        if self.claimed.command_type == crate::mde::PACKAGE_COMMAND {
+            return "MDE investigation package".into();
+        }
+        let k = self.key();
+        format!(
+            "MDE live response {} result, command {}",
+            self.claimed.command_type, k.index
+        )
+    }
+
     fn bag_info(&self) -> BagInfo {
         let k = self.key();
         BagInfo {
@@ -100,9 +116,8 @@ impl<'a> Plan<'a> {
             bagging_date: crate::time::now().format("%Y-%m-%d").to_string(),
             contact_name: self.action.requestor().map(str::to_string),
             external_description: format!(
-                "MDE live response {} result, command {} of action {} on {}{}",
-                self.claimed.command_type,
-                k.index,
+                "{} of action {} on {}{}",
+                self.what(),
                 k.action_id,
                 self.action
                     .computer_dns_name()
@@ -197,8 +212,9 @@ async fn download(
     }
 }
 
-/// Asks the API for a link (a quota call), records LINK_ISSUED with its host and path, and
-/// checks it against the allowlist before any connection.
+/// Asks the API for a link (a quota call: GetLiveResponseResultDownloadLink, or getPackageUri
+/// for an investigation package), records LINK_ISSUED with its host and path, and checks it
+/// against the allowlist before any connection.
 async fn mint_link(
     ctx: &Context,
     tenant: &Tenant,
@@ -206,11 +222,20 @@ async fn mint_link(
     dl: &mut Download,
 ) -> Result<url::Url, Failure> {
     let k = plan.key();
-    let link = tenant
-        .client
-        .result_link(&k.action_id, k.index)
-        .await
-        .map_err(Failure::from_link)?;
+    let link = if plan.claimed.command_type == crate::mde::PACKAGE_COMMAND {
+        let last_update = plan.action.last_update();
+        tenant
+            .client
+            .package_link(&k.action_id)
+            .await
+            .map_err(|e| Failure::from_package_link(e, last_update, crate::time::now()))?
+    } else {
+        tenant
+            .client
+            .result_link(&k.action_id, k.index)
+            .await
+            .map_err(Failure::from_link)?
+    };
     dl.link_issues += 1;
     let checked = tenant.allow.check(&link);
     dl.link = match &checked {

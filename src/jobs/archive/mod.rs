@@ -261,7 +261,7 @@ async fn archive_tenant(
     let mut started = 0;
     if probing {
         // While the breaker is open, one result goes alone: its calls are the probe.
-        let Some(key) = due.next() else {
+        let Some((key, _)) = due.next() else {
             unreachable!("due_count > 0")
         };
         started += 1;
@@ -276,13 +276,47 @@ async fn archive_tenant(
         }
         breaker::answered(&ctx.db, tenant).await;
     }
+    // One lane per link bucket: a tenant's investigation packages (getPackageUri, 2/min) wait
+    // on their own quota and never hold up its live-response results.
+    let (packages, results): (Vec<_>, Vec<_>) =
+        due.partition(|(_, t)| link_endpoint(t) == crate::quota::Endpoint::PackageUri);
+    let lanes = [
+        (results, crate::quota::Endpoint::Link),
+        (packages, crate::quota::Endpoint::PackageUri),
+    ]
+    .map(|(keys, endpoint)| {
+        let keys = keys.into_iter().map(|(k, _)| k).collect();
+        lane(ctx, tenant, keys, endpoint, on_result.clone(), budget)
+    });
+    let [a, b] = lanes;
+    let (a, b) = tokio::join!(a, b);
+    for (lane_summary, lane_started) in [a?, b?] {
+        summary += lane_summary;
+        started += lane_started;
+    }
+    summary.not_started = due_count - started;
+    Ok(summary.with_breaker(tenant))
+}
+
+/// Starts `keys` in order, each once `endpoint`'s bucket has room for its link call and a
+/// transfer slot is free; returns what finished and how many it started.
+async fn lane(
+    ctx: &Arc<Context>,
+    tenant: &Arc<Tenant>,
+    keys: Vec<Key>,
+    endpoint: crate::quota::Endpoint,
+    on_result: Option<OnResult>,
+    budget: &AtomicUsize,
+) -> anyhow::Result<(Summary, usize)> {
+    let (mut summary, mut started) = (Summary::default(), 0);
     let mut tasks = tokio::task::JoinSet::new();
-    for key in due {
-        // Room in the tenant's own link quota, then a slot of the process's budget, one at a
-        // time and in turn with the other tenants: links are only minted when they can be used
-        // at once, and a tenant waiting on its quota holds no slot another could use.
+    for key in keys {
+        // Room in the tenant's own quota for this link call, then a slot of the process's
+        // budget, one at a time and in turn with the other tenants: links are only minted
+        // when they can be used at once, and a tenant waiting on its quota holds no slot
+        // another could use.
         let permit = tokio::select! {
-            ready = ctx.governor.ready(&tenant.cfg.name, crate::quota::Endpoint::Link) => {
+            ready = ctx.governor.ready(&tenant.cfg.name, endpoint) => {
                 ready?;
                 tokio::select! {
                     p = ctx.transfers.acquire(&tenant.cfg.name) => p,
@@ -328,8 +362,17 @@ async fn archive_tenant(
     while let Some(done) = tasks.join_next().await {
         summary.count(done?);
     }
-    summary.not_started = due_count - started;
-    Ok(summary.with_breaker(tenant))
+    Ok((summary, started))
+}
+
+/// The quota bucket of a result's link call: `getPackageUri` for an investigation package,
+/// GetLiveResponseResultDownloadLink for the rest.
+fn link_endpoint(command_type: &str) -> crate::quota::Endpoint {
+    if command_type == crate::mde::PACKAGE_COMMAND {
+        crate::quota::Endpoint::PackageUri
+    } else {
+        crate::quota::Endpoint::Link
+    }
 }
 
 /// Archives one result; never returns an error: every failure ends in a state.

@@ -17,7 +17,8 @@ pub(super) async fn blob(State(app): State<App>, headers: HeaderMap, uri: Uri) -
                 .filter(|b| b.action_id == aid)
                 .cloned()
         });
-    let resp = serve_blob(&app, &headers, &uri, blob.clone()).await;
+    let refusal = || sas_refusal(&app.sim.inner.sas_key, &uri, app.sim.now());
+    let resp = serve_blob(&app, &headers, refusal, blob.clone()).await;
     match blob {
         Some(b) => tagged(resp, &b.tenant_id),
         None => resp,
@@ -45,19 +46,20 @@ pub(super) fn parse_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
 
 pub(super) const AUTH_FAILED: &str = "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.";
 
-/// A blob GET as Azure answers it: counted faults first, then the SAS, the blob, If-Match, the
-/// range and the MD5 headers, then the body streamed from the generator.
+/// A blob GET as Azure answers it: counted faults first, then the link's credential
+/// (`refusal`: the SAS, or a package's token), the blob, If-Match, the range and the MD5
+/// headers, then the body streamed from the generator.
 pub(super) async fn serve_blob(
     app: &App,
     headers: &HeaderMap,
-    uri: &Uri,
+    refusal: impl FnOnce() -> Option<Response>,
     blob: Option<Arc<Blob>>,
 ) -> Response {
     let inner = &app.sim.inner;
     if let Some(fault) = injected_blob_fault(&inner.plan, next(&inner.counters.blob)) {
         return fault;
     }
-    if let Some(refused) = sas_refusal(&inner.sas_key, uri, app.sim.now()) {
+    if let Some(refused) = refusal() {
         return refused;
     }
     let Some(blob) = blob else {
