@@ -41,7 +41,7 @@ const MAX_ANSWER: usize = 64 * 1024;
 
 /// The client of one check: no redirects (a signed request goes where it was signed for).
 fn check_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    crate::http::client_builder()
         .timeout(std::time::Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()
