@@ -11,7 +11,7 @@ use reqwest::header::HeaderMap;
 
 /// Makes *ring* the process's rustls crypto provider, once. Every HTTPS client of lrvault
 /// (reqwest's, object_store's) runs on rustls over ring: one TLS stack, no C crypto library
-/// (docs/architecture.md, "One TLS stack"). reqwest is built without a provider of its own and
+/// (docs/architecture.md, module `http`). reqwest is built without a provider of its own and
 /// panics if a client is built before this ran, so [`client_builder`] and the object-store
 /// set-up call it; calling it again does nothing.
 pub fn install_tls() {
