@@ -3,8 +3,8 @@
 //! live in query strings), header access, and the suffixes that put an error code after an
 //! HTTP status.
 
-use std::sync::{Arc, Once};
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Once};
 
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderMap;
