@@ -99,7 +99,7 @@ pub fn link_expiry(url: &Url) -> Option<DateTime<Utc>> {
 
 /// The blob client: no default headers (so no Authorization), no redirects, a per-read timeout.
 pub fn blob_client(read_timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    crate::http::client_builder()
         .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(30))

@@ -1,12 +1,33 @@
 //! Small HTTP helpers shared by the API client (`mde`) and the blob downloader (`fetch`):
-//! error text that never carries a URL (SAS signatures live in query strings), header
-//! access, and the suffixes that put an error code after an HTTP status.
+//! the one TLS set-up of the process, error text that never carries a URL (SAS signatures
+//! live in query strings), header access, and the suffixes that put an error code after an
+//! HTTP status.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Once};
 
 use chrono::{DateTime, Utc};
 use reqwest::header::HeaderMap;
+
+/// Makes *ring* the process's rustls crypto provider, once. Every HTTPS client of lrvault
+/// (reqwest's, object_store's) runs on rustls over ring: one TLS stack, no C crypto library
+/// (docs/architecture.md, module `http`). reqwest is built without a provider of its own and
+/// panics if a client is built before this ran, so [`client_builder`] and the object-store
+/// set-up call it; calling it again does nothing.
+pub fn install_tls() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Err only when another provider was installed first (by an embedding program): that
+        // one is kept, as rustls allows a single process-wide default.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A reqwest client builder on the process's TLS stack ([`install_tls`]).
+pub fn client_builder() -> reqwest::ClientBuilder {
+    install_tls();
+    reqwest::Client::builder()
+}
 
 /// ` CODE` after an HTTP status in error messages, or nothing when there is no code.
 pub fn code_suffix(code: &str) -> String {

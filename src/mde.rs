@@ -445,7 +445,7 @@ pub struct MdeClient {
 /// [`MdeClient`]: its TLS set-up and connection pool are paid once, not per tenant. It never
 /// follows a redirect (the bearer token must not go anywhere but the API host).
 pub fn api_http() -> Result<reqwest::Client, MdeError> {
-    reqwest::Client::builder()
+    crate::http::client_builder()
         .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(30))

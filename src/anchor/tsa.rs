@@ -3,7 +3,8 @@
 //! signature over the TSTInfo, and the signer's chain to `tsa_ca_file` at the token's time).
 //!
 //! The ASN.1 types come from RustCrypto's `x509-tsp`, `cms` and `x509-cert`; signatures and
-//! the certificate path are checked by `rustls-webpki` (RSA PKCS#1 and PSS, ECDSA, Ed25519).
+//! the certificate path are checked by `rustls-webpki` on *ring* (RSA PKCS#1 and PSS, ECDSA P-256
+//! and P-384 with SHA-256/384, Ed25519).
 //! These are the checks `openssl ts -verify -CAfile` makes, except the ESS signing-certificate
 //! attribute (the signer is identified by issuer and serial number, or key identifier, and its
 //! key must verify the signature).
@@ -146,7 +147,7 @@ pub async fn fetch_token(
         url: url.to_string(),
         message: crate::http::redact_reqwest(e),
     };
-    let client = reqwest::Client::builder()
+    let client = crate::http::client_builder()
         .timeout(REQUEST_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))
@@ -417,7 +418,7 @@ fn signature_algorithms(
     signature_alg: &ObjectIdentifier,
     digest_alg: &ObjectIdentifier,
 ) -> Vec<&'static dyn SignatureVerificationAlgorithm> {
-    use webpki::aws_lc_rs as alg;
+    use webpki::ring as alg;
     let by_hash = |sha256, sha384, sha512| match *digest_alg {
         ID_SHA256 => vec![sha256],
         ID_SHA384 => vec![sha384],
@@ -428,11 +429,9 @@ fn signature_algorithms(
         match hash {
             "256" => vec![alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
             "384" => vec![alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
-            _ => vec![
-                alg::ECDSA_P521_SHA512,
-                alg::ECDSA_P384_SHA512,
-                alg::ECDSA_P256_SHA512,
-            ],
+            // ring verifies ECDSA over P-256 and P-384 with SHA-256/384 only: a P-521 key or
+            // an ECDSA signature over SHA-512 is refused as unsupported (docs/audit.md).
+            _ => vec![],
         }
     };
     let digest_hash = match *digest_alg {

@@ -30,7 +30,7 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     pub fn new(cfg: Webhook) -> Result<WebhookSink, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let http = crate::http::client_builder()
             .timeout(TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("lrvault/", env!("CARGO_PKG_VERSION")))

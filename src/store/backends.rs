@@ -48,6 +48,8 @@ pub(super) fn build(
         .endpoint
         .as_ref()
         .is_some_and(|e| e.scheme() == "http");
+    // object_store builds its reqwest clients on the process's TLS stack.
+    crate::http::install_tls();
     let options = ClientOptions::new()
         .with_allow_http(allow_http)
         .with_connect_timeout(Duration::from_secs(10))

@@ -39,7 +39,7 @@ const AZURE_API_VERSION: &str = "2021-12-02";
 
 /// The client of one check: no redirects (a signed request goes where it was signed for).
 pub(super) fn check_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    crate::http::client_builder()
         .timeout(std::time::Duration::from_secs(30))
         .redirect(reqwest::redirect::Policy::none())
         .build()

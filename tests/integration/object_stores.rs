@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use lrvault::config::{Backend, ObjectStoreConfig, StoreConfig, StoreCredentials};
 
 /// Dummy credentials: moto checks none, but lrvault requires them with `credentials = "env"`.
@@ -207,7 +208,7 @@ async fn start(
             _dir: dir,
         };
         let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-        let client = reqwest::Client::new();
+        let client = lrvault::http::client_builder().build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = server.child.try_wait().unwrap() {
@@ -286,6 +287,12 @@ pub fn s3_client(moto: &Server) -> aws_sdk_s3::Client {
         .endpoint_url(moto.url())
         .force_path_style(true)
         .credentials_provider(Credentials::new(S3_KEY_ID, S3_SECRET, None, None, "test"))
+        // The SDK's client on ring, like the binary's (no aws-lc in the tree).
+        .http_client(
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(Provider::Rustls(CryptoMode::Ring))
+                .build_https(),
+        )
         .build();
     aws_sdk_s3::Client::from_conf(conf)
 }
@@ -415,7 +422,9 @@ pub async fn create_container(azurite: &Server, container: &str) {
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&b64.decode(AZURITE_KEY).unwrap()).unwrap();
     mac.update(to_sign.as_bytes());
     let signature = b64.encode(mac.finalize().into_bytes());
-    let response = reqwest::Client::new()
+    let response = lrvault::http::client_builder()
+        .build()
+        .unwrap()
         .put(format!(
             "{}/{AZURITE_ACCOUNT}/{container}?restype=container",
             azurite.url()

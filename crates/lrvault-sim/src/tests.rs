@@ -37,6 +37,8 @@ fn with_faults(actions: usize, faults: &str) -> SimConfig {
 }
 
 fn client() -> reqwest::Client {
+    // reqwest carries no crypto provider of its own (the workspace's one TLS stack is ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
