@@ -1,5 +1,6 @@
 //! The command line: clap definitions and dispatch. Each command lives in its own module
-//! under [`crate::commands`], with its flags and its `run()`; errors become one line in `main`.
+//! under [`crate::commands`], with its flags and its `run()`; errors become one line in [`main`], which
+//! the binary calls.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,6 +110,56 @@ impl Command {
             Command::Simulate(_) | Command::Demo(_) => false,
             _ => true,
         }
+    }
+}
+
+/// The whole program after the process settings of `main.rs`: parse the command line, set up
+/// logging, run the command on a multi-threaded runtime, and turn the outcome into an exit
+/// code (one line on stderr for an error). It lives here rather than in `main.rs` so the
+/// runtime's `block_on` and everything it instantiates are compiled once, in the library.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    // systemd's LoadCredential= directory, read here once and passed down: nothing below
+    // reads or changes the process environment for it.
+    let credentials = Credentials::new(std::env::var_os("CREDENTIALS_DIRECTORY").map(Into::into));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lrvault: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli, credentials)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("lrvault: {}", crate::error::one_line(&err));
+            ExitCode::from(crate::error::exit_code(&err))
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let level = match (cli.verbose, cli.quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    // RUST_LOG wins when set; otherwise -v/-q decide.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("lrvault={level},warn")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 

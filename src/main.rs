@@ -1,12 +1,8 @@
-//! The `lrvault` binary: parse the command line, set up logging, run, map the outcome to
-//! an exit code. Everything else lives in the library.
+//! The `lrvault` binary: the process settings that must come before any thread starts, then
+//! the library's [`lrvault::cli::main`]. Everything else lives in the library, so its code
+//! is compiled once, there, and not again into this crate (docs/architecture.md).
 
 use std::process::ExitCode;
-
-use clap::Parser;
-use lrvault::cli::{Cli, LogFormat};
-use lrvault::config::Credentials;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     // `lrvault status | head` should end quietly like any Unix tool, not panic on EPIPE.
@@ -32,47 +28,5 @@ fn main() -> ExitCode {
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     }
-    let cli = Cli::parse();
-    init_tracing(&cli);
-    // systemd's LoadCredential= directory, read here once and passed down: nothing below
-    // reads or changes the process environment for it.
-    let credentials = Credentials::new(std::env::var_os("CREDENTIALS_DIRECTORY").map(Into::into));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("lrvault: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(lrvault::cli::run(cli, credentials)) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("lrvault: {}", lrvault::error::one_line(&err));
-            ExitCode::from(lrvault::error::exit_code(&err))
-        }
-    }
-}
-
-fn init_tracing(cli: &Cli) {
-    let level = match (cli.verbose, cli.quiet) {
-        (0, 0) => "info",
-        (1, _) => "debug",
-        (v, _) if v >= 2 => "trace",
-        (_, 1) => "warn",
-        _ => "error",
-    };
-    // RUST_LOG wins when set; otherwise -v/-q decide.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("lrvault={level},warn")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    lrvault::cli::main()
 }
