@@ -28,8 +28,8 @@ use super::odata;
 use super::{LoggedRequest, Simulator};
 
 mod blob_host;
-mod signin;
 mod package_host;
+mod signin;
 use blob_host::*;
 pub(crate) use signin::Registry;
 pub use signin::{FEDERATED_ISSUER, openssl_certificate};
@@ -75,7 +75,7 @@ fn classify(path: &str) -> &'static str {
     if path.starts_with("/safedownload/") {
         return "package";
     }
-        if path.ends_with("/oauth2/v2.0/token")
+    if path.ends_with("/oauth2/v2.0/token")
         || path == "/metadata/identity/oauth2/token"
         || path == "/msi/token"
     {
