@@ -380,13 +380,21 @@ async fn each_tenant_uses_its_own_budget_at_the_same_time() {
         assert!(max_in_window(t, HOUR) <= PER_HOUR as usize);
         assert!(max_in_window(t, MINUTE) <= PER_MINUTE as usize);
     }
-    // Neither tenant waited for the other: both spent budget in the first window (a tenant
-    // queued behind the other would have made no call before the other's backlog drained).
-    let first_window =
-        |t: &[Instant], start: Instant| t.iter().filter(|x| x.duration_since(start) < HOUR).count();
-    let start = a[0].min(b[0]);
-    assert!(first_window(&a, start) >= PER_HOUR as usize / 2);
-    assert!(first_window(&b, start) >= PER_HOUR as usize / 2);
+    // Neither tenant waited for the other: each made its first call before the other had
+    // spent one hour's budget (a tenant queued behind the other would have made none before
+    // the other's whole backlog, more than an hour's budget, was done). Counted in calls, not
+    // in time, so a loaded machine cannot fail it.
+    let before = |t: &[Instant], first: Instant| t.iter().filter(|x| **x < first).count();
+    assert!(
+        before(&a, b[0]) <= PER_HOUR as usize,
+        "{:?}",
+        before(&a, b[0])
+    );
+    assert!(
+        before(&b, a[0]) <= PER_HOUR as usize,
+        "{:?}",
+        before(&b, a[0])
+    );
     assert_eq!(e.sim.sim.count_status(429), 0);
     // One verify run over both tenants: one VERIFIED row, every package checked.
     let report = lrvault::verify::verify(&e.cfg, &e.ctx.db, None, None, false)
