@@ -297,6 +297,13 @@ async fn a_sink_that_is_down_changes_nothing_a_pass_archives() {
         let s = e.archive().await;
         summaries.push((s.archived, s.failed, s.unavailable, s.retry_later));
     }
+    // The sink's task runs beside the passes, at its own pace: wait for its first refused
+    // request to be recorded before stopping it (on a loaded machine the passes can end first).
+    let tried = wait_until(Duration::from_secs(60), || {
+        with_sink.count("SELECT count(*) FROM event_sink_state WHERE sink = 'webhook' AND last_error IS NOT NULL") > 0
+    })
+    .await;
+    assert!(tried, "the webhook sink never recorded its refused request");
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
