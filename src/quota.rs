@@ -100,6 +100,9 @@ pub struct Usage {
     pub last_minute: i64,
     pub last_hour: i64,
     pub throttled_last_hour: i64,
+    /// The endpoint's own limits the counts are judged against ([`Endpoint::limits`]).
+    pub per_minute: u32,
+    pub per_hour: u32,
 }
 
 impl Governor {
@@ -186,7 +189,7 @@ impl Governor {
     }
 }
 
-/// Current usage of one bucket (for `status`).
+/// Current usage of one bucket and its limits (for `status` and the metrics).
 pub fn usage(
     conn: &rusqlite::Connection,
     tenant: &str,
@@ -214,6 +217,8 @@ pub fn usage(
             "SELECT count(*) FROM api_calls WHERE tenant = ?1 AND endpoint = ?2 AND at_ms > ?3 AND http_status = 429",
             now_ms - hour_ms,
         )?,
+        per_minute: limits.per_minute,
+        per_hour: limits.per_hour,
     })
 }
 

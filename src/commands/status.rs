@@ -149,12 +149,11 @@ fn read_status(
     for t in tenants {
         for ep in Endpoint::ALL {
             let u = quota::usage(conn, t, ep, &cfg.quota, now)?;
-            let limits = ep.limits(&cfg.quota);
             quota_rows.push(vec![
                 json!(t),
                 json!(ep.as_str()),
-                json!(format!("{}/{}", u.last_minute, limits.per_minute)),
-                json!(format!("{}/{}", u.last_hour, limits.per_hour)),
+                json!(format!("{}/{}", u.last_minute, u.per_minute)),
+                json!(format!("{}/{}", u.last_hour, u.per_hour)),
                 json!(u.throttled_last_hour),
             ]);
         }

@@ -194,8 +194,8 @@ fn api_calls(
         for ep in Endpoint::ALL {
             let used = quota::usage(conn, &t.name, ep, &cfg.quota, now_ms)?;
             for (window, limit, used) in [
-                ("minute", cfg.quota.per_minute, used.last_minute),
-                ("hour", cfg.quota.per_hour, used.last_hour),
+                ("minute", used.per_minute, used.last_minute),
+                ("hour", used.per_hour, used.last_hour),
             ] {
                 let labels = vec![
                     ("tenant", t.name.clone()),
