@@ -54,20 +54,16 @@ impl MdeClient {
         let proof = tokio::task::spawn_blocking(move || proof(&tenant, &audience, now))
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-        let (key, value) = match &proof {
-            Proof::Secret(s) => (None, s.expose_secret()),
-            Proof::Assertion(a) => (Some(ASSERTION_TYPE), a.expose_secret()),
-        };
         let mut form = vec![
             ("grant_type", "client_credentials"),
             ("client_id", self.tenant.client_id.as_str()),
             ("scope", self.tenant.scope.as_str()),
         ];
-        match key {
-            None => form.push(("client_secret", value)),
-            Some(kind) => {
-                form.push(("client_assertion_type", kind));
-                form.push(("client_assertion", value));
+        match &proof {
+            Proof::Secret(s) => form.push(("client_secret", s.expose_secret())),
+            Proof::Assertion(a) => {
+                form.push(("client_assertion_type", ASSERTION_TYPE));
+                form.push(("client_assertion", a.expose_secret()));
             }
         }
         let response = self
