@@ -29,11 +29,11 @@ pub(super) fn tenant_toml(
     base: &str,
     packages: bool,
 ) -> String {
-    let host = base
-        .trim_start_matches("http://")
-        .rsplit_once(':')
-        .map_or("127.0.0.1", |(h, _)| h)
-        .to_string();
+    // The simulator's links point at its own host (http or https).
+    let host = url::Url::parse(base)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_else(|| "127.0.0.1".to_string());
     // The simulator links investigation packages to the other loopback name.
     let hosts = match (packages, host.as_str()) {
         (true, "127.0.0.1") => format!("\"{host}\", \"localhost\""),

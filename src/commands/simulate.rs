@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args as ClapArgs;
 
-use lrvault_sim::{Fault, SimConfig, Simulator};
+use lrvault_sim::{Fault, SimConfig, Simulator, TlsIdentity};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -70,6 +70,14 @@ pub struct Args {
     /// t_ms since start, endpoint, tenant_id, status, authorization, range); for benchmarks
     #[arg(long, value_name = "PATH")]
     pub request_log: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first; for 127.0.0.1 or localhost),
+    /// e.g. to try lrvault through a forward proxy, which tunnels only HTTPS. lrvault trusts
+    /// it when its CA is in the system store or in SSL_CERT_FILE
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM)
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Write a ready config for every simulated tenant into this directory (lrvault.toml, a
     /// database and an evidence store beside it, each secret in a 0600 file) instead of
     /// printing the sections; for benchmarks and trials with many tenants
@@ -108,7 +116,29 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// The `--tls-cert`/`--tls-key` identity, when given; a file that cannot be read or used is
+/// one line naming it.
+fn tls_identity(args: &Args) -> Result<Option<TlsIdentity>, crate::error::UserError> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map_err(|e| crate::error::UserError::new(format!("cannot read {}: {e}", p.display())))
+    };
+    TlsIdentity::from_pem(&read(cert)?, &read(key)?)
+        .map(Some)
+        .map_err(|e| {
+            crate::error::UserError::new(format!(
+                "--tls-cert {} / --tls-key {}: {e}",
+                cert.display(),
+                key.display()
+            ))
+        })
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let tls = tls_identity(&args)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -116,7 +146,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         })?;
     let addr = listener.local_addr()?;
     let sim = Simulator::new(args.sim_config());
-    let base = format!("http://{addr}");
+    let base = match tls {
+        Some(_) => format!("https://{addr}"),
+        None => format!("http://{addr}"),
+    };
     println!("MDE simulator listening on {base}");
     if let Some(dir) = &args.write_config {
         let dir = std::path::absolute(dir)?;
@@ -132,7 +165,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("\nCtrl-C (or SIGTERM) stops it.");
     let t0 = std::time::Instant::now();
     sim.clone()
-        .serve(listener, async {
+        .serve(listener, tls, async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}

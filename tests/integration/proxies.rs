@@ -2,8 +2,10 @@
 //! pointing at a forward proxy on loopback, sends its token, API and blob requests through it
 //! and archives what it archives without one; `NO_PROXY` bypasses it; the bearer token goes
 //! only to the API host; and `download_hosts` is judged on the link's host, never the
-//! proxy's. The proxy is written here: it reads each absolute-form request
-//! (`GET http://127.0.0.1:PORT/path HTTP/1.1`), records it, and forwards it to its target.
+//! proxy's. For plain-http targets the proxy is written here: it reads each absolute-form
+//! request (`GET http://127.0.0.1:PORT/path HTTP/1.1`), records it, and forwards it to its
+//! target. For https, the simulator serves TLS and a real proxy, tinyproxy, tunnels each
+//! connection with `CONNECT` (the last test).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -309,4 +311,247 @@ async fn download_hosts_judge_the_links_host_never_the_proxys() {
     assert_eq!(blob + other, 0, "{:?}", proxy.carried());
     assert!(token >= 1 && api >= queued.len(), "{:?}", proxy.counts());
     assert_eq!(e.sim_requests("blob").len(), 0);
+}
+
+/// A test CA and a server certificate it signed for 127.0.0.1 and localhost, made by
+/// `openssl` in a directory of their own: the simulator serves HTTPS with the leaf, and
+/// lrvault trusts the CA through `SSL_CERT_FILE` (read by rustls' platform verifier), the
+/// way an operator adds a TLS-inspecting proxy's CA.
+struct TestPki {
+    dir: tempfile::TempDir,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let p256 = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let steps: [Vec<&str>; 3] = [
+            [
+                &["req", "-x509"][..],
+                &p256,
+                &["-days", "2", "-subj", "/CN=lrvault test CA"],
+            ]
+            .concat()
+            .into_iter()
+            .chain([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ])
+            .collect(),
+            [&["req"][..], &p256, &["-subj", "/CN=127.0.0.1"]]
+                .concat()
+                .into_iter()
+                .chain(["-keyout", "leaf.key", "-out", "leaf.csr"])
+                .collect(),
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "leaf.ext",
+                "-out",
+                "leaf.pem",
+            ],
+        ];
+        for args in steps {
+            let out = std::process::Command::new("openssl")
+                .args(&args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl is required (.ci/run installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TestPki { dir }
+    }
+
+    fn ca(&self) -> String {
+        self.dir
+            .path()
+            .join("ca.pem")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn identity(&self) -> lrvault_sim::TlsIdentity {
+        let read = |f: &str| std::fs::read(self.dir.path().join(f)).unwrap();
+        lrvault_sim::TlsIdentity::from_pem(&read("leaf.pem"), &read("leaf.key")).unwrap()
+    }
+}
+
+/// A simulator serving HTTPS with `pki`'s certificate, and a config written for it.
+async fn https_env(pki: &TestPki) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = lrvault_sim::Simulator::new(sim())
+        .start_with(Some(pki.identity()))
+        .await
+        .unwrap();
+    assert!(sim.base_url().starts_with("https://127.0.0.1:"));
+    let config_path =
+        lrvault::commands::demo::write_sim_config(dir.path(), &sim.sim, &sim.base_url(), "")
+            .unwrap();
+    crate::common::env_from(dir, sim, config_path, None)
+}
+
+/// A real forward proxy, tinyproxy, on 127.0.0.2, logging every request it takes
+/// (`LogLevel Connect`) to a file. Killed when dropped.
+struct Tinyproxy {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tinyproxy {
+    async fn start() -> Tinyproxy {
+        let dir = tempfile::tempdir().unwrap();
+        // A port that was just free (tinyproxy needs a number in its config).
+        let port = std::net::TcpListener::bind("127.0.0.2:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.path().join("tinyproxy.log");
+        let conf = dir.path().join("tinyproxy.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListen 127.0.0.2\nTimeout 60\nMaxClients 64\nAllow 127.0.0.0/8\n\
+                 LogLevel Connect\nLogFile \"{}\"\nPidFile \"{}\"\n",
+                log.display(),
+                dir.path().join("tinyproxy.pid").display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tinyproxy is required for this test (.ci/run installs it)");
+        let up = crate::common::wait_until(std::time::Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.2", port)).is_ok()
+        })
+        .await;
+        assert!(up, "tinyproxy did not open port {port}");
+        Tinyproxy {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.2:{}", self.port)
+    }
+
+    /// Every request line it logged (`CONNECT 127.0.0.1:PORT HTTP/1.1`, ...), in order.
+    fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("]: Request (file descriptor "))
+            .filter_map(|(_, rest)| rest.split_once("): "))
+            .map(|(_, request)| request.to_string())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_proxy_tunnels_every_https_connection_and_no_proxy_bypasses_it() {
+    let pki = TestPki::new();
+    let trust = [("SSL_CERT_FILE", pki.ca())];
+    let trust: Vec<(&str, &str)> = trust.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // Over HTTPS without a proxy: the outcome every run below must match.
+    let direct = https_env(&pki).await;
+    pass(&direct, &trust).await;
+    let expected = outcome(&direct);
+    assert!(
+        expected.iter().filter(|r| r.2 == "archived").count() >= 2,
+        "{expected:?}\n{:?}",
+        direct.queued()
+    );
+
+    // The certificate is checked for real: without the CA, lrvault never reaches the API.
+    let untrusted = https_env(&pki).await;
+    let (code, out, err) = lrvault_with(&untrusted, &["discover"], &[]).await;
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(untrusted.sim_requests("token").len(), 0);
+
+    let proxy = Tinyproxy::start().await;
+    let e = https_env(&pki).await;
+    let sim_host = e.sim.base_url().trim_start_matches("https://").to_string();
+    let proxy_url = proxy.url();
+    // The upper-case name for discover, the lower-case one for archive: both are honoured.
+    for (cmd, var) in [("discover", "HTTPS_PROXY"), ("archive", "https_proxy")] {
+        let set = [trust.clone(), vec![(var, proxy_url.as_str())]].concat();
+        let (code, out, err) = lrvault_with(&e, &[cmd], &set).await;
+        assert_eq!(code, 0, "lrvault {cmd}\n{out}\n{err}");
+    }
+    assert_eq!(outcome(&e), expected);
+    // Token, API and blob requests all reached the simulator, and every connection lrvault
+    // opened was a CONNECT tunnel through the proxy to it: the proxy saw no request in clear.
+    assert!(e.sim_requests("token").len() >= 2);
+    assert!(e.sim_requests("blob").len() >= 2);
+    let requests = proxy.requests();
+    assert!(requests.len() >= 2, "{requests:?}");
+    for r in &requests {
+        assert_eq!(r, &format!("CONNECT {sim_host} HTTP/1.1"), "{requests:?}");
+    }
+
+    // NO_PROXY names the simulator's host: the same pass, and the proxy sees nothing new.
+    let bypass = https_env(&pki).await;
+    let set = [
+        trust.clone(),
+        vec![
+            ("HTTPS_PROXY", proxy_url.as_str()),
+            ("NO_PROXY", "127.0.0.1"),
+        ],
+    ]
+    .concat();
+    pass(&bypass, &set).await;
+    assert_eq!(outcome(&bypass), expected);
+    assert!(bypass.sim_requests("blob").len() >= 2);
+    assert_eq!(proxy.requests(), requests);
 }

@@ -13,6 +13,7 @@ mod quota;
 mod server;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -29,6 +30,7 @@ use tokio::task::JoinHandle;
 pub use blob::{Payload, PayloadKind};
 pub use fault::{FAULT_NAMES, Fault};
 pub use server::{FEDERATED_ISSUER, openssl_certificate};
+pub use tls::TlsIdentity;
 
 use blob::Blob;
 use data::{LinkKind, Rng, TenantData, mix};
@@ -289,25 +291,44 @@ impl Simulator {
         }
     }
 
-    /// Serves on `listener` until `shutdown` resolves (then finishes in-flight requests).
+    /// Serves on `listener`, over HTTPS when `tls` is given, until `shutdown` resolves (then
+    /// finishes in-flight requests).
     pub async fn serve(
         self,
         listener: TcpListener,
+        tls: Option<TlsIdentity>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let local = listener.local_addr()?;
-        axum::serve(listener, server::router(self, local))
-            .with_graceful_shutdown(shutdown)
-            .await
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let router = server::router(self, local, scheme);
+        match tls {
+            None => {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            Some(identity) => {
+                axum::serve(tls::TlsListener::new(listener, &identity)?, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        }
     }
 
-    /// Binds `127.0.0.1:0` and serves in a background task.
+    /// Binds `127.0.0.1:0` and serves plain HTTP in a background task.
     pub async fn start(self) -> std::io::Result<SimHandle> {
+        self.start_with(None).await
+    }
+
+    /// Binds `127.0.0.1:0` and serves, over HTTPS when `tls` is given, in a background task.
+    pub async fn start_with(self, tls: Option<TlsIdentity>) -> std::io::Result<SimHandle> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let mut handle = SimHandle {
             addr,
             sim: self,
+            tls,
             shutdown: None,
             task: None,
         };
@@ -485,6 +506,7 @@ impl Inner {
 pub struct SimHandle {
     pub addr: SocketAddr,
     pub sim: Simulator,
+    tls: Option<TlsIdentity>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -493,9 +515,14 @@ impl SimHandle {
     fn serve_on(&mut self, listener: TcpListener) {
         let (tx, rx) = oneshot::channel::<()>();
         self.shutdown = Some(tx);
-        self.task = Some(tokio::spawn(self.sim.clone().serve(listener, async move {
-            let _ = rx.await;
-        })));
+        let tls = self.tls.clone();
+        self.task = Some(tokio::spawn(self.sim.clone().serve(
+            listener,
+            tls,
+            async move {
+                let _ = rx.await;
+            },
+        )));
     }
 
     /// The whole host goes down: the port is closed (new connections are refused) and idle
@@ -517,9 +544,11 @@ impl SimHandle {
         Ok(())
     }
 
-    /// `http://127.0.0.1:PORT`, usable as both `login_base` and `api_base`.
+    /// `http://127.0.0.1:PORT` (`https://` when serving TLS), usable as both `login_base`
+    /// and `api_base`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting, waits up to 5 s for in-flight requests, then aborts the rest.

@@ -43,14 +43,16 @@ const LINK_FUNCTION: &str = "GetLiveResponseResultDownloadLink(";
 pub(crate) struct App {
     sim: Simulator,
     local: SocketAddr,
+    /// `http` or `https`: how the simulator's own links (blob, package) are written.
+    scheme: &'static str,
 }
 
 /// The tenant a response belongs to, for the request log.
 #[derive(Clone)]
 struct TenantTag(String);
 
-pub(crate) fn router(sim: Simulator, local: SocketAddr) -> Router {
-    let app = App { sim, local };
+pub(crate) fn router(sim: Simulator, local: SocketAddr, scheme: &'static str) -> Router {
+    let app = App { sim, local, scheme };
     Router::new()
         .route("/{tenant}/oauth2/v2.0/token", post(token))
         .route(
@@ -249,11 +251,12 @@ fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
-/// `http://host:port` as the client called it (Host header), else the bound address.
-fn base_url(headers: &HeaderMap, local: SocketAddr) -> String {
+/// `http(s)://host:port` as the client called it (Host header), else the bound address.
+fn base_url(headers: &HeaderMap, app: &App) -> String {
+    let scheme = app.scheme;
     match headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        Some(host) => format!("http://{host}"),
-        None => format!("http://{local}"),
+        Some(host) => format!("{scheme}://{host}"),
+        None => format!("{scheme}://{}", app.local),
     }
 }
 
@@ -479,7 +482,7 @@ fn list_actions(app: &App, tenant: &str, headers: &HeaderMap, query: Option<&str
                 .collect()
         })
         .unwrap_or_default();
-    let base = base_url(headers, app.local);
+    let base = base_url(headers, app);
     axum::Json(json!({
         "@odata.context": format!("{base}/api/$metadata#MachineActions"),
         "value": value,
@@ -505,7 +508,7 @@ async fn get_action(
             ),
             Some(a) => {
                 let mut entity = a.entity.clone();
-                let base = base_url(&headers, app.local);
+                let base = base_url(&headers, &app);
                 entity["@odata.context"] =
                     json!(format!("{base}/api/$metadata#MachineActions/$entity"));
                 axum::Json(entity).into_response()
@@ -594,7 +597,7 @@ fn download_link(app: &App, tenant: &str, headers: &HeaderMap, id: &str, arg: &s
         }
         LinkKind::ForeignHost => "https://evil.example.net".to_string(),
         LinkKind::HttpLink => "http://blob.example.net".to_string(),
-        LinkKind::Blob => format!("{}/blob", base_url(headers, app.local)),
+        LinkKind::Blob => format!("{}/blob", base_url(headers, app)),
     };
     let now = app.sim.now();
     let se = if next(&inner.counters.links_issued) < plan.expired_links {
@@ -613,7 +616,7 @@ fn download_link(app: &App, tenant: &str, headers: &HeaderMap, id: &str, arg: &s
         enc(&se),
         enc(&sig)
     );
-    let base = base_url(headers, app.local);
+    let base = base_url(headers, app);
     axum::Json(json!({
         "@odata.context": format!("{base}/api/$metadata#Edm.String"),
         "value": url,

@@ -59,7 +59,7 @@ pub(super) fn package_uri(app: &App, tenant: &str, headers: &HeaderMap, id: &str
         LinkKind::Gone => return not_ready(),
         LinkKind::ForeignHost => "https://evil.example.net".to_string(),
         LinkKind::HttpLink => "http://blob.example.net".to_string(),
-        LinkKind::Blob => other_loopback(&base_url(headers, app.local)),
+        LinkKind::Blob => other_loopback(&base_url(headers, app)),
     };
     let now = app.sim.now();
     let expiry = if next(&inner.counters.links_issued) < inner.plan.expired_links {
@@ -70,7 +70,7 @@ pub(super) fn package_uri(app: &App, tenant: &str, headers: &HeaderMap, id: &str
     };
     let token = package_token(&inner.sas_key, &blob.name, expiry.timestamp());
     inner.state().package_tokens.push(token.clone());
-    let base = base_url(headers, app.local);
+    let base = base_url(headers, app);
     axum::Json(json!({
         "@odata.context": format!("{base}/api/$metadata#Edm.String"),
         "value": format!("\"{host}{SAFEDOWNLOAD}?token={token}\""),
@@ -78,12 +78,15 @@ pub(super) fn package_uri(app: &App, tenant: &str, headers: &HeaderMap, id: &str
     .into_response()
 }
 
-/// `http://127.0.0.1:P` -> `http://localhost:P` and the reverse; another name is kept.
+/// `http(s)://127.0.0.1:P` -> `http(s)://localhost:P` and the reverse; another name is kept.
 fn other_loopback(base: &str) -> String {
-    if let Some(rest) = base.strip_prefix("http://127.0.0.1") {
-        format!("http://localhost{rest}")
-    } else if let Some(rest) = base.strip_prefix("http://localhost") {
-        format!("http://127.0.0.1{rest}")
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return base.to_string();
+    };
+    if let Some(port) = rest.strip_prefix("127.0.0.1") {
+        format!("{scheme}://localhost{port}")
+    } else if let Some(port) = rest.strip_prefix("localhost") {
+        format!("{scheme}://127.0.0.1{port}")
     } else {
         base.to_string()
     }
