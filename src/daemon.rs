@@ -89,6 +89,7 @@ pub async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
         tracing::info!(
             tenant = %t.name,
             cloud = %t.cloud,
+            auth = %t.sign_in.method(),
             login_base = %t.login_base,
             api_base = %t.api_base,
             download_hosts = %t.download_hosts.join(" "),

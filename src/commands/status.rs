@@ -1,7 +1,7 @@
 //! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
 //! runs and the custody head, read through a read-only connection; and the evidence store
 //! (where it is, its WORM retention as the store reports it, packages waiting in the spool);
-//! and each tenant's cloud with the hosts in force; and each event sink's backlog and last
+//! and each tenant's cloud and sign-in method with the hosts in force; and each event sink's backlog and last
 //! error.
 
 use std::process::ExitCode;
@@ -38,7 +38,7 @@ const ATTENTION_ROWS: i64 = 20;
 
 /// What `status` reads, for the tenants it covers.
 struct Status {
-    /// Each tenant's cloud and the hosts in force (its preset or the keys written).
+    /// Each tenant's cloud, sign-in method and the hosts in force (its preset or the keys written).
     tenants: Rows,
     queue: Rows,
     failed: Rows,
@@ -127,6 +127,7 @@ fn read_status(
             vec![
                 json!(t.name),
                 json!(t.cloud.as_str()),
+                json!(t.sign_in.method()),
                 json!(t.login_base.as_str()),
                 json!(t.api_base.as_str()),
                 json!(t.download_hosts.join(" ")),
@@ -137,6 +138,7 @@ fn read_status(
         columns: [
             "tenant",
             "cloud",
+            "auth",
             "login_base",
             "api_base",
             "download_hosts",

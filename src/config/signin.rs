@@ -119,7 +119,7 @@ impl SignIn {
         })
     }
 
-    /// The `auth` value.
+    /// The `auth` value (`status` and the start-up log show it).
     pub fn method(&self) -> &'static str {
         match self {
             SignIn::Secret(_) => "secret",

@@ -1,5 +1,5 @@
-//! Issue 21, the clouds: `status` shows each tenant's cloud and the hosts in force, the
-//! cloud's preset for every key the tenant leaves out.
+//! Issue 21, the clouds: `status` shows each tenant's cloud, its sign-in method and the hosts
+//! in force, the cloud's preset for every key the tenant leaves out.
 
 use lrvault_sim::SimConfig;
 
@@ -27,6 +27,7 @@ async fn status_shows_each_tenants_cloud_and_the_hosts_in_force() {
         serde_json::json!([{
             "tenant": "sim0",
             "cloud": "gcc-high",
+            "auth": "secret",
             "login_base": format!("{base}/"),
             "api_base": format!("{base}/"),
             "download_hosts": "*.blob.core.usgovcloudapi.net *.securitycenter.windows.us *.securitycenter.microsoft.us",
@@ -40,6 +41,7 @@ async fn status_shows_each_tenants_cloud_and_the_hosts_in_force() {
         [
             "sim0",
             "gcc-high",
+            "secret",
             &format!("{base}/"),
             &format!("{base}/"),
             "*.blob.core.usgovcloudapi.net",

@@ -70,10 +70,10 @@ async fn daemon_archives_on_schedule_and_stops_on_sigterm() {
     );
     assert_eq!(status.code(), Some(0), "clean shutdown; log:\n{log}");
     assert!(log.contains("lrvault daemon stopped"), "{log}");
-    // Issue 21: the start-up log names each tenant's cloud and the hosts in force.
+    // Issue 21: the start-up log names each tenant's cloud, sign-in method and the hosts in force.
     let base = e.sim.base_url();
     let hosts = format!(
-        "tenant's cloud and hosts in force tenant=sim0 cloud=commercial login_base={base}/ api_base={base}/ download_hosts=127.0.0.1"
+        "tenant's cloud and hosts in force tenant=sim0 cloud=commercial auth=secret login_base={base}/ api_base={base}/ download_hosts=127.0.0.1"
     );
     assert!(log.contains(&hosts), "{log}");
     // A clean stop leaves every commit in the database file: the WAL is empty or gone.
