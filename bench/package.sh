@@ -59,6 +59,7 @@ lrvault_discover() {
   STORE_ROOT=${STORE_DIR:-$OUT}/$1-store
   rm -rf "$OUT/lrvault.db" "$OUT/lrvault.db-wal" "$OUT/lrvault.db-shm" "$STORE_ROOT"
   write_config "$OUT/lrvault.toml"
+  "$BIN" --config "$OUT/lrvault.toml" -q migrate >/dev/null
   "$BIN" --config "$OUT/lrvault.toml" -q discover >/dev/null
 }
 
@@ -202,6 +203,7 @@ start_sim wide --actions 0 --seed 7 --per-minute 10000 "${payloads[@]}"
 STORE_ROOT=$OUT/wide-store
 write_config "$OUT/lrvault.toml" "[download]
 concurrency = $WIDE"
+"$BIN" --config "$OUT/lrvault.toml" -q migrate >/dev/null
 "$BIN" --config "$OUT/lrvault.toml" -q discover >/dev/null
 t0=$(date +%s.%N)
 "$BIN" --config "$OUT/lrvault.toml" -q archive >/dev/null &

@@ -20,6 +20,7 @@ start_sim archive --actions 1 --seed 3 --big-getfile $((SIZE_MIB * 1024 * 1024))
 trap 'kill $MOTO_PID $SIM_PID 2>/dev/null || true' EXIT
 write_config "$OUT/lrvault.toml" "$(moto_store_keys)"
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
+"$BIN" --config "$OUT/lrvault.toml" -q migrate >/dev/null
 "$BIN" --config "$OUT/lrvault.toml" -q discover >/dev/null
 /usr/bin/time -v -o "$OUT/time.txt" "$BIN" --config "$OUT/lrvault.toml" -q archive | tee "$OUT/archive.txt"
 RSS_KIB=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$OUT/time.txt")

@@ -19,6 +19,7 @@ BIN=$PWD/target/release/lrvault
 start_sim throughput --actions 1 --seed 3 --big-getfile "$SIZE"
 trap 'kill $SIM_PID 2>/dev/null || true' EXIT
 write_config "$OUT/lrvault.toml"
+"$BIN" --config "$OUT/lrvault.toml" -q migrate >/dev/null
 "$BIN" --config "$OUT/lrvault.toml" -q discover >/dev/null
 # The pass holds the big result plus at most four small ones (a few KiB): timed as a whole.
 /usr/bin/time -f "%e %M" -o "$OUT/lrvault.time" "$BIN" --config "$OUT/lrvault.toml" -q archive >/dev/null
