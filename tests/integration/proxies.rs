@@ -441,43 +441,55 @@ impl Drop for Tinyproxy {
 impl Tinyproxy {
     async fn start() -> Tinyproxy {
         let dir = tempfile::tempdir().unwrap();
-        // A port that was just free (tinyproxy needs a number in its config).
-        let port = std::net::TcpListener::bind("127.0.0.2:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let log = dir.path().join("tinyproxy.log");
         let conf = dir.path().join("tinyproxy.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "Port {port}\nListen 127.0.0.2\nTimeout 60\nMaxClients 64\nAllow 127.0.0.0/8\n\
-                 LogLevel Connect\nLogFile \"{}\"\nPidFile \"{}\"\n",
-                log.display(),
-                dir.path().join("tinyproxy.pid").display()
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new("tinyproxy")
-            .arg("-d")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tinyproxy is required for this test (.ci/run installs it)");
-        let up = crate::common::wait_until(std::time::Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.2", port)).is_ok()
-        })
-        .await;
-        assert!(up, "tinyproxy did not open port {port}");
-        Tinyproxy {
-            child,
-            port,
-            log,
-            _dir: dir,
+        // tinyproxy needs a port number in its config: one that was just free. Should another
+        // process take it first, tinyproxy exits and the next try takes another.
+        for _ in 0..3 {
+            let port = std::net::TcpListener::bind("127.0.0.2:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            std::fs::write(
+                &conf,
+                format!(
+                    "Port {port}\nListen 127.0.0.2\nTimeout 60\nMaxClients 64\nAllow 127.0.0.0/8\n\
+                     LogLevel Connect\nLogFile \"{}\"\nPidFile \"{}\"\n",
+                    log.display(),
+                    dir.path().join("tinyproxy.pid").display()
+                ),
+            )
+            .unwrap();
+            let mut child = std::process::Command::new("tinyproxy")
+                .arg("-d")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("tinyproxy is required for this test (.ci/run installs it)");
+            let mut exited = false;
+            let up = crate::common::wait_until(std::time::Duration::from_secs(20), || {
+                exited = matches!(child.try_wait(), Ok(Some(_)));
+                exited || std::net::TcpStream::connect(("127.0.0.2", port)).is_ok()
+            })
+            .await;
+            if up && !exited {
+                return Tinyproxy {
+                    child,
+                    port,
+                    log,
+                    _dir: dir,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
+        panic!(
+            "tinyproxy did not start; its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     fn url(&self) -> String {
