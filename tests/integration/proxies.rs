@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{Env, env};
+use crate::local_tsa::{make_ca, openssl};
 
 /// One request the proxy carried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,50 +325,40 @@ struct TestPki {
 impl TestPki {
     fn new() -> TestPki {
         let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        make_ca(d, "ca");
         std::fs::write(
-            dir.path().join("leaf.ext"),
+            d.join("leaf.ext"),
             "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
              keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
         )
         .unwrap();
-        let p256 = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        let steps: [Vec<&str>; 3] = [
-            [
-                &["req", "-x509"][..],
-                &p256,
-                &["-days", "2", "-subj", "/CN=lrvault test CA"],
-            ]
-            .concat()
-            .into_iter()
-            .chain([
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign",
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
                 "-keyout",
-                "ca.key",
+                "leaf.key",
                 "-out",
-                "ca.pem",
-            ])
-            .collect(),
-            [&["req"][..], &p256, &["-subj", "/CN=127.0.0.1"]]
-                .concat()
-                .into_iter()
-                .chain(["-keyout", "leaf.key", "-out", "leaf.csr"])
-                .collect(),
-            vec![
+                "leaf.csr",
+            ],
+        );
+        openssl(
+            d,
+            &[
                 "x509",
                 "-req",
                 "-in",
                 "leaf.csr",
                 "-CA",
-                "ca.pem",
+                "ca.crt",
                 "-CAkey",
                 "ca.key",
                 "-CAcreateserial",
@@ -378,26 +369,14 @@ impl TestPki {
                 "-out",
                 "leaf.pem",
             ],
-        ];
-        for args in steps {
-            let out = std::process::Command::new("openssl")
-                .args(&args)
-                .current_dir(dir.path())
-                .output()
-                .expect("openssl is required (.ci/run installs it)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        );
         TestPki { dir }
     }
 
     fn ca(&self) -> String {
         self.dir
             .path()
-            .join("ca.pem")
+            .join("ca.crt")
             .to_string_lossy()
             .into_owned()
     }
