@@ -171,14 +171,15 @@ impl Failure {
 
     /// An API error of an investigation package's getPackageUri call. A 404 means the
     /// package is not ready yet: retried without spending an attempt until
-    /// [`PACKAGE_READY_WITHIN`] after the action's last update (`last_update`), `unavailable`
-    /// after that; other errors as for any link call.
+    /// [`PACKAGE_READY_WITHIN`] after the action's last update (`last_update`, else its
+    /// creation), `unavailable` after that; other errors as for any link call. An action with
+    /// neither time gets no grace: its wait could never be judged, so it would never end.
     pub fn from_package_link(
         e: MdeError,
         last_update: Option<chrono::DateTime<chrono::Utc>>,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Failure {
-        let waited = last_update.map_or(chrono::TimeDelta::zero(), |t| now - t);
+        let waited = last_update.map_or(PACKAGE_READY_WITHIN, |t| now - t);
         match &e {
             MdeError::Http { status: 404, .. } if waited < PACKAGE_READY_WITHIN => {
                 Failure::Result(ResultFailure::NotReady {
@@ -556,6 +557,12 @@ mod tests {
         assert!(
             matches!(old.settlement(0, &cfg), Settlement::Unavailable { .. }),
             "{old:?}"
+        );
+        // No time to judge the wait by: no grace, or the 404s would be retried for ever.
+        let timeless = Failure::from_package_link(not_found(), None, now);
+        assert!(
+            matches!(timeless.settlement(0, &cfg), Settlement::Unavailable { .. }),
+            "{timeless:?}"
         );
         // Other errors are those of any link call.
         let busy = MdeError::Http {

@@ -908,6 +908,40 @@ async fn assertion_request(
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+/// Over HTTPS the assertion's audience is the https token endpoint the client called (an
+/// `http://` audience for the same host is someone else's).
+#[tokio::test]
+async fn an_assertion_over_https_is_judged_against_the_https_endpoint() {
+    let dir = TempDir::new();
+    let (key, cert) = openssl_certificate(dir.path(), "app").unwrap();
+    let (tls_key, tls_cert) = openssl_certificate(dir.path(), "tls").unwrap();
+    let tls = TlsIdentity::from_pem(tls_cert.as_bytes(), tls_key.as_bytes()).unwrap();
+    let h = Simulator::new(cfg(1)).start_with(Some(tls)).await.unwrap();
+    let base = h.base_url();
+    assert!(base.starts_with("https://127.0.0.1:"), "{base}");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The server's self-signed certificate is not what this test is about.
+    let c = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let t = h.sim.tenants()[0].clone();
+    let x5t = h.sim.add_client_certificate(&t.tenant_id, &cert).unwrap();
+    let now = Utc::now().timestamp();
+    let signing_key = jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap();
+    for (scheme, status) in [("https", 200), ("http", 401)] {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::PS256);
+        header.x5t_s256 = Some(x5t.clone());
+        let aud = format!("{scheme}://{}/{}/oauth2/v2.0/token", h.addr, t.tenant_id);
+        let claims = serde_json::json!({"aud": aud, "iss": t.client_id, "sub": t.client_id,
+            "jti": scheme, "nbf": now, "iat": now, "exp": now + 600});
+        let jwt = jsonwebtoken::encode(&header, &claims, &signing_key).unwrap();
+        let (got, body) = assertion_request(&c, &base, &t, &jwt).await;
+        assert_eq!(got, status, "aud {aud}: {body}");
+    }
+}
+
 #[tokio::test]
 async fn client_assertions_are_verified_for_real() {
     let dir = TempDir::new();

@@ -223,7 +223,7 @@ async fn mint_link(
 ) -> Result<url::Url, Failure> {
     let k = plan.key();
     let link = if plan.claimed.command_type == crate::mde::PACKAGE_COMMAND {
-        let last_update = plan.action.last_update();
+        let last_update = plan.action.last_update().or_else(|| plan.action.created());
         tenant
             .client
             .package_link(&k.action_id)

@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{App, mint_access_token, next, tagged};
+use super::{App, base_url, mint_access_token, next, tagged};
 use crate::Simulator;
 
 /// The issuer and audience of the federated tokens the simulator issues, as a Kubernetes
@@ -187,11 +187,8 @@ pub(super) fn check_assertion(
             ),
         );
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let audience = format!("http://{host}/{tenant_id}/oauth2/v2.0/token");
+    // The token endpoint as the client called it, http or https.
+    let audience = format!("{}/{tenant_id}/oauth2/v2.0/token", base_url(headers, app));
     let mut rules = Validation::new(head.alg);
     rules.leeway = LEEWAY_SECS;
     rules.validate_nbf = true;
