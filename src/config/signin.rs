@@ -61,29 +61,37 @@ impl SignIn {
     /// The method the keys name, or the one-line reason they name none.
     pub(super) fn new(keys: SignInKeys, credentials: &Credentials) -> Result<SignIn, String> {
         let auth = keys.auth.as_deref().unwrap_or("secret");
-        let stray = |key: &str, set: bool, method: &str| match set {
-            true => Err(format!("{key} is for auth = \"{method}\", not \"{auth}\"")),
-            false => Ok(()),
-        };
-        let secret_keys = keys.client_secret_file.is_some() || keys.client_secret_env.is_some();
-        if auth != "secret" {
-            stray(
+        const METHODS: [&str; 4] = [
+            "secret",
+            "certificate",
+            "managed-identity",
+            "workload-identity",
+        ];
+        if !METHODS.contains(&auth) {
+            return Err(format!(
+                "unknown auth '{auth}' (secret | certificate | managed-identity | workload-identity)"
+            ));
+        }
+        // Each method's own keys: a key of another method is refused, not ignored.
+        let own_keys = [
+            (
                 "client_secret_file/client_secret_env",
-                secret_keys,
-                "secret",
-            )?;
-        }
-        if auth != "certificate" {
-            let set = keys.client_certificate_file.is_some();
-            stray("client_certificate_file", set, "certificate")?;
-        }
-        if auth != "managed-identity" {
-            let set = keys.managed_identity_client_id.is_some();
-            stray("managed_identity_client_id", set, "managed-identity")?;
-        }
-        if auth != "workload-identity" {
-            let set = keys.federated_token_file.is_some();
-            stray("federated_token_file", set, "workload-identity")?;
+                keys.client_secret_file.is_some() || keys.client_secret_env.is_some(),
+            ),
+            (
+                "client_certificate_file",
+                keys.client_certificate_file.is_some(),
+            ),
+            (
+                "managed_identity_client_id",
+                keys.managed_identity_client_id.is_some(),
+            ),
+            ("federated_token_file", keys.federated_token_file.is_some()),
+        ];
+        for (method, (key, set)) in METHODS.into_iter().zip(own_keys) {
+            if set && method != auth {
+                return Err(format!("{key} is for auth = \"{method}\", not \"{auth}\""));
+            }
         }
         let file = |path: PathBuf| CredentialFile::new(path, credentials);
         Ok(match auth {
@@ -111,11 +119,7 @@ impl SignIn {
                     "auth = \"workload-identity\" needs federated_token_file, or AZURE_FEDERATED_TOKEN_FILE in the environment",
                 )?))
             }
-            other => {
-                return Err(format!(
-                    "unknown auth '{other}' (secret | certificate | managed-identity | workload-identity)"
-                ));
-            }
+            _ => unreachable!("checked against METHODS above"),
         })
     }
 

@@ -752,6 +752,11 @@ fn auth_picks_the_sign_in_method_and_refuses_keys_of_another() {
         err("auth = \"password\"\n"),
         "invalid config: tenant 'contoso': unknown auth 'password' (secret | certificate | managed-identity | workload-identity)"
     );
+    // An unknown method is named as such, even beside another method's key.
+    assert_eq!(
+        err("auth = \"password\"\nclient_secret_env = \"X\"\n"),
+        "invalid config: tenant 'contoso': unknown auth 'password' (secret | certificate | managed-identity | workload-identity)"
+    );
 }
 
 #[test]
