@@ -61,9 +61,11 @@ pub struct Args {
     /// getPackageUri calls allowed per hour window (MDE: 120)
     #[arg(long, default_value_t = 120)]
     pub package_per_hour: u32,
-    /// Fault switch, repeatable: link-5xx=N, list-5xx=N, blob-5xx=N, 429=N, slow=BYTES_PER_SEC,
-    /// truncate=N, bad-md5=N, expired-links=N, link-ttl=SECS, token-ttl=SECS, hostile-names,
-    /// foreign-host=N, http-link=N, redirect=N, gone=N, package-404=N, package-5xx=N
+    /// Fault switch, repeatable: link-5xx=N, list-5xx=N, blob-5xx=N, blob-403=N, 429=N,
+    /// unauthorized=N, slow=BYTES_PER_SEC, truncate=N, bad-md5=N, expired-links=N,
+    /// link-ttl=SECS, token-ttl=SECS, hostile-names, foreign-host=N, http-link=N, redirect=N,
+    /// gone=N, assertion-refused=N, federated-refused=N, managed-identity-refused=N,
+    /// package-404=N, package-5xx=N
     #[arg(long = "fault", value_name = "FAULT")]
     pub faults: Vec<Fault>,
     /// On exit, write every request the simulator answered to this file (JSON lines:
