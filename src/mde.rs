@@ -174,11 +174,11 @@ pub struct RawAction {
 /// actions are deduplicated by id across pages (paging shifts when actions are added).
 pub struct ListPager<'a> {
     client: &'a MdeClient,
-    /// One filter per collected action type, read one after the other.
-    filters: Vec<String>,
+    /// One filter per collected action type, read one after the other; the pager is done
+    /// when none is left.
+    filters: std::collections::VecDeque<String>,
     page_size: u32,
     skip: u64,
-    done: bool,
     /// Ids seen so far (ids only, for deduplication).
     seen: std::collections::HashSet<String>,
     /// Pages (List calls) read so far.
@@ -188,13 +188,13 @@ pub struct ListPager<'a> {
 impl ListPager<'_> {
     /// The next page's actions, or None after the last page.
     pub async fn next_page(&mut self) -> Result<Option<Vec<RawAction>>, MdeError> {
-        if self.done {
+        let Some(filter) = self.filters.front() else {
             return Ok(None);
-        }
+        };
         let endpoint = Endpoint::List;
         let mut url = self.client.url("/api/machineactions")?;
         url.query_pairs_mut()
-            .append_pair("$filter", &self.filters[0])
+            .append_pair("$filter", filter)
             .append_pair("$top", &self.page_size.to_string())
             .append_pair("$skip", &self.skip.to_string());
         let body = self.client.api_get(endpoint, url).await?;
@@ -215,9 +215,8 @@ impl ListPager<'_> {
         self.skip += n;
         if n < u64::from(self.page_size) || n == 0 {
             // This type's window is read; the next type's starts at its first page.
-            self.filters.remove(0);
+            self.filters.pop_front();
             self.skip = 0;
-            self.done = self.filters.is_empty();
         }
         Ok(Some(actions))
     }
@@ -626,7 +625,6 @@ impl MdeClient {
             filters,
             page_size,
             skip: 0,
-            done: false,
             seen: std::collections::HashSet::new(),
             pages: 0,
         })

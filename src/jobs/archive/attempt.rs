@@ -67,6 +67,11 @@ impl<'a> Plan<'a> {
         &self.claimed.key
     }
 
+    /// An investigation package (getPackageUri), not a live-response result.
+    fn is_package(&self) -> bool {
+        self.claimed.command_type == crate::mde::PACKAGE_COMMAND
+    }
+
     pub fn rel_str(&self) -> String {
         self.rel_path.to_string_lossy().into_owned()
     }
@@ -76,7 +81,7 @@ impl<'a> Plan<'a> {
     /// `compute_md5`: the server sent an MD5 claim to check against.
     fn spec(&self, ctx: &Context, expected_size: Option<u64>, compute_md5: bool) -> PackageSpec {
         let k = self.key();
-        let base_name = if self.claimed.command_type == crate::mde::PACKAGE_COMMAND {
+        let base_name = if self.is_package() {
             package::investigation_package_name(&k.action_id)
         } else {
             package::payload_base_name(&self.claimed.command_type, &self.params).0
@@ -98,7 +103,7 @@ impl<'a> Plan<'a> {
 
     /// What the payload is, for bag-info's External-Description.
     fn what(&self) -> String {
-        if self.claimed.command_type == crate::mde::PACKAGE_COMMAND {
+        if self.is_package() {
             return "MDE investigation package".into();
         }
         let k = self.key();
@@ -222,7 +227,7 @@ async fn mint_link(
     dl: &mut Download,
 ) -> Result<url::Url, Failure> {
     let k = plan.key();
-    let link = if plan.claimed.command_type == crate::mde::PACKAGE_COMMAND {
+    let link = if plan.is_package() {
         let last_update = plan.action.last_update().or_else(|| plan.action.created());
         tenant
             .client
