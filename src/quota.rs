@@ -175,7 +175,7 @@ impl Governor {
     pub async fn prune(&self) -> Result<usize, DbError> {
         // getPackageUri's hour window is the longest.
         let hour_secs = Endpoint::PackageUri.limits(&self.limits).hour_secs;
-        let keep_ms = (hour_secs.max(self.limits.hour_secs) * 1000.0) as i64 + INFLIGHT_GRACE_MS;
+        let keep_ms = (hour_secs * 1000.0) as i64 + INFLIGHT_GRACE_MS;
         self.db
             .call(move |conn| {
                 let cutoff = crate::time::now_ms() - keep_ms;
@@ -317,11 +317,19 @@ fn wait_before_call(
     Ok((wait_ms > 0).then(|| Duration::from_millis(wait_ms as u64)))
 }
 
-/// When `n` more calls to one bucket can be done at the earliest, given the calls already in
-/// the ledger (`past_ms`, any order): each call is placed greedily at the first moment both
-/// windows have room, exactly as the governor would admit it.
-pub fn eta(past_ms: &[i64], n: u64, limits: &QuotaConfig, now_ms: i64) -> Duration {
+/// When `n` more calls to `endpoint`'s bucket can be done at the earliest, given the calls
+/// already in the ledger (`past_ms`, any order) and the `configured` limits (the endpoint's
+/// own are derived from them, as for [`usage`]): each call is placed greedily at the first
+/// moment both windows have room, exactly as the governor would admit it.
+pub fn eta(
+    past_ms: &[i64],
+    n: u64,
+    endpoint: Endpoint,
+    configured: &QuotaConfig,
+    now_ms: i64,
+) -> Duration {
     use std::collections::VecDeque;
+    let limits = &endpoint.limits(configured);
     let minute = (limits.minute_secs * 1000.0).ceil() as i64;
     let hour = (limits.hour_secs * 1000.0).ceil() as i64;
     let (per_min, per_hour) = (limits.per_minute as usize, limits.per_hour as usize);
@@ -517,18 +525,27 @@ mod tests {
             hour_secs: 3600.0,
         };
         // 95 calls fit now... the 96th waits a minute.
-        assert_eq!(eta(&[], 95, &l, 0), Duration::ZERO);
-        assert_eq!(eta(&[], 96, &l, 0), Duration::from_secs(60));
+        assert_eq!(eta(&[], 95, Endpoint::Link, &l, 0), Duration::ZERO);
+        assert_eq!(eta(&[], 96, Endpoint::Link, &l, 0), Duration::from_secs(60));
         // 1450 calls: 15 full minutes of 95, then 25 more in minute 16 → the last at 15 min.
-        assert_eq!(eta(&[], 1450, &l, 0), Duration::from_secs(15 * 60));
+        assert_eq!(
+            eta(&[], 1450, Endpoint::Link, &l, 0),
+            Duration::from_secs(15 * 60)
+        );
         // The 1451st waits for the first call to leave the hour.
-        assert_eq!(eta(&[], 1451, &l, 0), Duration::from_secs(3600));
+        assert_eq!(
+            eta(&[], 1451, Endpoint::Link, &l, 0),
+            Duration::from_secs(3600)
+        );
         // 10,000 results ≈ 6.9 hours at the limit.
-        let t = eta(&[], 10_000, &l, 0).as_secs_f64() / 3600.0;
+        let t = eta(&[], 10_000, Endpoint::Link, &l, 0).as_secs_f64() / 3600.0;
         assert!((6.0..7.0).contains(&t), "{t}");
         // Calls already in the ledger count.
         let past: Vec<i64> = (0..1450).map(|i| -3_000_000 + i).collect();
-        assert_eq!(eta(&past, 1, &l, 0), Duration::from_millis(600_000));
+        assert_eq!(
+            eta(&past, 1, Endpoint::Link, &l, 0),
+            Duration::from_millis(600_000)
+        );
     }
 
     #[tokio::test]
@@ -597,7 +614,7 @@ mod tests {
         // Its bucket is its own: the link bucket is untouched.
         assert!(reserve_in(&db, "t", Endpoint::Link, &configured, 1_001_000).is_ok());
         // The ETA of 121 package links: 120 in the first hour window, the 121st an hour later.
-        let eta_121 = eta(&[], 121, &pkg, 0);
+        let eta_121 = eta(&[], 121, Endpoint::PackageUri, &configured, 0);
         assert!(eta_121 >= Duration::from_secs(3636), "{eta_121:?}");
     }
 }

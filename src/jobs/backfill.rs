@@ -147,7 +147,7 @@ pub async fn quota_eta(
             let mut eta = Duration::ZERO;
             for (endpoint, n) in [(Endpoint::Link, links), (Endpoint::PackageUri, packages)] {
                 let past = quota::recent_calls(c, &tenant, endpoint, &limits, now)?;
-                eta = eta.max(quota::eta(&past, n, &endpoint.limits(&limits), now));
+                eta = eta.max(quota::eta(&past, n, endpoint, &limits, now));
             }
             Ok(eta)
         })
