@@ -99,7 +99,6 @@ async fn dry_run(ctx: &Context, t: &Tenant, window: &Window, span: &str) -> anyh
     let links = p.to_fetch - p.packages;
     let eta = backfill::quota_eta(ctx, &t.cfg.name, links, p.packages).await?;
     if p.packages > 0 {
-        let alone = backfill::quota_eta(ctx, &t.cfg.name, 0, p.packages).await?;
         let pq = Endpoint::PackageUri.limits(q);
         println!(
             "{}: {} investigation packages to fetch: their links are limited to {}/min and {}/h, so they alone take at least {}",
@@ -107,7 +106,7 @@ async fn dry_run(ctx: &Context, t: &Tenant, window: &Window, span: &str) -> anyh
             p.packages,
             pq.per_minute,
             pq.per_hour,
-            fmt_duration(alone)
+            fmt_duration(eta.packages)
         );
     }
     println!(
@@ -122,7 +121,7 @@ async fn dry_run(ctx: &Context, t: &Tenant, window: &Window, span: &str) -> anyh
         p.without_result
     );
     println!(
-        "{}: calls needed: {} result links and {} package links (+ {} List call{} made for this count); at {}/min and {}/h per endpoint: ETA {}",
+        "{}: calls needed: {} result links and {} package links (+ {} List call{} made for this count); result links at {}/min and {}/h: ETA {}",
         t.cfg.name,
         links,
         p.packages,
@@ -130,7 +129,7 @@ async fn dry_run(ctx: &Context, t: &Tenant, window: &Window, span: &str) -> anyh
         if p.list_calls == 1 { "" } else { "s" },
         q.per_minute,
         q.per_hour,
-        fmt_duration(eta)
+        fmt_duration(eta.both())
     );
     Ok(())
 }
@@ -193,7 +192,7 @@ async fn show_quota_eta(progress: Arc<Progress>, ctx: Arc<Context>, tenant: Stri
             .unwrap_or_default()
             .min(left);
         if let Ok(eta) = backfill::quota_eta(&ctx, &tenant, left - packages, packages).await {
-            progress.set_note(format!("ETA {} (quota)", fmt_duration(eta)));
+            progress.set_note(format!("ETA {} (quota)", fmt_duration(eta.both())));
         }
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }

@@ -130,26 +130,41 @@ async fn known_states(
         .await
 }
 
-/// Earliest time `links` more result links and `packages` more package links can be made for
-/// `tenant` (from the quota ledger): each endpoint drains its own bucket at the same time, so
-/// the later of the two.
+/// When `links` more result links and `packages` more package links can have been made for
+/// `tenant` at the earliest (from the quota ledger), each endpoint on its own bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaEta {
+    pub links: Duration,
+    pub packages: Duration,
+}
+
+impl QuotaEta {
+    /// Both buckets drain at the same time: the later of the two.
+    pub fn both(self) -> Duration {
+        self.links.max(self.packages)
+    }
+}
+
+/// The [`QuotaEta`] of `links` result links and `packages` package links for `tenant`.
 pub async fn quota_eta(
     ctx: &Context,
     tenant: &str,
     links: u64,
     packages: u64,
-) -> Result<Duration, DbError> {
+) -> Result<QuotaEta, DbError> {
     let tenant = tenant.to_string();
     let limits = ctx.cfg.quota.clone();
     ctx.db
         .read(move |c| {
             let now = crate::time::now_ms();
-            let mut eta = Duration::ZERO;
-            for (endpoint, n) in [(Endpoint::Link, links), (Endpoint::PackageUri, packages)] {
+            let eta = |endpoint, n| -> Result<Duration, DbError> {
                 let past = quota::recent_calls(c, &tenant, endpoint, &limits, now)?;
-                eta = eta.max(quota::eta(&past, n, endpoint, &limits, now));
-            }
-            Ok(eta)
+                Ok(quota::eta(&past, n, endpoint, &limits, now))
+            };
+            Ok(QuotaEta {
+                links: eta(Endpoint::Link, links)?,
+                packages: eta(Endpoint::PackageUri, packages)?,
+            })
         })
         .await
 }
