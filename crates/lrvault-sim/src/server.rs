@@ -251,6 +251,20 @@ fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
     }
 }
 
+/// When a link issued now expires: `link_ttl` from now, rounded up to the next whole second so
+/// a link never lives shorter; already expired for the first `expired-links=N` links issued
+/// (result and package links count together).
+fn link_expiry(app: &App) -> DateTime<Utc> {
+    let inner = &app.sim.inner;
+    let now = app.sim.now();
+    if next(&inner.counters.links_issued) < inner.plan.expired_links {
+        now - chrono::Duration::minutes(10)
+    } else {
+        let ttl = inner.cfg.link_ttl + Duration::from_secs(1);
+        now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+    }
+}
+
 /// `http(s)://host:port` as the client called it (Host header), else the bound address.
 fn base_url(headers: &HeaderMap, app: &App) -> String {
     let scheme = app.scheme;
@@ -599,15 +613,7 @@ fn download_link(app: &App, tenant: &str, headers: &HeaderMap, id: &str, arg: &s
         LinkKind::HttpLink => "http://blob.example.net".to_string(),
         LinkKind::Blob => format!("{}/blob", base_url(headers, app)),
     };
-    let now = app.sim.now();
-    let se = if next(&inner.counters.links_issued) < plan.expired_links {
-        now - chrono::Duration::minutes(10)
-    } else {
-        // Round up to the next whole second so a link never lives shorter than link_ttl.
-        let ttl = inner.cfg.link_ttl + Duration::from_secs(1);
-        now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
-    };
-    let se = se.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let se = link_expiry(app).to_rfc3339_opts(SecondsFormat::Secs, true);
     let path = blob_path(&blob.action_id, &blob.name);
     let sig = sign(&inner.sas_key, &path, &se);
     let url = format!(

@@ -61,13 +61,7 @@ pub(super) fn package_uri(app: &App, tenant: &str, headers: &HeaderMap, id: &str
         LinkKind::HttpLink => "http://blob.example.net".to_string(),
         LinkKind::Blob => other_loopback(&base_url(headers, app)),
     };
-    let now = app.sim.now();
-    let expiry = if next(&inner.counters.links_issued) < inner.plan.expired_links {
-        now - chrono::Duration::minutes(10)
-    } else {
-        let ttl = inner.cfg.link_ttl + Duration::from_secs(1);
-        now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
-    };
+    let expiry = link_expiry(app);
     let token = package_token(&inner.sas_key, &blob.name, expiry.timestamp());
     inner.state().package_tokens.push(token.clone());
     let base = base_url(headers, app);

@@ -12,11 +12,12 @@ use std::sync::atomic::AtomicUsize;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{App, base_url, mint_access_token, next, tagged};
+use super::{App, URL_SAFE_NO_PAD, base_url, mint_access_token, next, tagged};
 use crate::Simulator;
 
 /// The issuer and audience of the federated tokens the simulator issues, as a Kubernetes
@@ -64,7 +65,7 @@ impl Simulator {
             return Err(format!("a {} block is not a certificate", block.tag()));
         }
         let key = DecodingKey::from_rsa_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
-        let thumbprint = base64url(&Sha256::digest(block.contents()));
+        let thumbprint = URL_SAFE_NO_PAD.encode(Sha256::digest(block.contents()));
         let mut st = self.inner.state();
         st.signin
             .certificates
@@ -349,9 +350,4 @@ pub fn openssl_certificate(dir: &std::path::Path, name: &str) -> Result<(String,
     }
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| format!("{f}: {e}"));
     Ok((read(&key)?, read(&cert)?))
-}
-
-fn base64url(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
