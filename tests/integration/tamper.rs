@@ -149,12 +149,22 @@ impl Vault {
         self.reader().query_row(sql, [], |r| r.get(0)).unwrap()
     }
 
-    /// Copies the database and the store aside (no connection may be open).
+    /// Copies the database and the store aside (no connection may write meanwhile).
     pub fn snapshot(&self) -> PathBuf {
         let snap = self.dir.path().join("snapshot");
         let _ = std::fs::remove_dir_all(&snap);
+        // A connection of our own while the files are copied: the environment's writer
+        // thread may still be closing its connection, and the last connection to close folds
+        // the -wal into the database and removes it, which must not happen between copying
+        // the one and the other.
+        // (It takes its hold on the WAL index at its first read.)
+        let held = self.reader();
+        let _: i64 = held
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .unwrap();
         copy_tree(self.db.parent().unwrap(), &self.db, &snap.join("db"));
         copy_tree(&self.store, &self.store, &snap.join("store"));
+        drop(held);
         snap
     }
 
