@@ -9,6 +9,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use rsa::pkcs1::DecodeRsaPrivateKey;
+use rsa::pkcs8::DecodePrivateKey;
 use secrecy::zeroize::Zeroizing;
 use sha2::{Digest, Sha256};
 
@@ -186,10 +188,10 @@ impl fmt::Display for SignIn {
     }
 }
 
-/// A certificate credential as read from its PEM: the private key and the certificate's
-/// SHA-256 thumbprint (the assertion's `x5t#S256` header, base64url).
+/// A certificate credential as read from its PEM: the private key as a PS256 signer (wiped on
+/// drop) and the certificate's SHA-256 thumbprint (the assertion's `x5t#S256` header, base64url).
 pub struct ClientCertificate {
-    pub key: jsonwebtoken::EncodingKey,
+    pub key: rsa::pss::BlindedSigningKey<Sha256>,
     pub x5t_s256: String,
 }
 
@@ -217,11 +219,14 @@ impl ClientCertificate {
             .iter()
             .find(|b| matches!(b.tag(), "PRIVATE KEY" | "RSA PRIVATE KEY"))
             .ok_or_else(|| bad("holds no PRIVATE KEY block"))?;
-        let key_pem = Zeroizing::new(pem::encode(key));
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(key_pem.as_bytes())
-            .map_err(|e| bad(&format!("holds a private key that is not an RSA key ({e})")))?;
+        let key = if key.tag() == "RSA PRIVATE KEY" {
+            rsa::RsaPrivateKey::from_pkcs1_der(key.contents()).map_err(|e| e.to_string())
+        } else {
+            rsa::RsaPrivateKey::from_pkcs8_der(key.contents()).map_err(|e| e.to_string())
+        }
+        .map_err(|e| bad(&format!("holds a private key that is not an RSA key ({e})")))?;
         Ok(ClientCertificate {
-            key,
+            key: rsa::pss::BlindedSigningKey::new(key),
             x5t_s256: base64url(&Sha256::digest(cert.contents())),
         })
     }

@@ -174,9 +174,10 @@ pub(super) fn client_assertion(
     client_id: &str,
     audience: &str,
     now: i64,
-) -> Result<Secret, jsonwebtoken::errors::Error> {
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::PS256);
-    header.x5t_s256 = Some(cert.x5t_s256.clone());
+) -> Result<Secret, rsa::signature::Error> {
+    use base64::Engine;
+    use rsa::signature::{RandomizedSigner, SignatureEncoding};
+    let header = json!({"alg": "PS256", "typ": "JWT", "x5t#S256": cert.x5t_s256});
     let claims = json!({
         "aud": audience,
         "iss": client_id,
@@ -186,7 +187,19 @@ pub(super) fn client_assertion(
         "iat": now,
         "exp": now + ASSERTION_LIFETIME_SECS,
     });
-    jsonwebtoken::encode(&header, &claims, &cert.key).map(Secret::from)
+    // JWS compact form (RFC 7515 §7.1): base64url(header).base64url(claims).base64url(sig).
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut jwt = format!(
+        "{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string())
+    );
+    let signature = cert
+        .key
+        .try_sign_with_rng(&mut rsa::rand_core::OsRng, jwt.as_bytes())?;
+    jwt.push('.');
+    jwt.push_str(&b64.encode(signature.to_bytes()));
+    Ok(Secret::from(jwt))
 }
 
 /// The token in a successful answer and how long it may be used: `access_token` must be a
@@ -248,6 +261,16 @@ mod tests {
         out.stdout
     }
 
+    /// Writes `key` + `cert.cer` as the credential file `app.pem` (0600) and loads it.
+    fn load_certificate(d: &std::path::Path, key: &[u8]) -> Result<ClientCertificate, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let cert_pem = std::fs::read(d.join("cert.cer")).unwrap();
+        let file = d.join("app.pem");
+        std::fs::write(&file, [key, &cert_pem].concat()).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        ClientCertificate::load(&CredentialFile::new(file, &Credentials::default()))
+    }
+
     #[test]
     fn the_client_assertion_verifies_with_openssl_against_the_certificate() {
         use base64::Engine;
@@ -255,61 +278,87 @@ mod tests {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (key, cert_pem) = lrvault_sim::openssl_certificate(d, "cert").unwrap();
-        let pem = format!("{key}{cert_pem}");
-        let file = d.join("app.pem");
-        std::fs::write(&file, pem).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let cert =
-            ClientCertificate::load(&CredentialFile::new(file, &Credentials::default())).unwrap();
-        let aud = "https://login.microsoftonline.com/t-1/oauth2/v2.0/token";
-        let jwt = client_assertion(&cert, "c-1", aud, 1_700_000_000).unwrap();
-        let parts: Vec<&str> = jwt.expose_secret().split('.').collect();
-        assert_eq!(parts.len(), 3);
-        let part =
-            |i: usize| serde_json::from_slice::<Value>(&b64.decode(parts[i]).unwrap()).unwrap();
+        let (pkcs8, _) = lrvault_sim::openssl_certificate(d, "cert").unwrap();
+        // The same key as PKCS#8 ("PRIVATE KEY") and as PKCS#1 ("RSA PRIVATE KEY").
+        let pkcs1 = openssl(d, &["rsa", "-in", "cert.key", "-traditional"]);
+        assert!(pkcs1.starts_with(b"-----BEGIN RSA PRIVATE KEY-----"));
         let der = openssl(d, &["x509", "-in", "cert.cer", "-outform", "DER"]);
-        assert_eq!(
-            part(0),
-            json!({"alg": "PS256", "typ": "JWT", "x5t#S256": b64.encode(Sha256::digest(&der))})
-        );
-        let claims = part(1);
-        let jti = claims["jti"].as_str().unwrap().to_string();
-        assert_eq!(jti.len(), 36);
-        assert_eq!(
-            claims,
-            json!({"aud": aud, "iss": "c-1", "sub": "c-1", "jti": jti,
-                   "nbf": 1_700_000_000, "iat": 1_700_000_000, "exp": 1_700_000_600})
-        );
-        // The signature, checked by openssl against the certificate's public key.
-        std::fs::write(d.join("input"), format!("{}.{}", parts[0], parts[1])).unwrap();
-        std::fs::write(d.join("sig"), b64.decode(parts[2]).unwrap()).unwrap();
         std::fs::write(
             d.join("pub.pem"),
             openssl(d, &["x509", "-in", "cert.cer", "-pubkey", "-noout"]),
         )
         .unwrap();
-        let verified = openssl(
+        let aud = "https://login.microsoftonline.com/t-1/oauth2/v2.0/token";
+        for key in [pkcs8.as_bytes(), &pkcs1] {
+            let cert = load_certificate(d, key).unwrap();
+            let jwt = client_assertion(&cert, "c-1", aud, 1_700_000_000).unwrap();
+            let parts: Vec<&str> = jwt.expose_secret().split('.').collect();
+            assert_eq!(parts.len(), 3);
+            let part =
+                |i: usize| serde_json::from_slice::<Value>(&b64.decode(parts[i]).unwrap()).unwrap();
+            assert_eq!(
+                part(0),
+                json!({"alg": "PS256", "typ": "JWT", "x5t#S256": b64.encode(Sha256::digest(&der))})
+            );
+            let claims = part(1);
+            let jti = claims["jti"].as_str().unwrap().to_string();
+            assert_eq!(jti.len(), 36);
+            assert_eq!(
+                claims,
+                json!({"aud": aud, "iss": "c-1", "sub": "c-1", "jti": jti,
+                       "nbf": 1_700_000_000, "iat": 1_700_000_000, "exp": 1_700_000_600})
+            );
+            // The signature, checked by openssl against the certificate's public key.
+            std::fs::write(d.join("input"), format!("{}.{}", parts[0], parts[1])).unwrap();
+            std::fs::write(d.join("sig"), b64.decode(parts[2]).unwrap()).unwrap();
+            let verified = openssl(
+                d,
+                &[
+                    "dgst",
+                    "-sha256",
+                    "-sigopt",
+                    "rsa_padding_mode:pss",
+                    "-sigopt",
+                    "rsa_pss_saltlen:auto",
+                    "-verify",
+                    "pub.pem",
+                    "-signature",
+                    "sig",
+                    "input",
+                ],
+            );
+            assert_eq!(String::from_utf8_lossy(&verified), "Verified OK\n");
+            // A fresh assertion per request: a new jti each time.
+            let again = client_assertion(&cert, "c-1", aud, 1_700_000_000).unwrap();
+            assert_ne!(again.expose_secret(), jwt.expose_secret());
+        }
+    }
+
+    #[test]
+    fn a_private_key_that_is_not_rsa_is_refused_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        lrvault_sim::openssl_certificate(d, "cert").unwrap();
+        let ec = openssl(
             d,
             &[
-                "dgst",
-                "-sha256",
-                "-sigopt",
-                "rsa_padding_mode:pss",
-                "-sigopt",
-                "rsa_pss_saltlen:auto",
-                "-verify",
-                "pub.pem",
-                "-signature",
-                "sig",
-                "input",
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
             ],
         );
-        assert_eq!(String::from_utf8_lossy(&verified), "Verified OK\n");
-        // A fresh assertion per request: a new jti each time.
-        let again = client_assertion(&cert, "c-1", aud, 1_700_000_000).unwrap();
-        assert_ne!(again.expose_secret(), jwt.expose_secret());
+        let err = load_certificate(d, &ec).err().unwrap();
+        let file = d.join("app.pem");
+        assert!(
+            err.starts_with(&format!(
+                "client_certificate_file {} holds a private key that is not an RSA key (",
+                file.display()
+            )),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]

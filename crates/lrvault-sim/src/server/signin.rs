@@ -13,9 +13,13 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use hmac::{Hmac, Mac};
+use rsa::RsaPublicKey;
+use rsa::pkcs8::DecodePublicKey;
+use rsa::signature::Verifier;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use x509_cert::der::{Decode, Encode};
 
 use super::{App, URL_SAFE_NO_PAD, base_url, mint_access_token, next, tagged};
 use crate::Simulator;
@@ -26,13 +30,13 @@ pub const FEDERATED_ISSUER: &str = "https://oidc.lrvault-sim.invalid";
 const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Clock skew allowed on `exp` / `nbf`, as Entra allows.
-const LEEWAY_SECS: u64 = 300;
+const LEEWAY_SECS: i64 = 300;
 
 /// Certificates registered on the apps, federated tokens issued, and the counted faults.
 #[derive(Default)]
 pub(crate) struct Registry {
     /// tenant id -> (x5t#S256 thumbprint, public key) of each registered certificate.
-    certificates: HashMap<String, Vec<(String, DecodingKey)>>,
+    certificates: HashMap<String, Vec<(String, RsaPublicKey)>>,
     /// Federated tokens issued and not revoked, with their tenant id.
     federated: HashMap<String, String>,
     assertions: AtomicUsize,
@@ -64,7 +68,7 @@ impl Simulator {
         if block.tag() != "CERTIFICATE" {
             return Err(format!("a {} block is not a certificate", block.tag()));
         }
-        let key = DecodingKey::from_rsa_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+        let key = rsa_public_key(block.contents())?;
         let thumbprint = URL_SAFE_NO_PAD.encode(Sha256::digest(block.contents()));
         let mut st = self.inner.state();
         st.signin
@@ -97,9 +101,13 @@ impl Simulator {
             "nbf": now,
             "exp": now + 3600,
         });
-        let key = jsonwebtoken::EncodingKey::from_secret(&self.inner.sas_key);
-        let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
-            .expect("HS256 signing cannot fail");
+        let mut token = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(json!({"alg": "HS256", "typ": "JWT"}).to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature = hs256(&self.inner.sas_key, &token).finalize().into_bytes();
+        token = format!("{token}.{}", URL_SAFE_NO_PAD.encode(signature));
         let mut st = self.inner.state();
         st.signin
             .federated
@@ -143,11 +151,11 @@ pub(super) fn check_assertion(
             "The request body must contain the parameter 'client_assertion'.",
         );
     };
-    let Ok(head) = jsonwebtoken::decode_header(assertion) else {
+    let Some(jws) = Jws::parse(assertion) else {
         return refuse(50027, "JWT token is invalid or malformed.");
     };
     let inner = &app.sim.inner;
-    let Some(thumbprint) = head.x5t_s256.clone() else {
+    let Some(thumbprint) = jws.header["x5t#S256"].as_str() else {
         // No certificate thumbprint: a federated credential.
         if next(&inner.state().signin.federated_seen) < inner.plan.federated_refused {
             return refuse(
@@ -155,7 +163,7 @@ pub(super) fn check_assertion(
                 "No matching federated identity record found for presented assertion subject 'system:serviceaccount:lrvault:lrvault'.",
             );
         }
-        return check_federated(app, tenant_id, assertion).or_else(|m| refuse(700211, &m));
+        return check_federated(app, tenant_id, &jws).or_else(|m| refuse(700211, &m));
     };
     if next(&inner.state().signin.assertions) < inner.plan.assertion_refused {
         return refuse(
@@ -163,13 +171,11 @@ pub(super) fn check_assertion(
             "Client assertion failed signature validation. [Reason - The key used is expired.]",
         );
     }
-    if !matches!(head.alg, Algorithm::PS256 | Algorithm::RS256) {
+    let alg = jws.header["alg"].as_str().unwrap_or_default();
+    if !matches!(alg, "PS256" | "RS256") {
         return refuse(
             5002738,
-            &format!(
-                "Invalid JWT token. '{:?}' is not a supported signature algorithm.",
-                head.alg
-            ),
+            &format!("Invalid JWT token. '{alg}' is not a supported signature algorithm."),
         );
     }
     let key = {
@@ -177,7 +183,7 @@ pub(super) fn check_assertion(
         st.signin
             .certificates
             .get(tenant_id)
-            .and_then(|list| list.iter().find(|(t, _)| *t == thumbprint))
+            .and_then(|list| list.iter().find(|(t, _)| t == thumbprint))
             .map(|(_, k)| k.clone())
     };
     let Some(key) = key else {
@@ -188,71 +194,182 @@ pub(super) fn check_assertion(
             ),
         );
     };
+    if !jws.rsa_verifies(alg, key) {
+        return refuse(700027, "Client assertion failed signature validation.");
+    }
     // The token endpoint as the client called it, http or https.
     let audience = format!("{}/{tenant_id}/oauth2/v2.0/token", base_url(headers, app));
-    let mut rules = Validation::new(head.alg);
-    rules.leeway = LEEWAY_SECS;
-    rules.validate_nbf = true;
-    rules.set_audience(&[audience.as_str()]);
-    rules.set_issuer(&[client_id]);
-    rules.sub = Some(client_id.to_string());
-    rules.set_required_spec_claims(&["exp", "nbf", "aud", "iss", "sub"]);
-    match jsonwebtoken::decode::<Value>(assertion, &key, &rules) {
-        Ok(data) => {
-            let lifetime =
-                data.claims["exp"].as_i64().unwrap_or(0) - data.claims["nbf"].as_i64().unwrap_or(0);
-            if lifetime > 600 + LEEWAY_SECS as i64 {
-                return refuse(
-                    700024,
-                    "Client assertion is not within its valid time range: it is valid for more than 10 minutes.",
-                );
-            }
-            Ok(())
-        }
-        Err(e) => {
-            use jsonwebtoken::errors::ErrorKind as K;
-            match e.kind() {
-                K::ExpiredSignature | K::ImmatureSignature => refuse(
-                    700024,
-                    "Client assertion is not within its valid time range.",
-                ),
-                K::InvalidAudience => refuse(
-                    700212,
-                    &format!("The client assertion's audience is not '{audience}'."),
-                ),
-                K::InvalidIssuer | K::InvalidSubject => refuse(
-                    700021,
-                    "Client assertion application identifier doesn't match 'client_id' parameter.",
-                ),
-                _ => refuse(700027, "Client assertion failed signature validation."),
-            }
-        }
+    match jws.check_claims(&audience, client_id, Some(client_id)) {
+        Err(e @ Claim::Missing(_)) => refuse(
+            700027,
+            &format!("Client assertion failed signature validation: {e}."),
+        ),
+        Err(Claim::Time) => refuse(
+            700024,
+            "Client assertion is not within its valid time range.",
+        ),
+        Err(Claim::Audience) => refuse(
+            700212,
+            &format!("The client assertion's audience is not '{audience}'."),
+        ),
+        Err(Claim::Issuer) => refuse(
+            700021,
+            "Client assertion application identifier doesn't match 'client_id' parameter.",
+        ),
+        Ok(lifetime) if lifetime > 600 + LEEWAY_SECS => refuse(
+            700024,
+            "Client assertion is not within its valid time range: it is valid for more than 10 minutes.",
+        ),
+        Ok(_) => Ok(()),
     }
 }
 
 /// A federated assertion is accepted when the simulator issued it for this tenant, has not
 /// revoked it, and it verifies (signature, issuer, audience, time).
-fn check_federated(app: &App, tenant_id: &str, assertion: &str) -> Result<(), String> {
+fn check_federated(app: &App, tenant_id: &str, jws: &Jws) -> Result<(), String> {
     let issued_for = app
         .sim
         .inner
         .state()
         .signin
         .federated
-        .get(assertion)
+        .get(jws.token)
         .cloned();
     if issued_for.as_deref() != Some(tenant_id) {
         return Err(format!(
             "No matching federated identity record found for presented assertion issuer; trust only tokens issued by '{FEDERATED_ISSUER}'."
         ));
     }
-    let mut rules = Validation::new(Algorithm::HS256);
-    rules.set_audience(&[FEDERATED_AUDIENCE]);
-    rules.set_issuer(&[FEDERATED_ISSUER]);
-    let key = DecodingKey::from_secret(&app.sim.inner.sas_key);
-    jsonwebtoken::decode::<Value>(assertion, &key, &rules)
+    let signed = jws.header["alg"] == "HS256"
+        && hs256(&app.sim.inner.sas_key, jws.signing_input)
+            .verify_slice(&jws.signature)
+            .is_ok();
+    if !signed {
+        return Err("The federated assertion's signature is invalid.".into());
+    }
+    jws.check_claims(FEDERATED_AUDIENCE, FEDERATED_ISSUER, None)
         .map(drop)
         .map_err(|e| format!("The federated assertion is invalid: {e}."))
+}
+
+/// HMAC-SHA256 keyed with the simulator's key, over `input`: the federated tokens' HS256.
+fn hs256(key: &[u8], input: &str) -> Hmac<Sha256> {
+    Hmac::<Sha256>::new_from_slice(key)
+        .expect("HMAC takes a key of any length")
+        .chain_update(input.as_bytes())
+}
+
+/// The RSA public key of a DER certificate.
+fn rsa_public_key(der: &[u8]) -> Result<RsaPublicKey, String> {
+    let cert = x509_cert::Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let spki = cert.tbs_certificate.subject_public_key_info.to_der();
+    spki.map_err(|e| e.to_string())
+        .and_then(|spki| RsaPublicKey::from_public_key_der(&spki).map_err(|e| e.to_string()))
+        .map_err(|e| format!("the certificate's key is not an RSA key ({e})"))
+}
+
+/// A JWT in JWS compact form (RFC 7515 §7.1), split and decoded: `header.claims.signature`,
+/// each base64url, the first two JSON objects.
+struct Jws<'a> {
+    token: &'a str,
+    header: Value,
+    claims: Value,
+    /// `header.claims` as sent: what the signature covers.
+    signing_input: &'a str,
+    signature: Vec<u8>,
+}
+
+/// Why a JWT's claims were refused.
+enum Claim {
+    Missing(&'static str),
+    /// Expired, or not valid yet (beyond [`LEEWAY_SECS`]).
+    Time,
+    Audience,
+    /// `iss` or `sub`.
+    Issuer,
+}
+
+impl std::fmt::Display for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Claim::Missing(name) => write!(f, "it has no '{name}' claim"),
+            Claim::Time => f.write_str("it has expired or is not valid yet"),
+            Claim::Audience => f.write_str("its audience is not the one expected"),
+            Claim::Issuer => f.write_str("its issuer or subject is not the one expected"),
+        }
+    }
+}
+
+impl<'a> Jws<'a> {
+    fn parse(token: &'a str) -> Option<Jws<'a>> {
+        let (signing_input, signature) = token.rsplit_once('.')?;
+        let (header, claims) = signing_input.split_once('.')?;
+        let object = |part: &str| {
+            let bytes = URL_SAFE_NO_PAD.decode(part).ok()?;
+            serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .filter(Value::is_object)
+        };
+        Some(Jws {
+            token,
+            header: object(header)?,
+            claims: object(claims)?,
+            signing_input,
+            signature: URL_SAFE_NO_PAD.decode(signature).ok()?,
+        })
+    }
+
+    /// Whether the signature is `alg` (RS256 or PS256) by `key` over the signing input.
+    fn rsa_verifies(&self, alg: &str, key: RsaPublicKey) -> bool {
+        let input = self.signing_input.as_bytes();
+        match alg {
+            "RS256" => {
+                rsa::pkcs1v15::Signature::try_from(self.signature.as_slice()).is_ok_and(|s| {
+                    rsa::pkcs1v15::VerifyingKey::<Sha256>::new(key)
+                        .verify(input, &s)
+                        .is_ok()
+                })
+            }
+            "PS256" => rsa::pss::Signature::try_from(self.signature.as_slice()).is_ok_and(|s| {
+                rsa::pss::VerifyingKey::<Sha256>::new(key)
+                    .verify(input, &s)
+                    .is_ok()
+            }),
+            _ => false,
+        }
+    }
+
+    /// Checks `exp` and `nbf` against now (with [`LEEWAY_SECS`]), `aud` (a string or a list
+    /// holding `audience`), `iss`, and `sub` when given; returns the lifetime `exp - nbf`.
+    fn check_claims(
+        &self,
+        audience: &str,
+        issuer: &str,
+        subject: Option<&str>,
+    ) -> Result<i64, Claim> {
+        let number = |name: &'static str| self.claims[name].as_i64().ok_or(Claim::Missing(name));
+        let (exp, nbf) = (number("exp")?, number("nbf")?);
+        let now = chrono::Utc::now().timestamp();
+        if exp < now - LEEWAY_SECS || nbf > now + LEEWAY_SECS {
+            return Err(Claim::Time);
+        }
+        let text = |name: &'static str| self.claims[name].as_str().ok_or(Claim::Missing(name));
+        if text("iss")? != issuer || subject.is_some_and(|s| self.claims["sub"] != s) {
+            return Err(Claim::Issuer);
+        }
+        let aud = &self.claims["aud"];
+        let listed = |v: &Value| {
+            v.as_array()
+                .is_some_and(|a| a.iter().any(|x| x == audience))
+        };
+        if aud.is_null() {
+            return Err(Claim::Missing("aud"));
+        }
+        if aud != audience && !listed(aud) {
+            return Err(Claim::Audience);
+        }
+        Ok(exp - nbf)
+    }
 }
 
 /// `GET /metadata/identity/oauth2/token` (instance metadata: `Metadata: true`) and
