@@ -143,24 +143,41 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing(cli: &Cli) {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let level = match (cli.verbose, cli.quiet) {
-        (0, 0) => "info",
-        (1, _) => "debug",
-        (v, _) if v >= 2 => "trace",
-        (_, 1) => "warn",
-        _ => "error",
+        (0, 0) => LevelFilter::INFO,
+        (1, _) => LevelFilter::DEBUG,
+        (v, _) if v >= 2 => LevelFilter::TRACE,
+        (_, 1) => LevelFilter::WARN,
+        _ => LevelFilter::ERROR,
     };
-    // RUST_LOG wins when set; otherwise -v/-q decide.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("lrvault={level},warn")));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), level);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.finish().with(filter).init(),
+        LogFormat::Json => builder.json().finish().with(filter).init(),
     }
+}
+
+/// What is logged: `RUST_LOG` (`target=level,...`, docs/operations.md §7) when it is set and
+/// parses; otherwise `level` for lrvault and warnings for the crates beneath it.
+fn log_filter(
+    rust_log: Option<&str>,
+    level: tracing_subscriber::filter::LevelFilter,
+) -> tracing_subscriber::filter::Targets {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    rust_log
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            Targets::new()
+                .with_target("lrvault", level)
+                .with_default(LevelFilter::WARN)
+        })
 }
 
 /// Runs the parsed command; `Ok` carries the exit code. `credentials` is where relative
@@ -198,4 +215,33 @@ pub async fn run(cli: Cli, credentials: Credentials) -> anyhow::Result<ExitCode>
         commands::checkpoint_after(config);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+    use tracing_subscriber::filter::LevelFilter;
+
+    #[test]
+    fn rust_log_wins_when_it_parses_and_the_flags_decide_otherwise() {
+        let f = log_filter(None, LevelFilter::INFO);
+        assert!(f.would_enable("lrvault::jobs", &Level::INFO));
+        assert!(!f.would_enable("lrvault::jobs", &Level::DEBUG));
+        assert!(f.would_enable("lrvault_sim::server", &Level::INFO));
+        assert!(!f.would_enable("reqwest::connect", &Level::INFO));
+        assert!(f.would_enable("reqwest::connect", &Level::WARN));
+        let f = log_filter(Some("lrvault=debug,reqwest=info"), LevelFilter::ERROR);
+        assert!(f.would_enable("lrvault::mde", &Level::DEBUG));
+        assert!(f.would_enable("reqwest::connect", &Level::INFO));
+        assert!(!f.would_enable("hyper_util", &Level::ERROR));
+        let f = log_filter(Some("debug"), LevelFilter::ERROR);
+        assert!(f.would_enable("hyper_util", &Level::DEBUG));
+        // Empty or unreadable: as if unset.
+        for unreadable in ["", "  ", "lrvault=loud"] {
+            let f = log_filter(Some(unreadable), LevelFilter::WARN);
+            assert!(f.would_enable("lrvault", &Level::WARN), "{unreadable:?}");
+            assert!(!f.would_enable("lrvault", &Level::INFO), "{unreadable:?}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ pub const MAX_CASE_ID: usize = 128;
 
 /// A checked `case_pattern`.
 #[derive(Debug, Clone)]
-pub struct CasePattern(regex::Regex);
+pub struct CasePattern(regex_lite::Regex);
 
 impl Default for CasePattern {
     fn default() -> Self {
@@ -21,15 +21,9 @@ impl Default for CasePattern {
 impl CasePattern {
     /// Compiles `text`; `Err` is one line saying what is wrong with it.
     pub fn new(text: &str) -> Result<CasePattern, String> {
-        regex::Regex::new(text).map(CasePattern).map_err(|e| {
-            // The regex crate's message spans lines (the pattern, a caret, the error).
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("error: "))
-                .unwrap_or_else(|| text.lines().last().unwrap_or_default().trim());
-            format!("case_pattern is not a valid regular expression: {line}")
-        })
+        regex_lite::Regex::new(text)
+            .map(CasePattern)
+            .map_err(|e| format!("case_pattern is not a valid regular expression: {e}"))
     }
 
     pub fn as_str(&self) -> &str {
@@ -87,7 +81,14 @@ mod tests {
         let e = CasePattern::new(r"(INC-\d+").unwrap_err();
         assert_eq!(
             e,
-            "case_pattern is not a valid regular expression: unclosed group"
+            "case_pattern is not a valid regular expression: found open group without closing ')'"
         );
+        // The syntax is the regex crate's without Unicode classes (docs/operations.md §17.1).
+        let e = CasePattern::new(r"\p{L}+-\d+").unwrap_err();
+        assert!(
+            e.starts_with("case_pattern is not a valid regular expression: "),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
     }
 }

@@ -140,7 +140,7 @@ fn case_pattern_defaults_and_a_bad_one_is_one_line() {
     let e = parse(&format!("{TENANT}case_pattern = '(INC'\n")).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "invalid config: tenant 'contoso': case_pattern is not a valid regular expression: unclosed group"
+        "invalid config: tenant 'contoso': case_pattern is not a valid regular expression: found open group without closing ')'"
     );
 }
 
