@@ -154,7 +154,9 @@ fn init_tracing(cli: &Cli) {
         _ => LevelFilter::ERROR,
     };
     let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), level);
+    // The builder's own level (INFO unless told) would hide -v's debug lines: `filter` decides.
     let builder = tracing_subscriber::fmt()
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cli.log_format {
