@@ -1058,6 +1058,35 @@ async fn client_assertions_are_verified_for_real() {
         )
         .await,
     );
+    // Algorithm confusion: HS256 keyed with the certificate itself, under its thumbprint.
+    let confused = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.x5t_s256 = Some(x5t.clone());
+        let secret = jsonwebtoken::EncodingKey::from_secret(cert.as_bytes());
+        jsonwebtoken::encode(&header, &good, &secret).unwrap()
+    };
+    refused(5002738)(assertion_request(&c, &h.base_url(), &t, &confused).await);
+    // Not three base64url parts; a signature with one character changed.
+    for malformed in ["a.b", "not a jwt", "e30.e30.!!"] {
+        refused(50027)(assertion_request(&c, &h.base_url(), &t, malformed).await);
+    }
+    let mut bent = sign(ps256, &key, Some(&x5t), good.clone()).into_bytes();
+    let at = bent.len() - 10;
+    bent[at] = if bent[at] == b'A' { b'B' } else { b'A' };
+    let bent = String::from_utf8(bent).unwrap();
+    refused(700027)(assertion_request(&c, &h.base_url(), &t, &bent).await);
+    // No subject.
+    let mut no_sub = good.clone();
+    no_sub.as_object_mut().unwrap().remove("sub");
+    refused(700021)(
+        assertion_request(
+            &c,
+            &h.base_url(),
+            &t,
+            &sign(ps256, &key, Some(&x5t), no_sub),
+        )
+        .await,
+    );
     // A deleted certificate no longer signs in.
     h.sim.remove_client_certificate(&t.tenant_id, &x5t);
     refused(700027)(
