@@ -28,6 +28,7 @@ pub use schedule::{Schedule, ScheduleConfig};
 pub use secret::{
     Credentials, ExposeSecret, Secret, SecretSource, check_secret_text, load_secret_file,
 };
+pub(crate) use signin::base64url;
 pub use signin::{ClientCertificate, CredentialFile, SignIn, read_federated_token};
 pub use store::{
     Backend, Compression, ObjectStoreConfig, StoreBackend, StoreConfig, StoreCredentials,

@@ -251,7 +251,8 @@ pub fn read_federated_token(file: &CredentialFile) -> Result<Secret, String> {
     Ok(Secret::from(token.to_string()))
 }
 
-fn base64url(bytes: &[u8]) -> String {
+/// base64url without padding (RFC 7515 §2), as JWTs and their `x5t#S256` use it.
+pub(crate) fn base64url(bytes: impl AsRef<[u8]>) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

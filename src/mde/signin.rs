@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::{MdeClient, MdeError, read_body, token_error};
 use crate::config::{
-    ClientCertificate, ExposeSecret, Secret, SignIn, TenantConfig, read_federated_token,
+    ClientCertificate, ExposeSecret, Secret, SignIn, TenantConfig, base64url, read_federated_token,
 };
 use crate::quota::Endpoint;
 
@@ -175,7 +175,6 @@ pub(super) fn client_assertion(
     audience: &str,
     now: i64,
 ) -> Result<Secret, rsa::signature::Error> {
-    use base64::Engine;
     use rsa::signature::{RandomizedSigner, SignatureEncoding};
     let header = json!({"alg": "PS256", "typ": "JWT", "x5t#S256": cert.x5t_s256});
     let claims = json!({
@@ -188,18 +187,18 @@ pub(super) fn client_assertion(
         "exp": now + ASSERTION_LIFETIME_SECS,
     });
     // JWS compact form (RFC 7515 §7.1): base64url(header).base64url(claims).base64url(sig).
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let mut jwt = format!(
+    let input = format!(
         "{}.{}",
-        b64.encode(header.to_string()),
-        b64.encode(claims.to_string())
+        base64url(header.to_string()),
+        base64url(claims.to_string())
     );
     let signature = cert
         .key
-        .try_sign_with_rng(&mut rsa::rand_core::OsRng, jwt.as_bytes())?;
-    jwt.push('.');
-    jwt.push_str(&b64.encode(signature.to_bytes()));
-    Ok(Secret::from(jwt))
+        .try_sign_with_rng(&mut rsa::rand_core::OsRng, input.as_bytes())?;
+    Ok(Secret::from(format!(
+        "{input}.{}",
+        base64url(signature.to_bytes())
+    )))
 }
 
 /// The token in a successful answer and how long it may be used: `access_token` must be a
