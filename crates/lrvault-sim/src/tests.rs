@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
+use jsonwebtoken::Algorithm::PS256;
 use md5::Md5;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -908,6 +909,24 @@ async fn assertion_request(
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
+/// A JWT made by jsonwebtoken, an implementation the simulator's checks do not share: `alg`
+/// with `key`, under the certificate `thumbprint` when given.
+fn jwt(
+    alg: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    thumbprint: Option<&str>,
+    claims: &Value,
+) -> String {
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.x5t_s256 = thumbprint.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+/// An RSA private key (PEM) as jsonwebtoken signs with it.
+fn rsa_key(pem: &str) -> jsonwebtoken::EncodingKey {
+    jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap()
+}
+
 /// Over HTTPS the assertion's audience is the https token endpoint the client called (an
 /// `http://` audience for the same host is someone else's).
 #[tokio::test]
@@ -929,15 +948,12 @@ async fn an_assertion_over_https_is_judged_against_the_https_endpoint() {
     let t = h.sim.tenants()[0].clone();
     let x5t = h.sim.add_client_certificate(&t.tenant_id, &cert).unwrap();
     let now = Utc::now().timestamp();
-    let signing_key = jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap();
     for (scheme, status) in [("https", 200), ("http", 401)] {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::PS256);
-        header.x5t_s256 = Some(x5t.clone());
         let aud = format!("{scheme}://{}/{}/oauth2/v2.0/token", h.addr, t.tenant_id);
         let claims = serde_json::json!({"aud": aud, "iss": t.client_id, "sub": t.client_id,
             "jti": scheme, "nbf": now, "iat": now, "exp": now + 600});
-        let jwt = jsonwebtoken::encode(&header, &claims, &signing_key).unwrap();
-        let (got, body) = assertion_request(&c, &base, &t, &jwt).await;
+        let assertion = jwt(PS256, &rsa_key(&key), Some(&x5t), &claims);
+        let (got, body) = assertion_request(&c, &base, &t, &assertion).await;
         assert_eq!(got, status, "aud {aud}: {body}");
     }
 }
@@ -947,40 +963,24 @@ async fn client_assertions_are_verified_for_real() {
     let dir = TempDir::new();
     let (key, cert) = openssl_certificate(dir.path(), "app").unwrap();
     let (other_key, _) = openssl_certificate(dir.path(), "other").unwrap();
+    let (key, other_key) = (rsa_key(&key), rsa_key(&other_key));
     let h = Simulator::new(cfg(1)).start().await.unwrap();
-    let (c, t) = (client(), h.sim.tenants()[0].clone());
+    let (c, t, base) = (client(), h.sim.tenants()[0].clone(), h.base_url());
+    let ask = |assertion: String| {
+        let (c, t, base) = (&c, &t, &base);
+        async move { assertion_request(c, base, t, &assertion).await }
+    };
     let x5t = h.sim.add_client_certificate(&t.tenant_id, &cert).unwrap();
-    let aud = format!("{}/{}/oauth2/v2.0/token", h.base_url(), t.tenant_id);
+    let aud = format!("{base}/{}/oauth2/v2.0/token", t.tenant_id);
     let now = Utc::now().timestamp();
-    let sign =
-        |alg: jsonwebtoken::Algorithm, key: &str, thumbprint: Option<&str>, claims: Value| {
-            let mut header = jsonwebtoken::Header::new(alg);
-            header.x5t_s256 = thumbprint.map(str::to_string);
-            let key = jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap();
-            jsonwebtoken::encode(&header, &claims, &key).unwrap()
-        };
     let claims = |aud: &str, iss: &str, nbf: i64, exp: i64| serde_json::json!({"aud": aud, "iss": iss, "sub": iss, "jti": "j", "nbf": nbf, "iat": nbf, "exp": exp});
     let good = claims(&aud, &t.client_id, now, now + 600);
-    let ps256 = jsonwebtoken::Algorithm::PS256;
-    let (status, body) = assertion_request(
-        &c,
-        &h.base_url(),
-        &t,
-        &sign(ps256, &key, Some(&x5t), good.clone()),
-    )
-    .await;
+    let signed = |claims: &Value| jwt(PS256, &key, Some(&x5t), claims);
+    let (status, body) = ask(signed(&good)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["access_token"].as_str().is_some_and(|a| !a.is_empty()));
-    let rs256 = sign(
-        jsonwebtoken::Algorithm::RS256,
-        &key,
-        Some(&x5t),
-        good.clone(),
-    );
-    assert_eq!(
-        assertion_request(&c, &h.base_url(), &t, &rs256).await.0,
-        200
-    );
+    let rs256 = jwt(jsonwebtoken::Algorithm::RS256, &key, Some(&x5t), &good);
+    assert_eq!(ask(rs256).await.0, 200);
     let refused = |code: u64| {
         move |(status, body): (u16, Value)| {
             assert_eq!(
@@ -995,123 +995,57 @@ async fn client_assertions_are_verified_for_real() {
         }
     };
     // Signed with another key under the registered thumbprint: a forgery.
-    refused(700027)(
-        assertion_request(
-            &c,
-            &h.base_url(),
-            &t,
-            &sign(ps256, &other_key, Some(&x5t), good.clone()),
-        )
-        .await,
-    );
+    refused(700027)(ask(jwt(PS256, &other_key, Some(&x5t), &good)).await);
     // An unknown thumbprint.
-    refused(700027)(
-        assertion_request(
-            &c,
-            &h.base_url(),
-            &t,
-            &sign(ps256, &key, Some("AAAA"), good.clone()),
-        )
-        .await,
-    );
+    refused(700027)(ask(jwt(PS256, &key, Some("AAAA"), &good)).await);
     // Wrong audience, expired, not yet valid, too long, another client.
-    let other_aud = claims(
-        "https://login.microsoftonline.com/x/oauth2/v2.0/token",
-        &t.client_id,
-        now,
-        now + 600,
-    );
-    refused(700212)(
-        assertion_request(
-            &c,
-            &h.base_url(),
-            &t,
-            &sign(ps256, &key, Some(&x5t), other_aud),
-        )
-        .await,
-    );
+    let other_aud = "https://login.microsoftonline.com/x/oauth2/v2.0/token";
+    let other_aud = claims(other_aud, &t.client_id, now, now + 600);
+    refused(700212)(ask(signed(&other_aud)).await);
     let expired = claims(&aud, &t.client_id, now - 4000, now - 3400);
-    refused(700024)(
-        assertion_request(
-            &c,
-            &h.base_url(),
-            &t,
-            &sign(ps256, &key, Some(&x5t), expired),
-        )
-        .await,
-    );
+    refused(700024)(ask(signed(&expired)).await);
     let early = claims(&aud, &t.client_id, now + 3600, now + 4000);
-    refused(700024)(
-        assertion_request(&c, &h.base_url(), &t, &sign(ps256, &key, Some(&x5t), early)).await,
-    );
+    refused(700024)(ask(signed(&early)).await);
     let long = claims(&aud, &t.client_id, now, now + 86400);
-    refused(700024)(
-        assertion_request(&c, &h.base_url(), &t, &sign(ps256, &key, Some(&x5t), long)).await,
-    );
+    refused(700024)(ask(signed(&long)).await);
     let stranger = claims(&aud, "someone-else", now, now + 600);
-    refused(700021)(
-        assertion_request(
-            &c,
-            &h.base_url(),
-            &t,
-            &sign(ps256, &key, Some(&x5t), stranger),
-        )
-        .await,
-    );
+    refused(700021)(ask(signed(&stranger)).await);
     // Algorithm confusion: HS256 keyed with the certificate itself, under its thumbprint.
-    let confused = {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-        header.x5t_s256 = Some(x5t.clone());
-        let secret = jsonwebtoken::EncodingKey::from_secret(cert.as_bytes());
-        jsonwebtoken::encode(&header, &good, &secret).unwrap()
-    };
-    refused(5002738)(assertion_request(&c, &h.base_url(), &t, &confused).await);
+    let with_cert = jsonwebtoken::EncodingKey::from_secret(cert.as_bytes());
+    let confused = jwt(
+        jsonwebtoken::Algorithm::HS256,
+        &with_cert,
+        Some(&x5t),
+        &good,
+    );
+    refused(5002738)(ask(confused).await);
     // Not three base64url parts; a signature with one character changed.
     for malformed in ["a.b", "not a jwt", "e30.e30.!!"] {
-        refused(50027)(assertion_request(&c, &h.base_url(), &t, malformed).await);
+        refused(50027)(ask(malformed.to_string()).await);
     }
-    let mut bent = sign(ps256, &key, Some(&x5t), good.clone()).into_bytes();
+    let mut bent = signed(&good).into_bytes();
     let at = bent.len() - 10;
     bent[at] = if bent[at] == b'A' { b'B' } else { b'A' };
-    let bent = String::from_utf8(bent).unwrap();
-    refused(700027)(assertion_request(&c, &h.base_url(), &t, &bent).await);
+    refused(700027)(ask(String::from_utf8(bent).unwrap()).await);
     // No subject.
     let mut no_sub = good.clone();
     no_sub.as_object_mut().unwrap().remove("sub");
-    refused(700021)(
-        assertion_request(
-            &c,
-            &h.base_url(),
-            &t,
-            &sign(ps256, &key, Some(&x5t), no_sub),
-        )
-        .await,
-    );
+    refused(700021)(ask(signed(&no_sub)).await);
     // A deleted certificate no longer signs in.
     h.sim.remove_client_certificate(&t.tenant_id, &x5t);
-    refused(700027)(
-        assertion_request(&c, &h.base_url(), &t, &sign(ps256, &key, Some(&x5t), good)).await,
-    );
+    refused(700027)(ask(signed(&good)).await);
     // Federated: only a token the simulator issued, until it is revoked.
     let federated = h.sim.issue_federated_token(&t.tenant_id);
-    assert_eq!(
-        assertion_request(&c, &h.base_url(), &t, &federated).await.0,
-        200
+    assert_eq!(ask(federated.clone()).await.0, 200);
+    let made_up = claims(
+        "api://AzureADTokenExchange",
+        FEDERATED_ISSUER,
+        now,
+        now + 600,
     );
-    let made_up = sign(
-        ps256,
-        &key,
-        None,
-        claims(
-            "api://AzureADTokenExchange",
-            FEDERATED_ISSUER,
-            now,
-            now + 600,
-        ),
-    );
-    refused(700211)(assertion_request(&c, &h.base_url(), &t, &made_up).await);
+    refused(700211)(ask(jwt(PS256, &key, None, &made_up)).await);
     h.sim.revoke_federated_token(&federated);
-    refused(700211)(assertion_request(&c, &h.base_url(), &t, &federated).await);
+    refused(700211)(ask(federated).await);
 }
 
 #[tokio::test]
