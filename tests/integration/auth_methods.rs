@@ -154,6 +154,7 @@ fn archive_to_the_end(e: &Env) -> String {
         assert_eq!(code, 0, "lrvault {args:?}\n{out}\n{err}");
         logs += &(out + &err);
     }
+    crate::common::assert_debug_from_every_crate(&logs);
     let want = archivable(&e.sim.sim, &tid).len() as i64;
     assert!(want > 0);
     assert_eq!(

@@ -480,3 +480,16 @@ impl Env {
         );
     }
 }
+
+/// Asserts that `log` holds debug lines of lrvault and of a crate beneath it. A log searched
+/// for secrets proves nothing unless `RUST_LOG=debug` reached every crate.
+pub fn assert_debug_from_every_crate(log: &str) {
+    let debug = |ours: bool| {
+        log.lines()
+            .any(|l| l.contains(" DEBUG ") && l.contains(" DEBUG lrvault") == ours)
+    };
+    assert!(
+        debug(true) && debug(false),
+        "no debug lines from both lrvault and its dependencies:\n{log}"
+    );
+}

@@ -85,6 +85,7 @@ async fn packages_and_live_response_results_archive_together_within_each_quota()
     let (code, archive_log) = run_debug(&e, &["archive"]);
     assert_eq!(code, 0, "{archive_log}");
     log += &archive_log;
+    crate::common::assert_debug_from_every_crate(&log);
 
     // Everything archived, the packages among them, each SHA-256 the simulator's.
     assert_eq!(

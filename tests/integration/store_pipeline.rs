@@ -183,6 +183,7 @@ async fn the_demo_archives_into_a_locked_bucket_and_verify_reads_each_version_ba
     for cmd in ["discover", "archive"] {
         let (code, out, err) = run(lrvault_s3(&e).env("RUST_LOG", "debug").arg(cmd));
         assert_eq!(code, 0, "{cmd}: {out}\n{err}");
+        crate::common::assert_debug_from_every_crate(&err);
         assert!(
             err.contains("package uploaded") || cmd == "discover",
             "{err}"
