@@ -227,7 +227,7 @@ impl ClientCertificate {
         .map_err(|e| bad(&format!("holds a private key that is not an RSA key ({e})")))?;
         Ok(ClientCertificate {
             key: rsa::pss::BlindedSigningKey::new(key),
-            x5t_s256: base64url(&Sha256::digest(cert.contents())),
+            x5t_s256: base64url(Sha256::digest(cert.contents())),
         })
     }
 }
