@@ -1,8 +1,8 @@
 //! `lrvault status`: queue depth by state, quota use per tenant and endpoint, the last job
 //! runs and the custody head, read through a read-only connection; and the evidence store
 //! (where it is, its WORM retention as the store reports it, packages waiting in the spool);
-//! and each tenant's cloud and sign-in method with the hosts in force; and each event sink's backlog and last
-//! error.
+//! and each tenant's cloud and sign-in method with the hosts in force; and each event sink's
+//! backlog and last error.
 
 use std::process::ExitCode;
 
@@ -38,7 +38,8 @@ const ATTENTION_ROWS: i64 = 20;
 
 /// What `status` reads, for the tenants it covers.
 struct Status {
-    /// Each tenant's cloud, sign-in method and the hosts in force (its preset or the keys written).
+    /// Each tenant's cloud, sign-in method and the hosts in force (its preset or the keys
+    /// written).
     tenants: Rows,
     queue: Rows,
     failed: Rows,
