@@ -153,15 +153,15 @@ fn init_tracing(cli: &Cli) {
         (_, 1) => LevelFilter::WARN,
         _ => LevelFilter::ERROR,
     };
+    // The filter alone decides what is logged; the format layer only writes.
     let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref(), level);
-    // The builder's own level (INFO unless told) would hide -v's debug lines: `filter` decides.
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(LevelFilter::TRACE)
+    let format = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let logs = tracing_subscriber::registry().with(filter);
     match cli.log_format {
-        LogFormat::Text => builder.finish().with(filter).init(),
-        LogFormat::Json => builder.json().finish().with(filter).init(),
+        LogFormat::Text => logs.with(format).init(),
+        LogFormat::Json => logs.with(format.json()).init(),
     }
 }
 

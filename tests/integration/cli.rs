@@ -235,3 +235,49 @@ fn example_config_loads_through_the_binary() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The log as operations §7 describes it: `--log-format json` is one JSON object per line with
+/// `timestamp`, `level`, `fields` and `target` (the unit uses it), `-v` adds lrvault's debug
+/// lines, `-q` leaves only warnings, and `RUST_LOG` replaces the flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_follow_the_format_and_the_level_asked_for() {
+    let e = crate::common::env(lrvault_sim::SimConfig::default(), "").await;
+    let stderr = |args: &[&str], rust_log: Option<&str>| {
+        let mut c = e.lrvault();
+        if let Some(v) = rust_log {
+            c.env("RUST_LOG", v);
+        }
+        let (code, out, err) = run(c.args(args));
+        assert_eq!(code, 0, "{args:?}: {out}\n{err}");
+        err
+    };
+    let json = stderr(&["--log-format", "json", "-v", "discover"], None);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        for key in ["timestamp", "level", "fields", "target"] {
+            assert!(l.get(key).is_some(), "no {key}: {l}");
+        }
+        // -v: lrvault's debug lines, and nothing below warnings from other crates.
+        let ours = l["target"].as_str().unwrap().starts_with("lrvault");
+        assert!(
+            ours || matches!(l["level"].as_str(), Some("WARN" | "ERROR")),
+            "{l}"
+        );
+    }
+    let level = |l: &serde_json::Value| l["level"].as_str().unwrap().to_string();
+    assert!(lines.iter().any(|l| level(l) == "DEBUG"), "{json}");
+    // Text, -q: warnings and errors only (this run has none).
+    let quiet = stderr(&["-q", "discover"], None);
+    assert!(
+        !quiet.contains(" INFO ") && !quiet.contains(" DEBUG "),
+        "{quiet}"
+    );
+    // RUST_LOG replaces the flags, for lrvault and the crates beneath it.
+    let every = stderr(&["-q", "discover"], Some("debug"));
+    assert!(every.contains(" DEBUG lrvault"), "{every}");
+    crate::common::assert_debug_from_every_crate(&every);
+}
